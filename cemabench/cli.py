@@ -1,0 +1,193 @@
+"""The ``cemabench`` command: list, run, reproduce, check."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+
+from cemabench import registry
+from cemabench.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _first_line(obj) -> str:
+    return (getattr(obj, "__doc__", None) or "").strip().splitlines()[0] if getattr(obj, "__doc__", None) else ""
+
+
+def cmd_list(args) -> int:
+    if args.what == "methods":
+        rows = []
+        for name, entry in sorted(registry.available("methods").items()):
+            cls = registry.load("methods", name)
+            m = cls.mapping
+            rows.append({"method": name, "paper": cls.paper, "selection": m.selection, "uploads": m.uploads,
+                         "cloud": m.cloud, "download": m.download,
+                         "from": entry.dist.name if entry.dist else "?"})
+        print(pd.DataFrame(rows).to_markdown(index=False))
+    elif args.what == "tables":
+        from cemabench.spec import available_tables, load_table
+
+        rows = [{"table": n, "title": (s := load_table(n)).title, "methods": len(s.methods), "domains": len(s.domains),
+                 "reset": s.protocol.reset} for n in available_tables()]
+        print(pd.DataFrame(rows).to_markdown(index=False))
+    else:
+        rows = [{args.what[:-1]: name, "from": entry.dist.name if entry.dist else "?", "entry point": entry.value,
+                 "about": _first_line(entry.load())}
+                for name, entry in sorted(registry.available(args.what).items())]
+        print(pd.DataFrame(rows).to_markdown(index=False))
+    return 0
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--option takes KEY=VALUE (e.g. --option lr=0.001), got {text!r}")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from cemabench.leaderboard import metric_frame
+    from cemabench.protocol import Models, Protocol, RESETS, run_unit
+    from cemabench.runner import versions
+
+    if args.reset not in RESETS:
+        raise UserError(f"--reset must be one of {', '.join(RESETS)}")
+    method = registry.build_method(args.method, dict(_parse_option(o) for o in args.option))
+    factory = registry.load("datasets", args.dataset)
+    kwargs = {"data_root": args.data_root, "severity": args.severity}
+    if args.domains:
+        kwargs["domains"] = args.domains
+    dataset = factory(**kwargs)
+    edge, foundation = registry.build_model(args.edge), registry.build_model(args.foundation)
+    models = Models.copies_of(edge, foundation)
+    protocol = Protocol(batch_size=args.batch_size, reset=args.reset, delivery_delay=args.delay,
+                       upload_budget=args.upload_budget)
+    groups = [[d] for d in dataset.domains] if args.reset == "per_domain" else [dataset.domains]
+    results = []
+    for group in groups:
+        results += run_unit(method, group, models, dataset.num_classes, dataset.clean, protocol, args.seed,
+                            torch.device(args.device))
+    doc = {"provenance": {"domains": [d.name for d in dataset.domains]}, "methods": [{"label": args.method}],
+           "cells": [{"method": args.method, "seed": args.seed, **r.to_dict()} for r in results]}
+    if dataset.is_miniature:
+        print("# EMBEDDED MINIATURE (not ImageNet-C): numbers for checking the code path, not for comparison\n")
+    for metric in ("accuracy", "upload_ratio"):
+        print(f"{metric}:\n{metric_frame(doc, metric).T.to_markdown()}\n")
+    for r in results:
+        if r.status not in ("ok", "skipped"):
+            print(f"{r.domain}: {r.status}: {r.message}", file=sys.stderr)
+    if args.out:
+        doc["provenance"].update(versions=versions(), miniature=dataset.is_miniature, dataset=dataset.provenance)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def cmd_reproduce(args) -> int:
+    from cemabench.leaderboard import render
+    from cemabench.runner import reproduce
+    from cemabench.spec import load_table
+
+    spec = load_table(args.table)
+    if args.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    out = Path(args.out)
+    data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
+    try:
+        doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs, args.device,
+                        progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{spec.name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    markdown = render(doc)
+    (out / f"{spec.name}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / (spec.name + '.md')} and {out / (spec.name + '.json')}", file=sys.stderr)
+    failed = [c for c in doc["cells"] if c["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} cell(s) did not finish ok; see 'Failed cells' above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_check(args) -> int:
+    from cemabench.check import compare, load_document
+
+    result, expected = load_document(args.result), load_document(args.against)
+    problems, checked = compare(result, expected, args.tol)
+    tol = args.tol if args.tol is not None else expected.get("check", {}).get("tolerance", 0.5)
+    if problems:
+        print(f"{len(problems)} problem(s) against {args.against} (tolerance {tol} percentage points):\n")
+        print(pd.DataFrame(problems).to_markdown(index=False))
+        return 1
+    print(f"all {checked} checked values within {tol} percentage points of {args.against}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cemabench", description="Benchmark harness for cloud-edge model adaptation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list methods, tables, datasets or models")
+    p.add_argument("what", choices=["methods", "tables", "datasets", "models"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run one method on a dataset")
+    p.add_argument("--method", required=True)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--dataset", default="miniature-digits-c")
+    p.add_argument("--data-root")
+    p.add_argument("--domains", nargs="+")
+    p.add_argument("--severity", type=int, default=5)
+    p.add_argument("--edge", default="mini:edge")
+    p.add_argument("--foundation", default="mini:foundation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--reset", default="per_domain")
+    p.add_argument("--delay", type=int, default=0, help="download delivery delay in batches")
+    p.add_argument("--upload-budget", type=int, help="most samples uploaded per run unit")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write the cells as JSON here")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("reproduce", help="run a table spec and write OUT/TABLE.md and OUT/TABLE.json")
+    p.add_argument("table", help="a built-in table name (see `cemabench list tables`) or a .toml spec path")
+    p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
+    p.add_argument("--out", default="out")
+    p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="run units in this many processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("check", help="exit 1 when a result is out of tolerance of an expected table")
+    p.add_argument("result")
+    p.add_argument("--against", required=True)
+    p.add_argument("--tol", type=float, help="tolerance in percentage points (default: the expected table's)")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"cemabench: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Markdown leaderboards from a table's JSON document (pandas + tabulate)."""
+from __future__ import annotations
+
+import pandas as pd
+
+MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from the 10-class, 32-pixel digits "
+                    "miniature that ships with cemabench. They show the code path works and how methods rank on a "
+                    "small shift; never compare them with published numbers. Pass `--data-root` for the real table.")
+
+
+def _cell(values: list, statuses: list[str], fmt: str) -> str:
+    failed = [s for s in statuses if s != "ok"]
+    if failed:
+        return failed[0]
+    return fmt.format(sum(values) / len(values))
+
+
+def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
+    """Methods x domains (plus the mean over domains), averaged over seeds; failed cells show their status."""
+    cells = pd.DataFrame(doc["cells"])
+    domains = doc["provenance"]["domains"]
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        row, means = {}, []
+        for domain in domains:
+            group = cells[(cells["method"] == label) & (cells["domain"] == domain)]
+            row[domain] = _cell(list(group[metric]), list(group["status"]), fmt)
+            if (group["status"] == "ok").all() and len(group):
+                means.append(group[metric].mean())
+        row["mean"] = fmt.format(sum(means) / len(means)) if len(means) == len(domains) else "-"
+        rows[label] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def cost_frame(doc: dict) -> pd.DataFrame:
+    """What crossed the link and what the cloud computed, per method, summed over domains, averaged over seeds."""
+    cells = pd.DataFrame(doc["cells"])
+    seeds = max(1, len(doc["seeds"]))
+    link = pd.json_normalize(cells["link"].tolist())
+    cells = pd.concat([cells.drop(columns="link"), link], axis=1)
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        group = cells[cells["method"] == label]
+        seen = group["seen"].sum()
+        rows[label] = {
+            "uploaded": f"{group['uploaded'].sum() / seeds:,.0f}",
+            "upload MB": f"{group['upload_bytes'].sum() / seeds / 1e6:.2f}",
+            "other upload kB": f"{group['upload_tensor_bytes'].sum() / seeds / 1e3:.1f}",
+            "downloads": f"{group['downloads'].sum() / seeds:,.0f}",
+            "download MB": f"{group['download_bytes'].sum() / seeds / 1e6:.2f}",
+            "edge forwards / sample": f"{group['edge_forward_samples'].sum() / seen:.2f}" if seen else "-",
+            "cloud train forwards / sample": f"{group['cloud_forward_samples_grad'].sum() / seen:.2f}" if seen else "-",
+            "cloud eval forwards / sample": f"{group['cloud_forward_samples_nograd'].sum() / seen:.2f}" if seen else "-",
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _options(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
+
+
+def render(doc: dict) -> str:
+    p = doc["provenance"]
+    proto = p["protocol"]
+    lines = [f"# {doc['table']}: {doc['title']}", ""]
+    if p["miniature"]:
+        lines += [MINIATURE_BANNER.format(dataset=doc["real_dataset"].upper()), ""]
+    lines += [
+        f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else ""),
+        f"- **Severity**: {p['severity']}; **domains in order**: {', '.join(p['domains'])}",
+        f"- **Protocol**: reset `{proto['reset']}`, edge batch {proto['batch_size']}, delivery delay "
+        f"{proto['delivery_delay']}, upload budget {proto['upload_budget'] or 'none'}",
+        "- **Models**: " + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
+        f"- **Seeds**: {', '.join(map(str, doc['seeds']))}",
+    ]
+    lines += [f"- **{k.replace('_', ' ').capitalize()}**: {v}" for k, v in p["recorded"].items()]
+    v = p["versions"]
+    lines += [f"- **Versions**: cemabench {v['cemabench']}, torch {v['torch']}, numpy {v['numpy']}, "
+              f"python {v['python']}; device {p['device']}"]
+    if doc.get("source"):
+        lines += [f"- **Source**: {doc['source']}"]
+    lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",
+              "## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
+              "", "## Link and cloud compute (totals over all domains)", "", cost_frame(doc).to_markdown(), "",
+              "## Methods", ""]
+    methods = pd.DataFrame([{"method": m["label"], "plugin": m["name"], "paper": m["paper"],
+                             "options": _options(m["options"]) + (f"; upload ratio matched to {m['match_uploads_of']}"
+                                                                  if m["match_uploads_of"] else "")}
+                            for m in doc["methods"]]).set_index("method")
+    lines += [methods.to_markdown(), ""]
+    failures = [c for c in doc["cells"] if c["status"] not in ("ok", "skipped")]
+    if failures:
+        lines += ["## Failed cells", ""]
+        lines += [f"- {c['method']} / {c['domain']} / seed {c['seed']}: **{c['status']}**: "
+                  f"{c['message'].splitlines()[0]}" for c in failures]
+        lines += [""]
+    return "\n".join(lines)

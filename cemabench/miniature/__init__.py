@@ -1,0 +1,98 @@
+"""The embedded miniature: scikit-learn's handwritten digits as a 10-class, 32-pixel ImageNet-C look-alike.
+
+It exists so that every table spec runs on a laptop CPU with no download. Its numbers say whether the code path
+works and how methods rank on a small shift; they are not ImageNet-C numbers, and every output says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cemabench import corruptions
+from cemabench.data import ArrayDomain, DatasetSource
+from cemabench.errors import UserError
+from cemabench.miniature import nets
+
+IMAGE_SIZE = 32
+TEST_FRACTION = 0.6
+SPLIT_SEED = 0
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@lru_cache(maxsize=1)
+def splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Clean uint8 images (N, 32, 32, 3) and labels for the fixed, stratified train and test splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    small = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    large = F.interpolate(small, size=IMAGE_SIZE, mode="bilinear", align_corners=False).clamp(0, 1)
+    images = (large.repeat(1, 3, 1, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION, random_state=SPLIT_SEED,
+                                           stratify=labels)
+    return {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CEMABENCH_CACHE") or Path.home() / ".cache" / "cemabench"
+    return Path(root) / "miniature"
+
+
+def _generator_fingerprint() -> str:
+    source = inspect.getsource(corruptions) + inspect.getsource(splits)
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def corrupted_test_images(corruption: str, severity: int) -> np.ndarray:
+    """The test split under one corruption, generated once from a fixed seed and cached on disk."""
+    path = cache_dir() / _generator_fingerprint() / f"{corruption}-{severity}.npy"
+    if path.exists():
+        return np.load(path)
+    images, _ = splits()["test"]
+    seed = int.from_bytes(hashlib.sha256(f"miniature/{corruption}/{severity}".encode()).digest()[:8], "little")
+    out = corruptions.corrupt(images, corruption, severity, np.random.default_rng(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    return out
+
+
+def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
+    """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity."""
+    unknown = [d for d in domains if d not in corruptions.CORRUPTIONS]
+    if unknown:
+        raise UserError(f"unknown domain(s) {', '.join(unknown)} for the miniature; valid: "
+                        f"{', '.join(corruptions.HENDRYCKS_ORDER)}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
+    _, labels = splits()["test"]
+    train_images, train_labels = splits()["train"]
+    return DatasetSource(
+        name="miniature-digits-c",
+        num_classes=10,
+        domains=[ArrayDomain(f"{d}", corrupted_test_images(d, severity), labels) for d in domains],
+        clean=ArrayDomain("clean-train", train_images, train_labels),
+        is_miniature=True,
+        provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE, not ImageNet-C)", "severity": severity,
+                    "images_per_domain": len(labels), "image_size": IMAGE_SIZE,
+                    "generator": _generator_fingerprint()},
+    )
+
+
+def load_model(kind: str) -> torch.nn.Module:
+    """A shipped miniature network (``edge`` or ``foundation``) with its trained weights."""
+    if kind not in nets.ARCHITECTURES:
+        raise UserError(f"unknown miniature model {kind!r}; valid: {', '.join('mini:' + k for k in nets.ARCHITECTURES)}")
+    model = nets.build(kind)
+    model.load_state_dict(torch.load(WEIGHTS_DIR / f"{kind}.pt", weights_only=True))
+    return model.eval()

@@ -1,0 +1,1 @@
+"""The built-in cloud-edge methods, registered through the ``cemabench.methods`` entry-point group."""

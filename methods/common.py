@@ -1,0 +1,188 @@
+"""Building blocks shared by the built-in methods; third-party plugins may import them too."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
+BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy (natural log) of softmax(logits)."""
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def entropy_threshold(fraction: float | None, num_classes: int) -> float | None:
+    """A threshold given as a fraction of ln(C), the entropy of the uniform prediction."""
+    return None if fraction is None else fraction * math.log(num_classes)
+
+
+def entropy_weights(ent: torch.Tensor, margin: float | None) -> torch.Tensor | float:
+    """EATA's sample weights exp(-(H - E0)), detached; 1 when no margin is set."""
+    return 1.0 if margin is None else torch.exp(-(ent.detach() - margin))
+
+
+def train_norm_affine_only(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but the affine parameters of normalisation layers; returns those parameters."""
+    model.requires_grad_(False)
+    params = []
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES + (BatchRenorm2d,)):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def norm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state entries (affine parameters and statistics) of every normalisation layer, by state-dict name."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES + (BatchRenorm2d,)):
+            for key, value in module.state_dict().items():
+                state[f"{name}.{key}" if name else key] = value.detach()
+    return state
+
+
+def norm_affine(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the affine parameters of the normalisation layers: what Tent-style methods send down."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in norm_state(model).items() if k in names}
+
+
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """Tent's normalisation: BatchNorm always normalises with the statistics of the current batch."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, BATCH_NORM_TYPES):
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+        elif isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    return model
+
+
+def set_batch_norm_training(model: nn.Module, training: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, BATCH_NORM_TYPES + (BatchRenorm2d,)):
+            module.train(training)
+
+
+class BatchRenorm2d(nn.Module):
+    """Test-time batch renormalisation (TBR), as in CEMA's released code.
+
+    The forward value is normalised with the running statistics; gradients flow through the batch statistics
+    (y = (x - mu_b) / sigma_b * r + d, with r and d detached). Running statistics start from the first batch seen,
+    not from the source model, and move with ``momentum`` only in training mode. Variances are unbiased, as there.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.eps = bn.eps
+        self.momentum = 0.1 if bn.momentum is None else bn.momentum
+        self.weight = nn.Parameter(bn.weight.detach().clone())
+        self.bias = nn.Parameter(bn.bias.detach().clone())
+        channels = bn.num_features
+        self.register_buffer("running_mean", torch.zeros(channels, device=bn.weight.device))
+        self.register_buffer("running_var", torch.ones(channels, device=bn.weight.device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=bn.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_var, batch_mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+        if not bool(self.initialized):
+            self.running_mean.copy_(batch_mean.detach())
+            self.running_var.copy_(batch_var.detach())
+            self.initialized.fill_(True)
+        batch_std = torch.sqrt(batch_var + self.eps)
+        running_std = torch.sqrt(self.running_var + self.eps)
+        r = (batch_std / running_std).detach()
+        d = ((batch_mean - self.running_mean) / running_std).detach()
+        y = (x - batch_mean[None, :, None, None]) / batch_std[None, :, None, None] * r[None, :, None, None]
+        y = y + d[None, :, None, None]
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.add_(self.momentum * (batch_mean.detach() - self.running_mean))
+                self.running_var.add_(self.momentum * (batch_var.detach() - self.running_var))
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def use_batch_renorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by :class:`BatchRenorm2d`; state-dict names stay the same."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, child_name, BatchRenorm2d(child))
+    return model
+
+
+class RedundancyFilter:
+    """EATA's diversity filter: keep samples whose probabilities are not too similar to a running mean.
+
+    The running mean starts as the mean of the first non-empty set of candidates (all kept), then moves as an EMA
+    (0.9 / 0.1) of the mean probabilities of the kept samples.
+    """
+
+    def __init__(self, margin: float | None, momentum: float = 0.9):
+        self.margin, self.momentum = margin, momentum
+        self.mean_probs: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Indices (into ``logits``) of the samples to keep."""
+        keep = torch.arange(len(logits), device=logits.device)
+        if self.margin is None:
+            return keep
+        probs = logits.softmax(-1)
+        if self.mean_probs is not None:
+            cosine = F.cosine_similarity(self.mean_probs[None], probs, dim=1)
+            keep = torch.where(cosine.abs() < self.margin)[0]
+        if len(keep):
+            new = probs[keep].mean(0)
+            self.mean_probs = new if self.mean_probs is None else self.momentum * self.mean_probs + (1 - self.momentum) * new
+        return keep
+
+
+def sgd(params, lr: float, momentum: float, nesterov: bool = False) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+class BatchStatisticsEdge:
+    """Edge half of Tent-style methods: predicts with batch statistics, uploads what ``select`` keeps."""
+
+    def configure(self, model: nn.Module) -> nn.Module:
+        return use_batch_statistics(model)
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.arange(len(logits), device=logits.device)
+
+    def step(self, model, x):
+        from cemabench.method import EdgeDecision
+
+        logits = model(x)
+        return EdgeDecision(logits=logits, upload=self.select(logits))
+
+
+class ReplicaCloud:
+    """Cloud half of Tent-style methods: one SGD step on a batch-statistics replica of the edge per non-empty
+    upload, then the replica's normalisation affine parameters go down."""
+
+    def __init__(self, replica: nn.Module, lr: float, momentum: float, nesterov: bool = False):
+        self.model = use_batch_statistics(replica)
+        self.params = train_norm_affine_only(self.model)
+        self.optimizer = sgd(self.params, lr, momentum, nesterov)
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, upload):
+        if len(upload.samples) == 0:
+            return None
+        loss = self.loss(self.model(upload.samples))
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return norm_affine(self.model)

@@ -1,0 +1,42 @@
+"""Tent (Wang et al., ICLR 2021) on cloud-edge: every sample goes up, the cloud adapts a replica of the edge."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeLogic, Method
+from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy
+
+
+class _TentEdge(BatchStatisticsEdge, EdgeLogic):
+    pass
+
+
+class _TentCloud(ReplicaCloud, CloudLogic):
+    def loss(self, logits):
+        return entropy(logits).mean()
+
+
+class Tent(Method):
+    """Entropy minimisation of BatchNorm affine parameters, BatchNorm always on batch statistics.
+
+    The scored prediction is the edge's forward of the batch, which equals the official Tent prediction (the outputs
+    of the forward that computes the loss, before the update). Official ImageNet setting: SGD lr 0.00025, momentum 0.9.
+    """
+
+    name = "tent"
+    paper = "Wang et al., ICLR 2021"
+    mapping = CloudEdgeMapping(selection="none", uploads="every sample", cloud="adapts a replica of the edge",
+                               download="norm affine parameters")
+
+    @dataclass
+    class Options:
+        lr: float = 0.00025
+        momentum: float = 0.9
+        nesterov: bool = False
+
+    def edge(self, num_classes):
+        return _TentEdge()
+
+    def cloud(self, resources):
+        o = self.options
+        return _TentCloud(resources.edge_replica(), o.lr, o.momentum, o.nesterov)

@@ -1,0 +1,1 @@
+"""Declarative table specs (TOML files beside this one), shipped as package data."""

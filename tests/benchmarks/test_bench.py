@@ -1,0 +1,52 @@
+"""Speed of the CEMA loop on the miniature: ``pytest tests/benchmarks --benchmark-enable`` (or ``tox -e bench``)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cemabench import miniature
+from cemabench.method import Upload
+from cemabench.protocol import ForwardOnlyEdge, Models, Protocol, run_unit
+from cemabench.registry import build_method
+
+
+@pytest.fixture(scope="module")
+def setup():
+    dataset = miniature.dataset(severity=5, domains=["fog"])
+    models = Models.copies_of(miniature.load_model("edge"), miniature.load_model("foundation"))
+    x, _ = dataset.domains[0].batch(np.arange(64))
+    return dataset, models, x
+
+
+def test_edge_forward_source(benchmark, setup):
+    _, models, x = setup
+    edge = ForwardOnlyEdge(models.edge(), build_method("source").edge(10))
+    benchmark(edge.step, x, 10)
+
+
+def test_cema_edge_step(benchmark, setup):
+    _, models, x = setup
+    edge = ForwardOnlyEdge(models.edge(), build_method("cema", {"redundancy_margin": 0.5}).edge(10))
+    benchmark(edge.step, x, 10)
+
+
+def test_cema_cloud_step_with_replay(benchmark, setup):
+    """One cloud batch of 32 uploads: a foundation step, then distillation on 32 + 96 replayed samples."""
+    dataset, models, x = setup
+    from cemabench.method import CloudResources
+
+    resources = CloudResources(10, models.edge, models.foundation, lambda n: x[:n])
+    cloud = build_method("cema").cloud(resources)
+    cloud.replay.extend(dataset.domains[0].batch(np.arange(300))[0].unbind(0))
+    upload = Upload(samples=x[:32], tensors={}, batch_index=0)
+    benchmark(cloud.step, upload)
+
+
+def test_cema_full_miniature_domain(benchmark, setup):
+    """1,079 fog images at severity 5, edge batch 64, the whole cloud-edge loop."""
+    dataset, models, _ = setup
+    method = build_method("cema", {"redundancy_margin": 0.5})
+    result = benchmark.pedantic(run_unit, args=(method, dataset.domains, models, 10, dataset.clean, Protocol(), 0),
+                                rounds=3, iterations=1)
+    assert result[0].status == "ok"

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cemabench.data import ArrayDomain, DatasetSource
+from cemabench.protocol import Models
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Corrupted miniature domains are generated into a cache private to this test session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CEMABENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+class TinyNet(nn.Module):
+    """A BatchNorm network small enough for exact, fast protocol tests."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def tiny_dataset(domains=("a", "b", "c"), n=100, classes=4, seed=0) -> DatasetSource:
+    rng = np.random.default_rng(seed)
+    made = [ArrayDomain(d, rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, classes, n))
+            for d in domains]
+    clean = ArrayDomain("clean", rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, classes, n))
+    return DatasetSource("tiny", classes, made, clean, is_miniature=False)
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    edge, foundation = TinyNet().eval(), TinyNet().eval()
+    return tiny_dataset(), Models.copies_of(edge, foundation)

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from cemabench.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_methods_shows_the_cloud_edge_mapping(capsys):
+    code, out, _ = run(capsys, "list", "methods")
+    assert code == 0
+    for name in ("source", "bn-adapt", "tent", "eta", "eata", "cema", "random-upload"):
+        assert f"| {name} " in out
+    assert "Chen et al., ICLR 2024" in out and "entropy bounds and redundancy" in out
+
+
+@pytest.mark.parametrize("what, expected", [("tables", "table2"), ("datasets", "miniature-digits-c"),
+                                            ("models", "mini")])
+def test_list_other_registries(capsys, what, expected):
+    code, out, _ = run(capsys, "list", what)
+    assert code == 0 and expected in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, eata"),
+    (["run", "--method", "tent", "--option", "lr2=0.1"], "method 'tent' has no option 'lr2'; valid options: lr"),
+    (["run", "--method", "tent", "--option", "lr=fast"], "option 'lr' must be float, got 'fast'"),
+    (["run", "--method", "tent", "--option", "lr"], "--option takes KEY=VALUE"),
+    (["run", "--method", "tent", "--dataset", "imagenet-x"], "unknown dataset 'imagenet-x'"),
+    (["run", "--method", "tent", "--domains", "rain"], "unknown domain(s) rain for the miniature"),
+    (["run", "--method", "tent", "--edge", "resnet50"], "model names look like PREFIX:NAME"),
+    (["run", "--method", "tent", "--edge", "hub:resnet50"], "unknown model 'hub'"),
+    (["run", "--method", "tent", "--reset", "never"], "--reset must be one of per_domain, continual"),
+    (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
+    (["reproduce", "table9"], "unknown table 'table9'; available: table2"),
+    (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"], "--data-root /nonexistent/imagenet is not a directory"),
+    (["reproduce", "missing.toml"], "table spec file missing.toml does not exist"),
+    (["check", "nope.json", "--against", "nope2.json"], "nope.json does not exist"),
+])
+def test_user_errors_are_one_clear_line_and_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_malformed_spec_names_the_key(capsys, tmp_path):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('name = "bad"\ntitle = "t"\n[protocol]\nbatch_size = 64\nreset = "sometimes"\n')
+    code, _, err = run(capsys, "reproduce", str(spec))
+    assert code == 2 and "reset must be one of per_domain, continual" in err
+
+
+def test_run_prints_a_table_and_writes_json(capsys, tmp_path):
+    out = tmp_path / "cells.json"
+    code, stdout, _ = run(capsys, "run", "--method", "bn-adapt", "--domains", "fog", "contrast", "--out", str(out))
+    assert code == 0 and "EMBEDDED MINIATURE" in stdout and "| fog" in stdout
+    cells = json.loads(out.read_text())["cells"]
+    assert [c["domain"] for c in cells] == ["fog", "contrast"] and all(c["status"] == "ok" for c in cells)
+
+
+def _doc(accuracy):
+    return {"provenance": {"miniature": True}, "check": {"tolerance": 0.5, "metrics": ["accuracy"]},
+            "cells": [{"method": "cema", "domain": "fog", "seed": 0, "status": "ok", "message": "",
+                       "accuracy": accuracy}]}
+
+
+def test_check_passes_within_tolerance_and_fails_with_a_readable_diff(capsys, tmp_path):
+    expected, close, far = (tmp_path / f"{n}.json" for n in ("e", "c", "f"))
+    expected.write_text(json.dumps(_doc(50.0)))
+    close.write_text(json.dumps(_doc(50.4)))
+    far.write_text(json.dumps(_doc(51.2)))
+    code, out, _ = run(capsys, "check", str(close), "--against", str(expected))
+    assert code == 0 and "within 0.5" in out
+    code, out, _ = run(capsys, "check", str(far), "--against", str(expected))
+    assert code == 1 and "cema / fog / seed 0" in out and "1.2" in out
+    code, out, _ = run(capsys, "check", str(far), "--against", str(expected), "--tol", "2")
+    assert code == 0

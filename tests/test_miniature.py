@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from cemabench import miniature
+from cemabench.corruptions import HENDRYCKS_ORDER
+from cemabench.errors import UserError
+from cemabench.miniature import train
+
+
+def _accuracy(model, images, labels):
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        return float((model(x).argmax(1).numpy() == labels).mean() * 100)
+
+
+def test_splits_are_fixed_disjoint_and_stratified():
+    s = miniature.splits()
+    (train_x, train_y), (test_x, test_y) = s["train"], s["test"]
+    assert len(train_y) + len(test_y) == 1797 and len(test_y) == 1079
+    assert set(np.bincount(test_y)) <= set(range(100, 112))
+    assert not {x.tobytes() for x in train_x[:200]} & {x.tobytes() for x in test_x}
+
+
+def test_cached_domain_equals_a_fresh_generation(tmp_path, monkeypatch):
+    first = miniature.corrupted_test_images("snow", 2)
+    monkeypatch.setenv("CEMABENCH_CACHE", str(tmp_path))
+    assert not any(tmp_path.iterdir())
+    fresh = miniature.corrupted_test_images("snow", 2)
+    assert np.array_equal(first, fresh)
+    assert np.array_equal(fresh, miniature.corrupted_test_images("snow", 2))
+
+
+def test_miniature_is_informative_at_severity_5():
+    """Corruption must hurt the source edge model, and the foundation model must leave room to help it."""
+    edge, foundation = miniature.load_model("edge"), miniature.load_model("foundation")
+    clean_x, labels = miniature.splits()["test"]
+    clean = _accuracy(edge, clean_x, labels)
+    corrupted = [_accuracy(edge, miniature.corrupted_test_images(c, 5), labels) for c in HENDRYCKS_ORDER]
+    teacher = [_accuracy(foundation, miniature.corrupted_test_images(c, 5), labels) for c in HENDRYCKS_ORDER]
+    assert clean > 95
+    assert np.mean(corrupted) < clean - 20
+    assert np.mean(teacher) > np.mean(corrupted) + 20
+
+
+def test_unknown_domain_and_model_are_user_errors():
+    with pytest.raises(UserError, match="unknown domain.*rain.*valid: gaussian_noise"):
+        miniature.dataset(domains=["rain"])
+    with pytest.raises(UserError, match="unknown miniature model 'huge'.*mini:edge"):
+        miniature.load_model("huge")
+
+
+def test_training_script_is_deterministic():
+    a, acc_a = train.train("edge", epochs_scale=1 / 30)
+    b, acc_b = train.train("edge", epochs_scale=1 / 30)
+    assert acc_a == acc_b
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+
+from cemabench import runner
+from cemabench.cli import main
+from cemabench.leaderboard import render
+from cemabench.spec import load_table
+
+SPEC = '''
+name = "mini3"
+title = "ImageNet-C, three domains"
+seeds = [0]
+
+[protocol]
+batch_size = 64
+reset = "{reset}"
+
+[data]
+severity = 5
+domains = ["impulse_noise", "fog", "contrast"]
+
+[data.real]
+dataset = "imagenet-c"
+edge = "torchvision:resnet50"
+foundation = "torchvision:resnet101"
+
+[data.miniature]
+dataset = "miniature-digits-c"
+edge = "mini:edge"
+foundation = "mini:foundation"
+
+[data.miniature.method_options.cema]
+redundancy_margin = 0.5
+
+[[methods]]
+name = "source"
+
+[[methods]]
+name = "cema"
+
+[[methods]]
+name = "random-upload"
+label = "random"
+match_uploads_of = "cema"
+'''
+
+NUMBERS = ("status", "seen", "correct", "accuracy", "upload_ratio", "link", "edge_forward_samples",
+           "cloud_forward_samples_grad", "cloud_forward_samples_nograd")
+
+
+def _spec(tmp_path, reset="per_domain"):
+    path = tmp_path / f"mini3-{reset}.toml"
+    path.write_text(SPEC.format(reset=reset))
+    return load_table(str(path))
+
+
+def _numbers(doc):
+    return [{k: c[k] for k in ("method", "domain", "seed") + NUMBERS} for c in doc["cells"]]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("first")
+    spec = _spec(tmp)
+    return spec, tmp, runner.reproduce(spec, None, tmp / "out", progress=False)
+
+
+def test_same_seed_gives_identical_numbers(first_run, tmp_path):
+    spec, _, doc = first_run
+    again = runner.reproduce(spec, None, tmp_path / "fresh", progress=False)
+    assert _numbers(again) == _numbers(doc)
+
+
+def test_random_upload_matches_the_reference_upload_count(first_run):
+    _, _, doc = first_run
+    by = {(c["method"], c["domain"]): c["link"]["uploaded"] for c in doc["cells"]}
+    for domain in ("impulse_noise", "fog", "contrast"):
+        assert by[("random", domain)] == by[("cema", domain)] > 0
+
+
+def test_an_interrupted_or_repeated_run_resumes_from_the_store(first_run, monkeypatch):
+    spec, tmp, doc = first_run
+    cells = sorted((tmp / "out" / "cells" / "mini3").glob("*.json"))
+    assert len(cells) == 9
+    cells[0].unlink()  # as if the run had stopped before this unit finished
+    ran = []
+    real_run = runner.TableContext.run
+    monkeypatch.setattr(runner.TableContext, "run", lambda self, unit: ran.append(unit) or real_run(self, unit))
+    resumed = runner.reproduce(spec, None, tmp / "out", progress=False)
+    assert len(ran) == 1 and _numbers(resumed) == _numbers(doc)
+
+
+def test_a_changed_option_never_reuses_a_stored_result(first_run, monkeypatch):
+    spec, tmp, _ = first_run
+    path = tmp / "changed.toml"
+    path.write_text(SPEC.format(reset="per_domain").replace("redundancy_margin = 0.5", "redundancy_margin = 0.6"))
+    ran = []
+    real_run = runner.TableContext.run
+    monkeypatch.setattr(runner.TableContext, "run", lambda self, unit: ran.append(unit.label) or real_run(self, unit))
+    runner.reproduce(load_table(str(path)), None, tmp / "out", progress=False)
+    assert sorted(set(ran)) == ["cema", "random"]  # source's units are unchanged and come from the store
+
+
+def test_a_different_seed_gives_a_different_stream_and_numbers(first_run, tmp_path):
+    spec, _, doc = first_run
+    other = runner.reproduce(spec, None, tmp_path / "seed1", seeds=(1,), progress=False)
+    ours = {(c["method"], c["domain"]): c for c in doc["cells"]}
+    theirs = {(c["method"], c["domain"]): c for c in other["cells"]}
+    assert all(ours[k]["correct"] == theirs[k]["correct"] for k in ours if k[0] == "source")  # order-free method
+    assert any(ours[k]["correct"] != theirs[k]["correct"] for k in ours if k[0] == "cema")
+
+
+def test_leaderboard_says_miniature_and_records_the_setup(first_run):
+    _, _, doc = first_run
+    text = render(doc)
+    assert "EMBEDDED MINIATURE, NOT IMAGENET-C" in text
+    for needle in ("reset `per_domain`", "edge batch 64", "mini:edge", "Seeds**: 0", "torch", "| cema ", "| random "):
+        assert needle in text
+    assert doc["provenance"]["miniature"] is True
+
+
+def test_continual_runs_one_unit_over_all_domains(tmp_path):
+    spec = _spec(tmp_path, reset="continual")
+    doc = runner.reproduce(spec, None, tmp_path / "out", progress=False)
+    assert len(list((tmp_path / "out" / "cells" / "mini3").glob("*.json"))) == 3
+    assert [c["domain"] for c in doc["cells"] if c["method"] == "cema"] == ["impulse_noise", "fog", "contrast"]
+
+
+def test_cli_reproduce_writes_markdown_and_json(first_run, capsys):
+    spec, tmp, _ = first_run
+    code = main(["reproduce", str(tmp / "mini3-per_domain.toml"), "--out", str(tmp / "out"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "EMBEDDED MINIATURE" in out
+    assert json.loads((tmp / "out" / "mini3.json").read_text())["table"] == "mini3"
+    assert (tmp / "out" / "mini3.md").read_text().startswith("# mini3")
