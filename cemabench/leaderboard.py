@@ -8,11 +8,15 @@ MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come
                     "small shift; never compare them with published numbers. Pass `--data-root` for the real table.")
 
 
-def _cell(values: list, statuses: list[str], fmt: str) -> str:
-    failed = [s for s in statuses if s != "ok"]
+NOTE_MARK = "†"
+
+
+def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
+    failed = [s for s in group["status"] if s != "ok"]
     if failed:
         return failed[0]
-    return fmt.format(sum(values) / len(values))
+    mark = NOTE_MARK if (group["note"] != "").any() else ""
+    return fmt.format(group[metric].mean()) + mark
 
 
 def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
@@ -24,7 +28,7 @@ def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
         row, means = {}, []
         for domain in domains:
             group = cells[(cells["method"] == label) & (cells["domain"] == domain)]
-            row[domain] = _cell(list(group[metric]), list(group["status"]), fmt)
+            row[domain] = _cell(group, metric, fmt)
             if (group["status"] == "ok").all() and len(group):
                 means.append(group[metric].mean())
         row["mean"] = fmt.format(sum(means) / len(means)) if len(means) == len(domains) else "-"
@@ -48,6 +52,7 @@ def cost_frame(doc: dict) -> pd.DataFrame:
             "other upload kB": f"{group['upload_tensor_bytes'].sum() / seeds / 1e3:.1f}",
             "downloads": f"{group['downloads'].sum() / seeds:,.0f}",
             "download MB": f"{group['download_bytes'].sum() / seeds / 1e6:.2f}",
+            "answers MB": f"{group['answer_bytes'].sum() / seeds / 1e6:.2f}",
             "edge forwards / sample": f"{group['edge_forward_samples'].sum() / seen:.2f}" if seen else "-",
             "cloud train forwards / sample": f"{group['cloud_forward_samples_grad'].sum() / seen:.2f}" if seen else "-",
             "cloud eval forwards / sample": f"{group['cloud_forward_samples_nograd'].sum() / seen:.2f}" if seen else "-",
@@ -88,6 +93,11 @@ def render(doc: dict) -> str:
                                                                   if m["match_uploads_of"] else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]
+    noted = [c for c in doc["cells"] if c["status"] == "ok" and c["note"]]
+    if noted:
+        lines += ["## Notes", ""]
+        lines += [f"- {NOTE_MARK} {c['method']} / {c['domain']} / seed {c['seed']}: {c['note']}" for c in noted]
+        lines += [""]
     failures = [c for c in doc["cells"] if c["status"] not in ("ok", "skipped")]
     if failures:
         lines += ["## Failed cells", ""]

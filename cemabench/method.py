@@ -40,6 +40,7 @@ class EdgeDecision:
     logits: torch.Tensor
     upload: torch.Tensor | None = None  # indices into the batch of the samples to upload
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra named tensors to upload
+    await_answers: bool = False  # offloading: the cloud's answers replace the scored logits of the uploaded samples
 
 
 @dataclass
@@ -49,6 +50,16 @@ class Upload:
     samples: torch.Tensor
     tensors: dict[str, torch.Tensor]
     batch_index: int
+    index: torch.Tensor | None = None  # positions of the samples in the edge batch
+
+
+@dataclass
+class CloudReply:
+    """A cloud step's full reply: a download for the edge, and/or answers (logits) for the uploaded samples of
+    this batch when the edge awaits them. Answers arrive at once; downloads after the delivery delay."""
+
+    download: Download | None = None
+    answers: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,7 +91,7 @@ class EdgeLogic:
 class CloudLogic:
     """The cloud half: called once per edge batch (also when nothing was uploaded), with full autograd."""
 
-    def step(self, upload: Upload) -> Download | None:
+    def step(self, upload: Upload) -> Download | CloudReply | None:
         raise NotImplementedError
 
 
@@ -118,7 +129,14 @@ def parse_options(options_class: type, values: dict, owner: str):
         raise UserError(f"{owner} has no option {', '.join(map(repr, unknown))}; valid options: "
                         f"{', '.join(fields) or '(none)'}")
     hints = typing.get_type_hints(options_class)
+    values = dict(values)
     for name, value in values.items():
+        if typing.get_origin(hints[name]) is tuple:
+            item = typing.get_args(hints[name])[0]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) for v in value):
+                raise UserError(f"{owner}: option {name!r} must be a list of {item.__name__}, got {value!r}")
+            values[name] = tuple(value)
+            continue
         allowed = typing.get_args(hints[name]) or (hints[name],)
         allowed = tuple(float if t is float else t for t in allowed)
         ok = any(

@@ -22,7 +22,7 @@ from torch import nn
 
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError
-from cemabench.method import CloudLogic, CloudResources, Download, EdgeDecision, EdgeLogic, Method, Upload
+from cemabench.method import CloudLogic, CloudReply, CloudResources, Download, EdgeDecision, EdgeLogic, Method, Upload
 
 RESETS = ("per_domain", "continual")
 
@@ -64,6 +64,8 @@ class LinkCounters:
     upload_tensor_bytes: int = 0
     downloads: int = 0
     download_bytes: int = 0
+    answers: int = 0
+    answer_bytes: int = 0
 
 
 class Link:
@@ -87,7 +89,12 @@ class Link:
         self.counters.upload_tensor_bytes += _nbytes(decision.tensors)
         samples = x[index.to(x.device)].clone()
         return Upload(samples=samples, tensors={k: v.clone() for k, v in decision.tensors.items()},
-                      batch_index=batch_index)
+                      batch_index=batch_index, index=index)
+
+    def answer(self, answers: torch.Tensor) -> torch.Tensor:
+        self.counters.answers += len(answers)
+        self.counters.answer_bytes += answers.numel() * answers.element_size()
+        return answers.detach().clone()
 
     def send_down(self, download: Download, batch_index: int) -> None:
         self.counters.downloads += 1
@@ -131,13 +138,21 @@ class ForwardOnlyEdge:
     def __init__(self, model: nn.Module, logic: EdgeLogic):
         self.logic = logic
         self.model = logic.configure(model)
-        self.model.requires_grad_(False)
+        # models the edge logic keeps beside the edge model (a frozen source copy, say) are part of the edge too
+        self.extras = {name: m for name, m in vars(logic).items() if isinstance(m, nn.Module) and m is not self.model}
         self.forwards = SampleCounter()
-        self.forwards.attach(self.model)
+        for m in (self.model, *self.extras.values()):
+            m.requires_grad_(False)
+            self.forwards.attach(m)
         self._snapshot()
 
+    def _parameters(self):
+        yield from self.model.named_parameters()
+        for prefix, m in self.extras.items():
+            yield from ((f"{prefix}.{n}", p) for n, p in m.named_parameters())
+
     def _snapshot(self) -> None:
-        self._reference = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._reference = {n: p.detach().clone() for n, p in self._parameters()}
 
     def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:
         try:
@@ -149,8 +164,7 @@ class ForwardOnlyEdge:
                     f"the edge is forward-only, but its logic tried to compute gradients ({error}). Train a replica "
                     f"in the method's CloudLogic and send the new parameters down instead.") from error
             raise
-        changed = [n for n, p in self.model.named_parameters()
-                   if p.requires_grad or not torch.equal(p, self._reference[n])]
+        changed = [n for n, p in self._parameters() if p.requires_grad or not torch.equal(p, self._reference[n])]
         if changed:
             raise ForwardOnlyViolation(
                 f"the edge logic changed edge parameters outside a download: {', '.join(changed[:5])}. Only buffers "
@@ -185,6 +199,7 @@ class DomainResult:
     domain: str
     status: str = "ok"  # ok | diverged | error | skipped
     message: str = ""
+    note: str = ""  # what a reader should know about an ok cell (empty selection, exhausted budget)
     seen: int = 0
     correct: int = 0
     edge_forward_samples: int = 0
@@ -281,16 +296,23 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
                     edge.receive(download)
                 decision, seconds = _timed(device, edge.step, x, num_classes)
                 result.edge_seconds += seconds
-                if not torch.isfinite(decision.logits).all():
-                    raise Diverged(f"non-finite edge logits at batch {batch_index} of the run unit")
-                result.seen += len(y)
-                result.correct += int((decision.logits.argmax(1).cpu() == y).sum())
+                prediction = decision.logits
                 upload = link.send_up(x, decision, domain.sample_nbytes, batch_index)
                 if cloud is not None:
-                    download, seconds = _timed(device, cloud.step, upload)
+                    reply, seconds = _timed(device, cloud.step, upload)
                     result.cloud_seconds += seconds
-                    if download:
-                        link.send_down(download, batch_index)
+                    if not isinstance(reply, CloudReply):
+                        reply = CloudReply(download=reply)
+                    if decision.await_answers:
+                        prediction = _answered(prediction, upload, reply.answers, link)
+                    if reply.download:
+                        if not all(torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()):
+                            raise Diverged(f"the cloud sent non-finite parameters at batch {batch_index} of the unit")
+                        link.send_down(reply.download, batch_index)
+                if not torch.isfinite(prediction).all():
+                    raise Diverged(f"non-finite logits at batch {batch_index} of the run unit")
+                result.seen += len(y)
+                result.correct += int((prediction.argmax(1).cpu() == y).sum())
                 batch_index += 1
                 if on_batch:
                     on_batch()
@@ -301,6 +323,10 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
             result.message = f"{type(error).__name__}: {error}"
             result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
         result.link = link.next_domain()
+        if cloud is not None and result.status == "ok" and result.link.uploaded == 0:
+            result.note = "empty selection: nothing was uploaded, so the cloud never adapted"
+        elif result.link.refused:
+            result.note = f"upload budget exhausted: {result.link.refused} samples refused"
         result.edge_forward_samples = edge.forwards.with_grad + edge.forwards.without_grad - edge_before
         result.cloud_forward_samples_grad = cloud_passes.with_grad - cloud_before[0]
         result.cloud_forward_samples_nograd = cloud_passes.without_grad - cloud_before[1]
@@ -309,6 +335,18 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
             _skip_rest(results, position + 1)
             break
     return results
+
+
+def _answered(logits: torch.Tensor, upload: Upload, answers: torch.Tensor | None, link: Link) -> torch.Tensor:
+    """The scored logits when the edge awaits the cloud's answers for what it uploaded."""
+    expected = (len(upload.samples), logits.shape[1])
+    if answers is None or tuple(answers.shape) != expected:
+        got = None if answers is None else tuple(answers.shape)
+        raise ValueError(f"the edge awaits answers for {expected[0]} uploaded samples, so the cloud must return "
+                         f"CloudReply(answers=...) of shape {expected}; got {got}")
+    out = logits.clone()
+    out[upload.index.to(logits.device)] = link.answer(answers).to(logits.dtype)
+    return out
 
 
 def _skip_rest(results: list[DomainResult], start: int) -> None:

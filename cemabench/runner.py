@@ -21,7 +21,7 @@ from cemabench.errors import UserError
 from cemabench.protocol import Models, run_unit
 from cemabench.spec import DataChoice, MethodEntry, TableSpec
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -81,6 +81,11 @@ class TableContext:
 
     @cached_property
     def dataset(self):
+        if self.choice.dataset not in registry.available("datasets"):
+            raise UserError(f"table {self.spec.name} runs on the dataset {self.choice.dataset!r} when --data-root is "
+                            f"given, and no installed plugin provides it (available: "
+                            f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
+                            f"--data-root to run the embedded miniature")
         factory = registry.load("datasets", self.choice.dataset)
         return factory(data_root=self.data_root, severity=self.spec.severity, domains=self.spec.domains)
 
@@ -124,7 +129,8 @@ class TableContext:
 
 
 def _options(entry: MethodEntry, choice: DataChoice) -> dict:
-    return {**entry.options, **choice.method_options.get(entry.label, {})}
+    merged = {**entry.options, **choice.method_options.get(entry.label, {})}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
 
 
 def domain_groups(spec: TableSpec) -> list[tuple[str, ...]]:

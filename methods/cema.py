@@ -222,3 +222,19 @@ class RandomUpload(CEMA):
 
     def edge(self, num_classes):
         return _RandomUploadEdge(self.options, num_classes)
+
+
+class DistillTent(CEMA):
+    """CEMA's cloud without its selection: every sample goes up, the foundation model takes plain Tent steps
+    (unweighted mean entropy) and is distilled into the edge replica with unweighted losses and the same replay."""
+
+    name = "distill-tent"
+    paper = "Chen et al., ICLR 2024 (baseline)"
+    mapping = CloudEdgeMapping(selection="none", uploads="every sample",
+                               cloud="Tent on the foundation model, distilled into an edge replica with replay",
+                               download="norm affine parameters and statistics")
+
+    @dataclass
+    class Options(CEMA.Options):
+        entropy_max: float | None = None
+        redundancy_margin: float | None = None

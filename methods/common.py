@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cemabench.errors import UserError
+from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic
+
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -26,11 +29,14 @@ def entropy_weights(ent: torch.Tensor, margin: float | None) -> torch.Tensor | f
     return 1.0 if margin is None else torch.exp(-(ent.detach() - margin))
 
 
-def train_norm_affine_only(model: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything but the affine parameters of normalisation layers; returns those parameters."""
+def train_norm_affine_only(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[nn.Parameter]:
+    """Freeze everything but the affine parameters of normalisation layers whose module name contains none of
+    ``exclude`` (a pattern ``"norm."`` also excludes a module named exactly ``norm``); returns those parameters."""
     model.requires_grad_(False)
     params = []
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if any(pattern in name or name == pattern.rstrip(".") for pattern in exclude):
+            continue
         if isinstance(module, NORM_TYPES + (BatchRenorm2d,)):
             for p in module.parameters(recurse=False):
                 p.requires_grad_(True)
@@ -93,7 +99,12 @@ class BatchRenorm2d(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=bn.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_var, batch_mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+        if not self.training and not torch.is_grad_enabled() and bool(self.initialized):
+            # the renormalised value reduces to (x - mu_run) / sigma_run; without autograd, skip the batch statistics
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        batch_mean = x.mean(dim=(0, 2, 3))
+        centred = x - batch_mean[None, :, None, None]
+        batch_var = centred.square().sum(dim=(0, 2, 3)) / (x.numel() // x.shape[1] - 1)
         if not bool(self.initialized):
             self.running_mean.copy_(batch_mean.detach())
             self.running_var.copy_(batch_var.detach())
@@ -102,7 +113,7 @@ class BatchRenorm2d(nn.Module):
         running_std = torch.sqrt(self.running_var + self.eps)
         r = (batch_std / running_std).detach()
         d = ((batch_mean - self.running_mean) / running_std).detach()
-        y = (x - batch_mean[None, :, None, None]) / batch_std[None, :, None, None] * r[None, :, None, None]
+        y = centred / batch_std[None, :, None, None] * r[None, :, None, None]
         y = y + d[None, :, None, None]
         if self.training:
             with torch.no_grad():
@@ -150,7 +161,7 @@ def sgd(params, lr: float, momentum: float, nesterov: bool = False) -> torch.opt
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
-class BatchStatisticsEdge:
+class BatchStatisticsEdge(EdgeLogic):
     """Edge half of Tent-style methods: predicts with batch statistics, uploads what ``select`` keeps."""
 
     def configure(self, model: nn.Module) -> nn.Module:
@@ -160,19 +171,21 @@ class BatchStatisticsEdge:
         return torch.arange(len(logits), device=logits.device)
 
     def step(self, model, x):
-        from cemabench.method import EdgeDecision
-
         logits = model(x)
         return EdgeDecision(logits=logits, upload=self.select(logits))
 
 
-class ReplicaCloud:
+class ReplicaCloud(CloudLogic):
     """Cloud half of Tent-style methods: one SGD step on a batch-statistics replica of the edge per non-empty
     upload, then the replica's normalisation affine parameters go down."""
 
-    def __init__(self, replica: nn.Module, lr: float, momentum: float, nesterov: bool = False):
+    def __init__(self, replica: nn.Module, lr: float, momentum: float, nesterov: bool = False,
+                 exclude: tuple[str, ...] = ()):
         self.model = use_batch_statistics(replica)
-        self.params = train_norm_affine_only(self.model)
+        self.params = train_norm_affine_only(self.model, exclude)
+        if not self.params:
+            raise UserError(f"the edge model has no trainable normalisation parameters left (excluded module-name "
+                            f"patterns: {', '.join(exclude) or 'none'}); adapt another layer set or another model")
         self.optimizer = sgd(self.params, lr, momentum, nesterov)
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:

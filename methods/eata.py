@@ -7,12 +7,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, Method
 from cemabench_methods.common import (BatchStatisticsEdge, RedundancyFilter, ReplicaCloud, entropy, entropy_threshold,
                                       entropy_weights)
 
 
-class _EATAEdge(BatchStatisticsEdge, EdgeLogic):
+class _EATAEdge(BatchStatisticsEdge):
     def __init__(self, margin: float, redundancy_margin: float | None):
         self.margin = margin
         self.redundancy = RedundancyFilter(redundancy_margin)
@@ -22,7 +22,7 @@ class _EATAEdge(BatchStatisticsEdge, EdgeLogic):
         return reliable[self.redundancy(logits[reliable])]
 
 
-class _EATACloud(ReplicaCloud, CloudLogic):
+class _EATACloud(ReplicaCloud):
     def __init__(self, replica, options, margin: float, clean_images):
         super().__init__(replica, options.lr, options.momentum, options.nesterov)
         self.margin = margin

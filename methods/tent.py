@@ -3,15 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, Method
 from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy
 
 
-class _TentEdge(BatchStatisticsEdge, EdgeLogic):
-    pass
-
-
-class _TentCloud(ReplicaCloud, CloudLogic):
+class _TentCloud(ReplicaCloud):
     def loss(self, logits):
         return entropy(logits).mean()
 
@@ -35,7 +31,7 @@ class Tent(Method):
         nesterov: bool = False
 
     def edge(self, num_classes):
-        return _TentEdge()
+        return BatchStatisticsEdge()
 
     def cloud(self, resources):
         o = self.options

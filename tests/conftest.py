@@ -1,9 +1,12 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from cemabench.data import ArrayDomain, DatasetSource
+from cemabench.method import CloudResources
 from cemabench.protocol import Models
 
 
@@ -42,3 +45,26 @@ def tiny():
     torch.manual_seed(0)
     edge, foundation = TinyNet().eval(), TinyNet().eval()
     return tiny_dataset(), Models.copies_of(edge, foundation)
+
+
+@pytest.fixture
+def float64():
+    """Method conformance tests run in float64, so that hand-derived values match tightly."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def cloud_resources(counter=None, classes=4) -> CloudResources:
+    """Cloud resources over TinyNet edge and foundation models, with fixed clean images."""
+    torch.manual_seed(1)
+    edge, foundation = TinyNet(classes), TinyNet(classes)
+    clean = torch.rand(40, 3, 6, 6)
+
+    def fresh(model):
+        clone = copy.deepcopy(model)
+        return counter.attach(clone) if counter else clone
+
+    return CloudResources(num_classes=classes, edge_replica=lambda: fresh(edge), foundation=lambda: fresh(foundation),
+                          clean_images=lambda n: clean[:n])

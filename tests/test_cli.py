@@ -27,7 +27,7 @@ def test_list_other_registries(capsys, what, expected):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, eata"),
+    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, cloud-only, cotta"),
     (["run", "--method", "tent", "--option", "lr2=0.1"], "method 'tent' has no option 'lr2'; valid options: lr"),
     (["run", "--method", "tent", "--option", "lr=fast"], "option 'lr' must be float, got 'fast'"),
     (["run", "--method", "tent", "--option", "lr"], "--option takes KEY=VALUE"),
@@ -47,6 +47,11 @@ def test_user_errors_are_one_clear_line_and_exit_2(capsys, argv, message):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_a_data_root_for_a_dataset_nobody_provides_is_named(capsys, tmp_path):
+    code, _, err = run(capsys, "reproduce", "table2", "--data-root", str(tmp_path))
+    assert code == 2 and "'imagenet-c'" in err and "leave out --data-root" in err
 
 
 def test_malformed_spec_names_the_key(capsys, tmp_path):

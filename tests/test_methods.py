@@ -1,5 +1,4 @@
 """Method mechanics checked against values derived by hand from the published algorithms (float64)."""
-import copy
 import math
 from types import SimpleNamespace
 
@@ -16,28 +15,10 @@ from cemabench_methods.common import BatchRenorm2d, RedundancyFilter, entropy, u
 from cemabench_methods.eata import EATA, ETA
 from cemabench_methods.source import BNAdapt
 from cemabench_methods.tent import Tent
-from conftest import TinyNet
+from conftest import TinyNet, cloud_resources
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def _resources(counter=None, classes=4):
-    torch.manual_seed(1)
-    edge, foundation = TinyNet(classes).double(), TinyNet(classes).double()
-
-    def fresh(model):
-        clone = copy.deepcopy(model)
-        return counter.attach(clone) if counter else clone
-
-    clean = torch.rand(40, 3, 6, 6)
-    return CloudResources(num_classes=classes, edge_replica=lambda: fresh(edge), foundation=lambda: fresh(foundation),
-                          clean_images=lambda n: clean[:n])
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_entropy_is_shannon_in_nats():
@@ -158,7 +139,7 @@ class TestCEMACloud:
 
     def test_cloud_batches_replay_and_idle_steps(self):
         counter = SampleCounter()
-        cloud = CEMA().cloud(_resources(counter))
+        cloud = CEMA().cloud(cloud_resources(counter))
         assert cloud.step(self._upload(20)) is None  # fewer than 32 pending, nothing to replay
         assert counter.with_grad == counter.without_grad == 0
         down = cloud.step(self._upload(20))  # one cloud batch of 32; replay holds 40 < 256: no replay
@@ -171,7 +152,7 @@ class TestCEMACloud:
         assert counter.with_grad == 64 + 8 * 160 + 128 and counter.without_grad == 32 + 8 * 128 + 128
 
     def test_replay_buffer_is_fifo_and_bounded(self):
-        cloud = CEMA(replay_size=50).cloud(_resources())
+        cloud = CEMA(replay_size=50).cloud(cloud_resources())
         uploads = [self._upload(40) for _ in range(3)]
         for u in uploads:
             cloud.step(u)
@@ -179,7 +160,7 @@ class TestCEMACloud:
         assert torch.equal(cloud.replay[0], uploads[1].samples[30])
 
     def test_foundation_step_is_one_sgd_step_on_weighted_entropy(self):
-        resources = _resources()
+        resources = cloud_resources()
         cloud = CEMA(cloud_batch=8).cloud(resources)
         foundation = use_batch_renorm(resources.foundation()).train()
         x = torch.rand(8, 3, 6, 6)
@@ -198,14 +179,14 @@ class TestCEMACloud:
             first = edge_logic.step(model, torch.rand(16, 3, 6, 6))
             second = edge_logic.step(model, torch.rand(16, 3, 6, 6))
         assert set(first.tensors) == {"bn.running_mean", "bn.running_var", "bn.initialized"} and not second.tensors
-        cloud = CEMA().cloud(_resources())
+        cloud = CEMA().cloud(cloud_resources())
         cloud.step(Upload(torch.rand(0, 3, 6, 6), {k: v.double() if v.is_floating_point() else v
                                                     for k, v in first.tensors.items()}, 0))
         assert torch.allclose(cloud.replica.bn.running_mean, first.tensors["bn.running_mean"].double())
 
 
 def test_tent_cloud_step_and_download():
-    resources = _resources()
+    resources = cloud_resources()
     cloud = Tent().cloud(resources)
     reference = resources.edge_replica().train()
     for m in reference.modules():
@@ -220,7 +201,7 @@ def test_tent_cloud_step_and_download():
 
 
 def test_eata_fisher_and_regulariser():
-    resources = _resources()
+    resources = cloud_resources()
     cloud = EATA(fisher_size=40, fisher_batch=16).cloud(resources)
     reference = cloud.model
     images = resources.clean_images(40)
@@ -243,7 +224,7 @@ def test_eata_fisher_and_regulariser():
     ent = entropy(logits)
     base = (ent * torch.exp(0.4 * math.log(4) - ent)).mean()
     assert torch.allclose(cloud.loss(logits), base + 2000 * (got["bn.weight"] * 0.01).sum())
-    assert ETA().cloud(_resources()).fisher is None
+    assert ETA().cloud(cloud_resources()).fisher is None
 
 
 def test_bn_adapt_mixes_source_and_batch_statistics():

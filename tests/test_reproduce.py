@@ -72,6 +72,11 @@ def test_same_seed_gives_identical_numbers(first_run, tmp_path):
     assert _numbers(again) == _numbers(doc)
 
 
+def test_parallel_jobs_give_the_same_numbers(first_run, tmp_path):
+    spec, _, doc = first_run
+    assert _numbers(runner.reproduce(spec, None, tmp_path / "jobs", jobs=2, progress=False)) == _numbers(doc)
+
+
 def test_random_upload_matches_the_reference_upload_count(first_run):
     _, _, doc = first_run
     by = {(c["method"], c["domain"]): c["link"]["uploaded"] for c in doc["cells"]}

@@ -1,4 +1,5 @@
-"""The miniature's edge and foundation networks: small ResNets with BatchNorm on 32-pixel RGB images."""
+"""The miniature's edge and foundation networks: small ResNets with BatchNorm on 32-pixel RGB images, their stages
+named layer1..layer3 as in torchvision's ResNets."""
 from __future__ import annotations
 
 import torch
@@ -41,17 +42,20 @@ class MiniResNet(nn.Module):
         super().__init__()
         self.normalize = Normalize(MEAN, STD)
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        layers, cin = [], widths[0]
+        self.stages, cin = len(widths), widths[0]
         for stage, (width, count) in enumerate(zip(widths, blocks)):
+            layer = []
             for i in range(count):
-                layers.append(BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
+                layer.append(BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
                 cin = width
-        self.layers = nn.Sequential(*layers)
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layer))
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        features = self.layers(self.stem(self.normalize(x)))
-        return self.fc(features.mean(dim=(2, 3)))
+        x = self.stem(self.normalize(x))
+        for stage in range(self.stages):
+            x = getattr(self, f"layer{stage + 1}")(x)
+        return self.fc(x.mean(dim=(2, 3)))
 
 
 ARCHITECTURES = {

@@ -1,0 +1,39 @@
+"""Collaborative inference: the edge offloads inputs and the cloud's foundation model answers for them."""
+from __future__ import annotations
+
+import torch
+
+from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
+
+
+class _OffloadAllEdge(EdgeLogic):
+    def step(self, model, x):
+        placeholder = torch.zeros(len(x), self.num_classes, device=x.device)
+        return EdgeDecision(logits=placeholder, upload=torch.arange(len(x)), await_answers=True)
+
+
+class _AnswerCloud(CloudLogic):
+    def __init__(self, foundation):
+        self.foundation = foundation.eval()
+
+    @torch.no_grad()
+    def step(self, upload):
+        return CloudReply(answers=self.foundation(upload.samples))
+
+
+class CloudOnly(Method):
+    """Every sample goes up and the unadapted foundation model (eval mode, source statistics) answers: the accuracy
+    of the foundation model on the stream, at 100% upload. The edge model never runs."""
+
+    name = "cloud-only"
+    paper = "-"
+    mapping = CloudEdgeMapping(selection="none", uploads="every sample (offloaded)",
+                               cloud="answers with the foundation model", download="logits")
+
+    def edge(self, num_classes):
+        edge = _OffloadAllEdge()
+        edge.num_classes = num_classes
+        return edge
+
+    def cloud(self, resources):
+        return _AnswerCloud(resources.foundation())
