@@ -55,17 +55,16 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def cmd_run(args) -> int:
-    import torch
-
     from cemabench.leaderboard import metric_frame
-    from cemabench.protocol import Models, Protocol, RESETS, run_unit
+    from cemabench.protocol import RESETS, Execution, Models, Protocol, run_unit
     from cemabench.runner import versions
 
     if args.reset not in RESETS:
         raise UserError(f"--reset must be one of {', '.join(RESETS)}")
     method = registry.build_method(args.method, dict(_parse_option(o) for o in args.option))
     factory = registry.load("datasets", args.dataset)
-    kwargs = {"data_root": args.data_root, "severity": args.severity}
+    kwargs = {"data_root": args.data_root, "severity": args.severity,
+              **dict(_parse_option(o) for o in args.dataset_option)}
     if args.domains:
         kwargs["domains"] = args.domains
     dataset = factory(**kwargs)
@@ -75,9 +74,10 @@ def cmd_run(args) -> int:
                        upload_budget=args.upload_budget)
     groups = [[d] for d in dataset.domains] if args.reset == "per_domain" else [dataset.domains]
     results = []
+    execution = Execution(args.device, args.channels_last, args.amp)
     for group in groups:
         results += run_unit(method, group, models, dataset.num_classes, dataset.clean, protocol, args.seed,
-                            torch.device(args.device))
+                            execution, dataset.scored_classes)
     doc = {"provenance": {"domains": [d.name for d in dataset.domains]}, "methods": [{"label": args.method}],
            "cells": [{"method": args.method, "seed": args.seed, **r.to_dict()} for r in results]}
     if dataset.is_miniature:
@@ -95,6 +95,7 @@ def cmd_run(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from cemabench.leaderboard import render
+    from cemabench.protocol import Execution
     from cemabench.runner import reproduce
     from cemabench.spec import load_table
 
@@ -104,8 +105,10 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out)
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     try:
-        doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs, args.device,
-                        progress=not args.no_progress)
+        doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
+                        Execution(args.device, args.channels_last, args.amp), progress=not args.no_progress,
+                        models={"edge": args.edge, "foundation": args.foundation},
+                        dataset_options=dict(_parse_option(o) for o in args.dataset_option))
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
               file=sys.stderr)
@@ -136,6 +139,14 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _execution_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, e.g. subset=robustbench-5000, scoring=argmax-1000, workers=8 (repeatable)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for models and inputs")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (off by default: fidelity first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cemabench", description="Benchmark harness for cloud-edge model adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset", default="per_domain")
     p.add_argument("--delay", type=int, default=0, help="download delivery delay in batches")
     p.add_argument("--upload-budget", type=int, help="most samples uploaded per run unit")
-    p.add_argument("--device", default="cpu")
+    _execution_arguments(p)
     p.add_argument("--out", help="write the cells as JSON here")
     p.set_defaults(func=cmd_run)
 
@@ -168,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
     p.add_argument("--jobs", type=int, default=1, help="run units in this many processes")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--edge", help="edge model instead of the spec's, e.g. tiny:edge or torchvision:resnet18")
+    p.add_argument("--foundation", help="foundation model instead of the spec's")
+    _execution_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

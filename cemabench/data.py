@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ class DomainData(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 @dataclass
@@ -38,6 +41,10 @@ class ArrayDomain:
         images = torch.from_numpy(self.images[indices]).permute(0, 3, 1, 2).float().div_(255)
         return images.contiguous(), torch.from_numpy(self.labels[indices]).long()
 
+    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False):
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start:start + batch_size])
+
 
 @dataclass
 class DatasetSource:
@@ -46,8 +53,9 @@ class DatasetSource:
     name: str
     num_classes: int
     domains: list[DomainData]
-    clean: DomainData
+    clean: DomainData | None  # None when the dataset has no clean in-distribution images on disk
     is_miniature: bool
+    scored_classes: torch.Tensor | None = None  # score the argmax over these classes only (e.g. ImageNet-R's 200)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 

@@ -60,6 +60,44 @@ def cost_frame(doc: dict) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def _reference_sections(doc: dict) -> list[str]:
+    """Our numbers beside the published ones the spec records; nothing to compare on the miniature."""
+    reference = doc.get("reference", {})
+    if doc["provenance"]["miniature"] or not reference:
+        return []
+    lines = []
+    published = {(r["method"], r["domain"]): r for r in reference.get("published_uploads", [])}
+    rows = []
+    for cell in doc["cells"]:
+        r = published.get((cell["method"], cell["domain"]))
+        if r is None or cell["status"] != "ok" or not cell["seen"]:
+            continue
+        mine, theirs = 100 * cell["link"]["uploaded"] / cell["seen"], 100 * r["uploaded"] / r["total"]
+        rows.append({"method": r["method"], "corruption": r["domain"], "seed": cell["seed"], "uploaded (ours)": cell["link"]["uploaded"],
+                     "seen (ours)": cell["seen"], "ratio % (ours)": f"{mine:.1f}",
+                     "uploaded (published)": r["uploaded"], "of (published)": r["total"],
+                     "ratio % (published)": f"{theirs:.1f}", "difference (pp)": f"{mine - theirs:+.1f}"})
+    if rows:
+        lines += ["## Uploads against the authors' published counts", "",
+                  f"Published counts: {reference.get('uploads_source', reference.get('uploads'))}.", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    accuracy = reference.get("accuracy", [])
+    lines += ["## Published accuracies", ""]
+    if accuracy:
+        lines += [pd.DataFrame(accuracy).to_markdown(index=False), ""]
+    else:
+        lines += ["None recorded yet: add `[[reference.accuracy]]` entries (method, domain, accuracy, source) to "
+                  "the spec when a source is at hand.", ""]
+    return lines
+
+
+def _compact(value) -> str:
+    """Per-domain counts collapse to a range when they differ, to one number when they agree."""
+    if isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values()):
+        low, high = min(value.values()), max(value.values())
+        return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+    return str(value)
+
+
 def _options(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
 
@@ -71,7 +109,8 @@ def render(doc: dict) -> str:
     if p["miniature"]:
         lines += [MINIATURE_BANNER.format(dataset=doc["real_dataset"].upper()), ""]
     lines += [
-        f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else ""),
+        f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
+        + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
         f"- **Severity**: {p['severity']}; **domains in order**: {', '.join(p['domains'])}",
         f"- **Protocol**: reset `{proto['reset']}`, edge batch {proto['batch_size']}, delivery delay "
         f"{proto['delivery_delay']}, upload budget {proto['upload_budget'] or 'none'}",
@@ -81,7 +120,9 @@ def render(doc: dict) -> str:
     lines += [f"- **{k.replace('_', ' ').capitalize()}**: {v}" for k, v in p["recorded"].items()]
     v = p["versions"]
     lines += [f"- **Versions**: cemabench {v['cemabench']}, torch {v['torch']}, numpy {v['numpy']}, "
-              f"python {v['python']}; device {p['device']}"]
+              f"python {v['python']}; device {p['device']}"
+              + (", channels-last" if p["execution"]["channels_last"] else "")
+              + (", bf16 autocast" if p["execution"]["amp"] else ", fp32 (no autocast)")]
     if doc.get("source"):
         lines += [f"- **Source**: {doc['source']}"]
     lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",
@@ -93,6 +134,7 @@ def render(doc: dict) -> str:
                                                                   if m["match_uploads_of"] else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]
+    lines += _reference_sections(doc)
     noted = [c for c in doc["cells"] if c["status"] == "ok" and c["note"]]
     if noted:
         lines += ["## Notes", ""]

@@ -6,6 +6,7 @@ batch t + 1 + delivery_delay. This module is the only place those rules live.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import random
@@ -254,25 +255,42 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process high-water mark on Linux
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a unit runs, as opposed to what it computes: device, memory format, and opt-in bf16 autocast."""
+
+    device: str = "cpu"
+    channels_last: bool = False
+    amp: bool = False
+
+
 def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_classes: int,
-             clean: DomainData, protocol: Protocol, seed: int, device: torch.device = torch.device("cpu"),
-             on_batch: Callable[[], None] | None = None) -> list[DomainResult]:
-    """Run one method over ``domains`` with no reset in between; a failure ends the unit, not the caller."""
+             clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
+             scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
+    """Run one method over ``domains`` with no reset in between; a failure ends the unit, not the caller.
+
+    With ``scored_classes``, the scored prediction is the argmax over those classes only; methods still see all."""
+    device = torch.device(execution.device)
+    memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
     seed_everything(derive_seed(seed, method.name, *(d.name for d in domains)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cloud_passes = SampleCounter()
     results = [DomainResult(d.name) for d in domains]
     try:
-        edge = ForwardOnlyEdge(models.edge().to(device), method.edge(num_classes))
+        edge = ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
 
         def clean_images(n: int) -> torch.Tensor:
-            return clean.batch(np.arange(min(n, len(clean))))[0].to(device)
+            if clean is None:
+                raise LookupError("this method needs clean in-distribution images, and the dataset has none "
+                                  "(for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
+            return clean.batch(np.arange(min(n, len(clean))))[0].to(device, memory_format=memory_format)
 
         resources = CloudResources(
             num_classes=num_classes,
-            edge_replica=lambda: cloud_passes.attach(models.edge().to(device)),
-            foundation=lambda: cloud_passes.attach(models.foundation().to(device)),
+            edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
+            foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
             clean_images=clean_images, device=device)
         cloud: CloudLogic | None = method.cloud(resources)
     except UserError:
@@ -289,17 +307,18 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
         edge_before = edge.forwards.with_grad + edge.forwards.without_grad
         cloud_before = (cloud_passes.with_grad, cloud_passes.without_grad)
         try:
-            for start in range(0, len(order), protocol.batch_size):
-                x, y = domain.batch(order[start:start + protocol.batch_size])
-                x = x.to(device, non_blocking=True)
+            for x, y in domain.batches(order, protocol.batch_size, pin_memory=device.type == "cuda"):
+                x = x.to(device, non_blocking=True, memory_format=memory_format)
                 for download in link.arrived(batch_index):
                     edge.receive(download)
-                decision, seconds = _timed(device, edge.step, x, num_classes)
+                with autocast():
+                    decision, seconds = _timed(device, edge.step, x, num_classes)
                 result.edge_seconds += seconds
-                prediction = decision.logits
+                prediction = decision.logits.float()
                 upload = link.send_up(x, decision, domain.sample_nbytes, batch_index)
                 if cloud is not None:
-                    reply, seconds = _timed(device, cloud.step, upload)
+                    with autocast():
+                        reply, seconds = _timed(device, cloud.step, upload)
                     result.cloud_seconds += seconds
                     if not isinstance(reply, CloudReply):
                         reply = CloudReply(download=reply)
@@ -312,10 +331,8 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
                 if not torch.isfinite(prediction).all():
                     raise Diverged(f"non-finite logits at batch {batch_index} of the run unit")
                 result.seen += len(y)
-                result.correct += int((prediction.argmax(1).cpu() == y).sum())
+                result.correct += int((_predicted(prediction, scored_classes).cpu() == y).sum())
                 batch_index += 1
-                if on_batch:
-                    on_batch()
         except Diverged as error:
             result.status, result.message = "diverged", str(error)
         except Exception as error:
@@ -335,6 +352,13 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
             _skip_rest(results, position + 1)
             break
     return results
+
+
+def _predicted(logits: torch.Tensor, scored_classes: torch.Tensor | None) -> torch.Tensor:
+    if scored_classes is None:
+        return logits.argmax(1)
+    scored = scored_classes.to(logits.device)
+    return scored[logits[:, scored].argmax(1)]
 
 
 def _answered(logits: torch.Tensor, upload: Upload, answers: torch.Tensor | None, link: Link) -> torch.Tensor:

@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 import cemabench
 from cemabench import registry
 from cemabench.errors import UserError
-from cemabench.protocol import Models, run_unit
-from cemabench.spec import DataChoice, MethodEntry, TableSpec
+from cemabench.protocol import Execution, Models, run_unit
+from cemabench.spec import DataChoice, MethodEntry, TableSpec, published_uploads
 
 SCHEMA = 2
 
@@ -75,9 +75,14 @@ class Unit:
 class TableContext:
     """Everything a unit needs, built lazily once per process: dataset, model prototypes, provenance."""
 
-    def __init__(self, spec: TableSpec, data_root: str | None, device: str = "cpu"):
-        self.spec, self.data_root, self.device = spec, data_root, torch.device(device)
-        self.choice: DataChoice = spec.real if data_root else spec.miniature
+    def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
+                 models: dict[str, str] | None = None, dataset_options: dict | None = None):
+        self.spec, self.data_root, self.execution = spec, data_root, execution
+        choice = spec.real if data_root else spec.miniature
+        if choice is None:
+            raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
+        overrides = {k: v for k, v in (models or {}).items() if v}
+        self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
 
     @cached_property
     def dataset(self):
@@ -87,7 +92,8 @@ class TableContext:
                             f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
                             f"--data-root to run the embedded miniature")
         factory = registry.load("datasets", self.choice.dataset)
-        return factory(data_root=self.data_root, severity=self.spec.severity, domains=self.spec.domains)
+        return factory(data_root=self.data_root, severity=self.spec.severity, domains=self.spec.domains,
+                       **self.choice.options)
 
     @cached_property
     def prototypes(self) -> dict[str, torch.nn.Module]:
@@ -109,6 +115,8 @@ class TableContext:
             "protocol": asdict(spec.protocol),
             "severity": spec.severity,
             "domains": list(spec.domains),
+            "dataset_options": self.choice.options,
+            "execution": asdict(self.execution),
             "recorded": {**spec.recorded, **self.choice.recorded},
             "versions": versions(),
         }
@@ -116,15 +124,16 @@ class TableContext:
     def unit_key(self, unit: Unit) -> str:
         p = self.provenance
         config = {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
-                  "cemabench": cemabench.__version__, "torch": torch.__version__, "device": self.device.type,
-                  "schema": SCHEMA}
+                  "dataset_options": p["dataset_options"], "cemabench": cemabench.__version__,
+                  "torch": torch.__version__, "device": torch.device(self.execution.device).type,
+                  "channels_last": self.execution.channels_last, "amp": self.execution.amp, "schema": SCHEMA}
         return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def run(self, unit: Unit) -> dict:
         method = registry.build_method(unit.method, dict(unit.options))
         domains = [d for d in self.dataset.domains if d.name in unit.domains]
         results = run_unit(method, domains, self.models, self.dataset.num_classes, self.dataset.clean,
-                           self.spec.protocol, unit.seed, self.device)
+                           self.spec.protocol, unit.seed, self.execution, self.dataset.scored_classes)
         return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
 
 
@@ -161,10 +170,10 @@ def _upload_ratio(record: dict) -> float:
 _worker_context: TableContext | None = None
 
 
-def _init_worker(spec: TableSpec, data_root: str | None, device: str, threads: int) -> None:
+def _init_worker(threads: int, *context_args) -> None:
     global _worker_context
     torch.set_num_threads(threads)
-    _worker_context = TableContext(spec, data_root, device)
+    _worker_context = TableContext(*context_args)
 
 
 def _run_in_worker(unit: Unit) -> dict:
@@ -172,12 +181,15 @@ def _run_in_worker(unit: Unit) -> dict:
 
 
 def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None,
-              jobs: int = 1, device: str = "cpu", progress: bool = True) -> dict:
-    """Run (or resume) every unit of a table and return the table's JSON document."""
+              jobs: int = 1, execution: Execution = Execution(), progress: bool = True,
+              models: dict[str, str] | None = None, dataset_options: dict | None = None) -> dict:
+    """Run (or resume) every unit of a table and return the table's JSON document. ``models`` (edge, foundation)
+    and ``dataset_options`` override the spec's choices."""
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root} is not a directory; point it at the folder that holds "
                         f"the dataset, or leave it out to run the embedded miniature")
-    context = TableContext(spec, data_root, device)
+    context_args = (spec, data_root, execution, models, dataset_options)
+    context = TableContext(*context_args)
     seeds = tuple(seeds or spec.seeds)
     store = ResultStore(Path(out) / "cells" / spec.name)
     for entry in spec.methods:
@@ -197,8 +209,7 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
                 todo.append(unit)
         if jobs > 1 and len(todo) > 1:
             threads = max(1, torch.get_num_threads() // jobs)
-            with ProcessPoolExecutor(jobs, initializer=_init_worker,
-                                     initargs=(spec, data_root, device, threads)) as pool:
+            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(threads, *context_args)) as pool:
                 for unit, record in zip(todo, pool.map(_run_in_worker, todo)):
                     _finish(unit, record, bar)
         else:
@@ -235,6 +246,7 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
                         "options": _options(entry, context.choice), "match_uploads_of": entry.match_uploads_of})
     return {"schema": SCHEMA, "table": spec.name, "title": spec.title, "source": spec.source,
             "real_dataset": spec.real.dataset, "seeds": list(seeds),
-            "provenance": {**context.provenance, "device": str(context.device)},
+            "provenance": {**context.provenance, "device": context.execution.device},
+            "reference": {**spec.reference, "published_uploads": published_uploads(spec)},
             "check": {"tolerance": spec.tolerance, "metrics": list(spec.check_metrics)},
             "methods": methods, "cells": cells}

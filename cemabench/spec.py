@@ -1,8 +1,10 @@
 """Table specs: one TOML file per table (data, not code), validated into a :class:`TableSpec`."""
 from __future__ import annotations
 
+import csv
+import io
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +29,7 @@ class DataChoice:
     dataset: str
     edge: str
     foundation: str
+    options: dict = field(default_factory=dict)  # keyword options of the dataset factory (subset, scoring, ...)
     recorded: dict = field(default_factory=dict)  # protocol facts shown in the header (subset, preprocessing, ...)
     method_options: dict = field(default_factory=dict)  # per-label option overrides that apply to this choice only
 
@@ -42,10 +45,12 @@ class TableSpec:
     domains: tuple[str, ...]
     recorded: dict
     real: DataChoice
-    miniature: DataChoice
+    miniature: DataChoice | None
     methods: tuple[MethodEntry, ...]
     tolerance: float
     check_metrics: tuple[str, ...]
+    reference: dict = field(default_factory=dict)  # published numbers: uploads CSV and accuracies, with sources
+    origin: object = None  # the folder (a path or package resource) that files named in the spec are relative to
 
 
 def available_tables() -> list[str]:
@@ -58,18 +63,29 @@ def load_table(name_or_path: str) -> TableSpec:
     if path.suffix == ".toml":
         if not path.is_file():
             raise UserError(f"table spec file {path} does not exist")
-        text = path.read_text()
+        text, origin = path.read_text(), path.parent
     else:
         resource = resources.files(SPEC_PACKAGE) / f"{name_or_path}.toml"
         if not resource.is_file():
             raise UserError(f"unknown table {name_or_path!r}; available: {', '.join(available_tables())} "
                             f"(or pass the path of a .toml spec)")
-        text = resource.read_text()
+        text, origin = resource.read_text(), resources.files(SPEC_PACKAGE)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"table spec {name_or_path} is not valid TOML: {error}") from error
-    return parse(raw, str(name_or_path))
+    return replace(parse(raw, str(name_or_path)), origin=origin)
+
+
+def published_uploads(spec: TableSpec) -> list[dict]:
+    """The reference upload counts at the table's severity, from the CSV the spec names (method, severity,
+    corruption, uploaded, total)."""
+    name = spec.reference.get("uploads")
+    if not name:
+        return []
+    rows = csv.DictReader(io.StringIO((spec.origin / name).read_text()))
+    return [{"method": r["method"], "domain": r["corruption"], "uploaded": int(r["uploaded"]), "total": int(r["total"])}
+            for r in rows if int(r["severity"]) == spec.severity and r["corruption"] in spec.domains]
 
 
 def _take(table: dict, key: str, kind, where: str, default=...):
@@ -90,15 +106,16 @@ def _no_extra(table: dict, allowed: set[str], where: str) -> None:
 
 
 def _choice(table: dict, where: str) -> DataChoice:
-    _no_extra(table, {"dataset", "edge", "foundation", "method_options", "recorded"}, where)
+    _no_extra(table, {"dataset", "edge", "foundation", "options", "method_options", "recorded"}, where)
     return DataChoice(dataset=_take(table, "dataset", str, where), edge=_take(table, "edge", str, where),
                       foundation=_take(table, "foundation", str, where),
+                      options=_take(table, "options", dict, where, {}),
                       recorded=_take(table, "recorded", dict, where, {}),
                       method_options=_take(table, "method_options", dict, where, {}))
 
 
 def parse(raw: dict, where: str) -> TableSpec:
-    _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check"}, where)
+    _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference"}, where)
     proto = _take(raw, "protocol", dict, where)
     _no_extra(proto, {"batch_size", "reset", "delivery_delay", "upload_budget"}, f"{where} [protocol]")
     protocol = Protocol(batch_size=_take(proto, "batch_size", int, f"{where} [protocol]"),
@@ -134,8 +151,13 @@ def parse(raw: dict, where: str) -> TableSpec:
     check = _take(raw, "check", dict, where, {})
     _no_extra(check, {"tolerance", "metrics"}, f"{where} [check]")
     real = _choice(_take(data, "real", dict, f"{where} [data]"), f"{where} [data.real]")
-    miniature = _choice(_take(data, "miniature", dict, f"{where} [data]"), f"{where} [data.miniature]")
+    mini = _take(data, "miniature", dict, f"{where} [data]", None)
+    miniature = None if mini is None else _choice(mini, f"{where} [data.miniature]")
+    reference = _take(raw, "reference", dict, where, {})
+    _no_extra(reference, {"uploads", "uploads_source", "accuracy"}, f"{where} [reference]")
     for choice, section in ((real, "real"), (miniature, "miniature")):
+        if choice is None:
+            continue
         unknown = sorted(set(choice.method_options) - labels)
         if unknown:
             raise UserError(f"{where} [data.{section}.method_options]: no method labelled {', '.join(unknown)}")
@@ -145,4 +167,5 @@ def parse(raw: dict, where: str) -> TableSpec:
         seeds=tuple(_take(raw, "seeds", list, where, [0])), severity=severity, domains=domains,
         recorded=_take(data, "recorded", dict, f"{where} [data]", {}), real=real, miniature=miniature,
         methods=tuple(methods), tolerance=float(_take(check, "tolerance", (int, float), f"{where} [check]", 0.5)),
-        check_metrics=tuple(_take(check, "metrics", list, f"{where} [check]", ["accuracy", "upload_ratio"])))
+        check_metrics=tuple(_take(check, "metrics", list, f"{where} [check]", ["accuracy", "upload_ratio"])),
+        reference=reference)

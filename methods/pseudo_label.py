@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from cemabench.method import CloudEdgeMapping, Method
-from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud
+from cemabench.method import CloudEdgeMapping
+from cemabench_methods.common import ReplicaCloud
+from cemabench_methods.tent import Tent
 
 
 class _PLCloud(ReplicaCloud):
@@ -14,7 +15,7 @@ class _PLCloud(ReplicaCloud):
         return F.cross_entropy(logits, logits.argmax(1).detach())
 
 
-class PseudoLabel(Method):
+class PseudoLabel(Tent):
     """Cross-entropy against the argmax of the model's own prediction; BatchNorm affine parameters, batch
     statistics, SGD lr 0.001, momentum 0.9; every sample goes up."""
 
@@ -22,16 +23,8 @@ class PseudoLabel(Method):
     paper = "Lee, ICML Workshops 2013"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample", cloud="adapts a replica of the edge",
                                download="norm affine parameters")
+    cloud_logic = _PLCloud
 
     @dataclass
-    class Options:
+    class Options(Tent.Options):
         lr: float = 0.001
-        momentum: float = 0.9
-        nesterov: bool = False
-
-    def edge(self, num_classes):
-        return BatchStatisticsEdge()
-
-    def cloud(self, resources):
-        o = self.options
-        return _PLCloud(resources.edge_replica(), o.lr, o.momentum, o.nesterov)

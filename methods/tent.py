@@ -24,6 +24,8 @@ class Tent(Method):
     mapping = CloudEdgeMapping(selection="none", uploads="every sample", cloud="adapts a replica of the edge",
                                download="norm affine parameters")
 
+    cloud_logic = _TentCloud
+
     @dataclass
     class Options:
         lr: float = 0.00025
@@ -35,4 +37,4 @@ class Tent(Method):
 
     def cloud(self, resources):
         o = self.options
-        return _TentCloud(resources.edge_replica(), o.lr, o.momentum, o.nesterov)
+        return self.cloud_logic(resources.edge_replica(), o.lr, o.momentum, o.nesterov)

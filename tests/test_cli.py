@@ -37,9 +37,10 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--edge", "hub:resnet50"], "unknown model 'hub'"),
     (["run", "--method", "tent", "--reset", "never"], "--reset must be one of per_domain, continual"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
-    (["reproduce", "table9"], "unknown table 'table9'; available: table2"),
+    (["reproduce", "table9"], "unknown table 'table9'; available: imagenet-c-s3, imagenet-r, table2"),
     (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"], "--data-root /nonexistent/imagenet is not a directory"),
     (["reproduce", "missing.toml"], "table spec file missing.toml does not exist"),
+    (["reproduce", "imagenet-r"], "table imagenet-r has no embedded-miniature version; pass --data-root"),
     (["check", "nope.json", "--against", "nope2.json"], "nope.json does not exist"),
 ])
 def test_user_errors_are_one_clear_line_and_exit_2(capsys, argv, message):
@@ -49,9 +50,9 @@ def test_user_errors_are_one_clear_line_and_exit_2(capsys, argv, message):
     assert err.count("\n") == 1
 
 
-def test_a_data_root_for_a_dataset_nobody_provides_is_named(capsys, tmp_path):
+def test_a_data_root_without_the_dataset_names_the_expected_layout(capsys, tmp_path):
     code, _, err = run(capsys, "reproduce", "table2", "--data-root", str(tmp_path))
-    assert code == 2 and "'imagenet-c'" in err and "leave out --data-root" in err
+    assert code == 2 and "does not exist; expected ROOT/imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG" in err
 
 
 def test_malformed_spec_names_the_key(capsys, tmp_path):

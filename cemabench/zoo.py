@@ -1,0 +1,117 @@
+"""Pretrained models by name, each wrapped to take images in [0, 1] and normalise them itself.
+
+    torchvision:<arch>[@WEIGHTS]   WEIGHTS: a torchvision weights name (default IMAGENET1K_V1, the weights CEMA's
+                                   released code loads), ``none`` for random initialisation, or a checkpoint path
+    timm:<arch>[@WEIGHTS]          WEIGHTS: ``pretrained`` (default), ``none``, or a checkpoint path
+    tiny:<edge|foundation>         the miniature architectures with 1000 random-weight outputs, for smoke runs
+
+Nothing is downloaded when ``CEMABENCH_OFFLINE=1``: a missing file is an error that says where to put it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cemabench.errors import UserError
+from cemabench.miniature.nets import ARCHITECTURES, MiniResNet, Normalize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalized(nn.Module):
+    """A network behind its input normalisation; state-dict names get the prefix ``net.``."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
+
+
+def _offline() -> bool:
+    return os.environ.get("CEMABENCH_OFFLINE") == "1"
+
+
+def _is_path(weights: str) -> bool:
+    return "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _load_checkpoint(net: nn.Module, path: str, spec: str) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} for {spec} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} does not fit {spec}: {str(error).splitlines()[0]}") from error
+
+
+def torchvision_model(name: str) -> nn.Module:
+    """A torchvision classifier: ARCH[@IMAGENET1K_V1 (default) | other weights name | none | checkpoint path]."""
+    from torchvision import models
+
+    arch, _, weights = name.partition("@")
+    weights = weights or "IMAGENET1K_V1"
+    spec = f"torchvision:{name}"
+    if arch not in models.list_models():
+        raise UserError(f"torchvision has no model {arch!r} (see torchvision.models.list_models())")
+    if weights == "none" or _is_path(weights):
+        net = models.get_model(arch, weights=None)
+        if weights != "none":
+            _load_checkpoint(net, weights, spec)
+        return Normalized(net, IMAGENET_MEAN, IMAGENET_STD).eval()
+    enum = models.get_model_weights(arch)
+    if weights not in enum.__members__:
+        raise UserError(f"{arch} has no weights {weights!r}; valid: {', '.join(enum.__members__)}, none, or a path")
+    chosen = enum[weights]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(chosen.url)
+    advice = (f"put {os.path.basename(chosen.url)} (from {chosen.url}) at {cached}, or name a local checkpoint "
+              f"as torchvision:{arch}@/path/to/weights.pth")
+    if not cached.is_file() and _offline():
+        raise UserError(f"weights for {spec}@{weights} are not cached and CEMABENCH_OFFLINE=1: {advice}")
+    try:
+        net = models.get_model(arch, weights=chosen)
+    except OSError as error:
+        raise UserError(f"weights for {spec} could not be downloaded ({error}): {advice}") from error
+    return Normalized(net, list(chosen.transforms().mean), list(chosen.transforms().std)).eval()
+
+
+def timm_model(name: str) -> nn.Module:
+    """A timm classifier: ARCH[@pretrained (default) | none | checkpoint path], normalised with its own mean/std."""
+    import timm
+
+    arch, _, weights = name.partition("@")
+    weights = weights or "pretrained"
+    spec = f"timm:{name}"
+    if not timm.list_models(arch):
+        raise UserError(f"timm has no model {arch!r} (see timm.list_models())")
+    pretrained = weights == "pretrained"
+    if pretrained and _offline():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        net = timm.create_model(arch, pretrained=pretrained)
+    except Exception as error:
+        raise UserError(f"timm could not build {spec} ({type(error).__name__}: {error}); offline, put the weights "
+                        f"in the Hugging Face cache (HF_HOME), or name a local checkpoint as timm:{arch}@/path.pth"
+                        ) from error
+    if _is_path(weights):
+        _load_checkpoint(net, weights, spec)
+    cfg = net.pretrained_cfg
+    return Normalized(net, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)).eval()
+
+
+def tiny_model(kind: str) -> nn.Module:
+    """A miniature architecture with a 1000-way head and seeded random weights: fast end-to-end runs on real
+    layouts, meaningless accuracy."""
+    if kind not in ARCHITECTURES:
+        raise UserError(f"unknown tiny model {kind!r}; valid: {', '.join('tiny:' + k for k in ARCHITECTURES)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return MiniResNet(**ARCHITECTURES[kind], num_classes=1000).eval()

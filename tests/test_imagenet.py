@@ -1,0 +1,176 @@
+"""ImageNet-C / ImageNet-R loading and the model zoo, on small generated trees in the real layouts (no network)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cemabench.cli import main
+from cemabench.corruptions import HENDRYCKS_ORDER
+from cemabench.errors import UserError
+from cemabench.imagenet import imagenet_c, imagenet_r, imagenet_wnids
+from cemabench.protocol import Models, Protocol, run_unit
+from cemabench.registry import build_method
+from cemabench.zoo import tiny_model, torchvision_model
+
+WNIDS = ["n01440764", "n01443537", "n09999999"][:2]
+R_WNIDS = ["n01443537", "n01484850", "n01494475"]
+
+
+def _jpeg(path, size=(224, 224), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """ROOT/imagenet-c (15 corruptions at severity 5, 2 classes x 3 images), ROOT/imagenet-r, ROOT/imagenet/val."""
+    root = tmp_path_factory.mktemp("data")
+    seed = 0
+    for corruption in HENDRYCKS_ORDER:
+        for wnid in WNIDS:
+            for i in range(3):
+                seed += 1
+                _jpeg(root / "imagenet-c" / corruption / "5" / wnid / f"ILSVRC2012_val_{seed:08d}.JPEG", seed=seed)
+    for wnid in R_WNIDS:
+        for i in range(2):
+            _jpeg(root / "imagenet-r" / wnid / f"art_{i}.jpg", size=(300, 260), seed=i)
+    for wnid in WNIDS:
+        _jpeg(root / "imagenet" / "val" / wnid / "ILSVRC2012_val_1.JPEG", size=(320, 300))
+    return root
+
+
+def test_imagenet_c_reads_the_published_layout(root):
+    source = imagenet_c(root, severity=5, domains=["fog", "snow"], workers=0)
+    assert [d.name for d in source.domains] == ["fog", "snow"] and source.num_classes == 1000
+    fog = source.domains[0]
+    assert len(fog) == 6 and fog.sample_nbytes == 3 * 224 * 224
+    x, y = fog.batch(np.arange(6))
+    assert x.shape == (6, 3, 224, 224) and 0 <= x.min() and x.max() <= 1
+    assert sorted(set(y.tolist())) == [imagenet_wnids().index(w) for w in WNIDS]
+    with Image.open(fog.files[0]) as image:
+        assert torch.equal((x[0] * 255).round().byte(), torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    assert source.clean is not None and source.clean.batch(np.arange(2))[0].shape == (2, 3, 224, 224)
+
+
+def test_batches_follow_the_given_order_with_workers(root):
+    fog = imagenet_c(root, domains=["fog"], workers=2).domains[0]
+    order = np.array([5, 0, 3, 1, 4, 2])
+    batches = list(fog.batches(order, 4))
+    assert [len(b[1]) for b in batches] == [4, 2]
+    x_all, _ = fog.batch(order)
+    assert torch.equal(torch.cat([b[0] for b in batches]), x_all)
+
+
+def test_robustbench_subset_from_a_list_file(root, tmp_path):
+    fog = imagenet_c(root, domains=["fog"], workers=0).domains[0]
+    listing = tmp_path / "ids.txt"
+    listing.write_text("\n".join(f"{f.parent.name}/{f.name}" for f in fog.files[::2]))
+    subset = imagenet_c(root, domains=["fog"], subset="robustbench-5000", subset_file=str(listing), workers=0)
+    assert subset.domains[0].files == fog.files[::2]
+    with pytest.raises(UserError, match="'robustbench-5000' needs RobustBench's list"):
+        imagenet_c(root, domains=["fog"], subset="robustbench-5000", workers=0)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: None, "does not exist; expected ROOT/imagenet-c/<corruption>/<severity>/<wnid>/\\*.JPEG"),
+    (lambda r: (r / "imagenet-c" / "fog" / "5" / "n01440764").mkdir(parents=True), "holds no images"),
+    (lambda r: (r / "imagenet-c" / "fog" / "5" / "cats").mkdir(parents=True), "not ImageNet wnids \\(cats\\)"),
+])
+def test_layout_problems_are_named(tmp_path, breakage, message):
+    breakage(tmp_path)
+    with pytest.raises(UserError, match=message):
+        imagenet_c(tmp_path, domains=["fog"], workers=0)
+
+
+@pytest.mark.parametrize("content, message", [(b"not a jpeg", "cannot read image"), (None, "is 100x80 px")])
+def test_unreadable_or_resized_images_fail_their_cell_with_the_path(tmp_path, content, message):
+    path = tmp_path / "imagenet-c" / "fog" / "5" / "n01440764" / "bad.JPEG"
+    if content is None:
+        _jpeg(path, size=(100, 80))
+    else:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+    source = imagenet_c(tmp_path, domains=["fog"], workers=0)
+    (result,) = run_unit(build_method("source"), source.domains, Models.copies_of(tiny_model("edge"),
+                         tiny_model("foundation")), 1000, source.clean, Protocol(), seed=0)
+    assert result.status == "error" and message in result.message and "bad.JPEG" in result.message
+
+
+@pytest.mark.parametrize("scoring", ["mask-200", "argmax-1000"])
+def test_imagenet_r_resizes_crops_and_scores_as_the_spec_says(root, scoring):
+    source = imagenet_r(root, scoring=scoring, workers=0)
+    x, y = source.domains[0].batch(np.arange(6))
+    assert x.shape == (6, 3, 224, 224)
+    index = imagenet_wnids()
+    assert sorted(set(y.tolist())) == [index.index(w) for w in R_WNIDS]
+    if scoring == "mask-200":
+        assert source.scored_classes.tolist() == [index.index(w) for w in R_WNIDS]
+    else:
+        assert source.scored_classes is None
+
+
+def test_masked_scoring_takes_the_argmax_over_the_scored_classes(root):
+    class Fixed(torch.nn.Module):
+        """Puts the highest logit on class 0 (outside ImageNet-R) and the next on each image's true class."""
+
+        def forward(self, x):
+            logits = torch.zeros(len(x), 1000)
+            logits[:, 0] = 10.0
+            logits[:, imagenet_wnids().index(R_WNIDS[0])] = 5.0
+            return logits
+
+    results = {}
+    for scoring in ("mask-200", "argmax-1000"):
+        source = imagenet_r(root, scoring=scoring, workers=0)
+        (results[scoring],) = run_unit(build_method("source"), source.domains, Models.copies_of(Fixed(), Fixed()),
+                                       1000, source.clean, Protocol(), seed=0, scored_classes=source.scored_classes)
+    assert results["mask-200"].correct == 2 and results["argmax-1000"].correct == 0
+
+
+def test_reproduce_table2_on_a_generated_tree_with_tiny_models(root, tmp_path, capsys):
+    code = main(["reproduce", "table2", "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
+                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((tmp_path / "table2.json").read_text())
+    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == 13 * 15
+    assert all(c["status"] == "ok" and c["seen"] == 6 for c in doc["cells"])
+    for needle in ("ImageNet-C", "all 50,000 images per corruption", "224 px", "tiny:edge", "tiny:foundation",
+                   "Seeds**: 0", "torch 2", "Uploads against the authors' published counts"):
+        assert needle in out
+    assert "EMBEDDED MINIATURE" not in out
+    (tmp_path / "shown.md").write_text(out)
+
+
+class TestZoo:
+    def test_torchvision_random_and_local_checkpoint(self, tmp_path):
+        model = torchvision_model("resnet18@none")
+        with torch.no_grad():
+            assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
+        path = tmp_path / "r18.pth"
+        torch.save(model.net.state_dict(), path)
+        loaded = torchvision_model(f"resnet18@{path}")
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+    def test_offline_missing_weights_say_where_to_put_them(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("CEMABENCH_OFFLINE", "1")
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+        with pytest.raises(UserError, match=f"put resnet50-0676ba61.pth .* at {tmp_path}/hub/checkpoints"):
+            torchvision_model("resnet50")
+
+    @pytest.mark.parametrize("spec, message", [("resnet51", "torchvision has no model 'resnet51'"),
+                                               ("resnet18@IMAGENET9K", "no weights 'IMAGENET9K'; valid: IMAGENET1K_V1"),
+                                               ("resnet18@/nope.pth", "checkpoint /nope.pth .* does not exist")])
+    def test_bad_names_are_user_errors(self, spec, message):
+        with pytest.raises(UserError, match=message):
+            torchvision_model(spec)
+
+    def test_timm_random_model(self):
+        from cemabench.zoo import timm_model
+
+        model = timm_model("resnet10t@none")
+        with torch.no_grad():
+            assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
