@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -58,5 +58,3 @@ class DatasetSource:
     scored_classes: torch.Tensor | None = None  # score the argmax over these classes only (e.g. ImageNet-R's 200)
     provenance: dict[str, Any] = field(default_factory=dict)
 
-
-DatasetFactory = Callable[..., DatasetSource]

@@ -149,8 +149,3 @@ def parse_options(options_class: type, values: dict, owner: str):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise UserError(f"{owner}: option {name!r} must be {names}, got {value!r}")
     return options_class(**values)
-
-
-def options_table(options_class: type) -> dict[str, object]:
-    """Option names and their defaults, for listings."""
-    return {f.name: f.default for f in dataclasses.fields(options_class)}

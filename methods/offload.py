@@ -1,6 +1,8 @@
 """Collaborative inference: the edge offloads inputs and the cloud's foundation model answers for them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
@@ -34,6 +36,41 @@ class CloudOnly(Method):
         edge = _OffloadAllEdge()
         edge.num_classes = num_classes
         return edge
+
+    def cloud(self, resources):
+        return _AnswerCloud(resources.foundation())
+
+
+class _ConfidenceGateEdge(EdgeLogic):
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def configure(self, model):
+        return model.eval()
+
+    def step(self, model, x):
+        logits = model(x)
+        unsure = torch.where(logits.softmax(1).max(1).values < self.threshold)[0]
+        return EdgeDecision(logits=logits, upload=unsure, await_answers=True)
+
+
+class ConfidenceOffload(Method):
+    """Collaborative inference in the style of ECCENTRIC-like edge-cloud cascades: the source edge model answers
+    what it is confident about (max softmax probability >= ``threshold``) and offloads the rest to the unadapted
+    foundation model, whose answers replace the edge's. No model adapts; the upload ratio is the offload rate."""
+
+    name = "confidence-offload"
+    paper = "edge-cloud cascade baseline"
+    mapping = CloudEdgeMapping(selection="edge: max softmax probability below a threshold",
+                               uploads="unsure samples (offloaded)", cloud="answers with the foundation model",
+                               download="logits")
+
+    @dataclass
+    class Options:
+        threshold: float = 0.9
+
+    def edge(self, num_classes):
+        return _ConfidenceGateEdge(self.options.threshold)
 
     def cloud(self, resources):
         return _AnswerCloud(resources.foundation())

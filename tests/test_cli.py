@@ -27,7 +27,7 @@ def test_list_other_registries(capsys, what, expected):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, cloud-only, cotta"),
+    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, cloud-only, confidence-offload, cotta"),
     (["run", "--method", "tent", "--option", "lr2=0.1"], "method 'tent' has no option 'lr2'; valid options: lr"),
     (["run", "--method", "tent", "--option", "lr=fast"], "option 'lr' must be float, got 'fast'"),
     (["run", "--method", "tent", "--option", "lr"], "--option takes KEY=VALUE"),

@@ -136,7 +136,7 @@ def test_reproduce_table2_on_a_generated_tree_with_tiny_models(root, tmp_path, c
     out, err = capsys.readouterr()
     assert code == 0, err
     doc = json.loads((tmp_path / "table2.json").read_text())
-    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == 13 * 15
+    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == 14 * 15
     assert all(c["status"] == "ok" and c["seen"] == 6 for c in doc["cells"])
     for needle in ("ImageNet-C", "all 50,000 images per corruption", "224 px", "tiny:edge", "tiny:foundation",
                    "Seeds**: 0", "torch 2", "Uploads against the authors' published counts"):
@@ -174,3 +174,43 @@ class TestZoo:
         model = timm_model("resnet10t@none")
         with torch.no_grad():
             assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
+
+
+class TestHuggingFace:
+    def test_imagefolder_in_the_imagenet_c_layout_matches_the_native_loader(self, root, tmp_path):
+        from cemabench.hf import hf_dataset
+
+        source = hf_dataset(root, severity=5, domains=["fog"], layout="imagenet-c/{domain}/{severity}",
+                            cache_dir=str(tmp_path))
+        native = imagenet_c(root, domains=["fog"], workers=0).domains[0]
+        domain = source.domains[0]
+        assert source.num_classes == 1000 and len(domain) == len(native) == 6
+        x, y = domain.batch(np.arange(6))
+        x_native, y_native = native.batch(np.arange(6))
+        assert sorted(y.tolist()) == sorted(y_native.tolist())
+        assert sorted(float(v) for v in x.sum((1, 2, 3))) == pytest.approx(sorted(float(v) for v in x_native.sum((1, 2, 3))))
+        (result,) = run_unit(build_method("tent"), source.domains, Models.copies_of(tiny_model("edge"),
+                             tiny_model("foundation")), 1000, None, Protocol(batch_size=4), seed=0)
+        assert result.status == "ok" and result.seen == 6
+
+    def test_parquet_files_per_domain(self, root, tmp_path):
+        from datasets import load_dataset
+
+        from cemabench.hf import hf_dataset
+
+        folder = tmp_path / "parquet" / "fog"
+        folder.mkdir(parents=True)
+        load_dataset("imagefolder", data_dir=str(root / "imagenet-c" / "fog" / "5"), split="validation",
+                     cache_dir=str(tmp_path / "c1")).to_parquet(str(folder / "part-0.parquet"))
+        source = hf_dataset(tmp_path / "parquet", domains=["fog"], builder="parquet", cache_dir=str(tmp_path / "c2"))
+        assert len(source.domains[0]) == 6 and source.domains[0].batch(np.arange(2))[0].shape == (2, 3, 224, 224)
+
+    @pytest.mark.parametrize("options, message", [({"domains": None}, "needs the domains"),
+                                                  ({"layout": "nope/{domain}"}, "nope/fog does not exist"),
+                                                  ({"label_column": "class"}, "no column class; columns: image, label")])
+    def test_problems_are_named(self, root, tmp_path, options, message):
+        from cemabench.hf import hf_dataset
+
+        kwargs = {"domains": ["fog"], "layout": "imagenet-c/{domain}/{severity}", "cache_dir": str(tmp_path), **options}
+        with pytest.raises(UserError, match=message):
+            hf_dataset(root, **kwargs)

@@ -20,7 +20,7 @@ from conftest import TinyNet, cloud_resources, tiny_dataset
 pytestmark = pytest.mark.usefixtures("float64")
 
 ROSTER = ("source", "bn-adapt", "lame", "tent", "pseudo-label", "sar", "cotta", "eta", "eata", "distill-tent",
-          "cema", "random-upload", "cloud-only")
+          "cema", "random-upload", "cloud-only", "confidence-offload")
 
 
 def test_every_method_is_registered_with_its_mapping_and_paper():
@@ -189,6 +189,22 @@ def test_cloud_only_scores_the_foundation_answers():
         expected = (foundation(x).argmax(1) == y).sum().item()
     assert result.correct == expected and result.link.answers == 50 and result.link.answer_bytes == 50 * 4 * 4
     assert result.edge_forward_samples == 0 and result.upload_ratio == 100
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.01])
+def test_confidence_offload_answers_unsure_samples_from_the_cloud(threshold):
+    torch.set_default_dtype(torch.float32)
+    dataset = tiny_dataset(domains=("a",), n=50)
+    torch.manual_seed(0)
+    edge, foundation = TinyNet().eval(), TinyNet().eval()
+    (result,) = run_unit(build_method("confidence-offload", {"threshold": threshold}), dataset.domains,
+                         Models.copies_of(edge, foundation), 4, dataset.clean, Protocol(batch_size=16), seed=0)
+    x, y = dataset.domains[0].batch(np.arange(50))
+    with torch.no_grad():
+        edge_logits, cloud_logits = edge(x), foundation(x)
+    unsure = edge_logits.softmax(1).max(1).values < threshold
+    expected = torch.where(unsure, cloud_logits.argmax(1), edge_logits.argmax(1))
+    assert result.correct == (expected == y).sum().item() and result.link.uploaded == unsure.sum().item()
 
 
 def test_empty_selection_is_noted_and_nonfinite_downloads_are_divergence():
