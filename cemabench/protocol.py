@@ -341,7 +341,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
             result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
         result.link = link.next_domain()
         if cloud is not None and result.status == "ok" and result.link.uploaded == 0:
-            result.note = "empty selection: nothing was uploaded, so the cloud never adapted"
+            result.note = "empty selection: nothing was uploaded in this domain, so the cloud never ran"
         elif result.link.refused:
             result.note = f"upload budget exhausted: {result.link.refused} samples refused"
         result.edge_forward_samples = edge.forwards.with_grad + edge.forwards.without_grad - edge_before

@@ -162,3 +162,15 @@ def test_online_accuracy_scores_the_prediction_made_at_arrival(tiny):
     with torch.no_grad():
         expected = (models.edge()(x).argmax(1) == y).sum().item()
     assert result.correct == expected and result.seen == len(domain)
+
+
+@pytest.mark.parametrize("name", ["tent", "cema", "cotta"])
+def test_channels_last_and_bf16_autocast_paths_run(tiny, name):
+    from cemabench.protocol import Execution
+    from cemabench.registry import build_method
+
+    dataset, models = tiny
+    options = {"cloud_batch": 8, "replay_min": 16} if name == "cema" else {}
+    results = run_unit(build_method(name, options), dataset.domains[:1], models, 4, dataset.clean,
+                       Protocol(batch_size=16), seed=0, execution=Execution("cpu", channels_last=True, amp=True))
+    assert results[0].status == "ok", results[0].message
