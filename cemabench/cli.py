@@ -56,7 +56,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 def cmd_run(args) -> int:
     from cemabench.leaderboard import metric_frame
-    from cemabench.protocol import RESETS, Execution, Models, Protocol, run_unit
+    from cemabench.protocol import RESETS, Execution, Models, Protocol, run_unit, unit_groups
     from cemabench.runner import versions
 
     if args.reset not in RESETS:
@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
     models = Models.copies_of(edge, foundation)
     protocol = Protocol(batch_size=args.batch_size, reset=args.reset, delivery_delay=args.delay,
                        upload_budget=args.upload_budget)
-    groups = [[d] for d in dataset.domains] if args.reset == "per_domain" else [dataset.domains]
+    groups = unit_groups(args.reset, dataset.domains)
     results = []
     execution = Execution(args.device, args.channels_last, args.amp)
     for group in groups:

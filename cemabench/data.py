@@ -22,6 +22,13 @@ class DomainData(Protocol):
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def sequential_batches(domain, order: np.ndarray, batch_size: int, pin_memory: bool = False
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` for a domain that only implements ``batch``: one call per batch, in order."""
+    for start in range(0, len(order), batch_size):
+        yield domain.batch(order[start:start + batch_size])
+
+
 @dataclass
 class ArrayDomain:
     """A domain held in memory as uint8 images of shape (N, H, W, 3)."""
@@ -41,9 +48,7 @@ class ArrayDomain:
         images = torch.from_numpy(self.images[indices]).permute(0, 3, 1, 2).float().div_(255)
         return images.contiguous(), torch.from_numpy(self.labels[indices]).long()
 
-    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False):
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start:start + batch_size])
+    batches = sequential_batches
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cemabench.data import ArrayDomain, DatasetSource
+from cemabench.data import DatasetSource, sequential_batches
 from cemabench.errors import UserError
 from cemabench.imagenet import RESIZE_CROP, _to_tensor, imagenet_wnids
 
@@ -44,7 +44,7 @@ class HFDomain:
             pixels = [RESIZE_CROP(p) for p in pixels]
         return torch.stack(pixels).float().div_(255), torch.from_numpy(self.labels[indices]).long()
 
-    batches = ArrayDomain.batches
+    batches = sequential_batches
 
 
 def _labels(dataset, label_column: str) -> tuple[np.ndarray, int, bool]:

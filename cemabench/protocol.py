@@ -36,6 +36,11 @@ class Protocol:
     upload_budget: int | None = None  # samples per run unit; None = unlimited
 
 
+def unit_groups(reset: str, domains: Sequence) -> list[tuple]:
+    """The domains each run unit covers: one each under per-domain reset, all of them under continual."""
+    return [(d,) for d in domains] if reset == "per_domain" else [tuple(domains)]
+
+
 def derive_seed(*parts) -> int:
     """A 31-bit seed from any printable parts, stable across processes and platforms."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -88,7 +93,7 @@ class Link:
         self.counters.uploaded += len(index)
         self.counters.upload_bytes += len(index) * sample_nbytes
         self.counters.upload_tensor_bytes += _nbytes(decision.tensors)
-        samples = x[index.to(x.device)].clone()
+        samples = x[index.to(x.device)]  # advanced indexing copies
         return Upload(samples=samples, tensors={k: v.clone() for k, v in decision.tensors.items()},
                       batch_index=batch_index, index=index)
 

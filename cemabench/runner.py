@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import cemabench
 from cemabench import registry
 from cemabench.errors import UserError
-from cemabench.protocol import Execution, Models, run_unit
+from cemabench.protocol import Execution, Models, run_unit, unit_groups
 from cemabench.spec import DataChoice, MethodEntry, TableSpec, published_uploads
 
 SCHEMA = 2
@@ -142,17 +142,12 @@ def _options(entry: MethodEntry, choice: DataChoice) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
 
 
-def domain_groups(spec: TableSpec) -> list[tuple[str, ...]]:
-    """The domains each run unit covers: one each under per-domain reset, all of them under continual."""
-    return [(d,) for d in spec.domains] if spec.protocol.reset == "per_domain" else [spec.domains]
-
-
 def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...], references: dict | None = None) -> list[Unit]:
     """The run units of a table; entries that match another's uploads need ``references`` (label, seed, domains)."""
     units = []
     for entry in spec.methods:
         for seed in seeds:
-            for domains in domain_groups(spec):
+            for domains in unit_groups(spec.protocol.reset, spec.domains):
                 options = _options(entry, choice)
                 if entry.match_uploads_of is not None:
                     if references is None:
@@ -223,7 +218,7 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
         bar.update(1)
 
     first = plan(spec, context.choice, seeds)
-    total = len(spec.methods) * len(seeds) * len(domain_groups(spec))
+    total = len(spec.methods) * len(seeds) * len(unit_groups(spec.protocol.reset, spec.domains))
     with tqdm(total=total, desc=f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})",
               unit="cell", disable=not progress, file=sys.stderr) as bar:
         run_all(first, bar)

@@ -97,18 +97,26 @@ class BatchRenorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(channels, device=bn.weight.device))
         self.register_buffer("running_var", torch.ones(channels, device=bn.weight.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=bn.weight.device))
+        self._known_initialized = False  # host-side copy, so a forward does not sync with the device to read it
+
+    def _is_initialized(self) -> bool:
+        """Statistics, once initialised (here or by a loaded state), are never un-initialised."""
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled() and bool(self.initialized):
+        if not self.training and not torch.is_grad_enabled() and self._is_initialized():
             # the renormalised value reduces to (x - mu_run) / sigma_run; without autograd, skip the batch statistics
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         batch_mean = x.mean(dim=(0, 2, 3))
         centred = x - batch_mean[None, :, None, None]
         batch_var = centred.square().sum(dim=(0, 2, 3)) / (x.numel() // x.shape[1] - 1)
-        if not bool(self.initialized):
+        if not self._is_initialized():
             self.running_mean.copy_(batch_mean.detach())
             self.running_var.copy_(batch_var.detach())
             self.initialized.fill_(True)
+            self._known_initialized = True
         batch_std = torch.sqrt(batch_var + self.eps)
         running_std = torch.sqrt(self.running_var + self.eps)
         r = (batch_std / running_std).detach()
