@@ -34,7 +34,9 @@ def cmd_list(args) -> int:
         from cemabench.spec import available_tables, load_table
 
         rows = [{"table": n, "title": (s := load_table(n)).title, "methods": len(s.methods), "domains": len(s.domains),
-                 "reset": s.protocol.reset} for n in available_tables()]
+                 "reset": s.protocol.reset, "models (real data)": f"{s.real.edge} / {s.real.foundation}",
+                 "--pair": ", ".join(s.real.pairs)}
+                for n in available_tables()]
         print(pd.DataFrame(rows).to_markdown(index=False))
     else:
         rows = [{args.what[:-1]: name, "from": entry.dist.name if entry.dist else "?", "entry point": entry.value,
@@ -108,7 +110,7 @@ def cmd_reproduce(args) -> int:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
                         Execution(args.device, args.channels_last, args.amp), progress=not args.no_progress,
                         models={"edge": args.edge, "foundation": args.foundation},
-                        dataset_options=dict(_parse_option(o) for o in args.dataset_option))
+                        dataset_options=dict(_parse_option(o) for o in args.dataset_option), pair=args.pair)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
               file=sys.stderr)
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="run units in this many processes")
     p.add_argument("--edge", help="edge model instead of the spec's, e.g. tiny:edge or torchvision:resnet18")
     p.add_argument("--foundation", help="foundation model instead of the spec's")
+    p.add_argument("--pair", help="one of the spec's named edge/foundation pairs (`cemabench list tables`)")
     _execution_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce)

@@ -124,7 +124,8 @@ def robustbench_subset(subset_file: str | None) -> set[str]:
     installed robustbench package (located without importing it, since its imports are fragile)."""
     if subset_file is None:
         spec = importlib.util.find_spec("robustbench")
-        candidate = Path(spec.submodule_search_locations[0]) / "data" / "imagenet_test_image_ids.txt" if spec else None
+        package = Path(spec.submodule_search_locations[0]) if spec else None
+        candidate = package / "helper_files" / "imagenet_test_image_ids.txt" if package else None
         if candidate is None or not candidate.is_file():
             raise UserError("subset 'robustbench-5000' needs RobustBench's list imagenet_test_image_ids.txt: install "
                             "the robustbench package, or set subset_file to a copy of that list")

@@ -114,13 +114,15 @@ def render(doc: dict) -> str:
         f"- **Severity**: {p['severity']}; **domains in order**: {', '.join(p['domains'])}",
         f"- **Protocol**: reset `{proto['reset']}`, edge batch {proto['batch_size']}, delivery delay "
         f"{proto['delivery_delay']}, upload budget {proto['upload_budget'] or 'none'}",
-        "- **Models**: " + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
+        "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
+        + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
         f"- **Seeds**: {', '.join(map(str, doc['seeds']))}",
     ]
     lines += [f"- **{k.replace('_', ' ').capitalize()}**: {v}" for k, v in p["recorded"].items()]
     v = p["versions"]
-    lines += [f"- **Versions**: cemabench {v['cemabench']}, torch {v['torch']}, numpy {v['numpy']}, "
-              f"python {v['python']}; device {p['device']}"
+    libraries = ", ".join(f"{name} {v[name]}" for name in ("cemabench", "torch", "torchvision", "timm", "numpy",
+                                                           "python") if name in v)
+    lines += [f"- **Versions**: {libraries}; device {p['device']}"
               + (", channels-last" if p["execution"]["channels_last"] else "")
               + (", bf16 autocast" if p["execution"]["amp"] else ", fp32 (no autocast)")]
     if doc.get("source"):

@@ -9,6 +9,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def versions() -> dict[str, str]:
     return {"cemabench": cemabench.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": metadata.version("torchvision"), "timm": metadata.version("timm"),
             "numpy": np.__version__, "platform": platform.platform()}
 
 
@@ -76,12 +78,17 @@ class TableContext:
     """Everything a unit needs, built lazily once per process: dataset, model prototypes, provenance."""
 
     def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
-                 models: dict[str, str] | None = None, dataset_options: dict | None = None):
+                 models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None):
         self.spec, self.data_root, self.execution = spec, data_root, execution
         choice = spec.real if data_root else spec.miniature
         if choice is None:
             raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
-        overrides = {k: v for k, v in (models or {}).items() if v}
+        if pair is not None and pair not in choice.pairs:
+            data = "the real data" if data_root else "the embedded miniature"
+            raise UserError(f"table {spec.name} has no model pair {pair!r} on {data}; pairs: "
+                            f"{', '.join(choice.pairs) or '(none)'} (or name models with --edge/--foundation)")
+        self.pair = pair
+        overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
         self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
 
     @cached_property
@@ -112,6 +119,7 @@ class TableContext:
             "data_root": self.data_root,
             "models": {k: {"name": getattr(self.choice, k), "fingerprint": fingerprint(m)}
                        for k, m in self.prototypes.items()},
+            "pair": self.pair,
             "protocol": asdict(spec.protocol),
             "severity": spec.severity,
             "domains": list(spec.domains),
@@ -124,8 +132,9 @@ class TableContext:
     def unit_key(self, unit: Unit) -> str:
         p = self.provenance
         config = {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
-                  "dataset_options": p["dataset_options"], "cemabench": cemabench.__version__,
-                  "torch": torch.__version__, "device": torch.device(self.execution.device).type,
+                  "dataset_options": p["dataset_options"],
+                  **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
+                  "device": torch.device(self.execution.device).type,
                   "channels_last": self.execution.channels_last, "amp": self.execution.amp, "schema": SCHEMA}
         return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -177,13 +186,14 @@ def _run_in_worker(unit: Unit) -> dict:
 
 def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None,
               jobs: int = 1, execution: Execution = Execution(), progress: bool = True,
-              models: dict[str, str] | None = None, dataset_options: dict | None = None) -> dict:
-    """Run (or resume) every unit of a table and return the table's JSON document. ``models`` (edge, foundation)
-    and ``dataset_options`` override the spec's choices."""
+              models: dict[str, str] | None = None, dataset_options: dict | None = None,
+              pair: str | None = None) -> dict:
+    """Run (or resume) every unit of a table and return the table's JSON document. ``pair`` picks one of the spec's
+    named model pairs; ``models`` (edge, foundation) and ``dataset_options`` override the spec's choices."""
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root} is not a directory; point it at the folder that holds "
                         f"the dataset, or leave it out to run the embedded miniature")
-    context_args = (spec, data_root, execution, models, dataset_options)
+    context_args = (spec, data_root, execution, models, dataset_options, pair)
     context = TableContext(*context_args)
     seeds = tuple(seeds or spec.seeds)
     store = ResultStore(Path(out) / "cells" / spec.name)

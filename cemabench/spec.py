@@ -32,6 +32,7 @@ class DataChoice:
     options: dict = field(default_factory=dict)  # keyword options of the dataset factory (subset, scoring, ...)
     recorded: dict = field(default_factory=dict)  # protocol facts shown in the header (subset, preprocessing, ...)
     method_options: dict = field(default_factory=dict)  # per-label option overrides that apply to this choice only
+    pairs: dict = field(default_factory=dict)  # named alternative (edge, foundation) pairs, chosen with --pair
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,25 @@ def _no_extra(table: dict, allowed: set[str], where: str) -> None:
         raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; valid: {', '.join(sorted(allowed))}")
 
 
+def _pairs(table: dict, where: str) -> dict[str, dict[str, str]]:
+    pairs = {}
+    for name, pair in _take(table, "pairs", dict, where, {}).items():
+        w = f"{where} pairs.{name}"
+        if not isinstance(pair, dict):
+            raise UserError(f"{w}: a pair is a table with edge and foundation, got {pair!r}")
+        _no_extra(pair, {"edge", "foundation"}, w)
+        pairs[name] = {"edge": _take(pair, "edge", str, w), "foundation": _take(pair, "foundation", str, w)}
+    return pairs
+
+
 def _choice(table: dict, where: str) -> DataChoice:
-    _no_extra(table, {"dataset", "edge", "foundation", "options", "method_options", "recorded"}, where)
+    _no_extra(table, {"dataset", "edge", "foundation", "options", "method_options", "recorded", "pairs"}, where)
     return DataChoice(dataset=_take(table, "dataset", str, where), edge=_take(table, "edge", str, where),
                       foundation=_take(table, "foundation", str, where),
                       options=_take(table, "options", dict, where, {}),
                       recorded=_take(table, "recorded", dict, where, {}),
-                      method_options=_take(table, "method_options", dict, where, {}))
+                      method_options=_take(table, "method_options", dict, where, {}),
+                      pairs=_pairs(table, where))
 
 
 def parse(raw: dict, where: str) -> TableSpec:

@@ -1,4 +1,5 @@
 import json
+from importlib import resources
 
 import pytest
 
@@ -60,6 +61,14 @@ def test_malformed_spec_names_the_key(capsys, tmp_path):
     spec.write_text('name = "bad"\ntitle = "t"\n[protocol]\nbatch_size = 64\nreset = "sometimes"\n')
     code, _, err = run(capsys, "reproduce", str(spec))
     assert code == 2 and "reset must be one of per_domain, continual" in err
+
+
+def test_a_pair_without_a_foundation_names_the_key(capsys, tmp_path):
+    spec = tmp_path / "pairs.toml"
+    text = (resources.files("cemabench_tables") / "table2.toml").read_text()
+    spec.write_text(text.replace('foundation = "timm:vit_base_patch16_224"', "", 1))
+    code, _, err = run(capsys, "reproduce", str(spec))
+    assert code == 2 and "[data.real] pairs.r18-vit: missing required key 'foundation'" in err
 
 
 def test_run_prints_a_table_and_writes_json(capsys, tmp_path):

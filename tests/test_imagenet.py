@@ -1,4 +1,5 @@
 """ImageNet-C / ImageNet-R loading and the model zoo, on small generated trees in the real layouts (no network)."""
+import importlib.util
 import json
 
 import numpy as np
@@ -9,9 +10,10 @@ from PIL import Image
 from cemabench.cli import main
 from cemabench.corruptions import HENDRYCKS_ORDER
 from cemabench.errors import UserError
-from cemabench.imagenet import imagenet_c, imagenet_r, imagenet_wnids
+from cemabench.imagenet import imagenet_c, imagenet_r, imagenet_wnids, robustbench_subset
 from cemabench.protocol import Models, Protocol, run_unit
-from cemabench.registry import build_method
+from cemabench.registry import build_method, build_model
+from cemabench.spec import available_tables, load_table
 from cemabench.zoo import tiny_model, torchvision_model
 
 WNIDS = ["n01440764", "n01443537", "n09999999"][:2]
@@ -70,7 +72,19 @@ def test_robustbench_subset_from_a_list_file(root, tmp_path):
     listing.write_text("\n".join(f"{f.parent.name}/{f.name}" for f in fog.files[::2]))
     subset = imagenet_c(root, domains=["fog"], subset="robustbench-5000", subset_file=str(listing), workers=0)
     assert subset.domains[0].files == fog.files[::2]
-    with pytest.raises(UserError, match="'robustbench-5000' needs RobustBench's list"):
+
+
+def test_robustbench_subset_from_the_installed_package():
+    listed = robustbench_subset(None)
+    assert len(listed) == 5000
+    assert set(imagenet_wnids()) >= {entry.split("/")[0] for entry in listed}
+    assert all(entry.split("/")[1].startswith("ILSVRC2012_val_") for entry in listed)
+
+
+def test_robustbench_subset_without_the_package_says_what_to_do(root, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "robustbench" else find_spec(name, *a))
+    with pytest.raises(UserError, match="'robustbench-5000' needs RobustBench's list .* or set subset_file"):
         imagenet_c(root, domains=["fog"], subset="robustbench-5000", workers=0)
 
 
@@ -167,6 +181,15 @@ class TestZoo:
     def test_bad_names_are_user_errors(self, spec, message):
         with pytest.raises(UserError, match=message):
             torchvision_model(spec)
+
+    def test_every_named_pair_of_the_built_in_tables_builds(self):
+        names = {model for table in available_tables() for pair in load_table(table).real.pairs.values()
+                 for model in pair.values()}
+        assert names >= {"torchvision:resnet18", "timm:vit_base_patch16_224"}
+        for name in sorted(names):
+            model = build_model(f"{name}@none")
+            with torch.no_grad():
+                assert model(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
 
     def test_timm_random_model(self):
         from cemabench.zoo import timm_model

@@ -4,6 +4,7 @@ import pytest
 
 from cemabench import runner
 from cemabench.cli import main
+from cemabench.errors import UserError
 from cemabench.leaderboard import render
 from cemabench.spec import load_table
 
@@ -32,6 +33,10 @@ foundation = "mini:foundation"
 
 [data.miniature.method_options.cema]
 redundancy_margin = 0.5
+
+[data.miniature.pairs.swapped]
+edge = "mini:foundation"
+foundation = "mini:edge"
 
 [[methods]]
 name = "source"
@@ -123,6 +128,18 @@ def test_leaderboard_says_miniature_and_records_the_setup(first_run):
     for needle in ("reset `per_domain`", "edge batch 64", "mini:edge", "Seeds**: 0", "torch", "| cema ", "| random "):
         assert needle in text
     assert doc["provenance"]["miniature"] is True
+
+
+def test_a_named_pair_replaces_the_models_and_is_recorded(first_run, tmp_path):
+    spec, _, default = first_run
+    doc = runner.reproduce(spec, None, tmp_path / "out", pair="swapped", progress=False)
+    models = doc["provenance"]["models"]
+    assert (models["edge"]["name"], models["foundation"]["name"]) == ("mini:foundation", "mini:edge")
+    assert "- **Models**: pair `swapped`: edge `mini:foundation`" in render(doc)
+    source = {d["domain"]: d["accuracy"] for d in default["cells"] if d["method"] == "source"}
+    assert all(c["accuracy"] > source[c["domain"]] for c in doc["cells"] if c["method"] == "source")
+    with pytest.raises(UserError, match="no model pair 'r18-vit' on the embedded miniature; pairs: swapped"):
+        runner.reproduce(spec, None, tmp_path / "out", pair="r18-vit", progress=False)
 
 
 def test_continual_runs_one_unit_over_all_domains(tmp_path):
