@@ -147,6 +147,8 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for models and inputs")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (off by default: fidelity first)")
+    p.add_argument("--weights", metavar="DIR", help="folder of weight files, looked in before the torch/HF caches "
+                   "(sets CEMABENCH_WEIGHTS; see `cemabench list models`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,11 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous = os.environ.get("CEMABENCH_WEIGHTS")
+    if getattr(args, "weights", None):
+        os.environ["CEMABENCH_WEIGHTS"] = args.weights  # the environment carries it into --jobs worker processes
     try:
         return args.func(args)
     except UserError as error:
         print(f"cemabench: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if previous is None:
+            os.environ.pop("CEMABENCH_WEIGHTS", None)
+        else:
+            os.environ["CEMABENCH_WEIGHTS"] = previous
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@
     robustbench:<DATASET>/<THREAT>/<NAME> any zoo entry, e.g. robustbench:imagenet/Linf/Salman2020Do_R50
 
 RobustBench models take images in [0, 1] and normalise themselves, as every cemabench model does. Checkpoints live
-in ``$CEMABENCH_ROBUSTBENCH_DIR`` (default ``~/.cache/cemabench/robustbench``) as
-``<DATASET>/<THREAT>/<NAME>.pt``, RobustBench's own layout, so an existing RobustBench ``models/`` folder can be
-named there. With ``CEMABENCH_OFFLINE=1`` nothing is downloaded and a missing checkpoint is an error naming the file.
+in :func:`checkpoint_dir` as ``<DATASET>/<THREAT>/<NAME>.pt``, RobustBench's own layout, so an existing RobustBench
+``models/`` folder can be named there. With ``CEMABENCH_OFFLINE=1`` nothing is downloaded and a missing checkpoint is an error naming the file.
 
 robustbench 1.1.1 cannot be imported as packaged, and this adapter works around it only while it imports:
 it needs ``pkg_resources`` (gone from setuptools >= 81), which gets a stand-in answering the one call robustbench
@@ -29,13 +28,18 @@ from pathlib import Path
 from torch import nn
 
 from cemabench.errors import UserError
+from cemabench.zoo import weights_dir
 
 DATASETS = ("imagenet", "cifar10", "cifar100")
 INSTALL = 'pip install -c constraints.txt -e ".[robustbench]"  (or: pip install "cemabench[robustbench]")'
 
 
 def checkpoint_dir() -> Path:
-    return Path(os.environ.get("CEMABENCH_ROBUSTBENCH_DIR", Path.home() / ".cache" / "cemabench" / "robustbench"))
+    """``$CEMABENCH_ROBUSTBENCH_DIR``, else ``robustbench/`` in the ``--weights`` folder, else the cemabench cache."""
+    if os.environ.get("CEMABENCH_ROBUSTBENCH_DIR"):
+        return Path(os.environ["CEMABENCH_ROBUSTBENCH_DIR"])
+    folder = weights_dir()
+    return folder / "robustbench" if folder else Path.home() / ".cache" / "cemabench" / "robustbench"
 
 
 def _pkg_resources_stand_in() -> types.ModuleType:

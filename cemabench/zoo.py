@@ -5,7 +5,10 @@
     timm:<arch>[@WEIGHTS]          WEIGHTS: ``pretrained`` (default), ``none``, or a checkpoint path
     tiny:<edge|foundation>         the miniature architectures with 1000 random-weight outputs, for smoke runs
 
-Nothing is downloaded when ``CEMABENCH_OFFLINE=1``: a missing file is an error that says where to put it.
+A weights folder (``--weights DIR``, or ``CEMABENCH_WEIGHTS``) is looked in before the torch and Hugging Face caches:
+torchvision weights by their published file name (``DIR/resnet50-0676ba61.pth``), timm weights as
+``DIR/<arch>.safetensors`` or ``DIR/<arch>.pth``. Nothing is downloaded when ``CEMABENCH_OFFLINE=1``: a missing file is
+an error that says where to put it.
 """
 from __future__ import annotations
 
@@ -36,6 +39,14 @@ class Normalized(nn.Module):
 
 def _offline() -> bool:
     return os.environ.get("CEMABENCH_OFFLINE") == "1"
+
+
+def weights_dir() -> Path | None:
+    """The folder named by ``--weights`` (``CEMABENCH_WEIGHTS``), if any."""
+    folder = os.environ.get("CEMABENCH_WEIGHTS")
+    if folder and not Path(folder).is_dir():
+        raise UserError(f"the weights folder {folder} (--weights / CEMABENCH_WEIGHTS) is not a directory")
+    return Path(folder) if folder else None
 
 
 def _is_path(weights: str) -> bool:
@@ -71,16 +82,23 @@ def torchvision_model(name: str) -> nn.Module:
     if weights not in enum.__members__:
         raise UserError(f"{arch} has no weights {weights!r}; valid: {', '.join(enum.__members__)}, none, or a path")
     chosen = enum[weights]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(chosen.url)
-    advice = (f"put {os.path.basename(chosen.url)} (from {chosen.url}) at {cached}, or name a local checkpoint "
-              f"as torchvision:{arch}@/path/to/weights.pth")
+    mean, std = list(chosen.transforms().mean), list(chosen.transforms().std)
+    file = os.path.basename(chosen.url)
+    folder = weights_dir()
+    if folder is not None and (folder / file).is_file():
+        net = models.get_model(arch, weights=None)
+        _load_checkpoint(net, str(folder / file), spec)
+        return Normalized(net, mean, std).eval()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file
+    advice = (f"put {file} (from {chosen.url}) at {cached}" + (f" or in {folder}" if folder else "")
+              + f", or name a local checkpoint as torchvision:{arch}@/path/to/weights.pth")
     if not cached.is_file() and _offline():
         raise UserError(f"weights for {spec}@{weights} are not cached and CEMABENCH_OFFLINE=1: {advice}")
     try:
         net = models.get_model(arch, weights=chosen)
     except OSError as error:
         raise UserError(f"weights for {spec} could not be downloaded ({error}): {advice}") from error
-    return Normalized(net, list(chosen.transforms().mean), list(chosen.transforms().std)).eval()
+    return Normalized(net, mean, std).eval()
 
 
 def timm_model(name: str) -> nn.Module:
@@ -93,14 +111,18 @@ def timm_model(name: str) -> nn.Module:
     if not timm.list_models(arch):
         raise UserError(f"timm has no model {arch!r} (see timm.list_models())")
     pretrained = weights == "pretrained"
+    folder = weights_dir()
+    local = [folder / f"{arch}{suffix}" for suffix in (".safetensors", ".pth") if folder] if pretrained else []
+    overlay = next(({"file": str(path)} for path in local if path.is_file()), None)
     if pretrained and _offline():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        net = timm.create_model(arch, pretrained=pretrained)
+        net = timm.create_model(arch, pretrained=pretrained, pretrained_cfg_overlay=overlay)
     except Exception as error:
+        where = f"at {local[0]}, " if local else ""
         raise UserError(f"timm could not build {spec} ({type(error).__name__}: {error}); offline, put the weights "
-                        f"in the Hugging Face cache (HF_HOME), or name a local checkpoint as timm:{arch}@/path.pth"
-                        ) from error
+                        f"{where}in the Hugging Face cache (HF_HOME), or name a local checkpoint as "
+                        f"timm:{arch}@/path.pth") from error
     if _is_path(weights):
         _load_checkpoint(net, weights, spec)
     cfg = net.pretrained_cfg

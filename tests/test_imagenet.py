@@ -1,6 +1,9 @@
 """ImageNet-C / ImageNet-R loading and the model zoo, on small generated trees in the real layouts (no network)."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,6 +193,44 @@ class TestZoo:
             model = build_model(f"{name}@none")
             with torch.no_grad():
                 assert model(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
+
+    def test_a_weights_folder_comes_before_the_caches(self, tmp_path, monkeypatch, capsys):
+        monkeypatch.setenv("CEMABENCH_OFFLINE", "1")
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+        folder = tmp_path / "weights"
+        folder.mkdir()
+        reference = torchvision_model("resnet18@none").net
+        torch.save(reference.state_dict(), folder / "resnet18-f37072fd.pth")  # IMAGENET1K_V1's published file name
+        monkeypatch.setenv("CEMABENCH_WEIGHTS", str(folder))
+        loaded = torchvision_model("resnet18").net
+        assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), loaded.state_dict().values()))
+        with pytest.raises(UserError, match=f"put resnet34-b627a593.pth .* or in {folder}"):
+            torchvision_model("resnet34")
+        monkeypatch.delenv("CEMABENCH_WEIGHTS")
+        code = main(["run", "--method", "source", "--domains", "fog", "--edge", "torchvision:resnet18",
+                     "--weights", str(tmp_path / "nowhere")])
+        assert code == 2 and "weights folder" in capsys.readouterr().err
+
+    def test_timm_weights_load_offline_from_a_weights_folder_or_the_hugging_face_cache(self, tmp_path):
+        import timm
+        from safetensors.torch import save_file
+
+        reference = timm.create_model("resnet10t")
+        save_file(reference.state_dict(), tmp_path / "resnet10t.safetensors")
+        repo = tmp_path / "hf" / f"models--{timm.models.get_pretrained_cfg('resnet10t').hf_hub_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        save_file(reference.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+        probe = ("import sys, torch\nfrom cemabench.zoo import timm_model\n"
+                 "from safetensors.torch import load_file\nexpected = load_file(sys.argv[1])\n"
+                 "loaded = timm_model('resnet10t').net.state_dict()\n"
+                 "print(all(torch.equal(expected[k], loaded[k]) for k in expected))\n")
+        for extra in ({"CEMABENCH_WEIGHTS": str(tmp_path)}, {"HF_HUB_CACHE": str(tmp_path / "hf")}):
+            env = {**os.environ, "CEMABENCH_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), **extra}
+            run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "resnet10t.safetensors")], env=env,
+                                 capture_output=True, text=True)
+            assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr[-2000:]
 
     def test_timm_random_model(self):
         from cemabench.zoo import timm_model

@@ -57,6 +57,17 @@ def test_a_zoo_model_runs_a_table_as_the_edge(checkpoints, tmp_path, capsys):
     assert [c["status"] for c in cells] == ["ok", "ok"] and [c["seen"] for c in cells] == [2, 2]
 
 
+def test_checkpoints_can_sit_in_the_weights_folder(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.delenv("CEMABENCH_ROBUSTBENCH_DIR")
+    monkeypatch.setenv("CEMABENCH_WEIGHTS", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "rb").rename(tmp_path / "weights" / "robustbench")
+    assert robustbench_zoo.checkpoint_dir() == tmp_path / "weights" / "robustbench"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(build_model(R18)(x), Normalized(checkpoints, IMAGENET_MEAN, IMAGENET_STD).eval()(x))
+
+
 @pytest.mark.parametrize("name, message", [
     ("Hendrycks2020AugMix", "not at .*/rb/imagenet/corruptions/Hendrycks2020AugMix.pt and CEMABENCH_OFFLINE=1: "
                             "put RobustBench's file there \\(Google Drive id 1xRMj1GlO93tLoCMm0e5wEvZwqhIjxhoJ\\)"),
