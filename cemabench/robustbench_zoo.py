@@ -5,7 +5,8 @@
 
 RobustBench models take images in [0, 1] and normalise themselves, as every cemabench model does. Checkpoints live
 in :func:`checkpoint_dir` as ``<DATASET>/<THREAT>/<NAME>.pt``, RobustBench's own layout, so an existing RobustBench
-``models/`` folder can be named there. With ``CEMABENCH_OFFLINE=1`` nothing is downloaded and a missing checkpoint is an error naming the file.
+``models/`` folder can be named there. With ``CEMABENCH_OFFLINE=1`` nothing is downloaded and a missing checkpoint is
+an error naming the file.
 
 robustbench 1.1.1 cannot be imported as packaged, and this adapter works around it only while it imports:
 it needs ``pkg_resources`` (gone from setuptools >= 81), which gets a stand-in answering the one call robustbench
@@ -28,7 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from cemabench.errors import UserError
-from cemabench.zoo import weights_dir
+from cemabench.zoo import hub_checkpoint, weights_dir
 
 DATASETS = ("imagenet", "cifar10", "cifar100")
 INSTALL = 'pip install -c constraints.txt -e ".[robustbench]"  (or: pip install "cemabench[robustbench]")'
@@ -86,10 +87,8 @@ def _check_offline(spec: str, timm_name: str, gdrive, expected: Path) -> None:
     registered in timm, or uncached torchvision weights (RobustBench's ``Standard_R50`` is torchvision's
     IMAGENET1K_V1 resnet50, built with ``pretrained=True``)."""
     import timm
-    import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
     url = None
     if timm.is_model(timm_name):
         url = timm.models.get_pretrained_cfg(timm_name).url
@@ -101,9 +100,9 @@ def _check_offline(spec: str, timm_name: str, gdrive, expected: Path) -> None:
         raise UserError(f"the checkpoint for {spec} is not at {expected} and CEMABENCH_OFFLINE=1: put RobustBench's "
                         f"file there (Google Drive id {gdrive}), or set CEMABENCH_ROBUSTBENCH_DIR to a folder "
                         f"holding {expected.relative_to(expected.parents[2])}")
-    if url and not (hub / os.path.basename(url)).is_file():
+    if url and not hub_checkpoint(url).is_file():
         raise UserError(f"the weights of {spec} are not cached and CEMABENCH_OFFLINE=1: put {os.path.basename(url)} "
-                        f"(from {url}) at {hub / os.path.basename(url)}")
+                        f"(from {url}) at {hub_checkpoint(url)}")
 
 
 def _parse(name: str) -> tuple[str, str, str]:
@@ -126,14 +125,15 @@ def robustbench_model(name: str) -> nn.Module:
     threats = [t.value for t in ThreatModel]
     if threat not in threats:
         raise UserError(f"robustbench has no threat model {threat!r}; valid: {', '.join(threats)}")
-    zoo = utils.all_models[BenchmarkDataset(dataset)][ThreatModel(threat.replace("_3d", ""))]
+    stored_as = threat.replace("_3d", "")  # RobustBench keeps its 3D-corruption models with the corruption ones
+    zoo = utils.all_models[BenchmarkDataset(dataset)][ThreatModel(stored_as)]
     if model_name not in zoo:
         raise UserError(f"robustbench has no {dataset}/{threat} model {model_name!r}; valid: {', '.join(zoo)}")
     spec = f"robustbench:{name}"
     root = checkpoint_dir()
-    expected = root / dataset / threat.replace("_3d", "") / f"{model_name}.pt"
+    expected = root / dataset / stored_as / f"{model_name}.pt"
     if os.environ.get("CEMABENCH_OFFLINE") == "1":
-        timm_name = f"{model_name.lower().replace('-', '_')}_{dataset}_{threat.replace('_3d', '')}"
+        timm_name = f"{model_name.lower().replace('-', '_')}_{dataset}_{stored_as}"
         _check_offline(spec, timm_name, zoo[model_name]["gdrive_id"], expected)
     try:
         net = utils.load_model(model_name, model_dir=str(root), dataset=dataset, threat_model=threat)

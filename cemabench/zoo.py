@@ -49,6 +49,11 @@ def weights_dir() -> Path | None:
     return Path(folder) if folder else None
 
 
+def hub_checkpoint(url: str) -> Path:
+    """Where torch.hub caches the file at ``url`` (torchvision weights, timm's non-Hugging-Face weights)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def _is_path(weights: str) -> bool:
     return "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
@@ -89,7 +94,7 @@ def torchvision_model(name: str) -> nn.Module:
         net = models.get_model(arch, weights=None)
         _load_checkpoint(net, str(folder / file), spec)
         return Normalized(net, mean, std).eval()
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / file
+    cached = hub_checkpoint(chosen.url)
     advice = (f"put {file} (from {chosen.url}) at {cached}" + (f" or in {folder}" if folder else "")
               + f", or name a local checkpoint as torchvision:{arch}@/path/to/weights.pth")
     if not cached.is_file() and _offline():
@@ -112,7 +117,7 @@ def timm_model(name: str) -> nn.Module:
         raise UserError(f"timm has no model {arch!r} (see timm.list_models())")
     pretrained = weights == "pretrained"
     folder = weights_dir()
-    local = [folder / f"{arch}{suffix}" for suffix in (".safetensors", ".pth") if folder] if pretrained else []
+    local = [folder / f"{arch}{suffix}" for suffix in (".safetensors", ".pth")] if folder and pretrained else []
     overlay = next(({"file": str(path)} for path in local if path.is_file()), None)
     if pretrained and _offline():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

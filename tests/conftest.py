@@ -1,4 +1,6 @@
 import copy
+import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -68,3 +70,12 @@ def cloud_resources(counter=None, classes=4) -> CloudResources:
 
     return CloudResources(num_classes=classes, edge_replica=lambda: fresh(edge), foundation=lambda: fresh(foundation),
                           clean_images=lambda n: clean[:n])
+
+
+@pytest.fixture
+def robustbench_not_installed(monkeypatch):
+    """The interpreter as it looks without the robustbench package."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, "robustbench.utils", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "robustbench" else find_spec(name, *a))

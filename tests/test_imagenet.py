@@ -1,5 +1,4 @@
 """ImageNet-C / ImageNet-R loading and the model zoo, on small generated trees in the real layouts (no network)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -84,9 +83,7 @@ def test_robustbench_subset_from_the_installed_package():
     assert all(entry.split("/")[1].startswith("ILSVRC2012_val_") for entry in listed)
 
 
-def test_robustbench_subset_without_the_package_says_what_to_do(root, monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "robustbench" else find_spec(name, *a))
+def test_robustbench_subset_without_the_package_says_what_to_do(root, robustbench_not_installed):
     with pytest.raises(UserError, match="'robustbench-5000' needs RobustBench's list .* or set subset_file"):
         imagenet_c(root, domains=["fog"], subset="robustbench-5000", workers=0)
 
