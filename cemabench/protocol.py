@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import random
 import resource
 import time
@@ -41,6 +42,11 @@ class Protocol:
     delivery_delay: int = 0
     upload_budget: int | None = None  # samples per run unit; None = unlimited
     upload_budget_bytes: int | None = None  # bytes up per run unit (inputs, payload and tensors); None = unlimited
+    # the link model: None / 0 = a link that only counts (transfers take no time)
+    bandwidth: float | None = None  # bytes per second, both directions
+    latency: float = 0.0  # seconds per transfer, each direction
+    batch_interval: float = 1.0  # seconds between edge batches: how transfer time becomes batches of delay
+    answer_deadline: float | None = None  # seconds after a batch's arrival by which an offloaded answer must be back
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("delivery_delay", 0), ("upload_budget", 0), ("upload_budget_bytes", 0)):
@@ -52,6 +58,20 @@ class Protocol:
                                 f"{' (or unset for no budget)' if name.startswith('upload') else ''}, got {value!r}")
         if self.reset not in RESETS:
             raise UserError(f"protocol reset must be one of {', '.join(RESETS)}, got {self.reset!r}")
+        for name, positive in (("bandwidth", True), ("latency", False), ("batch_interval", True),
+                               ("answer_deadline", False)):
+            value = getattr(self, name)
+            if value is None and name in ("bandwidth", "answer_deadline"):
+                continue
+            bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            if bad or value < 0 or (positive and value == 0):
+                raise UserError(f"protocol {name} must be a number {'> 0' if positive else '>= 0'} (seconds or bytes "
+                                f"per second){' or unset' if name in ('bandwidth', 'answer_deadline') else ''}, "
+                                f"got {value!r}")
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        """How long ``nbytes`` take over the link: latency + bytes / bandwidth."""
+        return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
 
 
 def unit_groups(reset: str, domains: Sequence) -> list[tuple]:
@@ -92,6 +112,8 @@ class LinkCounters:
     download_bytes: int = 0
     answers: int = 0
     answer_bytes: int = 0
+    late_answers: int = 0  # answers that missed the deadline: the edge's own prediction stands for those samples
+    download_delay_batches: int = 0  # summed over downloads: batches each arrived later than the next one
 
     @property
     def bytes_up(self) -> int:
@@ -124,8 +146,11 @@ def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, int]:
 class Link:
     """Everything that crosses between edge and cloud: encoded, counted, budgeted and delayed here."""
 
-    def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None):
+    def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None,
+                 protocol: Protocol | None = None):
         self.budget, self.budget_bytes, self.delay = budget, budget_bytes, delay
+        self.protocol = protocol or Protocol()
+        self._batch_up_bytes = 0  # what the current batch sent up: its answers and downloads wait for it to cross
         self.total_uploaded = 0
         self.total_bytes = 0
         self.counters = LinkCounters()
@@ -163,19 +188,36 @@ class Link:
         self.counters.upload_bytes += len(index) * input_bytes
         self.counters.upload_payload_bytes += len(index) * row_bytes
         self.total_bytes += len(index) * per_sample
+        self._batch_up_bytes = tensor_bytes + len(index) * per_sample
         samples = x[index.to(x.device)] if decision.send_input else x[:0]  # advanced indexing copies
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
                       sample_ids=index + first_id)
 
-    def answer(self, answers: torch.Tensor) -> torch.Tensor:
+    def answer(self, answers: torch.Tensor) -> torch.Tensor | None:
+        """The answers as the edge receives them, or None when they arrive after the deadline (counted as late)."""
+        nbytes = answers.numel() * answers.element_size()
         self.counters.answers += len(answers)
-        self.counters.answer_bytes += answers.numel() * answers.element_size()
+        self.counters.answer_bytes += nbytes
+        deadline = self.protocol.answer_deadline
+        if deadline is not None and self._round_trip(nbytes) > deadline:
+            self.counters.late_answers += len(answers)
+            return None
         return answers.detach().clone()
 
+    def _round_trip(self, down_bytes: int) -> float:
+        """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge (cloud time not
+        modelled: it would make the numbers depend on the machine)."""
+        if not self.protocol.bandwidth and not self.protocol.latency:
+            return 0.0
+        return self.protocol.transfer_seconds(self._batch_up_bytes) + self.protocol.transfer_seconds(down_bytes)
+
     def send_down(self, download: Download, batch_index: int) -> None:
+        nbytes = _nbytes(download)
         self.counters.downloads += 1
-        self.counters.download_bytes += _nbytes(download)
-        due = batch_index + 1 + self.delay
+        self.counters.download_bytes += nbytes
+        late = max(0, math.ceil(self._round_trip(nbytes) / self.protocol.batch_interval) - 1)
+        self.counters.download_delay_batches += self.delay + late
+        due = batch_index + 1 + self.delay + late
         self._in_flight.append((due, {k: v.detach().clone() for k, v in download.items()}))
 
     def arrived(self, batch_index: int) -> list[Download]:
@@ -458,7 +500,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
         _skip_rest(results, 1)
         return results
 
-    link = Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes)
+    link = Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol)
     batch_index = 0
     stream_position = 0
     for position, (domain, result) in enumerate(zip(domains, results)):
@@ -554,8 +596,11 @@ def _note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
                      f"tensors crossed and the cloud worked on them")
     if link.refused or link.refused_bytes:
         notes.append(f"upload budget exhausted: {link.refused} samples refused")
+    if link.late_answers:
+        notes.append(f"{link.late_answers} answers arrived after the deadline and did not count")
     if result.unanswered:
-        notes.append(f"{result.unanswered} samples had no prediction (never uploaded) and count as errors")
+        notes.append(f"{result.unanswered} samples had no prediction (not uploaded, or answered late) and count as "
+                     f"errors")
     return "; ".join(notes)
 
 
@@ -575,9 +620,10 @@ def _answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload:
         got = None if answers is None else tuple(answers.shape)
         raise ValueError(f"the edge awaits answers for {expected[0]} uploaded samples, so the cloud must return "
                          f"CloudReply(answers=...) of shape {expected}; got {got}")
-    answers = _finite(link.answer(answers).float(), batch_index)
+    received = link.answer(answers)
     out = logits.clone() if logits is not None else torch.full((batch, num_classes), float("nan"), device=answers.device)
-    out[upload.index.to(out.device)] = answers.to(out.device)
+    if received is not None:  # late answers do not count: the edge's own prediction (if any) stands
+        out[upload.index.to(out.device)] = _finite(received.float(), batch_index).to(out.device)
     return out
 
 

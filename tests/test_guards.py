@@ -363,3 +363,52 @@ def test_protocol_values_out_of_range_are_user_errors(field, value):
 
     with pytest.raises(UserError, match=field if field != "reset" else "reset must be one of"):
         Protocol(**{field: value})
+
+
+# ---- the link model: bytes become delay ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bandwidth, latency, interval, expected", [
+    (None, 0.0, 1.0, 0),  # a link that only counts: next batch
+    (1000.0, 0.0, 1.0, 2),  # 2000 B up + 600 B down at 1000 B/s = 2.6 s: ceil(2.6 / 1) - 1 = 2 batches late
+    (1000.0, 0.5, 1.0, 3),  # + 2 x 0.5 s latency = 3.6 s
+    (1000.0, 0.0, 4.0, 0),  # 2.6 s within one 4 s batch interval
+])
+def test_a_transfer_arrives_when_the_formula_says(bandwidth, latency, interval, expected):
+    protocol = Protocol(bandwidth=bandwidth, latency=latency, batch_interval=interval)
+    link = Link(None, 0, protocol=protocol)
+    x = torch.zeros(2, 1, 10, 10, dtype=torch.uint8)
+    link.send_up(x, EdgeDecision(torch.zeros(2, 2), upload=torch.arange(2)), sample_nbytes=1000, batch_index=5)
+    link.send_down({"w": torch.zeros(150)}, batch_index=5)  # 600 bytes
+    arrivals = [t for t in range(5, 12) if link.arrived(t)]
+    assert arrivals == [6 + expected] and link.counters.download_delay_batches == expected
+    assert protocol.transfer_seconds(2000) == pytest.approx(latency + (2000 / bandwidth if bandwidth else 0))
+
+
+def test_answers_after_the_deadline_leave_the_edge_prediction(tiny):
+    dataset, models = tiny
+
+    def offload_half(self, model, x):
+        return EdgeDecision(model(x), upload=torch.arange(0, len(x), 2), await_answers=True)
+
+    def answer(upload):
+        return CloudReply(answers=torch.full((len(upload), 4), 0.0).index_fill_(1, torch.tensor([3]), 9.0))
+
+    # 8 samples x 192 B up + 8 x 4 x 4 B down at 1000 B/s: 1.664 s per batch of 16 (0.416 s for the last 4)
+    slow = Protocol(batch_size=16, bandwidth=1000.0, answer_deadline=0.4)
+    fast = Protocol(batch_size=16, bandwidth=1000.0, answer_deadline=2.0)
+    (late,) = _run(tiny, plugin(offload_half, answer), slow)
+    (on_time,) = _run(tiny, plugin(offload_half, answer), fast)
+    (instant,) = _run(tiny, plugin(offload_half, answer), Protocol(batch_size=16))
+    (edge_only,) = _run(tiny, plugin(lambda self, model, x: EdgeDecision(model(x))), Protocol(batch_size=16))
+    assert late.link.late_answers == 50 and late.correct == edge_only.correct and "after the deadline" in late.note
+    assert on_time.link.late_answers == 0 and on_time.correct == instant.correct
+
+
+@pytest.mark.parametrize("field, value", [("bandwidth", 0), ("bandwidth", -1.0), ("latency", -0.1),
+                                          ("batch_interval", 0), ("answer_deadline", -1), ("latency", float("nan"))])
+def test_link_model_values_out_of_range_are_user_errors(field, value):
+    from cemabench.errors import UserError
+
+    with pytest.raises(UserError, match=field):
+        Protocol(**{field: value})

@@ -1,0 +1,62 @@
+"""The harness's overhead: the same `source` stream as a bare PyTorch loop and through the protocol, as a pair.
+
+    pytest tests/benchmarks/test_overhead.py --benchmark-enable            # miniature and ResNet-50 at 224 px
+    CEMABENCH_BENCH_DEVICE=cuda pytest tests/benchmarks/test_overhead.py --benchmark-enable
+
+Each group holds the bare loop and the protocol on the same images and model; the ratio of their means is the
+overhead (online scoring, the link, the forward-only meter that sees every op and counts FLOPs, the parameter seal).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cemabench import miniature
+from cemabench.data import ArrayDomain
+from cemabench.protocol import Execution, Models, Protocol, domain_order, run_unit
+from cemabench.registry import build_method, build_model
+
+DEVICE = os.environ.get("CEMABENCH_BENCH_DEVICE", "cpu")
+IMAGES = int(os.environ.get("CEMABENCH_BENCH_IMAGES", 128))
+
+
+def _case(name: str):
+    if name == "miniature":
+        domain = miniature.dataset(domains=["fog"]).domains[0]
+        return domain, miniature.load_model("edge"), 10
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 1000, IMAGES)
+    domain = ArrayDomain("noise", rng.integers(0, 256, (IMAGES, 224, 224, 3), dtype=np.uint8), lambda: labels)
+    return domain, build_model("torchvision:resnet50@none").eval(), 1000
+
+
+@pytest.fixture(scope="module", params=["miniature", "resnet50"])
+def case(request):
+    return request.param, *_case(request.param)
+
+
+def _bare(domain, model, seed=0):
+    """What a user would write: the same order, batches of 64, eval-mode forward, argmax, scored afterwards."""
+    order = domain_order(seed, domain.name, len(domain))
+    predicted = []
+    with torch.inference_mode():
+        for x in domain.batches(order, 64):
+            predicted.append(model(x.to(DEVICE)).argmax(1).cpu())
+    return int((torch.cat(predicted) == torch.from_numpy(domain.labels()[order])).sum())
+
+
+def test_bare_loop(benchmark, case):
+    name, domain, model, _ = case
+    benchmark.group = f"overhead {name}"
+    correct = benchmark.pedantic(_bare, args=(domain, model.to(DEVICE)), rounds=3, iterations=1, warmup_rounds=1)
+    assert correct >= 0
+
+
+def test_protocol_loop(benchmark, case):
+    name, domain, model, classes = case
+    benchmark.group = f"overhead {name}"
+    models = Models(edge=lambda: model, foundation=lambda: model)
+    args = (build_method("source"), [domain], models, classes, None, Protocol(batch_size=64), 0, Execution(DEVICE))
+    (result,) = benchmark.pedantic(run_unit, args=args, rounds=3, iterations=1, warmup_rounds=1)
+    assert result.status == "ok" and result.correct == _bare(domain, model.to(DEVICE))
