@@ -41,7 +41,7 @@ class TimmResNetHead(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.global_pool, self.fc, self.drop_rate = net.global_pool, net.fc, float(net.drop_rate)
-        self.train(net.training)
+        self.training = net.training  # its own flag only: the net's modules keep their modes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.global_pool(x)
@@ -119,7 +119,7 @@ class Part(nn.Module):
         super().__init__()
         self.names = [name for name, _ in steps]
         self.steps = nn.Sequential(*[module for _, modules in steps for module in modules])
-        self.train(training)
+        self.training = self.steps.training = training  # the containers' flags only: the model's modules keep theirs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.steps(x)

@@ -59,6 +59,15 @@ def test_split_in_training_mode_matches_and_updates_the_models_own_statistics():
     assert torch.equal(model.layer2[0].bn1.running_mean, twin.layer2[0].bn1.running_mean)
 
 
+def test_splitting_leaves_mixed_module_modes_alone():
+    model = load_model("foundation").train()
+    model.layer2[0].bn1.eval()  # e.g. a method that freezes some statistics
+    head, tail = split(model, "layer1")
+    assert head.training and tail.training and not model.layer2[0].bn1.training and model.layer2[0].bn2.training
+    tail.eval()
+    assert not any(m.training for m in model.layer2.modules()) and model.layer1.training
+
+
 def test_parts_share_the_models_parameters_unless_copied():
     model = load_model("edge")
     head, tail = split(model, "layer2")
