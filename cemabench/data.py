@@ -1,8 +1,13 @@
-"""Data sources: a dataset is a list of domains (one per corruption, rendition, ...) plus clean in-distribution data."""
+"""Data sources: a dataset is a list of domains (one per corruption, rendition, ...) plus clean in-distribution data.
+
+Labels never travel with images. A domain hands out images only; its ``labels()`` reads them from storage when the
+harness asks, which it does after the run unit's stream has ended, so that no label is in the process's memory
+while method code runs (``cemabench.protocol`` records predictions at arrival and scores them afterwards).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -16,37 +21,47 @@ class DomainData(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def images(self, indices: np.ndarray) -> torch.Tensor: ...
 
-    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]: ...
+
+    def labels(self) -> np.ndarray:
+        """Every sample's label (int64, in index order), read from storage at call time: the domain object must
+        not hold them, so that method code cannot find them in memory."""
+        ...
 
 
 def sequential_batches(domain, order: np.ndarray, batch_size: int, pin_memory: bool = False
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``batches`` for a domain that only implements ``batch``: one call per batch, in order."""
+                       ) -> Iterator[torch.Tensor]:
+    """``batches`` for a domain that only implements ``images``: one call per batch, in order."""
     for start in range(0, len(order), batch_size):
-        yield domain.batch(order[start:start + batch_size])
+        yield domain.images(order[start:start + batch_size])
 
 
 @dataclass
 class ArrayDomain:
-    """A domain held in memory as uint8 images of shape (N, H, W, 3)."""
+    """A domain held in memory as uint8 images of shape (N, H, W, 3); ``label_source`` reads its labels when
+    called (from a file, say), so the labels are not held beside the images."""
 
     name: str
-    images: np.ndarray
-    labels: np.ndarray
+    pixels: np.ndarray
+    label_source: Callable[[], np.ndarray]
 
     @property
     def sample_nbytes(self) -> int:
-        return int(np.prod(self.images.shape[1:]))
+        return int(np.prod(self.pixels.shape[1:]))
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.pixels)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(self.images[indices]).permute(0, 3, 1, 2).float().div_(255)
-        return images.contiguous(), torch.from_numpy(self.labels[indices]).long()
+    def images(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.pixels[indices]).permute(0, 3, 1, 2).float().div_(255).contiguous()
+
+    def labels(self) -> np.ndarray:
+        labels = np.asarray(self.label_source(), dtype=np.int64)
+        if labels.shape != (len(self),):
+            raise ValueError(f"domain {self.name!r} has {len(self)} images but {labels.shape} labels")
+        return labels
 
     batches = sequential_batches
 
@@ -62,4 +77,3 @@ class DatasetSource:
     is_miniature: bool
     scored_classes: torch.Tensor | None = None  # score the argmax over these classes only (e.g. ImageNet-R's 200)
     provenance: dict[str, Any] = field(default_factory=dict)
-

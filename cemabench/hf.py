@@ -29,20 +29,24 @@ class HFDomain:
 
     name: str
     dataset: object
-    labels: np.ndarray
+    label_column: str
     image_column: str
     resize: bool
     sample_nbytes: int
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.dataset)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(self, indices: np.ndarray) -> torch.Tensor:
         images = self.dataset[[int(i) for i in indices]][self.image_column]
         pixels = [_to_tensor(image) for image in images]
         if self.resize:
             pixels = [RESIZE_CROP(p) for p in pixels]
-        return torch.stack(pixels).float().div_(255), torch.from_numpy(self.labels[indices]).long()
+        return torch.stack(pixels).float().div_(255)
+
+    def labels(self) -> np.ndarray:
+        """Read from the (memory-mapped) Arrow table when the harness scores."""
+        return _labels(self.dataset, self.label_column)[0]
 
     batches = sequential_batches
 
@@ -98,12 +102,12 @@ def hf_dataset(data_root=None, severity: int = 5, domains=None, builder: str = "
         if missing:
             raise UserError(f"domain {name}: no column {', '.join(missing)}; columns: {', '.join(dataset.column_names)}"
                             f" (set image_column / label_column)")
-        labels, count, imagenet = _labels(dataset, label_column)
+        _, count, imagenet = _labels(dataset, label_column)
         classes.add(count)
         is_imagenet.add(imagenet)
         first = _to_tensor(dataset[0][image_column])
         nbytes = 3 * 224 * 224 if resize else int(first.numel())
-        made.append(HFDomain(name, dataset, labels, image_column, resize, nbytes))
+        made.append(HFDomain(name, dataset, label_column, image_column, resize, nbytes))
     if len(classes) != 1:
         raise UserError(f"the domains disagree on their classes ({sorted(classes)} classes)")
     return DatasetSource(

@@ -45,8 +45,8 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class _Files(Dataset):
-    def __init__(self, files: list[Path], labels: np.ndarray, resize: bool):
-        self.files, self.labels, self.resize = files, labels, resize
+    def __init__(self, files: list[Path], resize: bool):
+        self.files, self.resize = files, resize
 
     def __len__(self):
         return len(self.files)
@@ -63,16 +63,17 @@ class _Files(Dataset):
         elif tuple(pixels.shape[1:]) != (224, 224):
             raise DataError(f"{path} is {pixels.shape[2]}x{pixels.shape[1]} px; ImageNet-C images are 224x224, so "
                             f"this is not an ImageNet-C folder (or it was resized)")
-        return pixels, int(self.labels[i])
+        return pixels
 
 
 @dataclass
 class ImageFolderDomain:
-    """A domain of image files; batches are decoded by a DataLoader with ``workers`` processes."""
+    """A domain of image files; batches are decoded by a DataLoader with ``workers`` processes. A file's label is
+    its class folder's index in ``label_of``, looked up only when the harness scores (``labels()``)."""
 
     name: str
     files: list[Path]
-    labels: np.ndarray
+    label_of: dict[str, int]
     resize: bool
     workers: int = 0
 
@@ -83,16 +84,18 @@ class ImageFolderDomain:
 
     def _loader(self, order: np.ndarray, batch_size: int, pin_memory: bool) -> DataLoader:
         batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-        return DataLoader(_Files(self.files, self.labels, self.resize), batch_sampler=batches,
+        return DataLoader(_Files(self.files, self.resize), batch_sampler=batches,
                           num_workers=self.workers, pin_memory=pin_memory, persistent_workers=False)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(self, indices: np.ndarray) -> torch.Tensor:
         return next(self.batches(np.asarray(indices), len(indices)))
 
-    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for pixels, labels in self._loader(order, batch_size, pin_memory):
-            yield pixels.float().div_(255), labels
+    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        for pixels in self._loader(order, batch_size, pin_memory):
+            yield pixels.float().div_(255)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray([self.label_of[f.parent.name] for f in self.files], dtype=np.int64)
 
 
 def _class_folders(folder: Path, wnids: list[str], where: str) -> list[tuple[Path, int]]:
@@ -108,15 +111,18 @@ def _class_folders(folder: Path, wnids: list[str], where: str) -> list[tuple[Pat
     return [(p, index[p.name]) for p in folders]
 
 
-def _files(classes: list[tuple[Path, int]], where: str) -> tuple[list[Path], np.ndarray]:
-    files, labels = [], []
-    for folder, label in classes:
+def _files(classes: list[tuple[Path, int]], where: str) -> list[Path]:
+    files = []
+    for folder, _ in classes:
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise UserError(f"class folder {folder} holds no images (.JPEG, .jpg, .png); {where}")
         files += images
-        labels += [label] * len(images)
-    return files, np.asarray(labels, dtype=np.int64)
+    return files
+
+
+def _label_of(classes: list[tuple[Path, int]]) -> dict[str, int]:
+    return {folder.name: label for folder, label in classes}
 
 
 def robustbench_subset(subset_file: str | None) -> set[str]:
@@ -140,9 +146,9 @@ def _clean(root: Path, wnids: list[str], workers: int) -> ImageFolderDomain | No
     val = root / "imagenet" / "val"
     if not val.is_dir():
         return None
-    files, labels = _files(_class_folders(val, wnids, "expected ROOT/imagenet/val/<wnid>/*.JPEG"),
-                           "expected ROOT/imagenet/val/<wnid>/*.JPEG")
-    return ImageFolderDomain("imagenet-val", files, labels, resize=True, workers=workers)
+    classes = _class_folders(val, wnids, "expected ROOT/imagenet/val/<wnid>/*.JPEG")
+    files = _files(classes, "expected ROOT/imagenet/val/<wnid>/*.JPEG")
+    return ImageFolderDomain("imagenet-val", files, _label_of(classes), resize=True, workers=workers)
 
 
 def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: str = "all",
@@ -160,14 +166,13 @@ def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: st
     made = []
     for corruption in domains:
         classes = _class_folders(root / "imagenet-c" / corruption / str(severity), wnids, layout)
-        files, labels = _files(classes, layout)
+        files = _files(classes, layout)
         if keep is not None:
-            chosen = [i for i, f in enumerate(files) if f"{f.parent.name}/{f.name}" in keep]
-            if not chosen:
+            files = [f for f in files if f"{f.parent.name}/{f.name}" in keep]
+            if not files:
                 raise UserError(f"none of the images under {root / 'imagenet-c' / corruption / str(severity)} is "
                                 f"in the robustbench-5000 list")
-            files, labels = [files[i] for i in chosen], labels[chosen]
-        made.append(ImageFolderDomain(corruption, files, labels, resize=False, workers=workers))
+        made.append(ImageFolderDomain(corruption, files, _label_of(classes), resize=False, workers=workers))
     return DatasetSource(
         name="imagenet-c", num_classes=1000, domains=made, clean=_clean(root, wnids, workers), is_miniature=False,
         provenance={"dataset": "ImageNet-C", "severity": severity, "subset": subset,
@@ -187,9 +192,8 @@ def imagenet_r(data_root, severity: int = 0, domains=("imagenet-r",), scoring: s
     layout = "expected ROOT/imagenet-r/<wnid>/*.jpg with the 200 ImageNet-R classes"
     wnids = imagenet_wnids()
     classes = _class_folders(root, wnids, layout)
-    files, labels = _files(classes, layout)
     scored = torch.tensor([label for _, label in classes]) if scoring == "mask-200" else None
-    domain = ImageFolderDomain("imagenet-r", files, labels, resize=True, workers=workers)
+    domain = ImageFolderDomain("imagenet-r", _files(classes, layout), _label_of(classes), resize=True, workers=workers)
     return DatasetSource(
         name="imagenet-r", num_classes=1000, domains=[domain], clean=_clean(Path(data_root), wnids, workers),
         is_miniature=False, scored_classes=scored,

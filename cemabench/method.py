@@ -33,24 +33,46 @@ class CloudEdgeMapping:
     download: str
 
 
+PAYLOAD_DTYPES = ("float32", "float16", "int8")
+
+
 @dataclass
 class EdgeDecision:
-    """What the edge decides for one batch: the scored prediction and what to send up."""
+    """What the edge decides for one batch: the scored prediction and what to send up.
 
-    logits: torch.Tensor
+    Per uploaded sample, the link carries its raw input (unless ``send_input`` is False) and one row of every
+    ``payload`` tensor (rows aligned with ``upload``: intermediate features, teacher logits, ...), floating payload
+    encoded as ``payload_dtype`` (``int8``: symmetric, one float32 scale per sample and tensor). ``tensors`` are
+    per-batch (normalisation statistics, ...): they cross whole, but never one row per sample of the batch. Every
+    byte is charged to the counters and the budget; nothing per-sample travels for a sample that is not uploaded.
+    """
+
+    logits: torch.Tensor | None  # the scored prediction; None only when every sample awaits the cloud's answer
     upload: torch.Tensor | None = None  # indices into the batch of the samples to upload
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra named tensors to upload
-    await_answers: bool = False  # offloading: the cloud's answers replace the scored logits of the uploaded samples
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # per-batch named tensors to upload
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample tensors, rows aligned with upload
+    send_input: bool = True  # whether each uploaded sample's raw input crosses (False: only its payload rows)
+    payload_dtype: str = "float32"  # link encoding of floating payload tensors: float32 | float16 | int8
+    await_answers: bool = False  # offloading: the cloud's answers replace the scored prediction of uploaded samples
 
 
 @dataclass
 class Upload:
-    """What reaches the cloud for one edge batch, after the link applied the budget. May be empty."""
+    """What reaches the cloud for one edge batch, after the link applied the budget. May be empty.
 
-    samples: torch.Tensor
+    ``payload`` holds what the cloud decodes (int8/float16 payload comes back as float32, with its quantisation
+    error). Answers, when the edge awaits them, are one row per uploaded sample in this order; ``sample_ids`` are
+    the samples' positions in the run unit's stream, the keys under which the edge scores them."""
+
+    samples: torch.Tensor  # raw inputs of the uploaded samples; zero rows when the edge sent no inputs
     tensors: dict[str, torch.Tensor]
     batch_index: int
     index: torch.Tensor | None = None  # positions of the samples in the edge batch
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else len(self.index)
 
 
 @dataclass
@@ -84,7 +106,12 @@ class EdgeLogic:
         raise NotImplementedError
 
     def receive(self, model: nn.Module, download: Download) -> None:
-        """Apply a download; the default loads the named tensors into the model's state."""
+        """Apply a download; the default loads the named tensors into the model's state (a name the model does
+        not have is an error, not a silently ignored download)."""
+        unknown = sorted(set(download) - set(model.state_dict()))
+        if unknown:
+            raise KeyError(f"the download names tensors the edge model does not have: {', '.join(unknown[:5])}"
+                           f"{' ...' if len(unknown) > 5 else ''}")
         model.load_state_dict(download, strict=False)
 
 

@@ -1,8 +1,12 @@
 """The online cloud-edge protocol: stream order, the link, the forward-only edge and the per-batch loop.
 
-Per edge batch t: the edge predicts with its current parameters (that prediction is scored), its logic picks what to
-upload, the link counts and budgets it, the cloud runs, and whatever it sends down is applied to the edge before
-batch t + 1 + delivery_delay. This module is the only place those rules live.
+Per edge batch t: the edge predicts with its current parameters (that prediction is recorded at arrival), its logic
+picks what to upload (raw inputs and/or per-sample payload, plus per-batch tensors), the link encodes, counts and
+budgets every byte of it, the cloud runs, and whatever it sends down is applied to the edge before batch
+t + 1 + delivery_delay; answers the edge awaits replace its prediction for those samples. Labels are read only after
+a run unit's stream has ended, when the recorded predictions are scored. Every op of the edge and cloud steps runs
+under a :class:`~cemabench.meter.ComputeMeter` that counts FLOPs and, on the edge, refuses what a forward-only
+device cannot do. This module is the only place those rules live.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from torch import nn
 
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError
-from cemabench.method import CloudLogic, CloudReply, CloudResources, Download, EdgeDecision, EdgeLogic, Method, Upload
+from cemabench.meter import ComputeMeter
+from cemabench.method import (PAYLOAD_DTYPES, CloudLogic, CloudReply, CloudResources, Download, EdgeDecision, EdgeLogic,
+                              Method, Upload)
 
 RESETS = ("per_domain", "continual")
 
@@ -34,6 +40,18 @@ class Protocol:
     reset: str = "per_domain"
     delivery_delay: int = 0
     upload_budget: int | None = None  # samples per run unit; None = unlimited
+    upload_budget_bytes: int | None = None  # bytes up per run unit (inputs, payload and tensors); None = unlimited
+
+    def __post_init__(self):
+        for name, low in (("batch_size", 1), ("delivery_delay", 0), ("upload_budget", 0), ("upload_budget_bytes", 0)):
+            value = getattr(self, name)
+            if value is None and name.startswith("upload_budget"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"protocol {name} must be an integer >= {low}"
+                                f"{' (or unset for no budget)' if name.startswith('upload') else ''}, got {value!r}")
+        if self.reset not in RESETS:
+            raise UserError(f"protocol reset must be one of {', '.join(RESETS)}, got {self.reset!r}")
 
 
 def unit_groups(reset: str, domains: Sequence) -> list[tuple]:
@@ -64,38 +82,90 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 @dataclass
 class LinkCounters:
-    uploaded: int = 0
-    refused: int = 0
-    upload_bytes: int = 0
-    upload_tensor_bytes: int = 0
+    uploaded: int = 0  # samples
+    refused: int = 0  # samples the budget kept from crossing
+    upload_bytes: int = 0  # raw inputs (uint8 pixels)
+    upload_payload_bytes: int = 0  # per-sample payload rows, as encoded
+    upload_tensor_bytes: int = 0  # per-batch tensors
+    refused_bytes: int = 0  # what the byte budget kept from crossing
     downloads: int = 0
     download_bytes: int = 0
     answers: int = 0
     answer_bytes: int = 0
 
+    @property
+    def bytes_up(self) -> int:
+        return self.upload_bytes + self.upload_payload_bytes + self.upload_tensor_bytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self.download_bytes + self.answer_bytes
+
+
+def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, int]:
+    """A per-sample payload tensor as the cloud decodes it, and the bytes one row of it costs on the link.
+
+    ``None`` sends it as produced; ``float32`` / ``float16`` cast floating tensors; ``int8`` quantises each row
+    symmetrically, q = round(t / s) in [-127, 127] with s = max|row| / 127, and sends q plus s as one float32."""
+    row = t[0].numel() if len(t) else int(np.prod(t.shape[1:], dtype=np.int64))
+    if dtype is None or not t.is_floating_point():
+        return t.detach().clone(), row * t.element_size()
+    t = t.detach()
+    if dtype == "float32":
+        return t.float(), row * 4
+    if dtype == "float16":
+        return t.half().float(), row * 2
+    scale = t.abs().reshape(len(t), -1).amax(1).clamp_min(torch.finfo(torch.float32).tiny).float() / 127
+    scale = scale.reshape((-1,) + (1,) * (t.dim() - 1))
+    q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q.float() * scale, row + 4
+
 
 class Link:
-    """Everything that crosses between edge and cloud: counted, budgeted and delayed here."""
+    """Everything that crosses between edge and cloud: encoded, counted, budgeted and delayed here."""
 
-    def __init__(self, budget: int | None, delay: int):
-        self.budget, self.delay = budget, delay
+    def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None):
+        self.budget, self.budget_bytes, self.delay = budget, budget_bytes, delay
         self.total_uploaded = 0
+        self.total_bytes = 0
         self.counters = LinkCounters()
         self._in_flight: deque[tuple[int, Download]] = deque()
 
-    def send_up(self, x: torch.Tensor, decision: EdgeDecision, sample_nbytes: int, batch_index: int) -> Upload:
+    def _bytes_left(self) -> float:
+        return float("inf") if self.budget_bytes is None else max(0, self.budget_bytes - self.total_bytes)
+
+    def send_up(self, x: torch.Tensor, decision: EdgeDecision, sample_nbytes: int, batch_index: int,
+                first_id: int = 0) -> Upload:
         index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long)
+        wanted = len(index)
+        tensors = {k: v.detach().clone() for k, v in decision.tensors.items()}
+        tensor_bytes = _nbytes(tensors)
+        if tensor_bytes > self._bytes_left():
+            self.counters.refused_bytes += tensor_bytes
+            tensors, tensor_bytes = {}, 0
+        self.counters.upload_tensor_bytes += tensor_bytes
+        self.total_bytes += tensor_bytes
         if self.budget is not None:
-            allowed = max(0, self.budget - self.total_uploaded)
-            self.counters.refused += max(0, len(index) - allowed)
-            index = index[:allowed]
+            index = index[:max(0, self.budget - self.total_uploaded)]
+        payload, row_bytes = {}, 0
+        for name, rows in decision.payload.items():
+            payload[name], nbytes = encode(rows[:len(index)], decision.payload_dtype)
+            row_bytes += nbytes
+        input_bytes = sample_nbytes if decision.send_input else 0
+        per_sample = input_bytes + row_bytes
+        if per_sample and per_sample * len(index) > self._bytes_left():
+            fit = int(self._bytes_left() // per_sample)
+            self.counters.refused_bytes += per_sample * (len(index) - fit)
+            index, payload = index[:fit], {k: v[:fit] for k, v in payload.items()}
+        self.counters.refused += wanted - len(index)
         self.total_uploaded += len(index)
         self.counters.uploaded += len(index)
-        self.counters.upload_bytes += len(index) * sample_nbytes
-        self.counters.upload_tensor_bytes += _nbytes(decision.tensors)
-        samples = x[index.to(x.device)]  # advanced indexing copies
-        return Upload(samples=samples, tensors={k: v.clone() for k, v in decision.tensors.items()},
-                      batch_index=batch_index, index=index)
+        self.counters.upload_bytes += len(index) * input_bytes
+        self.counters.upload_payload_bytes += len(index) * row_bytes
+        self.total_bytes += len(index) * per_sample
+        samples = x[index.to(x.device)] if decision.send_input else x[:0]  # advanced indexing copies
+        return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
+                      sample_ids=index + first_id)
 
     def answer(self, answers: torch.Tensor) -> torch.Tensor:
         self.counters.answers += len(answers)
@@ -139,7 +209,10 @@ class SampleCounter:
 
 
 class ForwardOnlyEdge:
-    """The edge device: runs the method's edge logic in inference mode and proves it changed no parameter."""
+    """The edge device: runs the method's edge logic in inference mode under a guarding :class:`ComputeMeter`
+    (no backward kernel, no optimizer kernel, no write into an edge parameter, whatever issued it), and checks
+    afterwards that no edge parameter was swapped, set to require grad or (on CPU, where a NumPy view could write
+    behind torch's back) changed in value."""
 
     def __init__(self, model: nn.Module, logic: EdgeLogic):
         self.logic = logic
@@ -147,30 +220,55 @@ class ForwardOnlyEdge:
         # models the edge logic keeps beside the edge model (a frozen source copy, say) are part of the edge too
         self.extras = {name: m for name, m in vars(logic).items() if isinstance(m, nn.Module) and m is not self.model}
         self.forwards = SampleCounter()
+        self.meter = ComputeMeter(guard=True)
         for m in (self.model, *self.extras.values()):
             m.requires_grad_(False)
             self.forwards.attach(m)
-        self._snapshot()
+        self._seal()
 
     def _parameters(self):
         yield from self.model.named_parameters()
         for prefix, m in self.extras.items():
             yield from ((f"{prefix}.{n}", p) for n, p in m.named_parameters())
 
-    def _snapshot(self) -> None:
-        self._reference = {n: p.detach().clone() for n, p in self._parameters()}
+    def _seal(self) -> None:
+        params = dict(self._parameters())
+        self._identity = {n: (id(p), p.data_ptr()) for n, p in params.items()}
+        self.meter.protect(params)
+        self._cpu = [n for n, p in params.items() if p.device.type == "cpu"]
+        self._values = self._flat(params) if self._cpu else None
+
+    def _flat(self, params: dict) -> torch.Tensor:
+        return torch.cat([params[n].detach().reshape(-1).double() for n in self._cpu])
+
+    def _changed(self) -> list[str]:
+        params = dict(self._parameters())
+        changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != (id(p), p.data_ptr())]
+        changed += [n for n in self._identity if n not in params]
+        if not changed and self._values is not None and not torch.equal(self._flat(params), self._values):
+            changed, start = [], 0
+            for n in self._cpu:
+                size = params[n].numel()
+                if not torch.equal(params[n].detach().reshape(-1).double(), self._values[start:start + size]):
+                    changed.append(n)
+                start += size
+        return changed
 
     def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.meter:
                 decision = self.logic.step(self.model, x)
         except RuntimeError as error:
-            if "grad" in str(error) or "Inference tensors" in str(error):
-                raise ForwardOnlyViolation(
-                    f"the edge is forward-only, but its logic tried to compute gradients ({error}). Train a replica "
-                    f"in the method's CloudLogic and send the new parameters down instead.") from error
+            if _raised_by_autograd(error):  # torch refused the backward pass itself: the edge has no graph
+                self.meter.violation = self.meter.violation or f"its logic called autograd ({error})"
             raise
-        changed = [n for n, p in self._parameters() if p.requires_grad or not torch.equal(p, self._reference[n])]
+        finally:
+            violation, self.meter.violation = self.meter.violation, None
+            if violation is not None:
+                raise ForwardOnlyViolation(
+                    f"the edge is forward-only, but {violation}. Train a replica in the method's CloudLogic and send "
+                    f"the new parameters down instead.")
+        changed = self._changed()
         if changed:
             raise ForwardOnlyViolation(
                 f"the edge logic changed edge parameters outside a download: {', '.join(changed[:5])}. Only buffers "
@@ -182,20 +280,54 @@ class ForwardOnlyEdge:
         with torch.no_grad():
             self.logic.receive(self.model, download)
         self.model.requires_grad_(False)
-        self._snapshot()
+        self._seal()
+
+
+_AUTOGRAD_ENTRIES = {torch.autograd.backward.__code__, torch.autograd.grad.__code__}
+
+
+def _raised_by_autograd(error: BaseException) -> bool:
+    """Whether the error came out of ``torch.autograd.backward`` / ``grad`` (``Tensor.backward`` calls the former):
+    decided by where it was raised, not by what its text says."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in _AUTOGRAD_ENTRIES:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _validate(decision: EdgeDecision, batch: int, num_classes: int) -> None:
     if not isinstance(decision, EdgeDecision):
         raise TypeError(f"EdgeLogic.step must return an EdgeDecision, got {type(decision).__name__}")
-    if tuple(decision.logits.shape) != (batch, num_classes):
+    if decision.logits is None:
+        if not decision.await_answers:
+            raise ValueError("EdgeDecision.logits may be None only when the edge awaits the cloud's answers")
+    elif tuple(decision.logits.shape) != (batch, num_classes):
         raise ValueError(f"edge logits have shape {tuple(decision.logits.shape)}, expected ({batch}, {num_classes})")
     index = decision.upload
+    uploaded = 0
     if index is not None:
         if index.dtype != torch.long or index.dim() != 1:
             raise ValueError("EdgeDecision.upload must be a 1-D int64 tensor of batch indices")
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= batch or len(index.unique()) != len(index)):
             raise ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})")
+        uploaded = len(index)
+    if decision.logits is None and uploaded != batch:
+        raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")
+    if decision.payload_dtype is not None and decision.payload_dtype not in PAYLOAD_DTYPES:
+        raise ValueError(f"EdgeDecision.payload_dtype must be None or one of {', '.join(PAYLOAD_DTYPES)}, "
+                         f"got {decision.payload_dtype!r}")
+    for name, rows in decision.payload.items():
+        if not torch.is_tensor(rows) or rows.dim() == 0 or len(rows) != uploaded:
+            raise ValueError(f"EdgeDecision.payload[{name!r}] must have one row per uploaded sample ({uploaded}), "
+                             f"got {tuple(rows.shape) if torch.is_tensor(rows) else type(rows).__name__}")
+    for name, t in decision.tensors.items():
+        if not torch.is_tensor(t):
+            raise ValueError(f"EdgeDecision.tensors[{name!r}] must be a tensor, got {type(t).__name__}")
+        if batch > 1 and t.dim() >= 2 and t.shape[0] == batch:
+            raise ValueError(f"EdgeDecision.tensors[{name!r}] has one row per sample of the batch {tuple(t.shape)}: "
+                             f"per-sample data travels in EdgeDecision.payload, for uploaded samples only")
 
 
 @dataclass
@@ -208,9 +340,12 @@ class DomainResult:
     note: str = ""  # what a reader should know about an ok cell (empty selection, exhausted budget)
     seen: int = 0
     correct: int = 0
+    unanswered: int = 0  # samples with no prediction (an edge without logits whose upload the budget refused)
     edge_forward_samples: int = 0
     cloud_forward_samples_grad: int = 0
     cloud_forward_samples_nograd: int = 0
+    edge_flops: int = 0  # everything the edge step executed (torch.utils.flop_counter's formulas)
+    cloud_flops: int = 0  # forward and backward of everything the cloud step executed
     edge_seconds: float = 0.0
     cloud_seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -224,10 +359,22 @@ class DomainResult:
     def upload_ratio(self) -> float | None:
         return 100.0 * self.link.uploaded / self.seen if self.seen and self.status == "ok" else None
 
+    def per_sample(self, total: int) -> float | None:
+        return total / self.seen if self.seen and self.status == "ok" else None
+
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(accuracy=self.accuracy, upload_ratio=self.upload_ratio)
+        out["link"].update(bytes_up=self.link.bytes_up, bytes_down=self.link.bytes_down)
+        out.update(accuracy=self.accuracy, upload_ratio=self.upload_ratio,
+                   bytes_up_per_sample=self.per_sample(self.link.bytes_up),
+                   bytes_down_per_sample=self.per_sample(self.link.bytes_down),
+                   edge_gflops_per_sample=_giga(self.per_sample(self.edge_flops)),
+                   cloud_gflops_per_sample=_giga(self.per_sample(self.cloud_flops)))
         return out
+
+
+def _giga(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
 
 
 @dataclass
@@ -274,6 +421,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
     """Run one method over ``domains`` with no reset in between; a failure ends the unit, not the caller.
 
+    Predictions are recorded at arrival and scored against the domain's labels, read only after its stream ended.
     With ``scored_classes``, the scored prediction is the argmax over those classes only; methods still see all."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
@@ -282,6 +430,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cloud_passes = SampleCounter()
+    cloud_meter = ComputeMeter()
     results = [DomainResult(d.name) for d in domains]
     try:
         edge = ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
@@ -290,65 +439,79 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
             if clean is None:
                 raise LookupError("this method needs clean in-distribution images, and the dataset has none "
                                   "(for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
-            return clean.batch(np.arange(min(n, len(clean))))[0].to(device, memory_format=memory_format)
+            return clean.images(np.arange(min(n, len(clean)))).to(device, memory_format=memory_format)
 
         resources = CloudResources(
             num_classes=num_classes,
             edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
             foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
             clean_images=clean_images, device=device)
-        cloud: CloudLogic | None = method.cloud(resources)
+        with cloud_meter:
+            cloud: CloudLogic | None = method.cloud(resources)
+        cloud_meter.take()  # building the cloud (EATA's Fisher, say) is set-up, not per-sample compute
     except UserError:
         raise
-    except Exception as error:
-        results[0].status, results[0].message = "error", f"setup failed: {type(error).__name__}: {error}"
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
+        results[0].status, results[0].message = "error", f"setup failed: {_describe(error)}"
         _skip_rest(results, 1)
         return results
 
-    link = Link(protocol.upload_budget, protocol.delivery_delay)
+    link = Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes)
     batch_index = 0
+    stream_position = 0
     for position, (domain, result) in enumerate(zip(domains, results)):
         order = domain_order(seed, domain.name, len(domain))
+        predicted: list[torch.Tensor] = []
         edge_before = edge.forwards.with_grad + edge.forwards.without_grad
         cloud_before = (cloud_passes.with_grad, cloud_passes.without_grad)
+        cloud_ran = False
         try:
-            for x, y in domain.batches(order, protocol.batch_size, pin_memory=device.type == "cuda"):
+            for x in domain.batches(order, protocol.batch_size, pin_memory=device.type == "cuda"):
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
                 for download in link.arrived(batch_index):
                     edge.receive(download)
                 with autocast():
                     decision, seconds = _timed(device, edge.step, x, num_classes)
                 result.edge_seconds += seconds
-                prediction = decision.logits.float()
-                upload = link.send_up(x, decision, domain.sample_nbytes, batch_index)
+                result.edge_flops += edge.meter.take()
+                upload = link.send_up(x, decision, domain.sample_nbytes, batch_index, stream_position)
+                scored = None if decision.logits is None else _finite(decision.logits.float(), batch_index)
                 if cloud is not None:
-                    with autocast():
+                    with autocast(), cloud_meter:
                         reply, seconds = _timed(device, cloud.step, upload)
                     result.cloud_seconds += seconds
+                    result.cloud_flops += cloud_meter.take()
+                    cloud_ran = cloud_ran or len(upload) > 0 or bool(upload.tensors)
                     if not isinstance(reply, CloudReply):
                         reply = CloudReply(download=reply)
                     if decision.await_answers:
-                        prediction = _answered(prediction, upload, reply.answers, link)
+                        scored = _answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index)
                     if reply.download:
                         if not all(torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()):
                             raise Diverged(f"the cloud sent non-finite parameters at batch {batch_index} of the unit")
                         link.send_down(reply.download, batch_index)
-                if not torch.isfinite(prediction).all():
-                    raise Diverged(f"non-finite logits at batch {batch_index} of the run unit")
-                result.seen += len(y)
-                result.correct += int((_predicted(prediction, scored_classes).cpu() == y).sum())
+                elif decision.await_answers:
+                    raise ValueError("the edge awaits answers, but the method has no cloud to answer")
+                made = _predicted(scored, scored_classes)
+                if decision.logits is None:  # rows the cloud did not answer have no prediction at all
+                    made = torch.where(torch.isnan(scored[:, 0]), -1, made)
+                predicted.append(made.cpu())
                 batch_index += 1
+                stream_position += len(x)
         except Diverged as error:
             result.status, result.message = "diverged", str(error)
-        except Exception as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
             result.status = "error"
-            result.message = f"{type(error).__name__}: {error}"
-            result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
+            result.message = _describe(error)
+            if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
+                result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
+        _score(result, domain, order, predicted)
         result.link = link.next_domain()
-        if cloud is not None and result.status == "ok" and result.link.uploaded == 0:
-            result.note = "empty selection: nothing was uploaded in this domain, so the cloud never ran"
-        elif result.link.refused:
-            result.note = f"upload budget exhausted: {result.link.refused} samples refused"
+        result.note = _note(result, cloud is not None, cloud_ran)
         result.edge_forward_samples = edge.forwards.with_grad + edge.forwards.without_grad - edge_before
         result.cloud_forward_samples_grad = cloud_passes.with_grad - cloud_before[0]
         result.cloud_forward_samples_nograd = cloud_passes.without_grad - cloud_before[1]
@@ -359,6 +522,43 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
     return results
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"method code called sys.exit({error.code!r}); a method must not end the process"
+    return f"{type(error).__name__}: {error}"
+
+
+def _finite(logits: torch.Tensor, batch_index: int) -> torch.Tensor:
+    if not torch.isfinite(logits).all():
+        raise Diverged(f"non-finite logits at batch {batch_index} of the run unit")
+    return logits
+
+
+def _score(result: DomainResult, domain: DomainData, order: np.ndarray, predicted: list[torch.Tensor]) -> None:
+    """Score the predictions recorded at arrival against the labels, which are read from storage only now."""
+    if not predicted:
+        return
+    made = torch.cat(predicted)
+    labels = torch.from_numpy(np.asarray(domain.labels())[order[:len(made)]]).long()
+    result.seen = len(made)
+    result.correct = int((made == labels).sum())
+    result.unanswered = int((made < 0).sum())
+
+
+def _note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
+    link, notes = result.link, []
+    if has_cloud and result.status == "ok" and not cloud_ran:
+        notes.append("empty selection: nothing crossed the link in this domain, so the cloud had nothing to work on")
+    elif has_cloud and link.uploaded == 0 and link.upload_tensor_bytes:
+        notes.append(f"empty selection: no sample was uploaded, but {link.upload_tensor_bytes} bytes of per-batch "
+                     f"tensors crossed and the cloud worked on them")
+    if link.refused or link.refused_bytes:
+        notes.append(f"upload budget exhausted: {link.refused} samples refused")
+    if result.unanswered:
+        notes.append(f"{result.unanswered} samples had no prediction (never uploaded) and count as errors")
+    return "; ".join(notes)
+
+
 def _predicted(logits: torch.Tensor, scored_classes: torch.Tensor | None) -> torch.Tensor:
     if scored_classes is None:
         return logits.argmax(1)
@@ -366,15 +566,18 @@ def _predicted(logits: torch.Tensor, scored_classes: torch.Tensor | None) -> tor
     return scored[logits[:, scored].argmax(1)]
 
 
-def _answered(logits: torch.Tensor, upload: Upload, answers: torch.Tensor | None, link: Link) -> torch.Tensor:
-    """The scored logits when the edge awaits the cloud's answers for what it uploaded."""
-    expected = (len(upload.samples), logits.shape[1])
+def _answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload: Upload,
+              answers: torch.Tensor | None, link: Link, batch_index: int) -> torch.Tensor:
+    """The scored logits when the edge awaits the cloud's answers, one row per uploaded sample in upload order.
+    Samples with neither an edge prediction nor an answer get -inf logits everywhere (scored as errors)."""
+    expected = (len(upload), num_classes)
     if answers is None or tuple(answers.shape) != expected:
         got = None if answers is None else tuple(answers.shape)
         raise ValueError(f"the edge awaits answers for {expected[0]} uploaded samples, so the cloud must return "
                          f"CloudReply(answers=...) of shape {expected}; got {got}")
-    out = logits.clone()
-    out[upload.index.to(logits.device)] = link.answer(answers).to(logits.dtype)
+    answers = _finite(link.answer(answers).float(), batch_index)
+    out = logits.clone() if logits is not None else torch.full((batch, num_classes), float("nan"), device=answers.device)
+    out[upload.index.to(out.device)] = answers.to(out.device)
     return out
 
 

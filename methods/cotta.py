@@ -63,7 +63,7 @@ class _CoTTAEdge(EdgeLogic):
         logits = model(x)
         if self.anchor(x).softmax(1).max(1).values.mean() < self.options.augment_below:
             logits = torch.stack([model(cotta_augment(x)) for _ in range(self.options.augmentations)]).mean(0)
-        return EdgeDecision(logits=logits, upload=torch.arange(len(x)), tensors={TEACHER_LOGITS: logits})
+        return EdgeDecision(logits=logits, upload=torch.arange(len(x)), payload={TEACHER_LOGITS: logits})
 
 
 class _CoTTACloud(CloudLogic):
@@ -77,7 +77,7 @@ class _CoTTACloud(CloudLogic):
     def step(self, upload):
         if len(upload.samples) == 0:
             return None
-        loss = symmetric_cross_entropy(self.student(upload.samples), upload.tensors[TEACHER_LOGITS]).mean(0)
+        loss = symmetric_cross_entropy(self.student(upload.samples), upload.payload[TEACHER_LOGITS]).mean(0)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()

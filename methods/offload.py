@@ -9,9 +9,10 @@ from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecis
 
 
 class _OffloadAllEdge(EdgeLogic):
+    """Runs no model: every input goes up, and the cloud's answers are the prediction."""
+
     def step(self, model, x):
-        placeholder = torch.zeros(len(x), self.num_classes, device=x.device)
-        return EdgeDecision(logits=placeholder, upload=torch.arange(len(x)), await_answers=True)
+        return EdgeDecision(logits=None, upload=torch.arange(len(x), device=x.device), await_answers=True)
 
 
 class _AnswerCloud(CloudLogic):
@@ -33,9 +34,7 @@ class CloudOnly(Method):
                                cloud="answers with the foundation model", download="logits")
 
     def edge(self, num_classes):
-        edge = _OffloadAllEdge()
-        edge.num_classes = num_classes
-        return edge
+        return _OffloadAllEdge()
 
     def cloud(self, resources):
         return _AnswerCloud(resources.foundation())

@@ -36,9 +36,12 @@ class TinyNet(nn.Module):
 
 def tiny_dataset(domains=("a", "b", "c"), n=100, classes=4, seed=0) -> DatasetSource:
     rng = np.random.default_rng(seed)
-    made = [ArrayDomain(d, rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, classes, n))
-            for d in domains]
-    clean = ArrayDomain("clean", rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, classes, n))
+    def domain(name):
+        pixels, labels = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, classes, n)
+        return ArrayDomain(name, pixels, lambda: labels)
+
+    made = [domain(d) for d in domains]
+    clean = domain("clean")
     return DatasetSource("tiny", classes, made, clean, is_miniature=False)
 
 

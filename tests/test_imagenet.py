@@ -51,21 +51,20 @@ def test_imagenet_c_reads_the_published_layout(root):
     assert [d.name for d in source.domains] == ["fog", "snow"] and source.num_classes == 1000
     fog = source.domains[0]
     assert len(fog) == 6 and fog.sample_nbytes == 3 * 224 * 224
-    x, y = fog.batch(np.arange(6))
+    x, y = fog.images(np.arange(6)), torch.from_numpy(fog.labels())
     assert x.shape == (6, 3, 224, 224) and 0 <= x.min() and x.max() <= 1
     assert sorted(set(y.tolist())) == [imagenet_wnids().index(w) for w in WNIDS]
     with Image.open(fog.files[0]) as image:
         assert torch.equal((x[0] * 255).round().byte(), torch.from_numpy(np.array(image)).permute(2, 0, 1))
-    assert source.clean is not None and source.clean.batch(np.arange(2))[0].shape == (2, 3, 224, 224)
+    assert source.clean is not None and source.clean.images(np.arange(2)).shape == (2, 3, 224, 224)
 
 
 def test_batches_follow_the_given_order_with_workers(root):
     fog = imagenet_c(root, domains=["fog"], workers=2).domains[0]
     order = np.array([5, 0, 3, 1, 4, 2])
     batches = list(fog.batches(order, 4))
-    assert [len(b[1]) for b in batches] == [4, 2]
-    x_all, _ = fog.batch(order)
-    assert torch.equal(torch.cat([b[0] for b in batches]), x_all)
+    assert [len(b) for b in batches] == [4, 2]
+    assert torch.equal(torch.cat(batches), fog.images(order))
 
 
 def test_robustbench_subset_from_a_list_file(root, tmp_path):
@@ -116,7 +115,7 @@ def test_unreadable_or_resized_images_fail_their_cell_with_the_path(tmp_path, co
 @pytest.mark.parametrize("scoring", ["mask-200", "argmax-1000"])
 def test_imagenet_r_resizes_crops_and_scores_as_the_spec_says(root, scoring):
     source = imagenet_r(root, scoring=scoring, workers=0)
-    x, y = source.domains[0].batch(np.arange(6))
+    x, y = source.domains[0].images(np.arange(6)), torch.from_numpy(source.domains[0].labels())
     assert x.shape == (6, 3, 224, 224)
     index = imagenet_wnids()
     assert sorted(set(y.tolist())) == [index.index(w) for w in R_WNIDS]
@@ -246,8 +245,8 @@ class TestHuggingFace:
         native = imagenet_c(root, domains=["fog"], workers=0).domains[0]
         domain = source.domains[0]
         assert source.num_classes == 1000 and len(domain) == len(native) == 6
-        x, y = domain.batch(np.arange(6))
-        x_native, y_native = native.batch(np.arange(6))
+        x, y = domain.images(np.arange(6)), torch.from_numpy(domain.labels())
+        x_native, y_native = native.images(np.arange(6)), torch.from_numpy(native.labels())
         assert sorted(y.tolist()) == sorted(y_native.tolist())
         assert sorted(float(v) for v in x.sum((1, 2, 3))) == pytest.approx(sorted(float(v) for v in x_native.sum((1, 2, 3))))
         (result,) = run_unit(build_method("tent"), source.domains, Models.copies_of(tiny_model("edge"),
@@ -264,7 +263,7 @@ class TestHuggingFace:
         load_dataset("imagefolder", data_dir=str(root / "imagenet-c" / "fog" / "5"), split="validation",
                      cache_dir=str(tmp_path / "c1")).to_parquet(str(folder / "part-0.parquet"))
         source = hf_dataset(tmp_path / "parquet", domains=["fog"], builder="parquet", cache_dir=str(tmp_path / "c2"))
-        assert len(source.domains[0]) == 6 and source.domains[0].batch(np.arange(2))[0].shape == (2, 3, 224, 224)
+        assert len(source.domains[0]) == 6 and source.domains[0].images(np.arange(2)).shape == (2, 3, 224, 224)
 
     @pytest.mark.parametrize("options, message", [({"domains": None}, "needs the domains"),
                                                   ({"layout": "nope/{domain}"}, "nope/fog does not exist"),

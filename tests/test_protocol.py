@@ -158,7 +158,7 @@ def test_online_accuracy_scores_the_prediction_made_at_arrival(tiny):
         return EdgeDecision(model(x))
 
     (result,) = run_unit(_edge_only(oracle_free), [domain], models, 4, dataset.clean, Protocol(batch_size=7), seed=0)
-    x, y = domain.batch(np.arange(len(domain)))
+    x, y = domain.images(np.arange(len(domain))), torch.from_numpy(domain.labels())
     with torch.no_grad():
         expected = (models.edge()(x).argmax(1) == y).sum().item()
     assert result.correct == expected and result.seen == len(domain)

@@ -105,7 +105,7 @@ class TestCoTTA:
         symmetric_cross_entropy(ref(x), target).mean().backward()
         stepped = {n: p - 0.01 * (p.grad + 0.9 * p.grad) for n, p in ref.named_parameters()}  # Nesterov, 1st step
         source = dict(resources.edge_replica().named_parameters())
-        down = cloud.step(Upload(x, {"teacher_logits": target}, 0))
+        down = cloud.step(Upload(x, {}, 0, payload={"teacher_logits": target}))
         for name, p in cloud.student.named_parameters():
             assert torch.allclose(down[name], 0.999 * source[name] + 0.001 * stepped[name])
             assert torch.allclose(p, source[name] if restore == 1.0 else stepped[name])
@@ -121,7 +121,7 @@ class TestCoTTA:
         with torch.no_grad():
             decision = edge.step(model, torch.rand(8, 3, 6, 6))
         assert counter.without_grad == forwards * 8
-        assert torch.equal(decision.tensors["teacher_logits"], decision.logits) and len(decision.upload) == 8
+        assert torch.equal(decision.payload["teacher_logits"], decision.logits) and len(decision.upload) == 8
 
     def test_augmentation_keeps_shape_and_range(self):
         torch.set_default_dtype(torch.float32)
@@ -184,7 +184,7 @@ def test_cloud_only_scores_the_foundation_answers():
     edge, foundation = TinyNet().eval(), TinyNet().eval()
     (result,) = run_unit(build_method("cloud-only"), dataset.domains, Models.copies_of(edge, foundation), 4,
                          dataset.clean, Protocol(batch_size=16), seed=0)
-    x, y = dataset.domains[0].batch(np.arange(50))
+    x, y = dataset.domains[0].images(np.arange(50)), torch.from_numpy(dataset.domains[0].labels())
     with torch.no_grad():
         expected = (foundation(x).argmax(1) == y).sum().item()
     assert result.correct == expected and result.link.answers == 50 and result.link.answer_bytes == 50 * 4 * 4
@@ -199,7 +199,7 @@ def test_confidence_offload_answers_unsure_samples_from_the_cloud(threshold):
     edge, foundation = TinyNet().eval(), TinyNet().eval()
     (result,) = run_unit(build_method("confidence-offload", {"threshold": threshold}), dataset.domains,
                          Models.copies_of(edge, foundation), 4, dataset.clean, Protocol(batch_size=16), seed=0)
-    x, y = dataset.domains[0].batch(np.arange(50))
+    x, y = dataset.domains[0].images(np.arange(50)), torch.from_numpy(dataset.domains[0].labels())
     with torch.no_grad():
         edge_logits, cloud_logits = edge(x), foundation(x)
     unsure = edge_logits.softmax(1).max(1).values < threshold

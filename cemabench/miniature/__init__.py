@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ SPLIT_SEED = 0
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-@lru_cache(maxsize=1)
 def splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Clean uint8 images (N, 32, 32, 3) and labels for the fixed, stratified train and test splits."""
     from sklearn.datasets import load_digits
@@ -52,19 +50,35 @@ def _generator_fingerprint() -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
-def corrupted_test_images(corruption: str, severity: int) -> np.ndarray:
-    """The test split under one corruption, generated once from a fixed seed and cached on disk."""
-    path = cache_dir() / _generator_fingerprint() / f"{corruption}-{severity}.npy"
+def _cached(name: str, make) -> np.ndarray:
+    """An array generated once by ``make()`` and kept on disk under the generator's fingerprint."""
+    path = cache_dir() / _generator_fingerprint() / f"{name}.npy"
     if path.exists():
         return np.load(path)
-    images, _ = splits()["test"]
-    seed = int.from_bytes(hashlib.sha256(f"miniature/{corruption}/{severity}".encode()).digest()[:8], "little")
-    out = corruptions.corrupt(images, corruption, severity, np.random.default_rng(seed))
+    out = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, out)
     os.replace(tmp, path)
     return out
+
+
+def corrupted_test_images(corruption: str, severity: int) -> np.ndarray:
+    """The test split under one corruption, generated once from a fixed seed and cached on disk."""
+    def make():
+        seed = int.from_bytes(hashlib.sha256(f"miniature/{corruption}/{severity}".encode()).digest()[:8], "little")
+        return corruptions.corrupt(splits()["test"][0], corruption, severity, np.random.default_rng(seed))
+
+    return _cached(f"{corruption}-{severity}", make)
+
+
+def stream_labels() -> np.ndarray:
+    """The test split's labels, read from the cache on every call: the harness loads them only to score."""
+    return _cached("test-labels", lambda: splits()["test"][1])
+
+
+def _train_split() -> tuple[np.ndarray, np.ndarray]:
+    return _cached("train-images", lambda: splits()["train"][0]), _cached("train-labels", lambda: splits()["train"][1])
 
 
 def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
@@ -75,16 +89,16 @@ def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORD
                         f"{', '.join(corruptions.HENDRYCKS_ORDER)}")
     if severity not in (1, 2, 3, 4, 5):
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
-    _, labels = splits()["test"]
-    train_images, train_labels = splits()["train"]
+    train_images, _ = _train_split()
+    domains = [ArrayDomain(d, corrupted_test_images(d, severity), stream_labels) for d in domains]
     return DatasetSource(
         name="miniature-digits-c",
         num_classes=10,
-        domains=[ArrayDomain(f"{d}", corrupted_test_images(d, severity), labels) for d in domains],
-        clean=ArrayDomain("clean-train", train_images, train_labels),
+        domains=domains,
+        clean=ArrayDomain("clean-train", train_images, lambda: _train_split()[1]),
         is_miniature=True,
         provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE, not ImageNet-C)", "severity": severity,
-                    "images_per_domain": len(labels), "image_size": IMAGE_SIZE,
+                    "images_per_domain": len(domains[0]) if domains else 0, "image_size": IMAGE_SIZE,
                     "generator": _generator_fingerprint()},
     )
 

@@ -15,7 +15,7 @@ from cemabench.registry import build_method
 def setup():
     dataset = miniature.dataset(severity=5, domains=["fog"])
     models = Models.copies_of(miniature.load_model("edge"), miniature.load_model("foundation"))
-    x, _ = dataset.domains[0].batch(np.arange(64))
+    x = dataset.domains[0].images(np.arange(64))
     return dataset, models, x
 
 
@@ -38,7 +38,7 @@ def test_cema_cloud_step_with_replay(benchmark, setup):
 
     resources = CloudResources(10, models.edge, models.foundation, lambda n: x[:n])
     cloud = build_method("cema").cloud(resources)
-    cloud.replay.extend(dataset.domains[0].batch(np.arange(300))[0].unbind(0))
+    cloud.replay.extend(dataset.domains[0].images(np.arange(300)).unbind(0))
     upload = Upload(samples=x[:32], tensors={}, batch_index=0)
     benchmark(cloud.step, upload)
 

@@ -30,15 +30,15 @@ CEMA_SEVERITY_5_UPLOAD_RATIO = 0.289
 def setup():
     edge, foundation = (build_model(m) for m in PAIRS[os.environ.get("CEMABENCH_BENCH_MODELS", "tiny")])
     rng = np.random.default_rng(0)
-    domain = ArrayDomain("noise", rng.integers(0, 256, (IMAGES, 224, 224, 3), dtype=np.uint8),
-                         rng.integers(0, 1000, IMAGES))
+    labels = rng.integers(0, 1000, IMAGES)
+    domain = ArrayDomain("noise", rng.integers(0, 256, (IMAGES, 224, 224, 3), dtype=np.uint8), lambda: labels)
     return Models.copies_of(edge, foundation), domain
 
 
 def test_edge_forward_images_per_second(benchmark, setup):
     models, domain = setup
     edge = ForwardOnlyEdge(models.edge().to(DEVICE), build_method("source").edge(1000))
-    x = domain.batch(np.arange(64))[0].to(DEVICE)
+    x = domain.images(np.arange(64)).to(DEVICE)
 
     def forward():
         edge.step(x, 1000)

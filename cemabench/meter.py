@@ -1,0 +1,113 @@
+"""What executes, seen op by op: FLOPs for edge and cloud, and the forward-only rule enforced on the edge.
+
+A :class:`ComputeMeter` is a ``TorchDispatchMode``: every aten op that runs inside it passes through it, whichever
+module, function, copy or thread issued it (the autograd engine carries the mode into backward). FLOPs come from
+PyTorch's own formulas (``torch.utils.flop_counter.flop_registry``, the table behind ``FlopCounterMode``), with
+the same rule as ``FlopCounterMode`` for ops without a formula: run their composite decomposition under the mode,
+so that the convolution or matmul inside is counted. Only matmul- and convolution-like ops carry FLOPs, as there.
+
+With a guard, the meter also enforces the forward-only edge by what executes: no backward kernel, no optimizer
+kernel (``_foreach_*_`` / ``_fused_*``), no in-place write into an ``nn.Parameter`` that holds a gradient (an
+optimizer's step, on any model, wherever it is kept), and no in-place write into the storage of a protected parameter (the edge model's, also
+through ``.data`` or a view) may run. Buffers such as BatchNorm statistics may change: a forward-only device can.
+A violation raises :class:`ForwardOnlyViolation` at the op and is remembered, so that a plugin which catches the
+exception is still caught when the step ends.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from cemabench.errors import ForwardOnlyViolation
+
+# ops that only ask for metadata: FlopCounterMode leaves them to the default handling, and so do we
+_METADATA = {
+    torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format,
+    torch.ops.aten.is_strides_like_format.default, torch.ops.aten.is_non_overlapping_and_dense.default,
+    torch.ops.aten.size.default, torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
+    torch.ops.aten.sym_stride.default, torch.ops.aten.storage_offset.default,
+    torch.ops.aten.sym_storage_offset.default, torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default,
+    torch.ops.aten.dim.default, torch.ops.prim.layout.default,
+}
+
+_written_arguments: dict = {}
+
+
+def _written(func) -> tuple:
+    """Positions and keyword names of the arguments an op writes to (its ``Tensor(a!)`` arguments), cached."""
+    found = _written_arguments.get(func)
+    if found is None:
+        found = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                      if a.alias_info is not None and a.alias_info.is_write)
+        _written_arguments[func] = found
+    return found
+
+
+def _storage(t) -> int | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
+        return None
+
+
+class ComputeMeter(TorchDispatchMode):
+    """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
+    do. Enter it once per step (``with meter:``); ``flops`` accumulates until read."""
+
+    def __init__(self, guard: bool = False):
+        super().__init__()
+        self.guard = guard
+        self.flops = 0
+        self.protected: dict[int, str] = {}  # storage address -> name of each parameter no op may write to
+        self.violation: str | None = None
+
+    def protect(self, parameters: dict) -> None:
+        """Refuse in-place writes into the storage of these named tensors (and of any view of them)."""
+        self.protected = {ptr: name for name, ptr in ((n, _storage(t)) for n, t in parameters.items()) if ptr}
+
+    def _refuse(self, message: str):
+        self.violation = self.violation or message
+        raise ForwardOnlyViolation(message)
+
+    def _check(self, func, args, kwargs) -> None:
+        name = func.name()
+        if torch._C._current_autograd_node() is not None:
+            self._refuse(f"a backward kernel ({name}) ran during the edge step")
+        short = name.split("::")[-1].split(".")[0]
+        if short.startswith("_fused_") or (short.startswith("_foreach_") and short.endswith("_")):
+            self._refuse(f"an optimizer kernel ({name}) ran during the edge step")
+        for position, keyword in _written(func):
+            target = args[position] if position < len(args) else kwargs.get(keyword)
+            for t in target if isinstance(target, (list, tuple)) else (target,):
+                hit = self.protected.get(_storage(t))
+                if hit is not None:
+                    self._refuse(f"{name} wrote into the edge parameter {hit} during the edge step")
+                if isinstance(t, torch.nn.Parameter) and t.grad is not None:
+                    self._refuse(f"{name} updated a parameter from its gradient (an optimizer step, on a model kept "
+                                 f"beside the edge?) during the edge step")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            return NotImplemented
+        if self.guard:
+            self._check(func, args, kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is None:
+            if func is not torch.ops.prim.device.default:
+                with self:
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.flops += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+    def take(self) -> int:
+        """The FLOPs counted since the last ``take``."""
+        flops, self.flops = self.flops, 0
+        return flops

@@ -1,0 +1,365 @@
+"""What a hostile or careless plugin can no longer do: each test is a small plugin that tries it.
+
+Found by trying cemabench as a hostile plugin author would (issue 10): smuggling inputs past the budget, training a
+hidden copy of the edge, finding the labels in memory, ending the process, and errors misclassified or ignored.
+"""
+import gc
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cemabench import miniature
+from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
+from cemabench.protocol import Link, LinkCounters, Models, Protocol, domain_order, encode, run_unit
+from conftest import TinyNet
+
+
+def plugin(edge_step, cloud_step=None, receive=None) -> Method:
+    """A method whose halves are the given functions (the cloud half only when ``cloud_step`` is given)."""
+
+    class Edge(EdgeLogic):
+        def step(self, model, x):
+            return edge_step(self, model, x)
+
+    if receive is not None:
+        Edge.receive = lambda self, model, download: receive(model, download)
+
+    class Cloud(CloudLogic):
+        def step(self, upload):
+            return cloud_step(upload)
+
+    class Plugin(Method):
+        name = "hostile"
+        paper = "-"
+
+        def edge(self, num_classes):
+            return Edge()
+
+        def cloud(self, resources):
+            return Cloud() if cloud_step else None
+
+    return Plugin()
+
+
+def _run(tiny, method, protocol=Protocol(batch_size=16), domains=1):
+    dataset, models = tiny
+    return run_unit(method, dataset.domains[:domains], models, 4, dataset.clean, protocol, seed=0)
+
+
+# ---- the budget: everything that crosses is charged ------------------------------------------------------------
+
+
+def test_raw_images_smuggled_as_per_batch_tensors_are_refused(tiny):
+    def smuggle(self, model, x):
+        return EdgeDecision(model(x), tensors={"images": x})
+
+    (result,) = _run(tiny, plugin(smuggle, lambda upload: None), Protocol(batch_size=16, upload_budget=10))
+    assert result.status == "error" and "per-sample data travels in EdgeDecision.payload" in result.message
+
+
+def test_flattened_smuggling_pays_every_byte_and_the_byte_budget_stops_it(tiny):
+    received = []
+
+    def smuggle(self, model, x):
+        return EdgeDecision(model(x), tensors={"flat": x.reshape(-1)})
+
+    def cloud(upload):
+        received.append(sum(t.numel() for t in upload.tensors.values()))
+
+    (result,) = _run(tiny, plugin(smuggle, cloud), Protocol(batch_size=16, upload_budget=10))
+    assert result.status == "ok" and result.link.uploaded == 0
+    assert result.link.upload_tensor_bytes == 100 * 3 * 8 * 8 * 4 == result.link.bytes_up
+    assert "no sample was uploaded, but 76800 bytes of per-batch tensors crossed and the cloud" in result.note
+    received.clear()
+    budget = 3 * 16 * 3 * 8 * 8 * 4  # room for three batches' worth
+    (result,) = _run(tiny, plugin(smuggle, cloud), Protocol(batch_size=16, upload_budget_bytes=budget))
+    assert result.link.upload_tensor_bytes == budget and sum(received) == 3 * 16 * 3 * 8 * 8
+    assert result.link.refused_bytes == 100 * 3 * 8 * 8 * 4 - budget and "budget exhausted" in result.note
+
+
+def test_payload_rows_travel_only_for_uploaded_samples_and_are_charged(tiny):
+    seen = []
+
+    def edge(self, model, x):
+        upload = torch.arange(0, len(x), 2)
+        return EdgeDecision(model(x), upload=upload, payload={"feature": x[upload].mean((2, 3))},
+                            send_input=False)
+
+    def cloud(upload):
+        seen.append((len(upload.samples), len(upload), tuple(upload.payload["feature"].shape)))
+
+    (result,) = _run(tiny, plugin(edge, cloud), Protocol(batch_size=16, upload_budget=20))
+    assert seen[0] == (0, 8, (8, 3)) and sum(n for _, n, _ in seen) == 20
+    assert result.link.uploaded == 20 and result.link.upload_bytes == 0
+    assert result.link.upload_payload_bytes == 20 * 3 * 4 and result.link.refused == 50 - 20
+
+
+def test_payload_rows_must_match_the_upload(tiny):
+    def edge(self, model, x):
+        return EdgeDecision(model(x), upload=torch.arange(2), payload={"feature": x})
+
+    (result,) = _run(tiny, plugin(edge, lambda upload: None))
+    assert result.status == "error" and "one row per uploaded sample (2)" in result.message
+
+
+@pytest.mark.parametrize("dtype, row_bytes", [(None, 12 * 4), ("float32", 12 * 4), ("float16", 12 * 2),
+                                              ("int8", 12 + 4)])
+def test_payload_encodings_charge_their_real_bytes(dtype, row_bytes):
+    torch.manual_seed(0)
+    t = torch.randn(5, 3, 2, 2)
+    decoded, nbytes = encode(t, dtype)
+    assert nbytes == row_bytes and decoded.shape == t.shape and decoded.dtype == torch.float32
+    scale = t.abs().reshape(5, -1).amax(1) / 127
+    error = {None: 0.0, "float32": 0.0, "float16": 1e-3, "int8": float(scale.max()) / 2 + 1e-7}[dtype]
+    assert (decoded - t).abs().max() <= error * (1 if dtype != "float16" else float(t.abs().max()))
+    if dtype == "int8":  # every decoded value is a multiple of its row's scale, at most 127 of them
+        steps = decoded.reshape(5, -1) / scale[:, None]
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 127 + 1e-4
+
+
+def test_link_counts_an_upload_exactly():
+    link = Link(budget=None, delay=0)
+    x = torch.rand(4, 3, 8, 8)
+    decision = EdgeDecision(torch.zeros(4, 2), upload=torch.tensor([1, 3]), tensors={"stats": torch.zeros(7)},
+                            payload={"f": torch.zeros(2, 5, dtype=torch.float64)}, payload_dtype="float16")
+    upload = link.send_up(x, decision, sample_nbytes=3 * 8 * 8, batch_index=0, first_id=100)
+    assert torch.equal(upload.samples, x[[1, 3]]) and upload.sample_ids.tolist() == [101, 103]
+    assert link.counters == LinkCounters(uploaded=2, upload_bytes=2 * 192, upload_payload_bytes=2 * 5 * 2,
+                                         upload_tensor_bytes=7 * 4)
+
+
+# ---- forward-only, enforced by what executes ---------------------------------------------------------------------
+
+
+def test_training_a_hidden_copy_of_the_edge_is_caught(tiny):
+    def cheat(self, model, x):
+        if not hasattr(self, "hidden"):  # a copy in a list: not an attribute the harness would find
+            with torch.inference_mode(False):
+                self.hidden = [TinyNet()]
+                self.hidden[0].load_state_dict(model.state_dict())
+            self.optimizer = torch.optim.SGD(self.hidden[0].parameters(), lr=0.1)
+        with torch.inference_mode(False), torch.enable_grad():
+            copy = self.hidden[0]
+            loss = copy(x.clone()).logsumexp(1).mean()
+            try:
+                loss.backward()
+            except Exception:
+                pass  # swallowing the refusal does not help
+            self.optimizer.step()
+        return EdgeDecision(self.hidden[0](x))
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "forward-only" in result.message and "backward kernel" in result.message
+
+
+def test_an_optimizer_step_on_a_hidden_copy_without_backward_is_caught(tiny):
+    def cheat(self, model, x):
+        hidden = nn.Linear(2, 2)
+        for p in hidden.parameters():
+            p.grad = torch.ones_like(p)
+        torch.optim.SGD(hidden.parameters(), lr=0.1).step()
+        return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "updated a parameter from its gradient" in result.message
+
+
+def test_writing_an_edge_parameter_through_data_is_caught(tiny):
+    def cheat(self, model, x):
+        model.fc.weight.data.mul_(0.5)
+        return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "fc.weight" in result.message
+
+
+def test_writing_an_edge_parameter_through_numpy_is_caught(tiny):
+    def cheat(self, model, x):
+        model.fc.bias.detach().numpy()[:] = 0.0  # behind torch's back: no op to see
+        return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "fc.bias" in result.message
+
+
+def test_a_runtime_error_that_mentions_grad_is_not_a_forward_only_violation(tiny):
+    def unlucky(self, model, x):
+        raise RuntimeError("gradient checkpoint file missing")
+
+    (result,) = _run(tiny, plugin(unlucky))
+    assert result.status == "error" and "gradient checkpoint file missing" in result.message
+    assert "forward-only" not in result.message
+
+
+def test_batchnorm_statistics_may_change_on_the_edge(tiny):
+    def adapt_statistics(self, model, x):
+        model.train()
+        return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, plugin(adapt_statistics))
+    assert result.status == "ok"
+
+
+# ---- FLOPs of what executes ----------------------------------------------------------------------------------------
+
+
+class Linear4(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_flops_are_exact_for_a_known_model(tiny):
+    dataset, _ = tiny
+    torch.manual_seed(0)
+    edge_model, replica = Linear4(), Linear4()
+
+    def edge(self, model, x):
+        return EdgeDecision(model(x), upload=torch.arange(len(x)))
+
+    state = {}
+
+    def cloud(upload):
+        if "model" not in state:
+            state["model"] = Linear4()
+        out = state["model"](upload.samples)
+        out.sum().backward()  # backward: the weight's and bias's gradients only (inputs need none)
+
+    models = Models.copies_of(edge_model, replica)
+    (result,) = run_unit(plugin(edge, cloud), dataset.domains[:1], models, 4, None, Protocol(batch_size=16), seed=0)
+    n, features = 100, 3 * 8 * 8
+    assert result.edge_flops == 2 * n * features * 4
+    assert result.cloud_flops == 2 * n * features * 4 * 2  # forward + the weight-gradient matmul
+    with FlopCounterMode(display=False) as reference:
+        out = Linear4()(torch.rand(n, 3, 8, 8))
+        out.sum().backward()
+    assert reference.get_total_flops() == result.cloud_flops
+    assert result.to_dict()["edge_gflops_per_sample"] == pytest.approx(2 * features * 4 / 1e9)
+
+
+# ---- labels out of reach -----------------------------------------------------------------------------------------
+
+
+def _integer_arrays_in_memory(n: int) -> list[np.ndarray]:
+    """Every integer array or tensor of length ``n`` reachable from the live frames or the garbage collector
+    (objects and one level of their referents), as a copy."""
+    found, seen = [], set()
+
+    def consider(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray) and obj.dtype.kind in "iu" and obj.shape == (n,):
+            found.append(np.array(obj))
+        elif isinstance(obj, torch.Tensor) and not obj.is_floating_point() and tuple(obj.shape) == (n,):
+            found.append(obj.detach().cpu().numpy().copy())
+
+    frame = sys._getframe()
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            consider(value)
+            for inner in gc.get_referents(value):
+                consider(inner)
+        frame = frame.f_back
+    for obj in gc.get_objects():
+        consider(obj)
+        for inner in gc.get_referents(obj):
+            consider(inner)
+    return found
+
+
+def _label_hunter(found: list, n: int):
+    def hunt(self, model, x):
+        self.batches = getattr(self, "batches", 0) + 1
+        if self.batches == 3:
+            found.extend(_integer_arrays_in_memory(n))
+        return EdgeDecision(model(x))
+
+    return hunt
+
+
+def test_a_plugin_searching_frames_and_gc_finds_no_labels():
+    source = miniature.dataset(domains=["fog"])
+    domain, found = source.domains[0], []
+    models = Models(edge=lambda: miniature.load_model("edge"), foundation=lambda: miniature.load_model("foundation"))
+    (result,) = run_unit(plugin(_label_hunter(found, len(domain))), [domain], models, 10, source.clean,
+                         Protocol(batch_size=64), seed=0)
+    assert result.status == "ok" and result.seen == len(domain)
+    assert found, "the search saw no integer array of the stream's length at all (the order is one)"
+    labels = miniature.stream_labels()  # read only now, after the run
+    stream = labels[domain_order(0, "fog", len(labels))]
+    assert not any(np.array_equal(a, labels) or np.array_equal(a, stream) for a in found)
+
+
+def test_the_label_hunter_does_find_labels_that_are_held_in_memory(tiny):
+    """The search above can fail: with a domain that keeps its labels in a closure, it finds them."""
+    dataset, models = tiny
+    found = []
+    run_unit(plugin(_label_hunter(found, 100)), dataset.domains[:1], models, 4, dataset.clean,
+             Protocol(batch_size=16), seed=0)
+    labels = dataset.domains[0].labels()
+    assert any(np.array_equal(a, labels) for a in found)
+
+
+# ---- what must end a cell, not the table ---------------------------------------------------------------------------
+
+
+def test_sys_exit_in_method_code_is_an_error_cell(tiny):
+    def leave(self, model, x):
+        self.batches = getattr(self, "batches", 0) + 1
+        if self.batches == 3:
+            sys.exit(0)
+        return EdgeDecision(model(x))
+
+    results = _run(tiny, plugin(leave), domains=2)
+    assert results[0].status == "error" and "sys.exit(0)" in results[0].message
+    assert results[1].status == "skipped"
+
+
+def test_a_download_key_the_edge_model_lacks_is_an_error(tiny):
+    def edge(self, model, x):
+        return EdgeDecision(model(x), upload=torch.arange(len(x)))
+
+    def cloud(upload):
+        return CloudReply(download={"fc.weight_typo": torch.zeros(4, 4)})
+
+    (result,) = _run(tiny, plugin(edge, cloud))
+    assert result.status == "error" and "fc.weight_typo" in result.message
+
+
+def test_an_edge_without_logits_must_await_answers_and_unanswered_samples_are_errors(tiny):
+    dataset, models = tiny
+
+    def offload_all(self, model, x):
+        return EdgeDecision(None, upload=torch.arange(len(x)), await_answers=True)
+
+    def answer(upload):
+        return CloudReply(answers=torch.zeros(len(upload), 4).index_fill_(1, torch.tensor([0]), 1.0))
+
+    (result,) = _run(tiny, plugin(offload_all, answer), Protocol(batch_size=16, upload_budget=40))
+    labels = dataset.domains[0].labels()
+    stream = labels[domain_order(0, "a", 100)]
+    assert result.status == "ok" and result.unanswered == 60 and result.edge_flops == 0
+    assert result.correct == int((stream[:40] == 0).sum()) and "60 samples had no prediction" in result.note
+
+    def no_logits(self, model, x):
+        return EdgeDecision(None, upload=torch.arange(len(x)))
+
+    (result,) = _run(tiny, plugin(no_logits, answer))
+    assert result.status == "error" and "may be None only when the edge awaits" in result.message
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("batch_size", -5), ("delivery_delay", -1),
+                                          ("upload_budget", -5), ("upload_budget_bytes", -1), ("reset", "sometimes")])
+def test_protocol_values_out_of_range_are_user_errors(field, value):
+    from cemabench.errors import UserError
+
+    with pytest.raises(UserError, match=field if field != "reset" else "reset must be one of"):
+        Protocol(**{field: value})
