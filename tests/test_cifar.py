@@ -104,8 +104,8 @@ def test_clean_cifar10_from_torchvisions_batches(tmp_path):
     assert len(cifar10_c(tmp_path, domains=["fog"]).clean) == 20  # the training split is the cloud's clean data
 
 
-def run_cli(capsys, root, *extra):
-    code = main(["run", "--method", "source", "--dataset", "cifar10-c", "--edge", "tiny:edge@10",
+def run_cli(capsys, root, *extra, dataset="cifar10-c"):
+    code = main(["run", "--method", "source", "--dataset", dataset, "--edge", "tiny:edge@10",
                  "--foundation", "tiny:foundation@10", *(["--data-root", str(root)] if root else []), *extra])
     return code, capsys.readouterr()
 
@@ -201,3 +201,10 @@ def test_a_real_run_of_source_on_generated_cifar10_c(tmp_path, capsys):
     assert "gaussian_noise" in out.out and "fog" in out.out and "EMBEDDED MINIATURE" not in out.out
     cells = json.loads((tmp_path / "run.json").read_text())["cells"]
     assert [c["domain"] for c in cells] == ["gaussian_noise", "fog"] and all(c["status"] == "ok" for c in cells)
+
+
+def test_a_real_run_on_the_clean_cifar10_test_set(tmp_path, capsys):
+    write_batches(tmp_path)
+    code, out = run_cli(capsys, tmp_path, "--batch-size", "8", dataset="cifar10")
+    assert code == 0, out.err
+    assert "test" in out.out
