@@ -3,7 +3,8 @@
     torchvision:<arch>[@WEIGHTS]   WEIGHTS: a torchvision weights name (default IMAGENET1K_V1, the weights CEMA's
                                    released code loads), ``none`` for random initialisation, or a checkpoint path
     timm:<arch>[@WEIGHTS]          WEIGHTS: ``pretrained`` (default), ``none``, or a checkpoint path
-    tiny:<edge|foundation>         the miniature architectures with 1000 random-weight outputs, for smoke runs
+    tiny:<edge|foundation>[@C]     the miniature architectures with C (default 1000) random-weight outputs, for smoke
+                                   runs (``@10`` for CIFAR-10, ``@100`` for CIFAR-100)
 
 A weights folder (``--weights DIR``, or ``CEMABENCH_WEIGHTS``) is looked in before the torch and Hugging Face caches:
 torchvision weights by their published file name (``DIR/resnet50-0676ba61.pth``), timm weights as
@@ -134,11 +135,15 @@ def timm_model(name: str) -> nn.Module:
     return Normalized(net, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)).eval()
 
 
-def tiny_model(kind: str) -> nn.Module:
-    """A miniature architecture with a 1000-way head and seeded random weights: fast end-to-end runs on real
-    layouts, meaningless accuracy."""
+def tiny_model(name: str) -> nn.Module:
+    """A miniature architecture with a C-way head (``KIND[@C]``, default 1000) and seeded random weights: fast
+    end-to-end runs on real layouts, meaningless accuracy."""
+    kind, _, classes = name.partition("@")
     if kind not in ARCHITECTURES:
-        raise UserError(f"unknown tiny model {kind!r}; valid: {', '.join('tiny:' + k for k in ARCHITECTURES)}")
+        raise UserError(f"unknown tiny model {kind!r}; valid: {', '.join('tiny:' + k for k in ARCHITECTURES)} "
+                        f"(optionally @CLASSES, e.g. tiny:edge@10)")
+    if classes and not (classes.isdigit() and int(classes) >= 2):
+        raise UserError(f"tiny:{name}: the number of classes after @ must be an integer >= 2, got {classes!r}")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return MiniResNet(**ARCHITECTURES[kind], num_classes=1000).eval()
+        return MiniResNet(**ARCHITECTURES[kind], num_classes=int(classes or 1000)).eval()
