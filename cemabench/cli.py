@@ -12,6 +12,7 @@ import pandas as pd
 
 from cemabench import registry
 from cemabench.errors import UserError
+from cemabench.execution import check_device
 
 EXIT_USER_ERROR = 2
 
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
     if getattr(args, "weights", None):
         os.environ["CEMABENCH_WEIGHTS"] = args.weights  # the environment carries it into --jobs worker processes
     try:
+        if getattr(args, "device", None) is not None:
+            args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
         return args.func(args)
     except UserError as error:
         print(f"cemabench: error: {error}", file=sys.stderr)
