@@ -12,6 +12,7 @@ import pandas as pd
 
 from cemabench import registry
 from cemabench.errors import UserError
+from cemabench.execution import check_device
 
 EXIT_USER_ERROR = 2
 
@@ -20,16 +21,31 @@ def _first_line(obj) -> str:
     return (getattr(obj, "__doc__", None) or "").strip().splitlines()[0] if getattr(obj, "__doc__", None) else ""
 
 
+def _about(kind: str, name: str) -> str:
+    """The first docstring line of a plugin, or BROKEN and why it does not load."""
+    try:
+        return _first_line(registry.load(kind, name))
+    except UserError as error:
+        return f"BROKEN: {error}"
+
+
 def cmd_list(args) -> int:
     if args.what == "methods":
-        rows = []
+        rows, broken = [], []
         for name, entry in sorted(registry.available("methods").items()):
-            cls = registry.load("methods", name)
+            source = entry.dist.name if entry.dist else "?"
+            try:
+                cls = registry.load_method(name)
+            except UserError as error:  # one broken plugin must not hide the others
+                broken.append(f"- {name}: {error}")
+                rows.append({"method": name, "paper": "BROKEN (see below)", "from": source})
+                continue
             m = cls.mapping
             rows.append({"method": name, "paper": cls.paper, "selection": m.selection, "uploads": m.uploads,
-                         "cloud": m.cloud, "download": m.download,
-                         "from": entry.dist.name if entry.dist else "?"})
-        print(pd.DataFrame(rows).to_markdown(index=False))
+                         "cloud": m.cloud, "download": m.download, "from": source})
+        print(pd.DataFrame(rows).fillna("").to_markdown(index=False))
+        if broken:
+            print(f"\n{len(broken)} broken method plugin(s), which cannot run until fixed:\n" + "\n".join(broken))
     elif args.what == "tables":
         from cemabench.spec import available_tables, load_table
 
@@ -40,7 +56,7 @@ def cmd_list(args) -> int:
         print(pd.DataFrame(rows).to_markdown(index=False))
     else:
         rows = [{args.what[:-1]: name, "from": entry.dist.name if entry.dist else "?", "entry point": entry.value,
-                 "about": _first_line(entry.load())}
+                 "about": _about(args.what, name)}
                 for name, entry in sorted(registry.available(args.what).items())]
         print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
@@ -204,6 +220,8 @@ def main(argv=None) -> int:
     if getattr(args, "weights", None):
         os.environ["CEMABENCH_WEIGHTS"] = args.weights  # the environment carries it into --jobs worker processes
     try:
+        if getattr(args, "device", None) is not None:
+            args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
         return args.func(args)
     except UserError as error:
         print(f"cemabench: error: {error}", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -56,11 +56,11 @@ class _Files(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = _to_tensor(image)
-        except (OSError, UnidentifiedImageError) as error:
+            if self.resize:
+                pixels = RESIZE_CROP(pixels)
+        except Exception as error:  # whatever fails on one image, the message names the image
             raise DataError(f"cannot read image {path}: {error}") from error
-        if self.resize:
-            pixels = RESIZE_CROP(pixels)
-        elif tuple(pixels.shape[1:]) != (224, 224):
+        if not self.resize and tuple(pixels.shape[1:]) != (224, 224):
             raise DataError(f"{path} is {pixels.shape[2]}x{pixels.shape[1]} px; ImageNet-C images are 224x224, so "
                             f"this is not an ImageNet-C folder (or it was resized)")
         return pixels
@@ -91,11 +91,27 @@ class ImageFolderDomain:
         return next(self.batches(np.asarray(indices), len(indices)))
 
     def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
-        for pixels in self._loader(order, batch_size, pin_memory):
+        loader = iter(self._loader(order, batch_size, pin_memory))
+        while True:
+            try:
+                pixels = next(loader)
+            except StopIteration:
+                return
+            except DataError as error:
+                raise _from_worker(error) from error
             yield pixels.float().div_(255)
 
     def labels(self) -> np.ndarray:
         return np.asarray([self.label_of[f.parent.name] for f in self.files], dtype=np.int64)
+
+
+def _from_worker(error: DataError) -> DataError:
+    """A worker's DataError arrives as "Caught DataError in DataLoader worker process N." and the worker's traceback,
+    whose last line is the message that names the file: that message comes first again."""
+    text = str(error)
+    if not text.startswith("Caught DataError"):
+        return error
+    return DataError(f"{text.rstrip().rsplit('DataError: ', 1)[-1]} ({text.splitlines()[0][7:].rstrip('.')})")
 
 
 def _class_folders(folder: Path, wnids: list[str], where: str) -> list[tuple[Path, int]]:
@@ -142,6 +158,15 @@ def robustbench_subset(subset_file: str | None) -> set[str]:
     return set(lines)
 
 
+def _root(data_root, dataset: str, layout: str) -> Path:
+    """The data root of a real dataset, or a UserError when --data-root is missing or not a folder."""
+    if data_root is None:
+        raise UserError(f"the {dataset} dataset needs --data-root DIR, the folder that holds {layout}")
+    if not Path(data_root).is_dir():
+        raise UserError(f"--data-root {data_root} is not a directory; the {dataset} dataset expects {layout} in it")
+    return Path(data_root)
+
+
 def _clean(root: Path, wnids: list[str], workers: int) -> ImageFolderDomain | None:
     val = root / "imagenet" / "val"
     if not val.is_dir():
@@ -154,8 +179,8 @@ def _clean(root: Path, wnids: list[str], workers: int) -> ImageFolderDomain | No
 def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: str = "all",
                subset_file: str | None = None, workers: int = 4) -> DatasetSource:
     """Factory of the ``imagenet-c`` dataset (options: subset = all | robustbench-5000, subset_file, workers)."""
-    root = Path(data_root)
     layout = "expected ROOT/imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG"
+    root = _root(data_root, "imagenet-c", "imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG")
     if subset not in SUBSETS:
         raise UserError(f"imagenet-c subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     unknown = [d for d in domains if d not in HENDRYCKS_ORDER]
@@ -188,7 +213,7 @@ def imagenet_r(data_root, severity: int = 0, domains=("imagenet-r",), scoring: s
     the plain 1000-way argmax, as CEMA's released code does. Methods always see the 1000-way logits."""
     if scoring not in SCORINGS:
         raise UserError(f"imagenet-r scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    root = Path(data_root) / "imagenet-r"
+    root = _root(data_root, "imagenet-r", "imagenet-r/<wnid>/*.jpg") / "imagenet-r"
     layout = "expected ROOT/imagenet-r/<wnid>/*.jpg with the 200 ImageNet-R classes"
     wnids = imagenet_wnids()
     classes = _class_folders(root, wnids, layout)

@@ -123,17 +123,24 @@ class CloudLogic:
 
 
 class Method:
-    """Base class of a method plugin: hyper-parameters in ``Options`` (a dataclass), and a factory for each half."""
+    """Base class of a method plugin: hyper-parameters in ``Options`` (a dataclass), and a factory for each half.
 
-    name: ClassVar[str]
-    paper: ClassVar[str]
-    mapping: ClassVar[CloudEdgeMapping]
+    Only ``edge`` is required. ``name`` defaults to the entry-point name the registry loads the class under;
+    ``paper`` and ``mapping`` only describe the method in `cemabench list methods`, and default to "-".
+    """
+
+    name: ClassVar[str]  # set by the registry to the entry-point name when the class does not set it
+    paper: ClassVar[str] = "-"
+    mapping: ClassVar[CloudEdgeMapping] = CloudEdgeMapping(selection="-", uploads="-", cloud="-", download="-")
 
     @dataclass
     class Options:
         pass
 
     def __init__(self, **options):
+        if not getattr(self, "name", None):
+            raise UserError(f"method class {type(self).__qualname__} has no name: set `name = \"...\"` on the class, "
+                            f"or build it with cemabench.registry.build_method, which names it after its entry point")
         self.options = parse_options(self.Options, options, f"method {self.name!r}")
         self.validate()
 
@@ -141,7 +148,8 @@ class Method:
         """Raise :class:`UserError` for option values that are invalid together or out of range."""
 
     def edge(self, num_classes: int) -> EdgeLogic:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} does not implement edge(num_classes) -> EdgeLogic, "
+                                  f"which every method needs")
 
     def cloud(self, resources: CloudResources) -> CloudLogic | None:
         """The cloud half, or None for edge-only methods."""

@@ -566,7 +566,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, SystemExit):
-        return f"method code called sys.exit({error.code!r}); a method must not end the process"
+        return f"SystemExit: method code called sys.exit({error.code!r}); a method must not end the process"
     return f"{type(error).__name__}: {error}"
 
 

@@ -4,6 +4,8 @@ A third-party distribution adds a method by declaring, in its own pyproject.toml
 
     [project.entry-points."cemabench.methods"]
     my-method = "my_package.module:MyMethod"
+
+A plugin that fails to import is reported, with its error, by the commands that need it; the others still work.
 """
 from __future__ import annotations
 
@@ -18,8 +20,18 @@ def available(kind: str) -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _origin(entry: EntryPoint) -> str:
+    return f" from {entry.dist.name} {entry.dist.version}" if entry.dist else ""
+
+
 def load(kind: str, name: str):
-    """The object an entry point names, or a UserError that lists the valid names."""
+    """The object an entry point names, or a UserError that lists the valid names or says why it cannot load."""
     found = available(kind)
     if name not in found:
         raise UserError(f"unknown {kind[:-1]} {name!r}; available: {', '.join(sorted(found)) or '(none)'} "
@@ -27,19 +39,30 @@ def load(kind: str, name: str):
     entry = found[name]
     try:
         return entry.load()
-    except Exception as error:
-        source = f" from {entry.dist.name} {entry.dist.version}" if entry.dist else ""
-        raise UserError(f"the {kind[:-1]} plugin {name!r}{source} failed to load ({entry.value}): "
-                        f"{type(error).__name__}: {error}") from error
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # a plugin's import may even call sys.exit; it is still just a broken plugin
+        raise UserError(f"the {kind[:-1]} plugin {name!r}{_origin(entry)} failed to load ({entry.value}): "
+                        f"{one_line(error)}") from error
 
 
-def build_method(name: str, options: dict | None = None):
+def load_method(name: str) -> type:
+    """The Method subclass registered as ``name``; a class without its own ``name`` takes the entry-point name."""
     from cemabench.method import Method
 
     cls = load("methods", name)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise UserError(f"the method plugin {name!r} must name a subclass of cemabench.method.Method, got {cls!r}")
-    return cls(**(options or {}))
+    if cls.edge is Method.edge:
+        raise UserError(f"the method plugin {name!r} ({cls.__module__}.{cls.__qualname__}) does not implement "
+                        f"edge(num_classes) -> EdgeLogic, which every method needs")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        cls.name = name
+    return cls
+
+
+def build_method(name: str, options: dict | None = None):
+    return load_method(name)(**(options or {}))
 
 
 def build_model(spec: str):

@@ -62,7 +62,8 @@ class _SARCloud(ReplicaCloud):
 
     def _recover(self) -> None:
         self.model.load_state_dict(self._initial[0])
-        self.optimizer.load_state_dict(self._initial[1])
+        if self.options.reset_clears_momentum:
+            self.optimizer.load_state_dict(self._initial[1])
         self.resets += 1
         if self.options.reset_clears_ema:
             self.ema = None
@@ -70,12 +71,17 @@ class _SARCloud(ReplicaCloud):
 
 class SAR(Method):
     """Entropy filter H < 0.4 ln C, a sharpness-aware step (SAM, rho 0.05) whose second forward filters again, and
-    model recovery: an EMA (0.9 / 0.1) of the second loss below 0.2 restores the source weights and optimiser.
+    model recovery: an EMA (0.9 / 0.1) of the second loss below 0.2 restores the source weights.
 
     The official code clears the EMA on recovery and then overwrites it with the low value that triggered it, so
     recovery repeats until the EMA climbs back above 0.2 (``reset_clears_ema = false``, the default); the paper's
-    intent, a fresh EMA after each recovery, is ``reset_clears_ema = true``. Norm affine parameters of the last
-    stage stay frozen (``frozen``: module-name patterns, as in the official code; ResNet ``layer4``, ViT blocks 9-11).
+    intent, a fresh EMA after each recovery, is ``reset_clears_ema = true``.
+
+    Recovery in the official code restores the weights and reloads the state of its SAM wrapper, which holds none
+    of the inner SGD's momentum buffers, so those survive and the first steps after a recovery still move along
+    the old momentum (``reset_clears_momentum = false``, the default); the paper's intent, recovery to the initial
+    state with a fresh optimiser, is ``reset_clears_momentum = true``. Norm affine parameters of the last stage stay
+    frozen (``frozen``: module-name patterns, as in the official code; ResNet ``layer4``, ViT blocks 9-11).
     """
 
     name = "sar"
@@ -90,6 +96,7 @@ class SAR(Method):
         rho: float = 0.05
         reset_threshold: float = 0.2
         reset_clears_ema: bool = False
+        reset_clears_momentum: bool = False
         lr: float = 0.00025
         momentum: float = 0.9
         nesterov: bool = False

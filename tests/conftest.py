@@ -1,6 +1,7 @@
 import copy
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,28 @@ def robustbench_not_installed(monkeypatch):
     monkeypatch.delitem(sys.modules, "robustbench.utils", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "robustbench" else find_spec(name, *a))
+
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture
+def plugins(monkeypatch):
+    """The test distribution cemabench-test-plugins (tests/plugins: the README example, broken and hostile method
+    plugins), found through its entry points exactly as an installed distribution; forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    yield PLUGINS
+    for name, module in list(sys.modules.items()):
+        if PLUGINS in Path(getattr(module, "__file__", None) or "/").parents:
+            del sys.modules[name]
+
+
+def write_spec(path, methods, domains=("fog",)) -> str:
+    """A small miniature table spec of ``methods`` over ``domains`` at ``path``; returns the path for the CLI."""
+    lines = ['name = "small"', 'title = "a small table"', "[protocol]", "batch_size = 64", 'reset = "per_domain"',
+             "[data]", "severity = 5", f"domains = {list(domains)!r}".replace("'", '"')]
+    for section, dataset in (("miniature", "miniature-digits-c"), ("real", "imagenet-c")):
+        lines += [f"[data.{section}]", f'dataset = "{dataset}"', 'edge = "mini:edge"', 'foundation = "mini:foundation"']
+    lines += [line for name in methods for line in ("[[methods]]", f'name = "{name}"')]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

@@ -82,7 +82,7 @@ class TestSAR:
     def test_recovery_restores_the_source_and_keeps_or_clears_the_ema(self, clears):
         resources = cloud_resources()
         cloud = build_method("sar", {"reset_threshold": 100.0, "reset_clears_ema": clears,
-                                     "entropy_margin": 1.0}).cloud(resources)
+                                     "reset_clears_momentum": True, "entropy_margin": 1.0}).cloud(resources)
         down = cloud.step(Upload(torch.rand(8, 3, 6, 6), {}, 0))
         source = resources.edge_replica()
         assert torch.equal(down["bn.weight"], source.bn.weight) and cloud.resets == 1

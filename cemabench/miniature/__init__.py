@@ -83,6 +83,9 @@ def _train_split() -> tuple[np.ndarray, np.ndarray]:
 
 def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
     """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity."""
+    if data_root is not None:
+        raise UserError(f"the embedded miniature takes no --data-root (got {data_root}); leave it out, or name the "
+                        f"dataset that lives there with --dataset (e.g. imagenet-c)")
     unknown = [d for d in domains if d not in corruptions.CORRUPTIONS]
     if unknown:
         raise UserError(f"unknown domain(s) {', '.join(unknown)} for the miniature; valid: "

@@ -1,0 +1,57 @@
+"""Method plugins that misbehave in ways the protocol must turn into a clear error cell."""
+import sys
+
+import torch
+
+from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
+
+
+class _Predict(EdgeLogic):
+    def step(self, model, x):
+        return EdgeDecision(model(x))
+
+
+class _ExitOnThirdBatch(EdgeLogic):
+    def __init__(self):
+        self.batches = 0
+
+    def step(self, model, x):
+        self.batches += 1
+        if self.batches == 3:
+            sys.exit(0)
+        return EdgeDecision(model(x))
+
+
+class ExitsOnBatch3(Method):
+    """Calls sys.exit(0) in its edge step on the third batch of every run unit."""
+
+    def edge(self, num_classes):
+        return _ExitOnThirdBatch()
+
+
+class _FailsWithGradInText(EdgeLogic):
+    def step(self, model, x):
+        raise RuntimeError("the colour gradient table of this sensor is not calibrated")
+
+
+class GradInMessage(Method):
+    """Its edge fails with a RuntimeError whose text contains 'grad' for a reason that has nothing to do with
+    gradients; that is an error, not a forward-only violation."""
+
+    def edge(self, num_classes):
+        return _FailsWithGradInText()
+
+
+class _DownloadsAnUnknownKey(CloudLogic):
+    def step(self, upload):
+        return {"no_such_layer.weight": torch.ones(3)}
+
+
+class UnknownDownloadKey(Method):
+    """Its cloud sends down a tensor under a name the edge model does not have."""
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def cloud(self, resources):
+        return _DownloadsAnUnknownKey()

@@ -1,0 +1,61 @@
+"""Every paper the code base cites is cited by its exact title, first author and venue (../shared/reference/papers.md
+lists them; the table below embeds them so that the suite does not depend on that file)."""
+import re
+from pathlib import Path
+
+import pytest
+
+from cemabench.registry import available
+from cemabench.spec import available_tables, load_table
+
+# system: (exact title, first author's surname, venue), as in papers.md
+PAPERS = {
+    "CEMA": ("Towards Robust and Efficient Cloud-Edge Elastic Model Adaptation via Selective Entropy Distillation",
+             "Chen", "ICLR 2024"),
+    "ECCENTRIC": ("ECCENTRIC: Edge-Cloud Collaboration Framework for Distributed Inference Using Knowledge Adaptation",
+                  "Kamani", "arXiv 2511.11719 (2025)"),
+    "Tent": ("Tent: Fully Test-Time Adaptation by Entropy Minimization", "Wang", "ICLR 2021"),
+    "EATA / ETA": ("Efficient Test-Time Model Adaptation without Forgetting", "Niu", "ICML 2022"),
+    "SAR": ("Towards Stable Test-Time Adaptation in Dynamic Wild World", "Niu", "ICLR 2023"),
+    "CoTTA": ("Continual Test-Time Domain Adaptation", "Wang", "CVPR 2022"),
+    "LAME": ("Parameter-free Online Test-time Adaptation", "Boudiaf", "CVPR 2022"),
+    "BN adaptation": ("Improving robustness against common corruptions by covariate shift adaptation", "Schneider",
+                      "NeurIPS 2020"),
+    "ImageNet-C": ("Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", "Hendrycks",
+                   "ICLR 2019"),
+    "ImageNet-R": ("The Many Faces of Robustness: A Critical Analysis of Out-of-Distribution Generalization",
+                   "Hendrycks", "ICCV 2021"),
+}
+PAPERS_MD = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "papers.md"
+CITATION = re.compile(r"^(\w+) et al\., (\w+(?: Workshops)? \d{4})")
+
+
+def test_the_embedded_titles_are_those_of_papers_md():
+    if not PAPERS_MD.is_file():
+        pytest.skip(f"{PAPERS_MD} is not beside this clone")
+    rows = {}
+    for line in PAPERS_MD.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("system", "---"):
+            first_author = cells[2].split(",")[0].removesuffix(" et al.")
+            rows[cells[0]] = (cells[1], first_author.split()[-1], cells[3].split(";")[0].strip())
+    assert rows == PAPERS
+
+
+@pytest.mark.parametrize("table", available_tables())
+def test_every_table_spec_cites_cema_by_its_exact_title(table):
+    source = load_table(table).source
+    assert "CEMA" in source
+    title, author, venue = PAPERS["CEMA"]
+    assert f"{author} et al., {title} (CEMA), {venue}" in source
+
+
+def test_every_method_cites_the_first_author_and_venue_of_a_cited_paper():
+    cited = {(author, venue) for _, author, venue in PAPERS.values()}
+    checked = 0
+    for name, entry in available("methods").items():
+        match = CITATION.match(entry.load().paper)
+        if entry.dist.name == "cemabench" and match and match.group(1, 2) != ("Lee", "ICML Workshops 2013"):
+            assert match.group(1, 2) in cited, f"{name}: {entry.load().paper}"
+            checked += 1
+    assert checked >= 9

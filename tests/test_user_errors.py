@@ -1,0 +1,65 @@
+"""User mistakes with data roots, devices and unreadable images: one line that names the problem, exit 2, before
+any compute (an unreadable image fails its cell, with the file's path first)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cemabench.cli import main
+from conftest import write_spec
+
+NO_GPU = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a dataset")
+    return str(path)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dataset", "imagenet-c"], "the imagenet-c dataset needs --data-root DIR, the folder that holds imagenet-c/"),
+    (["--dataset", "imagenet-r"], "the imagenet-r dataset needs --data-root DIR, the folder that holds imagenet-r/"),
+    (["--dataset", "hf", "--domains", "fog"], "the hf dataset needs --data-root"),
+    (["--dataset", "imagenet-c", "--data-root", "FILE"], "--data-root FILE is not a directory; the imagenet-c"),
+    (["--data-root", "FILE"], "the embedded miniature takes no --data-root (got FILE)"),
+    (["--device", NO_GPU], f"--device {NO_GPU}: this machine has "),
+    (["--device", "nosuch"], "--device 'nosuch' is not a device; valid here: cpu"),
+    (["--device", "meta"], "--device meta: not available here; valid here: cpu"),
+], ids=["imagenet-c-no-root", "imagenet-r-no-root", "hf-no-root", "root-is-a-file", "miniature-with-root",
+        "no-such-gpu", "no-such-device", "meta-device"])
+def test_run_mistakes_are_one_line_and_exit_2(arguments, message, a_file, capsys):
+    arguments = [a_file if a == "FILE" else a for a in arguments]
+    assert main(["run", "--method", "source", *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("cemabench: error: ") and captured.err.count("\n") == 1
+    assert message.replace("FILE", a_file) in captured.err
+
+
+@pytest.mark.parametrize("device", [NO_GPU, "nosuch"])
+def test_reproduce_checks_the_device_before_anything_runs(device, tmp_path, capsys):
+    spec = write_spec(tmp_path / "small.toml", ["source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cemabench: error: --device ") and device in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataloader_worker_failure_names_the_image_first(tmp_path, capsys):
+    folder = tmp_path / "imagenet-c" / "fog" / "5" / "n01440764"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((224, 224, 3), dtype=np.uint8)).save(folder / "good.JPEG")
+    (folder / "bad.JPEG").write_bytes(b"not a jpeg")
+    out = tmp_path / "run.json"
+    assert main(["run", "--method", "source", "--dataset", "imagenet-c", "--data-root", str(tmp_path), "--domains",
+                 "fog", "--edge", "tiny:edge", "--foundation", "tiny:foundation", "--dataset-option", "workers=1",
+                 "--out", str(out)]) == 1
+    (cell,) = json.loads(out.read_text())["cells"]
+    first = cell["message"].splitlines()[0]
+    assert first.startswith(f"DataError: cannot read image {folder / 'bad.JPEG'}: ")
+    assert first.endswith("(DataError in DataLoader worker process 0)")
+    assert capsys.readouterr().err.splitlines()[0] == f"fog: error: {first}"
