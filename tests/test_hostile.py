@@ -2,7 +2,6 @@
 success, a wrong diagnosis or a lost table."""
 import json
 
-import pytest
 
 from cemabench.cli import main
 from conftest import write_spec
