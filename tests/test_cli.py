@@ -4,6 +4,7 @@ from importlib import resources
 import pytest
 
 from cemabench.cli import main
+from conftest import builtin_methods
 
 
 def run(capsys, *argv):
@@ -15,7 +16,7 @@ def run(capsys, *argv):
 def test_list_methods_shows_the_cloud_edge_mapping(capsys):
     code, out, _ = run(capsys, "list", "methods")
     assert code == 0
-    for name in ("source", "bn-adapt", "tent", "eta", "eata", "cema", "random-upload"):
+    for name in builtin_methods():
         assert f"| {name} " in out
     assert "Chen et al., ICLR 2024" in out and "entropy bounds and redundancy" in out
 
