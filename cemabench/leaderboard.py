@@ -11,27 +11,47 @@ MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come
 NOTE_MARK = "†"
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """One value as it is; several (one per seed) as mean ± sample standard deviation (ddof=1)."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    series = pd.Series(values, dtype=float)
+    return f"{fmt.format(series.mean())} ± {fmt.format(series.std(ddof=1))}"
+
+
 def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
     failed = [s for s in group["status"] if s != "ok"]
     if failed:
         return failed[0]
+    if group.empty:
+        return "-"
     mark = NOTE_MARK if (group["note"] != "").any() else ""
-    return fmt.format(group[metric].mean()) + mark
+    return _spread(group.sort_values("seed")[metric].tolist(), fmt) + mark
+
+
+def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
+    """One seed's mean over the domains, summed in the table's domain order."""
+    values = group.set_index("domain")[metric]
+    return sum(values[d] for d in domains) / len(domains)
 
 
 def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
-    """Methods x domains (plus the mean over domains), averaged over seeds; failed cells show their status."""
+    """Methods x domains, plus the mean over domains. With one seed a cell is that seed's value; with several it is
+    the mean ± sample standard deviation (ddof=1) across seeds, and the mean column is the mean ± sample standard
+    deviation across seeds of each seed's mean over domains. Failed cells show their status."""
     cells = pd.DataFrame(doc["cells"])
     domains = doc["provenance"]["domains"]
     rows = {}
     for label in [m["label"] for m in doc["methods"]]:
-        row, means = {}, []
-        for domain in domains:
-            group = cells[(cells["method"] == label) & (cells["domain"] == domain)]
-            row[domain] = _cell(group, metric, fmt)
-            if (group["status"] == "ok").all() and len(group):
-                means.append(group[metric].mean())
-        row["mean"] = fmt.format(sum(means) / len(means)) if len(means) == len(domains) else "-"
+        mine = cells[cells["method"] == label] if len(cells) else cells
+        row = {domain: _cell(mine[mine["domain"] == domain], metric, fmt) for domain in domains}
+        complete = [group for _, group in mine.groupby("seed")
+                    if (group["status"] == "ok").all() and set(group["domain"]) >= set(domains)]
+        seeds = mine["seed"].nunique() if len(mine) else 0
+        if complete and len(complete) == seeds:
+            row["mean"] = _spread([_domain_mean(g, metric, domains) for g in complete], fmt)
+        else:
+            row["mean"] = "-"
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -116,7 +136,9 @@ def render(doc: dict) -> str:
         f"{proto['delivery_delay']}, upload budget {proto['upload_budget'] or 'none'}",
         "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
         + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
-        f"- **Seeds**: {', '.join(map(str, doc['seeds']))}",
+        f"- **Seeds**: {', '.join(map(str, doc['seeds']))}"
+        + (" (each cell: mean ± sample standard deviation, ddof=1, across seeds; the mean column: the same over each "
+           "seed's mean over domains)" if len(doc["seeds"]) > 1 else ""),
     ]
     lines += [f"- **{k.replace('_', ' ').capitalize()}**: {v}" for k, v in p["recorded"].items()]
     v = p["versions"]
