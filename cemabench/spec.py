@@ -55,12 +55,24 @@ class TableSpec:
     origin: object = None  # the folder (a path or package resource) that files named in the spec are relative to
 
 
+SWEEP_FOLDER = "sweeps"  # built-in sweep specs: reproduce/sweeps/NAME.toml, run with `cemabench sweep NAME`
+
+
+def _builtin_folder(kind: str):
+    return resources.files(SPEC_PACKAGE) / SWEEP_FOLDER if kind == "sweep" else resources.files(SPEC_PACKAGE)
+
+
 def available_tables() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(SPEC_PACKAGE).iterdir() if p.name.endswith(".toml"))
 
 
-def _read(name_or_path: str, relative_to=None) -> tuple[dict, object, str, str]:
-    """The raw TOML of a built-in table (by name) or a spec file (by a path ending in .toml, relative to
+def available_sweeps() -> list[str]:
+    folder = _builtin_folder("sweep")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")) if folder.is_dir() else []
+
+
+def _read(name_or_path: str, relative_to=None, kind: str = "table") -> tuple[dict, object, str, str]:
+    """The raw TOML of a built-in table or sweep (by name) or a spec file (by a path ending in .toml, relative to
     ``relative_to`` when given), with the folder its own file references are relative to, a display name and an
     identity (to detect cycles)."""
     if name_or_path.endswith(".toml"):
@@ -74,11 +86,12 @@ def _read(name_or_path: str, relative_to=None) -> tuple[dict, object, str, str]:
         text, shown = resource.read_text(), str(resource)
         identity = str(resource.resolve()) if isinstance(resource, Path) else str(resource)
     else:
-        resource = resources.files(SPEC_PACKAGE) / f"{name_or_path}.toml"
+        resource = _builtin_folder(kind) / f"{name_or_path}.toml"
         if not resource.is_file():
-            raise UserError(f"unknown table {name_or_path!r}; available: {', '.join(available_tables())} "
+            names = available_sweeps() if kind == "sweep" else available_tables()
+            raise UserError(f"unknown {kind} {name_or_path!r}; available: {', '.join(names) or '(none)'} "
                             f"(or pass the path of a .toml spec)")
-        text, origin, shown = resource.read_text(), resources.files(SPEC_PACKAGE), name_or_path
+        text, origin, shown = resource.read_text(), _builtin_folder(kind), name_or_path
         identity = str(resource)
     try:
         return tomllib.loads(text), origin, shown, identity
@@ -98,11 +111,13 @@ def merge(parent: dict, child: dict) -> dict:
     return merged
 
 
-def resolve(name_or_path: str, relative_to=None, chain: tuple[tuple[str, str], ...] = ()) -> tuple[dict, object]:
+def resolve(name_or_path: str, relative_to=None, chain: tuple[tuple[str, str], ...] = (),
+            kind: str = "table") -> tuple[dict, object]:
     """The raw spec with every ``extends`` applied (parents first), and the folder that its ``reference.uploads``
-    file is relative to (the folder of the spec that names it)."""
+    file is relative to (the folder of the spec that names it). ``kind`` = "sweep" looks names up among the built-in
+    sweeps; what a spec extends is always a table name or a path."""
     try:
-        raw, origin, shown, identity = _read(name_or_path, relative_to)
+        raw, origin, shown, identity = _read(name_or_path, relative_to, kind if not chain else "table")
     except UserError as error:
         if not chain:
             raise
@@ -154,6 +169,9 @@ def _table(raw: dict, key: str) -> dict:
 def load_table(name_or_path: str) -> TableSpec:
     """A built-in table by name, or a spec file by path; ``extends`` chains are resolved first."""
     raw, origin = resolve(str(name_or_path))
+    if "sweep" in raw:
+        raise UserError(f"{name_or_path} is a sweep spec (it has a [sweep] table); run it with `cemabench sweep "
+                        f"{name_or_path}`")
     return replace(parse(raw, str(name_or_path)), origin=origin)
 
 
