@@ -56,6 +56,10 @@ def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def _per_sample(group: pd.DataFrame, column: str, seen: int) -> str:
+    return f"{group[column].sum() / seen:.2f}" if seen else "-"
+
+
 def cost_frame(doc: dict) -> pd.DataFrame:
     """What crossed the link and what the cloud computed, per method, summed over domains, averaged over seeds."""
     cells = pd.DataFrame(doc["cells"])
@@ -66,6 +70,7 @@ def cost_frame(doc: dict) -> pd.DataFrame:
     for label in [m["label"] for m in doc["methods"]]:
         group = cells[cells["method"] == label]
         seen = group["seen"].sum()
+
         rows[label] = {
             "uploaded": f"{group['uploaded'].sum() / seeds:,.0f}",
             "upload MB": f"{group['upload_bytes'].sum() / seeds / 1e6:.2f}",
@@ -73,9 +78,9 @@ def cost_frame(doc: dict) -> pd.DataFrame:
             "downloads": f"{group['downloads'].sum() / seeds:,.0f}",
             "download MB": f"{group['download_bytes'].sum() / seeds / 1e6:.2f}",
             "answers MB": f"{group['answer_bytes'].sum() / seeds / 1e6:.2f}",
-            "edge forwards / sample": f"{group['edge_forward_samples'].sum() / seen:.2f}" if seen else "-",
-            "cloud train forwards / sample": f"{group['cloud_forward_samples_grad'].sum() / seen:.2f}" if seen else "-",
-            "cloud eval forwards / sample": f"{group['cloud_forward_samples_nograd'].sum() / seen:.2f}" if seen else "-",
+            "edge forwards / sample": _per_sample(group, "edge_forward_samples", seen),
+            "cloud train forwards / sample": _per_sample(group, "cloud_forward_samples_grad", seen),
+            "cloud eval forwards / sample": _per_sample(group, "cloud_forward_samples_nograd", seen),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -93,13 +98,15 @@ def _reference_sections(doc: dict) -> list[str]:
         if r is None or cell["status"] != "ok" or not cell["seen"]:
             continue
         mine, theirs = 100 * cell["link"]["uploaded"] / cell["seen"], 100 * r["uploaded"] / r["total"]
-        rows.append({"method": r["method"], "corruption": r["domain"], "seed": cell["seed"], "uploaded (ours)": cell["link"]["uploaded"],
-                     "seen (ours)": cell["seen"], "ratio % (ours)": f"{mine:.1f}",
+        rows.append({"method": r["method"], "corruption": r["domain"], "seed": cell["seed"],
+                     "uploaded (ours)": cell["link"]["uploaded"], "seen (ours)": cell["seen"],
+                     "ratio % (ours)": f"{mine:.1f}",
                      "uploaded (published)": r["uploaded"], "of (published)": r["total"],
                      "ratio % (published)": f"{theirs:.1f}", "difference (pp)": f"{mine - theirs:+.1f}"})
     if rows:
         lines += ["## Uploads against the authors' published counts", "",
-                  f"Published counts: {reference.get('uploads_source', reference.get('uploads'))}.", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+                  f"Published counts: {reference.get('uploads_source', reference.get('uploads'))}.", "",
+                  pd.DataFrame(rows).to_markdown(index=False), ""]
     accuracy = reference.get("accuracy", [])
     lines += ["## Published accuracies", ""]
     if accuracy:

@@ -158,7 +158,7 @@ def render_sweep(doc: dict) -> str:
         + (f"; held on every point: {', '.join(f'{k}={v}' for k, v in doc['fixed'].items())}" if doc["fixed"] else ""),
         f"- **Severities**: {', '.join(map(str, doc['severities']))}; **domains**: {', '.join(p['domains'])}",
         f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else ""),
-        f"- **Models**: " + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
+        "- **Models**: " + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
         f"- **Protocol**: reset `{p['protocol']['reset']}`, edge batch {p['protocol']['batch_size']}",
         f"- **Seeds**: {', '.join(map(str, first['seeds']))}"
         + (" (cells: mean ± sample standard deviation, ddof=1, across seeds)" if len(first["seeds"]) > 1 else ""),
@@ -166,7 +166,7 @@ def render_sweep(doc: dict) -> str:
     if reference is not None:
         options = ", ".join(f"{k}={v}" for k, v in sorted(reference["options"].items())) or "defaults"
         lines += [f"- **Reference row**: `{doc['method']}` as in the table ({options})"]
-    lines += [f"- **Versions**: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "platform"), ""]
+    lines += ["- **Versions**: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "platform"), ""]
     for severity, table in doc["tables"].items():
         for metric, title in (("accuracy", "online top-1 accuracy (%)"),
                               ("upload_ratio", "upload ratio (% of samples sent to the cloud)")):

@@ -29,7 +29,7 @@ def test_list_other_registries(capsys, what, expected):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, cloud-only, confidence-offload, cotta"),
+    (["run", "--method", "tentt"], "unknown method 'tentt'; available: " + ", ".join(builtin_methods()[:5])),
     (["run", "--method", "tent", "--option", "lr2=0.1"], "method 'tent' has no option 'lr2'; valid options: lr"),
     (["run", "--method", "tent", "--option", "lr=fast"], "option 'lr' must be float, got 'fast'"),
     (["run", "--method", "tent", "--option", "lr"], "--option takes KEY=VALUE"),
@@ -40,7 +40,8 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--reset", "never"], "--reset must be one of per_domain, continual"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
     (["reproduce", "table9"], "unknown table 'table9'; available: imagenet-c-s3, imagenet-r, table2"),
-    (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"], "--data-root /nonexistent/imagenet is not a directory"),
+    (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"],
+     "--data-root /nonexistent/imagenet is not a directory"),
     (["reproduce", "missing.toml"], "table spec file missing.toml does not exist"),
     (["reproduce", "imagenet-r"], "table imagenet-r has no embedded-miniature version; pass --data-root"),
     (["check", "nope.json", "--against", "nope2.json"], "nope.json does not exist"),

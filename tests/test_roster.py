@@ -221,7 +221,8 @@ def test_empty_selection_is_noted_and_nonfinite_downloads_are_divergence():
 
     class NaNCloud(Tent):
         def cloud(self, resources):
-            return type("Cloud", (CloudLogic,), {"step": lambda self, upload: {"bn.weight": torch.full((4,), math.nan)}})()
+            step = lambda self, upload: {"bn.weight": torch.full((4,), math.nan)}  # noqa: E731
+            return type("Cloud", (CloudLogic,), {"step": step})()
 
     (exploding,) = run_unit(NaNCloud(), dataset.domains, models, 4, dataset.clean, Protocol(batch_size=16), seed=0)
     assert exploding.status == "diverged" and "non-finite parameters at batch 0" in exploding.message
