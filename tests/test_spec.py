@@ -16,10 +16,22 @@ def _fields(spec) -> str:
     return json.dumps(dataclasses.asdict(dataclasses.replace(spec, origin=None)), indent=1) + "\n"
 
 
+# Deliberate changes since the snapshots were recorded, field by field (issue 10: CEMA was cited under a wrong title;
+# the exact title is the one in shared/reference/papers.md).
+CORRECTED = {"source": ("Chen et al., Cloud-Device Collaborative Adaptation to Continual Changing Environments in the "
+                        "Real-world (CEMA), ICLR 2024",
+                        "Chen, Niu, Wang, Xu, Song, Tan, Towards Robust and Efficient Cloud-Edge Elastic Model "
+                        "Adaptation via Selective Entropy Distillation (CEMA), ICLR 2024, arXiv 2402.17316")}
+
+
 @pytest.mark.parametrize("name", ["table2", "imagenet-c-s3", "imagenet-r"])
 def test_builtin_specs_parse_to_exactly_the_recorded_fields(name):
     """Recorded from the specs before any of them used ``extends``; key order matters (the header follows it)."""
-    assert _fields(load_table(name)) == (SNAPSHOTS / f"{name}.json").read_text()
+    recorded = json.loads((SNAPSHOTS / f"{name}.json").read_text())
+    for key, (before, after) in CORRECTED.items():
+        assert before in recorded[key]
+        recorded[key] = recorded[key].replace(before, after)
+    assert _fields(load_table(name)) == json.dumps(recorded, indent=1) + "\n"
 
 
 def test_every_builtin_spec_has_a_snapshot():
