@@ -54,12 +54,27 @@ def cmd_list(args) -> int:
                  "--pair": ", ".join(s.real.pairs)}
                 for n in available_tables()]
         print(pd.DataFrame(rows).to_markdown(index=False))
+        _list_sweeps()
     else:
         rows = [{args.what[:-1]: name, "from": entry.dist.name if entry.dist else "?", "entry point": entry.value,
                  "about": _about(args.what, name)}
                 for name, entry in sorted(registry.available(args.what).items())]
         print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
+
+
+def _list_sweeps() -> None:
+    """The built-in sweeps, as a second table under the tables (they run with `cemabench sweep`, not `reproduce`)."""
+    from cemabench.spec import available_sweeps
+    from cemabench.sweep import load_sweep
+
+    rows = [{"sweep": n, "title": (s := load_sweep(n)).title, "method": s.method,
+             "grid": "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in s.grid.items()),
+             "severities": ", ".join(map(str, s.severities)), "domains": len(s.table.domains)}
+            for n in available_sweeps()]
+    if rows:
+        print("\nSweeps (run with `cemabench sweep NAME`):\n")
+        print(pd.DataFrame(rows).to_markdown(index=False))
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -144,17 +159,52 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from cemabench.check import compare, load_document
+    from cemabench.check import check_tolerance, compare, load_document
 
+    if args.tol is not None:
+        check_tolerance(args.tol)
     result, expected = load_document(args.result), load_document(args.against)
     problems, checked = compare(result, expected, args.tol)
     tol = args.tol if args.tol is not None else expected.get("check", {}).get("tolerance", 0.5)
+    seeds = sorted({c["seed"] for c in expected["cells"]})
+    what = f"means over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "values"
     if problems:
-        print(f"{len(problems)} problem(s) against {args.against} (tolerance {tol} percentage points):\n")
+        print(f"{len(problems)} problem(s) against {args.against} (tolerance {tol} percentage points on the {what}):\n")
         print(pd.DataFrame(problems).to_markdown(index=False))
         return 1
-    print(f"all {checked} checked values within {tol} percentage points of {args.against}")
+    print(f"all {checked} checked {what} within {tol} percentage points of {args.against}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from cemabench.spec import check_seeds
+    from cemabench.sweep import load_sweep, plot_sweep, render_sweep, run_sweep
+
+    sweep = load_sweep(args.spec)
+    if args.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    seeds = check_seeds(args.seed, "--seed") if args.seed else None
+    out = Path(args.out)
+    data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
+    try:
+        doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{sweep.name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    markdown = render_sweep(doc)
+    (out / f"{sweep.name}.md").write_text(markdown)
+    print(markdown)
+    written = [out / f"{sweep.name}.md", out / f"{sweep.name}.json"]
+    if plot_sweep(doc, out / f"{sweep.name}.png"):
+        written.append(out / f"{sweep.name}.png")
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
+    failed = [c for t in doc["tables"].values() for c in t["cells"] if c["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} cell(s) did not finish ok; see 'Failed cells' above", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _execution_arguments(p: argparse.ArgumentParser) -> None:
@@ -206,10 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser("sweep", help="run a sweep over a method's options and write OUT/NAME.md, .json and .png")
+    p.add_argument("spec", help="a built-in sweep name (see `cemabench list tables`) or a .toml spec with [sweep]")
+    p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
+    p.add_argument("--out", default="out")
+    p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="run units in this many processes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("check", help="exit 1 when a result is out of tolerance of an expected table")
     p.add_argument("result")
     p.add_argument("--against", required=True)
-    p.add_argument("--tol", type=float, help="tolerance in percentage points (default: the expected table's)")
+    p.add_argument("--tol", type=float, help="tolerance in percentage points, >= 0, on each (method, domain) mean over "
+                   "seeds (default: the expected table's)")
     p.set_defaults(func=cmd_check)
     return parser
 

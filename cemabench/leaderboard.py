@@ -11,29 +11,53 @@ MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come
 NOTE_MARK = "†"
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """One value as it is; several (one per seed) as mean ± sample standard deviation (ddof=1)."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    series = pd.Series(values, dtype=float)
+    return f"{fmt.format(series.mean())} ± {fmt.format(series.std(ddof=1))}"
+
+
 def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
     failed = [s for s in group["status"] if s != "ok"]
     if failed:
         return failed[0]
+    if group.empty:
+        return "-"
     mark = NOTE_MARK if (group["note"] != "").any() else ""
-    return fmt.format(group[metric].mean()) + mark
+    return _spread(group.sort_values("seed")[metric].tolist(), fmt) + mark
+
+
+def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
+    """One seed's mean over the domains, summed in the table's domain order."""
+    values = group.set_index("domain")[metric]
+    return sum(values[d] for d in domains) / len(domains)
 
 
 def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
-    """Methods x domains (plus the mean over domains), averaged over seeds; failed cells show their status."""
+    """Methods x domains, plus the mean over domains. With one seed a cell is that seed's value; with several it is
+    the mean ± sample standard deviation (ddof=1) across seeds, and the mean column is the mean ± sample standard
+    deviation across seeds of each seed's mean over domains. Failed cells show their status."""
     cells = pd.DataFrame(doc["cells"])
     domains = doc["provenance"]["domains"]
     rows = {}
     for label in [m["label"] for m in doc["methods"]]:
-        row, means = {}, []
-        for domain in domains:
-            group = cells[(cells["method"] == label) & (cells["domain"] == domain)]
-            row[domain] = _cell(group, metric, fmt)
-            if (group["status"] == "ok").all() and len(group):
-                means.append(group[metric].mean())
-        row["mean"] = fmt.format(sum(means) / len(means)) if len(means) == len(domains) else "-"
+        mine = cells[cells["method"] == label] if len(cells) else cells
+        row = {domain: _cell(mine[mine["domain"] == domain], metric, fmt) for domain in domains}
+        complete = [group for _, group in mine.groupby("seed")
+                    if (group["status"] == "ok").all() and set(group["domain"]) >= set(domains)]
+        seeds = mine["seed"].nunique() if len(mine) else 0
+        if complete and len(complete) == seeds:
+            row["mean"] = _spread([_domain_mean(g, metric, domains) for g in complete], fmt)
+        else:
+            row["mean"] = "-"
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _per_sample(group: pd.DataFrame, column: str, seen: int) -> str:
+    return f"{group[column].sum() / seen:.2f}" if seen else "-"
 
 
 def cost_frame(doc: dict) -> pd.DataFrame:
@@ -46,6 +70,7 @@ def cost_frame(doc: dict) -> pd.DataFrame:
     for label in [m["label"] for m in doc["methods"]]:
         group = cells[cells["method"] == label]
         seen = group["seen"].sum()
+
         rows[label] = {
             "uploaded": f"{group['uploaded'].sum() / seeds:,.0f}",
             "upload MB": f"{group['upload_bytes'].sum() / seeds / 1e6:.2f}",
@@ -53,9 +78,9 @@ def cost_frame(doc: dict) -> pd.DataFrame:
             "downloads": f"{group['downloads'].sum() / seeds:,.0f}",
             "download MB": f"{group['download_bytes'].sum() / seeds / 1e6:.2f}",
             "answers MB": f"{group['answer_bytes'].sum() / seeds / 1e6:.2f}",
-            "edge forwards / sample": f"{group['edge_forward_samples'].sum() / seen:.2f}" if seen else "-",
-            "cloud train forwards / sample": f"{group['cloud_forward_samples_grad'].sum() / seen:.2f}" if seen else "-",
-            "cloud eval forwards / sample": f"{group['cloud_forward_samples_nograd'].sum() / seen:.2f}" if seen else "-",
+            "edge forwards / sample": _per_sample(group, "edge_forward_samples", seen),
+            "cloud train forwards / sample": _per_sample(group, "cloud_forward_samples_grad", seen),
+            "cloud eval forwards / sample": _per_sample(group, "cloud_forward_samples_nograd", seen),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -73,13 +98,15 @@ def _reference_sections(doc: dict) -> list[str]:
         if r is None or cell["status"] != "ok" or not cell["seen"]:
             continue
         mine, theirs = 100 * cell["link"]["uploaded"] / cell["seen"], 100 * r["uploaded"] / r["total"]
-        rows.append({"method": r["method"], "corruption": r["domain"], "seed": cell["seed"], "uploaded (ours)": cell["link"]["uploaded"],
-                     "seen (ours)": cell["seen"], "ratio % (ours)": f"{mine:.1f}",
+        rows.append({"method": r["method"], "corruption": r["domain"], "seed": cell["seed"],
+                     "uploaded (ours)": cell["link"]["uploaded"], "seen (ours)": cell["seen"],
+                     "ratio % (ours)": f"{mine:.1f}",
                      "uploaded (published)": r["uploaded"], "of (published)": r["total"],
                      "ratio % (published)": f"{theirs:.1f}", "difference (pp)": f"{mine - theirs:+.1f}"})
     if rows:
         lines += ["## Uploads against the authors' published counts", "",
-                  f"Published counts: {reference.get('uploads_source', reference.get('uploads'))}.", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+                  f"Published counts: {reference.get('uploads_source', reference.get('uploads'))}.", "",
+                  pd.DataFrame(rows).to_markdown(index=False), ""]
     accuracy = reference.get("accuracy", [])
     lines += ["## Published accuracies", ""]
     if accuracy:
@@ -116,7 +143,9 @@ def render(doc: dict) -> str:
         f"{proto['delivery_delay']}, upload budget {proto['upload_budget'] or 'none'}",
         "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
         + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
-        f"- **Seeds**: {', '.join(map(str, doc['seeds']))}",
+        f"- **Seeds**: {', '.join(map(str, doc['seeds']))}"
+        + (" (each cell: mean ± sample standard deviation, ddof=1, across seeds; the mean column: the same over each "
+           "seed's mean over domains)" if len(doc["seeds"]) > 1 else ""),
     ]
     lines += [f"- **{k.replace('_', ' ').capitalize()}**: {v}" for k, v in p["recorded"].items()]
     v = p["versions"]

@@ -1,6 +1,7 @@
 """Table specs: one TOML file per table (data, not code), validated into a :class:`TableSpec`."""
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import tomllib
@@ -9,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from cemabench.errors import UserError
-from cemabench.protocol import RESETS, Protocol
+from cemabench.protocol import Protocol
 
 SPEC_PACKAGE = "cemabench_tables"
 
@@ -54,27 +55,123 @@ class TableSpec:
     origin: object = None  # the folder (a path or package resource) that files named in the spec are relative to
 
 
+SWEEP_FOLDER = "sweeps"  # built-in sweep specs: reproduce/sweeps/NAME.toml, run with `cemabench sweep NAME`
+
+
+def _builtin_folder(kind: str):
+    return resources.files(SPEC_PACKAGE) / SWEEP_FOLDER if kind == "sweep" else resources.files(SPEC_PACKAGE)
+
+
 def available_tables() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(SPEC_PACKAGE).iterdir() if p.name.endswith(".toml"))
 
 
-def load_table(name_or_path: str) -> TableSpec:
-    """A built-in table by name, or a spec file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise UserError(f"table spec file {path} does not exist")
-        text, origin = path.read_text(), path.parent
-    else:
-        resource = resources.files(SPEC_PACKAGE) / f"{name_or_path}.toml"
+def available_sweeps() -> list[str]:
+    folder = _builtin_folder("sweep")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")) if folder.is_dir() else []
+
+
+def _read(name_or_path: str, relative_to=None, kind: str = "table") -> tuple[dict, object, str, str]:
+    """The raw TOML of a built-in table or sweep (by name) or a spec file (by a path ending in .toml, relative to
+    ``relative_to`` when given), with the folder its own file references are relative to, a display name and an
+    identity (to detect cycles)."""
+    if name_or_path.endswith(".toml"):
+        if relative_to is not None and not Path(name_or_path).is_absolute():
+            resource = relative_to / name_or_path
+        else:
+            resource = Path(name_or_path)
         if not resource.is_file():
-            raise UserError(f"unknown table {name_or_path!r}; available: {', '.join(available_tables())} "
+            raise UserError(f"table spec file {resource} does not exist")
+        origin = resource.parent if isinstance(resource, Path) else relative_to
+        text, shown = resource.read_text(), str(resource)
+        identity = str(resource.resolve()) if isinstance(resource, Path) else str(resource)
+    else:
+        resource = _builtin_folder(kind) / f"{name_or_path}.toml"
+        if not resource.is_file():
+            names = available_sweeps() if kind == "sweep" else available_tables()
+            raise UserError(f"unknown {kind} {name_or_path!r}; available: {', '.join(names) or '(none)'} "
                             f"(or pass the path of a .toml spec)")
-        text, origin = resource.read_text(), resources.files(SPEC_PACKAGE)
+        text, origin, shown = resource.read_text(), _builtin_folder(kind), name_or_path
+        identity = str(resource)
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text), origin, shown, identity
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"table spec {name_or_path} is not valid TOML: {error}") from error
+
+
+def merge(parent: dict, child: dict) -> dict:
+    """``child`` over ``parent``: tables merge key by key (recursively); any other value, lists included, is replaced
+    whole. Neither argument is modified."""
+    merged = copy.deepcopy(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(parent.get(key), dict):
+            merged[key] = merge(parent[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve(name_or_path: str, relative_to=None, chain: tuple[tuple[str, str], ...] = (),
+            kind: str = "table") -> tuple[dict, object]:
+    """The raw spec with every ``extends`` applied (parents first), and the folder that its ``reference.uploads``
+    file is relative to (the folder of the spec that names it). ``kind`` = "sweep" looks names up among the built-in
+    sweeps; what a spec extends is always a table name or a path."""
+    try:
+        raw, origin, shown, identity = _read(name_or_path, relative_to, kind if not chain else "table")
+    except UserError as error:
+        if not chain:
+            raise
+        raise UserError(f"table spec {chain[-1][1]} extends {name_or_path!r}: {error}") from None
+    if identity in [i for i, _ in chain]:
+        raise UserError(f"table spec {shown} extends itself: {' -> '.join([*(s for _, s in chain), shown])}")
+    if "extends" not in raw:
+        if "add_methods" in raw:
+            raise UserError(f"table spec {shown}: add_methods appends to the methods of the spec it extends; "
+                            f"add extends = \"TABLE\" or list them under [[methods]]")
+        return raw, origin
+    parent_name = raw.pop("extends")
+    if not isinstance(parent_name, str):
+        raise UserError(f"table spec {shown}: extends must be a table name or a .toml path, got {parent_name!r}")
+    parent, parent_origin = resolve(parent_name, origin if parent_name.endswith(".toml") else None,
+                                    (*chain, (identity, shown)))
+    added = raw.pop("add_methods", None)
+    if added is not None:
+        if "methods" in raw:
+            raise UserError(f"table spec {shown}: give either methods (replaces the parent's) or add_methods "
+                            f"(appends to them), not both")
+        if not isinstance(added, list):
+            raise UserError(f"table spec {shown}: add_methods must be a list of method tables ([[add_methods]])")
+        raw["methods"] = [*parent.get("methods", []), *added]
+    merged = merge(parent, raw)
+    if "methods" in raw:
+        _drop_inherited_method_options(merged, raw)
+    inherits_uploads = "uploads" in _table(parent, "reference") and "uploads" not in _table(raw, "reference")
+    return merged, parent_origin if inherits_uploads else origin
+
+
+def _drop_inherited_method_options(merged: dict, child: dict) -> None:
+    """A child that replaces the method list drops the parent's per-label method options of the labels it no longer
+    has (its own method options still have to name one of its methods)."""
+    methods = merged["methods"] if isinstance(merged["methods"], list) else []
+    labels = {m.get("label", m.get("name")) for m in methods if isinstance(m, dict)}
+    for section in ("real", "miniature"):
+        options = _table(_table(_table(merged, "data"), section), "method_options")
+        own = _table(_table(_table(child, "data"), section), "method_options")
+        for label in [k for k in options if k not in labels and k not in own]:
+            del options[label]
+
+
+def _table(raw: dict, key: str) -> dict:
+    value = raw.get(key, {})
+    return value if isinstance(value, dict) else {}
+
+
+def load_table(name_or_path: str) -> TableSpec:
+    """A built-in table by name, or a spec file by path; ``extends`` chains are resolved first."""
+    raw, origin = resolve(str(name_or_path))
+    if "sweep" in raw:
+        raise UserError(f"{name_or_path} is a sweep spec (it has a [sweep] table); run it with `cemabench sweep "
+                        f"{name_or_path}`")
     return replace(parse(raw, str(name_or_path)), origin=origin)
 
 
@@ -127,18 +224,27 @@ def _choice(table: dict, where: str) -> DataChoice:
                       pairs=_pairs(table, where))
 
 
+def check_seeds(seeds, where: str) -> tuple[int, ...]:
+    """Seeds are a non-empty list of distinct non-negative integers."""
+    if (not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise UserError(f"{where} must be a non-empty list of distinct non-negative integers, got {list(seeds)!r}")
+    return tuple(seeds)
+
+
 def parse(raw: dict, where: str) -> TableSpec:
     _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference"}, where)
     proto = _take(raw, "protocol", dict, where)
-    _no_extra(proto, {"batch_size", "reset", "delivery_delay", "upload_budget"}, f"{where} [protocol]")
-    protocol = Protocol(batch_size=_take(proto, "batch_size", int, f"{where} [protocol]"),
-                        reset=_take(proto, "reset", str, f"{where} [protocol]"),
-                        delivery_delay=_take(proto, "delivery_delay", int, f"{where} [protocol]", 0),
-                        upload_budget=_take(proto, "upload_budget", int, f"{where} [protocol]", None))
-    if protocol.reset not in RESETS:
-        raise UserError(f"{where} [protocol]: reset must be one of {', '.join(RESETS)}, got {protocol.reset!r}")
-    if protocol.batch_size < 1 or protocol.delivery_delay < 0:
-        raise UserError(f"{where} [protocol]: batch_size must be >= 1 and delivery_delay >= 0")
+    kinds = {"batch_size": int, "reset": str, "delivery_delay": int, "upload_budget": int, "upload_budget_bytes": int,
+             "bandwidth": (int, float), "latency": (int, float), "batch_interval": (int, float),
+             "answer_deadline": (int, float)}
+    _no_extra(proto, set(kinds), f"{where} [protocol]")
+    required = {"batch_size", "reset"}
+    values = {k: _take(proto, k, kind, f"{where} [protocol]") for k, kind in kinds.items() if k in proto or k in required}
+    try:
+        protocol = Protocol(**values)
+    except UserError as error:
+        raise UserError(f"{where} [protocol]: {error}") from None
 
     data = _take(raw, "data", dict, where)
     _no_extra(data, {"severity", "domains", "recorded", "real", "miniature"}, f"{where} [data]")
@@ -177,7 +283,7 @@ def parse(raw: dict, where: str) -> TableSpec:
     return TableSpec(
         name=_take(raw, "name", str, where), title=_take(raw, "title", str, where),
         source=_take(raw, "source", str, where, ""), protocol=protocol,
-        seeds=tuple(_take(raw, "seeds", list, where, [0])), severity=severity, domains=domains,
+        seeds=check_seeds(_take(raw, "seeds", list, where, [0]), f"{where}: seeds"), severity=severity, domains=domains,
         recorded=_take(data, "recorded", dict, f"{where} [data]", {}), real=real, miniature=miniature,
         methods=tuple(methods), tolerance=float(_take(check, "tolerance", (int, float), f"{where} [check]", 0.5)),
         check_metrics=tuple(_take(check, "metrics", list, f"{where} [check]", ["accuracy", "upload_ratio"])),

@@ -1,6 +1,7 @@
 import copy
 import importlib.util
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,13 @@ from torch import nn
 from cemabench.data import ArrayDomain, DatasetSource
 from cemabench.method import CloudResources
 from cemabench.protocol import Models
+
+
+def builtin_methods() -> list[str]:
+    """The built-in roster: the method entry points that cemabench's own distribution declares (pyproject.toml), so
+    that a new built-in method is picked up by every test without editing a list."""
+    eps = metadata.distribution("cemabench").entry_points.select(group="cemabench.methods")
+    return sorted(ep.name for ep in eps)
 
 
 @pytest.fixture(scope="session", autouse=True)

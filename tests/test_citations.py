@@ -47,7 +47,7 @@ def test_every_table_spec_cites_cema_by_its_exact_title(table):
     source = load_table(table).source
     assert "CEMA" in source
     title, author, venue = PAPERS["CEMA"]
-    assert f"{author} et al., {title} (CEMA), {venue}" in source
+    assert source.startswith(author) and f"{title} (CEMA), {venue}" in source
 
 
 def test_every_method_cites_the_first_author_and_venue_of_a_cited_paper():

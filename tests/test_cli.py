@@ -4,6 +4,7 @@ from importlib import resources
 import pytest
 
 from cemabench.cli import main
+from conftest import builtin_methods
 
 
 def run(capsys, *argv):
@@ -15,7 +16,7 @@ def run(capsys, *argv):
 def test_list_methods_shows_the_cloud_edge_mapping(capsys):
     code, out, _ = run(capsys, "list", "methods")
     assert code == 0
-    for name in ("source", "bn-adapt", "tent", "eta", "eata", "cema", "random-upload"):
+    for name in builtin_methods():
         assert f"| {name} " in out
     assert "Chen et al., ICLR 2024" in out and "entropy bounds and redundancy" in out
 
@@ -28,7 +29,7 @@ def test_list_other_registries(capsys, what, expected):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--method", "tentt"], "unknown method 'tentt'; available: bn-adapt, cema, cloud-only, confidence-offload, cotta"),
+    (["run", "--method", "tentt"], "unknown method 'tentt'; available: " + ", ".join(builtin_methods()[:5])),
     (["run", "--method", "tent", "--option", "lr2=0.1"], "method 'tent' has no option 'lr2'; valid options: lr"),
     (["run", "--method", "tent", "--option", "lr=fast"], "option 'lr' must be float, got 'fast'"),
     (["run", "--method", "tent", "--option", "lr"], "--option takes KEY=VALUE"),
@@ -39,7 +40,8 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--reset", "never"], "--reset must be one of per_domain, continual"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
     (["reproduce", "table9"], "unknown table 'table9'; available: imagenet-c-s3, imagenet-r, table2"),
-    (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"], "--data-root /nonexistent/imagenet is not a directory"),
+    (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"],
+     "--data-root /nonexistent/imagenet is not a directory"),
     (["reproduce", "missing.toml"], "table spec file missing.toml does not exist"),
     (["reproduce", "imagenet-r"], "table imagenet-r has no embedded-miniature version; pass --data-root"),
     (["check", "nope.json", "--against", "nope2.json"], "nope.json does not exist"),

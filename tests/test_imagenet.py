@@ -143,13 +143,33 @@ def test_masked_scoring_takes_the_argmax_over_the_scored_classes(root):
     assert results["mask-200"].correct == 2 and results["argmax-1000"].correct == 0
 
 
+def test_reproduce_a_table2_excerpt_on_a_generated_tree_with_tiny_models(root, tmp_path, capsys):
+    """The default tier's cheap cut of the slow whole-table test below: two corruptions, three methods."""
+    spec = tmp_path / "excerpt.toml"
+    spec.write_text('extends = "table2"\nname = "excerpt"\n[data]\ndomains = ["fog", "contrast"]\n'
+                    '[[methods]]\nname = "source"\n[[methods]]\nname = "cema"\n[[methods]]\n'
+                    'name = "random-upload"\nmatch_uploads_of = "cema"\n')
+    code = main(["reproduce", str(spec), "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
+                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((tmp_path / "excerpt.json").read_text())
+    assert [(c["method"], c["domain"]) for c in doc["cells"]] == [
+        (m, d) for m in ("source", "cema", "random-upload") for d in ("fog", "contrast")]
+    assert all(c["status"] == "ok" and c["seen"] == 6 for c in doc["cells"])
+    for needle in ("all 50,000 images per corruption", "tiny:edge", "Uploads against the authors' published counts"):
+        assert needle in out
+
+
+@pytest.mark.slow  # every cell of table2 (methods x 15 corruptions)
 def test_reproduce_table2_on_a_generated_tree_with_tiny_models(root, tmp_path, capsys):
     code = main(["reproduce", "table2", "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
                  "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err
     doc = json.loads((tmp_path / "table2.json").read_text())
-    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == 14 * 15
+    spec = load_table("table2")
+    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == len(spec.methods) * len(spec.domains)
     assert all(c["status"] == "ok" and c["seen"] == 6 for c in doc["cells"])
     for needle in ("ImageNet-C", "all 50,000 images per corruption", "224 px", "tiny:edge", "tiny:foundation",
                    "Seeds**: 0", "torch 2", "Uploads against the authors' published counts"):

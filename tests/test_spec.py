@@ -1,0 +1,113 @@
+"""Table specs: ``extends`` chains, the parsed built-in specs pinned to their recorded values, validation."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from cemabench.cli import main
+from cemabench.errors import UserError
+from cemabench.spec import available_tables, load_table, published_uploads
+
+SNAPSHOTS = Path(__file__).parent / "spec_snapshots"
+
+
+def _fields(spec) -> str:
+    return json.dumps(dataclasses.asdict(dataclasses.replace(spec, origin=None)), indent=1) + "\n"
+
+
+# Deliberate changes since the snapshots were recorded, field by field (issue 10: CEMA was cited under a wrong title;
+# the exact title is the one in shared/reference/papers.md).
+CORRECTED = {"source": ("Chen et al., Cloud-Device Collaborative Adaptation to Continual Changing Environments in the "
+                        "Real-world (CEMA), ICLR 2024",
+                        "Chen, Niu, Wang, Xu, Song, Tan, Towards Robust and Efficient Cloud-Edge Elastic Model "
+                        "Adaptation via Selective Entropy Distillation (CEMA), ICLR 2024, arXiv 2402.17316")}
+
+
+# Protocol fields added since (the byte budget and the link model), at their defaults: the tables do not use them.
+ADDED_PROTOCOL_FIELDS = {"upload_budget_bytes": None, "bandwidth": None, "latency": 0.0, "batch_interval": 1.0,
+                         "answer_deadline": None}
+
+
+@pytest.mark.parametrize("name", ["table2", "imagenet-c-s3", "imagenet-r"])
+def test_builtin_specs_parse_to_exactly_the_recorded_fields(name):
+    """Recorded from the specs before any of them used ``extends``; key order matters (the header follows it)."""
+    recorded = json.loads((SNAPSHOTS / f"{name}.json").read_text())
+    for key, (before, after) in CORRECTED.items():
+        assert before in recorded[key]
+        recorded[key] = recorded[key].replace(before, after)
+    recorded["protocol"].update(ADDED_PROTOCOL_FIELDS)
+    assert _fields(load_table(name)) == json.dumps(recorded, indent=1) + "\n"
+
+
+def test_every_builtin_spec_has_a_snapshot():
+    assert sorted(p.stem for p in SNAPSHOTS.glob("*.json")) == available_tables()
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_a_child_overrides_scalars_merges_tables_and_replaces_lists(tmp_path):
+    path = _write(tmp_path, "child.toml", '''extends = "table2"
+name = "child"
+seeds = [3, 4]
+[data]
+domains = ["fog", "contrast"]
+[data.recorded]
+metric = "changed"
+[data.miniature.method_options.cema]
+entropy_max = 0.3
+[[methods]]
+name = "cema"
+[[methods]]
+name = "random-upload"
+match_uploads_of = "cema"
+''')
+    spec, parent = load_table(str(path)), load_table("table2")
+    assert (spec.name, spec.title, spec.seeds, spec.domains) == ("child", parent.title, (3, 4), ("fog", "contrast"))
+    assert spec.recorded == {**parent.recorded, "metric": "changed"}  # merged key by key, the parent's order kept
+    assert spec.miniature.method_options["cema"] == {"redundancy_margin": 0.5, "entropy_max": 0.3}
+    assert "sar" not in spec.miniature.method_options  # dropped with the method it configured
+    assert [m.label for m in spec.methods] == ["cema", "random-upload"]
+    assert [r["domain"] for r in published_uploads(spec)] == ["fog", "contrast", "fog", "contrast"]  # parent's CSV
+
+
+def test_add_methods_appends_and_chains_resolve_relative_to_each_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "sub", "middle.toml", 'extends = "table2"\nname = "middle"\n[[add_methods]]\nname = "tent"\n'
+                                           'label = "tent-fast"\noptions = {lr = 0.001}\n')
+    path = _write(tmp_path, "leaf.toml", 'extends = "sub/middle.toml"\nname = "leaf"\n[[add_methods]]\n'
+                                         'name = "cema"\nlabel = "cema-strict"\noptions = {entropy_max = 0.2}\n')
+    spec = load_table(str(path))
+    labels = [m.label for m in spec.methods]
+    assert labels[:-2] == [m.label for m in load_table("table2").methods]
+    assert labels[-2:] == ["tent-fast", "cema-strict"] and spec.methods[-1].options == {"entropy_max": 0.2}
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'}, "extends itself: "),
+    ({"a.toml": 'extends = "a.toml"\n'}, "extends itself: "),
+    ({"a.toml": 'extends = "table9"\n'}, "extends 'table9': unknown table 'table9'; available: imagenet-c-s3"),
+    ({"a.toml": 'extends = "nope.toml"\n'}, "extends 'nope.toml': table spec file"),
+    ({"a.toml": 'extends = 3\n'}, "extends must be a table name or a .toml path, got 3"),
+    ({"a.toml": 'name = "a"\n[[add_methods]]\nname = "tent"\n'}, "add_methods appends to the methods of the spec"),
+    ({"a.toml": 'extends = "table2"\n[[add_methods]]\nname = "tent"\n[[methods]]\nname = "cema"\n'},
+     "either methods (replaces the parent's) or add_methods"),
+    ({"a.toml": 'extends = "table2"\nseeds = ["a"]\n'}, "seeds must be a non-empty list of distinct non-negative"),
+    ({"a.toml": 'extends = "table2"\nseeds = []\n'}, "seeds must be a non-empty list"),
+    ({"a.toml": 'extends = "table2"\nseeds = [1, 1]\n'}, "seeds must be a non-empty list"),
+    ({"a.toml": 'extends = "table2"\nseeds = [-1]\n'}, "seeds must be a non-empty list"),
+    ({"a.toml": 'extends = "table2"\n[protocol]\nupload_budget = -3\n'}, "[protocol]: protocol upload_budget must be an integer >= 0"),
+])
+def test_bad_extends_and_values_are_one_line_user_errors(tmp_path, capsys, files, message):
+    for name, text in files.items():
+        _write(tmp_path, name, text)
+    with pytest.raises(UserError, match=None) as caught:
+        load_table(str(tmp_path / "a.toml"))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert main(["reproduce", str(tmp_path / "a.toml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
