@@ -1,0 +1,204 @@
+"""Where run units execute: in this process, in local worker processes, or as Ray tasks. Every executor hands
+results back as they complete, so that the runner stores each finished unit at once.
+
+A unit that raises (anything but KeyboardInterrupt), or whose worker dies, comes back as an error record; it never
+takes the run down.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+
+import torch
+
+from cemabench.context import ContextSpec, context_for
+from cemabench.errors import UserError
+from cemabench.plan import Unit
+from cemabench.protocol import DomainResult
+
+EXECUTORS = ("local", "ray")
+
+
+def error_record(unit: Unit, message: str) -> dict:
+    """The record of a unit that produced no results: every domain an error with ``message``."""
+    return {"unit": asdict(unit), "results": [DomainResult(d, status="error", message=message).to_dict()
+                                              for d in unit.domains]}
+
+
+def execute(recipe: ContextSpec, unit: Unit) -> dict:
+    """Run one unit in this process's context for ``recipe``; any failure becomes an error record."""
+    try:
+        return context_for(recipe).run(unit)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # SystemExit from plugin code included: the unit fails, the table goes on
+        tail = "".join(traceback.format_exception(error)[-3:])
+        return error_record(unit, f"{type(error).__name__}: {error}\n{tail}")
+
+
+class Executor:
+    """Submit units; ``completed`` blocks until at least one finished (or ``timeout`` passed) and returns those."""
+
+    def submit(self, unit: Unit) -> None:
+        raise NotImplementedError
+
+    def completed(self, timeout: float | None = None) -> list[tuple[Unit, dict]]:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class InlineExecutor(Executor):
+    """Runs each unit in this process, one at a time, when its result is asked for."""
+
+    def __init__(self, recipe: ContextSpec):
+        self.recipe, self.queue = recipe, []
+
+    def submit(self, unit):
+        self.queue.append(unit)
+
+    def completed(self, timeout=None):
+        unit = self.queue.pop(0)
+        return [(unit, execute(self.recipe, unit))]
+
+    @property
+    def pending(self):
+        return len(self.queue)
+
+
+def _init_process(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class ProcessExecutor(Executor):
+    """Local worker processes (``--jobs N``); each builds its context once from the recipe. A unit whose worker
+    dies is retried once in a fresh pool, then recorded as an error."""
+
+    RETRIES = 1
+
+    def __init__(self, recipe: ContextSpec, jobs: int):
+        self.recipe, self.jobs = recipe, jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.futures: dict[Future, Unit] = {}
+        self.broken: dict[Unit, int] = {}
+        self.pool = self._pool()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.jobs, initializer=_init_process, initargs=(self.threads,))
+
+    def submit(self, unit):
+        self.futures[self.pool.submit(execute, self.recipe, unit)] = unit
+
+    def completed(self, timeout=None):
+        done, _ = wait(self.futures, timeout=timeout, return_when=FIRST_COMPLETED)
+        out, retry = [], []
+        for future in done:
+            unit = self.futures.pop(future)
+            try:
+                out.append((unit, future.result()))
+            except BrokenProcessPool as error:
+                self.broken[unit] = self.broken.get(unit, 0) + 1
+                if self.broken[unit] > self.RETRIES:
+                    out.append((unit, error_record(unit, f"worker process died: {error}")))
+                else:
+                    retry.append(unit)
+        if retry:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            still = list(self.futures.values())
+            self.futures.clear()
+            self.pool = self._pool()
+            for unit in retry + still:
+                self.submit(unit)
+        return out
+
+    @property
+    def pending(self):
+        return len(self.futures)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as error:
+        raise UserError("--executor ray needs Ray: pip install 'cemabench[ray]'") from error
+    return ray
+
+
+def _ray_execute(recipe: ContextSpec, unit: Unit) -> dict:
+    """A Ray task: the worker process keeps its context (dataset, models) across the tasks it runs."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    return execute(recipe, unit)
+
+
+class RayExecutor(Executor):
+    """Each unit a Ray task with the resources it declares (1 CPU, or 1 GPU when the device is CUDA); results
+    come back with ``ray.wait`` as they complete. Joins a running Ray (``address``, or one this process started),
+    else starts a local one with ``num_cpus``."""
+
+    def __init__(self, recipe: ContextSpec, address: str | None = None, num_cpus: int | None = None):
+        ray = self.ray = _ray()
+        self.started = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            self.started = True
+        gpu = torch.device(recipe.execution.device).type == "cuda"
+        self.task = ray.remote(_ray_execute).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
+        self.recipe = ray.put(recipe)
+        self.refs: dict = {}
+
+    def submit(self, unit):
+        self.refs[self.task.remote(self.recipe, unit)] = unit
+
+    def completed(self, timeout=None):
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        out = []
+        for ref in ready:
+            unit = self.refs.pop(ref)
+            try:
+                out.append((unit, self.ray.get(ref)))
+            except self.ray.exceptions.RayError as error:  # worker died, task cancelled, ...
+                out.append((unit, error_record(unit, f"Ray task failed: {type(error).__name__}: "
+                                                     f"{str(error).strip().splitlines()[0]}")))
+        return out
+
+    @property
+    def pending(self):
+        return len(self.refs)
+
+    def close(self):
+        for ref in self.refs:
+            self.ray.cancel(ref, force=True)
+        self.refs.clear()
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_executor(recipe: ContextSpec, kind: str = "local", jobs: int = 1, address: str | None = None) -> Executor:
+    if kind not in EXECUTORS:
+        raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    if kind == "ray":
+        return RayExecutor(recipe, address, num_cpus=None if address else jobs)
+    return ProcessExecutor(recipe, jobs) if jobs > 1 else InlineExecutor(recipe)
