@@ -118,6 +118,8 @@ def _run_spec(args):
         raise UserError(f"--batch-size must be at least 1, got {protocol.batch_size}")
     if protocol.delivery_delay < 0:
         raise UserError(f"--delay must be at least 0, got {protocol.delivery_delay}")
+    if args.domains and len(set(args.domains)) != len(args.domains):
+        raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
     spec = replace(spec, protocol=protocol, domains=tuple(args.domains or spec.domains),
                    severity=args.severity or spec.severity, seeds=(args.seed,))
     return spec, label

@@ -184,10 +184,18 @@ class ContextSpec:
 
 
 _CONTEXTS: dict[str, TableContext] = {}
+KEEP_CONTEXTS = 2
 
 
 def context_for(recipe: ContextSpec) -> TableContext:
     """This process's context for a recipe, built on first use (dataset and models once per worker)."""
     if recipe.token not in _CONTEXTS:
+        while len(_CONTEXTS) >= KEEP_CONTEXTS:  # a long-lived (Ray) worker keeps the latest tables' contexts only
+            _CONTEXTS.pop(next(iter(_CONTEXTS)))
         _CONTEXTS[recipe.token] = recipe.build()
     return _CONTEXTS[recipe.token]
+
+
+def forget(recipe: ContextSpec) -> None:
+    """Drop this process's context for a recipe (the runner's own, once its table is done)."""
+    _CONTEXTS.pop(recipe.token, None)

@@ -50,7 +50,13 @@ class Executor:
 
     @property
     def pending(self) -> int:
+        """Units submitted and not yet returned by :meth:`completed`."""
         raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        """How many units can run at once (the runner claims no more than this ahead)."""
+        return 1
 
     def close(self) -> None:
         pass
@@ -85,49 +91,66 @@ def _init_process(threads: int) -> None:
 
 
 class ProcessExecutor(Executor):
-    """Local worker processes (``--jobs N``); each builds its context once from the recipe. A unit whose worker
-    dies is retried once in a fresh pool, then recorded as an error."""
-
-    RETRIES = 1
+    """Local worker processes (``--jobs N``); each builds its context once from the recipe. When a worker dies, the
+    units that were in flight are rerun one at a time in a fresh pool: the one that kills its worker alone is
+    recorded as an error, the others complete."""
 
     def __init__(self, recipe: ContextSpec, jobs: int):
         self.recipe, self.jobs = recipe, jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.futures: dict[Future, Unit] = {}
-        self.broken: dict[Unit, int] = {}
+        self.queue: list[Unit] = []
+        self.suspects: list[Unit] = []
+        self.solo: Unit | None = None
         self.pool = self._pool()
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.jobs, initializer=_init_process, initargs=(self.threads,))
 
+    def _fill(self) -> None:
+        if self.suspects:
+            if not self.futures:
+                self.solo = self.suspects.pop(0)
+                self.futures[self.pool.submit(execute, self.recipe, self.solo)] = self.solo
+            return
+        while self.queue and len(self.futures) < self.jobs:
+            unit = self.queue.pop(0)
+            self.futures[self.pool.submit(execute, self.recipe, unit)] = unit
+
+    @property
+    def capacity(self):
+        return self.jobs
+
     def submit(self, unit):
-        self.futures[self.pool.submit(execute, self.recipe, unit)] = unit
+        self.queue.append(unit)
+        self._fill()
 
     def completed(self, timeout=None):
         done, _ = wait(self.futures, timeout=timeout, return_when=FIRST_COMPLETED)
-        out, retry = [], []
+        out, broken = [], False
         for future in done:
             unit = self.futures.pop(future)
             try:
                 out.append((unit, future.result()))
             except BrokenProcessPool as error:
-                self.broken[unit] = self.broken.get(unit, 0) + 1
-                if self.broken[unit] > self.RETRIES:
-                    out.append((unit, error_record(unit, f"worker process died: {error}")))
+                broken = True
+                if unit == self.solo:
+                    out.append((unit, error_record(unit, f"worker process died while running this unit: {error}")))
                 else:
-                    retry.append(unit)
-        if retry:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            still = list(self.futures.values())
+                    self.suspects.append(unit)
+            if unit == self.solo:
+                self.solo = None
+        if broken:
+            self.suspects += list(self.futures.values())
             self.futures.clear()
+            self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._pool()
-            for unit in retry + still:
-                self.submit(unit)
+        self._fill()
         return out
 
     @property
     def pending(self):
-        return len(self.futures)
+        return len(self.futures) + len(self.queue) + len(self.suspects)
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -164,10 +187,14 @@ class RayExecutor(Executor):
             else:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             self.started = True
-        gpu = torch.device(recipe.execution.device).type == "cuda"
+        self.gpu = gpu = torch.device(recipe.execution.device).type == "cuda"
         self.task = ray.remote(_ray_execute).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
         self.recipe = ray.put(recipe)
         self.refs: dict = {}
+
+    @property
+    def capacity(self):
+        return max(1, int(self.ray.cluster_resources().get("GPU" if self.gpu else "CPU", 1)))
 
     def submit(self, unit):
         self.refs[self.task.remote(self.recipe, unit)] = unit

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cemabench import registry
-from cemabench.context import ContextSpec, TableContext, context_for, fingerprint, versions  # noqa: F401
+from cemabench.context import ContextSpec, TableContext, context_for, fingerprint, forget, versions  # noqa: F401
 from cemabench.errors import UserError
 from cemabench.executors import Executor, error_record, make_executor
 from cemabench.plan import Task, Unit, UnitId, check_options, entry_options, plan
@@ -57,6 +57,7 @@ class Scheduler:
         self.records: dict[UnitId, dict] = {}
         self.units: dict[UnitId, Unit] = {}
         self.keys: dict[UnitId, str] = {}
+        self.queue: list[Unit] = []  # to claim and submit when the executor has a free slot
         self.waiting: set[UnitId] = set()
         self.running: set[UnitId] = set()
         self.before: dict[UnitId, int | None] = {}  # a waited-for unit's file when the wait began
@@ -89,12 +90,18 @@ class Scheduler:
         if record is not None and not failed(record):
             self._finish(unit, record, store=False)
         else:
-            self._take(unit)
+            self.queue.append(unit)
+
+    def _fill(self) -> None:
+        """Claim and submit queued units while the executor has free slots (claiming only what can run now leaves
+        the rest to other processes sharing the store)."""
+        while self.queue and self.executor.pending < self.executor.capacity:
+            self._take(self.queue.pop(0))
 
     def _take(self, unit: Unit) -> None:
         key = self.keys[unit.id]
         if self.store.claim(key):
-            record = self.store.get(key, unit.domains)  # finished by another process since we looked?
+            record, _ = self.store.problem(key, unit.domains)  # finished by another process since we looked?
             if record is not None and not failed(record):
                 self.store.release(key)
                 self._finish(unit, record, store=False)
@@ -120,19 +127,23 @@ class Scheduler:
                 continue
             record, _ = self.store.problem(key, unit.domains)
             fresh = record is not None and (not failed(record) or self._mtime(key) != self.before[uid])
+            self.waiting.discard(uid)
             if fresh:
                 self._finish(unit, record, store=False)  # the other process's result, failed or not
             else:
-                self._take(unit)
+                self.queue.append(unit)  # its owner died or gave up: this process takes it over
 
     def run(self, tasks: list[Task]) -> dict[UnitId, dict]:
         todo = list(tasks)
         try:
-            while todo or self.executor.pending or self.waiting:
+            while todo or self.queue or self.executor.pending or self.waiting:
                 ready = [t for t in todo if all(n in self.records for n in t.needs)]
+                if todo and not ready and not self.queue and not self.executor.pending and not self.waiting:
+                    raise RuntimeError(f"units wait on units that are not planned: {[t.id for t in todo]}")
                 for task in ready:
                     todo.remove(task)
                     self._start(task)
+                self._fill()
                 if self.executor.pending:
                     for unit, record in self.executor.completed(timeout=POLL_S if self.waiting else None):
                         self._finish(unit, record)
@@ -140,8 +151,6 @@ class Scheduler:
                     time.sleep(POLL_S)
                 if self.waiting:
                     self._poll_waiting()
-                if todo and not ready and not self.executor.pending and not self.waiting:
-                    raise RuntimeError(f"units wait on units that are not planned: {[t.id for t in todo]}")
         finally:
             for uid in self.running:
                 self.store.release(self.keys[uid])
@@ -164,10 +173,13 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
     tasks = plan(spec, context.choice, seeds)
     store = store_for(out, spec)
     desc = f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})"
-    with make_executor(recipe, executor, min(jobs, len(tasks)), address) as pool, \
-            tqdm(total=len(tasks), desc=desc, unit="cell", disable=not progress, file=sys.stderr) as bar:
-        scheduler = Scheduler(context, store, pool, bar)
-        records = scheduler.run(tasks)
+    try:
+        with make_executor(recipe, executor, min(jobs, len(tasks)), address) as pool, \
+                tqdm(total=len(tasks), desc=desc, unit="cell", disable=not progress, file=sys.stderr) as bar:
+            scheduler = Scheduler(context, store, pool, bar)
+            records = scheduler.run(tasks)
+    finally:
+        forget(recipe)
     return table_document(spec, context, seeds, {scheduler.units[t.id]: records[t.id] for t in tasks})
 
 
@@ -176,7 +188,8 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
            dataset_options: dict | None = None, pair: str | None = None, weights: str | None = None) -> list[dict]:
     """Each unit of a table in ``out``: done, running (claimed by a live owner), failed (with its error's first
     line) or missing; the keys are those ``reproduce`` with the same arguments would use."""
-    _, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights)
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights)
+    forget(recipe)
     store = ResultStore(store_for(out, spec).root, warn=lambda line: None)
     records: dict[UnitId, dict] = {}
     rows = []

@@ -68,9 +68,12 @@ class ResultStore:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
-            return None, f"not JSON ({'truncated' if error.pos >= len(text.rstrip()) else error.msg})"
+            cut = text.lstrip().startswith("{") and not text.rstrip().endswith("}")
+            return None, f"not JSON ({'truncated' if cut else f'{error.msg} at character {error.pos}'})"
         if not isinstance(record, dict):
             return None, "not a record (a JSON object)"
+        if "key" not in record:
+            return None, "no key (not a cemabench record, or from an older version)"
         if record.get("key") != key:
             return None, f"holds the record of another unit (key {record.get('key')!r})"
         if record.get("checksum") != checksum(record):
