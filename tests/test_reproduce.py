@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from cemabench import runner
 from cemabench.cli import main
@@ -63,6 +64,14 @@ def _spec(tmp_path, reset="per_domain"):
 def _numbers(doc):
     return [{k: c[k] for k in ("method", "domain", "seed") + NUMBERS} for c in doc["cells"]]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """In-process runs use one torch thread: on a shared, oversubscribed machine two spin far slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cemabench import runner
 from cemabench.cli import EXIT_INCOMPLETE, main
@@ -63,6 +64,14 @@ def numbers(doc):
 def cells(out: Path) -> list[Path]:
     return sorted((out / "cells" / "duo").glob("*.json"))
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """In-process runs use one torch thread: on a shared, oversubscribed machine two spin far slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 @pytest.fixture
 def counted(monkeypatch):
@@ -204,6 +213,8 @@ def test_an_edited_method_is_recomputed_and_the_others_reused(plugin_folder, cou
 WORKER = '''
 import json, sys, time
 from pathlib import Path
+
+import torch
 from cemabench import runner
 from cemabench.spec import load_table
 
@@ -220,6 +231,7 @@ def run(self, unit):
 
 
 runner.TableContext.run = run
+torch.set_num_threads(1)
 runner.reproduce(load_table(sys.argv[1]), None, Path(sys.argv[2]), jobs=1, progress=False)
 '''
 
