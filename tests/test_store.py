@@ -352,3 +352,16 @@ def test_ray_gives_the_inline_numbers(baseline, tmp_path):
         assert numbers(runner.reproduce(spec, None, tmp_path / "out", executor="ray", progress=False)) == numbers(doc)
     finally:
         ray.shutdown()
+
+
+def test_run_with_a_table_gives_the_tables_number_and_says_how_it_was_made(tmp_path, capsys):
+    expected = json.loads((Path(__file__).parents[1] / "leaderboards" / "table2.miniature.json").read_text())
+    cell = next(c for c in expected["cells"] if c["method"] == "cema" and c["domain"] == "fog")
+    code = main(["run", "--method", "cema", "--domains", "fog", "--table", "table2", "--out", str(tmp_path / "r.json")])
+    assert code == 0 and f"{cell['accuracy']:.1f}" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [c["accuracy"] for c in doc["cells"]] == [cell["accuracy"]]
+    assert doc["methods"][0]["options"] == {"redundancy_margin": 0.5} and doc["methods"][0]["code"]["method"]
+    p = doc["provenance"]
+    assert p["protocol"]["batch_size"] == 64 and p["device"] == "cpu" and p["models"]["edge"]["fingerprint"]
+    assert p["dataset"]["dataset"].startswith("miniature-digits-c") and p["versions"]["torch"]
