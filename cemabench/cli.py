@@ -5,10 +5,10 @@ import argparse
 import json
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
+import tomllib
 
 from cemabench import registry
 from cemabench.errors import UserError
@@ -163,10 +163,10 @@ def _reproduce_inputs(args):
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
-    return spec, data_root, dict(execution=Execution(args.device, args.channels_last, args.amp),
-                                 models={"edge": args.edge, "foundation": args.foundation},
-                                 dataset_options=dict(_parse_option(o) for o in args.dataset_option), pair=args.pair,
-                                 weights=args.weights)
+    return spec, data_root, {"execution": Execution(args.device, args.channels_last, args.amp),
+                             "models": {"edge": args.edge, "foundation": args.foundation},
+                             "dataset_options": dict(_parse_option(o) for o in args.dataset_option),
+                             "pair": args.pair, "weights": args.weights}
 
 
 def cmd_reproduce(args) -> int:

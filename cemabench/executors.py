@@ -34,7 +34,7 @@ def execute(recipe: ContextSpec, unit: Unit) -> dict:
         return context_for(recipe).run(unit)
     except KeyboardInterrupt:
         raise
-    except BaseException as error:  # SystemExit from plugin code included: the unit fails, the table goes on
+    except BaseException as error:  # noqa: BLE001 - SystemExit from plugin code included: the unit fails, the table goes on
         tail = "".join(traceback.format_exception(error)[-3:])
         return error_record(unit, f"{type(error).__name__}: {error}\n{tail}")
 
@@ -138,6 +138,8 @@ class ProcessExecutor(Executor):
                     out.append((unit, error_record(unit, f"worker process died while running this unit: {error}")))
                 else:
                     self.suspects.append(unit)
+            except Exception as error:  # noqa: BLE001 - e.g. a result that cannot be unpickled: the unit fails alone
+                out.append((unit, error_record(unit, f"{type(error).__name__}: {error}")))
             if unit == self.solo:
                 self.solo = None
         if broken:

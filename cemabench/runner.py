@@ -44,7 +44,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights)
     context = context_for(recipe)
     check_options(spec, context.choice)
-    context.provenance  # builds dataset and models up front, so that data and model errors come before any run
+    _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     return recipe, context
 
 

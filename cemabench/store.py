@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 OK = "ok"
-CLAIM_TIMEOUT_S = float(os.environ.get("CEMABENCH_CLAIM_TIMEOUT", 24 * 3600))  # for owners on other hosts
+CLAIM_TIMEOUT_S = float(os.environ.get("CEMABENCH_CLAIM_TIMEOUT", str(24 * 3600)))  # for owners on other hosts
 
 
 def checksum(record: dict) -> str:

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -283,7 +282,7 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert a.claim("k") and not b.claim("k") and b.live_owner("k")["pid"] == os.getpid()
     a.release("k")
     assert b.claim("k")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     (tmp_path / "d.claim").write_text(json.dumps({"pid": int(dead.stdout), "host": a.host, "time": 0, "owner": "x"}))
     assert a.live_owner("d") is None and a.claim("d")
     (tmp_path / "h.claim").write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": 0, "owner": "x"}))
@@ -365,3 +364,16 @@ def test_run_with_a_table_gives_the_tables_number_and_says_how_it_was_made(tmp_p
     p = doc["provenance"]
     assert p["protocol"]["batch_size"] == 64 and p["device"] == "cpu" and p["models"]["edge"]["fingerprint"]
     assert p["dataset"]["dataset"].startswith("miniature-digits-c") and p["versions"]["torch"]
+
+
+def test_the_weights_folder_is_a_parameter_of_the_context_with_the_environment_as_fallback(tmp_path, monkeypatch):
+    from cemabench import context, zoo
+
+    monkeypatch.setenv("CEMABENCH_WEIGHTS", str(tmp_path))
+    (tmp_path / "mine").mkdir()
+    seen = []
+    monkeypatch.setattr(context.registry, "build_model", lambda name: seen.append(zoo.weights_dir()))
+    spec = load_table(str(write_spec(tmp_path)))
+    assert len(context.ContextSpec(spec, weights=str(tmp_path / "mine")).build().prototypes) == 2
+    assert len(context.ContextSpec(spec).build().prototypes) == 2
+    assert seen == [tmp_path / "mine"] * 2 + [tmp_path] * 2
