@@ -197,12 +197,13 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
         row = {"method": task.label, "seed": task.seed, "domains": ", ".join(task.domains)}
         refs = [records.get(n) for n in task.needs]
         if any(r is None or failed(r) for r in refs):
-            rows.append({**row, "state": "missing", "detail": "waits on " + ", ".join(n[0] for n in task.needs)})
+            rows.append({**row, "state": "missing", "detail": "waits on " + ", ".join(n[0] for n in task.needs),
+                         "file": ""})
             continue
         try:
             unit = task.resolve(refs)
         except UserError as error:
-            rows.append({**row, "state": "failed", "detail": str(error)})
+            rows.append({**row, "state": "failed", "detail": str(error), "file": ""})
             continue
         key = context.unit_key(unit)
         record, problem = store.problem(key, unit.domains)
