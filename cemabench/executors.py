@@ -192,11 +192,12 @@ class RayExecutor(Executor):
         self.gpu = gpu = torch.device(recipe.execution.device).type == "cuda"
         self.task = ray.remote(_ray_execute).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
         self.recipe = ray.put(recipe)
+        self.slots = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)))  # units at once
         self.refs: dict = {}
 
     @property
     def capacity(self):
-        return max(1, int(self.ray.cluster_resources().get("GPU" if self.gpu else "CPU", 1)))
+        return self.slots
 
     def submit(self, unit):
         self.refs[self.task.remote(self.recipe, unit)] = unit
