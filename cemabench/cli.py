@@ -5,16 +5,18 @@ import argparse
 import json
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
+import tomllib
 
 from cemabench import registry
 from cemabench.errors import UserError
 from cemabench.execution import check_device
 
-EXIT_USER_ERROR = 2
+EXIT_CHECK_FAILED = 1  # check: a number out of tolerance
+EXIT_USER_ERROR = 2  # bad input, before any compute
+EXIT_INCOMPLETE = 3  # run/reproduce/status: some unit failed (error, diverged, worker died) or is not done
 
 
 def _first_line(obj) -> str:
@@ -87,61 +89,126 @@ def _parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def cmd_run(args) -> int:
-    from cemabench.leaderboard import metric_frame
-    from cemabench.protocol import RESETS, Execution, Models, Protocol, run_unit, unit_groups
-    from cemabench.runner import versions
+def _run_spec(args):
+    """The one-table spec that ``run`` goes through: a table's settings (``--table``) or the flags alone; flags given
+    explicitly override the table's."""
+    import inspect
+    from dataclasses import replace
 
-    if args.reset not in RESETS:
+    from cemabench.protocol import RESETS, Protocol
+    from cemabench.spec import DataChoice, MethodEntry, TableSpec, load_table
+
+    if args.reset is not None and args.reset not in RESETS:
         raise UserError(f"--reset must be one of {', '.join(RESETS)}")
-    method = registry.build_method(args.method, dict(_parse_option(o) for o in args.option))
-    factory = registry.load("datasets", args.dataset)
-    kwargs = {"data_root": args.data_root, "severity": args.severity,
-              **dict(_parse_option(o) for o in args.dataset_option)}
-    if args.domains:
-        kwargs["domains"] = args.domains
-    dataset = factory(**kwargs)
-    edge, foundation = registry.build_model(args.edge), registry.build_model(args.foundation)
-    models = Models.copies_of(edge, foundation)
-    protocol = Protocol(batch_size=args.batch_size, reset=args.reset, delivery_delay=args.delay,
-                       upload_budget=args.upload_budget)
-    groups = unit_groups(args.reset, dataset.domains)
-    results = []
-    execution = Execution(args.device, args.channels_last, args.amp)
-    for group in groups:
-        results += run_unit(method, group, models, dataset.num_classes, dataset.clean, protocol, args.seed,
-                            execution, dataset.scored_classes)
-    doc = {"provenance": {"domains": [d.name for d in dataset.domains]}, "methods": [{"label": args.method}],
-           "cells": [{"method": args.method, "seed": args.seed, **r.to_dict()} for r in results]}
-    if dataset.is_miniature:
+    options = dict(_parse_option(o) for o in args.option)
+    if args.table:
+        spec = load_table(args.table)
+        by_label = {e.label: e for e in spec.methods}
+        entry = by_label.get(args.method) or next((e for e in spec.methods if e.name == args.method), None)
+        if entry is None:
+            raise UserError(f"table {spec.name} has no method {args.method!r}; its methods: "
+                            f"{', '.join(by_label)}")
+        chain = [entry]
+        while chain[-1].match_uploads_of:
+            chain.append(by_label[chain[-1].match_uploads_of])
+        choices = {}
+        for section in ("real", "miniature"):
+            choice = getattr(spec, section)
+            if choice is None:
+                continue
+            method_options = {**choice.method_options,
+                              entry.label: {**choice.method_options.get(entry.label, {}), **options}}
+            changes = {"method_options": method_options}
+            if args.dataset:
+                changes["dataset"] = args.dataset
+            choices[section] = replace(choice, **changes)
+        protocol = spec.protocol
+        label = entry.label
+        spec = replace(spec, methods=tuple(reversed(chain)), **choices)
+    else:
+        registry.build_method(args.method, options)
+        dataset = args.dataset or "miniature-digits-c"
+        choice = DataChoice(dataset, args.edge or "mini:edge", args.foundation or "mini:foundation")
+        protocol = Protocol(batch_size=64, reset="per_domain")
+        default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")
+        domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
+        if not domains:
+            factory = registry.load("datasets", dataset)
+            built = factory(data_root=args.data_root, severity=args.severity or 5,
+                            **dict(_parse_option(o) for o in args.dataset_option))
+            domains = tuple(d.name for d in built.domains)
+        label = args.method
+        spec = TableSpec(name=f"run-{args.method}", title=f"{args.method} on {dataset}", source="",
+                         protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
+                         miniature=choice, methods=(MethodEntry(label, args.method, options),), tolerance=0.5,
+                         check_metrics=("accuracy", "upload_ratio"))
+    protocol = replace(protocol, **{k: v for k, v in (("batch_size", args.batch_size), ("reset", args.reset),
+                                                      ("delivery_delay", args.delay),
+                                                      ("upload_budget", args.upload_budget)) if v is not None})
+    if protocol.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {protocol.batch_size}")
+    if protocol.delivery_delay < 0:
+        raise UserError(f"--delay must be at least 0, got {protocol.delivery_delay}")
+    if args.domains and len(set(args.domains)) != len(args.domains):
+        raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
+    spec = replace(spec, protocol=protocol, domains=tuple(args.domains or spec.domains),
+                   severity=args.severity or spec.severity, seeds=(args.seed,))
+    return spec, label
+
+
+def cmd_run(args) -> int:
+    """One method through the same plan/store/executor path as a table, optionally with a table's settings."""
+    import tempfile
+
+    from cemabench.leaderboard import metric_frame
+    from cemabench.protocol import Execution
+    from cemabench.runner import reproduce
+
+    spec, label = _run_spec(args)
+    with tempfile.TemporaryDirectory(prefix="cemabench-run-") as scratch:
+        doc = reproduce(spec, args.data_root, Path(args.store or scratch), jobs=args.jobs,
+                        execution=Execution(args.device, args.channels_last, args.amp), progress=False,
+                        models={"edge": args.edge, "foundation": args.foundation},
+                        dataset_options=dict(_parse_option(o) for o in args.dataset_option),
+                        executor=args.executor, address=args.address, weights=args.weights)
+    doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
+    doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
+    if doc["provenance"]["miniature"]:
         print("# EMBEDDED MINIATURE (not ImageNet-C): numbers for checking the code path, not for comparison\n")
     for metric in ("accuracy", "upload_ratio"):
         print(f"{metric}:\n{metric_frame(doc, metric).T.to_markdown()}\n")
-    for r in results:
-        if r.status not in ("ok", "skipped"):
-            print(f"{r.domain}: {r.status}: {r.message}", file=sys.stderr)
+    failed = [c for c in doc["cells"] if c["status"] != "ok"]
+    for c in failed:
+        print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",
+              file=sys.stderr)
     if args.out:
-        doc["provenance"].update(versions=versions(), miniature=dataset.is_miniature, dataset=dataset.provenance)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-    return 0 if all(r.status == "ok" for r in results) else 1
+        Path(args.out).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return EXIT_INCOMPLETE if failed else 0
+
+
+def _reproduce_inputs(args):
+    from cemabench.protocol import Execution
+    from cemabench.spec import load_table
+
+    spec = load_table(args.table)
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
+    return spec, data_root, {"execution": Execution(args.device, args.channels_last, args.amp),
+                             "models": {"edge": args.edge, "foundation": args.foundation},
+                             "dataset_options": dict(_parse_option(o) for o in args.dataset_option),
+                             "pair": args.pair, "weights": args.weights}
 
 
 def cmd_reproduce(args) -> int:
     from cemabench.leaderboard import render
-    from cemabench.protocol import Execution
     from cemabench.runner import reproduce
-    from cemabench.spec import load_table
 
-    spec = load_table(args.table)
-    if args.jobs < 1:
-        raise UserError("--jobs must be at least 1")
+    spec, data_root, options = _reproduce_inputs(args)
     out = Path(args.out)
-    data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     try:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
-                        Execution(args.device, args.channels_last, args.amp), progress=not args.no_progress,
-                        models={"edge": args.edge, "foundation": args.foundation},
-                        dataset_options=dict(_parse_option(o) for o in args.dataset_option), pair=args.pair)
+                        progress=not args.no_progress, executor=args.executor, address=args.address, **options)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
               file=sys.stderr)
@@ -154,8 +221,20 @@ def cmd_reproduce(args) -> int:
     print(f"wrote {out / (spec.name + '.md')} and {out / (spec.name + '.json')}", file=sys.stderr)
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     if failed:
-        print(f"{len(failed)} cell(s) did not finish ok; see 'Failed cells' above", file=sys.stderr)
-    return 1 if failed else 0
+        print(f"the table is incomplete: {len(failed)} cell(s) did not finish ok (see 'Failed cells'); "
+              f"`cemabench status {args.table} --out {out}` lists them; rerunning recomputes them", file=sys.stderr)
+    return EXIT_INCOMPLETE if failed else 0
+
+
+def cmd_status(args) -> int:
+    from cemabench.runner import status
+
+    spec, data_root, options = _reproduce_inputs(args)
+    rows = status(spec, data_root, Path(args.out), tuple(args.seed) if args.seed else None, **options)
+    print(pd.DataFrame(rows).to_markdown(index=False))
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "failed", "missing")}
+    print(f"\n{spec.name}: {len(rows)} units: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    return 0 if counts["done"] == len(rows) else EXIT_INCOMPLETE
 
 
 def cmd_check(args) -> int:
@@ -181,7 +260,7 @@ def cmd_sweep(args) -> int:
     from cemabench.sweep import load_sweep, plot_sweep, render_sweep, run_sweep
 
     sweep = load_sweep(args.spec)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     seeds = check_seeds(args.seed, "--seed") if args.seed else None
     out = Path(args.out)
@@ -214,7 +293,23 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for models and inputs")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (off by default: fidelity first)")
     p.add_argument("--weights", metavar="DIR", help="folder of weight files, looked in before the torch/HF caches "
-                   "(sets CEMABENCH_WEIGHTS; see `cemabench list models`)")
+                   "(default: $CEMABENCH_WEIGHTS; see `cemabench list models`)")
+    p.add_argument("--jobs", type=int, help="local worker processes (default: min(2, CPU cores))")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local processes (--jobs) or Ray tasks (pip install 'cemabench[ray]')")
+    p.add_argument("--address", help="with --executor ray: the address of a running Ray cluster (default: start a "
+                   "local Ray with --jobs CPUs)")
+
+
+def _table_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="a built-in table name (see `cemabench list tables`) or a .toml spec path")
+    p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
+    p.add_argument("--out", default="out")
+    p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
+    p.add_argument("--edge", help="edge model instead of the spec's, e.g. tiny:edge or torchvision:resnet18")
+    p.add_argument("--foundation", help="foundation model instead of the spec's")
+    p.add_argument("--pair", help="one of the spec's named edge/foundation pairs (`cemabench list tables`)")
+    _execution_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,34 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "tables", "datasets", "models"])
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("run", help="run one method on a dataset")
-    p.add_argument("--method", required=True)
+    p = sub.add_parser("run", help="run one method on a dataset (or with a table's settings: --table)")
+    p.add_argument("--method", required=True, help="a method, or with --table the label of one of its rows")
+    p.add_argument("--table", help="take this table spec's settings (protocol, miniature options, models); "
+                   "the flags below given explicitly override them")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--dataset", default="miniature-digits-c")
+    p.add_argument("--dataset", help="dataset plugin (default miniature-digits-c, or the table's)")
     p.add_argument("--data-root")
     p.add_argument("--domains", nargs="+")
-    p.add_argument("--severity", type=int, default=5)
-    p.add_argument("--edge", default="mini:edge")
-    p.add_argument("--foundation", default="mini:foundation")
+    p.add_argument("--severity", type=int, help="default 5, or the table's")
+    p.add_argument("--edge", help="default mini:edge, or the table's")
+    p.add_argument("--foundation", help="default mini:foundation, or the table's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--reset", default="per_domain")
-    p.add_argument("--delay", type=int, default=0, help="download delivery delay in batches")
+    p.add_argument("--batch-size", type=int, help="default 64, or the table's")
+    p.add_argument("--reset", help="per_domain (default) or continual, or the table's")
+    p.add_argument("--delay", type=int, help="download delivery delay in batches (default 0, or the table's)")
     p.add_argument("--upload-budget", type=int, help="most samples uploaded per run unit")
     _execution_arguments(p)
-    p.add_argument("--out", help="write the cells as JSON here")
+    p.add_argument("--store", metavar="DIR", help="keep the unit records here and reuse them (default: not kept)")
+    p.add_argument("--out", help="write the cells and their provenance as JSON here")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("reproduce", help="run a table spec and write OUT/TABLE.md and OUT/TABLE.json")
-    p.add_argument("table", help="a built-in table name (see `cemabench list tables`) or a .toml spec path")
-    p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
-    p.add_argument("--out", default="out")
-    p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
-    p.add_argument("--jobs", type=int, default=1, help="run units in this many processes")
-    p.add_argument("--edge", help="edge model instead of the spec's, e.g. tiny:edge or torchvision:resnet18")
-    p.add_argument("--foundation", help="foundation model instead of the spec's")
-    p.add_argument("--pair", help="one of the spec's named edge/foundation pairs (`cemabench list tables`)")
-    _execution_arguments(p)
+    _table_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 
@@ -261,9 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
     p.add_argument("--out", default="out")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
-    p.add_argument("--jobs", type=int, default=1, help="run units in this many processes")
+    p.add_argument("--jobs", type=int, help="local worker processes (default: min(2, CPU cores))")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="done / running / failed / missing units of a table in an --out folder")
+    _table_arguments(p)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", help="exit 1 when a result is out of tolerance of an expected table")
     p.add_argument("result")
@@ -276,9 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    previous = os.environ.get("CEMABENCH_WEIGHTS")
-    if getattr(args, "weights", None):
-        os.environ["CEMABENCH_WEIGHTS"] = args.weights  # the environment carries it into --jobs worker processes
     try:
         if getattr(args, "device", None) is not None:
             args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
@@ -286,11 +377,6 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"cemabench: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    finally:
-        if previous is None:
-            os.environ.pop("CEMABENCH_WEIGHTS", None)
-        else:
-            os.environ["CEMABENCH_WEIGHTS"] = previous
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ class Method:
     name: ClassVar[str]  # set by the registry to the entry-point name when the class does not set it
     paper: ClassVar[str] = "-"
     mapping: ClassVar[CloudEdgeMapping] = CloudEdgeMapping(selection="-", uploads="-", cloud="-", download="-")
+    # Optional: declare ``version = "..."`` on a method class to key stored results by it instead of by the source
+    # of the method's modules (bump it whenever a change to the code changes numbers).
+    version: ClassVar[str | None] = None
 
     @dataclass
     class Options:
@@ -143,6 +146,13 @@ class Method:
                             f"or build it with cemabench.registry.build_method, which names it after its entry point")
         self.options = parse_options(self.Options, options, f"method {self.name!r}")
         self.validate()
+
+    @classmethod
+    def derive_options(cls, options: dict, references: list[dict]) -> dict:
+        """The options of a run unit that depends on other units (a spec's ``match_uploads_of``), from the result
+        records of those units (``{"unit": ..., "results": [DomainResult.to_dict(), ...]}``). The default ignores
+        them; a method that copies something from its reference (e.g. its upload rate) overrides this."""
+        return options
 
     def validate(self) -> None:
         """Raise :class:`UserError` for option values that are invalid together or out of range."""

@@ -1,240 +1,227 @@
-"""Runs a table spec cell by cell, with a results store so that an interrupted run resumes where it stopped."""
+"""Runs a table spec unit by unit: plan (units and their dependencies), store (checked records, claims), executor
+(inline, local processes or Ray). An interrupted run, or a second process into the same folder, resumes from or
+shares the store; a code change recomputes what it affects."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import platform
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from functools import cached_property
-from importlib import metadata
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-import cemabench
 from cemabench import registry
+from cemabench.context import ContextSpec, TableContext, context_for, fingerprint, forget, versions  # noqa: F401
 from cemabench.errors import UserError
-from cemabench.protocol import Execution, Models, run_unit, unit_groups
-from cemabench.spec import DataChoice, MethodEntry, TableSpec, published_uploads
+from cemabench.executors import Executor, error_record, make_executor
+from cemabench.plan import Task, Unit, UnitId, check_options, entry_options, plan
+from cemabench.protocol import Execution
+from cemabench.spec import TableSpec, published_uploads
+from cemabench.store import ResultStore, failed
 
-SCHEMA = 2
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's full state, so that changed weights never reuse a stored result."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+DOC_SCHEMA = 2  # of the table document (the store's records have their own, in cemabench.context)
+POLL_S = 0.5  # how often to look at units another process is computing
 
 
-def versions() -> dict[str, str]:
-    return {"cemabench": cemabench.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": metadata.version("torchvision"), "timm": metadata.version("timm"),
-            "numpy": np.__version__, "platform": platform.platform()}
+def default_jobs() -> int:
+    """Both cores of a small machine by default (at most 2: more processes than that rarely pay on a CPU)."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
-class ResultStore:
-    """One JSON file per run unit, written atomically and named by the hash of the unit's full configuration."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.json"
-
-    def get(self, key: str) -> dict | None:
-        path = self.path(key)
-        if not path.exists():
-            return None
-        record = json.loads(path.read_text())
-        return record if all(r["status"] == "ok" for r in record["results"]) else None
-
-    def put(self, key: str, record: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(key).with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, self.path(key))
+def store_for(out: Path, spec: TableSpec) -> ResultStore:
+    return ResultStore(Path(out) / "cells" / spec.name)
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One run unit: a method entry, a seed and the domains it runs without reset."""
-
-    label: str
-    method: str
-    options: tuple  # sorted (name, value) pairs
-    seed: int
-    domains: tuple[str, ...]
-
-
-class TableContext:
-    """Everything a unit needs, built lazily once per process: dataset, model prototypes, provenance."""
-
-    def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
-                 models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None):
-        self.spec, self.data_root, self.execution = spec, data_root, execution
-        choice = spec.real if data_root else spec.miniature
-        if choice is None:
-            raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
-        if pair is not None and pair not in choice.pairs:
-            data = "the real data" if data_root else "the embedded miniature"
-            raise UserError(f"table {spec.name} has no model pair {pair!r} on {data}; pairs: "
-                            f"{', '.join(choice.pairs) or '(none)'} (or name models with --edge/--foundation)")
-        self.pair = pair
-        overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
-        self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
-
-    @cached_property
-    def dataset(self):
-        if self.choice.dataset not in registry.available("datasets"):
-            raise UserError(f"table {self.spec.name} runs on the dataset {self.choice.dataset!r} when --data-root is "
-                            f"given, and no installed plugin provides it (available: "
-                            f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
-                            f"--data-root to run the embedded miniature")
-        factory = registry.load("datasets", self.choice.dataset)
-        return factory(data_root=self.data_root, severity=self.spec.severity, domains=self.spec.domains,
-                       **self.choice.options)
-
-    @cached_property
-    def prototypes(self) -> dict[str, torch.nn.Module]:
-        return {"edge": registry.build_model(self.choice.edge), "foundation": registry.build_model(self.choice.foundation)}
-
-    @cached_property
-    def models(self) -> Models:
-        return Models.copies_of(self.prototypes["edge"], self.prototypes["foundation"])
-
-    @cached_property
-    def provenance(self) -> dict:
-        spec = self.spec
-        return {
-            "miniature": self.dataset.is_miniature,
-            "dataset": self.dataset.provenance,
-            "data_root": self.data_root,
-            "models": {k: {"name": getattr(self.choice, k), "fingerprint": fingerprint(m)}
-                       for k, m in self.prototypes.items()},
-            "pair": self.pair,
-            "protocol": asdict(spec.protocol),
-            "severity": spec.severity,
-            "domains": list(spec.domains),
-            "dataset_options": self.choice.options,
-            "execution": asdict(self.execution),
-            "recorded": {**spec.recorded, **self.choice.recorded},
-            "versions": versions(),
-        }
-
-    def unit_key(self, unit: Unit) -> str:
-        p = self.provenance
-        config = {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
-                  "dataset_options": p["dataset_options"],
-                  **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
-                  "device": torch.device(self.execution.device).type,
-                  "channels_last": self.execution.channels_last, "amp": self.execution.amp, "schema": SCHEMA}
-        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-    def run(self, unit: Unit) -> dict:
-        method = registry.build_method(unit.method, dict(unit.options))
-        domains = [d for d in self.dataset.domains if d.name in unit.domains]
-        results = run_unit(method, domains, self.models, self.dataset.num_classes, self.dataset.clean,
-                           self.spec.protocol, unit.seed, self.execution, self.dataset.scored_classes)
-        return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
-
-
-def _options(entry: MethodEntry, choice: DataChoice) -> dict:
-    merged = {**entry.options, **choice.method_options.get(entry.label, {})}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
-
-
-def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...], references: dict | None = None) -> list[Unit]:
-    """The run units of a table; entries that match another's uploads need ``references`` (label, seed, domains)."""
-    units = []
-    for entry in spec.methods:
-        for seed in seeds:
-            for domains in unit_groups(spec.protocol.reset, spec.domains):
-                options = _options(entry, choice)
-                if entry.match_uploads_of is not None:
-                    if references is None:
-                        continue
-                    options["upload_ratio"] = references[(entry.match_uploads_of, seed, domains)]
-                units.append(Unit(entry.label, entry.name, tuple(sorted(options.items())), seed, domains))
-    return units
-
-
-def _upload_ratio(record: dict) -> float:
-    seen = sum(r["seen"] for r in record["results"])
-    return sum(r["link"]["uploaded"] for r in record["results"]) / seen if seen else 0.0
-
-
-_worker_context: TableContext | None = None
-
-
-def _init_worker(threads: int, *context_args) -> None:
-    global _worker_context
-    torch.set_num_threads(threads)
-    _worker_context = TableContext(*context_args)
-
-
-def _run_in_worker(unit: Unit) -> dict:
-    return _worker_context.run(unit)
-
-
-def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None,
-              jobs: int = 1, execution: Execution = Execution(), progress: bool = True,
-              models: dict[str, str] | None = None, dataset_options: dict | None = None,
-              pair: str | None = None) -> dict:
-    """Run (or resume) every unit of a table and return the table's JSON document. ``pair`` picks one of the spec's
-    named model pairs; ``models`` (edge, foundation) and ``dataset_options`` override the spec's choices."""
+def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
+            models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
+            weights: str | None = None) -> tuple[ContextSpec, TableContext]:
+    """The context recipe and this process's context, with data, models and options checked before any compute."""
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root} is not a directory; point it at the folder that holds "
                         f"the dataset, or leave it out to run the embedded miniature")
-    context_args = (spec, data_root, execution, models, dataset_options, pair)
-    context = TableContext(*context_args)
-    seeds = tuple(seeds or spec.seeds)
-    store = ResultStore(Path(out) / "cells" / spec.name)
-    for entry in spec.methods:
-        registry.build_method(entry.name, {**_options(entry, context.choice),
-                                           **({"upload_ratio": 0.0} if entry.match_uploads_of else {})})
-    context.provenance  # builds dataset and models up front, so that data and model errors come before any run
-    records: dict[Unit, dict] = {}
+    if weights is not None and not Path(weights).is_dir():
+        raise UserError(f"the weights folder {weights} (--weights) is not a directory")
+    recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights)
+    context = context_for(recipe)
+    check_options(spec, context.choice)
+    _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
+    return recipe, context
 
-    def run_all(units: list[Unit], bar) -> None:
-        todo = []
-        for unit in units:
-            cached = store.get(context.unit_key(unit))
-            if cached is not None:
-                records[unit] = cached
-                bar.update(1)
-            else:
-                todo.append(unit)
-        if jobs > 1 and len(todo) > 1:
-            threads = max(1, torch.get_num_threads() // jobs)
-            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(threads, *context_args)) as pool:
-                for unit, record in zip(todo, pool.map(_run_in_worker, todo)):
-                    _finish(unit, record, bar)
+
+class Scheduler:
+    """Runs tasks through an executor in dependency order; each unit is taken from the store when a valid ok record
+    is there, computed when this process claims it, or waited for while another live process computes it."""
+
+    def __init__(self, context: TableContext, store: ResultStore, executor: Executor, bar):
+        self.context, self.store, self.executor, self.bar = context, store, executor, bar
+        self.records: dict[UnitId, dict] = {}
+        self.units: dict[UnitId, Unit] = {}
+        self.keys: dict[UnitId, str] = {}
+        self.queue: list[Unit] = []  # to claim and submit when the executor has a free slot
+        self.waiting: set[UnitId] = set()
+        self.running: set[UnitId] = set()
+        self.before: dict[UnitId, int | None] = {}  # a waited-for unit's file when the wait began
+
+    def _finish(self, unit: Unit, record: dict, store: bool = True) -> None:
+        if store:
+            record = self.store.put(self.keys[unit.id], record)
+            self.store.release(self.keys[unit.id])
+        self.records[unit.id] = record
+        self.running.discard(unit.id)
+        self.waiting.discard(unit.id)
+        self.bar.update(1)
+
+    def _start(self, task: Task) -> None:
+        refs = [self.records[n] for n in task.needs]
+        bad = [n for n, r in zip(task.needs, refs) if failed(r)]
+        try:
+            unit = task.resolve(refs) if not bad else None
+        except UserError as error:
+            unit, bad = None, [f"options could not be derived: {error}"]
+        if unit is None:
+            unit = Unit(task.label, task.method, task.options, task.seed, task.domains)
+            why = "; ".join(x if isinstance(x, str) else f"reference unit {x[0]} / seed {x[1]} failed" for x in bad)
+            self.units[unit.id] = unit
+            self._finish(unit, error_record(unit, why), store=False)
+            return
+        self.units[unit.id] = unit
+        self.keys[unit.id] = key = self.context.unit_key(unit)
+        record = self.store.get(key, unit.domains)
+        if record is not None and not failed(record):
+            self._finish(unit, record, store=False)
         else:
-            for unit in todo:
-                bar.set_postfix_str(f"{unit.label} / {','.join(unit.domains)[:30]} / seed {unit.seed}")
-                _finish(unit, context.run(unit), bar)
+            self.queue.append(unit)
 
-    def _finish(unit: Unit, record: dict, bar) -> None:
-        records[unit] = record
-        store.put(context.unit_key(unit), record)
-        bar.update(1)
+    def _fill(self) -> None:
+        """Claim and submit queued units while the executor has free slots (claiming only what can run now leaves
+        the rest to other processes sharing the store)."""
+        while self.queue and self.executor.pending < self.executor.capacity:
+            self._take(self.queue.pop(0))
 
-    first = plan(spec, context.choice, seeds)
-    total = len(spec.methods) * len(seeds) * len(unit_groups(spec.protocol.reset, spec.domains))
-    with tqdm(total=total, desc=f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})",
-              unit="cell", disable=not progress, file=sys.stderr) as bar:
-        run_all(first, bar)
-        references = {(u.label, u.seed, u.domains): _upload_ratio(r) for u, r in records.items()}
-        run_all([u for u in plan(spec, context.choice, seeds, references) if u not in records], bar)
-    return table_document(spec, context, seeds, records)
+    def _take(self, unit: Unit) -> None:
+        key = self.keys[unit.id]
+        if self.store.claim(key):
+            record, _ = self.store.problem(key, unit.domains)  # finished by another process since we looked?
+            if record is not None and not failed(record):
+                self.store.release(key)
+                self._finish(unit, record, store=False)
+                return
+            self.waiting.discard(unit.id)
+            self.running.add(unit.id)
+            self.bar.set_postfix_str(f"{unit.label} / {','.join(unit.domains)[:30]} / seed {unit.seed}")
+            self.executor.submit(unit)
+        elif unit.id not in self.waiting:
+            self.waiting.add(unit.id)
+            self.before[unit.id] = self._mtime(key)
+
+    def _mtime(self, key: str) -> int | None:
+        try:
+            return self.store.path(key).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _poll_waiting(self) -> None:
+        for uid in list(self.waiting):
+            unit, key = self.units[uid], self.keys[uid]
+            if self.store.live_owner(key) is not None:
+                continue
+            record, _ = self.store.problem(key, unit.domains)
+            fresh = record is not None and (not failed(record) or self._mtime(key) != self.before[uid])
+            self.waiting.discard(uid)
+            if fresh:
+                self._finish(unit, record, store=False)  # the other process's result, failed or not
+            else:
+                self.queue.append(unit)  # its owner died or gave up: this process takes it over
+
+    def run(self, tasks: list[Task]) -> dict[UnitId, dict]:
+        todo = list(tasks)
+        try:
+            while todo or self.queue or self.executor.pending or self.waiting:
+                ready = [t for t in todo if all(n in self.records for n in t.needs)]
+                if todo and not ready and not self.queue and not self.executor.pending and not self.waiting:
+                    raise RuntimeError(f"units wait on units that are not planned: {[t.id for t in todo]}")
+                for task in ready:
+                    todo.remove(task)
+                    self._start(task)
+                self._fill()
+                if self.executor.pending:
+                    for unit, record in self.executor.completed(timeout=POLL_S if self.waiting else None):
+                        self._finish(unit, record)
+                elif self.waiting:
+                    time.sleep(POLL_S)
+                if self.waiting:
+                    self._poll_waiting()
+        finally:
+            for uid in self.running:
+                self.store.release(self.keys[uid])
+        return self.records
+
+
+def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None,
+              jobs: int | None = None, execution: Execution = Execution(), progress: bool = True,
+              models: dict[str, str] | None = None, dataset_options: dict | None = None,
+              pair: str | None = None, executor: str = "local", address: str | None = None,
+              weights: str | None = None) -> dict:
+    """Run (or resume) every unit of a table and return the table's JSON document. ``pair`` picks one of the spec's
+    named model pairs; ``models`` (edge, foundation) and ``dataset_options`` override the spec's choices; ``jobs``
+    local processes (default: both cores) or ``executor="ray"`` (``address`` of a cluster) run the units."""
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights)
+    seeds = tuple(seeds or spec.seeds)
+    tasks = plan(spec, context.choice, seeds)
+    store = store_for(out, spec)
+    desc = f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})"
+    try:
+        with make_executor(recipe, executor, min(jobs, len(tasks)), address) as pool, \
+                tqdm(total=len(tasks), desc=desc, unit="cell", disable=not progress, file=sys.stderr) as bar:
+            scheduler = Scheduler(context, store, pool, bar)
+            records = scheduler.run(tasks)
+    finally:
+        forget(recipe)
+    return table_document(spec, context, seeds, {scheduler.units[t.id]: records[t.id] for t in tasks})
+
+
+def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None,
+           execution: Execution = Execution(), models: dict[str, str] | None = None,
+           dataset_options: dict | None = None, pair: str | None = None, weights: str | None = None) -> list[dict]:
+    """Each unit of a table in ``out``: done, running (claimed by a live owner), failed (with its error's first
+    line) or missing; the keys are those ``reproduce`` with the same arguments would use."""
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights)
+    forget(recipe)
+    store = ResultStore(store_for(out, spec).root, warn=lambda line: None)
+    records: dict[UnitId, dict] = {}
+    rows = []
+    for task in plan(spec, context.choice, tuple(seeds or spec.seeds)):
+        row = {"method": task.label, "seed": task.seed, "domains": ", ".join(task.domains)}
+        refs = [records.get(n) for n in task.needs]
+        if any(r is None or failed(r) for r in refs):
+            rows.append({**row, "state": "missing", "detail": "waits on " + ", ".join(n[0] for n in task.needs),
+                         "file": ""})
+            continue
+        try:
+            unit = task.resolve(refs)
+        except UserError as error:
+            rows.append({**row, "state": "failed", "detail": str(error), "file": ""})
+            continue
+        key = context.unit_key(unit)
+        record, problem = store.problem(key, unit.domains)
+        owner = store.live_owner(key)
+        if owner is not None:
+            state, detail = "running", f"pid {owner.get('pid')} on {owner.get('host')}"
+        elif record is None:
+            state, detail = "missing", f"unusable file: {problem}" if problem else ""
+        elif failed(record):
+            bad = next(r for r in record["results"] if r.get("status") != "ok")
+            message = (bad.get("message") or "").strip()
+            state, detail = "failed", f"{bad['domain']}: {bad.get('status')}: {message.splitlines()[0] if message else ''}"
+        else:
+            state, detail = "done", ""
+        if record is not None and state == "done":
+            records[task.id] = record
+        rows.append({**row, "state": state, "detail": detail, "file": store.path(key).name})
+    return rows
 
 
 def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...], records: dict) -> dict:
@@ -248,8 +235,9 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
     for entry in spec.methods:
         cls = registry.load("methods", entry.name)
         methods.append({"label": entry.label, "name": entry.name, "paper": cls.paper,
-                        "options": _options(entry, context.choice), "match_uploads_of": entry.match_uploads_of})
-    return {"schema": SCHEMA, "table": spec.name, "title": spec.title, "source": spec.source,
+                        "options": entry_options(entry, context.choice), "match_uploads_of": entry.match_uploads_of,
+                        "code": context.code(entry.name)})
+    return {"schema": DOC_SCHEMA, "table": spec.name, "title": spec.title, "source": spec.source,
             "real_dataset": spec.real.dataset, "seeds": list(seeds),
             "provenance": {**context.provenance, "device": context.execution.device},
             "reference": {**spec.reference, "published_uploads": published_uploads(spec)},

@@ -13,6 +13,8 @@ an error that says where to put it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from pathlib import Path
 
@@ -42,9 +44,23 @@ def _offline() -> bool:
     return os.environ.get("CEMABENCH_OFFLINE") == "1"
 
 
+_WEIGHTS: contextvars.ContextVar[str | None] = contextvars.ContextVar("cemabench_weights", default=None)
+
+
+@contextlib.contextmanager
+def weights_folder(folder: str | os.PathLike | None):
+    """Within this block, model loaders look in ``folder`` first (the ``--weights`` parameter; the runner enters it
+    in every worker that builds models). ``None`` keeps the ``CEMABENCH_WEIGHTS`` fallback."""
+    token = _WEIGHTS.set(None if folder is None else str(folder))
+    try:
+        yield
+    finally:
+        _WEIGHTS.reset(token)
+
+
 def weights_dir() -> Path | None:
-    """The folder named by ``--weights`` (``CEMABENCH_WEIGHTS``), if any."""
-    folder = os.environ.get("CEMABENCH_WEIGHTS")
+    """The folder of :func:`weights_folder` (``--weights``), else ``CEMABENCH_WEIGHTS`` (documented fallback)."""
+    folder = _WEIGHTS.get() or os.environ.get("CEMABENCH_WEIGHTS")
     if folder and not Path(folder).is_dir():
         raise UserError(f"the weights folder {folder} (--weights / CEMABENCH_WEIGHTS) is not a directory")
     return Path(folder) if folder else None

@@ -214,6 +214,15 @@ class RandomUpload(CEMA):
     class Options(CEMA.Options):
         upload_ratio: float | None = None  # fraction of samples to upload
 
+    @classmethod
+    def derive_options(cls, options, references):
+        """``upload_ratio`` = the reference units' uploaded samples over seen samples (all their domains)."""
+        if not references:
+            return options
+        seen = sum(r["seen"] for ref in references for r in ref["results"])
+        uploaded = sum(r["link"]["uploaded"] for ref in references for r in ref["results"])
+        return {**options, "upload_ratio": uploaded / seen if seen else 0.0}
+
     def validate(self):
         ratio = self.options.upload_ratio
         if ratio is None or not 0 <= ratio <= 1:

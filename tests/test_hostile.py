@@ -14,14 +14,14 @@ def _cells(tmp_path, method, *domains) -> tuple[int, list[dict]]:
 
 def test_sys_exit_in_the_edge_step_is_an_error_cell(plugins, tmp_path):
     code, cells = _cells(tmp_path, "exits-on-batch-3", "fog", "brightness")
-    assert code == 1
+    assert code == 3
     assert [c["status"] for c in cells] == ["error", "error"]  # every run unit exits on its third batch
     assert all("SystemExit" in c["message"] for c in cells)
 
 
 def test_sys_exit_in_method_code_does_not_end_a_table(plugins, tmp_path, capsys):
     spec = write_spec(tmp_path / "small.toml", ["source", "exits-on-batch-3"])
-    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress"]) == 3
     doc = json.loads((tmp_path / "out" / "small.json").read_text())
     assert {c["method"]: c["status"] for c in doc["cells"]} == {"source": "ok", "exits-on-batch-3": "error"}
     assert "SystemExit" in (tmp_path / "out" / "small.md").read_text()
@@ -29,12 +29,12 @@ def test_sys_exit_in_method_code_does_not_end_a_table(plugins, tmp_path, capsys)
 
 def test_a_runtime_error_that_mentions_grad_is_not_a_forward_only_violation(plugins, tmp_path):
     code, (cell,) = _cells(tmp_path, "grad-in-message", "fog")
-    assert code == 1 and cell["status"] == "error"
+    assert code == 3 and cell["status"] == "error"
     assert "the colour gradient table of this sensor is not calibrated" in cell["message"]
     assert "forward-only" not in cell["message"]
 
 
 def test_a_download_key_the_edge_model_lacks_is_an_error_naming_it(plugins, tmp_path):
     code, (cell,) = _cells(tmp_path, "unknown-download-key", "fog")
-    assert code == 1 and cell["status"] == "error"
+    assert code == 3 and cell["status"] == "error"
     assert "no_such_layer.weight" in cell["message"]

@@ -24,20 +24,20 @@ def a_file(tmp_path):
     (["--dataset", "imagenet-c"], "the imagenet-c dataset needs --data-root DIR, the folder that holds imagenet-c/"),
     (["--dataset", "imagenet-r"], "the imagenet-r dataset needs --data-root DIR, the folder that holds imagenet-r/"),
     (["--dataset", "hf", "--domains", "fog"], "the hf dataset needs --data-root"),
-    (["--dataset", "imagenet-c", "--data-root", "FILE"], "--data-root FILE is not a directory; the imagenet-c"),
-    (["--data-root", "FILE"], "the embedded miniature takes no --data-root (got FILE)"),
+    (["--dataset", "imagenet-c", "--data-root", "FILE"], "--data-root FILE is not a directory; point it at the folder"),
+    (["--data-root", "A_DIR"], "the embedded miniature takes no --data-root (got A_DIR)"),
     (["--device", NO_GPU], f"--device {NO_GPU}: this machine has "),
     (["--device", "nosuch"], "--device 'nosuch' is not a device; valid here: cpu"),
     (["--device", "meta"], "--device meta: not available here; valid here: cpu"),
 ], ids=["imagenet-c-no-root", "imagenet-r-no-root", "hf-no-root", "root-is-a-file", "miniature-with-root",
         "no-such-gpu", "no-such-device", "meta-device"])
-def test_run_mistakes_are_one_line_and_exit_2(arguments, message, a_file, capsys):
-    arguments = [a_file if a == "FILE" else a for a in arguments]
+def test_run_mistakes_are_one_line_and_exit_2(arguments, message, a_file, tmp_path, capsys):
+    arguments = [{"FILE": a_file, "A_DIR": str(tmp_path)}.get(a, a) for a in arguments]
     assert main(["run", "--method", "source", *arguments]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("cemabench: error: ") and captured.err.count("\n") == 1
-    assert message.replace("FILE", a_file) in captured.err
+    assert message.replace("FILE", a_file).replace("A_DIR", str(tmp_path)) in captured.err
 
 
 @pytest.mark.parametrize("device", [NO_GPU, "nosuch"])
@@ -57,7 +57,7 @@ def test_a_dataloader_worker_failure_names_the_image_first(tmp_path, capsys):
     out = tmp_path / "run.json"
     assert main(["run", "--method", "source", "--dataset", "imagenet-c", "--data-root", str(tmp_path), "--domains",
                  "fog", "--edge", "tiny:edge", "--foundation", "tiny:foundation", "--dataset-option", "workers=1",
-                 "--out", str(out)]) == 1
+                 "--out", str(out)]) == 3
     (cell,) = json.loads(out.read_text())["cells"]
     first = cell["message"].splitlines()[0]
     assert first.startswith(f"DataError: cannot read image {folder / 'bad.JPEG'}: ")

@@ -1,0 +1,201 @@
+"""What a run unit needs (dataset, models, provenance) and what identifies its result (config + code fingerprint)."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import platform
+import sys
+import types
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cemabench
+from cemabench import registry, zoo
+from cemabench.errors import UserError
+from cemabench.plan import Unit
+from cemabench.protocol import Execution, Models, run_unit
+from cemabench.spec import DataChoice, TableSpec
+
+SCHEMA = 3
+PROTOCOL_MODULES = ("cemabench.protocol", "cemabench.method", "cemabench.data")
+SHARED_METHOD_PACKAGE = "cemabench_methods"  # helpers every built-in method may import (e.g. .common)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's full state, so that changed weights never reuse a stored result."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    return {"cemabench": cemabench.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": metadata.version("torchvision"), "timm": metadata.version("timm"),
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def _source_digest(modules: set[str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        module = sys.modules.get(name) or importlib.import_module(name)
+        digest.update(name.encode())
+        file = getattr(module, "__file__", None)
+        digest.update(Path(file).read_bytes() if file else b"<no source>")
+    return digest.hexdigest()[:16]
+
+
+def method_modules(cls: type) -> set[str]:
+    """The modules whose source computes a method: those of its class and base classes, and what they import from
+    the method's own top-level package or from the shared ``cemabench_methods`` helpers (transitively)."""
+    roots = {cls.__module__.split(".")[0], SHARED_METHOD_PACKAGE}
+    found = {c.__module__ for c in cls.__mro__ if c.__module__.split(".")[0] in roots}
+    todo = list(found)
+    while todo:
+        module = sys.modules.get(todo.pop())
+        for value in vars(module).values() if module else ():
+            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.split(".")[0] in roots and name not in found and name in sys.modules:
+                found.add(name)
+                todo.append(name)
+    return found
+
+
+def code_fingerprint(cls: type) -> dict[str, str]:
+    """What keys a result to the code that computed it: the method's declared ``version`` (when the class itself
+    declares one) or the source of its modules, and the source of the protocol modules."""
+    version = vars(cls).get("version")
+    method = f"version:{version}" if version else f"source:{_source_digest(method_modules(cls))}"
+    return {"method": method, "protocol": _source_digest(set(PROTOCOL_MODULES))}
+
+
+class TableContext:
+    """Everything a unit needs, built lazily once per process: dataset, model prototypes, provenance."""
+
+    def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
+                 models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
+                 weights: str | None = None):
+        self.spec, self.data_root, self.execution, self.weights = spec, data_root, execution, weights
+        choice = spec.real if data_root else spec.miniature
+        if choice is None:
+            raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
+        if pair is not None and pair not in choice.pairs:
+            data = "the real data" if data_root else "the embedded miniature"
+            raise UserError(f"table {spec.name} has no model pair {pair!r} on {data}; pairs: "
+                            f"{', '.join(choice.pairs) or '(none)'} (or name models with --edge/--foundation)")
+        self.pair = pair
+        overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
+        self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
+        self._code: dict[str, dict] = {}
+
+    @cached_property
+    def dataset(self):
+        if self.choice.dataset not in registry.available("datasets"):
+            raise UserError(f"table {self.spec.name} runs on the dataset {self.choice.dataset!r} when --data-root is "
+                            f"given, and no installed plugin provides it (available: "
+                            f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
+                            f"--data-root to run the embedded miniature")
+        factory = registry.load("datasets", self.choice.dataset)
+        return factory(data_root=self.data_root, severity=self.spec.severity, domains=self.spec.domains,
+                       **self.choice.options)
+
+    @cached_property
+    def prototypes(self) -> dict[str, torch.nn.Module]:
+        with zoo.weights_folder(self.weights):
+            return {"edge": registry.build_model(self.choice.edge),
+                    "foundation": registry.build_model(self.choice.foundation)}
+
+    @cached_property
+    def models(self) -> Models:
+        return Models.copies_of(self.prototypes["edge"], self.prototypes["foundation"])
+
+    @cached_property
+    def provenance(self) -> dict:
+        spec = self.spec
+        return {
+            "miniature": self.dataset.is_miniature,
+            "dataset": self.dataset.provenance,
+            "data_root": self.data_root,
+            "models": {k: {"name": getattr(self.choice, k), "fingerprint": fingerprint(m)}
+                       for k, m in self.prototypes.items()},
+            "pair": self.pair,
+            "protocol": asdict(spec.protocol),
+            "severity": spec.severity,
+            "domains": list(spec.domains),
+            "dataset_options": self.choice.options,
+            "execution": asdict(self.execution),
+            "recorded": {**spec.recorded, **self.choice.recorded},
+            "versions": versions(),
+        }
+
+    def code(self, method: str) -> dict[str, str]:
+        """The code fingerprint of a method (read once per context)."""
+        if method not in self._code:
+            self._code[method] = code_fingerprint(registry.load("methods", method))
+        return self._code[method]
+
+    def unit_config(self, unit: Unit) -> dict:
+        """Everything a unit's numbers depend on: the unit, data, models, protocol, versions, device and code."""
+        p = self.provenance
+        return {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
+                "dataset_options": p["dataset_options"],
+                **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
+                "device": torch.device(self.execution.device).type,
+                "channels_last": self.execution.channels_last, "amp": self.execution.amp,
+                "code": self.code(unit.method), "schema": SCHEMA}
+
+    def unit_key(self, unit: Unit) -> str:
+        config = self.unit_config(unit)
+        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def run(self, unit: Unit) -> dict:
+        method = registry.build_method(unit.method, dict(unit.options))
+        domains = [d for d in self.dataset.domains if d.name in unit.domains]
+        results = run_unit(method, domains, self.models, self.dataset.num_classes, self.dataset.clean,
+                           self.spec.protocol, unit.seed, self.execution, self.dataset.scored_classes)
+        return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """The picklable recipe of a :class:`TableContext`: what a worker process (local or Ray) builds its context from,
+    once per process (``token`` tells recipes apart in a worker's cache)."""
+
+    spec: TableSpec
+    data_root: str | None = None
+    execution: Execution = Execution()
+    models: dict | None = None
+    dataset_options: dict | None = None
+    pair: str | None = None
+    weights: str | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def build(self) -> TableContext:
+        return TableContext(self.spec, self.data_root, self.execution, self.models, self.dataset_options, self.pair,
+                            self.weights)
+
+
+_CONTEXTS: dict[str, TableContext] = {}
+KEEP_CONTEXTS = 2
+
+
+def context_for(recipe: ContextSpec) -> TableContext:
+    """This process's context for a recipe, built on first use (dataset and models once per worker)."""
+    if recipe.token not in _CONTEXTS:
+        while len(_CONTEXTS) >= KEEP_CONTEXTS:  # a long-lived (Ray) worker keeps the latest tables' contexts only
+            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+        _CONTEXTS[recipe.token] = recipe.build()
+    return _CONTEXTS[recipe.token]
+
+
+def forget(recipe: ContextSpec) -> None:
+    """Drop this process's context for a recipe (the runner's own, once its table is done)."""
+    _CONTEXTS.pop(recipe.token, None)
