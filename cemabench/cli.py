@@ -201,7 +201,7 @@ def _reproduce_inputs(args):
 
 
 def cmd_reproduce(args) -> int:
-    from cemabench.leaderboard import render
+    from cemabench.leaderboard import render, write_tradeoff_plot
     from cemabench.runner import reproduce
 
     spec, data_root, options = _reproduce_inputs(args)
@@ -218,7 +218,9 @@ def cmd_reproduce(args) -> int:
     markdown = render(doc)
     (out / f"{spec.name}.md").write_text(markdown)
     print(markdown)
-    print(f"wrote {out / (spec.name + '.md')} and {out / (spec.name + '.json')}", file=sys.stderr)
+    plot = out / f"{spec.name}.tradeoffs.png"
+    wrote = [out / f"{spec.name}.md", out / f"{spec.name}.json"] + ([plot] if write_tradeoff_plot(doc, plot) else [])
+    print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     if failed:
         print(f"the table is incomplete: {len(failed)} cell(s) did not finish ok (see 'Failed cells'); "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from cemabench.pareto import non_dominated, plot_tradeoffs
+
 MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from the 10-class, 32-pixel digits "
                     "miniature that ships with cemabench. They show the code path works and how methods rank on a "
                     "small shift; never compare them with published numbers. Pass `--data-root` for the real table.")
@@ -85,6 +87,75 @@ def cost_frame(doc: dict) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+REFERENCE_PLUGINS = ("cloud-only", "source")  # drawn as reference points: all in the cloud, all on the edge
+
+
+def efficiency_points(doc: dict) -> pd.DataFrame:
+    """One operating point per method (pooled over domains and seeds; methods with a failed cell are left out):
+    accuracy, upload ratio, bytes up and down per sample, edge and cloud GFLOPs per sample."""
+    rows = []
+    plugin = {m["label"]: m["name"] for m in doc["methods"]}
+    for label in plugin:
+        cells = [c for c in doc["cells"] if c["method"] == label]
+        if not cells or any(c["status"] != "ok" for c in cells):
+            continue
+        seen = sum(c["seen"] for c in cells)
+        total = {k: sum(c.get(k) or 0 for c in cells) for k in ("correct", "edge_flops", "cloud_flops")}
+        up = sum(c["link"].get("bytes_up", c["link"]["upload_bytes"] + c["link"]["upload_tensor_bytes"]) for c in cells)
+        down = sum(c["link"].get("bytes_down", c["link"]["download_bytes"] + c["link"]["answer_bytes"]) for c in cells)
+        rows.append({"method": label, "family": plugin[label], "reference": plugin[label] in REFERENCE_PLUGINS,
+                     "accuracy": 100 * total["correct"] / seen,
+                     "upload_ratio": 100 * sum(c["link"]["uploaded"] for c in cells) / seen,
+                     "bytes_up_per_sample": up / seen, "bytes_down_per_sample": down / seen,
+                     "bytes_per_sample": (up + down) / seen,
+                     "edge_gflops_per_sample": total["edge_flops"] / seen / 1e9,
+                     "cloud_gflops_per_sample": total["cloud_flops"] / seen / 1e9,
+                     "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9})
+    points = pd.DataFrame(rows)
+    if len(points):
+        points["pareto"] = non_dominated(points, {"accuracy": "max", "bytes_per_sample": "min",
+                                                  "gflops_per_sample": "min"})
+    return points
+
+
+def _relative(value: float, reference: float | None) -> str:
+    return "-" if reference is None or reference == 0 else f"{value / reference:.2f}"
+
+
+def efficiency_frame(doc: dict) -> pd.DataFrame:
+    """Accuracy, communication and computation per sample side by side, and each relative to cloud-only."""
+    points = efficiency_points(doc)
+    if points.empty:
+        return points
+    cloud = points[points["family"] == "cloud-only"]
+    ref = cloud.iloc[0] if len(cloud) else None
+    rows = {}
+    for _, p in points.iterrows():
+        rows[p["method"]] = {
+            "accuracy %": f"{p['accuracy']:.1f}", "upload %": f"{p['upload_ratio']:.1f}",
+            "bytes up / sample": f"{p['bytes_up_per_sample']:,.0f}",
+            "bytes down / sample": f"{p['bytes_down_per_sample']:,.0f}",
+            "edge GFLOPs / sample": f"{p['edge_gflops_per_sample']:.4f}",
+            "cloud GFLOPs / sample": f"{p['cloud_gflops_per_sample']:.4f}",
+            "accuracy vs cloud-only": _relative(p["accuracy"], None if ref is None else ref["accuracy"]),
+            "bytes vs cloud-only": _relative(p["bytes_per_sample"], None if ref is None else ref["bytes_per_sample"]),
+            "cloud FLOPs vs cloud-only": _relative(p["cloud_gflops_per_sample"],
+                                                   None if ref is None else ref["cloud_gflops_per_sample"]),
+            "non-dominated": "●" if p["pareto"] else "",
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def write_tradeoff_plot(doc: dict, path) -> bool:
+    """Accuracy against communication and computation per sample, one point per method (PNG); False when no
+    method finished."""
+    points = efficiency_points(doc)
+    if points.empty:
+        return False
+    plot_tradeoffs(points, path, title=f"{doc['table']}: {doc['title']}")
+    return True
+
+
 def _reference_sections(doc: dict) -> list[str]:
     """Our numbers beside the published ones the spec records; nothing to compare on the miniature."""
     reference = doc.get("reference", {})
@@ -158,7 +229,13 @@ def render(doc: dict) -> str:
         lines += [f"- **Source**: {doc['source']}"]
     lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",
               "## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
-              "", "## Link and cloud compute (totals over all domains)", "", cost_frame(doc).to_markdown(), "",
+              "", "## Accuracy, communication and computation per sample",
+              "", "Pooled over domains and seeds. FLOPs are counted by what executed (torch.utils.flop_counter): "
+              "edge = everything the edge step ran, cloud = forward and backward of everything the cloud step ran. "
+              "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "
+              "Non-dominated: no other method is at least as accurate with no more bytes and no more FLOPs.", "",
+              efficiency_frame(doc).to_markdown(), "",
+              "## Link and cloud compute (totals over all domains)", "", cost_frame(doc).to_markdown(), "",
               "## Methods", ""]
     methods = pd.DataFrame([{"method": m["label"], "plugin": m["name"], "paper": m["paper"],
                              "options": _options(m["options"]) + (f"; upload ratio matched to {m['match_uploads_of']}"
