@@ -133,6 +133,8 @@ def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, int]:
     if dtype is None or not t.is_floating_point():
         return t.detach().clone(), row * t.element_size()
     t = t.detach()
+    if len(t) == 0:  # nothing to encode; a row still has its price (int8: values plus the scale)
+        return t.float().clone(), row * {"float32": 4, "float16": 2, "int8": 1}[dtype] + (4 if dtype == "int8" else 0)
     if dtype == "float32":
         return t.float(), row * 4
     if dtype == "float16":

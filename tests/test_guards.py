@@ -121,6 +121,12 @@ def test_payload_encodings_charge_their_real_bytes(dtype, row_bytes):
         assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 127 + 1e-4
 
 
+@pytest.mark.parametrize("dtype", [None, "float32", "float16", "int8"])
+def test_an_empty_payload_encodes_to_nothing(dtype):
+    decoded, nbytes = encode(torch.zeros(0, 3, 2, 2), dtype)
+    assert decoded.shape == (0, 3, 2, 2) and nbytes == encode(torch.zeros(1, 3, 2, 2), dtype)[1]
+
+
 def test_link_counts_an_upload_exactly():
     link = Link(budget=None, delay=0)
     x = torch.rand(4, 3, 8, 8)
