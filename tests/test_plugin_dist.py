@@ -29,10 +29,10 @@ def test_a_broken_plugin_is_listed_as_broken_and_the_rest_still_list(plugins, ca
     assert "| tent " in out and "| readme-example " in out and "| bare " in out
     broken = [line for line in out.splitlines() if line.startswith("- ")]
     assert broken == [
-        "- broken: the method plugin 'broken' from cemabench-test-plugins 0.0.0 failed to load "
-        "(broken_plugin:NeverLoads): ModuleNotFoundError: No module named 'cemabench_test_no_such_dependency'",
-        "- edgeless: the method plugin 'edgeless' (bare.Edgeless) does not implement edge(num_classes) -> EdgeLogic, "
-        "which every method needs"]
+        ("- broken: the method plugin 'broken' from cemabench-test-plugins 0.0.0 failed to load "
+         "(broken_plugin:NeverLoads): ModuleNotFoundError: No module named 'cemabench_test_no_such_dependency'"),
+        ("- edgeless: the method plugin 'edgeless' (bare.Edgeless) does not implement edge(num_classes) -> "
+         "EdgeLogic, which every method needs")]
     assert "2 broken method plugin(s)" in out
 
 
