@@ -73,6 +73,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("first")
@@ -87,7 +88,7 @@ def test_same_seed_gives_identical_numbers(first_run, tmp_path):
 
 
 def test_parallel_jobs_give_the_same_numbers(first_run, tmp_path):
-    """The default (both cores) and an explicit --jobs 2 give the inline run's numbers."""
+    """Two local worker processes give the inline run's numbers."""
     spec, _, doc = first_run
     assert _numbers(runner.reproduce(spec, None, tmp_path / "jobs", jobs=2, progress=False)) == _numbers(doc)
 
