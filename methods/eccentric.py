@@ -390,7 +390,7 @@ class ECCIndependent(Method):
         distill: bool = True
         epochs: int = 2
         temperature: float = 2.0
-        train_samples: int = 2048
+        train_samples: int = 1024
 
     def validate(self):
         _validate_common(self.options, self.name)
@@ -424,11 +424,11 @@ class ECCAdaptive(Method):
         cloud_stage: str = "layer2"
         adapter_depth: int = 1
         payload_dtype: str = "float32"
-        ka_epochs: int = 4
+        ka_epochs: int = 3
         ft_epochs: int = 1
         temperature: float = 4.0
         pareto: bool = False
-        train_samples: int = 2048
+        train_samples: int = 1024
 
     def validate(self):
         _validate_common(self.options, self.name)
@@ -469,11 +469,11 @@ class ECCDynamic(Method):
         pareto: bool = False
         distill: bool = False
         epochs: int = 2
-        ka_epochs: int = 4
+        ka_epochs: int = 3
         ft_epochs: int = 1
         gate_epochs: int = 3
         temperature: float = 4.0
-        train_samples: int = 2048
+        train_samples: int = 1024
 
     def validate(self):
         _validate_common(self.options, self.name)
@@ -515,7 +515,7 @@ class LearnedSwitcher(Method):
     class Options:
         threshold: float = 0.5
         gate_epochs: int = 3
-        train_samples: int = 2048
+        train_samples: int = 1024
 
     def validate(self):
         _validate_common(self.options, self.name)
