@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import json
@@ -112,18 +113,21 @@ def run_training(method: Method, resources: TrainingResources) -> dict:
     start = time.perf_counter()
     key = training_key(method, resources)
     path = cache_root() / "artefacts" / f"{key}.pt"
-    cached = path.exists()
-    if cached:
-        state = torch.load(path, map_location=resources.device, weights_only=True)
-    else:
-        seed = derive_seed("train", resources.seed, method.name, json.dumps(options_of(method), sort_keys=True,
-                                                                            default=str))
-        with _own_random_state(seed), torch.enable_grad():
-            state = method.train(resources)
-        if state is not None:
-            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-                raise TypeError(f"{type(method).__name__}.train must return a dict of tensors or None")
-            _save(state, path)
-            state = {k: v.detach() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel units with one key (a per-domain table's workers) train it once
+        cached = path.exists()
+        if cached:
+            state = torch.load(path, map_location=resources.device, weights_only=True)
+        else:
+            seed = derive_seed("train", resources.seed, method.name, json.dumps(options_of(method), sort_keys=True,
+                                                                                default=str))
+            with _own_random_state(seed), torch.enable_grad():
+                state = method.train(resources)
+            if state is not None:
+                if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+                    raise TypeError(f"{type(method).__name__}.train must return a dict of tensors or None")
+                _save(state, path)
+                state = {k: v.detach() for k, v in state.items()}
     method.artefacts = state
     return {"key": key, "seconds": round(time.perf_counter() - start, 3), "cached": cached}

@@ -17,6 +17,15 @@ FAST = {"train_samples": 64, "ka_epochs": 1, "ft_epochs": 1}
 FEATURE = 8 * 8 * 8  # the tiny edge's layer1 output on 8-px inputs: 8 channels, 8 x 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: one intra-op thread is faster than two fighting for a loaded machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("eccentric-cache")
