@@ -22,6 +22,9 @@ Where the paper is silent we chose, and say so here:
 - The adapter: parameter-free resampling of the edge feature to the entry's height and width (adaptive average pooling
   down, bilinear up), then ``adapter_depth`` x (3x3 conv, BatchNorm, ReLU), the first mapping the edge's channels to
   the entry's; the final ReLU because a ResNet stage's output is non-negative. The cloud's layers stay frozen.
+- ``augment`` (default false: the paper's clean training) trains the adapter on the gates' perturbation of the clean
+  split (below), the cloud's own feature of the perturbed image as the target, so that the adapted path meets
+  shifted edge features in training; an option because it is ours, not the paper's.
 - The gates see the edge's logits only: sorted softmax probabilities and normalised entropy, a 2-layer MLP (32 hidden).
   On its own training split the edge is almost never wrong, so gates are trained on the clean split under a generic
   photometric perturbation (per-sample contrast reduction and additive Gaussian noise of random strength); this
@@ -193,13 +196,17 @@ def train_adapter(resources: TrainingResources, data: _Data, edge: nn.Module, o)
     entry = feature_shapes(cloud, tuple(sample.shape[-2:]))[before]
     adapter = Adapter(edge_shape[0], entry, o.adapter_depth).to(data.device).train()
     optimizer = torch.optim.Adam(adapter.parameters(), lr=LR)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    shift = (lambda x: perturb(x, generator)) if o.augment else (lambda x: x)
     for _ in range(o.ka_epochs):
         for _, x, _ in data.batches():
+            x = shift(x)
             with torch.no_grad():
                 source, target = edge_head(x), cloud_head(x)
             _step(optimizer, [F.mse_loss(adapter(source), target)], None, False)
     for _ in range(o.ft_epochs):
         for _, x, y in data.batches():
+            x = shift(x)
             with torch.no_grad():
                 source, teacher = edge_head(x), cloud_tail(cloud_head(x))
             logits = cloud_tail(adapter(source))
@@ -333,7 +340,8 @@ class _DynamicEdge(EdgeLogic):
         feature, logits = model(x)
         stands = logits.softmax(1).amax(1) if self.gate is None else 1 - torch.sigmoid(self.gate(gate_features(logits)))[:, 0]
         upload = torch.where(stands < self.o.threshold)[0]
-        return EdgeDecision(logits=logits, upload=upload, payload={"feature": feature[upload]}, send_input=False,
+        payload = {"feature": feature[upload]} if len(upload) else {}  # the link's int8 encoder needs >= 1 row
+        return EdgeDecision(logits=logits, upload=upload, payload=payload, send_input=False,
                             payload_dtype=self.o.payload_dtype, await_answers=True)
 
 
@@ -424,8 +432,9 @@ class ECCAdaptive(Method):
         cloud_stage: str = "layer2"
         adapter_depth: int = 1
         payload_dtype: str = "float32"
-        ka_epochs: int = 3
-        ft_epochs: int = 1
+        ka_epochs: int = 6
+        ft_epochs: int = 2
+        augment: bool = False
         temperature: float = 4.0
         pareto: bool = False
         train_samples: int = 1024
@@ -469,8 +478,9 @@ class ECCDynamic(Method):
         pareto: bool = False
         distill: bool = False
         epochs: int = 2
-        ka_epochs: int = 3
-        ft_epochs: int = 1
+        ka_epochs: int = 6
+        ft_epochs: int = 2
+        augment: bool = False
         gate_epochs: int = 3
         temperature: float = 4.0
         train_samples: int = 1024

@@ -56,7 +56,7 @@ def _trained(setup, method):
     ("ecc-independent", {"epochs": 1, "train_samples": 64}),
     ("ecc-independent", {"distill": False}),
     ("ecc-adaptive", {**FAST, "cloud_stage": "layer3", "adapter_depth": 3}),
-    ("ecc-dynamic", {**FAST, "threshold": 0.5}),
+    ("ecc-dynamic", {**FAST, "threshold": 0.5, "augment": True}),
     ("ecc-dynamic", {**FAST, "gate": "learned", "gate_epochs": 1, "pareto": True, "edge_stage": "layer2",
                      "cloud_stage": "layer3", "payload_dtype": "int8"}),
     ("learned-switcher", {"train_samples": 64, "gate_epochs": 1}),
@@ -100,7 +100,7 @@ def test_dynamic_uploads_only_the_samples_its_gate_picks(setup):
     picked = int((confidence < threshold).sum())
     assert 0 < picked < 48 and result.link.uploaded == picked
     assert result.link.bytes_up == picked * FEATURE * 2 and result.link.upload_bytes == 0
-    (nothing,) = _run(setup, "ecc-dynamic", {**FAST, "threshold": 0.0})
+    (nothing,) = _run(setup, "ecc-dynamic", {**FAST, "threshold": 0.0, "payload_dtype": "int8"})
     assert nothing.status == "ok" and nothing.link.uploaded == 0 and nothing.link.bytes_up == 0
 
 
