@@ -49,7 +49,7 @@ from torch import nn
 from cemabench.errors import UserError
 from cemabench.method import (PAYLOAD_DTYPES, CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method,
                               TrainingResources)
-from cemabench.split import Part, feature_shapes, head_to, split, stage_names
+from cemabench.split import feature_shapes, head_to, split, stage_names
 from cemabench_methods.offload import _AnswerCloud, _ConfidenceGateEdge
 from cemabench_methods.pareto import min_norm_backward
 
@@ -96,7 +96,8 @@ def make_gate(num_classes: int) -> nn.Module:
 
 
 def perturb(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The gates' training perturbation: per sample, contrast scaled by U(0.2, 1) and Gaussian noise of std U(0, 0.3)."""
+    """The gates' (and ``augment``'s) training perturbation: per sample, contrast scaled by U(0.2, 1), then Gaussian
+    noise of std U(0, 0.3)."""
     n = len(x)
     contrast = torch.empty(n, 1, 1, 1).uniform_(0.2, 1.0, generator=generator).to(x)
     sigma = torch.empty(n, 1, 1, 1).uniform_(0.0, 0.3, generator=generator).to(x)
@@ -338,7 +339,10 @@ class _DynamicEdge(EdgeLogic):
 
     def step(self, model, x):
         feature, logits = model(x)
-        stands = logits.softmax(1).amax(1) if self.gate is None else 1 - torch.sigmoid(self.gate(gate_features(logits)))[:, 0]
+        if self.gate is None:
+            stands = logits.softmax(1).amax(1)
+        else:
+            stands = 1 - torch.sigmoid(self.gate(gate_features(logits)))[:, 0]
         upload = torch.where(stands < self.o.threshold)[0]
         payload = {"feature": feature[upload]} if len(upload) else {}  # the link's int8 encoder needs >= 1 row
         return EdgeDecision(logits=logits, upload=upload, payload=payload, send_input=False,
