@@ -24,7 +24,7 @@ from cemabench.protocol import Execution, Models, run_unit
 from cemabench.spec import DataChoice, TableSpec
 
 SCHEMA = 3
-PROTOCOL_MODULES = ("cemabench.protocol", "cemabench.method", "cemabench.data")
+PROTOCOL_MODULES = ("cemabench.protocol", "cemabench.method", "cemabench.data", "cemabench.meter", "cemabench.training")
 SHARED_METHOD_PACKAGE = "cemabench_methods"  # helpers every built-in method may import (e.g. .common)
 
 

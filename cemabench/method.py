@@ -85,6 +85,20 @@ class CloudReply:
 
 
 @dataclass
+class TrainingResources:
+    """What a method's offline training stage may use: fresh source models and the labelled clean training split the
+    cloud keeps (``clean.images(idx)``, ``clean.labels()``; training data, never the test stream). Runs on the cloud,
+    before the stream; its compute is not charged to the online cells."""
+
+    num_classes: int
+    edge: Callable[[], nn.Module]
+    foundation: Callable[[], nn.Module]
+    clean: object  # a cemabench.data.DomainData, or None when the dataset has no clean split
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+
+
+@dataclass
 class CloudResources:
     """What the cloud may build from. Each call returns a fresh model with the source weights."""
 
@@ -140,6 +154,9 @@ class Method:
     class Options:
         pass
 
+    online_options: ClassVar[tuple[str, ...]] = ()  # options ``train`` never reads: left out of the training key
+    artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
+
     def __init__(self, **options):
         if not getattr(self, "name", None):
             raise UserError(f"method class {type(self).__qualname__} has no name: set `name = \"...\"` on the class, "
@@ -153,6 +170,12 @@ class Method:
         records of those units (``{"unit": ..., "results": [DomainResult.to_dict(), ...]}``). The default ignores
         them; a method that copies something from its reference (e.g. its upload rate) overrides this."""
         return options
+
+    def train(self, resources: TrainingResources) -> dict[str, torch.Tensor] | None:
+        """Offline training stage (adapters, gates, distilled edges), run by the harness before the halves are built;
+        the returned tensors are cached by (method, options, models, data, code, seed) and handed back in
+        ``self.artefacts``. The default trains nothing."""
+        return None
 
     def validate(self) -> None:
         """Raise :class:`UserError` for option values that are invalid together or out of range."""

@@ -30,7 +30,8 @@ from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError
 from cemabench.meter import ComputeMeter
 from cemabench.method import (PAYLOAD_DTYPES, CloudLogic, CloudReply, CloudResources, Download, EdgeDecision, EdgeLogic,
-                              Method, Upload)
+                              Method, TrainingResources, Upload)
+from cemabench.training import run_training
 
 RESETS = ("per_domain", "continual")
 
@@ -394,6 +395,7 @@ class DomainResult:
     cloud_seconds: float = 0.0
     peak_memory_bytes: int = 0
     link: LinkCounters = field(default_factory=LinkCounters)
+    training: dict = field(default_factory=dict)  # the unit's offline training stage: key, seconds, cached
 
     @property
     def accuracy(self) -> float | None:
@@ -477,6 +479,11 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
     cloud_meter = ComputeMeter()
     results = [DomainResult(d.name) for d in domains]
     try:
+        training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
+            num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
+            foundation=lambda: models.foundation().to(device), clean=clean, device=device))
+        for result in results:
+            result.training = training
         edge = ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
 
         def clean_images(n: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--edge", "hub:resnet50"], "unknown model 'hub'"),
     (["run", "--method", "tent", "--reset", "never"], "--reset must be one of per_domain, continual"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
-    (["reproduce", "table9"], "unknown table 'table9'; available: imagenet-c-s3, imagenet-r, table2"),
+    (["reproduce", "table9"], "unknown table 'table9'; available: eccentric, imagenet-c-s3, imagenet-r, table2"),
     (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"],
      "--data-root /nonexistent/imagenet is not a directory"),
     (["reproduce", "missing.toml"], "table spec file missing.toml does not exist"),
