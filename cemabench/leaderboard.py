@@ -152,7 +152,8 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
     points = efficiency_points(doc)
     if points.empty:
         return False
-    plot_tradeoffs(points, path, title=f"{doc['table']}: {doc['title']}")
+    # one line per plugin: the entries of one method at several knob values are its sweep
+    plot_tradeoffs(points.assign(method=points["family"]), path, title=f"{doc['table']}: {doc['title']}")
     return True
 
 
