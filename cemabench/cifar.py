@@ -143,7 +143,8 @@ def _n_examples(n_examples, available: int, name: str) -> int:
 
 def _unpickle(path: Path, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 32, 32, 3) uint8 and labels (N,) int64 from one of torchvision's pickled CIFAR batches."""
-    where = (f"expected torchvision's layout ROOT/{layout.clean}/{{{', '.join(layout.test_files + layout.train_files)}}}"
+    files = ", ".join(layout.test_files + layout.train_files)
+    where = (f"expected torchvision's layout ROOT/{layout.clean}/{{{files}}}"
              f" (pickled dicts with 'data' (N, 3072) uint8 and '{layout.label_key}')")
     if not path.is_file():
         raise UserError(f"{path} is missing; {where}")

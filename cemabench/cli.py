@@ -5,10 +5,10 @@ import argparse
 import json
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 import pandas as pd
-import tomllib
 
 from cemabench import registry
 from cemabench.errors import UserError

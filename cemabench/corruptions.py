@@ -12,10 +12,10 @@ import io
 from typing import Callable
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
 
 HENDRYCKS_ORDER = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
@@ -211,7 +211,8 @@ def elastic_transform(x, severity, rng):
         shift = rng.uniform(-affine, affine, size=(2, 3)) / h
         matrix = np.eye(2) + shift[:, :2]
         centred = np.stack([rows - h / 2, cols - w / 2])
-        warped = np.tensordot(matrix, centred, axes=1) + np.array([h / 2, w / 2])[:, None, None] + shift[:, 2:, None] * h
+        centre = np.array([h / 2, w / 2])[:, None, None]
+        warped = np.tensordot(matrix, centred, axes=1) + centre + shift[:, 2:, None] * h
         if sigma > 0:
             field = rng.uniform(-1, 1, size=(2, h, w))
             warped = warped + alpha * ndimage.gaussian_filter(field, sigma=(0, sigma, sigma), mode="reflect")

@@ -8,10 +8,10 @@ so that the convolution or matmul inside is counted. Only matmul- and convolutio
 
 With a guard, the meter also enforces the forward-only edge by what executes: no backward kernel, no optimizer
 kernel (``_foreach_*_`` / ``_fused_*``), no in-place write into an ``nn.Parameter`` that holds a gradient (an
-optimizer's step, on any model, wherever it is kept), and no in-place write into the storage of a protected parameter (the edge model's, also
-through ``.data`` or a view) may run. Buffers such as BatchNorm statistics may change: a forward-only device can.
-A violation raises :class:`ForwardOnlyViolation` at the op and is remembered, so that a plugin which catches the
-exception is still caught when the step ends.
+optimizer's step, on any model, wherever it is kept), and no in-place write into the storage of a protected
+parameter (the edge model's, also through ``.data`` or a view) may run. Buffers such as BatchNorm statistics may
+change: a forward-only device can. A violation raises :class:`ForwardOnlyViolation` at the op and is remembered,
+so that a plugin which catches the exception is still caught when the step ends.
 """
 from __future__ import annotations
 

@@ -29,8 +29,18 @@ from torch import nn
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError
 from cemabench.meter import ComputeMeter
-from cemabench.method import (PAYLOAD_DTYPES, CloudLogic, CloudReply, CloudResources, Download, EdgeDecision, EdgeLogic,
-                              Method, TrainingResources, Upload)
+from cemabench.method import (
+    PAYLOAD_DTYPES,
+    CloudLogic,
+    CloudReply,
+    CloudResources,
+    Download,
+    EdgeDecision,
+    EdgeLogic,
+    Method,
+    TrainingResources,
+    Upload,
+)
 from cemabench.training import run_training
 
 RESETS = ("per_domain", "continual")
@@ -630,7 +640,8 @@ def _answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload:
         raise ValueError(f"the edge awaits answers for {expected[0]} uploaded samples, so the cloud must return "
                          f"CloudReply(answers=...) of shape {expected}; got {got}")
     received = link.answer(answers)
-    out = logits.clone() if logits is not None else torch.full((batch, num_classes), float("nan"), device=answers.device)
+    out = (logits.clone() if logits is not None
+           else torch.full((batch, num_classes), float("nan"), device=answers.device))
     if received is not None:  # late answers do not count: the edge's own prediction (if any) stands
         out[upload.index.to(out.device)] = _finite(received.float(), batch_index).to(out.device)
     return out

@@ -215,7 +215,8 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
         elif failed(record):
             bad = next(r for r in record["results"] if r.get("status") != "ok")
             message = (bad.get("message") or "").strip()
-            state, detail = "failed", f"{bad['domain']}: {bad.get('status')}: {message.splitlines()[0] if message else ''}"
+            first = message.splitlines()[0] if message else ""
+            state, detail = "failed", f"{bad['domain']}: {bad.get('status')}: {first}"
         else:
             state, detail = "done", ""
         if record is not None and state == "done":

@@ -240,7 +240,8 @@ def parse(raw: dict, where: str) -> TableSpec:
              "answer_deadline": (int, float)}
     _no_extra(proto, set(kinds), f"{where} [protocol]")
     required = {"batch_size", "reset"}
-    values = {k: _take(proto, k, kind, f"{where} [protocol]") for k, kind in kinds.items() if k in proto or k in required}
+    values = {k: _take(proto, k, kind, f"{where} [protocol]")
+              for k, kind in kinds.items() if k in proto or k in required}
     try:
         protocol = Protocol(**values)
     except UserError as error:

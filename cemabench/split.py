@@ -63,7 +63,8 @@ def _torchvision_resnet(net: nn.Module) -> Stages:
 
 def _timm_resnet(net: nn.Module) -> Stages:
     if getattr(net, "grad_checkpointing", False):
-        raise UserError("a timm ResNet with gradient checkpointing on cannot be split; call set_grad_checkpointing(False)")
+        raise UserError("a timm ResNet with gradient checkpointing on cannot be split; "
+                        "call set_grad_checkpointing(False)")
     layers = [(f"layer{i}", [getattr(net, f"layer{i}")]) for i in range(1, 5)]
     return [("stem", [net.conv1, net.bn1, net.act1, net.maxpool]), *layers, (CLASSIFIER, [TimmResNetHead(net)])]
 

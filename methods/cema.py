@@ -29,8 +29,17 @@ import torch.nn.functional as F
 
 from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method
-from cemabench_methods.common import (RedundancyFilter, entropy, entropy_threshold, entropy_weights, norm_state,
-                                      set_batch_norm_training, sgd, train_norm_affine_only, use_batch_renorm)
+from cemabench_methods.common import (
+    RedundancyFilter,
+    entropy,
+    entropy_threshold,
+    entropy_weights,
+    norm_state,
+    set_batch_norm_training,
+    sgd,
+    train_norm_affine_only,
+    use_batch_renorm,
+)
 
 
 class _CEMAEdge(EdgeLogic):
@@ -51,7 +60,8 @@ class _CEMAEdge(EdgeLogic):
         """The fixed E_max, or the paper's dynamic threshold once its warm-up has ended."""
         if self.warmup_mean is None or self.entropy_max is None:
             return self.entropy_max
-        return self.entropy_max * (self.entropy_sum / self.entropy_count) / self.warmup_mean * self.options.dynamic_coeff
+        return (self.entropy_max * (self.entropy_sum / self.entropy_count) / self.warmup_mean
+                * self.options.dynamic_coeff)
 
     def _track(self, ent: torch.Tensor) -> None:
         self.entropy_sum += float(ent.sum())

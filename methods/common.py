@@ -161,7 +161,8 @@ class RedundancyFilter:
             keep = torch.where(cosine.abs() < self.margin)[0]
         if len(keep):
             new = probs[keep].mean(0)
-            self.mean_probs = new if self.mean_probs is None else self.momentum * self.mean_probs + (1 - self.momentum) * new
+            self.mean_probs = (new if self.mean_probs is None
+                               else self.momentum * self.mean_probs + (1 - self.momentum) * new)
         return keep
 
 

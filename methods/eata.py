@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from cemabench.method import CloudEdgeMapping, Method
-from cemabench_methods.common import (BatchStatisticsEdge, RedundancyFilter, ReplicaCloud, entropy, entropy_threshold,
-                                      entropy_weights)
+from cemabench_methods.common import (
+    BatchStatisticsEdge,
+    RedundancyFilter,
+    ReplicaCloud,
+    entropy,
+    entropy_threshold,
+    entropy_weights,
+)
 
 
 class _EATAEdge(BatchStatisticsEdge):
@@ -27,7 +33,8 @@ class _EATACloud(ReplicaCloud):
         super().__init__(replica, options.lr, options.momentum, options.nesterov)
         self.margin = margin
         self.fisher_alpha = options.fisher_alpha
-        self.fisher = self._fisher(clean_images(options.fisher_size), options.fisher_batch) if self.fisher_alpha else None
+        self.fisher = (self._fisher(clean_images(options.fisher_size), options.fisher_batch)
+                       if self.fisher_alpha else None)
 
     def _fisher(self, images: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Diagonal Fisher from the squared gradients of the pseudo-label cross-entropy, averaged over batches."""

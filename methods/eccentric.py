@@ -47,8 +47,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cemabench.errors import UserError
-from cemabench.method import (PAYLOAD_DTYPES, CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method,
-                              TrainingResources)
+from cemabench.method import (
+    PAYLOAD_DTYPES,
+    CloudEdgeMapping,
+    CloudLogic,
+    CloudReply,
+    EdgeDecision,
+    EdgeLogic,
+    Method,
+    TrainingResources,
+)
 from cemabench.split import feature_shapes, head_to, split, stage_names
 from cemabench_methods.offload import _AnswerCloud, _ConfidenceGateEdge
 from cemabench_methods.pareto import min_norm_backward

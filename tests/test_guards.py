@@ -45,8 +45,9 @@ def plugin(edge_step, cloud_step=None, receive=None) -> Method:
     return Plugin()
 
 
-def _run(tiny, method, protocol=Protocol(batch_size=16), domains=1):
+def _run(tiny, method, protocol=None, domains=1):
     dataset, models = tiny
+    protocol = protocol or Protocol(batch_size=16)
     return run_unit(method, dataset.domains[:domains], models, 4, dataset.clean, protocol, seed=0)
 
 

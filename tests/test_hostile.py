@@ -2,9 +2,9 @@
 success, a wrong diagnosis or a lost table."""
 import json
 
-
 from cemabench.cli import main
 from conftest import write_spec
+
 
 def _cells(tmp_path, method, *domains) -> tuple[int, list[dict]]:
     out = tmp_path / "run.json"

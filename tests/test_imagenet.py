@@ -35,7 +35,7 @@ def root(tmp_path_factory):
     seed = 0
     for corruption in HENDRYCKS_ORDER:
         for wnid in WNIDS:
-            for i in range(3):
+            for _ in range(3):
                 seed += 1
                 _jpeg(root / "imagenet-c" / corruption / "5" / wnid / f"ILSVRC2012_val_{seed:08d}.JPEG", seed=seed)
     for wnid in R_WNIDS:
@@ -268,7 +268,8 @@ class TestHuggingFace:
         x, y = domain.images(np.arange(6)), torch.from_numpy(domain.labels())
         x_native, y_native = native.images(np.arange(6)), torch.from_numpy(native.labels())
         assert sorted(y.tolist()) == sorted(y_native.tolist())
-        assert sorted(float(v) for v in x.sum((1, 2, 3))) == pytest.approx(sorted(float(v) for v in x_native.sum((1, 2, 3))))
+        sums, native_sums = (sorted(float(v) for v in t.sum((1, 2, 3))) for t in (x, x_native))
+        assert sums == pytest.approx(native_sums)
         (result,) = run_unit(build_method("tent"), source.domains, Models.copies_of(tiny_model("edge"),
                              tiny_model("foundation")), 1000, None, Protocol(batch_size=4), seed=0)
         assert result.status == "ok" and result.seen == 6
@@ -287,7 +288,8 @@ class TestHuggingFace:
 
     @pytest.mark.parametrize("options, message", [({"domains": None}, "needs the domains"),
                                                   ({"layout": "nope/{domain}"}, "nope/fog does not exist"),
-                                                  ({"label_column": "class"}, "no column class; columns: image, label")])
+                                                  ({"label_column": "class"},
+                                                   "no column class; columns: image, label")])
     def test_problems_are_named(self, root, tmp_path, options, message):
         from cemabench.hf import hf_dataset
 

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from cemabench_methods.pareto import min_norm_backward, min_norm_weights
 from scipy.optimize import minimize
+
+from cemabench_methods.pareto import min_norm_backward, min_norm_weights
 
 
 def t(*values):

@@ -100,7 +100,8 @@ def test_add_methods_appends_and_chains_resolve_relative_to_each_file(tmp_path):
     ({"a.toml": 'extends = "table2"\nseeds = []\n'}, "seeds must be a non-empty list"),
     ({"a.toml": 'extends = "table2"\nseeds = [1, 1]\n'}, "seeds must be a non-empty list"),
     ({"a.toml": 'extends = "table2"\nseeds = [-1]\n'}, "seeds must be a non-empty list"),
-    ({"a.toml": 'extends = "table2"\n[protocol]\nupload_budget = -3\n'}, "[protocol]: protocol upload_budget must be an integer >= 0"),
+    ({"a.toml": 'extends = "table2"\n[protocol]\nupload_budget = -3\n'},
+     "[protocol]: protocol upload_budget must be an integer >= 0"),
 ])
 def test_bad_extends_and_values_are_one_line_user_errors(tmp_path, capsys, files, message):
     for name, text in files.items():

@@ -282,7 +282,8 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert a.claim("k") and not b.claim("k") and b.live_owner("k")["pid"] == os.getpid()
     a.release("k")
     assert b.claim("k")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     (tmp_path / "d.claim").write_text(json.dumps({"pid": int(dead.stdout), "host": a.host, "time": 0, "owner": "x"}))
     assert a.live_owner("d") is None and a.claim("d")
     (tmp_path / "h.claim").write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": 0, "owner": "x"}))
@@ -329,7 +330,8 @@ def test_status_shows_missing_and_running_units(tmp_path, capsys):
     ResultStore(first.parent).claim(first.stem)  # held by this (live) process
     assert main(["status", str(spec_path), "--out", str(tmp_path / "out")]) == EXIT_INCOMPLETE
     out = capsys.readouterr().out
-    assert f"running | pid {os.getpid()} on" in re.sub(" +", " ", out) and "1 done, 1 running, 0 failed, 0 missing" in out
+    assert f"running | pid {os.getpid()} on" in re.sub(" +", " ", out)
+    assert "1 done, 1 running, 0 failed, 0 missing" in out
 
 
 def test_a_dead_worker_process_fails_only_its_unit(baseline, tmp_path, monkeypatch):

@@ -109,7 +109,8 @@ def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORD
 def load_model(kind: str) -> torch.nn.Module:
     """A shipped miniature network (``edge`` or ``foundation``) with its trained weights."""
     if kind not in nets.ARCHITECTURES:
-        raise UserError(f"unknown miniature model {kind!r}; valid: {', '.join('mini:' + k for k in nets.ARCHITECTURES)}")
+        valid = ", ".join("mini:" + k for k in nets.ARCHITECTURES)
+        raise UserError(f"unknown miniature model {kind!r}; valid: {valid}")
     model = nets.build(kind)
     model.load_state_dict(torch.load(WEIGHTS_DIR / f"{kind}.pt", weights_only=True))
     return model.eval()

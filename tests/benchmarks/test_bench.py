@@ -1,9 +1,7 @@
 """Speed of the CEMA loop on the miniature: ``pytest tests/benchmarks --benchmark-enable`` (or ``tox -e bench``)."""
-import copy
 
 import numpy as np
 import pytest
-import torch
 
 from cemabench import miniature
 from cemabench.method import Upload

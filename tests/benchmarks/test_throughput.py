@@ -21,7 +21,8 @@ from cemabench.protocol import Execution, ForwardOnlyEdge, Models, Protocol, run
 from cemabench.registry import build_method, build_model
 
 DEVICE = os.environ.get("CEMABENCH_BENCH_DEVICE", "cpu")
-PAIRS = {"tiny": ("tiny:edge", "tiny:foundation"), "resnet": ("torchvision:resnet50@none", "torchvision:resnet101@none")}
+PAIRS = {"tiny": ("tiny:edge", "tiny:foundation"),
+         "resnet": ("torchvision:resnet50@none", "torchvision:resnet101@none")}
 IMAGES = int(os.environ.get("CEMABENCH_BENCH_IMAGES", 128))
 CEMA_SEVERITY_5_UPLOAD_RATIO = 0.289
 
