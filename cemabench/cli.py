@@ -142,9 +142,11 @@ def _run_spec(args):
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
                          miniature=choice, methods=(MethodEntry(label, args.method, options),), tolerance=0.5,
                          check_metrics=("accuracy", "upload_ratio"))
-    protocol = replace(protocol, **{k: v for k, v in (("batch_size", args.batch_size), ("reset", args.reset),
-                                                      ("delivery_delay", args.delay),
-                                                      ("upload_budget", args.upload_budget)) if v is not None})
+    given = {"batch_size": args.batch_size, "reset": args.reset, "delivery_delay": args.delay,
+             "upload_budget": args.upload_budget, "upload_budget_bytes": args.upload_budget_bytes,
+             "bandwidth": args.bandwidth, "latency": args.latency, "batch_interval": args.batch_interval,
+             "answer_deadline": args.answer_deadline}
+    protocol = replace(protocol, **{k: v for k, v in given.items() if v is not None})
     if protocol.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {protocol.batch_size}")
     if protocol.delivery_delay < 0:
@@ -338,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset", help="per_domain (default) or continual, or the table's")
     p.add_argument("--delay", type=int, help="download delivery delay in batches (default 0, or the table's)")
     p.add_argument("--upload-budget", type=int, help="most samples uploaded per run unit")
+    p.add_argument("--upload-budget-bytes", type=int, help="most bytes up per run unit (inputs, payload, tensors)")
+    p.add_argument("--bandwidth", type=float, help="link bandwidth, bytes per second (default: transfers take no time)")
+    p.add_argument("--latency", type=float, help="link latency in seconds per transfer (default 0)")
+    p.add_argument("--batch-interval", type=float, help="seconds between edge batches (default 1)")
+    p.add_argument("--answer-deadline", type=float, help="seconds within which an offloaded answer must be back")
     _execution_arguments(p)
     p.add_argument("--store", metavar="DIR", help="keep the unit records here and reuse them (default: not kept)")
     p.add_argument("--out", help="write the cells and their provenance as JSON here")
