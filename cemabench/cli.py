@@ -147,10 +147,6 @@ def _run_spec(args):
              "bandwidth": args.bandwidth, "latency": args.latency, "batch_interval": args.batch_interval,
              "answer_deadline": args.answer_deadline}
     protocol = replace(protocol, **{k: v for k, v in given.items() if v is not None})
-    if protocol.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {protocol.batch_size}")
-    if protocol.delivery_delay < 0:
-        raise UserError(f"--delay must be at least 0, got {protocol.delivery_delay}")
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
     spec = replace(spec, protocol=protocol, domains=tuple(args.domains or spec.domains),
