@@ -424,7 +424,8 @@ def test_link_model_values_out_of_range_are_user_errors(field, value):
 @pytest.mark.parametrize("flag, value, named", [
     ("--bandwidth", "-1", "bandwidth"), ("--latency", "-0.5", "latency"), ("--batch-interval", "0", "batch_interval"),
     ("--answer-deadline", "-2", "answer_deadline"), ("--upload-budget-bytes", "-1", "upload_budget_bytes"),
-    ("--batch-size", "0", "batch_size"), ("--delay", "-1", "delivery_delay"), ("--upload-budget", "-5", "upload_budget")])
+    ("--batch-size", "0", "batch_size"), ("--delay", "-1", "delivery_delay"),
+    ("--upload-budget", "-5", "upload_budget")])
 def test_protocol_flags_out_of_range_are_one_line_and_exit_2(flag, value, named, capsys):
     from cemabench.cli import main
 
