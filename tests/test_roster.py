@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cemabench.errors import UserError
 from cemabench.method import CloudLogic, Upload
 from cemabench.protocol import Models, Protocol, SampleCounter, run_unit
-from cemabench.registry import available, build_method
+from cemabench.registry import available, build_method, build_model
 from cemabench.spec import available_tables, load_table
 from cemabench_methods.common import entropy, use_batch_statistics
 from cemabench_methods.cotta import cotta_augment, symmetric_cross_entropy
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("float64")
 ROSTER = builtin_methods()
 # Small values for options that only matter at scale, set wherever a method has them (not by method name), so that
 # every method runs on 70 samples: the cloud batch and replay threshold, and a rate for rate-matched uploads.
-SMALL = {"cloud_batch": 8, "replay_min": 16, "upload_ratio": 0.5}
+SMALL = {"cloud_batch": 8, "replay_min": 16, "upload_ratio": 0.5, "epochs": 1, "ka_epochs": 1, "ft_epochs": 1,
+         "gate_epochs": 1, "train_samples": 64}
 
 
 def test_every_method_is_registered_with_its_mapping_and_paper():
@@ -40,7 +41,8 @@ def test_every_method_runs_under_the_forward_only_edge(name):
     torch.set_default_dtype(torch.float32)
     dataset = tiny_dataset(domains=("a", "b"), n=70)
     torch.manual_seed(0)
-    models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
+    # random 4-class miniature nets: they split at named stages, as the feature-offloading methods need
+    models = Models.copies_of(build_model("tiny:edge@4").eval(), build_model("tiny:edge@4").eval())
     fields = {f.name for f in dataclasses.fields(available("methods")[name].load().Options)}
     options = {k: v for k, v in SMALL.items() if k in fields}
     results = run_unit(build_method(name, options), dataset.domains, models, 4, dataset.clean,

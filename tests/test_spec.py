@@ -29,14 +29,19 @@ ADDED_PROTOCOL_FIELDS = {"upload_budget_bytes": None, "bandwidth": None, "latenc
                          "answer_deadline": None}
 
 
-@pytest.mark.parametrize("name", ["table2", "imagenet-c-s3", "imagenet-r"])
+PRE_EXTENDS = ("table2", "imagenet-c-s3", "imagenet-r")  # recorded before any spec used ``extends``
+
+
+@pytest.mark.parametrize("name", available_tables())
 def test_builtin_specs_parse_to_exactly_the_recorded_fields(name):
-    """Recorded from the specs before any of them used ``extends``; key order matters (the header follows it)."""
+    """Each built-in spec parses to its recorded fields; key order matters (the header follows it). The three specs
+    recorded before ``extends`` existed carry the deliberate changes made since, listed above."""
     recorded = json.loads((SNAPSHOTS / f"{name}.json").read_text())
-    for key, (before, after) in CORRECTED.items():
-        assert before in recorded[key]
-        recorded[key] = recorded[key].replace(before, after)
-    recorded["protocol"].update(ADDED_PROTOCOL_FIELDS)
+    if name in PRE_EXTENDS:
+        for key, (before, after) in CORRECTED.items():
+            assert before in recorded[key]
+            recorded[key] = recorded[key].replace(before, after)
+        recorded["protocol"].update(ADDED_PROTOCOL_FIELDS)
     assert _fields(load_table(name)) == json.dumps(recorded, indent=1) + "\n"
 
 
@@ -90,7 +95,8 @@ def test_add_methods_appends_and_chains_resolve_relative_to_each_file(tmp_path):
 @pytest.mark.parametrize("files, message", [
     ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'}, "extends itself: "),
     ({"a.toml": 'extends = "a.toml"\n'}, "extends itself: "),
-    ({"a.toml": 'extends = "table9"\n'}, "extends 'table9': unknown table 'table9'; available: imagenet-c-s3"),
+    ({"a.toml": 'extends = "table9"\n'},
+     "extends 'table9': unknown table 'table9'; available: eccentric, imagenet-c-s3"),
     ({"a.toml": 'extends = "nope.toml"\n'}, "extends 'nope.toml': table spec file"),
     ({"a.toml": 'extends = 3\n'}, "extends must be a table name or a .toml path, got 3"),
     ({"a.toml": 'name = "a"\n[[add_methods]]\nname = "tent"\n'}, "add_methods appends to the methods of the spec"),

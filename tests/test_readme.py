@@ -1,0 +1,49 @@
+"""The README says what the code does: its plugin example is the tested file, its test command is what CI runs, and
+every subcommand its Commands synopsis names exists in the CLI."""
+import argparse
+import re
+from pathlib import Path
+
+from cemabench.cli import build_parser
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced code block, in order."""
+    return re.findall(r"^```([\w-]*)\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under a level-2 heading, up to the next level-2 heading."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"README has no section '## {heading}'"
+    return match.group(1)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1
+    return set(actions[0].choices)
+
+
+def test_readme_holds_the_plugin_example_verbatim():
+    example = (ROOT / "tests" / "plugins" / "readme_example.py").read_text()
+    assert ("python", example) in _code_blocks(README)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    assert ("bash", "python -m pytest\n") in _code_blocks(README)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "python -m pytest" in [line.strip() for line in ci]
+
+
+def test_every_subcommand_in_the_synopsis_exists():
+    blocks = _code_blocks(_section(README, "Commands"))
+    assert blocks, "the Commands section has no code block"
+    synopsis = blocks[0][1]
+    named = {m.group(1) for m in re.finditer(r"^cemabench (\S+)", synopsis, flags=re.MULTILINE)}
+    assert named, "the Commands synopsis names no subcommand"
+    assert named <= _subcommands(build_parser()), named - _subcommands(build_parser())
+    assert named == _subcommands(build_parser())  # and the synopsis is complete
