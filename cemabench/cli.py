@@ -283,7 +283,7 @@ def cmd_sweep(args) -> int:
     failed = [c for t in doc["tables"].values() for c in t["cells"] if c["status"] != "ok"]
     if failed:
         print(f"{len(failed)} cell(s) did not finish ok; see 'Failed cells' above", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_INCOMPLETE if failed else 0
 
 
 def _execution_arguments(p: argparse.ArgumentParser) -> None:
