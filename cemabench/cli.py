@@ -154,6 +154,23 @@ def _run_spec(args):
     return spec, label
 
 
+def _writable(path: str | Path, flag: str, folder: bool) -> Path:
+    """Fail before any compute when an output cannot be written: a folder (created if missing) or a file's folder."""
+    path = Path(path)
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".cemabench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{flag} {path} cannot be written ({error.strerror or error}); choose a folder you can "
+                        f"write to") from None
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name such as {path / 'result.json'}")
+    return path
+
+
 def cmd_run(args) -> int:
     """One method through the same plan/store/executor path as a table, optionally with a table's settings."""
     import tempfile
@@ -163,6 +180,10 @@ def cmd_run(args) -> int:
     from cemabench.runner import reproduce
 
     spec, label = _run_spec(args)
+    if args.out:
+        _writable(args.out, "--out", folder=False)
+    if args.store:
+        _writable(args.store, "--store", folder=True)
     with tempfile.TemporaryDirectory(prefix="cemabench-run-") as scratch:
         doc = reproduce(spec, args.data_root, Path(args.store or scratch), jobs=args.jobs,
                         execution=Execution(args.device, args.channels_last, args.amp), progress=False,
@@ -203,7 +224,7 @@ def cmd_reproduce(args) -> int:
     from cemabench.runner import reproduce
 
     spec, data_root, options = _reproduce_inputs(args)
-    out = Path(args.out)
+    out = _writable(args.out, "--out", folder=True)
     try:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
                         progress=not args.no_progress, executor=args.executor, address=args.address, **options)
@@ -263,7 +284,7 @@ def cmd_sweep(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     seeds = check_seeds(args.seed, "--seed") if args.seed else None
-    out = Path(args.out)
+    out = _writable(args.out, "--out", folder=True)
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     try:
         doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)

@@ -63,3 +63,21 @@ def test_a_dataloader_worker_failure_names_the_image_first(tmp_path, capsys):
     assert first.startswith(f"DataError: cannot read image {folder / 'bad.JPEG'}: ")
     assert first.endswith("(DataError in DataLoader worker process 0)")
     assert capsys.readouterr().err.splitlines()[0] == f"fog: error: {first}"
+
+
+@pytest.mark.parametrize("command", [["reproduce", "table2", "--out", "/proc/cemabench-nope"],
+                                     ["sweep", "cema-emin", "--out", "/proc/cemabench-nope"],
+                                     ["run", "--method", "source", "--domains", "fog", "--out", "/proc/nope/x.json"],
+                                     ["run", "--method", "source", "--domains", "fog", "--store", "/proc/nope"]])
+def test_an_unwritable_output_is_one_line_before_any_compute(command, capsys, monkeypatch):
+    from cemabench import runner
+
+    monkeypatch.setattr(runner, "reproduce", lambda *a, **k: pytest.fail("computed before checking the output"))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cemabench: error: --") and "cannot be written" in err and err.count("\n") == 1
+
+
+def test_run_out_naming_a_folder_is_one_line(tmp_path, capsys):
+    assert main(["run", "--method", "source", "--domains", "fog", "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
