@@ -31,17 +31,24 @@ _METADATA = {
     torch.ops.aten.dim.default, torch.ops.prim.layout.default,
 }
 
-_written_arguments: dict = {}
+class _Op:
+    """What the meter needs to know about an op, worked out once per op overload."""
+
+    __slots__ = ("name", "formula", "optimizer", "written", "flop_free")
+
+    def __init__(self, func):
+        self.name = func.name()
+        self.formula = flop_registry.get(func._overloadpacket)
+        short = self.name.split("::")[-1].split(".")[0]
+        self.optimizer = short.startswith("_fused_") or (short.startswith("_foreach_") and short.endswith("_"))
+        # positions and keyword names of the arguments the op writes to (its ``Tensor(a!)`` arguments)
+        self.written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                             if a.alias_info is not None and a.alias_info.is_write)
+        # an op without a formula whose decomposition ran no op with one: later calls skip decomposing it
+        self.flop_free = func is torch.ops.prim.device.default
 
 
-def _written(func) -> tuple:
-    """Positions and keyword names of the arguments an op writes to (its ``Tensor(a!)`` arguments), cached."""
-    found = _written_arguments.get(func)
-    if found is None:
-        found = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
-                      if a.alias_info is not None and a.alias_info.is_write)
-        _written_arguments[func] = found
-    return found
+_ops: dict = {}
 
 
 def _storage(t) -> int | None:
@@ -51,6 +58,11 @@ def _storage(t) -> int | None:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
         return None
+
+
+def _may_carry_flops(name: str) -> bool:
+    """Ops whose decomposition can reach a matmul or convolution even when one call happened to count none."""
+    return any(word in name for word in ("conv", "linear", "matmul", "mm", "einsum", "attention", "bilinear"))
 
 
 class ComputeMeter(TorchDispatchMode):
@@ -72,39 +84,44 @@ class ComputeMeter(TorchDispatchMode):
         self.violation = self.violation or message
         raise ForwardOnlyViolation(message)
 
-    def _check(self, func, args, kwargs) -> None:
-        name = func.name()
+    def _check(self, op: _Op, args, kwargs) -> None:
         if torch._C._current_autograd_node() is not None:
-            self._refuse(f"a backward kernel ({name}) ran during the edge step")
-        short = name.split("::")[-1].split(".")[0]
-        if short.startswith("_fused_") or (short.startswith("_foreach_") and short.endswith("_")):
-            self._refuse(f"an optimizer kernel ({name}) ran during the edge step")
-        for position, keyword in _written(func):
+            self._refuse(f"a backward kernel ({op.name}) ran during the edge step")
+        if op.optimizer:
+            self._refuse(f"an optimizer kernel ({op.name}) ran during the edge step")
+        for position, keyword in op.written:
             target = args[position] if position < len(args) else kwargs.get(keyword)
             for t in target if isinstance(target, (list, tuple)) else (target,):
                 hit = self.protected.get(_storage(t))
                 if hit is not None:
-                    self._refuse(f"{name} wrote into the edge parameter {hit} during the edge step")
+                    self._refuse(f"{op.name} wrote into the edge parameter {hit} during the edge step")
                 if isinstance(t, torch.nn.Parameter) and t.grad is not None:
-                    self._refuse(f"{name} updated a parameter from its gradient (an optimizer step, on a model kept "
-                                 f"beside the edge?) during the edge step")
+                    self._refuse(f"{op.name} updated a parameter from its gradient (an optimizer step, on a model "
+                                 f"kept beside the edge?) during the edge step")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA:
             return NotImplemented
+        op = _ops.get(func)
+        if op is None:
+            op = _ops[func] = _Op(func)
         if self.guard:
-            self._check(func, args, kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is None:
-            if func is not torch.ops.prim.device.default:
+            self._check(op, args, kwargs)
+        if op.formula is None:
+            if not op.flop_free:
+                before = self.flops
                 with self:
                     out = func.decompose(*args, **kwargs)
+                if out is NotImplemented or self.flops == before:
+                    # no formula inside: decomposing it again would only cost time (a decomposition's structure
+                    # does not depend on the values; a zero-FLOP call of a matmul-like op keeps it decomposed)
+                    op.flop_free = out is NotImplemented or not _may_carry_flops(op.name)
                 if out is not NotImplemented:
                     return out
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        self.flops += int(formula(*args, **kwargs, out_val=out))
+        self.flops += int(op.formula(*args, **kwargs, out_val=out))
         return out
 
     def take(self) -> int:
