@@ -1,7 +1,8 @@
 """The harness's overhead: the same `source` stream as a bare PyTorch loop and through the protocol, as a pair.
 
-    pytest tests/benchmarks/test_overhead.py --benchmark-enable            # miniature and ResNet-50 at 224 px
-    CEMABENCH_BENCH_DEVICE=cuda pytest tests/benchmarks/test_overhead.py --benchmark-enable
+    pytest tests/benchmarks/test_overhead.py --benchmark-enable                               # miniature
+    CEMABENCH_BENCH_MODELS=resnet pytest tests/benchmarks/test_overhead.py --benchmark-enable # + ResNet-50, 224 px
+    (and CEMABENCH_BENCH_DEVICE=cuda for the GPU)
 
 Each group holds the bare loop and the protocol on the same images and model; the ratio of their means is the
 overhead (online scoring, the link, the forward-only meter that sees every op and counts FLOPs, the parameter seal).
@@ -31,7 +32,10 @@ def _case(name: str):
     return domain, build_model("torchvision:resnet50@none").eval(), 1000
 
 
-@pytest.fixture(scope="module", params=["miniature", "resnet50"])
+CASES = ["miniature"] + (["resnet50"] if os.environ.get("CEMABENCH_BENCH_MODELS") == "resnet" else [])
+
+
+@pytest.fixture(scope="module", params=CASES)
 def case(request):
     return request.param, *_case(request.param)
 
