@@ -219,6 +219,20 @@ def _reproduce_inputs(args):
                              "pair": args.pair, "weights": args.weights}
 
 
+def _interrupted(out: Path) -> int:
+    print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
+          file=sys.stderr)
+    return 130
+
+
+def _write_document(out: Path, name: str, doc: dict, markdown: str) -> None:
+    """OUT/NAME.json (what the table was rendered from) and OUT/NAME.md, and the Markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def cmd_reproduce(args) -> int:
     from cemabench.leaderboard import render, write_tradeoff_plot
     from cemabench.runner import reproduce
@@ -229,14 +243,8 @@ def cmd_reproduce(args) -> int:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
                         progress=not args.no_progress, executor=args.executor, address=args.address, **options)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
-              file=sys.stderr)
-        return 130
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{spec.name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    markdown = render(doc)
-    (out / f"{spec.name}.md").write_text(markdown)
-    print(markdown)
+        return _interrupted(out)
+    _write_document(out, spec.name, doc, render(doc))
     plot = out / f"{spec.name}.tradeoffs.png"
     wrote = [out / f"{spec.name}.md", out / f"{spec.name}.json"] + ([plot] if write_tradeoff_plot(doc, plot) else [])
     print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
@@ -289,14 +297,8 @@ def cmd_sweep(args) -> int:
     try:
         doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
-              file=sys.stderr)
-        return 130
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{sweep.name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    markdown = render_sweep(doc)
-    (out / f"{sweep.name}.md").write_text(markdown)
-    print(markdown)
+        return _interrupted(out)
+    _write_document(out, sweep.name, doc, render_sweep(doc))
     written = [out / f"{sweep.name}.md", out / f"{sweep.name}.json"]
     if plot_sweep(doc, out / f"{sweep.name}.png"):
         written.append(out / f"{sweep.name}.png")
