@@ -116,3 +116,21 @@ def write_spec(path, methods, domains=("fog",)) -> str:
     lines += [line for name in methods for line in ("[[methods]]", f'name = "{name}"')]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+RESULT_NUMBERS = ("status", "seen", "correct", "accuracy", "upload_ratio", "link", "edge_forward_samples",
+                  "cloud_forward_samples_grad", "cloud_forward_samples_nograd")
+
+
+def numbers(doc: dict) -> list[dict]:
+    """What two runs of one table must agree on, cell by cell."""
+    return [{k: c[k] for k in ("method", "domain", "seed") + RESULT_NUMBERS} for c in doc["cells"]]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process runs use one torch thread: on a shared, oversubscribed machine two spin far slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,13 +1,15 @@
 import json
 
 import pytest
-import torch
 
 from cemabench import runner
 from cemabench.cli import main
 from cemabench.errors import UserError
 from cemabench.leaderboard import render
 from cemabench.spec import load_table
+from conftest import numbers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = '''
 name = "mini3"
@@ -51,27 +53,10 @@ label = "random"
 match_uploads_of = "cema"
 '''
 
-NUMBERS = ("status", "seen", "correct", "accuracy", "upload_ratio", "link", "edge_forward_samples",
-           "cloud_forward_samples_grad", "cloud_forward_samples_nograd")
-
-
 def _spec(tmp_path, reset="per_domain"):
     path = tmp_path / f"mini3-{reset}.toml"
     path.write_text(SPEC.format(reset=reset))
     return load_table(str(path))
-
-
-def _numbers(doc):
-    return [{k: c[k] for k in ("method", "domain", "seed") + NUMBERS} for c in doc["cells"]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process runs use one torch thread: on a shared, oversubscribed machine two spin far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +66,16 @@ def first_run(tmp_path_factory):
     return spec, tmp, runner.reproduce(spec, None, tmp / "out", jobs=1, progress=False)
 
 
-def test_same_seed_gives_identical_numbers(first_run, tmp_path):
+def test_same_seed_gives_identicalnumbers(first_run, tmp_path):
     spec, _, doc = first_run
     again = runner.reproduce(spec, None, tmp_path / "fresh", progress=False)
-    assert _numbers(again) == _numbers(doc)
+    assert numbers(again) == numbers(doc)
 
 
-def test_parallel_jobs_give_the_same_numbers(first_run, tmp_path):
+def test_parallel_jobs_give_the_samenumbers(first_run, tmp_path):
     """Two local worker processes give the inline run's numbers."""
     spec, _, doc = first_run
-    assert _numbers(runner.reproduce(spec, None, tmp_path / "jobs", jobs=2, progress=False)) == _numbers(doc)
+    assert numbers(runner.reproduce(spec, None, tmp_path / "jobs", jobs=2, progress=False)) == numbers(doc)
 
 
 def test_random_upload_matches_the_reference_upload_count(first_run):
@@ -109,7 +94,7 @@ def test_an_interrupted_or_repeated_run_resumes_from_the_store(first_run, monkey
     real_run = runner.TableContext.run
     monkeypatch.setattr(runner.TableContext, "run", lambda self, unit: ran.append(unit) or real_run(self, unit))
     resumed = runner.reproduce(spec, None, tmp / "out", jobs=1, progress=False)
-    assert len(ran) == 1 and _numbers(resumed) == _numbers(doc)
+    assert len(ran) == 1 and numbers(resumed) == numbers(doc)
 
 
 def test_a_changed_option_never_reuses_a_stored_result(first_run, monkeypatch):
@@ -123,7 +108,7 @@ def test_a_changed_option_never_reuses_a_stored_result(first_run, monkeypatch):
     assert sorted(set(ran)) == ["cema", "random"]  # source's units are unchanged and come from the store
 
 
-def test_a_different_seed_gives_a_different_stream_and_numbers(first_run, tmp_path):
+def test_a_different_seed_gives_a_different_stream_andnumbers(first_run, tmp_path):
     spec, _, doc = first_run
     other = runner.reproduce(spec, None, tmp_path / "seed1", seeds=(1,), progress=False)
     ours = {(c["method"], c["domain"]): c for c in doc["cells"]}

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from cemabench import runner
 from cemabench.cli import EXIT_INCOMPLETE, main
@@ -19,6 +18,7 @@ from cemabench.context import code_fingerprint, method_modules
 from cemabench.registry import load
 from cemabench.spec import load_table
 from cemabench.store import ResultStore, checksum
+from conftest import numbers
 
 SPEC = '''
 name = "duo"
@@ -45,10 +45,6 @@ foundation = "mini:foundation"
 {methods}
 '''
 
-NUMBERS = ("status", "seen", "correct", "accuracy", "upload_ratio", "link", "edge_forward_samples",
-           "cloud_forward_samples_grad", "cloud_forward_samples_nograd")
-
-
 def write_spec(folder: Path, methods=("bn-adapt",), domains=("fog", "contrast"), extra="") -> Path:
     entries = "".join(f'\n[[methods]]\nname = "{m}"\n' for m in methods) + extra
     path = folder / "duo.toml"
@@ -56,21 +52,11 @@ def write_spec(folder: Path, methods=("bn-adapt",), domains=("fog", "contrast"),
     return path
 
 
-def numbers(doc):
-    return [{k: c[k] for k in ("method", "domain", "seed") + NUMBERS} for c in doc["cells"]]
-
-
 def cells(out: Path) -> list[Path]:
     return sorted((out / "cells" / "duo").glob("*.json"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process runs use one torch thread: on a shared, oversubscribed machine two spin far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def counted(monkeypatch):
