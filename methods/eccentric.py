@@ -478,24 +478,14 @@ class ECCDynamic(Method):
                                cloud="adapter + the foundation model's later stages answer", download="logits")
 
     @dataclass
-    class Options:
-        edge_stage: str = "layer1"
-        cloud_stage: str = "layer2"
-        adapter_depth: int = 1
-        payload_dtype: str = "float32"
+    class Options(ECCAdaptive.Options):  # ECC-A's options, plus the gate's
         gate: str = "confidence"
         threshold: float = 0.9
         recall_weight: float = 4.0
         comm_weight: float = 0.1
-        pareto: bool = False
         distill: bool = False
         epochs: int = 2
-        ka_epochs: int = 6
-        ft_epochs: int = 2
-        augment: bool = False
         gate_epochs: int = 3
-        temperature: float = 4.0
-        train_samples: int = 1024
 
     def validate(self):
         _validate_common(self.options, self.name)
