@@ -52,7 +52,7 @@ def cmd_list(args) -> int:
         from cemabench.spec import available_tables, load_table
 
         rows = [{"table": n, "title": (s := load_table(n)).title, "methods": len(s.methods), "domains": len(s.domains),
-                 "reset": s.protocol.reset, "models (real data)": f"{s.real.edge} / {s.real.foundation}",
+                 "setting": s.protocol.setting, "models (real data)": f"{s.real.edge} / {s.real.foundation}",
                  "--pair": ", ".join(s.real.pairs)}
                 for n in available_tables()]
         print(pd.DataFrame(rows).to_markdown(index=False))
@@ -95,11 +95,9 @@ def _run_spec(args):
     import inspect
     from dataclasses import replace
 
-    from cemabench.protocol import RESETS, Protocol
+    from cemabench.protocol import Protocol
     from cemabench.spec import DataChoice, MethodEntry, TableSpec, load_table
 
-    if args.reset is not None and args.reset not in RESETS:
-        raise UserError(f"--reset must be one of {', '.join(RESETS)}")
     options = dict(_parse_option(o) for o in args.option)
     if args.table:
         spec = load_table(args.table)
@@ -129,7 +127,7 @@ def _run_spec(args):
         registry.build_method(args.method, options)
         dataset = args.dataset or "miniature-digits-c"
         choice = DataChoice(dataset, args.edge or "mini:edge", args.foundation or "mini:foundation")
-        protocol = Protocol(batch_size=64, reset="per_domain")
+        protocol = Protocol(batch_size=64)
         default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")
         domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
         if not domains:
@@ -142,7 +140,8 @@ def _run_spec(args):
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
                          miniature=choice, methods=(MethodEntry(label, args.method, options),), tolerance=0.5,
                          check_metrics=("accuracy", "upload_ratio"))
-    given = {"batch_size": args.batch_size, "reset": args.reset, "delivery_delay": args.delay,
+    given = {"batch_size": args.batch_size, "setting": args.setting, "rounds": args.rounds,
+             "concentration": args.concentration, "delivery_delay": args.delay,
              "upload_budget": args.upload_budget, "upload_budget_bytes": args.upload_budget_bytes,
              "bandwidth": args.bandwidth, "latency": args.latency, "batch_interval": args.batch_interval,
              "answer_deadline": args.answer_deadline}
@@ -206,10 +205,17 @@ def cmd_run(args) -> int:
 
 
 def _reproduce_inputs(args):
+    from dataclasses import replace
+
     from cemabench.protocol import Execution
     from cemabench.spec import load_table
 
     spec = load_table(args.table)
+    given = {"setting": args.setting, "rounds": args.rounds, "concentration": args.concentration}
+    if any(v is not None for v in given.values()):  # the table under another stream setting: its own output name
+        protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
+        changed = [f"{k}-{getattr(protocol, k)}" for k in given if getattr(protocol, k) != getattr(spec.protocol, k)]
+        spec = replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
@@ -324,8 +330,18 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
                    "local Ray with --jobs CPUs)")
 
 
+def _setting_arguments(p: argparse.ArgumentParser) -> None:
+    from cemabench.stream import SETTINGS
+
+    p.add_argument("--setting", help=f"stream setting instead of the table's: {', '.join(SETTINGS)} (README: Stream "
+                   f"settings)")
+    p.add_argument("--rounds", type=int, help="times the stream repeats (settings without reset; default 1)")
+    p.add_argument("--concentration", type=float, help="Dirichlet concentration of +correlated (default 0.1)")
+
+
 def _table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="a built-in table name (see `cemabench list tables`) or a .toml spec path")
+    _setting_arguments(p)
     p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
     p.add_argument("--out", default="out")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
@@ -356,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foundation", help="default mini:foundation, or the table's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="default 64, or the table's")
-    p.add_argument("--reset", help="per_domain (default) or continual, or the table's")
+    _setting_arguments(p)
     p.add_argument("--delay", type=int, help="download delivery delay in batches (default 0, or the table's)")
     p.add_argument("--upload-budget", type=int, help="most samples uploaded per run unit")
     p.add_argument("--upload-budget-bytes", type=int, help="most bytes up per run unit (inputs, payload, tensors)")

@@ -22,9 +22,11 @@ from cemabench.errors import UserError
 from cemabench.plan import Unit
 from cemabench.protocol import Execution, Models, run_unit
 from cemabench.spec import DataChoice, TableSpec
+from cemabench.stream import build_blocks
 
 SCHEMA = 3
-PROTOCOL_MODULES = ("cemabench.protocol", "cemabench.method", "cemabench.data", "cemabench.meter", "cemabench.training")
+PROTOCOL_MODULES = ("cemabench.protocol", "cemabench.stream", "cemabench.method", "cemabench.data", "cemabench.meter",
+                    "cemabench.training")
 SHARED_METHOD_PACKAGE = "cemabench_methods"  # helpers every built-in method may import (e.g. .common)
 
 
@@ -95,17 +97,28 @@ class TableContext:
         overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
         self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
         self._code: dict[str, dict] = {}
+        self._datasets: dict[int, object] = {}
 
     @cached_property
     def dataset(self):
+        return self.dataset_at(self.spec.severity)
+
+    def dataset_at(self, severity: int):
+        """The dataset at a severity (the spec's, or each of 1..5 for the gradual setting), built once."""
+        if severity in self._datasets:
+            return self._datasets[severity]
         if self.choice.dataset not in registry.available("datasets"):
             raise UserError(f"table {self.spec.name} runs on the dataset {self.choice.dataset!r} when --data-root is "
                             f"given, and no installed plugin provides it (available: "
                             f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
                             f"--data-root to run the embedded miniature")
         factory = registry.load("datasets", self.choice.dataset)
-        return factory(data_root=self.data_root, severity=self.spec.severity, domains=self.spec.domains,
-                       **self.choice.options)
+        built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains, **self.choice.options)
+        if severity != self.spec.severity and built.provenance.get("severity") != severity:
+            raise UserError(f"setting {self.spec.protocol.setting} runs every domain at severities 1 to 5, and the "
+                            f"dataset {self.choice.dataset} has no severities; choose another setting")
+        self._datasets[severity] = built
+        return built
 
     @cached_property
     def prototypes(self) -> dict[str, torch.nn.Module]:
@@ -158,9 +171,12 @@ class TableContext:
 
     def run(self, unit: Unit) -> dict:
         method = registry.build_method(unit.method, dict(unit.options))
+        p = self.spec.protocol
         domains = [d for d in self.dataset.domains if d.name in unit.domains]
-        results = run_unit(method, domains, self.models, self.dataset.num_classes, self.dataset.clean,
-                           self.spec.protocol, unit.seed, self.execution, self.dataset.scored_classes)
+        blocks = build_blocks(p.setting, domains, unit.seed, rounds=p.rounds, concentration=p.concentration,
+                              at_severity=lambda s: [d for d in self.dataset_at(s).domains if d.name in unit.domains])
+        results = run_unit(method, blocks, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
+                           self.execution, self.dataset.scored_classes)
         return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from cemabench.pareto import non_dominated, plot_tradeoffs
+from cemabench.stream import describe
 
 MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from the 10-class, 32-pixel digits "
                     "miniature that ships with cemabench. They show the code path works and how methods rank on a "
@@ -37,12 +38,19 @@ def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
     return sum(values[d] for d in domains) / len(domains)
 
 
+def result_columns(doc: dict) -> list[str]:
+    """The table's result columns: its domains, or what the setting scores instead (one mixed stream)."""
+    domains = doc["provenance"]["domains"]
+    extra = [d for d in dict.fromkeys(c["domain"] for c in doc["cells"]) if d not in domains]
+    return extra or domains
+
+
 def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
     """Methods x domains, plus the mean over domains. With one seed a cell is that seed's value; with several it is
     the mean ± sample standard deviation (ddof=1) across seeds, and the mean column is the mean ± sample standard
     deviation across seeds of each seed's mean over domains. Failed cells show their status."""
     cells = pd.DataFrame(doc["cells"])
-    domains = doc["provenance"]["domains"]
+    domains = result_columns(doc)
     rows = {}
     for label in [m["label"] for m in doc["methods"]]:
         mine = cells[cells["method"] == label] if len(cells) else cells
@@ -83,8 +91,56 @@ def cost_frame(doc: dict) -> pd.DataFrame:
             "edge forwards / sample": _per_sample(group, "edge_forward_samples", seen),
             "cloud train forwards / sample": _per_sample(group, "cloud_forward_samples_grad", seen),
             "cloud eval forwards / sample": _per_sample(group, "cloud_forward_samples_nograd", seen),
+            "download delay (batches)": (f"{group['download_delay_batches'].sum() / group['downloads'].sum():.2f}"
+                                         if group["downloads"].sum() else "-"),
+            "late answers": f"{group['late_answers'].sum() / seeds:,.0f}",
         }
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def breakdown_frame(doc: dict, key: str) -> pd.DataFrame:
+    """Accuracy (%) per round, per severity step (pooled over domains) or per domain inside a mixed stream, from
+    the cells' ``segments`` / ``by_domain``; empty when no cell has that breakdown. Seeds as in :func:`metric_frame`."""
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        per_seed: dict[int, dict] = {}
+        for cell in doc["cells"]:
+            if cell["method"] != label or cell["status"] != "ok":
+                continue
+            counts = per_seed.setdefault(cell["seed"], {})
+            if key == "domain":
+                parts = [(d, seen, correct) for d, (seen, correct) in cell.get("by_domain", {}).items()]
+            else:
+                parts = [(s[key], s["seen"], s["correct"]) for s in cell.get("segments", []) if s.get(key) is not None]
+            for name, seen, correct in parts:
+                total = counts.setdefault(name, [0, 0])
+                total[0], total[1] = total[0] + seen, total[1] + correct
+        names = sorted({n for c in per_seed.values() for n in c}, key=lambda n: (isinstance(n, str), n))
+        if names:
+            rows[label] = {n: _spread([100 * c[n][1] / c[n][0] for _, c in sorted(per_seed.items()) if c.get(n)],
+                                      "{:.1f}") for n in names}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    if key != "domain":
+        frame.columns = [f"{key} {c}" for c in frame.columns]
+    return frame
+
+
+_BREAKDOWNS = (("round", "## Accuracy per round (%)", "Pooled over the domains of each repetition of the stream."),
+               ("severity", "## Accuracy per severity (%)", "Pooled over the domains and over both ramps (up and "
+                "down) of each severity step."),
+               ("domain", "## Accuracy per domain inside the mixed stream (%)", "The samples of each domain, scored "
+                "where they fell in the one shuffled stream."))
+
+
+def _breakdown_sections(doc: dict) -> list[str]:
+    lines = []
+    for key, title, what in _BREAKDOWNS:
+        frame = breakdown_frame(doc, key)
+        if key == "round" and frame.shape[1] < 2:
+            continue
+        if not frame.empty:
+            lines += [title, "", what, "", frame.to_markdown(), ""]
+    return lines
 
 
 REFERENCE_PLUGINS = ("cloud-only", "source")  # drawn as reference points: all in the cloud, all on the edge
@@ -201,6 +257,25 @@ def _options(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
 
 
+def setting_line(proto: dict) -> str:
+    """The stream setting's definition (documents written before settings existed say ``reset`` instead)."""
+    legacy = {"per_domain": "per-domain"}.get(proto.get("reset"), proto.get("reset"))
+    return describe(proto.get("setting", legacy), proto.get("rounds", 1), proto.get("concentration", 0.1))
+
+
+def protocol_line(proto: dict) -> str:
+    """Batch size, delay, budgets and the link model, in one line."""
+    text = (f"edge batch {proto['batch_size']}, delivery delay {proto['delivery_delay']}, upload budget "
+            f"{proto['upload_budget'] or 'none'}")
+    if proto.get("upload_budget_bytes") is not None:
+        text += f", byte budget {proto['upload_budget_bytes']:,}"
+    if proto.get("bandwidth") or proto.get("latency"):
+        text += (f"; link {proto['bandwidth'] or 'unlimited'} bytes/s, latency {proto['latency']} s, one batch every "
+                 f"{proto['batch_interval']} s, answer deadline "
+                 f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
+    return text
+
+
 def render(doc: dict) -> str:
     p = doc["provenance"]
     proto = p["protocol"]
@@ -211,8 +286,8 @@ def render(doc: dict) -> str:
         f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
         + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
         f"- **Severity**: {p['severity']}; **domains in order**: {', '.join(p['domains'])}",
-        f"- **Protocol**: reset `{proto['reset']}`, edge batch {proto['batch_size']}, delivery delay "
-        f"{proto['delivery_delay']}, upload budget {proto['upload_budget'] or 'none'}",
+        f"- **Setting**: {setting_line(proto)}",
+        f"- **Protocol**: {protocol_line(proto)}",
         "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
         + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
         f"- **Seeds**: {', '.join(map(str, doc['seeds']))}"
@@ -230,7 +305,7 @@ def render(doc: dict) -> str:
         lines += [f"- **Source**: {doc['source']}"]
     lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",
               "## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
-              "", "## Accuracy, communication and computation per sample",
+              "", *_breakdown_sections(doc), "## Accuracy, communication and computation per sample",
               "", "Pooled over domains and seeds. FLOPs are counted by what executed (torch.utils.flop_counter): "
               "edge = everything the edge step ran, cloud = forward and backward of everything the cloud step ran. "
               "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "

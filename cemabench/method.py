@@ -2,7 +2,7 @@
 
 A method is two halves that talk only through the link: an :class:`EdgeLogic`, which runs forward-only on the edge
 model, and a :class:`CloudLogic`, which trains whatever models the cloud holds. The harness builds both halves for
-every run unit (a domain under ``per_domain`` reset, the whole stream under ``continual``), so method state never
+every run unit (a domain under the ``per-domain`` setting, the whole stream under the others), so method state never
 leaks across a reset. Labels never reach either half.
 
 Python cannot stop a plugin that shares objects between its halves on purpose; the harness enforces what it can

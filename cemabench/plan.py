@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from cemabench import registry
 from cemabench.method import parse_options
-from cemabench.protocol import unit_groups
 from cemabench.spec import DataChoice, MethodEntry, TableSpec
+from cemabench.stream import unit_groups
 
 UnitId = tuple[str, int, tuple[str, ...]]  # (label, seed, domains)
 
@@ -79,7 +79,7 @@ def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Ta
     tasks = []
     for entry in spec.methods:
         for seed in seeds:
-            for domains in unit_groups(spec.protocol.reset, spec.domains):
+            for domains in unit_groups(spec.protocol.setting, spec.domains):
                 needs = ((entry.match_uploads_of, seed, tuple(domains)),) if entry.match_uploads_of else ()
                 tasks.append(Task(entry.label, entry.name, tuple(sorted(entry_options(entry, choice).items())), seed,
                                   tuple(domains), needs))

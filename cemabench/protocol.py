@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import random
 import resource
@@ -41,15 +40,16 @@ from cemabench.method import (
     TrainingResources,
     Upload,
 )
+from cemabench.stream import Block, derive_seed, parse_setting, plain
 from cemabench.training import run_training
-
-RESETS = ("per_domain", "continual")
 
 
 @dataclass(frozen=True)
 class Protocol:
     batch_size: int = 64
-    reset: str = "per_domain"
+    setting: str = "per-domain"  # cemabench.stream: per-domain | continual | gradual | mixed-domains [+correlated]
+    rounds: int = 1  # times the stream repeats (settings without reset)
+    concentration: float = 0.1  # the Dirichlet concentration of +correlated (smaller: longer runs of one class)
     delivery_delay: int = 0
     upload_budget: int | None = None  # samples per run unit; None = unlimited
     upload_budget_bytes: int | None = None  # bytes up per run unit (inputs, payload and tensors); None = unlimited
@@ -60,15 +60,21 @@ class Protocol:
     answer_deadline: float | None = None  # seconds after a batch's arrival by which an offloaded answer must be back
 
     def __post_init__(self):
-        for name, low in (("batch_size", 1), ("delivery_delay", 0), ("upload_budget", 0), ("upload_budget_bytes", 0)):
+        for name, low in (("batch_size", 1), ("rounds", 1), ("delivery_delay", 0), ("upload_budget", 0),
+                          ("upload_budget_bytes", 0)):
             value = getattr(self, name)
             if value is None and name.startswith("upload_budget"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"protocol {name} must be an integer >= {low}"
                                 f"{' (or unset for no budget)' if name.startswith('upload') else ''}, got {value!r}")
-        if self.reset not in RESETS:
-            raise UserError(f"protocol reset must be one of {', '.join(RESETS)}, got {self.reset!r}")
+        base, _ = parse_setting(self.setting)
+        if self.rounds > 1 and base == "per-domain":
+            raise UserError("protocol rounds > 1 repeats a stream without reset: use setting continual, gradual or "
+                            "mixed-domains")
+        c = self.concentration
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0:
+            raise UserError(f"protocol concentration must be a number > 0 (the Dirichlet concentration), got {c!r}")
         for name, positive in (("bandwidth", True), ("latency", False), ("batch_interval", True),
                                ("answer_deadline", False)):
             value = getattr(self, name)
@@ -83,22 +89,6 @@ class Protocol:
     def transfer_seconds(self, nbytes: int) -> float:
         """How long ``nbytes`` take over the link: latency + bytes / bandwidth."""
         return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
-
-
-def unit_groups(reset: str, domains: Sequence) -> list[tuple]:
-    """The domains each run unit covers: one each under per-domain reset, all of them under continual."""
-    return [(d,) for d in domains] if reset == "per_domain" else [tuple(domains)]
-
-
-def derive_seed(*parts) -> int:
-    """A 31-bit seed from any printable parts, stable across processes and platforms."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2 ** 31)
-
-
-def domain_order(seed: int, domain: str, n: int) -> np.ndarray:
-    """The sample order inside a domain: a permutation from (seed, domain), the same for every method."""
-    return np.random.default_rng(derive_seed("order", seed, domain)).permutation(n)
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +119,10 @@ class LinkCounters:
     @property
     def bytes_up(self) -> int:
         return self.upload_bytes + self.upload_payload_bytes + self.upload_tensor_bytes
+
+    def add(self, other: LinkCounters) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
 
     @property
     def bytes_down(self) -> int:
@@ -406,6 +400,27 @@ class DomainResult:
     peak_memory_bytes: int = 0
     link: LinkCounters = field(default_factory=LinkCounters)
     training: dict = field(default_factory=dict)  # the unit's offline training stage: key, seconds, cached
+    # stretches of the stream counted in this result (severity steps, rounds), when there are several: name, seen,
+    # correct; and, for a stream that mixes domains, seen and correct per domain
+    segments: list = field(default_factory=list)
+    by_domain: dict = field(default_factory=dict)
+
+    _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
+               "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
+
+    def add(self, part: DomainResult, block: Block) -> None:
+        """Count a further stretch of the stream (a block) toward this result."""
+        for name in self._SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.peak_memory_bytes = max(self.peak_memory_bytes, part.peak_memory_bytes)
+        self.link.add(part.link)
+        self.segments.append({"segment": block.segment, "round": block.round, "severity": block.severity,
+                              "seen": part.seen, "correct": part.correct})
+        for domain, (seen, correct) in part.by_domain.items():
+            mine = self.by_domain.setdefault(domain, [0, 0])
+            mine[0], mine[1] = mine[0] + seen, mine[1] + correct
+        if part.status != "ok" and self.status == "ok":
+            self.status, self.message = part.status, part.message
 
     @property
     def accuracy(self) -> float | None:
@@ -472,27 +487,31 @@ class Execution:
     amp: bool = False
 
 
-def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_classes: int,
+def run_unit(method: Method, stream: Sequence[DomainData | Block], models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
-    """Run one method over ``domains`` with no reset in between; a failure ends the unit, not the caller.
+    """Run one method over a stream with no reset in between; a failure ends the unit, not the caller.
 
-    Predictions are recorded at arrival and scored against the domain's labels, read only after its stream ended.
-    With ``scored_classes``, the scored prediction is the argmax over those classes only; methods still see all."""
+    The stream is a list of blocks (:mod:`cemabench.stream` builds them for a setting); a plain domain stands for
+    itself in its per-domain order. One result per distinct ``Block.result``, in the order they first appear.
+    Predictions are recorded at arrival and scored against the labels, read only after their block ended. With
+    ``scored_classes``, the scored prediction is the argmax over those classes only; methods still see all."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
-    seed_everything(derive_seed(seed, method.name, *(d.name for d in domains)))
+    blocks = [b if isinstance(b, Block) else plain(b, seed) for b in stream]
+    names = list(dict.fromkeys(s.name for b in blocks for s in b.sources))
+    seed_everything(derive_seed(seed, method.name, *names))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cloud_passes = SampleCounter()
     cloud_meter = ComputeMeter()
-    results = [DomainResult(d.name) for d in domains]
+    results = {name: DomainResult(name) for name in dict.fromkeys(b.result for b in blocks)}
     try:
         training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
             num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
             foundation=lambda: models.foundation().to(device), clean=clean, device=device))
-        for result in results:
+        for result in results.values():
             result.training = training
         edge = ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
 
@@ -515,21 +534,24 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
     except KeyboardInterrupt:
         raise
     except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
-        results[0].status, results[0].message = "error", f"setup failed: {_describe(error)}"
-        _skip_rest(results, 1)
-        return results
+        first, *rest = results.values()
+        first.status, first.message = "error", f"setup failed: {_describe(error)}"
+        _skip(rest)
+        return list(results.values())
 
     link = Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol)
     batch_index = 0
     stream_position = 0
-    for position, (domain, result) in enumerate(zip(domains, results)):
-        order = domain_order(seed, domain.name, len(domain))
+    ran = dict.fromkeys(results, False)  # whether the cloud had anything to work on, per result
+    for block in blocks:
+        result = DomainResult(block.result)
         predicted: list[torch.Tensor] = []
         edge_before = edge.forwards.with_grad + edge.forwards.without_grad
         cloud_before = (cloud_passes.with_grad, cloud_passes.without_grad)
         cloud_ran = False
         try:
-            for x in domain.batches(order, protocol.batch_size, pin_memory=device.type == "cuda"):
+            sample_nbytes = block.sample_nbytes
+            for x in block.batches(protocol.batch_size, pin_memory=device.type == "cuda"):
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
                 for download in link.arrived(batch_index):
                     edge.receive(download)
@@ -537,7 +559,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
                     decision, seconds = _timed(device, edge.step, x, num_classes)
                 result.edge_seconds += seconds
                 result.edge_flops += edge.meter.take()
-                upload = link.send_up(x, decision, domain.sample_nbytes, batch_index, stream_position)
+                upload = link.send_up(x, decision, sample_nbytes, batch_index, stream_position)
                 scored = None if decision.logits is None else _finite(decision.logits.float(), batch_index)
                 if cloud is not None:
                     with autocast(), cloud_meter:
@@ -570,17 +592,24 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
             result.message = _describe(error)
             if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
                 result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
-        _score(result, domain, order, predicted)
+        _score(result, block, predicted)
         result.link = link.next_domain()
-        result.note = _note(result, cloud is not None, cloud_ran)
         result.edge_forward_samples = edge.forwards.with_grad + edge.forwards.without_grad - edge_before
         result.cloud_forward_samples_grad = cloud_passes.with_grad - cloud_before[0]
         result.cloud_forward_samples_nograd = cloud_passes.without_grad - cloud_before[1]
         result.peak_memory_bytes = _peak_memory(device)
+        total = results[block.result]
+        total.add(result, block)
+        ran[block.result] = ran[block.result] or cloud_ran
         if result.status != "ok":
-            _skip_rest(results, position + 1)
+            _skip([r for r in results.values() if not r.segments])
             break
-    return results
+    for result in results.values():
+        if result.segments:  # it ran
+            result.note = _note(result, cloud is not None, ran[result.domain])
+        if len(result.segments) == 1 and result.segments[0]["segment"] == result.domain:
+            result.segments = []  # a result made of one plain block needs no breakdown
+    return list(results.values())
 
 
 def _describe(error: BaseException) -> str:
@@ -595,15 +624,20 @@ def _finite(logits: torch.Tensor, batch_index: int) -> torch.Tensor:
     return logits
 
 
-def _score(result: DomainResult, domain: DomainData, order: np.ndarray, predicted: list[torch.Tensor]) -> None:
+def _score(result: DomainResult, block: Block, predicted: list[torch.Tensor]) -> None:
     """Score the predictions recorded at arrival against the labels, which are read from storage only now."""
     if not predicted:
         return
     made = torch.cat(predicted)
-    labels = torch.from_numpy(np.asarray(domain.labels())[order[:len(made)]]).long()
+    hit = made == torch.from_numpy(block.labels()[:len(made)]).long()
     result.seen = len(made)
-    result.correct = int((made == labels).sum())
+    result.correct = int(hit.sum())
     result.unanswered = int((made < 0).sum())
+    domains = block.domain_of()
+    if domains is not None:
+        for name in dict.fromkeys(domains[:len(made)]):
+            mine = torch.from_numpy(domains[:len(made)] == name)
+            result.by_domain[name] = (int(mine.sum()), int(hit[mine].sum()))
 
 
 def _note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
@@ -647,6 +681,6 @@ def _answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload:
     return out
 
 
-def _skip_rest(results: list[DomainResult], start: int) -> None:
-    for result in results[start:]:
+def _skip(results) -> None:
+    for result in results:
         result.status, result.message = "skipped", "an earlier domain of this run unit failed"

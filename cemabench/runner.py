@@ -231,7 +231,8 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
         for result in record["results"]:
             cells.append({"method": unit.label, "seed": unit.seed, **result})
     order = {e.label: i for i, e in enumerate(spec.methods)}
-    cells.sort(key=lambda c: (order[c["method"]], c["seed"], spec.domains.index(c["domain"])))
+    rank = {d: i for i, d in enumerate(spec.domains)}  # a result that is no single domain (mixed-domains) comes last
+    cells.sort(key=lambda c: (order[c["method"]], c["seed"], rank.get(c["domain"], len(rank))))
     methods = []
     for entry in spec.methods:
         cls = registry.load("methods", entry.name)

@@ -235,11 +235,15 @@ def check_seeds(seeds, where: str) -> tuple[int, ...]:
 def parse(raw: dict, where: str) -> TableSpec:
     _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference"}, where)
     proto = _take(raw, "protocol", dict, where)
-    kinds = {"batch_size": int, "reset": str, "delivery_delay": int, "upload_budget": int, "upload_budget_bytes": int,
+    if "reset" in proto:
+        raise UserError(f"{where} [protocol]: reset was replaced by setting (reset = \"per_domain\" is setting = "
+                        f"\"per-domain\", \"continual\" is \"continual\")")
+    kinds = {"batch_size": int, "setting": str, "rounds": int, "concentration": (int, float), "delivery_delay": int,
+             "upload_budget": int, "upload_budget_bytes": int,
              "bandwidth": (int, float), "latency": (int, float), "batch_interval": (int, float),
              "answer_deadline": (int, float)}
     _no_extra(proto, set(kinds), f"{where} [protocol]")
-    required = {"batch_size", "reset"}
+    required = {"batch_size"}
     values = {k: _take(proto, k, kind, f"{where} [protocol]")
               for k, kind in kinds.items() if k in proto or k in required}
     try:

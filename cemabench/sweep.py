@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench.errors import UserError
+from cemabench.leaderboard import protocol_line, setting_line
 from cemabench.spec import MethodEntry, TableSpec, parse, resolve
 
 SWEEP_KEYS = {"method", "severities", "reference", "axis", "grid", "fixed"}
@@ -159,7 +160,8 @@ def render_sweep(doc: dict) -> str:
         f"- **Severities**: {', '.join(map(str, doc['severities']))}; **domains**: {', '.join(p['domains'])}",
         f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else ""),
         "- **Models**: " + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
-        f"- **Protocol**: reset `{p['protocol']['reset']}`, edge batch {p['protocol']['batch_size']}",
+        f"- **Setting**: {setting_line(p['protocol'])}",
+        f"- **Protocol**: {protocol_line(p['protocol'])}",
         f"- **Seeds**: {', '.join(map(str, first['seeds']))}"
         + (" (cells: mean ± sample standard deviation, ddof=1, across seeds)" if len(first["seeds"]) > 1 else ""),
     ]

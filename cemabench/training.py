@@ -108,7 +108,7 @@ def run_training(method: Method, resources: TrainingResources) -> dict:
     method.artefacts = None
     if not trains(method):
         return {}
-    from cemabench.protocol import derive_seed
+    from cemabench.stream import derive_seed
 
     start = time.perf_counter()
     key = training_key(method, resources)

@@ -109,7 +109,7 @@ def plugins(monkeypatch):
 
 def write_spec(path, methods, domains=("fog",)) -> str:
     """A small miniature table spec of ``methods`` over ``domains`` at ``path``; returns the path for the CLI."""
-    lines = ['name = "small"', 'title = "a small table"', "[protocol]", "batch_size = 64", 'reset = "per_domain"',
+    lines = ['name = "small"', 'title = "a small table"', "[protocol]", "batch_size = 64", 'setting = "per-domain"',
              "[data]", "severity = 5", f"domains = {list(domains)!r}".replace("'", '"')]
     for section, dataset in (("miniature", "miniature-digits-c"), ("real", "imagenet-c")):
         lines += [f"[data.{section}]", f'dataset = "{dataset}"', 'edge = "mini:edge"', 'foundation = "mini:foundation"']

@@ -37,7 +37,10 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--domains", "rain"], "unknown domain(s) rain for the miniature"),
     (["run", "--method", "tent", "--edge", "resnet50"], "model names look like PREFIX:NAME"),
     (["run", "--method", "tent", "--edge", "hub:resnet50"], "unknown model 'hub'"),
-    (["run", "--method", "tent", "--reset", "never"], "--reset must be one of per_domain, continual"),
+    (["run", "--method", "tent", "--setting", "never"], "setting must be one of per-domain, continual, gradual"),
+    (["run", "--method", "tent", "--rounds", "3"], "rounds > 1 repeats a stream without reset"),
+    (["run", "--method", "tent", "--setting", "continual+correlated", "--concentration", "-1"],
+     "concentration must be a number > 0"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
     (["reproduce", "table9"], "unknown table 'table9'; available: eccentric, imagenet-c-s3, imagenet-r, table2"),
     (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"],
@@ -60,9 +63,9 @@ def test_a_data_root_without_the_dataset_names_the_expected_layout(capsys, tmp_p
 
 def test_malformed_spec_names_the_key(capsys, tmp_path):
     spec = tmp_path / "bad.toml"
-    spec.write_text('name = "bad"\ntitle = "t"\n[protocol]\nbatch_size = 64\nreset = "sometimes"\n')
+    spec.write_text('name = "bad"\ntitle = "t"\n[protocol]\nbatch_size = 64\nsetting = "sometimes"\n')
     code, _, err = run(capsys, "reproduce", str(spec))
-    assert code == 2 and "reset must be one of per_domain, continual" in err
+    assert code == 2 and "setting must be one of per-domain" in err
 
 
 def test_a_pair_without_a_foundation_names_the_key(capsys, tmp_path):

@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cemabench import miniature
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
-from cemabench.protocol import Link, LinkCounters, Models, Protocol, domain_order, encode, run_unit
+from cemabench.protocol import Link, LinkCounters, Models, Protocol, encode, run_unit
+from cemabench.stream import domain_order
 from conftest import TinyNet
 
 
@@ -364,11 +365,13 @@ def test_an_edge_without_logits_must_await_answers_and_unanswered_samples_are_er
 
 
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("batch_size", -5), ("delivery_delay", -1),
-                                          ("upload_budget", -5), ("upload_budget_bytes", -1), ("reset", "sometimes")])
+                                          ("upload_budget", -5), ("upload_budget_bytes", -1), ("rounds", 0),
+                                          ("setting", "sometimes"), ("setting", "continual+correlated+correlated"),
+                                          ("concentration", 0), ("concentration", float("nan"))])
 def test_protocol_values_out_of_range_are_user_errors(field, value):
     from cemabench.errors import UserError
 
-    with pytest.raises(UserError, match=field if field != "reset" else "reset must be one of"):
+    with pytest.raises(UserError, match=field):
         Protocol(**{field: value})
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
-from cemabench.protocol import Protocol, derive_seed, domain_order, run_unit
+from cemabench.protocol import Protocol, run_unit
+from cemabench.stream import derive_seed, domain_order
 
 
 class Recorder(Method):
@@ -80,7 +81,7 @@ def test_downloads_arrive_before_batch_t_plus_1_plus_delay(tiny, delay):
 def test_link_counts_bytes_and_enforces_the_budget(tiny):
     dataset, models = tiny
     results = run_unit(Recorder([]), dataset.domains, models, 4, dataset.clean,
-                       Protocol(batch_size=32, reset="continual", upload_budget=150), seed=0)
+                       Protocol(batch_size=32, setting="continual", upload_budget=150), seed=0)
     assert [r.link.uploaded for r in results] == [100, 50, 0]
     assert [r.link.refused for r in results] == [0, 50, 100]
     assert [r.link.upload_bytes for r in results] == [100 * 192, 50 * 192, 0]
@@ -134,7 +135,7 @@ def test_divergence_is_reported_and_the_rest_of_the_unit_is_skipped(tiny):
         return EdgeDecision(model(x) * float("nan"))
 
     results = run_unit(_edge_only(nan), dataset.domains, models, 4, dataset.clean,
-                       Protocol(reset="continual"), seed=0)
+                       Protocol(setting="continual"), seed=0)
     assert [r.status for r in results] == ["diverged", "skipped", "skipped"]
     assert results[0].accuracy is None and "non-finite" in results[0].message
 

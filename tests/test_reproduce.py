@@ -18,7 +18,7 @@ seeds = [0]
 
 [protocol]
 batch_size = 64
-reset = "{reset}"
+setting = "{setting}"
 
 [data]
 severity = 5
@@ -53,9 +53,9 @@ label = "random"
 match_uploads_of = "cema"
 '''
 
-def _spec(tmp_path, reset="per_domain"):
-    path = tmp_path / f"mini3-{reset}.toml"
-    path.write_text(SPEC.format(reset=reset))
+def _spec(tmp_path, setting="per-domain"):
+    path = tmp_path / f"mini3-{setting}.toml"
+    path.write_text(SPEC.format(setting=setting))
     return load_table(str(path))
 
 
@@ -100,7 +100,7 @@ def test_an_interrupted_or_repeated_run_resumes_from_the_store(first_run, monkey
 def test_a_changed_option_never_reuses_a_stored_result(first_run, monkeypatch):
     spec, tmp, _ = first_run
     path = tmp / "changed.toml"
-    path.write_text(SPEC.format(reset="per_domain").replace("redundancy_margin = 0.5", "redundancy_margin = 0.6"))
+    path.write_text(SPEC.format(setting="per-domain").replace("redundancy_margin = 0.5", "redundancy_margin = 0.6"))
     ran = []
     real_run = runner.TableContext.run
     monkeypatch.setattr(runner.TableContext, "run", lambda self, unit: ran.append(unit.label) or real_run(self, unit))
@@ -121,7 +121,8 @@ def test_leaderboard_says_miniature_and_records_the_setup(first_run):
     _, _, doc = first_run
     text = render(doc)
     assert "EMBEDDED MINIATURE, NOT IMAGENET-C" in text
-    for needle in ("reset `per_domain`", "edge batch 64", "mini:edge", "Seeds**: 0", "torch", "| cema ", "| random "):
+    for needle in ("Setting**: `per-domain`", "edge batch 64", "mini:edge", "Seeds**: 0", "torch", "| cema ",
+                   "| random "):
         assert needle in text
     assert doc["provenance"]["miniature"] is True
 
@@ -139,7 +140,7 @@ def test_a_named_pair_replaces_the_models_and_is_recorded(first_run, tmp_path):
 
 
 def test_continual_runs_one_unit_over_all_domains(tmp_path):
-    spec = _spec(tmp_path, reset="continual")
+    spec = _spec(tmp_path, setting="continual")
     doc = runner.reproduce(spec, None, tmp_path / "out", progress=False)
     assert len(list((tmp_path / "out" / "cells" / "mini3").glob("*.json"))) == 3
     assert [c["domain"] for c in doc["cells"] if c["method"] == "cema"] == ["impulse_noise", "fog", "contrast"]
@@ -147,7 +148,7 @@ def test_continual_runs_one_unit_over_all_domains(tmp_path):
 
 def test_cli_reproduce_writes_markdown_and_json(first_run, capsys):
     spec, tmp, _ = first_run
-    code = main(["reproduce", str(tmp / "mini3-per_domain.toml"), "--out", str(tmp / "out"), "--no-progress"])
+    code = main(["reproduce", str(tmp / "mini3-per-domain.toml"), "--out", str(tmp / "out"), "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0 and "EMBEDDED MINIATURE" in out and err.count("warning") == 0
     assert json.loads((tmp / "out" / "mini3.json").read_text())["table"] == "mini3"

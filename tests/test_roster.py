@@ -46,7 +46,7 @@ def test_every_method_runs_under_the_forward_only_edge(name):
     fields = {f.name for f in dataclasses.fields(available("methods")[name].load().Options)}
     options = {k: v for k, v in SMALL.items() if k in fields}
     results = run_unit(build_method(name, options), dataset.domains, models, 4, dataset.clean,
-                       Protocol(batch_size=16, reset="continual"), seed=0)
+                       Protocol(batch_size=16, setting="continual"), seed=0)
     assert [r.status for r in results] == ["ok", "ok"], results[0].message
 
 

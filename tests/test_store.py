@@ -27,7 +27,7 @@ seeds = [0]
 
 [protocol]
 batch_size = 64
-reset = "per_domain"
+setting = "per-domain"
 
 [data]
 severity = 5

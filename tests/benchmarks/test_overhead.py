@@ -15,8 +15,9 @@ import torch
 
 from cemabench import miniature
 from cemabench.data import ArrayDomain
-from cemabench.protocol import Execution, Models, Protocol, domain_order, run_unit
+from cemabench.protocol import Execution, Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model
+from cemabench.stream import domain_order
 
 DEVICE = os.environ.get("CEMABENCH_BENCH_DEVICE", "cpu")
 IMAGES = int(os.environ.get("CEMABENCH_BENCH_IMAGES", 128))
