@@ -144,7 +144,8 @@ def _run_spec(args):
              "concentration": args.concentration, "delivery_delay": args.delay,
              "upload_budget": args.upload_budget, "upload_budget_bytes": args.upload_budget_bytes,
              "bandwidth": args.bandwidth, "latency": args.latency, "batch_interval": args.batch_interval,
-             "answer_deadline": args.answer_deadline}
+             "answer_deadline": args.answer_deadline, "devices": args.devices, "device_streams": args.device_streams,
+             "cloud_capacity": args.cloud_capacity}
     protocol = replace(protocol, **{k: v for k, v in given.items() if v is not None})
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
@@ -380,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=float, help="link latency in seconds per transfer (default 0)")
     p.add_argument("--batch-interval", type=float, help="seconds between edge batches (default 1)")
     p.add_argument("--answer-deadline", type=float, help="seconds within which an offloaded answer must be back")
+    p.add_argument("--devices", type=int, help="edge devices sharing one cloud (default 1; needs a setting without "
+                   "reset)")
+    p.add_argument("--device-streams", help="partition (each device its own domains; default) or rotate (each its "
+                   "own domain order)")
+    p.add_argument("--cloud-capacity", type=int, help="uploaded samples the cloud accepts per step over all devices")
     _execution_arguments(p)
     p.add_argument("--store", metavar="DIR", help="keep the unit records here and reuse them (default: not kept)")
     p.add_argument("--out", help="write the cells and their provenance as JSON here")

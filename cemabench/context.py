@@ -22,7 +22,7 @@ from cemabench.errors import UserError
 from cemabench.plan import Unit
 from cemabench.protocol import Execution, Models, run_unit
 from cemabench.spec import DataChoice, TableSpec
-from cemabench.stream import build_blocks
+from cemabench.stream import DeviceStreams, build_blocks, device_domains
 
 SCHEMA = 3
 PROTOCOL_MODULES = ("cemabench.protocol", "cemabench.stream", "cemabench.method", "cemabench.data", "cemabench.meter",
@@ -172,10 +172,17 @@ class TableContext:
     def run(self, unit: Unit) -> dict:
         method = registry.build_method(unit.method, dict(unit.options))
         p = self.spec.protocol
-        domains = [d for d in self.dataset.domains if d.name in unit.domains]
-        blocks = build_blocks(p.setting, domains, unit.seed, rounds=p.rounds, concentration=p.concentration,
-                              at_severity=lambda s: [d for d in self.dataset_at(s).domains if d.name in unit.domains])
-        results = run_unit(method, blocks, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
+
+        def blocks(names):
+            by_name = {d.name: d for d in self.dataset.domains}
+            return build_blocks(p.setting, [by_name[n] for n in names], unit.seed, rounds=p.rounds,
+                                concentration=p.concentration,
+                                at_severity=lambda s: [{d.name: d for d in self.dataset_at(s).domains}[n]
+                                                       for n in names])
+
+        stream = (blocks(unit.domains) if p.devices == 1 else
+                  DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices, p.device_streams)]))
+        results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
                            self.execution, self.dataset.scored_classes)
         return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
 

@@ -38,6 +38,56 @@ def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
     return sum(values[d] for d in domains) / len(domains)
 
 
+def pooled_over_devices(cells: list[dict]) -> list[dict]:
+    """One cell per (method, seed, domain): the cells of several edge devices on one domain pooled (their samples,
+    correct predictions and uploads summed)."""
+    pooled: dict[tuple, dict] = {}
+    for cell in cells:
+        key = (cell["method"], cell["seed"], cell["domain"])
+        if key not in pooled:
+            pooled[key] = cell
+            continue
+        first = pooled[key] = dict(pooled[key])
+        first["seen"] += cell["seen"]
+        first["correct"] += cell["correct"]
+        first["link"] = {**first["link"], "uploaded": first["link"]["uploaded"] + cell["link"]["uploaded"]}
+        first["note"] = first["note"] or cell["note"]
+        if cell["status"] != "ok" and first["status"] == "ok":
+            first["status"] = cell["status"]
+        ok = first["status"] == "ok" and first["seen"]
+        first["accuracy"] = 100 * first["correct"] / first["seen"] if ok else None
+        first["upload_ratio"] = 100 * first["link"]["uploaded"] / first["seen"] if ok else None
+    return list(pooled.values())
+
+
+def device_frame(doc: dict) -> pd.DataFrame:
+    """Per method and edge device (pooled over its domains and the seeds): accuracy, uploads, samples the cloud had no
+    capacity for, bytes up and down per sample, and the mean download delay; empty with one device."""
+    if not any(c.get("device", 0) for c in doc["cells"]):
+        return pd.DataFrame()
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        for device in sorted({c.get("device", 0) for c in doc["cells"]}):
+            cells = [c for c in doc["cells"] if c["method"] == label and c.get("device", 0) == device]
+            if not cells or any(c["status"] != "ok" for c in cells):
+                continue
+            seen = sum(c["seen"] for c in cells)
+            link = {k: sum(c["link"][k] for c in cells) for k in ("uploaded", "busy", "downloads",
+                                                                  "download_delay_batches")}
+            up = sum(c["link"]["bytes_up"] for c in cells)
+            down = sum(c["link"]["bytes_down"] for c in cells)
+            rows[(label, device)] = {
+                "domains": ", ".join(dict.fromkeys(c["domain"] for c in cells)),
+                "accuracy %": f"{100 * sum(c['correct'] for c in cells) / seen:.1f}",
+                "upload %": f"{100 * link['uploaded'] / seen:.1f}", "cloud busy (samples)": f"{link['busy']:,}",
+                "bytes up / sample": f"{up / seen:,.0f}", "bytes down / sample": f"{down / seen:,.0f}",
+                "download delay (batches)": (f"{link['download_delay_batches'] / link['downloads']:.2f}"
+                                             if link["downloads"] else "-")}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = [f"{label} / device {device}" for label, device in frame.index]
+    return frame
+
+
 def result_columns(doc: dict) -> list[str]:
     """The table's result columns: its domains, or what the setting scores instead (one mixed stream)."""
     domains = doc["provenance"]["domains"]
@@ -49,7 +99,7 @@ def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
     """Methods x domains, plus the mean over domains. With one seed a cell is that seed's value; with several it is
     the mean ± sample standard deviation (ddof=1) across seeds, and the mean column is the mean ± sample standard
     deviation across seeds of each seed's mean over domains. Failed cells show their status."""
-    cells = pd.DataFrame(doc["cells"])
+    cells = pd.DataFrame(pooled_over_devices(doc["cells"]))
     domains = result_columns(doc)
     rows = {}
     for label in [m["label"] for m in doc["methods"]]:
@@ -134,6 +184,11 @@ _BREAKDOWNS = (("round", "## Accuracy per round (%)", "Pooled over the domains o
 
 def _breakdown_sections(doc: dict) -> list[str]:
     lines = []
+    devices = device_frame(doc)
+    if not devices.empty:
+        lines += ["## Per edge device", "", "Several edge devices share one cloud; each row pools one device's domains "
+                  "and the seeds. Cloud busy: uploads the cloud had no capacity for in their step.", "",
+                  devices.to_markdown(), ""]
     for key, title, what in _BREAKDOWNS:
         frame = breakdown_frame(doc, key)
         if key == "round" and frame.shape[1] < 2:
@@ -273,6 +328,12 @@ def protocol_line(proto: dict) -> str:
         text += (f"; link {proto['bandwidth'] or 'unlimited'} bytes/s, latency {proto['latency']} s, one batch every "
                  f"{proto['batch_interval']} s, answer deadline "
                  f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
+    if proto.get("devices", 1) > 1:
+        streams = {"partition": "each its own domains", "rotate": "each all domains, in its own rotated order"}
+        text += (f"; **{proto['devices']} edge devices on one cloud** ({streams[proto['device_streams']]}; in "
+                 f"lockstep, the device order rotating every step), cloud capacity "
+                 f"{proto['cloud_capacity'] if proto['cloud_capacity'] is not None else 'unlimited'} uploaded samples "
+                 f"per step over all devices")
     return text
 
 

@@ -70,6 +70,7 @@ class Upload:
     index: torch.Tensor | None = None  # positions of the samples in the edge batch
     payload: dict[str, torch.Tensor] = field(default_factory=dict)
     sample_ids: torch.Tensor | None = None
+    device: int = 0  # the edge device that sent it (several edges may share one cloud)
 
     def __len__(self) -> int:
         return 0 if self.index is None else len(self.index)
@@ -154,6 +155,9 @@ class Method:
     class Options:
         pass
 
+    # With several edge devices on one cloud: "per-device" builds one CloudLogic per device (each sees only its
+    # device's uploads), "shared" one for all (it sees every device's uploads, tagged by ``Upload.device``).
+    cloud_replicas: ClassVar[str] = "per-device"
     online_options: ClassVar[tuple[str, ...]] = ()  # options ``train`` never reads: left out of the training key
     artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
 

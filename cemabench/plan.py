@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from cemabench import registry
 from cemabench.method import parse_options
 from cemabench.spec import DataChoice, MethodEntry, TableSpec
-from cemabench.stream import unit_groups
+from cemabench.stream import device_domains, unit_groups
 
 UnitId = tuple[str, int, tuple[str, ...]]  # (label, seed, domains)
 
@@ -76,6 +76,7 @@ def check_options(spec: TableSpec, choice: DataChoice) -> None:
 
 def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Task]:
     """The tasks of a table, each after the tasks it needs (a spec names only earlier labels as references)."""
+    device_domains(spec.domains, spec.protocol.devices, spec.protocol.device_streams)  # can every device have a stream
     tasks = []
     for entry in spec.methods:
         for seed in seeds:

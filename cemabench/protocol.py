@@ -40,7 +40,7 @@ from cemabench.method import (
     TrainingResources,
     Upload,
 )
-from cemabench.stream import Block, derive_seed, parse_setting, plain
+from cemabench.stream import DEVICE_STREAMS, Block, DeviceStreams, derive_seed, parse_setting, plain
 from cemabench.training import run_training
 
 
@@ -58,20 +58,30 @@ class Protocol:
     latency: float = 0.0  # seconds per transfer, each direction
     batch_interval: float = 1.0  # seconds between edge batches: how transfer time becomes batches of delay
     answer_deadline: float | None = None  # seconds after a batch's arrival by which an offloaded answer must be back
+    # many edges on one cloud: N devices in lockstep, each with its own stream, link and counters
+    devices: int = 1
+    device_streams: str = "partition"  # partition: each device its own domains; rotate: its own domain order
+    cloud_capacity: int | None = None  # uploaded samples the cloud accepts per step, over all devices; None = any
 
     def __post_init__(self):
-        for name, low in (("batch_size", 1), ("rounds", 1), ("delivery_delay", 0), ("upload_budget", 0),
-                          ("upload_budget_bytes", 0)):
+        for name, low in (("batch_size", 1), ("rounds", 1), ("devices", 1), ("delivery_delay", 0),
+                          ("upload_budget", 0), ("upload_budget_bytes", 0), ("cloud_capacity", 0)):
             value = getattr(self, name)
-            if value is None and name.startswith("upload_budget"):
+            if value is None and (name.startswith("upload_budget") or name == "cloud_capacity"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UserError(f"protocol {name} must be an integer >= {low}"
-                                f"{' (or unset for no budget)' if name.startswith('upload') else ''}, got {value!r}")
+                unset = " (or unset for no limit)" if name.startswith("upload") or name == "cloud_capacity" else ""
+                raise UserError(f"protocol {name} must be an integer >= {low}{unset}, got {value!r}")
         base, _ = parse_setting(self.setting)
         if self.rounds > 1 and base == "per-domain":
             raise UserError("protocol rounds > 1 repeats a stream without reset: use setting continual, gradual or "
                             "mixed-domains")
+        if self.devices > 1 and base == "per-domain":
+            raise UserError("protocol devices > 1 share one cloud over a stream without reset: use setting continual, "
+                            "gradual or mixed-domains")
+        if self.device_streams not in DEVICE_STREAMS:
+            raise UserError(f"protocol device_streams must be one of {', '.join(DEVICE_STREAMS)}, got "
+                            f"{self.device_streams!r}")
         c = self.concentration
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0:
             raise UserError(f"protocol concentration must be a number > 0 (the Dirichlet concentration), got {c!r}")
@@ -105,6 +115,7 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 class LinkCounters:
     uploaded: int = 0  # samples
     refused: int = 0  # samples the budget kept from crossing
+    busy: int = 0  # samples the cloud had no capacity for in that step (many edges on one cloud)
     upload_bytes: int = 0  # raw inputs (uint8 pixels)
     upload_payload_bytes: int = 0  # per-sample payload rows, as encoded
     upload_tensor_bytes: int = 0  # per-batch tensors
@@ -167,8 +178,11 @@ class Link:
         return float("inf") if self.budget_bytes is None else max(0, self.budget_bytes - self.total_bytes)
 
     def send_up(self, x: torch.Tensor, decision: EdgeDecision, sample_nbytes: int, batch_index: int,
-                first_id: int = 0) -> Upload:
+                first_id: int = 0, capacity: int | None = None, device: int = 0) -> Upload:
         index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long)
+        if capacity is not None:  # the cloud's capacity left in this step: the rest does not cross
+            self.counters.busy += max(0, len(index) - capacity)
+            index = index[:capacity]
         wanted = len(index)
         tensors = {k: v.detach().clone() for k, v in decision.tensors.items()}
         tensor_bytes = _nbytes(tensors)
@@ -198,7 +212,7 @@ class Link:
         self._batch_up_bytes = tensor_bytes + len(index) * per_sample
         samples = x[index.to(x.device)] if decision.send_input else x[:0]  # advanced indexing copies
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
-                      sample_ids=index + first_id)
+                      sample_ids=index + first_id, device=device)
 
     def answer(self, answers: torch.Tensor) -> torch.Tensor | None:
         """The answers as the edge receives them, or None when they arrive after the deadline (counted as late)."""
@@ -404,6 +418,7 @@ class DomainResult:
     # correct; and, for a stream that mixes domains, seen and correct per domain
     segments: list = field(default_factory=list)
     by_domain: dict = field(default_factory=dict)
+    device: int = 0  # the edge device, when several share the cloud
 
     _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
                "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
@@ -487,33 +502,39 @@ class Execution:
     amp: bool = False
 
 
-def run_unit(method: Method, stream: Sequence[DomainData | Block], models: Models, num_classes: int,
+def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
     """Run one method over a stream with no reset in between; a failure ends the unit, not the caller.
 
-    The stream is a list of blocks (:mod:`cemabench.stream` builds them for a setting); a plain domain stands for
-    itself in its per-domain order. One result per distinct ``Block.result``, in the order they first appear.
-    Predictions are recorded at arrival and scored against the labels, read only after their block ended. With
-    ``scored_classes``, the scored prediction is the argmax over those classes only; methods still see all."""
+    The stream is a list of blocks (:mod:`cemabench.stream` builds them for a setting; a plain domain stands for
+    itself in its per-domain order), or one such list per edge device (:class:`~cemabench.stream.DeviceStreams`):
+    the devices then step in lockstep (batch t of every device, the device order rotating with t) and share one
+    cloud, which keeps one replica per device or one shared (``Method.cloud_replicas``) and accepts at most
+    ``protocol.cloud_capacity`` uploaded samples per step over all devices. One result per device and distinct
+    ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
+    labels, read only after their block ended. With ``scored_classes``, the scored prediction is the argmax over
+    those classes only; methods still see all."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
-    blocks = [b if isinstance(b, Block) else plain(b, seed) for b in stream]
-    names = list(dict.fromkeys(s.name for b in blocks for s in b.sources))
+    streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
+    streams = [[b if isinstance(b, Block) else plain(b, seed) for b in s] for s in streams]
+    names = list(dict.fromkeys(s.name for blocks in streams for b in blocks for s in b.sources))
     seed_everything(derive_seed(seed, method.name, *names))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cloud_passes = SampleCounter()
     cloud_meter = ComputeMeter()
-    results = {name: DomainResult(name) for name in dict.fromkeys(b.result for b in blocks)}
+    results = {(d, b.result): DomainResult(b.result, device=d) for d, blocks in enumerate(streams) for b in blocks}
     try:
         training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
             num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
             foundation=lambda: models.foundation().to(device), clean=clean, device=device))
         for result in results.values():
             result.training = training
-        edge = ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
+        edges = [ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
+                 for _ in streams]
 
         def clean_images(n: int) -> torch.Tensor:
             if clean is None:
@@ -526,8 +547,9 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block], models: Model
             edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
             foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
             clean_images=clean_images, device=device)
+        replicas = 1 if method.cloud_replicas == "shared" else len(streams)
         with cloud_meter:
-            cloud: CloudLogic | None = method.cloud(resources)
+            clouds: list[CloudLogic | None] = [method.cloud(resources) for _ in range(replicas)]
         cloud_meter.take()  # building the cloud (EATA's Fisher, say) is set-up, not per-sample compute
     except UserError:
         raise
@@ -539,34 +561,43 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block], models: Model
         _skip(rest)
         return list(results.values())
 
-    link = Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol)
-    batch_index = 0
-    stream_position = 0
-    ran = dict.fromkeys(results, False)  # whether the cloud had anything to work on, per result
-    for block in blocks:
-        result = DomainResult(block.result)
-        predicted: list[torch.Tensor] = []
-        edge_before = edge.forwards.with_grad + edge.forwards.without_grad
-        cloud_before = (cloud_passes.with_grad, cloud_passes.without_grad)
-        cloud_ran = False
-        try:
-            sample_nbytes = block.sample_nbytes
-            for x in block.batches(protocol.batch_size, pin_memory=device.type == "cuda"):
+    devices = [_Device(d, edges[d], clouds[d % replicas], blocks,
+                       Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol),
+                       device) for d, blocks in enumerate(streams)]
+    has_cloud = clouds[0] is not None
+    step, failed = 0, None
+    try:
+        while True:
+            capacity = protocol.cloud_capacity
+            active = False
+            for dev in devices[step % len(devices):] + devices[:step % len(devices)]:
+                failed = dev
+                x = dev.next_batch(protocol.batch_size, device.type == "cuda", results)
+                if x is None:
+                    continue
+                active = True
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
+                result, link, batch_index = dev.result, dev.link, dev.batch_index
                 for download in link.arrived(batch_index):
-                    edge.receive(download)
+                    dev.edge.receive(download)
                 with autocast():
-                    decision, seconds = _timed(device, edge.step, x, num_classes)
+                    decision, seconds = _timed(device, dev.edge.step, x, num_classes)
                 result.edge_seconds += seconds
-                result.edge_flops += edge.meter.take()
-                upload = link.send_up(x, decision, sample_nbytes, batch_index, stream_position)
+                result.edge_flops += dev.edge.meter.take()
+                upload = link.send_up(x, decision, dev.sample_nbytes, batch_index, dev.stream_position, capacity,
+                                      dev.index)
+                if capacity is not None:
+                    capacity -= len(upload)
                 scored = None if decision.logits is None else _finite(decision.logits.float(), batch_index)
-                if cloud is not None:
+                if dev.cloud is not None:
+                    passes = (cloud_passes.with_grad, cloud_passes.without_grad)
                     with autocast(), cloud_meter:
-                        reply, seconds = _timed(device, cloud.step, upload)
+                        reply, seconds = _timed(device, dev.cloud.step, upload)
                     result.cloud_seconds += seconds
                     result.cloud_flops += cloud_meter.take()
-                    cloud_ran = cloud_ran or len(upload) > 0 or bool(upload.tensors)
+                    result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
+                    result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]
+                    dev.cloud_ran = dev.cloud_ran or len(upload) > 0 or bool(upload.tensors)
                     if not isinstance(reply, CloudReply):
                         reply = CloudReply(download=reply)
                     if decision.await_answers:
@@ -580,36 +611,85 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block], models: Model
                 made = _predicted(scored, scored_classes)
                 if decision.logits is None:  # rows the cloud did not answer have no prediction at all
                     made = torch.where(torch.isnan(scored[:, 0]), -1, made)
-                predicted.append(made.cpu())
-                batch_index += 1
-                stream_position += len(x)
-        except Diverged as error:
-            result.status, result.message = "diverged", str(error)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
-            result.status = "error"
-            result.message = _describe(error)
-            if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
-                result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
-        _score(result, block, predicted)
-        result.link = link.next_domain()
-        result.edge_forward_samples = edge.forwards.with_grad + edge.forwards.without_grad - edge_before
-        result.cloud_forward_samples_grad = cloud_passes.with_grad - cloud_before[0]
-        result.cloud_forward_samples_nograd = cloud_passes.without_grad - cloud_before[1]
-        result.peak_memory_bytes = _peak_memory(device)
-        total = results[block.result]
-        total.add(result, block)
-        ran[block.result] = ran[block.result] or cloud_ran
-        if result.status != "ok":
-            _skip([r for r in results.values() if not r.segments])
-            break
+                dev.predicted.append(made.cpu())
+                dev.batch_index += 1
+                dev.stream_position += len(x)
+            if not active:
+                break
+            step += 1
+        failed = None
+    except Diverged as error:
+        failed.result.status, failed.result.message = "diverged", str(error)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
+        failed.result.status = "error"
+        failed.result.message = _describe(error)
+        if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
+            failed.result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
+    if failed is not None:
+        for dev in devices:
+            if dev is not failed and dev.result is not None and dev.result.status == "ok":
+                dev.result.status = "skipped"
+                dev.result.message = f"device {failed.index} failed, which ended the run unit"
+            dev.finish(results)
+        _skip([r for r in results.values() if not r.segments])
     for result in results.values():
         if result.segments:  # it ran
-            result.note = _note(result, cloud is not None, ran[result.domain])
+            ran = any(dev.ran.get(result.domain) for dev in devices if dev.index == result.device)
+            result.note = _note(result, has_cloud, ran)
         if len(result.segments) == 1 and result.segments[0]["segment"] == result.domain:
             result.segments = []  # a result made of one plain block needs no breakdown
     return list(results.values())
+
+
+class _Device:
+    """One edge device of a run unit: its forward-only edge, its link, its cloud (or its share of one), its stream
+    of blocks and where it is in it."""
+
+    def __init__(self, index: int, edge: ForwardOnlyEdge, cloud: CloudLogic | None, blocks: list[Block], link: Link,
+                 device: torch.device):
+        self.index, self.edge, self.cloud, self.link, self.device = index, edge, cloud, link, device
+        self.blocks = iter(blocks)
+        self.block: Block | None = None
+        self.result: DomainResult | None = None  # the current block's counts
+        self.batches = iter(())
+        self.batch_index = 0
+        self.stream_position = 0
+        self.ran: dict[str, bool] = {}  # whether the cloud had anything to work on, per result
+        self.predicted: list[torch.Tensor] = []
+        self.sample_nbytes = 0
+        self.cloud_ran = False
+        self.edge_before = 0
+
+    def next_batch(self, batch_size: int, pin_memory: bool, results: dict):
+        """The next batch of this device's stream (finishing and starting blocks on the way); None at its end."""
+        while True:
+            x = next(self.batches, None) if self.block is not None else None
+            if x is not None:
+                return x
+            self.finish(results)
+            self.block = next(self.blocks, None)
+            if self.block is None:
+                return None
+            self.result = DomainResult(self.block.result, device=self.index)
+            self.predicted, self.cloud_ran = [], False
+            self.edge_before = self.edge.forwards.with_grad + self.edge.forwards.without_grad
+            self.sample_nbytes = self.block.sample_nbytes
+            self.batches = self.block.batches(batch_size, pin_memory=pin_memory)
+
+    def finish(self, results: dict) -> None:
+        """Score the current block and count it toward its result."""
+        if self.block is None:
+            return
+        block, result = self.block, self.result
+        self.block = None
+        _score(result, block, self.predicted)
+        result.link = self.link.next_domain()
+        result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before
+        result.peak_memory_bytes = _peak_memory(self.device)
+        results[(self.index, block.result)].add(result, block)
+        self.ran[block.result] = self.ran.get(block.result, False) or self.cloud_ran
 
 
 def _describe(error: BaseException) -> str:
@@ -649,6 +729,8 @@ def _note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
                      f"tensors crossed and the cloud worked on them")
     if link.refused or link.refused_bytes:
         notes.append(f"upload budget exhausted: {link.refused} samples refused")
+    if link.busy:
+        notes.append(f"cloud at capacity: {link.busy} samples could not be uploaded")
     if link.late_answers:
         notes.append(f"{link.late_answers} answers arrived after the deadline and did not count")
     if result.unanswered:

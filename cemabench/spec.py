@@ -241,7 +241,7 @@ def parse(raw: dict, where: str) -> TableSpec:
     kinds = {"batch_size": int, "setting": str, "rounds": int, "concentration": (int, float), "delivery_delay": int,
              "upload_budget": int, "upload_budget_bytes": int,
              "bandwidth": (int, float), "latency": (int, float), "batch_interval": (int, float),
-             "answer_deadline": (int, float)}
+             "answer_deadline": (int, float), "devices": int, "device_streams": str, "cloud_capacity": int}
     _no_extra(proto, set(kinds), f"{where} [protocol]")
     required = {"batch_size"}
     values = {k: _take(proto, k, kind, f"{where} [protocol]")

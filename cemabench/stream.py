@@ -113,6 +113,29 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") % (2 ** 31)
 
 
+DEVICE_STREAMS = ("partition", "rotate")
+
+
+@dataclass
+class DeviceStreams:
+    """One stream of blocks per edge device of a run unit; the devices share one cloud."""
+
+    streams: list[list[Block]]
+
+
+def device_domains(domains: Sequence[str], devices: int, mode: str) -> list[list[str]]:
+    """Each device's domains: ``partition`` deals the domains out (device i gets domains i, i + N, ...: its own
+    domains), ``rotate`` gives every device all domains in the order rotated by i (its own domain order)."""
+    if mode not in DEVICE_STREAMS:
+        raise UserError(f"device_streams must be one of {', '.join(DEVICE_STREAMS)}, got {mode!r}")
+    if mode == "partition":
+        if devices > len(domains):
+            raise UserError(f"{devices} devices cannot each have their own domain out of {len(domains)}: use at most "
+                            f"{len(domains)} devices, or device_streams = \"rotate\"")
+        return [list(domains[i::devices]) for i in range(devices)]
+    return [list(domains[i % len(domains):]) + list(domains[:i % len(domains)]) for i in range(devices)]
+
+
 def domain_order(seed: int, domain: str, n: int) -> np.ndarray:
     """The sample order inside a domain: a permutation from (seed, domain), the same for every method."""
     return np.random.default_rng(derive_seed("order", seed, domain)).permutation(n)

@@ -398,6 +398,7 @@ class ECCIndependent(Method):
     unadapted model answers for them."""
 
     name = "ecc-independent"
+    cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = PAPER
     online_options = ("threshold",)
     mapping = CloudEdgeMapping(selection="edge: max softmax probability below a threshold",
@@ -433,6 +434,7 @@ class ECCAdaptive(Method):
     model at ``cloud_stage``, whose remaining layers answer. The edge produces no prediction of its own."""
 
     name = "ecc-adaptive"
+    cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = PAPER
     online_options = ("payload_dtype",)
     mapping = CloudEdgeMapping(selection="none", uploads="every sample's intermediate feature map (offloaded)",
@@ -471,6 +473,7 @@ class ECCDynamic(Method):
     a gate trained with recall-rate boosting); only the offloaded samples' feature maps go up."""
 
     name = "ecc-dynamic"
+    cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = PAPER
     online_options = ("threshold", "payload_dtype")
     mapping = CloudEdgeMapping(selection="edge: confidence or learned gate (recall-rate boosting)",
@@ -517,6 +520,7 @@ class LearnedSwitcher(Method):
     cloud disagree; those raw inputs are offloaded and the cloud's answer replaces the edge's."""
 
     name = "learned-switcher"
+    cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = "learned edge/cloud switcher baseline"
     online_options = ("threshold",)
     mapping = CloudEdgeMapping(selection="edge: learned gate predicting edge/cloud disagreement",

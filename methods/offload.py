@@ -29,6 +29,7 @@ class CloudOnly(Method):
     of the foundation model on the stream, at 100% upload. The edge model never runs."""
 
     name = "cloud-only"
+    cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = "-"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample (offloaded)",
                                cloud="answers with the foundation model", download="logits")
@@ -59,6 +60,7 @@ class ConfidenceOffload(Method):
     foundation model, whose answers replace the edge's. No model adapts; the upload ratio is the offload rate."""
 
     name = "confidence-offload"
+    cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = "edge-cloud cascade baseline"
     mapping = CloudEdgeMapping(selection="edge: max softmax probability below a threshold",
                                uploads="unsure samples (offloaded)", cloud="answers with the foundation model",
