@@ -479,6 +479,7 @@ def run_unit(method: Method, domains: Sequence[DomainData], models: Models, num_
 
     Predictions are recorded at arrival and scored against the domain's labels, read only after its stream ended.
     With ``scored_classes``, the scored prediction is the argmax over those classes only; methods still see all."""
+    method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
