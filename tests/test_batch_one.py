@@ -146,3 +146,16 @@ def test_batch_renormalisation_without_batch_statistics_uses_running_or_source_s
     assert not torch.equal(moved, bn.running_mean)
     expected = nn.functional.batch_norm(one, moved, tbr.running_var, tbr.weight, tbr.bias, False, 0.0, tbr.eps)
     assert torch.allclose(tbr(one), expected) and torch.equal(tbr.running_mean, moved)  # running statistics, kept
+
+
+def test_lame_on_one_sample_is_the_source_model_which_is_why_it_refuses_batch_size_one():
+    torch.manual_seed(0)
+    model = build_model("tiny:edge@4").eval()
+    edge = build_method("lame").edge(4)
+    model = edge.configure(model)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(edge.step(model, x).logits, model(x).softmax(1))  # no neighbours: nothing refined
+        batch = torch.rand(8, 3, 8, 8)
+        assert not torch.allclose(edge.step(model, batch).logits, model(batch).softmax(1))
+    assert load_method("lame").min_batch_size == 2
