@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from cemabench.errors import UserError
+
+if TYPE_CHECKING:
+    from cemabench.protocol import Protocol
 
 Download = dict[str, torch.Tensor]
 
@@ -159,6 +162,11 @@ class Method:
     # device's uploads), "shared" one for all (it sees every device's uploads, tagged by ``Upload.device``).
     cloud_replicas: ClassVar[str] = "per-device"
     online_options: ClassVar[tuple[str, ...]] = ()  # options ``train`` never reads: left out of the training key
+    # The smallest edge batch the method is defined for, and why, as a clause that completes "cannot run at batch
+    # size 1: ...": a method whose computation needs several samples of one batch (a graph over the batch, say)
+    # declares it, and the harness refuses a smaller batch before any compute instead of running something else.
+    min_batch_size: ClassVar[int] = 1
+    min_batch_reason: ClassVar[str] = ""
     artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
 
     def __init__(self, **options):
@@ -167,6 +175,19 @@ class Method:
                             f"or build it with cemabench.registry.build_method, which names it after its entry point")
         self.options = parse_options(self.Options, options, f"method {self.name!r}")
         self.validate()
+
+    @classmethod
+    def check_protocol(cls, protocol: Protocol) -> None:
+        """Raise :class:`UserError` (one line) when the method cannot run under ``protocol``; the harness calls it
+        before any compute, wherever a method meets a protocol (a table's plan, :func:`cemabench.protocol.run_unit`).
+        The default refuses an edge batch below ``min_batch_size``."""
+        name, minimum = getattr(cls, "name", None) or cls.__qualname__, cls.min_batch_size
+        if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 1:
+            raise UserError(f"method {name} declares min_batch_size = {minimum!r}; it must be an integer >= 1")
+        if protocol.batch_size < minimum:
+            raise UserError(f"method {name} cannot run at batch size {protocol.batch_size}: "
+                            f"{cls.min_batch_reason or 'it needs several samples per batch'}; "
+                            f"use batch size >= {minimum}")
 
     @classmethod
     def derive_options(cls, options: dict, references: list[dict]) -> dict:

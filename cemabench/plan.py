@@ -64,9 +64,11 @@ def entry_options(entry: MethodEntry, choice: DataChoice) -> dict:
 
 
 def check_options(spec: TableSpec, choice: DataChoice) -> None:
-    """Every entry's options, before any compute: fully validated, or (for entries whose options are derived from
-    other units) checked for names and types."""
+    """Every entry's options and protocol, before any compute: the method runs under the table's protocol, and its
+    options are fully validated, or (for entries whose options are derived from other units) checked for names and
+    types."""
     for entry in spec.methods:
+        registry.load_method(entry.name).check_protocol(spec.protocol)
         options = entry_options(entry, choice)
         if entry.match_uploads_of is None:
             registry.build_method(entry.name, options)

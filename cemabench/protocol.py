@@ -515,6 +515,7 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
     labels, read only after their block ended. With ``scored_classes``, the scored prediction is the argmax over
     those classes only; methods still see all."""
+    method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext

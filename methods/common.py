@@ -61,16 +61,44 @@ def norm_affine(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def use_batch_statistics(model: nn.Module) -> nn.Module:
-    """Tent's normalisation: BatchNorm always normalises with the statistics of the current batch."""
+    """Tent's normalisation: BatchNorm always normalises with the statistics of the current batch.
+
+    Where a batch has no statistics, because a layer sees one value per channel (BatchNorm1d on a single sample,
+    or a 1x1 map), that layer normalises with the source model's statistics instead, as
+    mariodoebler/test-time-adaptation does for BatchNorm1d in single-sample adaptation (it puts those layers in eval
+    mode); torch would refuse the batch. Nowhere else does this change what the layer computes."""
     model.train()
     for module in model.modules():
         if isinstance(module, BATCH_NORM_TYPES):
+            if module.running_mean is not None and module.running_var is not None:
+                # kept outside the state dict, so downloads and stored states are what they were
+                module.register_buffer("source_running_mean", module.running_mean.detach().clone(), persistent=False)
+                module.register_buffer("source_running_var", module.running_var.detach().clone(), persistent=False)
+                module.register_forward_pre_hook(_source_statistics_for_one_value)
+                module.register_forward_hook(_batch_statistics_again)
             module.track_running_stats = False
             module.running_mean = None
             module.running_var = None
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             module.eval()
     return model
+
+
+def _source_statistics_for_one_value(module: nn.Module, args) -> None:
+    """Before a batch-statistics BatchNorm: with one value per channel, normalise with the source statistics.
+    (Hooks take the module as an argument, so that a deep copy of the model keeps hooks acting on itself.)"""
+    x = args[0]
+    if x.dim() >= 2 and x.numel() == x.shape[1]:
+        module.training = False
+        module.running_mean, module.running_var = module.source_running_mean, module.source_running_var
+        module.source_statistics_used = True
+
+
+def _batch_statistics_again(module: nn.Module, args, output) -> None:
+    if getattr(module, "source_statistics_used", False):
+        module.training = True
+        module.running_mean = module.running_var = None
+        module.source_statistics_used = False
 
 
 def set_batch_norm_training(model: nn.Module, training: bool) -> None:
@@ -85,6 +113,9 @@ class BatchRenorm2d(nn.Module):
     The forward value is normalised with the running statistics; gradients flow through the batch statistics
     (y = (x - mu_b) / sigma_b * r + d, with r and d detached). Running statistics start from the first batch seen,
     not from the source model, and move with ``momentum`` only in training mode. Variances are unbiased, as there.
+
+    A batch with one value per channel (a single sample on a 1x1 map) has no variance, unbiased or not: there the
+    layer normalises with its running statistics (the source model's, if none were set yet), without moving them.
     """
 
     def __init__(self, bn: nn.BatchNorm2d):
@@ -97,6 +128,9 @@ class BatchRenorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(channels, device=bn.weight.device))
         self.register_buffer("running_var", torch.ones(channels, device=bn.weight.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=bn.weight.device))
+        if bn.running_mean is not None and bn.running_var is not None:  # only for batches without statistics
+            self.register_buffer("source_running_mean", bn.running_mean.detach().clone(), persistent=False)
+            self.register_buffer("source_running_var", bn.running_var.detach().clone(), persistent=False)
         self._known_initialized = False  # host-side copy, so a forward does not sync with the device to read it
 
     def _is_initialized(self) -> bool:
@@ -108,6 +142,13 @@ class BatchRenorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and not torch.is_grad_enabled() and self._is_initialized():
             # the renormalised value reduces to (x - mu_run) / sigma_run; without autograd, skip the batch statistics
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if x.numel() == x.shape[1] and (self._is_initialized() or hasattr(self, "source_running_mean")):
+            if not self._is_initialized():
+                self.running_mean.copy_(self.source_running_mean)
+                self.running_var.copy_(self.source_running_var)
+                self.initialized.fill_(True)
+                self._known_initialized = True
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         batch_mean = x.mean(dim=(0, 2, 3))
         centred = x - batch_mean[None, :, None, None]

@@ -66,11 +66,15 @@ class _LAMEEdge(EdgeLogic):
 class LAME(Method):
     """The source model in eval mode; its batch of predictions is refined with a kNN (k = 5) Laplacian on the
     L2-normalised penultimate features (the input of the last linear layer), up to 100 bound-optimisation steps.
-    The scored "logits" are LAME's refined class probabilities (their argmax is the prediction)."""
+    The scored "logits" are LAME's refined class probabilities (their argmax is the prediction). A batch of one has
+    no neighbours, and LAME would be the source model: the harness refuses batch size 1."""
 
     name = "lame"
     paper = "Boudiaf et al., CVPR 2022"
     mapping = CloudEdgeMapping(selection="edge only", uploads="none", cloud="nothing", download="none")
+    min_batch_size = 2
+    min_batch_reason = ("its Laplacian term ties each prediction to its nearest neighbours in the same batch, and a "
+                        "sample alone has none, so its output would be exactly the source model's")
 
     @dataclass
     class Options:

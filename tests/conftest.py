@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import importlib.util
 import sys
 from importlib import metadata
@@ -19,6 +20,21 @@ def builtin_methods() -> list[str]:
     that a new built-in method is picked up by every test without editing a list."""
     eps = metadata.distribution("cemabench").entry_points.select(group="cemabench.methods")
     return sorted(ep.name for ep in eps)
+
+
+# Small values for options that only matter at scale, set wherever a method has them (not by method name), so that
+# every method runs on a few dozen samples: the cloud batch and replay threshold, a rate for rate-matched uploads, and
+# short offline training.
+SMALL = {"cloud_batch": 8, "replay_min": 16, "upload_ratio": 0.5, "epochs": 1, "ka_epochs": 1, "ft_epochs": 1,
+         "gate_epochs": 1, "train_samples": 64}
+
+
+def small_options(name: str) -> dict:
+    """The options of SMALL that the registered method ``name`` has."""
+    from cemabench.registry import load_method
+
+    fields = {f.name for f in dataclasses.fields(load_method(name).Options)}
+    return {k: v for k, v in SMALL.items() if k in fields}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,10 +59,11 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
-def tiny_dataset(domains=("a", "b", "c"), n=100, classes=4, seed=0) -> DatasetSource:
+def tiny_dataset(domains=("a", "b", "c"), n=100, classes=4, seed=0, size=8) -> DatasetSource:
+    """Random ``size`` x ``size`` images with random labels (at 4 px, the miniature nets' last stage has 1x1 maps)."""
     rng = np.random.default_rng(seed)
     def domain(name):
-        pixels, labels = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, classes, n)
+        pixels, labels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, classes, n)
         return ArrayDomain(name, pixels, lambda: labels)
 
     made = [domain(d) for d in domains]

@@ -1,5 +1,4 @@
 """Conformance of SAR, CoTTA, LAME, pseudo-label, distill-tent and cloud-only, derived by hand (float64)."""
-import dataclasses
 import math
 
 import numpy as np
@@ -16,15 +15,11 @@ from cemabench_methods.common import entropy, use_batch_statistics
 from cemabench_methods.cotta import cotta_augment, symmetric_cross_entropy
 from cemabench_methods.lame import knn_affinity, laplacian_refinement
 from cemabench_methods.tent import Tent
-from conftest import TinyNet, builtin_methods, cloud_resources, tiny_dataset
+from conftest import TinyNet, builtin_methods, cloud_resources, small_options, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 ROSTER = builtin_methods()
-# Small values for options that only matter at scale, set wherever a method has them (not by method name), so that
-# every method runs on 70 samples: the cloud batch and replay threshold, and a rate for rate-matched uploads.
-SMALL = {"cloud_batch": 8, "replay_min": 16, "upload_ratio": 0.5, "epochs": 1, "ka_epochs": 1, "ft_epochs": 1,
-         "gate_epochs": 1, "train_samples": 64}
 
 
 def test_every_method_is_registered_with_its_mapping_and_paper():
@@ -43,9 +38,7 @@ def test_every_method_runs_under_the_forward_only_edge(name):
     torch.manual_seed(0)
     # random 4-class miniature nets: they split at named stages, as the feature-offloading methods need
     models = Models.copies_of(build_model("tiny:edge@4").eval(), build_model("tiny:edge@4").eval())
-    fields = {f.name for f in dataclasses.fields(available("methods")[name].load().Options)}
-    options = {k: v for k, v in SMALL.items() if k in fields}
-    results = run_unit(build_method(name, options), dataset.domains, models, 4, dataset.clean,
+    results = run_unit(build_method(name, small_options(name)), dataset.domains, models, 4, dataset.clean,
                        Protocol(batch_size=16, setting="continual"), seed=0)
     assert [r.status for r in results] == ["ok", "ok"], results[0].message
 
