@@ -516,6 +516,9 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     labels, read only after their block ended. With ``scored_classes``, the scored prediction is the argmax over
     those classes only; methods still see all."""
     method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
+    if method.cloud_replicas not in ("per-device", "shared"):
+        raise UserError(f"method {method.name} declares cloud_replicas = {method.cloud_replicas!r}; it must be "
+                        f"\"per-device\" or \"shared\"")
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext

@@ -18,6 +18,7 @@ from cemabench.plan import Task, Unit, UnitId, check_options, entry_options, pla
 from cemabench.protocol import Execution
 from cemabench.spec import TableSpec, published_uploads
 from cemabench.store import ResultStore, failed
+from cemabench.stream import severities_needed
 
 DOC_SCHEMA = 2  # of the table document (the store's records have their own, in cemabench.context)
 POLL_S = 0.5  # how often to look at units another process is computing
@@ -45,6 +46,8 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context = context_for(recipe)
     check_options(spec, context.choice)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
+    for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
+        context.dataset_at(severity)
     return recipe, context
 
 

@@ -176,6 +176,11 @@ def dirichlet_order(labels: np.ndarray, concentration: float, rng: np.random.Gen
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
+def severities_needed(setting: str) -> tuple[int, ...]:
+    """The severities a setting reads besides the table's own (gradual: all of 1 to 5)."""
+    return tuple(sorted(set(GRADUAL_SEVERITIES))) if parse_setting(setting)[0] == "gradual" else ()
+
+
 def build_blocks(setting: str, domains: Sequence[DomainData], seed: int, *, rounds: int = 1,
                  concentration: float = 0.1, at_severity: Callable[[int], Sequence[DomainData]] | None = None
                  ) -> list[Block]:

@@ -150,3 +150,12 @@ def test_a_multi_edge_table_on_the_miniature_renders_per_device(tmp_path, one_to
     assert main(["reproduce", spec, "--out", str(tmp_path / "o"), "--no-progress", "--jobs", "1"]) == 0
     md = (tmp_path / "o" / "small.md").read_text()
     assert "2 edge devices on one cloud" in md and "## Per edge device" in md and "tent / device 1" in md
+
+
+def test_a_method_declaring_an_unknown_cloud_sharing_is_refused(tiny):
+    dataset, models = tiny
+    method = _Tagged()
+    method.cloud_replicas = "some"
+    with pytest.raises(UserError, match="cloud_replicas = 'some'; it must be \"per-device\" or \"shared\""):
+        run_unit(method, _devices(dataset, [["a"], ["b"]]), models, 4, dataset.clean,
+                 Protocol(batch_size=50, setting="continual", devices=2), seed=0)

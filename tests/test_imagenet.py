@@ -161,6 +161,29 @@ def test_reproduce_a_table2_excerpt_on_a_generated_tree_with_tiny_models(root, t
         assert needle in out
 
 
+@pytest.mark.slow  # every cell of the continual and multi-edge tables
+@pytest.mark.parametrize("table, cells", [("continual", 10 * 15), ("multi-edge", 6 * 4)])
+def test_the_continual_and_multi_edge_tables_run_on_a_generated_tree(root, tmp_path, capsys, table, cells):
+    code = main(["reproduce", table, "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
+                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress", "--jobs", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((tmp_path / f"{table}.json").read_text())
+    assert len(doc["cells"]) == cells and all(c["status"] == "ok" and c["seen"] == 6 for c in doc["cells"])
+    assert doc["provenance"]["miniature"] is False and "EMBEDDED MINIATURE" not in out
+    assert "Setting**: `continual`" in out
+
+
+def test_gradual_on_a_tree_with_one_severity_names_the_missing_folder(root, tmp_path, capsys):
+    spec = tmp_path / "g.toml"
+    spec.write_text('extends = "table2"\nname = "g"\n[protocol]\nsetting = "gradual"\n[data]\ndomains = ["fog"]\n'
+                    '[[methods]]\nname = "source"\n')
+    code = main(["reproduce", str(spec), "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
+                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fog" in err and "1" in err, err
+
+
 @pytest.mark.slow  # every cell of table2 (methods x 15 corruptions)
 def test_reproduce_table2_on_a_generated_tree_with_tiny_models(root, tmp_path, capsys):
     code = main(["reproduce", "table2", "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
