@@ -83,11 +83,13 @@ def load_document(path: str | Path) -> dict:
     return validate_document(doc, path)
 
 
-def _by_pair(doc: dict) -> dict[tuple[str, str], dict[int, dict]]:
-    """(method, domain) -> seed -> cell, in the document's order."""
-    pairs: dict[tuple[str, str], dict[int, dict]] = {}
+def _by_pair(doc: dict) -> dict[tuple, dict[int, dict]]:
+    """(method, domain) -> seed -> cell, in the document's order; (method, domain, device) where several edge
+    devices yield a cell for one domain."""
+    pairs: dict[tuple, dict[int, dict]] = {}
     for cell in doc["cells"]:
-        pairs.setdefault((cell["method"], cell["domain"]), {})[cell["seed"]] = cell
+        device = cell.get("device", 0)
+        pairs.setdefault((cell["method"], cell["domain"], *((device,) if device else ())), {})[cell["seed"]] = cell
     return pairs
 
 
@@ -115,9 +117,10 @@ def compare(result: dict, expected: dict, tolerance: float | None = None,
         problem("(table)", "seeds", _seeds(expected), _seeds(result), "different seeds: means are not comparable")
     got = _by_pair(result)
     checked = 0
-    for (method, domain), want in _by_pair(expected).items():
+    for pair, want in _by_pair(expected).items():
+        method, domain = pair[0], " / device ".join(map(str, pair[1:]))
         name = f"{method} / {domain}" + ("" if several else f" / seed {next(iter(want))}")
-        other = got.pop((method, domain), {})
+        other = got.pop(pair, {})
         missing = sorted(set(want) - set(other))
         extra = sorted(set(other) - set(want))
         for seed in missing:
@@ -145,9 +148,10 @@ def compare(result: dict, expected: dict, tolerance: float | None = None,
             mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
             if abs(mean_a - mean_b) > tolerance:
                 problem(name, metric, round(mean_a, 3), round(mean_b, 3), round(mean_b - mean_a, 3), std)
-    for (method, domain), cells in got.items():
+    for pair, cells in got.items():
         for seed in cells:
-            problem(f"{method} / {domain} / seed {seed}", "(cell)", "absent", "unexpected", "-")
+            problem(f"{pair[0]} / {' / device '.join(map(str, pair[1:]))} / seed {seed}", "(cell)", "absent",
+                    "unexpected", "-")
     return problems, checked
 
 

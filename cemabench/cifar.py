@@ -108,9 +108,10 @@ def corrupted(layout: Layout, data_root, severity: int = 5, domains=HENDRYCKS_OR
         raise UserError(f"{name} reads its files from --data-root DIR; {where}")
     if severity not in SEVERITIES:
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
-    unknown = [d for d in domains if d not in CORRUPTIONS]
+    unknown = [d for d in domains if d not in CORRUPTIONS and d != "clean"]
     if unknown:
-        raise UserError(f"unknown {layout.name}-C corruption(s) {', '.join(unknown)}; valid: {', '.join(CORRUPTIONS)}")
+        raise UserError(f"unknown {layout.name}-C corruption(s) {', '.join(unknown)}; valid: {', '.join(CORRUPTIONS)}, "
+                        f"clean (the clean test set, from ROOT/{layout.clean})")
     folder = Path(data_root) / layout.corrupted
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; {where}")
@@ -121,6 +122,14 @@ def corrupted(layout: Layout, data_root, severity: int = 5, domains=HENDRYCKS_OR
     start = (severity - 1) * per_severity
     made = []
     for corruption in domains:
+        if corruption == "clean":  # the clean test set beside the corruptions: its first n images, as RobustBench's
+            test = _split(Path(data_root), layout, "test", required=True)
+            images = np.concatenate([_unpickle(Path(p), layout)[0] for p in test.paths])
+            if len(images) < n:
+                raise UserError(f"the clean {layout.name} test set has {len(images)} images, fewer than the {n} per "
+                                f"corruption; pass n_examples <= {len(images)}")
+            made.append(ArrayDomain("clean", images[:n], partial(_first, test.paths, layout, n)))
+            continue
         images = _images(folder / f"{corruption}.npy", rows, where)
         made.append(ArrayDomain(corruption, images[start:start + n],
                                 partial(read_labels, str(labels_path), start, start + n)))

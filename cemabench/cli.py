@@ -212,7 +212,8 @@ def _reproduce_inputs(args):
     from cemabench.spec import load_table
 
     spec = load_table(args.table)
-    given = {"setting": args.setting, "rounds": args.rounds, "concentration": args.concentration}
+    given = {"setting": args.setting, "rounds": args.rounds, "concentration": args.concentration,
+             "devices": args.devices, "device_streams": args.device_streams, "cloud_capacity": args.cloud_capacity}
     if any(v is not None for v in given.values()):  # the table under another stream setting: its own output name
         protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
         changed = [f"{k}-{getattr(protocol, k)}" for k in given if getattr(protocol, k) != getattr(spec.protocol, k)]
@@ -338,6 +339,11 @@ def _setting_arguments(p: argparse.ArgumentParser) -> None:
                    f"settings)")
     p.add_argument("--rounds", type=int, help="times the stream repeats (settings without reset; default 1)")
     p.add_argument("--concentration", type=float, help="Dirichlet concentration of +correlated (default 0.1)")
+    p.add_argument("--devices", type=int, help="edge devices sharing one cloud (default 1; needs a setting without "
+                   "reset)")
+    p.add_argument("--device-streams", help="partition (each device its own domains; default) or rotate (each its "
+                   "own domain order)")
+    p.add_argument("--cloud-capacity", type=int, help="uploaded samples the cloud accepts per step over all devices")
 
 
 def _table_arguments(p: argparse.ArgumentParser) -> None:
@@ -381,11 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=float, help="link latency in seconds per transfer (default 0)")
     p.add_argument("--batch-interval", type=float, help="seconds between edge batches (default 1)")
     p.add_argument("--answer-deadline", type=float, help="seconds within which an offloaded answer must be back")
-    p.add_argument("--devices", type=int, help="edge devices sharing one cloud (default 1; needs a setting without "
-                   "reset)")
-    p.add_argument("--device-streams", help="partition (each device its own domains; default) or rotate (each its "
-                   "own domain order)")
-    p.add_argument("--cloud-capacity", type=int, help="uploaded samples the cloud accepts per step over all devices")
     _execution_arguments(p)
     p.add_argument("--store", metavar="DIR", help="keep the unit records here and reuse them (default: not kept)")
     p.add_argument("--out", help="write the cells and their provenance as JSON here")

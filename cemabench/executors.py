@@ -23,9 +23,9 @@ EXECUTORS = ("local", "ray")
 
 
 def error_record(unit: Unit, message: str) -> dict:
-    """The record of a unit that produced no results: every domain an error with ``message``."""
-    return {"unit": asdict(unit), "results": [DomainResult(d, status="error", message=message).to_dict()
-                                              for d in unit.domains]}
+    """The record of a unit that produced no results: every cell it would yield an error with ``message``."""
+    return {"unit": asdict(unit), "results": [DomainResult(name, status="error", message=message, device=d).to_dict()
+                                              for d, name in unit.expected]}
 
 
 def execute(recipe: ContextSpec, unit: Unit) -> dict:

@@ -38,6 +38,9 @@ def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
     return sum(values[d] for d in domains) / len(domains)
 
 
+STATUS_RANK = ("error", "diverged", "skipped", "ok")
+
+
 def pooled_over_devices(cells: list[dict]) -> list[dict]:
     """One cell per (method, seed, domain): the cells of several edge devices on one domain pooled (their samples,
     correct predictions and uploads summed)."""
@@ -52,8 +55,7 @@ def pooled_over_devices(cells: list[dict]) -> list[dict]:
         first["correct"] += cell["correct"]
         first["link"] = {**first["link"], "uploaded": first["link"]["uploaded"] + cell["link"]["uploaded"]}
         first["note"] = first["note"] or cell["note"]
-        if cell["status"] != "ok" and first["status"] == "ok":
-            first["status"] = cell["status"]
+        first["status"] = min(first["status"], cell["status"], key=STATUS_RANK.index)  # the worst one shows
         ok = first["status"] == "ok" and first["seen"]
         first["accuracy"] = 100 * first["correct"] / first["seen"] if ok else None
         first["upload_ratio"] = 100 * first["link"]["uploaded"] / first["seen"] if ok else None
@@ -69,7 +71,12 @@ def device_frame(doc: dict) -> pd.DataFrame:
     for label in [m["label"] for m in doc["methods"]]:
         for device in sorted({c.get("device", 0) for c in doc["cells"]}):
             cells = [c for c in doc["cells"] if c["method"] == label and c.get("device", 0) == device]
-            if not cells or any(c["status"] != "ok" for c in cells):
+            if not cells:
+                continue
+            failed = [c["status"] for c in cells if c["status"] != "ok"]
+            if failed:
+                rows[(label, device)] = {"domains": ", ".join(dict.fromkeys(c["domain"] for c in cells)),
+                                         "accuracy %": min(failed, key=STATUS_RANK.index)}
                 continue
             seen = sum(c["seen"] for c in cells)
             link = {k: sum(c["link"][k] for c in cells) for k in ("uploaded", "busy", "downloads",
@@ -271,8 +278,12 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
 def _reference_sections(doc: dict) -> list[str]:
     """Our numbers beside the published ones the spec records; nothing to compare on the miniature."""
     reference = doc.get("reference", {})
+    proto = doc["provenance"]["protocol"]
     if doc["provenance"]["miniature"] or not reference:
         return []
+    if proto.get("setting", "per-domain") != "per-domain" or proto.get("devices", 1) > 1:
+        return ["## Published numbers", "", "Not shown: they were measured per domain on one edge, and this table's "
+                "stream setting or devices differ.", ""]
     lines = []
     published = {(r["method"], r["domain"]): r for r in reference.get("published_uploads", [])}
     rows = []

@@ -140,6 +140,17 @@ class CloudLogic:
         raise NotImplementedError
 
 
+CLOUD_REPLICAS = ("per-device", "shared")
+
+
+def check_declared(cls) -> None:
+    """What a method class declares about itself and the harness relies on, checked before any compute."""
+    name = getattr(cls, "name", None) or cls.__qualname__
+    if cls.cloud_replicas not in CLOUD_REPLICAS:
+        raise UserError(f"method {name} declares cloud_replicas = {cls.cloud_replicas!r}; it must be "
+                        f"{' or '.join(repr(c) for c in CLOUD_REPLICAS)}")
+
+
 class Method:
     """Base class of a method plugin: hyper-parameters in ``Options`` (a dataclass), and a factory for each half.
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from cemabench import registry
 from cemabench.method import parse_options
 from cemabench.spec import DataChoice, MethodEntry, TableSpec
-from cemabench.stream import device_domains, unit_groups
+from cemabench.stream import device_domains, result_keys, unit_groups
 
 UnitId = tuple[str, int, tuple[str, ...]]  # (label, seed, domains)
 
@@ -20,15 +20,20 @@ class Unit:
     options: tuple  # sorted (name, value) pairs
     seed: int
     domains: tuple[str, ...]
+    results: tuple[tuple[int, str], ...] = ()  # the (device, result) cells it yields, in order (stream.result_keys)
 
     @property
     def id(self) -> UnitId:
         return self.label, self.seed, self.domains
 
+    @property
+    def expected(self) -> tuple[tuple[int, str], ...]:
+        return self.results or tuple((0, d) for d in self.domains)
+
     @classmethod
     def from_dict(cls, d: dict) -> Unit:
         return cls(d["label"], d["method"], tuple(tuple(_frozen(x) for x in kv) for kv in d["options"]), d["seed"],
-                   tuple(d["domains"]))
+                   tuple(d["domains"]), tuple((int(i), str(n)) for i, n in d.get("results", ())))
 
 
 def _frozen(value):
@@ -45,6 +50,7 @@ class Task:
     seed: int
     domains: tuple[str, ...]
     needs: tuple[UnitId, ...] = ()
+    results: tuple[tuple[int, str], ...] = ()
 
     @property
     def id(self) -> UnitId:
@@ -55,7 +61,7 @@ class Task:
         options = dict(self.options)
         if self.needs:
             options = registry.load("methods", self.method).derive_options(options, references)
-        return Unit(self.label, self.method, tuple(sorted(options.items())), self.seed, self.domains)
+        return Unit(self.label, self.method, tuple(sorted(options.items())), self.seed, self.domains, self.results)
 
 
 def entry_options(entry: MethodEntry, choice: DataChoice) -> dict:
@@ -85,5 +91,5 @@ def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Ta
             for domains in unit_groups(spec.protocol.setting, spec.domains):
                 needs = ((entry.match_uploads_of, seed, tuple(domains)),) if entry.match_uploads_of else ()
                 tasks.append(Task(entry.label, entry.name, tuple(sorted(entry_options(entry, choice).items())), seed,
-                                  tuple(domains), needs))
+                                  tuple(domains), needs, result_keys(spec.protocol, domains)))
     return tasks

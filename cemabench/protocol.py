@@ -39,6 +39,7 @@ from cemabench.method import (
     Method,
     TrainingResources,
     Upload,
+    check_declared,
 )
 from cemabench.stream import DEVICE_STREAMS, Block, DeviceStreams, derive_seed, parse_setting, plain
 from cemabench.training import run_training
@@ -72,7 +73,7 @@ class Protocol:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 unset = " (or unset for no limit)" if name.startswith("upload") or name == "cloud_capacity" else ""
                 raise UserError(f"protocol {name} must be an integer >= {low}{unset}, got {value!r}")
-        base, _ = parse_setting(self.setting)
+        base, modifiers = parse_setting(self.setting)
         if self.rounds > 1 and base == "per-domain":
             raise UserError("protocol rounds > 1 repeats a stream without reset: use setting continual, gradual or "
                             "mixed-domains")
@@ -85,6 +86,13 @@ class Protocol:
         c = self.concentration
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0:
             raise UserError(f"protocol concentration must be a number > 0 (the Dirichlet concentration), got {c!r}")
+        object.__setattr__(self, "concentration", float(c))  # 1 and 1.0 are one stream (and one stored key)
+        if self.concentration != 0.1 and "correlated" not in modifiers:
+            raise UserError(f"protocol concentration applies to the +correlated settings; setting {self.setting} has "
+                            f"no correlated order (use {base}+correlated)")
+        if self.cloud_capacity == 0:
+            raise UserError("protocol cloud_capacity must be an integer >= 1 (uploaded samples the cloud accepts per "
+                            "step), or unset for no limit")
         for name, positive in (("bandwidth", True), ("latency", False), ("batch_interval", True),
                                ("answer_deadline", False)):
             value = getattr(self, name)
@@ -516,9 +524,7 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     labels, read only after their block ended. With ``scored_classes``, the scored prediction is the argmax over
     those classes only; methods still see all."""
     method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
-    if method.cloud_replicas not in ("per-device", "shared"):
-        raise UserError(f"method {method.name} declares cloud_replicas = {method.cloud_replicas!r}; it must be "
-                        f"\"per-device\" or \"shared\"")
+    check_declared(method)
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
@@ -632,12 +638,16 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
         if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
             failed.result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
     if failed is not None:
+        reason = (f"device {failed.index} failed, which ended the run unit" if len(devices) > 1
+                  else "an earlier domain of this run unit failed")
         for dev in devices:
             if dev is not failed and dev.result is not None and dev.result.status == "ok":
-                dev.result.status = "skipped"
-                dev.result.message = f"device {failed.index} failed, which ended the run unit"
+                dev.result.status, dev.result.message = "skipped", reason
             dev.finish(results)
-        _skip([r for r in results.values() if not r.segments])
+            for block in dev.blocks:  # what the unit did not reach: a result partly run (rounds) is not complete
+                result = results[(dev.index, block.result)]
+                if result.status == "ok":
+                    result.status, result.message = "skipped", reason
     for result in results.values():
         if result.segments:  # it ran
             ran = any(dev.ran.get(result.domain) for dev in devices if dev.index == result.device)

@@ -89,7 +89,7 @@ class Scheduler:
             return
         self.units[unit.id] = unit
         self.keys[unit.id] = key = self.context.unit_key(unit)
-        record = self.store.get(key, unit.domains)
+        record = self.store.get(key, unit.expected)
         if record is not None and not failed(record):
             self._finish(unit, record, store=False)
         else:
@@ -104,7 +104,7 @@ class Scheduler:
     def _take(self, unit: Unit) -> None:
         key = self.keys[unit.id]
         if self.store.claim(key):
-            record, _ = self.store.problem(key, unit.domains)  # finished by another process since we looked?
+            record, _ = self.store.problem(key, unit.expected)  # finished by another process since we looked?
             if record is not None and not failed(record):
                 self.store.release(key)
                 self._finish(unit, record, store=False)
@@ -128,7 +128,7 @@ class Scheduler:
             unit, key = self.units[uid], self.keys[uid]
             if self.store.live_owner(key) is not None:
                 continue
-            record, _ = self.store.problem(key, unit.domains)
+            record, _ = self.store.problem(key, unit.expected)
             fresh = record is not None and (not failed(record) or self._mtime(key) != self.before[uid])
             self.waiting.discard(uid)
             if fresh:
@@ -209,7 +209,7 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
             rows.append({**row, "state": "failed", "detail": str(error), "file": ""})
             continue
         key = context.unit_key(unit)
-        record, problem = store.problem(key, unit.domains)
+        record, problem = store.problem(key, unit.expected)
         owner = store.live_owner(key)
         if owner is not None:
             state, detail = "running", f"pid {owner.get('pid')} on {owner.get('host')}"

@@ -55,7 +55,7 @@ class ResultStore:
         return self.root / f"{key}.claim"
 
     # records ---------------------------------------------------------------------------------------------------
-    def problem(self, key: str, domains: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    def problem(self, key: str, expected: tuple[tuple[int, str], ...]) -> tuple[dict | None, str | None]:
         """The record stored under ``key`` and ``None``, or ``None`` and why the file is unusable (``None, None``
         when there is no file)."""
         path = self.path(key)
@@ -81,14 +81,14 @@ class ResultStore:
         results = record.get("results")
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             return None, "no result list"
-        found = tuple(r.get("domain") for r in results)
-        if found != tuple(domains):
-            return None, f"results for domains {list(found)}, expected {list(domains)}"
+        found = tuple((r.get("device", 0), r.get("domain")) for r in results)
+        if found != tuple(expected):
+            return None, f"results for (device, domain) {list(found)}, expected {list(expected)}"
         return record, None
 
-    def get(self, key: str, domains: tuple[str, ...]) -> dict | None:
+    def get(self, key: str, expected: tuple[tuple[int, str], ...]) -> dict | None:
         """A valid record (whatever its status), or None; an unusable file is named in a one-line warning."""
-        record, problem = self.problem(key, domains)
+        record, problem = self.problem(key, expected)
         if problem:
             self._warn(f"cemabench: warning: {self.path(key)}: {problem}; recomputing it")
         return record

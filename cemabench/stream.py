@@ -128,12 +128,21 @@ def device_domains(domains: Sequence[str], devices: int, mode: str) -> list[list
     domains), ``rotate`` gives every device all domains in the order rotated by i (its own domain order)."""
     if mode not in DEVICE_STREAMS:
         raise UserError(f"device_streams must be one of {', '.join(DEVICE_STREAMS)}, got {mode!r}")
+    if devices > len(domains):
+        own = "domain" if mode == "partition" else "domain order (a rotation of the domains)"
+        raise UserError(f"{devices} devices cannot each have their own {own} out of {len(domains)} domains: use at "
+                        f"most {len(domains)} devices")
     if mode == "partition":
-        if devices > len(domains):
-            raise UserError(f"{devices} devices cannot each have their own domain out of {len(domains)}: use at most "
-                            f"{len(domains)} devices, or device_streams = \"rotate\"")
         return [list(domains[i::devices]) for i in range(devices)]
     return [list(domains[i % len(domains):]) + list(domains[:i % len(domains)]) for i in range(devices)]
+
+
+def result_keys(protocol, domains: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """The (device, result) cells a run unit over ``domains`` yields under ``protocol``, in run_unit's order."""
+    base, _ = parse_setting(protocol.setting)
+    streams = (device_domains(domains, protocol.devices, protocol.device_streams) if protocol.devices > 1
+               else [list(domains)])
+    return tuple((d, name) for d, names in enumerate(streams) for name in ([MIXED] if base == MIXED else names))
 
 
 def domain_order(seed: int, domain: str, n: int) -> np.ndarray:
@@ -209,9 +218,9 @@ def build_blocks(setting: str, domains: Sequence[DomainData], seed: int, *, roun
     else:
         blocks = [plain(d, seed) for d in domains]
     if "correlated" in modifiers:
-        for block in blocks:
+        for position, block in enumerate(blocks):  # position: gradual's up and down ramps differ
             labels = block.labels()
-            rng = np.random.default_rng(derive_seed("correlated", seed, block.segment, concentration))
+            rng = np.random.default_rng(derive_seed("correlated", seed, block.segment, position, float(concentration)))
             position = dirichlet_order(labels, concentration, rng)
             del labels
             block.order = block.order[position]

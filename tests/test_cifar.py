@@ -208,3 +208,28 @@ def test_a_real_run_on_the_clean_cifar10_test_set(tmp_path, capsys):
     code, out = run_cli(capsys, tmp_path, "--batch-size", "8", dataset="cifar10")
     assert code == 0, out.err
     assert "test" in out.out
+
+
+def test_the_clean_test_set_as_a_domain_beside_the_corruptions(tmp_path, capsys):
+    write_c_tree(tmp_path)
+    [(data, labels)] = write_batches(tmp_path)
+    source = cifar10_c(tmp_path, severity=2, domains=["clean", "fog"], n_examples=15)
+    clean = source.domains[0]
+    assert [d.name for d in source.domains] == ["clean", "fog"] and len(clean) == 15
+    assert torch.equal(images_of(clean), torch.from_numpy(data[:15].reshape(-1, 3, 32, 32)).float() / 255)
+    assert np.array_equal(clean.labels(), labels[:15])
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(UserError, match="test_batch is missing"):
+        cifar10_c(tmp_path, domains=["clean"])
+
+
+def test_the_miniature_has_its_clean_test_split_as_a_domain():
+    from cemabench.miniature import clean_test_images, dataset, splits
+
+    source = dataset(domains=["clean", "fog"], severity=3)
+    clean = source.domains[0]
+    assert clean.name == "clean" and np.array_equal(clean.pixels, splits()["test"][0])
+    assert np.array_equal(clean.pixels, clean_test_images())
+    assert not np.array_equal(source.domains[1].pixels, clean.pixels)
+    with pytest.raises(UserError, match="valid: gaussian_noise.*clean"):
+        dataset(domains=["nosuch"])

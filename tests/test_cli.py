@@ -4,6 +4,7 @@ from importlib import resources
 import pytest
 
 from cemabench.cli import main
+from cemabench.spec import available_tables
 from conftest import builtin_methods
 
 
@@ -42,7 +43,7 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--setting", "continual+correlated", "--concentration", "-1"],
      "concentration must be a number > 0"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
-    (["reproduce", "table9"], "unknown table 'table9'; available: eccentric, imagenet-c-s3, imagenet-r, table2"),
+    (["reproduce", "table9"], f"unknown table 'table9'; available: {', '.join(available_tables())}"),
     (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"],
      "--data-root /nonexistent/imagenet is not a directory"),
     (["reproduce", "missing.toml"], "table spec file missing.toml does not exist"),

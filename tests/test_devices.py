@@ -1,10 +1,14 @@
 """Many edges on one cloud: devices in lockstep, each with its own stream and link, a per-device or shared cloud, and
 a cloud capacity per step."""
+import dataclasses
+
 import pytest
 import torch
 
+from cemabench.check import compare
 from cemabench.cli import main
 from cemabench.errors import UserError
+from cemabench.leaderboard import _reference_sections, device_frame, metric_frame
 from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Protocol, run_unit
 from cemabench.registry import build_method
@@ -156,6 +160,43 @@ def test_a_method_declaring_an_unknown_cloud_sharing_is_refused(tiny):
     dataset, models = tiny
     method = _Tagged()
     method.cloud_replicas = "some"
-    with pytest.raises(UserError, match="cloud_replicas = 'some'; it must be \"per-device\" or \"shared\""):
+    with pytest.raises(UserError, match="cloud_replicas = 'some'; it must be 'per-device' or 'shared'"):
         run_unit(method, _devices(dataset, [["a"], ["b"]]), models, 4, dataset.clean,
                  Protocol(batch_size=50, setting="continual", devices=2), seed=0)
+
+
+def _doc(cells, devices=2, setting="continual"):
+    protocol = {**dataclasses.asdict(Protocol(setting=setting, devices=devices, device_streams="rotate"))}
+    return {"table": "t", "title": "t", "seeds": [0], "methods": [{"label": "m", "name": "tent"}],
+            "check": {"tolerance": 0.5, "metrics": ["accuracy"]}, "cells": cells,
+            "provenance": {"miniature": True, "domains": ["a"], "protocol": protocol},
+            "reference": {"published_uploads": [{"method": "m", "domain": "a", "uploaded": 1, "total": 2}]}}
+
+
+def _cell(device, status="ok", correct=5):
+    return {"method": "m", "seed": 0, "domain": "a", "device": device, "status": status, "note": "", "seen": 10,
+            "correct": correct, "accuracy": 10.0 * correct if status == "ok" else None, "message": "",
+            "upload_ratio": 0.0, "link": {"uploaded": 0, "busy": 0, "downloads": 0, "download_delay_batches": 0,
+                                          "bytes_up": 0, "bytes_down": 0}}
+
+
+def test_check_compares_every_devices_cell():
+    expected = _doc([_cell(0, correct=8), _cell(1, correct=4)])
+    result = _doc([_cell(0, correct=1), _cell(1, correct=4)])
+    problems, checked = compare(result, expected)
+    assert checked == 2 and [p["cell"] for p in problems] == ["m / a / seed 0"]  # device 0's cell (80 -> 10)
+
+
+def test_pooled_cells_show_the_worst_status_and_failed_devices_keep_their_row():
+    doc = _doc([_cell(0, status="skipped"), _cell(1, status="error")])
+    assert metric_frame(doc, "accuracy").loc["m", "a"] == "error"
+    rows = device_frame(doc)
+    assert list(rows.index) == ["m / device 0", "m / device 1"] and list(rows["accuracy %"]) == ["skipped", "error"]
+    pooled = metric_frame(_doc([_cell(0, correct=8), _cell(1, correct=4)]), "accuracy")
+    assert pooled.loc["m", "a"] == "60.0"  # 12 of 20, the devices' samples pooled
+
+
+def test_published_per_domain_numbers_are_not_set_beside_another_setting():
+    doc = _doc([_cell(0)], devices=1)
+    doc["provenance"]["miniature"] = False
+    assert "Not shown: they were measured per domain on one edge" in "\n".join(_reference_sections(doc))

@@ -153,3 +153,63 @@ def test_gradual_and_mixed_tables_on_the_miniature_render_their_breakdowns(tmp_p
         assert section in (out / f"{name}.md").read_text()
         cells = json.loads((out / f"{name}.json").read_text())["cells"]
         assert all(c["status"] == "ok" for c in cells) and cells
+
+
+def test_a_failure_in_a_later_round_leaves_no_result_looking_complete(tiny):
+    dataset, models = tiny
+    from cemabench.method import EdgeDecision, EdgeLogic, Method
+
+    class FailsLate(Method):
+        name = "fails-late"
+
+        def edge(self, num_classes):
+            class Edge(EdgeLogic):
+                batches = 0
+
+                def step(self, model, x):
+                    Edge.batches += 1
+                    if Edge.batches == 25:  # round 2 of domain a (7 batches per domain, 21 per round)
+                        raise RuntimeError("late")
+                    return EdgeDecision(model(x))
+            return Edge()
+
+    blocks = build_blocks("continual", dataset.domains, seed=0, rounds=2)
+    results = run_unit(FailsLate(), blocks, models, 4, dataset.clean,
+                       Protocol(batch_size=16, setting="continual", rounds=2), seed=0)
+    assert [(r.domain, r.status) for r in results] == [("a", "error"), ("b", "skipped"), ("c", "skipped")]
+
+
+def test_concentration_is_one_number_and_the_two_ramps_of_gradual_differ():
+    labels = np.repeat(np.arange(4), 30)
+    domain = ArrayDomain("d", np.zeros((120, 2, 2, 3), np.uint8), lambda: labels)
+    one, one_float = (build_blocks("continual+correlated", [domain], 0, concentration=c)[0].order for c in (1, 1.0))
+    assert np.array_equal(one, one_float) and Protocol(setting="continual+correlated", concentration=1).concentration \
+        == 1.0
+    at = _at_severity(names=("d",), n=120)
+    gradual = build_blocks("gradual+correlated", [domain], 0, at_severity=lambda s: [
+        ArrayDomain("d", np.full((120, 2, 2, 3), s, np.uint8), lambda: labels)])
+    up, down = (b for b in gradual if b.segment == "d@3")
+    assert not np.array_equal(up.order, down.order)
+    assert at  # the helper builds any severity
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"concentration": 0.5}, r"concentration applies to the \+correlated settings"),
+    ({"setting": "continual", "devices": 2, "cloud_capacity": 0}, "cloud_capacity must be an integer >= 1"),
+])
+def test_meaningless_protocol_combinations_are_refused(fields, message):
+    with pytest.raises(UserError, match=message):
+        Protocol(**fields)
+
+
+def test_mixed_domain_and_multi_device_records_are_reused_from_the_store(tmp_path, capsys):
+    spec = write_spec(tmp_path / "t.toml", ["source"], domains=("fog", "snow", "contrast"))
+    for flags in (["--setting", "mixed-domains"], ["--setting", "continual", "--devices", "2"],
+                  ["--setting", "mixed-domains", "--devices", "3", "--device-streams", "rotate"]):
+        args = ["reproduce", spec, "--out", str(tmp_path / "o"), "--no-progress", "--jobs", "1", *flags]
+        assert main(args) == 0
+        capsys.readouterr()
+        assert main(["status", spec, "--out", str(tmp_path / "o"), *flags]) == 0
+        assert "1 done" in capsys.readouterr().out
+        assert main(args) == 0
+        assert "recomputing" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pytest
 from cemabench import runner
 from cemabench.cli import EXIT_INCOMPLETE, main
 from cemabench.context import code_fingerprint, method_modules
+from cemabench.plan import Unit
 from cemabench.registry import load
 from cemabench.spec import load_table
 from cemabench.store import ResultStore, checksum
@@ -115,7 +116,7 @@ def test_a_record_with_a_wrong_result_list_is_recomputed(baseline, tmp_path, cou
     record["checksum"] = checksum(record)  # a consistent record that still lacks its domain
     target.write_text(json.dumps(record))
     again = runner.reproduce(spec, None, out, jobs=1, progress=False)
-    assert f"{target}: results for domains [], expected" in capsys.readouterr().err
+    assert f"{target}: results for (device, domain) [], expected" in capsys.readouterr().err
     assert len(counted) == 1 and numbers(again) == numbers(doc)
 
 
@@ -258,7 +259,7 @@ def test_a_killed_run_resumes_without_recomputing_or_corrupting(tmp_path, counte
     assert len(counted) == 4 - len(finished)  # the dead run's claim was taken over; nothing finished ran again
     for path in cells(tmp_path / "out"):
         record = json.loads(path.read_text())
-        assert store.problem(path.stem, tuple(record["unit"]["domains"])) == (record, None)
+        assert store.problem(path.stem, Unit.from_dict(record["unit"]).expected) == (record, None)
     uninterrupted = runner.reproduce(spec, None, tmp_path / "fresh", jobs=1, progress=False)
     assert numbers(resumed) == numbers(uninterrupted)
 

@@ -72,6 +72,13 @@ def corrupted_test_images(corruption: str, severity: int) -> np.ndarray:
     return _cached(f"{corruption}-{severity}", make)
 
 
+CLEAN = "clean"  # the domain name of the uncorrupted test split
+
+
+def clean_test_images() -> np.ndarray:
+    return _cached("test-images", lambda: splits()["test"][0])
+
+
 def stream_labels() -> np.ndarray:
     """The test split's labels, read from the cache on every call: the harness loads them only to score."""
     return _cached("test-labels", lambda: splits()["test"][1])
@@ -82,18 +89,20 @@ def _train_split() -> tuple[np.ndarray, np.ndarray]:
 
 
 def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
-    """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity."""
+    """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity, and ``clean``
+    (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them."""
     if data_root is not None:
         raise UserError(f"the embedded miniature takes no --data-root (got {data_root}); leave it out, or name the "
                         f"dataset that lives there with --dataset (e.g. imagenet-c)")
-    unknown = [d for d in domains if d not in corruptions.CORRUPTIONS]
+    unknown = [d for d in domains if d not in corruptions.CORRUPTIONS and d != CLEAN]
     if unknown:
         raise UserError(f"unknown domain(s) {', '.join(unknown)} for the miniature; valid: "
-                        f"{', '.join(corruptions.HENDRYCKS_ORDER)}")
+                        f"{', '.join(corruptions.HENDRYCKS_ORDER)}, {CLEAN}")
     if severity not in (1, 2, 3, 4, 5):
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
     train_images, _ = _train_split()
-    domains = [ArrayDomain(d, corrupted_test_images(d, severity), stream_labels) for d in domains]
+    domains = [ArrayDomain(d, clean_test_images() if d == CLEAN else corrupted_test_images(d, severity), stream_labels)
+               for d in domains]
     return DatasetSource(
         name="miniature-digits-c",
         num_classes=10,
