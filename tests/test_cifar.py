@@ -124,7 +124,7 @@ def test_layout_errors_are_one_line_exit_2(tmp_path, capsys):
     expect_error(capsys, tmp_path, r"CIFAR-10-C/snow\.npy is missing; expected ROOT/CIFAR-10-C/<corruption>\.npy "
                  r"\(uint8, shape \(5\*N, 32, 32, 3\)", "--domains", "fog", "snow")
     expect_error(capsys, tmp_path, r"unknown CIFAR-10-C corruption\(s\) smog; valid: gaussian_noise, .*, "
-                 r"speckle_noise$", "--domains", "smog")
+                 r"speckle_noise, clean \(the clean test set, from ROOT/cifar-10-batches-py\)$", "--domains", "smog")
     expect_error(capsys, tmp_path, r"severity must be one of 1, 2, 3, 4, 5 \(got 6\)", "--severity", "6",
                  "--domains", "fog")
     expect_error(capsys, tmp_path, r"n_examples must be an integer from 1 to 20", "--domains", "fog",

@@ -38,3 +38,30 @@ def test_a_download_key_the_edge_model_lacks_is_an_error_naming_it(plugins, tmp_
     code, (cell,) = _cells(tmp_path, "unknown-download-key", "fog")
     assert code == 3 and cell["status"] == "error"
     assert "no_such_layer.weight" in cell["message"]
+
+
+def test_a_plugin_that_kills_its_worker_process_fails_only_its_cells(plugins, tmp_path):
+    spec = write_spec(tmp_path / "small.toml", ["source", "kills-its-process"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "2"]) == 3
+    doc = json.loads((tmp_path / "out" / "small.json").read_text())
+    status = {c["method"]: (c["status"], c["message"]) for c in doc["cells"]}
+    assert status["source"][0] == "ok"
+    assert status["kills-its-process"][0] == "error" and "worker process died" in status["kills-its-process"][1]
+
+
+def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins, tmp_path):
+    import os
+
+    import pytest
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        spec = write_spec(tmp_path / "small.toml", ["source", "kills-its-process"])
+        assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray"]) == 3
+    finally:
+        ray.shutdown()
+    doc = json.loads((tmp_path / "out" / "small.json").read_text())
+    status = {c["method"]: (c["status"], c["message"]) for c in doc["cells"]}
+    assert status["source"][0] == "ok"
+    assert status["kills-its-process"][0] == "error" and "Ray task failed" in status["kills-its-process"][1]

@@ -55,3 +55,18 @@ class UnknownDownloadKey(Method):
 
     def cloud(self, resources):
         return _DownloadsAnUnknownKey()
+
+
+class _KillsItsProcess(EdgeLogic):
+    def step(self, model, x):
+        import os
+
+        os._exit(9)  # no exception to catch: the process running the unit is gone
+
+
+class KillsItsProcess(Method):
+    """Ends the process that runs it at its first edge batch (os._exit): only an executor that runs units in other
+    processes (local workers, Ray) can turn that into an error cell."""
+
+    def edge(self, num_classes):
+        return _KillsItsProcess()
