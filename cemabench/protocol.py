@@ -260,8 +260,12 @@ class Link:
         return done
 
 
+COUNTERS = "_cemabench_counters"  # on a counted model: its SampleCounters, which cemabench.split carries to a tail
+
+
 class SampleCounter:
-    """Counts samples through a model's forward passes, split into passes with and without autograd."""
+    """Counts samples through a model's forward passes (a pass through a split model's tail is a pass through the
+    model: it ends at the model's output), split into passes with and without autograd."""
 
     def __init__(self):
         self.with_grad = 0
@@ -269,6 +273,7 @@ class SampleCounter:
 
     def attach(self, model: nn.Module) -> nn.Module:
         model.register_forward_pre_hook(self._hook)
+        vars(model).setdefault(COUNTERS, []).append(self)
         return model
 
     def _hook(self, module, args):

@@ -139,7 +139,10 @@ def split(model: nn.Module, stage: str, copy: bool = False) -> tuple[Part, Part]
     if copy:
         model = copying.deepcopy(model)
     all_stages, cut = stages(model), _cut(model, stage)
-    return Part(all_stages[:cut], model.training), Part(all_stages[cut:], model.training)
+    head, tail = Part(all_stages[:cut], model.training), Part(all_stages[cut:], model.training)
+    for counter in vars(model).get("_cemabench_counters", ()):  # the harness counts passes that reach the output
+        counter.attach(tail)
+    return head, tail
 
 
 def head_to(model: nn.Module, stage: str, copy: bool = False) -> Part:

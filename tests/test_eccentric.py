@@ -99,6 +99,8 @@ def test_dynamic_uploads_only_the_samples_its_gate_picks(setup):
     (result,) = _run(setup, "ecc-dynamic", {**FAST, "threshold": threshold, "payload_dtype": "float16"})
     picked = int((confidence < threshold).sum())
     assert 0 < picked < 48 and result.link.uploaded == picked
+    # the cloud runs the foundation's tail on each offloaded sample: a pass that reaches the model's output
+    assert result.cloud_forward_samples_nograd == picked and result.cloud_forward_samples_grad == 0
     assert result.link.bytes_up == picked * FEATURE * 2 and result.link.upload_bytes == 0
     (nothing,) = _run(setup, "ecc-dynamic", {**FAST, "threshold": 0.0, "payload_dtype": "int8"})
     assert nothing.status == "ok" and nothing.link.uploaded == 0 and nothing.link.bytes_up == 0
