@@ -515,9 +515,32 @@ class Execution:
     amp: bool = False
 
 
+@contextlib.contextmanager
+def _deterministic_threads(device: torch.device):
+    """On CPU a unit runs with one intra-op thread: torch's CPU reductions split their work by thread count, so
+    with more threads a unit's numbers would depend on the machine's cores and on ``--jobs``. Parallelism comes from
+    running units side by side (``--jobs``, Ray)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
+    """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
+    the same on every machine and under every executor."""
+    with _deterministic_threads(torch.device(execution.device)):
+        return _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scored_classes)
+
+
+def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
+              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
+              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
     """Run one method over a stream with no reset in between; a failure ends the unit, not the caller.
 
     The stream is a list of blocks (:mod:`cemabench.stream` builds them for a setting; a plain domain stands for

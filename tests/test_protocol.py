@@ -175,3 +175,30 @@ def test_channels_last_and_bf16_autocast_paths_run(tiny, name):
     results = run_unit(build_method(name, options), dataset.domains[:1], models, 4, dataset.clean,
                        Protocol(batch_size=16), seed=0, execution=Execution("cpu", channels_last=True, amp=True))
     assert results[0].status == "ok", results[0].message
+
+
+def test_a_unit_runs_with_one_intra_op_thread_on_cpu_and_restores_the_callers(tiny):
+    """torch's CPU reductions split work by thread count (the same training gave other weights with 1 and 2
+    threads), so a unit's numbers would depend on the machine's cores and on --jobs."""
+    from cemabench.method import EdgeDecision, EdgeLogic, Method
+
+    seen = []
+
+    class Records(Method):
+        name = "records-threads"
+
+        def edge(self, num_classes):
+            class Edge(EdgeLogic):
+                def step(self, model, x):
+                    seen.append(torch.get_num_threads())
+                    return EdgeDecision(model(x))
+            return Edge()
+
+    dataset, models = tiny
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_unit(Records(), dataset.domains[:1], models, 4, dataset.clean, Protocol(batch_size=50), seed=0)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
