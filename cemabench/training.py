@@ -76,7 +76,9 @@ def training_key(method: Method, resources: TrainingResources) -> str:
               "edge": model_fingerprint(resources.edge()), "foundation": model_fingerprint(resources.foundation()),
               "data": data_fingerprint(resources.clean), "num_classes": resources.num_classes,
               "code": hashlib.sha256(inspect.getsource(module).encode()).hexdigest(),
-              "seed": resources.seed, "torch": torch.__version__, "device": resources.device.type}
+              "seed": resources.seed, "torch": torch.__version__, "device": resources.device.type,
+              # CPU numbers depend on the intra-op threads (run_unit pins one): artefacts trained otherwise are stale
+              "cpu_threads": torch.get_num_threads() if resources.device.type == "cpu" else None}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

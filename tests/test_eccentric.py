@@ -8,7 +8,7 @@ from cemabench.method import CloudResources, TrainingResources
 from cemabench.protocol import ForwardOnlyEdge, Link, Models, Protocol, run_unit
 from cemabench.registry import build_method
 from cemabench.split import head_to, tail_from
-from cemabench.training import run_training
+from cemabench.training import run_training, training_key
 from cemabench.zoo import tiny_model
 from cemabench_methods import eccentric
 from conftest import tiny_dataset
@@ -119,6 +119,14 @@ def test_training_is_cached_and_reused_by_key(setup, tmp_path, monkeypatch):
     assert len(calls) == 2 and third.training["key"] != first.training["key"]
     (again,) = _run(setup, "ecc-adaptive", FAST)
     assert len(calls) == 2 and again.correct == first.correct and again.training["cached"] is True
+    dataset, models = setup
+    resources = TrainingResources(4, models.edge, models.foundation, dataset.clean)
+    before = torch.get_num_threads()
+    try:  # artefacts trained with other CPU threads (other numbers) are not reused
+        keys = {torch.set_num_threads(n) or training_key(build_method("ecc-adaptive", FAST), resources) for n in (1, 2)}
+    finally:
+        torch.set_num_threads(before)
+    assert len(keys) == 2 and first.training["key"] in keys
 
 
 def test_training_is_deterministic_and_leaves_the_online_random_state_alone(setup, tmp_path, monkeypatch):
