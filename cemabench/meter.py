@@ -65,6 +65,31 @@ def _may_carry_flops(name: str) -> bool:
     return any(word in name for word in ("conv", "linear", "matmul", "mm", "einsum", "attention", "bilinear"))
 
 
+def _shape_key(value):
+    """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is."""
+    if isinstance(value, torch.Tensor):
+        return "T", tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(_shape_key(v) for v in value)
+    return value
+
+
+_counted: dict = {}  # (op, argument shapes and values) -> FLOPs: the formulas depend on nothing else
+
+
+def _flops(func, op: _Op, args, kwargs, out) -> int:
+    """``op.formula``'s count, looked up by shapes when this call's were seen before (torch's formulas walk every
+    argument with pytree, which costs more than the op on a small model)."""
+    try:
+        key = (func, _shape_key(args), tuple(sorted((k, _shape_key(v)) for k, v in kwargs.items())), _shape_key(out))
+        hash(key)
+    except TypeError:  # an unhashable argument: count without the cache
+        return int(op.formula(*args, **kwargs, out_val=out))
+    if key not in _counted:
+        _counted[key] = int(op.formula(*args, **kwargs, out_val=out))
+    return _counted[key]
+
+
 class ComputeMeter(TorchDispatchMode):
     """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
     do. Enter it once per step (``with meter:``); ``flops`` accumulates until read."""
@@ -121,7 +146,7 @@ class ComputeMeter(TorchDispatchMode):
                     return out
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        self.flops += int(op.formula(*args, **kwargs, out_val=out))
+        self.flops += _flops(func, op, args, kwargs, out)
         return out
 
     def take(self) -> int:

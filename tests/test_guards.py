@@ -435,3 +435,22 @@ def test_protocol_flags_out_of_range_are_one_line_and_exit_2(flag, value, named,
     assert main(["run", "--method", "source", "--domains", "fog", flag, value]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cemabench: error: protocol ") and named in err and err.count("\n") == 1
+
+
+def test_the_flop_cache_counts_what_torchs_formulas_count_for_every_shape():
+    """The meter looks counts up by argument shapes and values (stride, padding, groups); each must equal
+    FlopCounterMode's, also when only a non-shape argument differs."""
+    from cemabench.meter import ComputeMeter
+
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 12, 12)
+    convs = [torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.Conv2d(3, 6, 3, padding=1),
+             torch.nn.Conv2d(3, 6, 3, groups=3)]
+    for conv in convs + convs:  # the second pass is served from the cache
+        for batch in (x, x[:2]):
+            meter = ComputeMeter()
+            with meter, torch.no_grad():
+                conv(batch)
+            with FlopCounterMode(display=False) as reference, torch.no_grad():
+                conv(batch)
+            assert meter.take() == reference.get_total_flops() > 0

@@ -20,6 +20,8 @@ from cemabench.registry import build_method, build_model
 from cemabench.stream import domain_order
 
 DEVICE = os.environ.get("CEMABENCH_BENCH_DEVICE", "cpu")
+# run_unit runs a unit with one intra-op thread on CPU (deterministic numbers); the bare loop gets the same
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IMAGES = int(os.environ.get("CEMABENCH_BENCH_IMAGES", 128))
 
 
