@@ -49,13 +49,14 @@ def test_a_plugin_that_kills_its_worker_process_fails_only_its_cells(plugins, tm
     assert status["kills-its-process"][0] == "error" and "worker process died" in status["kills-its-process"][1]
 
 
-def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins, tmp_path):
+def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins, tmp_path, monkeypatch):
     import os
 
     import pytest
     ray = pytest.importorskip("ray")
-    path = os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    # a local Ray's workers inherit the driver's environment: that is how they find the test plugins
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         spec = write_spec(tmp_path / "small.toml", ["source", "kills-its-process"])
         assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray"]) == 3
