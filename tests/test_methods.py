@@ -57,6 +57,29 @@ class TestBatchRenorm:
         (((x2 - bm) / torch.sqrt(bv + layer.eps) * r * w) * g).sum().backward()
         assert torch.allclose(x.grad, x2.grad)
 
+    def test_fused_call_equals_the_released_elementwise_formula_in_value_gradients_and_statistics(self):
+        """The layer runs one fused batch-norm call; CEMA's released code writes the same map as elementwise ops:
+        y = (x - mu_b) / sigma_b * r + d, then * weight + bias, unbiased variances, r and d detached."""
+        layer = self._layer().train()
+        layer(torch.randn(8, 3, 5, 5) * 3 + 1)
+        mean, var = layer.running_mean.clone(), layer.running_var.clone()
+        x = (torch.randn(6, 3, 5, 5) * 2 - 1).requires_grad_()
+        g = torch.randn(6, 3, 5, 5)
+        (layer(x) * g).sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+        bm = x2.mean((0, 2, 3))
+        centred = x2 - bm[None, :, None, None]
+        bv = centred.square().sum((0, 2, 3)) / (x2.numel() // 3 - 1)
+        bs, rs = torch.sqrt(bv + layer.eps), torch.sqrt(var + layer.eps)
+        r, d = (bs / rs).detach(), ((bm - mean) / rs).detach()
+        y = (centred / bs[None, :, None, None] * r[None, :, None, None] + d[None, :, None, None])
+        ((y * w[None, :, None, None] + b[None, :, None, None]) * g).sum().backward()
+        for got, want in ((x.grad, x2.grad), (layer.weight.grad, w.grad), (layer.bias.grad, b.grad),
+                          (layer.running_mean, mean + 0.1 * (bm.detach() - mean)),
+                          (layer.running_var, var + 0.1 * (bv.detach() - var))):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-13)
+
     def test_momentum_update_only_in_training_mode(self):
         layer = self._layer().eval()
         first, second = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2) + 5

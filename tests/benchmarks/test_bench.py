@@ -48,3 +48,30 @@ def test_cema_full_miniature_domain(benchmark, setup):
     result = benchmark.pedantic(run_unit, args=(method, dataset.domains, models, 10, dataset.clean, Protocol(), 0),
                                 rounds=3, iterations=1)
     assert result[0].status == "ok"
+
+
+@pytest.fixture(scope="module", params=["batchnorm", "batch-renorm"])
+def normalisation(request):
+    """A training-mode normalisation layer on the miniature foundation's first stage (128 x 16 x 32 x 32)."""
+    import torch
+    from torch import nn
+
+    from cemabench_methods.common import BatchRenorm2d
+
+    bn = nn.BatchNorm2d(16)
+    layer = bn if request.param == "batchnorm" else BatchRenorm2d(bn)
+    x = torch.randn(128, 16, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    layer.train()(x.detach())  # batch renormalisation initialises its statistics on its first batch
+    return request.param, layer, x
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_normalisation_forward_backward(benchmark, normalisation):
+    """CEMA's batch renormalisation against native BatchNorm, forward and backward (the pair's ratio is its cost)."""
+    name, layer, x = normalisation
+    benchmark.group = "normalisation forward+backward"
+
+    def step():
+        layer(x).square().mean().backward()
+
+    benchmark(step)
