@@ -61,6 +61,11 @@ def _torchvision_resnet(net: nn.Module) -> Stages:
             (CLASSIFIER, [net.avgpool, nn.Flatten(1), net.fc])]
 
 
+def _cifar_resnet(net: nn.Module) -> Stages:
+    layers = [(f"layer{i}", [getattr(net, f"layer{i}")]) for i in range(1, 4)]
+    return [("stem", [net.conv1, net.bn1, net.relu]), *layers, (CLASSIFIER, [net.avgpool, nn.Flatten(1), net.fc])]
+
+
 def _timm_resnet(net: nn.Module) -> Stages:
     if getattr(net, "grad_checkpointing", False):
         raise UserError("a timm ResNet with gradient checkpointing on cannot be split; "
@@ -78,7 +83,8 @@ def _class(module: str, name: str) -> type | None:
 # (module, class name) -> the architecture's ordered stages. The one place an architecture is described.
 LAYOUTS: dict[tuple[str, str], Callable[[nn.Module], Stages]] = {
     ("cemabench.miniature.nets", "MiniResNet"): _mini,
-    ("torchvision.models.resnet", "ResNet"): _torchvision_resnet,
+    ("torchvision.models.resnet", "ResNet"): _torchvision_resnet,  # also the cifar: zoo's ResNet-18/34/50
+    ("cemabench.cifar_zoo", "CifarResNet"): _cifar_resnet,
     ("timm.models.resnet", "ResNet"): _timm_resnet,
 }
 

@@ -78,12 +78,18 @@ def _is_path(weights: str) -> bool:
 def _load_checkpoint(net: nn.Module, path: str, spec: str) -> None:
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} for {spec} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    _load_state(net, torch.load(path, map_location="cpu", weights_only=True), path, spec)
+
+
+def _load_state(net: nn.Module, state, source: str, spec: str) -> None:
+    """Loads a state dict (or a checkpoint dict holding one under ``state_dict``) read from ``source`` into ``net``;
+    a mismatch is a one-line error naming the first problem torch reports."""
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
-        raise UserError(f"checkpoint {path} does not fit {spec}: {str(error).splitlines()[0]}") from error
+        first = " ".join(line.strip() for line in str(error).splitlines()[:2])
+        raise UserError(f"checkpoint {source} does not fit {spec}: {first}") from error
 
 
 def torchvision_model(name: str) -> nn.Module:
