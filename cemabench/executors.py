@@ -55,7 +55,7 @@ class Executor:
 
     @property
     def capacity(self) -> int:
-        """How many units can run at once (the runner claims no more than this ahead)."""
+        """How many units the runner keeps submitted at once (it claims no more than this ahead)."""
         return 1
 
     def close(self) -> None:
@@ -197,7 +197,9 @@ class RayExecutor(Executor):
 
     @property
     def capacity(self):
-        return self.slots
+        # one unit queued behind each running one: Ray hands it to the worker the moment a slot frees, instead of
+        # after a round trip through this process (ray.wait, the store, the next submit)
+        return 2 * self.slots
 
     def submit(self, unit):
         self.refs[self.task.remote(self.recipe, unit)] = unit

@@ -284,6 +284,11 @@ class SampleCounter:
             self.without_grad += n
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's values as raw bytes, for bit-exact comparison whatever its dtype."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
 class ForwardOnlyEdge:
     """The edge device: runs the method's edge logic in inference mode under a guarding :class:`ComputeMeter`
     (no backward kernel, no optimizer kernel, no write into an edge parameter, whatever issued it), and checks
@@ -311,23 +316,15 @@ class ForwardOnlyEdge:
         params = dict(self._parameters())
         self._identity = {n: (id(p), p.data_ptr()) for n, p in params.items()}
         self.meter.protect(params)
-        self._cpu = [n for n, p in params.items() if p.device.type == "cpu"]
-        self._values = self._flat(params) if self._cpu else None
-
-    def _flat(self, params: dict) -> torch.Tensor:
-        return torch.cat([params[n].detach().reshape(-1).double() for n in self._cpu])
+        # the bytes of every CPU parameter, compared bit for bit after each step (a NaN that stays NaN is unchanged)
+        self._values = {n: _bits(p).clone() for n, p in params.items() if p.device.type == "cpu"}
 
     def _changed(self) -> list[str]:
         params = dict(self._parameters())
         changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != (id(p), p.data_ptr())]
         changed += [n for n in self._identity if n not in params]
-        if not changed and self._values is not None and not torch.equal(self._flat(params), self._values):
-            changed, start = [], 0
-            for n in self._cpu:
-                size = params[n].numel()
-                if not torch.equal(params[n].detach().reshape(-1).double(), self._values[start:start + size]):
-                    changed.append(n)
-                start += size
+        if not changed:
+            changed = [n for n, v in self._values.items() if not torch.equal(_bits(params[n]), v)]
         return changed
 
     def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:

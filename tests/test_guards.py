@@ -16,7 +16,7 @@ from cemabench import miniature
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Link, LinkCounters, Models, Protocol, encode, run_unit
 from cemabench.stream import domain_order
-from conftest import TinyNet
+from conftest import TinyNet, tiny_dataset
 
 
 def plugin(edge_step, cloud_step=None, receive=None) -> Method:
@@ -192,6 +192,18 @@ def test_writing_an_edge_parameter_through_numpy_is_caught(tiny):
 
     (result,) = _run(tiny, plugin(cheat))
     assert result.status == "error" and "fc.bias" in result.message
+
+
+def test_an_edge_parameter_that_is_nan_and_stays_nan_is_not_a_change():
+    """The value seal compares bits: a NaN weight that nobody touched is not 'changed' (NaN != NaN as a number), so
+    the run ends as diverged (non-finite logits), not as a forward-only violation."""
+    torch.manual_seed(0)
+    edge = TinyNet().eval()
+    with torch.no_grad():
+        edge.fc.bias[0] = float("nan")
+    (result,) = run_unit(plugin(lambda self, model, x: EdgeDecision(model(x))), tiny_dataset().domains[:1],
+                         Models.copies_of(edge, TinyNet()), 4, None, Protocol(batch_size=16), seed=0)
+    assert result.status == "diverged", result.message
 
 
 def test_a_runtime_error_that_mentions_grad_is_not_a_forward_only_violation(tiny):
