@@ -284,9 +284,13 @@ class SampleCounter:
             self.without_grad += n
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's values as raw bytes, for bit-exact comparison whatever its dtype."""
-    return t.detach().reshape(-1).view(torch.uint8)
+    """A tensor's values as raw integers of its element size (64-bit words for 8 bytes and more), for bit-exact
+    comparison whatever its dtype."""
+    return t.detach().reshape(-1).view(_SAME_SIZE_INT.get(t.element_size(), torch.int64))
 
 
 class ForwardOnlyEdge:
