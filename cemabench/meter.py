@@ -100,6 +100,7 @@ class ComputeMeter(TorchDispatchMode):
         self.flops = 0
         self.protected: dict[int, str] = {}  # storage address -> name of each parameter no op may write to
         self.violation: str | None = None
+        self.phase = "the edge step"  # what runs under the guard, for its messages
 
     def protect(self, parameters: dict) -> None:
         """Refuse in-place writes into the storage of these named tensors (and of any view of them)."""
@@ -111,18 +112,18 @@ class ComputeMeter(TorchDispatchMode):
 
     def _check(self, op: _Op, args, kwargs) -> None:
         if torch._C._current_autograd_node() is not None:
-            self._refuse(f"a backward kernel ({op.name}) ran during the edge step")
+            self._refuse(f"a backward kernel ({op.name}) ran during {self.phase}")
         if op.optimizer:
-            self._refuse(f"an optimizer kernel ({op.name}) ran during the edge step")
+            self._refuse(f"an optimizer kernel ({op.name}) ran during {self.phase}")
         for position, keyword in op.written:
             target = args[position] if position < len(args) else kwargs.get(keyword)
             for t in target if isinstance(target, (list, tuple)) else (target,):
                 hit = self.protected.get(_storage(t))
                 if hit is not None:
-                    self._refuse(f"{op.name} wrote into the edge parameter {hit} during the edge step")
+                    self._refuse(f"{op.name} wrote into the edge parameter {hit} during {self.phase}")
                 if isinstance(t, torch.nn.Parameter) and t.grad is not None:
                     self._refuse(f"{op.name} updated a parameter from its gradient (an optimizer step, on a model "
-                                 f"kept beside the edge?) during the edge step")
+                                 f"kept beside the edge?) during {self.phase}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

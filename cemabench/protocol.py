@@ -354,9 +354,28 @@ class ForwardOnlyEdge:
         return decision
 
     def receive(self, download: Download) -> None:
-        with torch.no_grad():
-            self.logic.receive(self.model, download)
+        """Apply a download with the logic's ``receive``, under the same guard as the step, except that edge
+        parameters may be written: no backward or optimizer kernel may run, and afterwards only parameters that the
+        download names (exactly, or as the prefix of a name such as ``fc.weight.scale``) may have changed. Its FLOPs
+        count as edge FLOPs."""
+        self.meter.protect({})
+        self.meter.phase = "the edge's receive"
+        try:
+            with torch.no_grad(), self.meter:
+                self.logic.receive(self.model, download)
+        finally:
+            self.meter.phase = "the edge step"
+            violation, self.meter.violation = self.meter.violation, None
+            if violation is not None:
+                raise ForwardOnlyViolation(f"the edge is forward-only, but {violation}. "
+                                           f"Train a replica in the method's CloudLogic and send the new parameters "
+                                           f"down instead.")
         self.model.requires_grad_(False)
+        named = [n for n in self._changed() if not any(k == n or k.startswith(n + ".") for k in download)]
+        if named:
+            raise ForwardOnlyViolation(
+                f"the edge logic changed edge parameters that the download does not name while receiving it: "
+                f"{', '.join(named[:5])}. A download may only change the parameters it carries.")
         self._seal()
 
 

@@ -194,6 +194,63 @@ def test_writing_an_edge_parameter_through_numpy_is_caught(tiny):
     assert result.status == "error" and "fc.bias" in result.message
 
 
+# ---- receive: the edge applies downloads, and does nothing else there ------------------------------------------
+
+
+def _stash_step(self, model, x):
+    self.seen = x  # what a hostile edge keeps to train on later
+    return EdgeDecision(model(x))
+
+
+def test_training_the_edge_inside_receive_is_caught(tiny):
+    """A hostile receive that runs autograd and an optimizer step on the edge, with the images it kept, whenever a
+    (tiny) download arrives: receive runs under the same guard as the edge step."""
+
+    class Edge(EdgeLogic):
+        step = _stash_step
+
+        def receive(self, model, download):
+            model.requires_grad_(True)
+            with torch.enable_grad():
+                model(self.seen).logsumexp(1).mean().backward()
+            torch.optim.SGD(model.parameters(), lr=0.1).step()
+
+    method = plugin(None, cloud_step=lambda upload: {"fc.bias": torch.zeros(4)})
+    method.edge = lambda num_classes: Edge()
+    (result,) = _run(tiny, method)
+    assert result.status == "error" and "during the edge's receive" in result.message
+
+
+def test_a_receive_that_changes_a_parameter_the_download_does_not_name_is_caught(tiny):
+    def receive(model, download):
+        model.load_state_dict(download, strict=False)
+        model.fc.weight.mul_(0.5)  # no autograd, no optimizer: a plain write into a parameter nobody sent
+
+    method = plugin(lambda self, model, x: EdgeDecision(model(x)),
+                    cloud_step=lambda upload: {"fc.bias": torch.zeros(4)}, receive=receive)
+    (result,) = _run(tiny, method)
+    assert result.status == "error" and "fc.weight" in result.message and "fc.bias" not in result.message
+
+
+def test_a_receive_that_decodes_its_own_download_format_is_allowed(tiny):
+    """Downloads in a method's own format (int8 with a scale here) may be decoded by its receive into the
+    parameters they name; the bytes charged are those that crossed."""
+    applied = []
+
+    def receive(model, download):
+        model.fc.weight.copy_(download["fc.weight"].float() * download["fc.weight.scale"])
+        applied.append(model.fc.weight.detach().clone())
+
+    def cloud(upload):
+        return {"fc.weight": torch.ones(4, 4, dtype=torch.int8), "fc.weight.scale": torch.tensor(0.25)}
+
+    method = plugin(lambda self, model, x: EdgeDecision(model(x)), cloud_step=cloud, receive=receive)
+    (result,) = _run(tiny, method)
+    assert result.status == "ok", result.message
+    assert applied and torch.equal(applied[-1], torch.full((4, 4), 0.25))
+    assert result.link.download_bytes == result.link.downloads * (16 + 4)
+
+
 def test_an_edge_parameter_that_is_nan_and_stays_nan_is_not_a_change():
     """The value seal compares bits: a NaN weight that nobody touched is not 'changed' (NaN != NaN as a number), so
     the run ends as diverged (non-finite logits), not as a forward-only violation."""
