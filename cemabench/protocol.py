@@ -287,6 +287,10 @@ class SampleCounter:
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
+def _identity(p: torch.Tensor) -> tuple:
+    return id(p), p.data_ptr(), tuple(p.shape), p.stride(), p.storage_offset(), p.dtype
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """A tensor's values as raw integers of its element size (64-bit words for 8 bytes and more), for bit-exact
     comparison whatever its dtype."""
@@ -318,17 +322,23 @@ class ForwardOnlyEdge:
 
     def _seal(self) -> None:
         params = dict(self._parameters())
-        self._identity = {n: (id(p), p.data_ptr()) for n, p in params.items()}
+        for n, p in params.items():  # the seal reads what it compares through torch, not through the plugin's class
+            if type(p) is not nn.Parameter or p.layout != torch.strided or p.is_quantized:
+                raise ForwardOnlyViolation(f"the edge parameter {n} is a {type(p).__name__} ({p.layout}"
+                                           f"{', quantised' if p.is_quantized else ''}); the forward-only edge "
+                                           f"accepts plain strided nn.Parameter tensors only")
+        self._identity = {n: _identity(p) for n, p in params.items()}
         self.meter.protect(params)
-        # the bytes of every CPU parameter, compared bit for bit after each step (a NaN that stays NaN is unchanged)
-        self._values = {n: _bits(p).clone() for n, p in params.items() if p.device.type == "cpu"}
+        # every parameter's bits, compared after each step (a NaN that stays NaN is unchanged): on CPU a NumPy view,
+        # on any device another thread, could write behind the meter's back
+        self._values = {n: _bits(p).clone() for n, p in params.items()}
 
     def _changed(self) -> list[str]:
         params = dict(self._parameters())
-        changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != (id(p), p.data_ptr())]
+        changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != _identity(p)]
         changed += [n for n in self._identity if n not in params]
-        if not changed:
-            changed = [n for n, v in self._values.items() if not torch.equal(_bits(params[n]), v)]
+        changed += [n for n, v in self._values.items()  # always: one swapped parameter must not excuse the others
+                    if n in params and n not in changed and not torch.equal(_bits(params[n]), v)]
         return changed
 
     def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:
@@ -358,7 +368,8 @@ class ForwardOnlyEdge:
         parameters may be written: no backward or optimizer kernel may run, and afterwards only parameters that the
         download names (exactly, or as the prefix of a name such as ``fc.weight.scale``) may have changed. Its FLOPs
         count as edge FLOPs."""
-        self.meter.protect({})
+        named = lambda n: any(k == n or k.startswith(n + ".") for k in download)  # noqa: E731
+        self.meter.protect({n: p for n, p in self._parameters() if not named(n)})  # the others stay sealed
         self.meter.phase = "the edge's receive"
         try:
             with torch.no_grad(), self.meter:
@@ -371,11 +382,13 @@ class ForwardOnlyEdge:
                                            f"Train a replica in the method's CloudLogic and send the new parameters "
                                            f"down instead.")
         self.model.requires_grad_(False)
-        named = [n for n in self._changed() if not any(k == n or k.startswith(n + ".") for k in download)]
-        if named:
+        params = dict(self._parameters())
+        # a download may change the values of the parameters it names; it may not remove a parameter
+        bad = [n for n in self._changed() if n not in params or not named(n)]
+        if bad:
             raise ForwardOnlyViolation(
-                f"the edge logic changed edge parameters that the download does not name while receiving it: "
-                f"{', '.join(named[:5])}. A download may only change the parameters it carries.")
+                f"the edge logic changed or removed edge parameters that the download does not name while receiving "
+                f"it: {', '.join(bad[:5])}. A download may only change the values of the parameters it carries.")
         self._seal()
 
 

@@ -251,6 +251,71 @@ def test_a_receive_that_decodes_its_own_download_format_is_allowed(tiny):
     assert result.link.download_bytes == result.link.downloads * (16 + 4)
 
 
+def _with_edge(edge_class, cloud_step=None) -> Method:
+    method = plugin(None, cloud_step=cloud_step)
+    method.edge = lambda num_classes: edge_class()
+    return method
+
+
+def test_swapping_the_named_parameter_does_not_excuse_writes_to_the_others(tiny):
+    """Replacing the one parameter a download names used to skip the value comparison of all the others."""
+
+    class Edge(EdgeLogic):
+        def step(self, model, x):
+            return EdgeDecision(model(x))
+
+        def receive(self, model, download):
+            model.fc.bias = nn.Parameter(download["fc.bias"].clone(), requires_grad=False)
+            torch.Tensor.detach(model.conv.weight).numpy()[:] *= 0.5  # behind the meter, into a parameter not sent
+
+    (result,) = _run(tiny, _with_edge(Edge, lambda upload: {"fc.bias": torch.zeros(4)}))
+    assert result.status == "error" and "conv.weight" in result.message
+
+
+def test_a_receive_may_not_turn_a_named_parameter_into_a_buffer(tiny):
+    """A zero-byte download naming fc.weight must not license removing the parameter (and training the buffer that
+    replaces it, which no seal covers)."""
+
+    class Edge(EdgeLogic):
+        def step(self, model, x):
+            return EdgeDecision(model(x))
+
+        def receive(self, model, download):
+            weight = model.fc._parameters.pop("weight")
+            model.fc.register_buffer("weight", weight.detach().clone())
+
+    (result,) = _run(tiny, _with_edge(Edge, lambda upload: {"fc.weight": torch.empty(0)}))
+    assert result.status == "error" and "removed" in result.message and "fc.weight" in result.message
+
+
+class _Frozen(nn.Parameter):
+    """A parameter whose detach() hands the seal a frozen copy."""
+
+    def detach(self):
+        return torch.Tensor.detach(self).clone()
+
+
+def test_parameter_subclasses_and_quantised_parameters_are_refused_at_the_seal(tiny):
+    class Lying(EdgeLogic):
+        def configure(self, model):
+            model.fc.weight = _Frozen(model.fc.weight.detach().clone(), requires_grad=False)
+            return model
+
+        def step(self, model, x):
+            return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, _with_edge(Lying))
+    assert result.status == "error" and "fc.weight is a _Frozen" in result.message
+
+    class Quantised(Lying):
+        def configure(self, model):
+            model.q = nn.Parameter(torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8), requires_grad=False)
+            return model
+
+    (result,) = _run(tiny, _with_edge(Quantised))
+    assert result.status == "error" and "quantised" in result.message
+
+
 def test_an_edge_parameter_that_is_nan_and_stays_nan_is_not_a_change():
     """The value seal compares bits: a NaN weight that nobody touched is not 'changed' (NaN != NaN as a number), so
     the run ends as diverged (non-finite logits), not as a forward-only violation."""
