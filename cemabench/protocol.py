@@ -368,7 +368,9 @@ class ForwardOnlyEdge:
         parameters may be written: no backward or optimizer kernel may run, and afterwards only parameters that the
         download names (exactly, or as the prefix of a name such as ``fc.weight.scale``) may have changed. Its FLOPs
         count as edge FLOPs."""
-        named = lambda n: any(k == n or k.startswith(n + ".") for k in download)  # noqa: E731
+        def named(n: str) -> bool:
+            return any(k == n or k.startswith(n + ".") for k in download)
+
         self.meter.protect({n: p for n, p in self._parameters() if not named(n)})  # the others stay sealed
         self.meter.phase = "the edge's receive"
         try:

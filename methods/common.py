@@ -154,7 +154,7 @@ class BatchRenorm2d(nn.Module):
         # n values per channel, (x - mu_b) / sqrt(v_u + eps) = sqrt((n - 1) / n) * (x - mu_b) / sqrt(v_b + eps'), where
         # eps' = eps * (n - 1) / n; the detached r and d fold into the affine weight and bias
         n = x.numel() // x.shape[1]
-        with torch.no_grad():  # the statistics as the released code computes them: mean, then unbiased variance
+        with torch.no_grad():  # the statistics as before the fused call (mean, then unbiased variance): same bits
             batch_mean = x.mean(dim=(0, 2, 3))
             batch_var = (x - batch_mean[None, :, None, None]).square_().sum(dim=(0, 2, 3)) / (n - 1)
             if not self._is_initialized():
