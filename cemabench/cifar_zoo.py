@@ -28,7 +28,6 @@ error that says where to put it.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from torchvision.models import get_model
 from torchvision.models.resnet import BasicBlock
 
 from cemabench.errors import UserError
-from cemabench.zoo import Normalized, _is_path, _load_checkpoint, _load_state, _offline, hub_checkpoint, weights_dir
+from cemabench.zoo import Normalized, _is_path, _load_checkpoint, _load_state, hub_checkpoint, published_file
 
 
 @dataclass(frozen=True)
@@ -133,22 +132,16 @@ def _parse(name: str) -> tuple[str, str, str]:
 def _published(net: nn.Module, arch: str, dataset: str, spec: str) -> None:
     """Loads the published weights: from the weights folder by file name, else the torch hub cache, else download."""
     url = published_url(dataset, arch)
-    file = os.path.basename(url)
-    folder = weights_dir()
-    if folder is not None and (folder / file).is_file():
-        _load_checkpoint(net, str(folder / file), spec)
+    local, advice = published_file(url, spec, f"cifar:{arch}@{dataset}:/path/to/weights.pt")
+    if local is not None:
+        _load_checkpoint(net, str(local), spec)
         return
-    cached = hub_checkpoint(url)
-    advice = (f"put {file} (from {url}) at {cached}" + (f" or in {folder}" if folder else "")
-              + f", or name a local checkpoint as cifar:{arch}@{dataset}:/path/to/weights.pt")
-    if not cached.is_file() and _offline():
-        raise UserError(f"weights for {spec} are not cached and CEMABENCH_OFFLINE=1: {advice}")
     try:
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=True)
     except (OSError, RuntimeError) as error:
         problem = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"weights for {spec} could not be downloaded or read ({problem}): {advice}") from error
-    _load_state(net, state, str(cached), spec)
+    _load_state(net, state, str(hub_checkpoint(url)), spec)
 
 
 def cifar_model(name: str) -> nn.Module:

@@ -71,6 +71,22 @@ def hub_checkpoint(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def published_file(url: str, spec: str, alternative: str) -> tuple[Path | None, str]:
+    """A published weights file before any download: ``(path, "")`` when the weights folder holds it by its published
+    name, else ``(None, advice)`` for torch.hub's cache or download, the advice saying where to put the file (or to
+    name ``alternative``) should the download fail. Offline with the file in neither place: that advice, as an error."""
+    file = os.path.basename(url)
+    folder = weights_dir()
+    if folder is not None and (folder / file).is_file():
+        return folder / file, ""
+    cached = hub_checkpoint(url)
+    advice = (f"put {file} (from {url}) at {cached}" + (f" or in {folder}" if folder else "")
+              + f", or name a local checkpoint as {alternative}")
+    if not cached.is_file() and _offline():
+        raise UserError(f"weights for {spec} are not cached and CEMABENCH_OFFLINE=1: {advice}")
+    return None, advice
+
+
 def _is_path(weights: str) -> bool:
     return "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
@@ -111,17 +127,11 @@ def torchvision_model(name: str) -> nn.Module:
         raise UserError(f"{arch} has no weights {weights!r}; valid: {', '.join(enum.__members__)}, none, or a path")
     chosen = enum[weights]
     mean, std = list(chosen.transforms().mean), list(chosen.transforms().std)
-    file = os.path.basename(chosen.url)
-    folder = weights_dir()
-    if folder is not None and (folder / file).is_file():
+    local, advice = published_file(chosen.url, f"{spec}@{weights}", f"torchvision:{arch}@/path/to/weights.pth")
+    if local is not None:
         net = models.get_model(arch, weights=None)
-        _load_checkpoint(net, str(folder / file), spec)
+        _load_checkpoint(net, str(local), spec)
         return Normalized(net, mean, std).eval()
-    cached = hub_checkpoint(chosen.url)
-    advice = (f"put {file} (from {chosen.url}) at {cached}" + (f" or in {folder}" if folder else "")
-              + f", or name a local checkpoint as torchvision:{arch}@/path/to/weights.pth")
-    if not cached.is_file() and _offline():
-        raise UserError(f"weights for {spec}@{weights} are not cached and CEMABENCH_OFFLINE=1: {advice}")
     try:
         net = models.get_model(arch, weights=chosen)
     except OSError as error:
