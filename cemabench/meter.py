@@ -65,25 +65,42 @@ def _may_carry_flops(name: str) -> bool:
     return any(word in name for word in ("conv", "linear", "matmul", "mm", "einsum", "attention", "bilinear"))
 
 
-def _shape_key(value):
-    """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is."""
+def _shape_key(value, layout: bool = False):
+    """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is. With
+    ``layout``, also what can steer a composite op's decomposition: a tensor's strides, dtype, device and whether
+    it requires grad."""
     if isinstance(value, torch.Tensor):
+        if layout:
+            return "T", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad
         return "T", tuple(value.shape)
     if isinstance(value, (list, tuple)):
-        return tuple(_shape_key(v) for v in value)
+        return tuple(_shape_key(v, layout) for v in value)
     return value
 
 
+def _call_key(func, args, kwargs, layout: bool = False, out=None):
+    """A hashable key of one call's arguments (and output) as :func:`_shape_key` sees them, or None."""
+    key = (func, _shape_key(args, layout), tuple(sorted((k, _shape_key(v, layout)) for k, v in kwargs.items())),
+           _shape_key(out))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable argument
+        return None
+    return key
+
+
 _counted: dict = {}  # (op, argument shapes and values) -> FLOPs: the formulas depend on nothing else
+# (composite op, argument shapes, layouts and values) -> FLOPs its decomposition counted, for decompositions that
+# ran no op which writes into an argument or is an optimizer's: a repeated call with the same key runs the op in one
+# piece and adds these FLOPs, as its decomposition is the same sequence of ops (which the guard saw write nothing)
+_decomposed: dict = {}
 
 
 def _flops(func, op: _Op, args, kwargs, out) -> int:
     """``op.formula``'s count, looked up by shapes when this call's were seen before (torch's formulas walk every
     argument with pytree, which costs more than the op on a small model)."""
-    try:
-        key = (func, _shape_key(args), tuple(sorted((k, _shape_key(v)) for k, v in kwargs.items())), _shape_key(out))
-        hash(key)
-    except TypeError:  # an unhashable argument: count without the cache
+    key = _call_key(func, args, kwargs, out=out)
+    if key is None:  # an unhashable argument: count without the cache
         return int(op.formula(*args, **kwargs, out_val=out))
     if key not in _counted:
         _counted[key] = int(op.formula(*args, **kwargs, out_val=out))
@@ -100,6 +117,7 @@ class ComputeMeter(TorchDispatchMode):
         self.flops = 0
         self.protected: dict[int, str] = {}  # storage address -> name of each parameter no op may write to
         self.violation: str | None = None
+        self.writes = 0  # ops run inside that write into an argument or are an optimizer's
         self.phase = "the edge step"  # what runs under the guard, for its messages
 
     def protect(self, parameters: dict) -> None:
@@ -132,17 +150,27 @@ class ComputeMeter(TorchDispatchMode):
         op = _ops.get(func)
         if op is None:
             op = _ops[func] = _Op(func)
+        if op.written or op.optimizer:
+            self.writes += 1
         if self.guard:
             self._check(op, args, kwargs)
         if op.formula is None:
             if not op.flop_free:
-                before = self.flops
+                key = _call_key(func, args, kwargs, layout=True)
+                flops = _decomposed.get(key) if key is not None else None
+                if flops is not None:
+                    out = func(*args, **kwargs)
+                    self.flops += flops
+                    return out
+                before, writes = self.flops, self.writes
                 with self:
                     out = func.decompose(*args, **kwargs)
                 if out is NotImplemented or self.flops == before:
                     # no formula inside: decomposing it again would only cost time (a decomposition's structure
                     # does not depend on the values; a zero-FLOP call of a matmul-like op keeps it decomposed)
                     op.flop_free = out is NotImplemented or not _may_carry_flops(op.name)
+                elif key is not None and self.writes == writes:
+                    _decomposed[key] = self.flops - before
                 if out is not NotImplemented:
                     return out
             return func(*args, **kwargs)

@@ -330,15 +330,20 @@ class ForwardOnlyEdge:
         self._identity = {n: _identity(p) for n, p in params.items()}
         self.meter.protect(params)
         # every parameter's bits, compared after each step (a NaN that stays NaN is unchanged): on CPU a NumPy view,
-        # on any device another thread, could write behind the meter's back
+        # on any device another thread, could write behind the meter's back. While a parameter keeps its identity
+        # (the same tensor, storage address, shape, strides and dtype), the bits of a contiguous one are read through
+        # a view taken now; otherwise they are read afresh.
+        self._views = {n: _bits(p) if p.is_contiguous() else None for n, p in params.items()}
         self._values = {n: _bits(p).clone() for n, p in params.items()}
 
     def _changed(self) -> list[str]:
         params = dict(self._parameters())
         changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != _identity(p)]
         changed += [n for n in self._identity if n not in params]
+        seen = set(changed)
         changed += [n for n, v in self._values.items()  # always: one swapped parameter must not excuse the others
-                    if n in params and n not in changed and not torch.equal(_bits(params[n]), v)]
+                    if n in params and n not in seen and not torch.equal(
+                        _bits(params[n]) if self._views[n] is None else self._views[n], v)]
         return changed
 
     def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:

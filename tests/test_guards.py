@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cemabench import miniature
+from cemabench.errors import ForwardOnlyViolation
+from cemabench.meter import ComputeMeter
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Link, LinkCounters, Models, Protocol, encode, run_unit
 from cemabench.stream import domain_order
@@ -574,8 +576,6 @@ def test_protocol_flags_out_of_range_are_one_line_and_exit_2(flag, value, named,
 def test_the_flop_cache_counts_what_torchs_formulas_count_for_every_shape():
     """The meter looks counts up by argument shapes and values (stride, padding, groups); each must equal
     FlopCounterMode's, also when only a non-shape argument differs."""
-    from cemabench.meter import ComputeMeter
-
     torch.manual_seed(0)
     x = torch.rand(5, 3, 12, 12)
     convs = [torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.Conv2d(3, 6, 3, padding=1),
@@ -588,3 +588,50 @@ def test_the_flop_cache_counts_what_torchs_formulas_count_for_every_shape():
             with FlopCounterMode(display=False) as reference, torch.no_grad():
                 conv(batch)
             assert meter.take() == reference.get_total_flops() > 0
+
+
+def test_composite_ops_on_the_edge_are_counted_as_torch_counts_them_first_decomposed_then_from_the_cache():
+    """In inference mode (the edge's step) the meter sees composite ops such as conv2d, linear and matmul whole. It
+    decomposes a call once per argument shapes, layouts and values and serves repeats from a cache: every count,
+    first or repeated, must equal FlopCounterMode's, also when only the strides, a non-shape argument or a missing
+    bias differ."""
+    from cemabench import meter as M
+
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 12, 12)
+    conv, strided = torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(3, 6, 3, stride=2, bias=False)
+    linear, bare = torch.nn.Linear(7, 4), torch.nn.Linear(7, 4, bias=False)
+    a, b = torch.rand(6, 7), torch.rand(2, 6, 7)
+    cases = [(conv, x), (conv, x.contiguous(memory_format=torch.channels_last)), (conv, x[:2]), (strided, x),
+             (linear, a), (bare, a), (linear, b), (lambda t: t @ a.T, b),
+             (lambda t: torch.einsum("ij,kj->ik", t, a), a)]
+    for _ in range(2):  # the second pass is served from the cache
+        for fn, arg in cases:
+            meter = ComputeMeter(guard=True)
+            with torch.inference_mode(), meter:
+                fn(arg)
+            with FlopCounterMode(display=False) as reference, torch.no_grad():
+                fn(arg)
+            assert meter.take() == reference.get_total_flops() > 0
+    assert any(key[0] is torch.ops.aten.conv2d.default for key in M._decomposed)
+
+
+def test_a_composite_op_that_writes_is_decomposed_and_refused_at_every_call():
+    """A composite op whose decomposition writes (matmul with ``out=``) is never served from the decomposition
+    cache, and a write into an edge parameter through it is refused at the op, the first time and every time."""
+    from cemabench import meter as M
+
+    a = torch.rand(4, 4)
+    weight = torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+    scratch = torch.zeros(4, 4)
+    meter = ComputeMeter(guard=True)
+    meter.protect({"fc.weight": weight})
+    for _ in range(2):
+        with torch.inference_mode(), meter:
+            torch.matmul(a, a, out=scratch)  # allowed: not a parameter
+        assert meter.take() == 2 * 4 * 4 * 4
+        with pytest.raises(ForwardOnlyViolation, match="fc.weight"), torch.inference_mode(), meter:
+            torch.matmul(a, a, out=weight)
+        meter.violation = None
+    assert not any(key[0] is torch.ops.aten.matmul.out for key in M._decomposed)
+    assert torch.equal(weight, torch.zeros(4, 4))

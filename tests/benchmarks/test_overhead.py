@@ -7,6 +7,7 @@
 Each group holds the bare loop and the protocol on the same images and model; the ratio of their means is the
 overhead (online scoring, the link, the forward-only meter that sees every op and counts FLOPs, the parameter seal).
 """
+import copy
 import os
 
 import numpy as np
@@ -23,6 +24,7 @@ DEVICE = os.environ.get("CEMABENCH_BENCH_DEVICE", "cpu")
 # run_unit runs a unit with one intra-op thread on CPU (deterministic numbers); the bare loop gets the same
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IMAGES = int(os.environ.get("CEMABENCH_BENCH_IMAGES", 128))
+ROUNDS = int(os.environ.get("CEMABENCH_BENCH_ROUNDS", 3))
 
 
 def _case(name: str):
@@ -56,14 +58,17 @@ def _bare(domain, model, seed=0):
 def test_bare_loop(benchmark, case):
     name, domain, model, _ = case
     benchmark.group = f"overhead {name}"
-    correct = benchmark.pedantic(_bare, args=(domain, model.to(DEVICE)), rounds=3, iterations=1, warmup_rounds=1)
+    correct = benchmark.pedantic(_bare, args=(domain, model.to(DEVICE)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert correct >= 0
 
 
 def test_protocol_loop(benchmark, case):
     name, domain, model, classes = case
     benchmark.group = f"overhead {name}"
-    models = Models(edge=lambda: model, foundation=lambda: model)
+    # a fresh copy per unit, made before the clock runs (the bare loop's model is built beforehand too): a unit
+    # attaches its sample counter to the model it gets, and the bare loop's model must stay as the user built it
+    copies = iter([copy.deepcopy(model) for _ in range(ROUNDS + 2)])
+    models = Models(edge=lambda: next(copies), foundation=lambda: next(copies))
     args = (build_method("source"), [domain], models, classes, None, Protocol(batch_size=64), 0, Execution(DEVICE))
-    (result,) = benchmark.pedantic(run_unit, args=args, rounds=3, iterations=1, warmup_rounds=1)
+    (result,) = benchmark.pedantic(run_unit, args=args, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert result.status == "ok" and result.correct == _bare(domain, model.to(DEVICE))
