@@ -320,7 +320,9 @@ class ForwardOnlyEdge:
         for prefix, m in self.extras.items():
             yield from ((f"{prefix}.{n}", p) for n, p in m.named_parameters())
 
-    def _seal(self) -> None:
+    def _seal(self, changed=None) -> None:
+        """Seal the edge parameters as they are now. ``changed``: the only names whose values may differ from the
+        last seal (a download's, checked by the caller); the other parameters keep their snapshots."""
         params = dict(self._parameters())
         for n, p in params.items():  # the seal reads what it compares through torch, not through the plugin's class
             if type(p) is not nn.Parameter or p.layout != torch.strided or p.is_quantized:
@@ -334,12 +336,17 @@ class ForwardOnlyEdge:
         # (the same tensor, storage address, shape, strides and dtype), the bits of a contiguous one are read through
         # a view taken now; otherwise they are read afresh.
         self._views = {n: _bits(p) if p.is_contiguous() else None for n, p in params.items()}
-        self._values = {n: _bits(p).clone() for n, p in params.items()}
+        kept = {} if changed is None else {n: v for n, v in self._values.items() if n not in changed}
+        self._values = {n: kept[n] if n in kept else _bits(p).clone() for n, p in params.items()}
 
-    def _changed(self) -> list[str]:
+    def _changed(self, values: bool = True) -> list[str]:
+        """Names of the parameters swapped, set to require grad, removed or (with ``values``) changed in value since
+        the last seal."""
         params = dict(self._parameters())
         changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != _identity(p)]
         changed += [n for n in self._identity if n not in params]
+        if not values:
+            return changed
         seen = set(changed)
         changed += [n for n, v in self._values.items()  # always: one swapped parameter must not excuse the others
                     if n in params and n not in seen and not torch.equal(
@@ -370,9 +377,9 @@ class ForwardOnlyEdge:
 
     def receive(self, download: Download) -> None:
         """Apply a download with the logic's ``receive``, under the same guard as the step, except that edge
-        parameters may be written: no backward or optimizer kernel may run, and afterwards only parameters that the
-        download names (exactly, or as the prefix of a name such as ``fc.weight.scale``) may have changed. Its FLOPs
-        count as edge FLOPs."""
+        parameters may be written: no backward or optimizer kernel may run, and only parameters that the download
+        names (exactly, or as the prefix of a name such as ``fc.weight.scale``) may change: the others may not be
+        swapped or removed here, and their values are compared after the next step. Its FLOPs count as edge FLOPs."""
         def named(n: str) -> bool:
             return any(k == n or k.startswith(n + ".") for k in download)
 
@@ -390,13 +397,15 @@ class ForwardOnlyEdge:
                                            f"down instead.")
         self.model.requires_grad_(False)
         params = dict(self._parameters())
-        # a download may change the values of the parameters it names; it may not remove a parameter
-        bad = [n for n in self._changed() if n not in params or not named(n)]
+        # a download may change the values of the parameters it names; it may not remove a parameter. The others
+        # keep their snapshots, and their values are compared after the edge step that follows every receive (the
+        # same batch's, before its predictions count)
+        bad = [n for n in self._changed(values=False) if n not in params or not named(n)]
         if bad:
             raise ForwardOnlyViolation(
-                f"the edge logic changed or removed edge parameters that the download does not name while receiving "
+                f"the edge logic swapped or removed edge parameters that the download does not name while receiving "
                 f"it: {', '.join(bad[:5])}. A download may only change the values of the parameters it carries.")
-        self._seal()
+        self._seal(changed={n for n in params if named(n)})
 
 
 _AUTOGRAD_ENTRIES = {torch.autograd.backward.__code__, torch.autograd.grad.__code__}

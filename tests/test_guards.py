@@ -274,6 +274,30 @@ def test_swapping_the_named_parameter_does_not_excuse_writes_to_the_others(tiny)
     assert result.status == "error" and "conv.weight" in result.message
 
 
+@pytest.mark.parametrize("target", ["fc.bias", "conv.weight"])
+def test_after_downloads_the_seal_still_holds_for_sent_and_unsent_parameters(tiny, target):
+    """After a receive only the parameters the download names are sealed afresh; the others keep their snapshots.
+    Either kind, written behind the meter in a later step, is caught; untouched, the run is clean."""
+    steps = []
+
+    def step(self, model, x):
+        steps.append(len(steps))
+        if target and len(steps) == 4:  # three downloads have been applied by now
+            module, name = target.split(".")
+            torch.Tensor.detach(getattr(getattr(model, module), name)).numpy()[...] *= 0.5
+        return EdgeDecision(model(x), upload=torch.arange(len(x)))
+
+    def cloud(upload):
+        return {"fc.bias": torch.full((4,), float(len(steps)))}
+
+    (result,) = _run(tiny, plugin(step, cloud_step=cloud))
+    assert result.status == "error" and target in result.message and "outside a download" in result.message
+    steps.clear()
+    target = None
+    (clean,) = _run(tiny, plugin(step, cloud_step=cloud))
+    assert clean.status == "ok" and len(steps) > 4 and clean.link.downloads == len(steps)
+
+
 def test_a_receive_may_not_turn_a_named_parameter_into_a_buffer(tiny):
     """A zero-byte download naming fc.weight must not license removing the parameter (and training the buffer that
     replaces it, which no seal covers)."""
