@@ -34,7 +34,7 @@ _METADATA = {
 class _Op:
     """What the meter needs to know about an op, worked out once per op overload."""
 
-    __slots__ = ("name", "formula", "optimizer", "written", "flop_free")
+    __slots__ = ("name", "formula", "optimizer", "written", "whole", "aten")
 
     def __init__(self, func):
         self.name = func.name()
@@ -44,8 +44,10 @@ class _Op:
         # positions and keyword names of the arguments the op writes to (its ``Tensor(a!)`` arguments)
         self.written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
                              if a.alias_info is not None and a.alias_info.is_write)
-        # an op without a formula whose decomposition ran no op with one: later calls skip decomposing it
-        self.flop_free = func is torch.ops.prim.device.default
+        # an op without a decomposition (learnt at its first call): it runs whole
+        self.whole = func is torch.ops.prim.device.default
+        # only PyTorch's own composite ops have their decompositions cached; a plugin's op is decomposed every call
+        self.aten = func.namespace == "aten"
 
 
 _ops: dict = {}
@@ -60,18 +62,14 @@ def _storage(t) -> int | None:
         return None
 
 
-def _may_carry_flops(name: str) -> bool:
-    """Ops whose decomposition can reach a matmul or convolution even when one call happened to count none."""
-    return any(word in name for word in ("conv", "linear", "matmul", "mm", "einsum", "attention", "bilinear"))
-
-
 def _shape_key(value, layout: bool = False):
     """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is. With
-    ``layout``, also what can steer a composite op's decomposition: a tensor's strides, dtype, device and whether
-    it requires grad."""
+    ``layout``, also what can steer a composite op's decomposition or matters to the guard: a tensor's strides,
+    dtype, device, whether it requires grad and whether it is a parameter."""
     if isinstance(value, torch.Tensor):
         if layout:
-            return "T", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad
+            return ("T", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad,
+                    isinstance(value, torch.nn.Parameter))
         return "T", tuple(value.shape)
     if isinstance(value, (list, tuple)):
         return tuple(_shape_key(v, layout) for v in value)
@@ -90,9 +88,9 @@ def _call_key(func, args, kwargs, layout: bool = False, out=None):
 
 
 _counted: dict = {}  # (op, argument shapes and values) -> FLOPs: the formulas depend on nothing else
-# (composite op, argument shapes, layouts and values) -> FLOPs its decomposition counted, for decompositions that
-# ran no op which writes into an argument or is an optimizer's: a repeated call with the same key runs the op in one
-# piece and adds these FLOPs, as its decomposition is the same sequence of ops (which the guard saw write nothing)
+# (composite aten op, argument shapes, layouts and values) -> FLOPs its decomposition counted (zero included), for
+# decompositions that ran no optimizer op and wrote into no parameter and no protected tensor: a repeated call with
+# the same key runs the op in one piece and adds these FLOPs, as its decomposition is the same sequence of ops
 _decomposed: dict = {}
 
 
@@ -117,7 +115,8 @@ class ComputeMeter(TorchDispatchMode):
         self.flops = 0
         self.protected: dict[int, str] = {}  # storage address -> name of each parameter no op may write to
         self.violation: str | None = None
-        self.writes = 0  # ops run inside that write into an argument or are an optimizer's
+        self.writes = 0  # ops run inside that were an optimizer's or wrote into a parameter or a protected tensor
+        self.decomposing = 0  # depth of the composite ops being decomposed: only there do unguarded writes matter
         self.phase = "the edge step"  # what runs under the guard, for its messages
 
     def protect(self, parameters: dict) -> None:
@@ -129,17 +128,23 @@ class ComputeMeter(TorchDispatchMode):
         raise ForwardOnlyViolation(message)
 
     def _check(self, op: _Op, args, kwargs) -> None:
-        if torch._C._current_autograd_node() is not None:
+        """With the guard, refuse what a forward-only device cannot run; always, count the ops that a cached
+        decomposition may not skip (optimizer ops, writes into a parameter or a protected tensor)."""
+        if self.guard and torch._C._current_autograd_node() is not None:
             self._refuse(f"a backward kernel ({op.name}) ran during {self.phase}")
         if op.optimizer:
-            self._refuse(f"an optimizer kernel ({op.name}) ran during {self.phase}")
+            self.writes += 1
+            if self.guard:
+                self._refuse(f"an optimizer kernel ({op.name}) ran during {self.phase}")
         for position, keyword in op.written:
             target = args[position] if position < len(args) else kwargs.get(keyword)
             for t in target if isinstance(target, (list, tuple)) else (target,):
                 hit = self.protected.get(_storage(t))
-                if hit is not None:
+                parameter = isinstance(t, torch.nn.Parameter)
+                self.writes += hit is not None or parameter
+                if self.guard and hit is not None:
                     self._refuse(f"{op.name} wrote into the edge parameter {hit} during {self.phase}")
-                if isinstance(t, torch.nn.Parameter) and t.grad is not None:
+                if self.guard and parameter and t.grad is not None:
                     self._refuse(f"{op.name} updated a parameter from its gradient (an optimizer step, on a model "
                                  f"kept beside the edge?) during {self.phase}")
 
@@ -150,30 +155,31 @@ class ComputeMeter(TorchDispatchMode):
         op = _ops.get(func)
         if op is None:
             op = _ops[func] = _Op(func)
-        if op.written or op.optimizer:
-            self.writes += 1
-        if self.guard:
+        if self.guard or (self.decomposing and (op.written or op.optimizer)):
             self._check(op, args, kwargs)
         if op.formula is None:
-            if not op.flop_free:
-                key = _call_key(func, args, kwargs, layout=True)
-                flops = _decomposed.get(key) if key is not None else None
-                if flops is not None:
-                    out = func(*args, **kwargs)
-                    self.flops += flops
-                    return out
-                before, writes = self.flops, self.writes
+            if op.whole:
+                return func(*args, **kwargs)
+            # a composite op: its decomposition runs under the meter, which counts the ops with a formula inside
+            key = _call_key(func, args, kwargs, layout=True) if op.aten else None
+            flops = _decomposed.get(key) if key is not None else None
+            if flops is not None:
+                out = func(*args, **kwargs)
+                self.flops += flops
+                return out
+            before, writes = self.flops, self.writes
+            self.decomposing += 1
+            try:
                 with self:
                     out = func.decompose(*args, **kwargs)
-                if out is NotImplemented or self.flops == before:
-                    # no formula inside: decomposing it again would only cost time (a decomposition's structure
-                    # does not depend on the values; a zero-FLOP call of a matmul-like op keeps it decomposed)
-                    op.flop_free = out is NotImplemented or not _may_carry_flops(op.name)
-                elif key is not None and self.writes == writes:
-                    _decomposed[key] = self.flops - before
-                if out is not NotImplemented:
-                    return out
-            return func(*args, **kwargs)
+            finally:
+                self.decomposing -= 1
+            if out is NotImplemented:
+                op.whole = True
+                return func(*args, **kwargs)
+            if key is not None and self.writes == writes:
+                _decomposed[key] = self.flops - before
+            return out
         out = func(*args, **kwargs)
         self.flops += _flops(func, op, args, kwargs, out)
         return out

@@ -288,7 +288,10 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 def _identity(p: torch.Tensor) -> tuple:
-    return id(p), p.data_ptr(), tuple(p.shape), p.stride(), p.storage_offset(), p.dtype
+    """What must stay the same for a parameter's seal to hold: the tensor, its storage (the object, not only its
+    address: ``.data`` can move a parameter onto another storage at the same address), shape, strides and dtype."""
+    storage = p.untyped_storage()
+    return id(p), storage._cdata, p.data_ptr(), tuple(p.shape), p.stride(), p.storage_offset(), p.dtype
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -315,15 +318,23 @@ class ForwardOnlyEdge:
             self.forwards.attach(m)
         self._seal()
 
-    def _parameters(self):
-        yield from self.model.named_parameters()
+    def _parameters(self) -> dict:
+        """Every edge parameter by name: the model's, and those of the modules the edge logic keeps beside it
+        (named ``attribute.parameter``). A name held twice would hide one of the two from the seal: refused."""
+        named = list(self.model.named_parameters())
         for prefix, m in self.extras.items():
-            yield from ((f"{prefix}.{n}", p) for n, p in m.named_parameters())
+            named += [(f"{prefix}.{n}", p) for n, p in m.named_parameters()]
+        params = dict(named)
+        if len(params) != len(named):
+            twice = sorted({n for n, _ in named if sum(1 for k, _ in named if k == n) > 1})
+            raise ForwardOnlyViolation(f"two edge parameters are named {', '.join(twice[:3])}: a module the edge "
+                                       f"logic keeps is named like a part of the model; rename the attribute")
+        return params
 
     def _seal(self, changed=None) -> None:
         """Seal the edge parameters as they are now. ``changed``: the only names whose values may differ from the
         last seal (a download's, checked by the caller); the other parameters keep their snapshots."""
-        params = dict(self._parameters())
+        params = self._parameters()
         for n, p in params.items():  # the seal reads what it compares through torch, not through the plugin's class
             if type(p) is not nn.Parameter or p.layout != torch.strided or p.is_quantized:
                 raise ForwardOnlyViolation(f"the edge parameter {n} is a {type(p).__name__} ({p.layout}"
@@ -342,7 +353,7 @@ class ForwardOnlyEdge:
     def _changed(self, values: bool = True) -> list[str]:
         """Names of the parameters swapped, set to require grad, removed or (with ``values``) changed in value since
         the last seal."""
-        params = dict(self._parameters())
+        params = self._parameters()
         changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != _identity(p)]
         changed += [n for n in self._identity if n not in params]
         if not values:
@@ -383,7 +394,7 @@ class ForwardOnlyEdge:
         def named(n: str) -> bool:
             return any(k == n or k.startswith(n + ".") for k in download)
 
-        self.meter.protect({n: p for n, p in self._parameters() if not named(n)})  # the others stay sealed
+        self.meter.protect({n: p for n, p in self._parameters().items() if not named(n)})  # the others stay sealed
         self.meter.phase = "the edge's receive"
         try:
             with torch.no_grad(), self.meter:
@@ -396,7 +407,7 @@ class ForwardOnlyEdge:
                                            f"Train a replica in the method's CloudLogic and send the new parameters "
                                            f"down instead.")
         self.model.requires_grad_(False)
-        params = dict(self._parameters())
+        params = self._parameters()
         # a download may change the values of the parameters it names; it may not remove a parameter. The others
         # keep their snapshots, and their values are compared after the edge step that follows every receive (the
         # same batch's, before its predictions count)

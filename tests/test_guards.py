@@ -640,11 +640,10 @@ def test_composite_ops_on_the_edge_are_counted_as_torch_counts_them_first_decomp
     assert any(key[0] is torch.ops.aten.conv2d.default for key in M._decomposed)
 
 
-def test_a_composite_op_that_writes_is_decomposed_and_refused_at_every_call():
-    """A composite op whose decomposition writes (matmul with ``out=``) is never served from the decomposition
-    cache, and a write into an edge parameter through it is refused at the op, the first time and every time."""
-    from cemabench import meter as M
-
+def test_a_composite_op_that_writes_into_an_edge_parameter_is_refused_at_every_call():
+    """``matmul(out=)`` is a composite op that writes. Into a scratch tensor it may run (and be served from the
+    decomposition cache); into an edge parameter, directly or through a view, it is refused at the op every time,
+    before and after the cache holds the scratch call's key."""
     a = torch.rand(4, 4)
     weight = torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False)
     scratch = torch.zeros(4, 4)
@@ -654,8 +653,93 @@ def test_a_composite_op_that_writes_is_decomposed_and_refused_at_every_call():
         with torch.inference_mode(), meter:
             torch.matmul(a, a, out=scratch)  # allowed: not a parameter
         assert meter.take() == 2 * 4 * 4 * 4
-        with pytest.raises(ForwardOnlyViolation, match="fc.weight"), torch.inference_mode(), meter:
-            torch.matmul(a, a, out=weight)
-        meter.violation = None
-    assert not any(key[0] is torch.ops.aten.matmul.out for key in M._decomposed)
+        for target in (weight, weight.detach()):
+            with pytest.raises(ForwardOnlyViolation, match="fc.weight"), torch.inference_mode(), meter:
+                torch.matmul(a, a, out=target)
+            meter.violation = None
     assert torch.equal(weight, torch.zeros(4, 4))
+
+def test_moving_a_parameter_onto_another_storage_at_the_same_address_is_caught(tiny):
+    """``.data`` can move a parameter onto a new storage at the same address (no aten op runs) while the old
+    storage's bits move away: the parameter keeps its tensor, address, shape and strides, and a seal that read the
+    old storage would see nothing change. The seal holds the storage object itself."""
+
+    class Edge(EdgeLogic):
+        def configure(self, model):
+            self.array = model.fc.weight.detach().numpy().copy()
+            model.fc.weight = nn.Parameter(torch.from_numpy(self.array), requires_grad=False)
+            return model
+
+        def step(self, model, x):
+            if not hasattr(self, "moved"):
+                self.moved = sealed = torch.Tensor.detach(model.fc.weight)
+                model.fc.weight.data = torch.from_numpy(self.array)  # another storage, the same address
+                sealed.untyped_storage().share_memory_()  # the sealed storage's bits move elsewhere
+            self.array[...] += 0.25  # behind torch's back, into what the model now reads
+            return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, _with_edge(Edge))
+    assert result.status == "error" and "fc.weight" in result.message
+
+
+def test_a_module_kept_on_the_edge_logic_may_not_shadow_the_models_parameters(tiny):
+    """An extra module named like a part of the model (``self.conv`` beside the model's ``conv``) would give two
+    parameters one name, and the seal would keep only one of them."""
+
+    class Edge(EdgeLogic):
+        def __init__(self):
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def step(self, model, x):
+            model.conv.weight.mul_(0.9)
+            return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, _with_edge(Edge))
+    assert result.status == "error" and "conv.weight" in result.message and "named" in result.message
+
+
+def test_a_plugins_own_composite_op_is_metered_op_by_op_at_every_call():
+    """A composite op a plugin defines (here through torch.library) is decomposed under the meter at every call,
+    never run whole from a cache seeded by a harmless first call."""
+    library = torch.library.Library("cemabench_test_guards", "DEF")
+    library.define("project(Tensor x, Tensor w) -> Tensor")
+    calls, hidden = [], nn.Linear(8, 8)
+    with torch.inference_mode(False):
+        hidden.weight.grad = torch.ones_like(hidden.weight)
+    optimizer = torch.optim.SGD(hidden.parameters(), lr=0.1, foreach=True)
+
+    def project(x, w):
+        calls.append(1)
+        if len(calls) > 1:  # harmless the first time, an optimizer step on a hidden model afterwards
+            with torch.inference_mode(False):
+                optimizer.step()
+        return x @ w.T
+
+    library.impl("project", project, "CompositeImplicitAutograd")
+    x, w = torch.rand(8, 8), torch.rand(8, 8)
+    meter = ComputeMeter(guard=True)
+    with torch.inference_mode(), meter:
+        torch.ops.cemabench_test_guards.project(x, w)
+    assert meter.take() == 2 * 8 * 8 * 8
+    with pytest.raises(ForwardOnlyViolation, match="optimizer"), torch.inference_mode(), meter:
+        torch.ops.cemabench_test_guards.project(x, w)
+
+
+def test_a_first_call_that_counts_no_flops_does_not_zero_later_calls():
+    """A zero-size contraction, or a matrix power of 1, counts no FLOPs; the same op with other arguments must still
+    count what FlopCounterMode counts (the cache is per argument key, not per op)."""
+    a = torch.rand(16, 16)
+    cases = [(lambda: torch.tensordot(torch.rand(4, 0), torch.rand(0, 4), 1), lambda: torch.tensordot(a, a, 1)),
+             (lambda: torch.linalg.matrix_power(a, 1), lambda: torch.linalg.matrix_power(a, 8)),
+             (lambda: torch.inner(torch.rand(4, 0), torch.rand(4, 0)), lambda: torch.inner(a, a)),
+             (lambda: torch.linalg.multi_dot([torch.rand(4, 0), torch.rand(0, 4)]),
+              lambda: torch.linalg.multi_dot([a, a, a]))]
+    for first, later in cases:
+        for fn in (first, later, later):
+            meter = ComputeMeter(guard=True)
+            with torch.inference_mode(), meter:
+                fn()
+            with FlopCounterMode(display=False) as reference, torch.no_grad():
+                fn()
+            assert meter.take() == reference.get_total_flops()
+        assert reference.get_total_flops() > 0
