@@ -1,3 +1,7 @@
 """cemabench: a benchmark harness for cloud-edge test-time adaptation."""
 
+from cemabench import _moved
+
 __version__ = "0.1.0"
+
+_moved.install()  # the pre-0.2 module paths, for one release

@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
+from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS
+from cemabench.config.fields import kind
 from cemabench.errors import UserError
-from cemabench.execution import check_device
+from cemabench.protocol.execution import check_device
 
 EXIT_CHECK_FAILED = 1  # check: a number out of tolerance
 EXIT_USER_ERROR = 2  # bad input, before any compute
@@ -49,7 +51,7 @@ def cmd_list(args) -> int:
         if broken:
             print(f"\n{len(broken)} broken method plugin(s), which cannot run until fixed:\n" + "\n".join(broken))
     elif args.what == "tables":
-        from cemabench.spec import available_tables, load_table
+        from cemabench.tables.spec import available_tables, load_table
 
         rows = [{"table": n, "title": (s := load_table(n)).title, "methods": len(s.methods), "domains": len(s.domains),
                  "setting": s.protocol.setting, "models (real data)": f"{s.real.edge} / {s.real.foundation}",
@@ -67,8 +69,8 @@ def cmd_list(args) -> int:
 
 def _list_sweeps() -> None:
     """The built-in sweeps, as a second table under the tables (they run with `cemabench sweep`, not `reproduce`)."""
-    from cemabench.spec import available_sweeps
-    from cemabench.sweep import load_sweep
+    from cemabench.tables.spec import available_sweeps
+    from cemabench.tables.sweep import load_sweep
 
     rows = [{"sweep": n, "title": (s := load_sweep(n)).title, "method": s.method,
              "grid": "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in s.grid.items()),
@@ -95,8 +97,8 @@ def _run_spec(args):
     import inspect
     from dataclasses import replace
 
-    from cemabench.protocol import Protocol
-    from cemabench.spec import DataChoice, MethodEntry, TableSpec, load_table
+    from cemabench.config import Protocol
+    from cemabench.tables.spec import DataChoice, MethodEntry, TableSpec, load_table
 
     options = dict(_parse_option(o) for o in args.option)
     if args.table:
@@ -127,7 +129,7 @@ def _run_spec(args):
         registry.build_method(args.method, options)
         dataset = args.dataset or "miniature-digits-c"
         choice = DataChoice(dataset, args.edge or "mini:edge", args.foundation or "mini:foundation")
-        protocol = Protocol(batch_size=64)
+        protocol = Protocol()
         default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")
         domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
         if not domains:
@@ -138,14 +140,8 @@ def _run_spec(args):
         label = args.method
         spec = TableSpec(name=f"run-{args.method}", title=f"{args.method} on {dataset}", source="",
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
-                         miniature=choice, methods=(MethodEntry(label, args.method, options),), tolerance=0.5,
-                         check_metrics=("accuracy", "upload_ratio"))
-    given = {"batch_size": args.batch_size, "setting": args.setting, "rounds": args.rounds,
-             "concentration": args.concentration, "delivery_delay": args.delay,
-             "upload_budget": args.upload_budget, "upload_budget_bytes": args.upload_budget_bytes,
-             "bandwidth": args.bandwidth, "latency": args.latency, "batch_interval": args.batch_interval,
-             "answer_deadline": args.answer_deadline, "devices": args.devices, "device_streams": args.device_streams,
-             "cloud_capacity": args.cloud_capacity}
+                         miniature=choice, methods=(MethodEntry(label, args.method, options),))
+    given = _protocol_flags(args)
     protocol = replace(protocol, **{k: v for k, v in given.items() if v is not None})
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
@@ -175,9 +171,9 @@ def cmd_run(args) -> int:
     """One method through the same plan/store/executor path as a table, optionally with a table's settings."""
     import tempfile
 
-    from cemabench.leaderboard import metric_frame
     from cemabench.protocol import Execution
-    from cemabench.runner import reproduce
+    from cemabench.report.leaderboard import metric_frame
+    from cemabench.run.runner import reproduce
 
     spec, label = _run_spec(args)
     if args.out:
@@ -194,7 +190,7 @@ def cmd_run(args) -> int:
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if doc["provenance"]["miniature"]:
         print("# EMBEDDED MINIATURE (not ImageNet-C): numbers for checking the code path, not for comparison\n")
-    for metric in ("accuracy", "upload_ratio"):
+    for metric in DEFAULT_METRICS:
         print(f"{metric}:\n{metric_frame(doc, metric).T.to_markdown()}\n")
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     for c in failed:
@@ -209,11 +205,10 @@ def _reproduce_inputs(args):
     from dataclasses import replace
 
     from cemabench.protocol import Execution
-    from cemabench.spec import load_table
+    from cemabench.tables.spec import load_table
 
     spec = load_table(args.table)
-    given = {"setting": args.setting, "rounds": args.rounds, "concentration": args.concentration,
-             "devices": args.devices, "device_streams": args.device_streams, "cloud_capacity": args.cloud_capacity}
+    given = _protocol_flags(args)
     if any(v is not None for v in given.values()):  # the table under another stream setting: its own output name
         protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
         changed = [f"{k}-{getattr(protocol, k)}" for k in given if getattr(protocol, k) != getattr(spec.protocol, k)]
@@ -242,8 +237,8 @@ def _write_document(out: Path, name: str, doc: dict, markdown: str) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from cemabench.leaderboard import render, write_tradeoff_plot
-    from cemabench.runner import reproduce
+    from cemabench.report.leaderboard import render, write_tradeoff_plot
+    from cemabench.run.runner import reproduce
 
     spec, data_root, options = _reproduce_inputs(args)
     out = _writable(args.out, "--out", folder=True)
@@ -264,7 +259,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from cemabench.runner import status
+    from cemabench.run.runner import status
 
     spec, data_root, options = _reproduce_inputs(args)
     rows = status(spec, data_root, Path(args.out), tuple(args.seed) if args.seed else None, **options)
@@ -275,13 +270,13 @@ def cmd_status(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from cemabench.check import check_tolerance, compare, load_document
+    from cemabench.report.check import check_tolerance, compare, load_document
 
     if args.tol is not None:
         check_tolerance(args.tol)
     result, expected = load_document(args.result), load_document(args.against)
     problems, checked = compare(result, expected, args.tol)
-    tol = args.tol if args.tol is not None else expected.get("check", {}).get("tolerance", 0.5)
+    tol = args.tol if args.tol is not None else expected.get("check", {}).get("tolerance", DEFAULT_TOLERANCE)
     seeds = sorted({c["seed"] for c in expected["cells"]})
     what = f"means over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "values"
     if problems:
@@ -293,8 +288,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from cemabench.spec import check_seeds
-    from cemabench.sweep import load_sweep, plot_sweep, render_sweep, run_sweep
+    from cemabench.report.sweep import plot_sweep, render_sweep
+    from cemabench.run.runner import run_sweep
+    from cemabench.tables.spec import check_seeds
+    from cemabench.tables.sweep import load_sweep
 
     sweep = load_sweep(args.spec)
     if args.jobs is not None and args.jobs < 1:
@@ -332,23 +329,27 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
                    "local Ray with --jobs CPUs)")
 
 
-def _setting_arguments(p: argparse.ArgumentParser) -> None:
-    from cemabench.stream import SETTINGS
+def _protocol_arguments(p: argparse.ArgumentParser, stream_only: bool = False) -> None:
+    """One flag per protocol field (:class:`cemabench.config.Protocol`), or per field of the stream setting only
+    (``reproduce`` and ``status``: the table under another stream setting); unset flags keep the table's value."""
+    for name, f in FIELDS.items():
+        rule = f.metadata["rule"]
+        if stream_only and not rule.stream:
+            continue
+        default = f"unset: {rule.unset}" if f.default is None else f"default {f.default}"
+        choices = f"; one of {', '.join(rule.choices)}" if rule.choices else ""
+        p.add_argument(rule.flag or f"--{name.replace('_', '-')}", dest=name, type=kind(name),
+                       metavar=name.upper(), help=f"{rule.help}{choices} ({default}, or the table's)")
 
-    p.add_argument("--setting", help=f"stream setting instead of the table's: {', '.join(SETTINGS)} (README: Stream "
-                   f"settings)")
-    p.add_argument("--rounds", type=int, help="times the stream repeats (settings without reset; default 1)")
-    p.add_argument("--concentration", type=float, help="Dirichlet concentration of +correlated (default 0.1)")
-    p.add_argument("--devices", type=int, help="edge devices sharing one cloud (default 1; needs a setting without "
-                   "reset)")
-    p.add_argument("--device-streams", help="partition (each device its own domains; default) or rotate (each its "
-                   "own domain order)")
-    p.add_argument("--cloud-capacity", type=int, help="uploaded samples the cloud accepts per step over all devices")
+
+def _protocol_flags(args) -> dict:
+    """The protocol fields given on the command line."""
+    return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
 
 
 def _table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="a built-in table name (see `cemabench list tables`) or a .toml spec path")
-    _setting_arguments(p)
+    _protocol_arguments(p, stream_only=True)
     p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
     p.add_argument("--out", default="out")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
@@ -378,15 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge", help="default mini:edge, or the table's")
     p.add_argument("--foundation", help="default mini:foundation, or the table's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, help="default 64, or the table's")
-    _setting_arguments(p)
-    p.add_argument("--delay", type=int, help="download delivery delay in batches (default 0, or the table's)")
-    p.add_argument("--upload-budget", type=int, help="most samples uploaded per run unit")
-    p.add_argument("--upload-budget-bytes", type=int, help="most bytes up per run unit (inputs, payload, tensors)")
-    p.add_argument("--bandwidth", type=float, help="link bandwidth, bytes per second (default: transfers take no time)")
-    p.add_argument("--latency", type=float, help="link latency in seconds per transfer (default 0)")
-    p.add_argument("--batch-interval", type=float, help="seconds between edge batches (default 1)")
-    p.add_argument("--answer-deadline", type=float, help="seconds within which an offloaded answer must be back")
+    _protocol_arguments(p)
     _execution_arguments(p)
     p.add_argument("--store", metavar="DIR", help="keep the unit records here and reuse them (default: not kept)")
     p.add_argument("--out", help="write the cells and their provenance as JSON here")

@@ -6,24 +6,32 @@ while method code runs (``cemabench.protocol`` records predictions at arrival an
 """
 from __future__ import annotations
 
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 
-class DomainData(Protocol):
+class DomainData(typing.Protocol):
     """One test domain. Images come out as float tensors in [0, 1]; each model normalises its own input."""
 
     name: str
     sample_nbytes: int  # raw uint8 bytes of one sample, which is what an upload of it costs
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """The number of samples."""
+        ...
 
-    def images(self, indices: np.ndarray) -> torch.Tensor: ...
+    def images(self, indices: np.ndarray) -> torch.Tensor:
+        """The images at ``indices``, as a float tensor (N, C, H, W) in [0, 1]."""
+        ...
 
-    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]: ...
+    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        """The images in ``order``, ``batch_size`` at a time (a loader may read ahead, e.g. with DataLoader workers)."""
+        ...
 
     def labels(self) -> np.ndarray:
         """Every sample's label (int64, in index order), read from storage at call time: the domain object must
@@ -49,15 +57,19 @@ class ArrayDomain:
 
     @property
     def sample_nbytes(self) -> int:
+        """Raw uint8 bytes of one sample (H * W * 3)."""
         return int(np.prod(self.pixels.shape[1:]))
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.pixels)
 
     def images(self, indices: np.ndarray) -> torch.Tensor:
+        """The images at ``indices`` as float (N, 3, H, W) in [0, 1]."""
         return torch.from_numpy(self.pixels[indices]).permute(0, 3, 1, 2).float().div_(255).contiguous()
 
     def labels(self) -> np.ndarray:
+        """The labels, read from ``label_source`` now; their count must match the images'."""
         labels = np.asarray(self.label_source(), dtype=np.int64)
         if labels.shape != (len(self),):
             raise ValueError(f"domain {self.name!r} has {len(self)} images but {labels.shape} labels")

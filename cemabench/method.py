@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from cemabench.config import Protocol
 from cemabench.errors import UserError
-
-if TYPE_CHECKING:
-    from cemabench.protocol import Protocol
 
 Download = dict[str, torch.Tensor]
 
@@ -76,6 +75,7 @@ class Upload:
     device: int = 0  # the edge device that sent it (several edges may share one cloud)
 
     def __len__(self) -> int:
+        """The number of uploaded samples."""
         return 0 if self.index is None else len(self.index)
 
 
@@ -121,6 +121,7 @@ class EdgeLogic:
         return model
 
     def step(self, model: nn.Module, x: torch.Tensor) -> EdgeDecision:
+        """Predict the batch ``x`` (images in [0, 1]) with ``model`` and decide what to upload; forward passes only."""
         raise NotImplementedError
 
     def receive(self, model: nn.Module, download: Download) -> None:
@@ -137,10 +138,12 @@ class CloudLogic:
     """The cloud half: called once per edge batch (also when nothing was uploaded), with full autograd."""
 
     def step(self, upload: Upload) -> Download | CloudReply | None:
+        """Work on one batch's upload (possibly empty); return a download for the edge, answers, or None."""
         raise NotImplementedError
 
 
 CLOUD_REPLICAS = ("per-device", "shared")
+REFERENCES = ("edge", "cloud")  # a reference point: everything on the edge, or everything in the cloud
 
 
 def check_declared(cls) -> None:
@@ -149,6 +152,9 @@ def check_declared(cls) -> None:
     if cls.cloud_replicas not in CLOUD_REPLICAS:
         raise UserError(f"method {name} declares cloud_replicas = {cls.cloud_replicas!r}; it must be "
                         f"{' or '.join(repr(c) for c in CLOUD_REPLICAS)}")
+    if cls.reference is not None and cls.reference not in REFERENCES:
+        raise UserError(f"method {name} declares reference = {cls.reference!r}; it must be None or "
+                        f"{' or '.join(repr(r) for r in REFERENCES)}")
 
 
 class Method:
@@ -164,10 +170,13 @@ class Method:
     # Optional: declare ``version = "..."`` on a method class to key stored results by it instead of by the source
     # of the method's modules (bump it whenever a change to the code changes numbers).
     version: ClassVar[str | None] = None
+    # A reference point of the trade-off plots and tables: "edge" (everything on the edge) or "cloud" (everything in
+    # the cloud; the efficiency columns compare every method with it). A table spec may declare it per entry too.
+    reference: ClassVar[str | None] = None
 
     @dataclass
     class Options:
-        pass
+        """The method's hyper-parameters: typed dataclass fields with defaults (those of the released code)."""
 
     # With several edge devices on one cloud: "per-device" builds one CloudLogic per device (each sees only its
     # device's uploads), "shared" one for all (it sees every device's uploads, tagged by ``Upload.device``).
@@ -181,6 +190,7 @@ class Method:
     artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
 
     def __init__(self, **options):
+        """Build the method with its options, checked against ``Options`` (names and types) and ``validate``."""
         if not getattr(self, "name", None):
             raise UserError(f"method class {type(self).__qualname__} has no name: set `name = \"...\"` on the class, "
                             f"or build it with cemabench.registry.build_method, which names it after its entry point")
@@ -217,6 +227,7 @@ class Method:
         """Raise :class:`UserError` for option values that are invalid together or out of range."""
 
     def edge(self, num_classes: int) -> EdgeLogic:
+        """The edge half, built anew for every run unit."""
         raise NotImplementedError(f"{type(self).__qualname__} does not implement edge(num_classes) -> EdgeLogic, "
                                   f"which every method needs")
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, entry_points
 
 from cemabench.errors import UserError
+from cemabench.method import Method
 
 GROUPS = {"methods": "cemabench.methods", "datasets": "cemabench.datasets", "models": "cemabench.models"}
 
 
 def available(kind: str) -> dict[str, EntryPoint]:
+    """The installed plugins of one kind (``methods``, ``datasets``, ``models``) by name."""
     return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
+
+
+def entry_points_of_all() -> list[EntryPoint]:
+    """Every installed cemabench plugin, of every kind."""
+    return [ep for group in GROUPS.values() for ep in entry_points(group=group)]
 
 
 def one_line(error: BaseException) -> str:
@@ -48,8 +55,6 @@ def load(kind: str, name: str):
 
 def load_method(name: str) -> type:
     """The Method subclass registered as ``name``; a class without its own ``name`` takes the entry-point name."""
-    from cemabench.method import Method
-
     cls = load("methods", name)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise UserError(f"the method plugin {name!r} must name a subclass of cemabench.method.Method, got {cls!r}")

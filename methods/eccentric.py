@@ -57,8 +57,8 @@ from cemabench.method import (
     Method,
     TrainingResources,
 )
-from cemabench.split import feature_shapes, head_to, split, stage_names
-from cemabench_methods.offload import _AnswerCloud, _ConfidenceGateEdge
+from cemabench.models.split import feature_shapes, head_to, split, stage_names
+from cemabench_methods.offload import AnswerCloud, ConfidenceGateEdge
 from cemabench_methods.pareto import min_norm_backward
 
 PAPER = "ECCENTRIC: Edge-Cloud Collaboration Framework for Distributed Inference Using Knowledge Adaptation"
@@ -296,7 +296,7 @@ def _load_edge(model: nn.Module, artefacts: dict | None) -> nn.Module:
     return model.eval()
 
 
-class _DistilledGateEdge(_ConfidenceGateEdge):
+class _DistilledGateEdge(ConfidenceGateEdge):
     def __init__(self, threshold: float, artefacts: dict | None):
         super().__init__(threshold)
         self.artefacts = artefacts
@@ -426,7 +426,7 @@ class ECCIndependent(Method):
         return _DistilledGateEdge(self.options.threshold, self.artefacts)
 
     def cloud(self, resources):
-        return _AnswerCloud(resources.foundation())
+        return AnswerCloud(resources.foundation())
 
 
 class ECCAdaptive(Method):
@@ -544,4 +544,4 @@ class LearnedSwitcher(Method):
         return _SwitchEdge(self.options.threshold, load_gate(self.artefacts, num_classes))
 
     def cloud(self, resources):
-        return _AnswerCloud(resources.foundation())
+        return AnswerCloud(resources.foundation())

@@ -15,7 +15,7 @@ class _OffloadAllEdge(EdgeLogic):
         return EdgeDecision(logits=None, upload=torch.arange(len(x), device=x.device), await_answers=True)
 
 
-class _AnswerCloud(CloudLogic):
+class AnswerCloud(CloudLogic):
     def __init__(self, foundation):
         self.foundation = foundation.eval()
 
@@ -30,6 +30,7 @@ class CloudOnly(Method):
 
     name = "cloud-only"
     cloud_replicas = "shared"  # one answering cloud serves every edge device
+    reference = "cloud"  # everything in the cloud: what the efficiency columns compare with
     paper = "-"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample (offloaded)",
                                cloud="answers with the foundation model", download="logits")
@@ -38,10 +39,10 @@ class CloudOnly(Method):
         return _OffloadAllEdge()
 
     def cloud(self, resources):
-        return _AnswerCloud(resources.foundation())
+        return AnswerCloud(resources.foundation())
 
 
-class _ConfidenceGateEdge(EdgeLogic):
+class ConfidenceGateEdge(EdgeLogic):
     def __init__(self, threshold: float):
         self.threshold = threshold
 
@@ -71,7 +72,7 @@ class ConfidenceOffload(Method):
         threshold: float = 0.9
 
     def edge(self, num_classes):
-        return _ConfidenceGateEdge(self.options.threshold)
+        return ConfidenceGateEdge(self.options.threshold)
 
     def cloud(self, resources):
-        return _AnswerCloud(resources.foundation())
+        return AnswerCloud(resources.foundation())

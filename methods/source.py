@@ -28,6 +28,7 @@ class Source(Method):
     name = "source"
     paper = "-"
     mapping = EDGE_ONLY
+    reference = "edge"  # everything on the edge: a reference point of the trade-off plots
 
     def edge(self, num_classes):
         return _SourceEdge()

@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cemabench.check import compare
 from cemabench.cli import main
-from cemabench.leaderboard import metric_frame, render
+from cemabench.report.check import compare
+from cemabench.report.leaderboard import metric_frame, render
 
 COMMITTED = Path(__file__).parent.parent / "leaderboards" / "table2.miniature.json"
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cemabench.cifar import CORRUPTIONS, PickledDomain, cifar10, cifar10_c, cifar100_c
 from cemabench.cli import main
+from cemabench.datasets.cifar import CORRUPTIONS, PickledDomain, cifar10, cifar10_c, cifar100_c
 from cemabench.errors import UserError
-from cemabench.zoo import tiny_model
+from cemabench.models.zoo import tiny_model
 
 N = 20  # images per severity in the generated files (10,000 in the published ones); any N works
 
@@ -224,7 +224,7 @@ def test_the_clean_test_set_as_a_domain_beside_the_corruptions(tmp_path, capsys)
 
 
 def test_the_miniature_has_its_clean_test_split_as_a_domain():
-    from cemabench.miniature import clean_test_images, dataset, splits
+    from cemabench.datasets.miniature import clean_test_images, dataset, splits
 
     source = dataset(domains=["clean", "fog"], severity=3)
     clean = source.domains[0]

@@ -11,12 +11,12 @@ from test_split import _bn_statistics_nonzero
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cemabench.cifar_zoo import BLOCKS, DATASETS, CifarResNet, cifar_model, published_url
 from cemabench.cli import main
 from cemabench.errors import UserError
+from cemabench.models.cifar import BLOCKS, DATASETS, CifarResNet, cifar_model, published_url
+from cemabench.models.split import feature_shapes, head_to, split, stage_names, tail_from
+from cemabench.models.zoo import hub_checkpoint, weights_folder
 from cemabench.registry import build_model
-from cemabench.split import feature_shapes, head_to, split, stage_names, tail_from
-from cemabench.zoo import hub_checkpoint, weights_folder
 
 # Exact counts of this module's nets; chenyaofo/pytorch-cifar-models' README states them rounded to 0.01 M:
 # #Params (M) and #MAdds (M) of its CIFAR-10 and CIFAR-100 ResNets.

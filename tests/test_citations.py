@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cemabench.registry import available
-from cemabench.spec import available_tables, load_table
+from cemabench.tables.spec import available_tables, load_table
 
 # system: (exact title, first author's surname, venue), as in papers.md
 PAPERS = {

@@ -4,7 +4,7 @@ from importlib import resources
 import pytest
 
 from cemabench.cli import main
-from cemabench.spec import available_tables
+from cemabench.tables.spec import available_tables
 from conftest import builtin_methods
 
 

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
-from cemabench.corruptions import HENDRYCKS_ORDER, corrupt
+from cemabench.datasets.corruptions import HENDRYCKS_ORDER, corrupt
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from cemabench.miniature import splits
+    from cemabench.datasets.miniature import splits
 
     return splits()["test"][0][:16]
 

@@ -1,18 +1,20 @@
 """Many edges on one cloud: devices in lockstep, each with its own stream and link, a per-device or shared cloud, and
 a cloud capacity per step."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from cemabench.check import compare
 from cemabench.cli import main
+from cemabench.config.settings import device_domains
 from cemabench.errors import UserError
-from cemabench.leaderboard import _reference_sections, device_frame, metric_frame
 from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Protocol, run_unit
+from cemabench.protocol.stream import DeviceStreams, build_blocks
 from cemabench.registry import build_method
-from cemabench.stream import DeviceStreams, build_blocks, device_domains
+from cemabench.report.check import compare
+from cemabench.report.leaderboard import _reference_sections, device_frame, metric_frame
 from conftest import write_spec
 
 
@@ -148,9 +150,9 @@ def test_bad_device_flags_are_one_line_before_compute(flags, message, capsys):
 @pytest.mark.slow
 def test_a_multi_edge_table_on_the_miniature_renders_per_device(tmp_path, one_torch_thread):
     spec = write_spec(tmp_path / "t.toml", ["source", "tent", "cloud-only"], domains=("fog", "snow"))
-    text = open(spec).read().replace('setting = "per-domain"',
-                                     'setting = "continual"\ndevices = 2\ncloud_capacity = 64')
-    open(spec, "w").write(text)
+    text = Path(spec).read_text().replace('setting = "per-domain"',
+                                          'setting = "continual"\ndevices = 2\ncloud_capacity = 64')
+    Path(spec).write_text(text)
     assert main(["reproduce", spec, "--out", str(tmp_path / "o"), "--no-progress", "--jobs", "1"]) == 0
     md = (tmp_path / "o" / "small.md").read_text()
     assert "2 edge devices on one cloud" in md and "## Per edge device" in md and "tent / device 1" in md

@@ -5,11 +5,11 @@ import torch
 
 from cemabench.errors import UserError
 from cemabench.method import CloudResources, TrainingResources
+from cemabench.models.split import head_to, tail_from
+from cemabench.models.zoo import tiny_model
 from cemabench.protocol import ForwardOnlyEdge, Link, Models, Protocol, run_unit
+from cemabench.protocol.training import run_training, training_key
 from cemabench.registry import build_method
-from cemabench.split import head_to, tail_from
-from cemabench.training import run_training, training_key
-from cemabench.zoo import tiny_model
 from cemabench_methods import eccentric
 from conftest import tiny_dataset
 

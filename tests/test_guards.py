@@ -3,6 +3,7 @@
 Found by trying cemabench as a hostile plugin author would (issue 10): smuggling inputs past the budget, training a
 hidden copy of the edge, finding the labels in memory, ending the process, and errors misclassified or ignored.
 """
+import contextlib
 import gc
 import sys
 
@@ -12,12 +13,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cemabench import miniature
+from cemabench.datasets import miniature
 from cemabench.errors import ForwardOnlyViolation
-from cemabench.meter import ComputeMeter
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
+from cemabench.models.mini import load_model
 from cemabench.protocol import Link, LinkCounters, Models, Protocol, encode, run_unit
-from cemabench.stream import domain_order
+from cemabench.protocol.meter import ComputeMeter
+from cemabench.protocol.stream import domain_order
 from conftest import TinyNet, tiny_dataset
 
 
@@ -155,10 +157,8 @@ def test_training_a_hidden_copy_of_the_edge_is_caught(tiny):
         with torch.inference_mode(False), torch.enable_grad():
             copy = self.hidden[0]
             loss = copy(x.clone()).logsumexp(1).mean()
-            try:
+            with contextlib.suppress(Exception):  # swallowing the refusal does not help
                 loss.backward()
-            except Exception:
-                pass  # swallowing the refusal does not help
             self.optimizer.step()
         return EdgeDecision(self.hidden[0](x))
 
@@ -456,7 +456,7 @@ def _label_hunter(found: list, n: int):
 def test_a_plugin_searching_frames_and_gc_finds_no_labels():
     source = miniature.dataset(domains=["fog"])
     domain, found = source.domains[0], []
-    models = Models(edge=lambda: miniature.load_model("edge"), foundation=lambda: miniature.load_model("foundation"))
+    models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
     (result,) = run_unit(plugin(_label_hunter(found, len(domain))), [domain], models, 10, source.clean,
                          Protocol(batch_size=64), seed=0)
     assert result.status == "ok" and result.seen == len(domain)
@@ -619,7 +619,7 @@ def test_composite_ops_on_the_edge_are_counted_as_torch_counts_them_first_decomp
     decomposes a call once per argument shapes, layouts and values and serves repeats from a cache: every count,
     first or repeated, must equal FlopCounterMode's, also when only the strides, a non-shape argument or a missing
     bias differ."""
-    from cemabench import meter as M
+    from cemabench.protocol import meter as M
 
     torch.manual_seed(0)
     x = torch.rand(5, 3, 12, 12)

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from cemabench.cli import main
-from cemabench.corruptions import HENDRYCKS_ORDER
+from cemabench.datasets.corruptions import HENDRYCKS_ORDER
+from cemabench.datasets.imagenet import imagenet_c, imagenet_r, imagenet_wnids, robustbench_subset
 from cemabench.errors import UserError
-from cemabench.imagenet import imagenet_c, imagenet_r, imagenet_wnids, robustbench_subset
+from cemabench.models.zoo import tiny_model, torchvision_model
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model
-from cemabench.spec import available_tables, load_table
-from cemabench.zoo import tiny_model, torchvision_model
+from cemabench.tables.spec import available_tables, load_table
 
 WNIDS = ["n01440764", "n01443537", "n09999999"][:2]
 R_WNIDS = ["n01443537", "n01484850", "n01494475"]
@@ -52,7 +52,7 @@ def test_imagenet_c_reads_the_published_layout(root):
     fog = source.domains[0]
     assert len(fog) == 6 and fog.sample_nbytes == 3 * 224 * 224
     x, y = fog.images(np.arange(6)), torch.from_numpy(fog.labels())
-    assert x.shape == (6, 3, 224, 224) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (6, 3, 224, 224) and x.min() >= 0 and x.max() <= 1
     assert sorted(set(y.tolist())) == [imagenet_wnids().index(w) for w in WNIDS]
     with Image.open(fog.files[0]) as image:
         assert torch.equal((x[0] * 255).round().byte(), torch.from_numpy(np.array(image)).permute(2, 0, 1))
@@ -266,7 +266,7 @@ class TestZoo:
         (repo / "refs" / "main").write_text("0" * 40)
         (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
         save_file(reference.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
-        probe = ("import sys, torch\nfrom cemabench.zoo import timm_model\n"
+        probe = ("import sys, torch\nfrom cemabench.models.zoo import timm_model\n"
                  "from safetensors.torch import load_file\nexpected = load_file(sys.argv[1])\n"
                  "loaded = timm_model('resnet10t').net.state_dict()\n"
                  "print(all(torch.equal(expected[k], loaded[k]) for k in expected))\n")
@@ -277,7 +277,7 @@ class TestZoo:
             assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr[-2000:]
 
     def test_timm_random_model(self):
-        from cemabench.zoo import timm_model
+        from cemabench.models.zoo import timm_model
 
         model = timm_model("resnet10t@none")
         with torch.no_grad():
@@ -286,7 +286,7 @@ class TestZoo:
 
 class TestHuggingFace:
     def test_imagefolder_in_the_imagenet_c_layout_matches_the_native_loader(self, root, tmp_path):
-        from cemabench.hf import hf_dataset
+        from cemabench.datasets.hf import hf_dataset
 
         source = hf_dataset(root, severity=5, domains=["fog"], layout="imagenet-c/{domain}/{severity}",
                             cache_dir=str(tmp_path))
@@ -305,7 +305,7 @@ class TestHuggingFace:
     def test_parquet_files_per_domain(self, root, tmp_path):
         from datasets import load_dataset
 
-        from cemabench.hf import hf_dataset
+        from cemabench.datasets.hf import hf_dataset
 
         folder = tmp_path / "parquet" / "fog"
         folder.mkdir(parents=True)
@@ -319,7 +319,7 @@ class TestHuggingFace:
                                                   ({"label_column": "class"},
                                                    "no column class; columns: image, label")])
     def test_problems_are_named(self, root, tmp_path, options, message):
-        from cemabench.hf import hf_dataset
+        from cemabench.datasets.hf import hf_dataset
 
         kwargs = {"domains": ["fog"], "layout": "imagenet-c/{domain}/{severity}", "cache_dir": str(tmp_path), **options}
         with pytest.raises(UserError, match=message):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cemabench import runner
-from cemabench.check import compare
-from cemabench.spec import available_tables, load_table
+from cemabench.report.check import compare
+from cemabench.run import runner
+from cemabench.tables.spec import available_tables, load_table
 
 LEADERBOARDS = Path(__file__).parent.parent / "leaderboards"
 COMMITTED = sorted(LEADERBOARDS.glob("*.miniature.json"))

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from cemabench import miniature
-from cemabench.corruptions import HENDRYCKS_ORDER
+from cemabench.datasets import miniature
+from cemabench.datasets.corruptions import HENDRYCKS_ORDER
 from cemabench.errors import UserError
-from cemabench.miniature import train
+from cemabench.models.mini import load_model, train
 
 
 def _accuracy(model, images, labels):
@@ -33,7 +33,7 @@ def test_cached_domain_equals_a_fresh_generation(tmp_path, monkeypatch):
 
 def test_miniature_is_informative_at_severity_5():
     """Corruption must hurt the source edge model, and the foundation model must leave room to help it."""
-    edge, foundation = miniature.load_model("edge"), miniature.load_model("foundation")
+    edge, foundation = load_model("edge"), load_model("foundation")
     clean_x, labels = miniature.splits()["test"]
     clean = _accuracy(edge, clean_x, labels)
     corrupted = [_accuracy(edge, miniature.corrupted_test_images(c, 5), labels) for c in HENDRYCKS_ORDER]
@@ -47,7 +47,7 @@ def test_unknown_domain_and_model_are_user_errors():
     with pytest.raises(UserError, match="unknown domain.*rain.*valid: gaussian_noise"):
         miniature.dataset(domains=["rain"])
     with pytest.raises(UserError, match="unknown miniature model 'huge'.*mini:edge"):
-        miniature.load_model("huge")
+        load_model("huge")
 
 
 def test_training_script_is_deterministic():

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cemabench.pareto import COMMUNICATION, COMPUTATION, Axis, non_dominated, plot_frame, plot_tradeoffs
+from cemabench.report.plots import COMMUNICATION, COMPUTATION, Axis, non_dominated, plot_frame, plot_tradeoffs
 
 ACC_BYTES = {"accuracy": "max", "bytes": "min"}
 

@@ -4,7 +4,7 @@ import sys
 import textwrap
 
 from cemabench import registry
-from cemabench.miniature import splits
+from cemabench.datasets.miniature import splits
 from conftest import builtin_methods
 
 PLUGIN = '''

@@ -4,7 +4,7 @@ import torch
 
 from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Protocol, run_unit
-from cemabench.stream import derive_seed, domain_order
+from cemabench.protocol.stream import derive_seed, domain_order
 
 
 class Recorder(Method):

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from cemabench import runner
 from cemabench.cli import main
 from cemabench.errors import UserError
-from cemabench.leaderboard import render
-from cemabench.spec import load_table
+from cemabench.report.leaderboard import render
+from cemabench.run import runner
+from cemabench.tables.spec import load_table
 from conftest import numbers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,8 +12,9 @@ from torchvision.models import resnet18
 from cemabench import robustbench_zoo
 from cemabench.cli import main
 from cemabench.errors import UserError
+from cemabench.models.layers import Normalized
+from cemabench.models.zoo import IMAGENET_MEAN, IMAGENET_STD
 from cemabench.registry import build_model
-from cemabench.zoo import IMAGENET_MEAN, IMAGENET_STD, Normalized
 
 R18 = "robustbench:imagenet/Linf/Salman2020Do_R18"
 
@@ -99,7 +100,7 @@ def test_missing_package_names_the_install_command(robustbench_not_installed):
 def test_the_packaging_fixes_do_not_outlive_the_import():
     probe = ("import importlib.util, sys\n"
              "before = {m: importlib.util.find_spec(m) is not None for m in ('pkg_resources', 'autoattack')}\n"
-             "from cemabench.robustbench_zoo import import_robustbench\n"
+             "from cemabench.models.robustbench import import_robustbench\n"
              "utils = import_robustbench()\n"
              "after = {m: m in sys.modules for m in before}\n"
              "print(all(after[m] <= before[m] for m in before), 'robustbench.eval' in sys.modules)\n")

@@ -10,7 +10,7 @@ from cemabench.errors import UserError
 from cemabench.method import CloudLogic, Upload
 from cemabench.protocol import Models, Protocol, SampleCounter, run_unit
 from cemabench.registry import available, build_method, build_model
-from cemabench.spec import available_tables, load_table
+from cemabench.tables.spec import available_tables, load_table
 from cemabench_methods.common import entropy, use_batch_statistics
 from cemabench_methods.cotta import cotta_augment, symmetric_cross_entropy
 from cemabench_methods.lame import knn_affinity, laplacian_refinement

@@ -1,16 +1,19 @@
-"""Stream settings (cemabench.stream): per-domain, continual with rounds, gradual, mixed-domains, +correlated."""
+"""Stream settings (cemabench.protocol.stream): per-domain, continual with rounds, gradual, mixed-domains,
++correlated."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cemabench.cli import main
+from cemabench.config.settings import GRADUAL_SEVERITIES, SETTINGS, parse_setting
 from cemabench.data import ArrayDomain
 from cemabench.errors import UserError
 from cemabench.protocol import Protocol, run_unit
+from cemabench.protocol.stream import build_blocks, dirichlet_chunks, domain_order
 from cemabench.registry import build_method
-from cemabench.stream import GRADUAL_SEVERITIES, SETTINGS, build_blocks, dirichlet_chunks, domain_order, parse_setting
 from conftest import tiny_dataset, write_spec
 
 
@@ -135,8 +138,8 @@ def test_an_unknown_setting_is_one_line_naming_the_valid_ones(bad):
 
 def test_a_spec_with_the_old_reset_field_says_what_replaced_it(tmp_path, capsys):
     path = write_spec(tmp_path / "t.toml", ["source"])
-    text = open(path).read().replace('setting = "per-domain"', 'reset = "continual"')
-    open(path, "w").write(text)
+    text = Path(path).read_text().replace('setting = "per-domain"', 'reset = "continual"')
+    Path(path).write_text(text)
     assert main(["reproduce", path, "--out", str(tmp_path / "o")]) == 2
     assert "reset was replaced by setting" in capsys.readouterr().err
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from cemabench.errors import UserError
-from cemabench.miniature import load_model
-from cemabench.split import feature_shapes, split, stage_names, tail_from
-from cemabench.zoo import tiny_model, torchvision_model
+from cemabench.models.mini import load_model
+from cemabench.models.split import feature_shapes, split, stage_names, tail_from
+from cemabench.models.zoo import tiny_model, torchvision_model
 
 TORCHVISION_STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
 MINI_STAGES = ["stem", "layer1", "layer2", "layer3"]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from cemabench import runner
 from cemabench.cli import EXIT_INCOMPLETE, main
-from cemabench.context import code_fingerprint, method_modules
-from cemabench.plan import Unit
+from cemabench.provenance import closure, code_digest, family
 from cemabench.registry import load
-from cemabench.spec import load_table
-from cemabench.store import ResultStore, checksum
+from cemabench.run import runner
+from cemabench.run.store import ResultStore, checksum
+from cemabench.tables.plan import Unit
+from cemabench.tables.spec import load_table
 from conftest import numbers
 
 SPEC = '''
@@ -138,9 +138,10 @@ def test_the_default_hook_keeps_options_and_random_upload_derives_its_rate():
     assert load("methods", "random-upload").derive_options({}, [record]) == {"upload_ratio": 0.2}
 
 
-def test_the_code_fingerprint_covers_the_method_module_and_its_shared_helpers():
-    assert {"cemabench_methods.cema", "cemabench_methods.common"} <= method_modules(load("methods", "cema"))
-    assert code_fingerprint(load("methods", "cema")) != code_fingerprint(load("methods", "tent"))
+def test_the_code_digest_covers_the_method_module_and_its_shared_helpers():
+    assert {"cemabench_methods.cema", "cemabench_methods.common"} <= set(closure(["cemabench_methods.cema"],
+                                                                                family("cemabench")))
+    assert code_digest(load("methods", "cema")) != code_digest(load("methods", "tent"))
 
 
 PLUGIN = '''
@@ -201,8 +202,8 @@ import json, sys, time
 from pathlib import Path
 
 import torch
-from cemabench import runner
-from cemabench.spec import load_table
+from cemabench.run import runner
+from cemabench.tables.spec import load_table
 
 log = Path(sys.argv[3])
 real = runner.TableContext.run
@@ -356,7 +357,8 @@ def test_run_with_a_table_gives_the_tables_number_and_says_how_it_was_made(tmp_p
 
 
 def test_the_weights_folder_is_a_parameter_of_the_context_with_the_environment_as_fallback(tmp_path, monkeypatch):
-    from cemabench import context, zoo
+    from cemabench.models import zoo
+    from cemabench.run import context
 
     monkeypatch.setenv("CEMABENCH_WEIGHTS", str(tmp_path))
     (tmp_path / "mine").mkdir()

@@ -6,8 +6,9 @@ import pytest
 
 from cemabench.cli import main
 from cemabench.errors import UserError
-from cemabench.spec import available_sweeps
-from cemabench.sweep import expand, load_sweep, sweep_means
+from cemabench.report.sweep import sweep_means
+from cemabench.tables.spec import available_sweeps
+from cemabench.tables.sweep import expand, load_sweep
 
 SWEEP = '''extends = "table2"
 name = "mix"

@@ -70,7 +70,7 @@ def test_a_dataloader_worker_failure_names_the_image_first(tmp_path, capsys):
                                      ["run", "--method", "source", "--domains", "fog", "--out", "/proc/nope/x.json"],
                                      ["run", "--method", "source", "--domains", "fog", "--store", "/proc/nope"]])
 def test_an_unwritable_output_is_one_line_before_any_compute(command, capsys, monkeypatch):
-    from cemabench import runner
+    from cemabench.run import runner
 
     monkeypatch.setattr(runner, "reproduce", lambda *a, **k: pytest.fail("computed before checking the output"))
     assert main(command) == 2

@@ -25,8 +25,8 @@ import torch
 
 from cemabench.data import ArrayDomain
 from cemabench.protocol import Execution, Models, Protocol, run_unit
+from cemabench.protocol.stream import domain_order
 from cemabench.registry import build_method, build_model
-from cemabench.stream import domain_order
 
 
 def package(name, path):

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from cemabench import miniature
+from cemabench.datasets import miniature
 from cemabench.method import Upload
+from cemabench.models.mini import load_model
 from cemabench.protocol import ForwardOnlyEdge, Models, Protocol, run_unit
 from cemabench.registry import build_method
 
@@ -12,7 +13,7 @@ from cemabench.registry import build_method
 @pytest.fixture(scope="module")
 def setup():
     dataset = miniature.dataset(severity=5, domains=["fog"])
-    models = Models.copies_of(miniature.load_model("edge"), miniature.load_model("foundation"))
+    models = Models.copies_of(load_model("edge"), load_model("foundation"))
     x = dataset.domains[0].images(np.arange(64))
     return dataset, models, x
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from cemabench import miniature
 from cemabench.data import ArrayDomain
+from cemabench.datasets import miniature
+from cemabench.models.mini import load_model
 from cemabench.protocol import Execution, Models, Protocol, run_unit
+from cemabench.protocol.stream import domain_order
 from cemabench.registry import build_method, build_model
-from cemabench.stream import domain_order
 
 DEVICE = os.environ.get("CEMABENCH_BENCH_DEVICE", "cpu")
 # run_unit runs a unit with one intra-op thread on CPU (deterministic numbers); the bare loop gets the same
@@ -30,7 +31,7 @@ ROUNDS = int(os.environ.get("CEMABENCH_BENCH_ROUNDS", 3))
 def _case(name: str):
     if name == "miniature":
         domain = miniature.dataset(domains=["fog"]).domains[0]
-        return domain, miniature.load_model("edge"), 10
+        return domain, load_model("edge"), 10
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 1000, IMAGES)
     domain = ArrayDomain("noise", rng.integers(0, 256, (IMAGES, 224, 224, 3), dtype=np.uint8), lambda: labels)

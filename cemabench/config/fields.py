@@ -1,0 +1,131 @@
+"""The protocol's fields, in one table: each field's type, default, bounds, meaning and command-line flag.
+
+:class:`Protocol` is that table. Table specs (``[protocol]``), the command line (``run``'s link and stream flags,
+``reproduce``'s stream flags) and the engine all read its fields from here, and one function validates them, so a
+field is added in one place. Torch-free: a spec can be read and checked without the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+from cemabench.config.settings import DEVICE_STREAMS, SETTINGS, parse_setting
+from cemabench.errors import UserError
+
+DEFAULT_TOLERANCE = 0.5  # percentage points within which `check` and the slow tier hold a table's numbers
+DEFAULT_METRICS = ("accuracy", "upload_ratio")  # what `check` compares by default, and what `run` prints
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one protocol field is checked and offered on the command line."""
+
+    help: str
+    low: float | None = None  # the smallest allowed value (with ``above``: values must exceed it)
+    above: bool = False
+    unset: str = ""  # what None means, for a field that may be unset ("no limit")
+    choices: tuple[str, ...] = ()
+    flag: str = ""  # the command-line flag, when it is not --the-field-name
+    stream: bool = False  # a property of the stream: also a flag of reproduce and status (a table under it)
+
+
+def _field(default, help: str, **rule):
+    return field(default=default, metadata={"rule": Rule(help, **rule)})
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The rules of one table's game: batching, the stream setting, the link (budget, delay, timing) and how many
+    edges share the cloud. Every value is checked when the object is made; a bad one is a one-line user error."""
+
+    batch_size: int = _field(64, "edge batch size", low=1)
+    setting: str = _field("per-domain", "stream setting (README: Stream settings)", choices=SETTINGS, stream=True)
+    rounds: int = _field(1, "times the stream repeats (settings without reset)", low=1, stream=True)
+    concentration: float = _field(0.1, "Dirichlet concentration of +correlated (smaller: longer runs of one class)",
+                                  low=0, above=True, stream=True)
+    delivery_delay: int = _field(0, "download delivery delay in batches", low=0, flag="--delay")
+    upload_budget: int | None = _field(None, "most samples uploaded per run unit", low=0, unset="no limit")
+    upload_budget_bytes: int | None = _field(None, "most bytes up per run unit (inputs, payload, tensors)", low=0,
+                                             unset="no limit")
+    # the link model: unset bandwidth and zero latency make a link that only counts (transfers take no time)
+    bandwidth: float | None = _field(None, "link bandwidth, bytes per second, both directions", low=0, above=True,
+                                     unset="transfers take no time")
+    latency: float = _field(0.0, "link latency in seconds per transfer, each direction", low=0)
+    batch_interval: float = _field(1.0, "seconds between edge batches (how transfer time becomes batches of delay)",
+                                   low=0, above=True)
+    answer_deadline: float | None = _field(None, "seconds after a batch's arrival within which an offloaded answer "
+                                           "must be back", low=0, unset="no deadline")
+    # many edges on one cloud: N devices in lockstep, each with its own stream, link and counters
+    devices: int = _field(1, "edge devices sharing one cloud (needs a setting without reset)", low=1, stream=True)
+    device_streams: str = _field("partition", "partition: each device its own domains; rotate: each its own domain "
+                                 "order", choices=DEVICE_STREAMS, stream=True)
+    cloud_capacity: int | None = _field(None, "uploaded samples the cloud accepts per step over all devices", low=1,
+                                        unset="no limit", stream=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
+        base, modifiers = parse_setting(self.setting)
+        if self.rounds > 1 and base == "per-domain":
+            raise UserError("protocol rounds > 1 repeats a stream without reset: use setting continual, gradual or "
+                            "mixed-domains")
+        if self.devices > 1 and base == "per-domain":
+            raise UserError("protocol devices > 1 share one cloud over a stream without reset: use setting continual, "
+                            "gradual or mixed-domains")
+        if self.concentration != 0.1 and "correlated" not in modifiers:
+            raise UserError(f"protocol concentration applies to the +correlated settings; setting {self.setting} has "
+                            f"no correlated order (use {base}+correlated)")
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        """How long ``nbytes`` take over the link: latency + bytes / bandwidth."""
+        return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Protocol)}
+_HINTS = typing.get_type_hints(Protocol)
+
+
+def kind(name: str) -> type:
+    """The value type of a field (``int``, ``float`` or ``str``), whether or not it may be unset."""
+    return next(t for t in typing.get_args(_HINTS[name]) or (_HINTS[name],) if t is not type(None))
+
+
+def rule(name: str) -> Rule:
+    return FIELDS[name].metadata["rule"]
+
+
+def expected(name: str) -> str:
+    """What a field's value must be, as a phrase: 'an integer >= 1 (or unset for no limit)'."""
+    r, k = rule(name), kind(name)
+    if r.choices:
+        text = f"one of {', '.join(r.choices)}"
+    elif k is str:
+        text = "a string"
+    else:
+        text = "an integer" if k is int else "a number"
+        if r.low is not None:
+            text += f" {'>' if r.above else '>='} {r.low:g}"
+    return text + (f" (or unset: {r.unset})" if r.unset else "")
+
+
+def check_field(name: str, value):
+    """The value of a protocol field, checked against its rule (floats as floats: 1 and 1.0 are one stored key); a
+    bad one is a one-line :class:`UserError` that says what the field must be."""
+    r, k = rule(name), kind(name)
+    if value is None and r.unset:
+        return None
+    if k is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif k is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if ok and r.low is not None:
+        ok = value > r.low if r.above else value >= r.low
+    if ok and r.choices:
+        ok = value in r.choices
+    if not ok:
+        raise UserError(f"protocol {name} must be {expected(name)}, got {value!r}")
+    return float(value) if k is float else value

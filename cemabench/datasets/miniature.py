@@ -1,0 +1,116 @@
+"""The embedded miniature: scikit-learn's handwritten digits as a 10-class, 32-pixel ImageNet-C look-alike.
+
+It exists so that every table spec runs on a laptop CPU with no download. Its two networks, with their shipped
+weights, are the ``mini:`` models (:mod:`cemabench.models.mini`). Its numbers say whether the code path
+works and how methods rank on a small shift; they are not ImageNet-C numbers, and every output says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cemabench.config.paths import cache_root
+from cemabench.data import ArrayDomain, DatasetSource
+from cemabench.datasets import corruptions
+from cemabench.errors import UserError
+
+IMAGE_SIZE = 32
+TEST_FRACTION = 0.6
+SPLIT_SEED = 0
+
+
+def splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Clean uint8 images (N, 32, 32, 3) and labels for the fixed, stratified train and test splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    small = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    large = F.interpolate(small, size=IMAGE_SIZE, mode="bilinear", align_corners=False).clamp(0, 1)
+    images = (large.repeat(1, 3, 1, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION, random_state=SPLIT_SEED,
+                                           stratify=labels)
+    return {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
+
+
+def cache_dir() -> Path:
+    """Where the miniature's generated arrays are kept (under :func:`cemabench.config.paths.cache_root`)."""
+    return cache_root() / "miniature"
+
+
+def _generator_fingerprint() -> str:
+    source = inspect.getsource(corruptions) + inspect.getsource(splits)
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def _cached(name: str, make) -> np.ndarray:
+    """An array generated once by ``make()`` and kept on disk under the generator's fingerprint."""
+    path = cache_dir() / _generator_fingerprint() / f"{name}.npy"
+    if path.exists():
+        return np.load(path)
+    out = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    return out
+
+
+def corrupted_test_images(corruption: str, severity: int) -> np.ndarray:
+    """The test split under one corruption, generated once from a fixed seed and cached on disk."""
+    def make():
+        seed = int.from_bytes(hashlib.sha256(f"miniature/{corruption}/{severity}".encode()).digest()[:8], "little")
+        return corruptions.corrupt(splits()["test"][0], corruption, severity, np.random.default_rng(seed))
+
+    return _cached(f"{corruption}-{severity}", make)
+
+
+CLEAN = "clean"  # the domain name of the uncorrupted test split
+
+
+def clean_test_images() -> np.ndarray:
+    return _cached("test-images", lambda: splits()["test"][0])
+
+
+def stream_labels() -> np.ndarray:
+    """The test split's labels, read from the cache on every call: the harness loads them only to score."""
+    return _cached("test-labels", lambda: splits()["test"][1])
+
+
+def _train_split() -> tuple[np.ndarray, np.ndarray]:
+    return _cached("train-images", lambda: splits()["train"][0]), _cached("train-labels", lambda: splits()["train"][1])
+
+
+def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
+    """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity, and ``clean``
+    (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them."""
+    if data_root is not None:
+        raise UserError(f"the embedded miniature takes no --data-root (got {data_root}); leave it out, or name the "
+                        f"dataset that lives there with --dataset (e.g. imagenet-c)")
+    unknown = [d for d in domains if d not in corruptions.CORRUPTIONS and d != CLEAN]
+    if unknown:
+        raise UserError(f"unknown domain(s) {', '.join(unknown)} for the miniature; valid: "
+                        f"{', '.join(corruptions.HENDRYCKS_ORDER)}, {CLEAN}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
+    train_images, _ = _train_split()
+    domains = [ArrayDomain(d, clean_test_images() if d == CLEAN else corrupted_test_images(d, severity), stream_labels)
+               for d in domains]
+    return DatasetSource(
+        name="miniature-digits-c",
+        num_classes=10,
+        domains=domains,
+        clean=ArrayDomain("clean-train", train_images, lambda: _train_split()[1]),
+        is_miniature=True,
+        provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE, not ImageNet-C)", "severity": severity,
+                    "images_per_domain": len(domains[0]) if domains else 0, "image_size": IMAGE_SIZE,
+                    "generator": _generator_fingerprint()},
+    )
+

@@ -1,0 +1,197 @@
+"""The forward-only edge: the method's edge logic runs under a guarding meter, and the edge parameters are sealed.
+
+No backward kernel, no optimizer kernel and no write into an edge parameter may run during the edge step, whatever
+issued it (:class:`~cemabench.protocol.meter.ComputeMeter`); after it, no parameter may have been swapped, set to
+require grad or changed in value. Parameters change only through a download, applied by the logic's ``receive``
+under the same guard.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cemabench.errors import ForwardOnlyViolation
+from cemabench.method import PAYLOAD_DTYPES, Download, EdgeDecision, EdgeLogic
+from cemabench.protocol.meter import ComputeMeter, SampleCounter
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def _identity(p: torch.Tensor) -> tuple:
+    """What must stay the same for a parameter's seal to hold: the tensor, its storage (the object, not only its
+    address: ``.data`` can move a parameter onto another storage at the same address), shape, strides and dtype."""
+    storage = p.untyped_storage()
+    return id(p), storage._cdata, p.data_ptr(), tuple(p.shape), p.stride(), p.storage_offset(), p.dtype
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's values as raw integers of its element size (64-bit words for 8 bytes and more), for bit-exact
+    comparison whatever its dtype."""
+    return t.detach().reshape(-1).view(_SAME_SIZE_INT.get(t.element_size(), torch.int64))
+
+
+class ForwardOnlyEdge:
+    """The edge device: runs the method's edge logic in inference mode under a guarding :class:`ComputeMeter`
+    (no backward kernel, no optimizer kernel, no write into an edge parameter, whatever issued it), and checks
+    afterwards that no edge parameter was swapped, set to require grad or (on CPU, where a NumPy view could write
+    behind torch's back) changed in value."""
+
+    def __init__(self, model: nn.Module, logic: EdgeLogic):
+        self.logic = logic
+        self.model = logic.configure(model)
+        # models the edge logic keeps beside the edge model (a frozen source copy, say) are part of the edge too
+        self.extras = {name: m for name, m in vars(logic).items() if isinstance(m, nn.Module) and m is not self.model}
+        self.forwards = SampleCounter()
+        self.meter = ComputeMeter(guard=True)
+        for m in (self.model, *self.extras.values()):
+            m.requires_grad_(False)
+            self.forwards.attach(m)
+        self._seal()
+
+    def _parameters(self) -> dict:
+        """Every edge parameter by name: the model's, and those of the modules the edge logic keeps beside it
+        (named ``attribute.parameter``). A name held twice would hide one of the two from the seal: refused."""
+        named = list(self.model.named_parameters())
+        for prefix, m in self.extras.items():
+            named += [(f"{prefix}.{n}", p) for n, p in m.named_parameters()]
+        params = dict(named)
+        if len(params) != len(named):
+            twice = sorted({n for n, _ in named if sum(1 for k, _ in named if k == n) > 1})
+            raise ForwardOnlyViolation(f"two edge parameters are named {', '.join(twice[:3])}: a module the edge "
+                                       f"logic keeps is named like a part of the model; rename the attribute")
+        return params
+
+    def _seal(self, changed=None) -> None:
+        """Seal the edge parameters as they are now. ``changed``: the only names whose values may differ from the
+        last seal (a download's, checked by the caller); the other parameters keep their snapshots."""
+        params = self._parameters()
+        for n, p in params.items():  # the seal reads what it compares through torch, not through the plugin's class
+            if type(p) is not nn.Parameter or p.layout != torch.strided or p.is_quantized:
+                raise ForwardOnlyViolation(f"the edge parameter {n} is a {type(p).__name__} ({p.layout}"
+                                           f"{', quantised' if p.is_quantized else ''}); the forward-only edge "
+                                           f"accepts plain strided nn.Parameter tensors only")
+        self._identity = {n: _identity(p) for n, p in params.items()}
+        self.meter.protect(params)
+        # every parameter's bits, compared after each step (a NaN that stays NaN is unchanged): on CPU a NumPy view,
+        # on any device another thread, could write behind the meter's back. While a parameter keeps its identity
+        # (the same tensor, storage address, shape, strides and dtype), the bits of a contiguous one are read through
+        # a view taken now; otherwise they are read afresh.
+        self._views = {n: _bits(p) if p.is_contiguous() else None for n, p in params.items()}
+        kept = {} if changed is None else {n: v for n, v in self._values.items() if n not in changed}
+        self._values = {n: kept[n] if n in kept else _bits(p).clone() for n, p in params.items()}
+
+    def _changed(self, values: bool = True) -> list[str]:
+        """Names of the parameters swapped, set to require grad, removed or (with ``values``) changed in value since
+        the last seal."""
+        params = self._parameters()
+        changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != _identity(p)]
+        changed += [n for n in self._identity if n not in params]
+        if not values:
+            return changed
+        seen = set(changed)
+        changed += [n for n, v in self._values.items()  # always: one swapped parameter must not excuse the others
+                    if n in params and n not in seen and not torch.equal(
+                        _bits(params[n]) if self._views[n] is None else self._views[n], v)]
+        return changed
+
+    def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:
+        try:
+            with torch.inference_mode(), self.meter:
+                decision = self.logic.step(self.model, x)
+        except RuntimeError as error:
+            if _raised_by_autograd(error):  # torch refused the backward pass itself: the edge has no graph
+                self.meter.violation = self.meter.violation or f"its logic called autograd ({error})"
+            raise
+        finally:
+            violation, self.meter.violation = self.meter.violation, None
+            if violation is not None:
+                raise ForwardOnlyViolation(
+                    f"the edge is forward-only, but {violation}. Train a replica in the method's CloudLogic and send "
+                    f"the new parameters down instead.")
+        changed = self._changed()
+        if changed:
+            raise ForwardOnlyViolation(
+                f"the edge logic changed edge parameters outside a download: {', '.join(changed[:5])}. Only buffers "
+                f"such as BatchNorm statistics may change in a forward pass; send parameter updates from the cloud.")
+        validate_decision(decision, len(x), num_classes)
+        return decision
+
+    def receive(self, download: Download) -> None:
+        """Apply a download with the logic's ``receive``, under the same guard as the step, except that edge
+        parameters may be written: no backward or optimizer kernel may run, and only parameters that the download
+        names (exactly, or as the prefix of a name such as ``fc.weight.scale``) may change: the others may not be
+        swapped or removed here, and their values are compared after the next step. Its FLOPs count as edge FLOPs."""
+        def named(n: str) -> bool:
+            return any(k == n or k.startswith(n + ".") for k in download)
+
+        self.meter.protect({n: p for n, p in self._parameters().items() if not named(n)})  # the others stay sealed
+        self.meter.phase = "the edge's receive"
+        try:
+            with torch.no_grad(), self.meter:
+                self.logic.receive(self.model, download)
+        finally:
+            self.meter.phase = "the edge step"
+            violation, self.meter.violation = self.meter.violation, None
+            if violation is not None:
+                raise ForwardOnlyViolation(f"the edge is forward-only, but {violation}. "
+                                           f"Train a replica in the method's CloudLogic and send the new parameters "
+                                           f"down instead.")
+        self.model.requires_grad_(False)
+        params = self._parameters()
+        # a download may change the values of the parameters it names; it may not remove a parameter. The others
+        # keep their snapshots, and their values are compared after the edge step that follows every receive (the
+        # same batch's, before its predictions count)
+        bad = [n for n in self._changed(values=False) if n not in params or not named(n)]
+        if bad:
+            raise ForwardOnlyViolation(
+                f"the edge logic swapped or removed edge parameters that the download does not name while receiving "
+                f"it: {', '.join(bad[:5])}. A download may only change the values of the parameters it carries.")
+        self._seal(changed={n for n in params if named(n)})
+
+
+_AUTOGRAD_ENTRIES = {torch.autograd.backward.__code__, torch.autograd.grad.__code__}
+
+
+def _raised_by_autograd(error: BaseException) -> bool:
+    """Whether the error came out of ``torch.autograd.backward`` / ``grad`` (``Tensor.backward`` calls the former):
+    decided by where it was raised, not by what its text says."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in _AUTOGRAD_ENTRIES:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def validate_decision(decision: EdgeDecision, batch: int, num_classes: int) -> None:
+    if not isinstance(decision, EdgeDecision):
+        raise TypeError(f"EdgeLogic.step must return an EdgeDecision, got {type(decision).__name__}")
+    if decision.logits is None:
+        if not decision.await_answers:
+            raise ValueError("EdgeDecision.logits may be None only when the edge awaits the cloud's answers")
+    elif tuple(decision.logits.shape) != (batch, num_classes):
+        raise ValueError(f"edge logits have shape {tuple(decision.logits.shape)}, expected ({batch}, {num_classes})")
+    index = decision.upload
+    uploaded = 0
+    if index is not None:
+        if index.dtype != torch.long or index.dim() != 1:
+            raise ValueError("EdgeDecision.upload must be a 1-D int64 tensor of batch indices")
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= batch or len(index.unique()) != len(index)):
+            raise ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})")
+        uploaded = len(index)
+    if decision.logits is None and uploaded != batch:
+        raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")
+    if decision.payload_dtype is not None and decision.payload_dtype not in PAYLOAD_DTYPES:
+        raise ValueError(f"EdgeDecision.payload_dtype must be None or one of {', '.join(PAYLOAD_DTYPES)}, "
+                         f"got {decision.payload_dtype!r}")
+    for name, rows in decision.payload.items():
+        if not torch.is_tensor(rows) or rows.dim() == 0 or len(rows) != uploaded:
+            raise ValueError(f"EdgeDecision.payload[{name!r}] must have one row per uploaded sample ({uploaded}), "
+                             f"got {tuple(rows.shape) if torch.is_tensor(rows) else type(rows).__name__}")
+    for name, t in decision.tensors.items():
+        if not torch.is_tensor(t):
+            raise ValueError(f"EdgeDecision.tensors[{name!r}] must be a tensor, got {type(t).__name__}")
+        if batch > 1 and t.dim() >= 2 and t.shape[0] == batch:
+            raise ValueError(f"EdgeDecision.tensors[{name!r}] has one row per sample of the batch {tuple(t.shape)}: "
+                             f"per-sample data travels in EdgeDecision.payload, for uploaded samples only")
+

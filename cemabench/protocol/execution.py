@@ -1,0 +1,77 @@
+"""How a run unit executes, as opposed to what it computes: the device (checked against this machine before any
+compute), memory format, autocast, CPU threads, and the timing and memory of its steps."""
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cemabench.errors import UserError
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a unit runs, as opposed to what it computes: device, memory format, and opt-in bf16 autocast."""
+
+    device: str = "cpu"
+    channels_last: bool = False
+    amp: bool = False
+
+
+@contextlib.contextmanager
+def deterministic_threads(device: torch.device):
+    """On CPU a unit runs with one intra-op thread: torch's CPU reductions split their work by thread count, so
+    with more threads a unit's numbers would depend on the machine's cores and on ``--jobs``. Parallelism comes from
+    running units side by side (``--jobs``, Ray)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def timed(device: torch.device, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process high-water mark on Linux
+
+
+
+def _choices() -> str:
+    choices = ["cpu"]
+    if torch.cuda.is_available():
+        choices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        choices.append("mps")
+    return f"valid here: {', '.join(choices)} (cuda, cuda:N and mps where the machine has them)"
+
+
+def check_device(name: str) -> str:
+    """``name`` when it is a torch device this machine has, else a UserError that lists the valid choices here."""
+    choices = _choices()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device; {choices}") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU that torch can use; {choices}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); {choices}")
+    if device.type not in ("cuda", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"--device {name}: not available here; {choices}")
+    return name

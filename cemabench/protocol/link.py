@@ -1,0 +1,164 @@
+"""The link between edge and cloud: everything that crosses is encoded, counted, budgeted and delayed here.
+
+An upload carries, per uploaded sample, its raw input and/or its payload rows (encoded as the edge asked), plus
+per-batch tensors; the budget (samples and/or bytes) refuses what does not fit. Downloads wait for their delivery
+delay, and with a link model (bandwidth, latency) for the round trip in batches; an offloaded answer that misses the
+deadline does not count.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from cemabench.config import Protocol
+from cemabench.method import Download, EdgeDecision, Upload
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class LinkCounters:
+    uploaded: int = 0  # samples
+    refused: int = 0  # samples the budget kept from crossing
+    busy: int = 0  # samples the cloud had no capacity for in that step (many edges on one cloud)
+    upload_bytes: int = 0  # raw inputs (uint8 pixels)
+    upload_payload_bytes: int = 0  # per-sample payload rows, as encoded
+    upload_tensor_bytes: int = 0  # per-batch tensors
+    refused_bytes: int = 0  # what the byte budget kept from crossing
+    downloads: int = 0
+    download_bytes: int = 0
+    answers: int = 0
+    answer_bytes: int = 0
+    late_answers: int = 0  # answers that missed the deadline: the edge's own prediction stands for those samples
+    download_delay_batches: int = 0  # summed over downloads: batches each arrived later than the next one
+
+    @property
+    def bytes_up(self) -> int:
+        return self.upload_bytes + self.upload_payload_bytes + self.upload_tensor_bytes
+
+    def add(self, other: LinkCounters) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def bytes_down(self) -> int:
+        return self.download_bytes + self.answer_bytes
+
+
+def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, int]:
+    """A per-sample payload tensor as the cloud decodes it, and the bytes one row of it costs on the link.
+
+    ``None`` sends it as produced; ``float32`` / ``float16`` cast floating tensors; ``int8`` quantises each row
+    symmetrically, q = round(t / s) in [-127, 127] with s = max|row| / 127, and sends q plus s as one float32."""
+    row = t[0].numel() if len(t) else int(np.prod(t.shape[1:], dtype=np.int64))
+    if dtype is None or not t.is_floating_point():
+        return t.detach().clone(), row * t.element_size()
+    t = t.detach()
+    if len(t) == 0:  # nothing to encode; a row still has its price (int8: values plus the scale)
+        return t.float().clone(), row * {"float32": 4, "float16": 2, "int8": 1}[dtype] + (4 if dtype == "int8" else 0)
+    if dtype == "float32":
+        return t.float(), row * 4
+    if dtype == "float16":
+        return t.half().float(), row * 2
+    scale = t.abs().reshape(len(t), -1).amax(1).clamp_min(torch.finfo(torch.float32).tiny).float() / 127
+    scale = scale.reshape((-1,) + (1,) * (t.dim() - 1))
+    q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q.float() * scale, row + 4
+
+
+class Link:
+    """Everything that crosses between edge and cloud: encoded, counted, budgeted and delayed here."""
+
+    def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None,
+                 protocol: Protocol | None = None):
+        self.budget, self.budget_bytes, self.delay = budget, budget_bytes, delay
+        self.protocol = protocol or Protocol()
+        self._batch_up_bytes = 0  # what the current batch sent up: its answers and downloads wait for it to cross
+        self.total_uploaded = 0
+        self.total_bytes = 0
+        self.counters = LinkCounters()
+        self._in_flight: deque[tuple[int, Download]] = deque()
+
+    def _bytes_left(self) -> float:
+        return float("inf") if self.budget_bytes is None else max(0, self.budget_bytes - self.total_bytes)
+
+    def send_up(self, x: torch.Tensor, decision: EdgeDecision, sample_nbytes: int, batch_index: int,
+                first_id: int = 0, capacity: int | None = None, device: int = 0) -> Upload:
+        index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long)
+        if capacity is not None:  # the cloud's capacity left in this step: the rest does not cross
+            self.counters.busy += max(0, len(index) - capacity)
+            index = index[:capacity]
+        wanted = len(index)
+        tensors = {k: v.detach().clone() for k, v in decision.tensors.items()}
+        tensor_bytes = _nbytes(tensors)
+        if tensor_bytes > self._bytes_left():
+            self.counters.refused_bytes += tensor_bytes
+            tensors, tensor_bytes = {}, 0
+        self.counters.upload_tensor_bytes += tensor_bytes
+        self.total_bytes += tensor_bytes
+        if self.budget is not None:
+            index = index[:max(0, self.budget - self.total_uploaded)]
+        payload, row_bytes = {}, 0
+        for name, rows in decision.payload.items():
+            payload[name], nbytes = encode(rows[:len(index)], decision.payload_dtype)
+            row_bytes += nbytes
+        input_bytes = sample_nbytes if decision.send_input else 0
+        per_sample = input_bytes + row_bytes
+        if per_sample and per_sample * len(index) > self._bytes_left():
+            fit = int(self._bytes_left() // per_sample)
+            self.counters.refused_bytes += per_sample * (len(index) - fit)
+            index, payload = index[:fit], {k: v[:fit] for k, v in payload.items()}
+        self.counters.refused += wanted - len(index)
+        self.total_uploaded += len(index)
+        self.counters.uploaded += len(index)
+        self.counters.upload_bytes += len(index) * input_bytes
+        self.counters.upload_payload_bytes += len(index) * row_bytes
+        self.total_bytes += len(index) * per_sample
+        self._batch_up_bytes = tensor_bytes + len(index) * per_sample
+        samples = x[index.to(x.device)] if decision.send_input else x[:0]  # advanced indexing copies
+        return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
+                      sample_ids=index + first_id, device=device)
+
+    def answer(self, answers: torch.Tensor) -> torch.Tensor | None:
+        """The answers as the edge receives them, or None when they arrive after the deadline (counted as late)."""
+        nbytes = answers.numel() * answers.element_size()
+        self.counters.answers += len(answers)
+        self.counters.answer_bytes += nbytes
+        deadline = self.protocol.answer_deadline
+        if deadline is not None and self._round_trip(nbytes) > deadline:
+            self.counters.late_answers += len(answers)
+            return None
+        return answers.detach().clone()
+
+    def _round_trip(self, down_bytes: int) -> float:
+        """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge (cloud time not
+        modelled: it would make the numbers depend on the machine)."""
+        if not self.protocol.bandwidth and not self.protocol.latency:
+            return 0.0
+        return self.protocol.transfer_seconds(self._batch_up_bytes) + self.protocol.transfer_seconds(down_bytes)
+
+    def send_down(self, download: Download, batch_index: int) -> None:
+        nbytes = _nbytes(download)
+        self.counters.downloads += 1
+        self.counters.download_bytes += nbytes
+        late = max(0, math.ceil(self._round_trip(nbytes) / self.protocol.batch_interval) - 1)
+        self.counters.download_delay_batches += self.delay + late
+        due = batch_index + 1 + self.delay + late
+        self._in_flight.append((due, {k: v.detach().clone() for k, v in download.items()}))
+
+    def arrived(self, batch_index: int) -> list[Download]:
+        out = []
+        while self._in_flight and self._in_flight[0][0] <= batch_index:
+            out.append(self._in_flight.popleft()[1])
+        return out
+
+    def next_domain(self) -> LinkCounters:
+        done, self.counters = self.counters, LinkCounters()
+        return done
+

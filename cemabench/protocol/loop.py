@@ -1,0 +1,272 @@
+"""The online cloud-edge loop: one run unit, batch by batch, under the protocol's rules.
+
+Per edge batch t: the edge predicts with its current parameters (that prediction is recorded at arrival), its logic
+picks what to upload (raw inputs and/or per-sample payload, plus per-batch tensors), the link encodes, counts and
+budgets every byte of it, the cloud runs, and whatever it sends down is applied to the edge before batch
+t + 1 + delivery_delay; answers the edge awaits replace its prediction for those samples. Labels are read only after
+a run unit's stream has ended, when the recorded predictions are scored. Every op of the edge and cloud steps runs
+under a :class:`~cemabench.protocol.meter.ComputeMeter` that counts FLOPs and, on the edge, refuses what a
+forward-only device cannot do. The rules live in this package: the link (:mod:`.link`), the edge
+(:mod:`.edge`), the meter (:mod:`.meter`), the stream (:mod:`.stream`), scoring (:mod:`.scoring`) and the
+offline training stage (:mod:`.training`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cemabench.config import Protocol
+from cemabench.data import DomainData
+from cemabench.errors import ForwardOnlyViolation, UserError
+from cemabench.method import CloudLogic, CloudReply, CloudResources, Method, TrainingResources, check_declared
+from cemabench.protocol.edge import ForwardOnlyEdge
+from cemabench.protocol.execution import Execution, deterministic_threads, peak_memory, timed
+from cemabench.protocol.link import Link
+from cemabench.protocol.meter import ComputeMeter, SampleCounter
+from cemabench.protocol.scoring import Diverged, DomainResult, answered, finite, note, predicted, score
+from cemabench.protocol.stream import Block, DeviceStreams, derive_seed, plain
+from cemabench.protocol.training import run_training
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Models:
+    """Builders of fresh source models; the harness calls them anew for every run unit."""
+
+    edge: Callable[[], nn.Module]
+    foundation: Callable[[], nn.Module]
+
+    @classmethod
+    def copies_of(cls, edge: nn.Module, foundation: nn.Module) -> Models:
+        return cls(edge=lambda: copy.deepcopy(edge), foundation=lambda: copy.deepcopy(foundation))
+
+
+def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
+             clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
+             scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
+    """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
+    the same on every machine and under every executor."""
+    with deterministic_threads(torch.device(execution.device)):
+        return _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scored_classes)
+
+
+def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
+              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
+              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
+    """Run one method over a stream with no reset in between; a failure ends the unit, not the caller.
+
+    The stream is a list of blocks (:mod:`cemabench.protocol.stream` builds them for a setting; a plain domain stands
+    for itself in its per-domain order), or one such list per edge device
+    (:class:`~cemabench.protocol.stream.DeviceStreams`): the devices then step in lockstep (batch t of every device,
+    the device order rotating with t) and share one cloud, which keeps one replica per device or one shared
+    (``Method.cloud_replicas``) and accepts at most ``protocol.cloud_capacity`` uploaded samples per step over all
+    devices. One result per device and distinct
+    ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
+    labels, read only after their block ended. With ``scored_classes``, the scored prediction is the argmax over
+    those classes only; methods still see all."""
+    method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
+    check_declared(method)
+    device = torch.device(execution.device)
+    memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
+    streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
+    streams = [[b if isinstance(b, Block) else plain(b, seed) for b in s] for s in streams]
+    names = list(dict.fromkeys(s.name for blocks in streams for b in blocks for s in b.sources))
+    seed_everything(derive_seed(seed, method.name, *names))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cloud_passes = SampleCounter()
+    cloud_meter = ComputeMeter()
+    results = {(d, b.result): DomainResult(b.result, device=d) for d, blocks in enumerate(streams) for b in blocks}
+    try:
+        training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
+            num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
+            foundation=lambda: models.foundation().to(device), clean=clean, device=device))
+        for result in results.values():
+            result.training = training
+        edges = [ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
+                 for _ in streams]
+
+        def clean_images(n: int) -> torch.Tensor:
+            if clean is None:
+                raise LookupError("this method needs clean in-distribution images, and the dataset has none "
+                                  "(for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
+            return clean.images(np.arange(min(n, len(clean)))).to(device, memory_format=memory_format)
+
+        resources = CloudResources(
+            num_classes=num_classes,
+            edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
+            foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
+            clean_images=clean_images, device=device)
+        replicas = 1 if method.cloud_replicas == "shared" else len(streams)
+        with cloud_meter:
+            clouds: list[CloudLogic | None] = [method.cloud(resources) for _ in range(replicas)]
+        cloud_meter.take()  # building the cloud (EATA's Fisher, say) is set-up, not per-sample compute
+    except UserError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
+        first, *rest = results.values()
+        first.status, first.message = "error", f"setup failed: {_describe(error)}"
+        _skip(rest)
+        return list(results.values())
+
+    devices = [_Device(d, edges[d], clouds[d % replicas], blocks,
+                       Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol),
+                       device) for d, blocks in enumerate(streams)]
+    has_cloud = clouds[0] is not None
+    step, failed = 0, None
+    try:
+        while True:
+            capacity = protocol.cloud_capacity
+            active = False
+            for dev in devices[step % len(devices):] + devices[:step % len(devices)]:
+                failed = dev
+                x = dev.next_batch(protocol.batch_size, device.type == "cuda", results)
+                if x is None:
+                    continue
+                active = True
+                x = x.to(device, non_blocking=True, memory_format=memory_format)
+                result, link, batch_index = dev.result, dev.link, dev.batch_index
+                for download in link.arrived(batch_index):
+                    dev.edge.receive(download)
+                with autocast():
+                    decision, seconds = timed(device, dev.edge.step, x, num_classes)
+                result.edge_seconds += seconds
+                result.edge_flops += dev.edge.meter.take()
+                upload = link.send_up(x, decision, dev.sample_nbytes, batch_index, dev.stream_position, capacity,
+                                      dev.index)
+                if capacity is not None:
+                    capacity -= len(upload)
+                scored = None if decision.logits is None else finite(decision.logits.float(), batch_index)
+                if dev.cloud is not None:
+                    passes = (cloud_passes.with_grad, cloud_passes.without_grad)
+                    with autocast(), cloud_meter:
+                        reply, seconds = timed(device, dev.cloud.step, upload)
+                    result.cloud_seconds += seconds
+                    result.cloud_flops += cloud_meter.take()
+                    result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
+                    result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]
+                    dev.cloud_ran = dev.cloud_ran or len(upload) > 0 or bool(upload.tensors)
+                    if not isinstance(reply, CloudReply):
+                        reply = CloudReply(download=reply)
+                    if decision.await_answers:
+                        scored = answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index)
+                    if reply.download:
+                        if not all(torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()):
+                            raise Diverged(f"the cloud sent non-finite parameters at batch {batch_index} of the unit")
+                        link.send_down(reply.download, batch_index)
+                elif decision.await_answers:
+                    raise ValueError("the edge awaits answers, but the method has no cloud to answer")
+                made = predicted(scored, scored_classes)
+                if decision.logits is None:  # rows the cloud did not answer have no prediction at all
+                    made = torch.where(torch.isnan(scored[:, 0]), -1, made)
+                dev.predicted.append(made.cpu())
+                dev.batch_index += 1
+                dev.stream_position += len(x)
+            if not active:
+                break
+            step += 1
+        failed = None
+    except Diverged as error:
+        failed.result.status, failed.result.message = "diverged", str(error)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
+        failed.result.status = "error"
+        failed.result.message = _describe(error)
+        if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
+            failed.result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
+    if failed is not None:
+        reason = (f"device {failed.index} failed, which ended the run unit" if len(devices) > 1
+                  else "an earlier domain of this run unit failed")
+        for dev in devices:
+            if dev is not failed and dev.result is not None and dev.result.status == "ok":
+                dev.result.status, dev.result.message = "skipped", reason
+            dev.finish(results)
+            for block in dev.blocks:  # what the unit did not reach: a result partly run (rounds) is not complete
+                result = results[(dev.index, block.result)]
+                if result.status == "ok":
+                    result.status, result.message = "skipped", reason
+    for result in results.values():
+        if result.segments:  # it ran
+            ran = any(dev.ran.get(result.domain) for dev in devices if dev.index == result.device)
+            result.note = note(result, has_cloud, ran)
+        if len(result.segments) == 1 and result.segments[0]["segment"] == result.domain:
+            result.segments = []  # a result made of one plain block needs no breakdown
+    return list(results.values())
+
+
+class _Device:
+    """One edge device of a run unit: its forward-only edge, its link, its cloud (or its share of one), its stream
+    of blocks and where it is in it."""
+
+    def __init__(self, index: int, edge: ForwardOnlyEdge, cloud: CloudLogic | None, blocks: list[Block], link: Link,
+                 device: torch.device):
+        self.index, self.edge, self.cloud, self.link, self.device = index, edge, cloud, link, device
+        self.blocks = iter(blocks)
+        self.block: Block | None = None
+        self.result: DomainResult | None = None  # the current block's counts
+        self.batches = iter(())
+        self.batch_index = 0
+        self.stream_position = 0
+        self.ran: dict[str, bool] = {}  # whether the cloud had anything to work on, per result
+        self.predicted: list[torch.Tensor] = []
+        self.sample_nbytes = 0
+        self.cloud_ran = False
+        self.edge_before = 0
+
+    def next_batch(self, batch_size: int, pin_memory: bool, results: dict):
+        """The next batch of this device's stream (finishing and starting blocks on the way); None at its end."""
+        while True:
+            x = next(self.batches, None) if self.block is not None else None
+            if x is not None:
+                return x
+            self.finish(results)
+            self.block = next(self.blocks, None)
+            if self.block is None:
+                return None
+            self.result = DomainResult(self.block.result, device=self.index)
+            self.predicted, self.cloud_ran = [], False
+            self.edge_before = self.edge.forwards.with_grad + self.edge.forwards.without_grad
+            self.sample_nbytes = self.block.sample_nbytes
+            self.batches = self.block.batches(batch_size, pin_memory=pin_memory)
+
+    def finish(self, results: dict) -> None:
+        """Score the current block and count it toward its result."""
+        if self.block is None:
+            return
+        block, result = self.block, self.result
+        self.block = None
+        score(result, block, self.predicted)
+        result.link = self.link.next_domain()
+        result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before
+        result.peak_memory_bytes = peak_memory(self.device)
+        results[(self.index, block.result)].add(result, block)
+        self.ran[block.result] = self.ran.get(block.result, False) or self.cloud_ran
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit: method code called sys.exit({error.code!r}); a method must not end the process"
+    return f"{type(error).__name__}: {error}"
+
+
+def _skip(results) -> None:
+    for result in results:
+        result.status, result.message = "skipped", "an earlier domain of this run unit failed"
+

@@ -1,0 +1,218 @@
+"""What executes, seen op by op: FLOPs for edge and cloud, and the forward-only rule enforced on the edge; and
+samples counted through model forwards (:class:`SampleCounter`).
+
+A :class:`ComputeMeter` is a ``TorchDispatchMode``: every aten op that runs inside it passes through it, whichever
+module, function, copy or thread issued it (the autograd engine carries the mode into backward). FLOPs come from
+PyTorch's own formulas (``torch.utils.flop_counter.flop_registry``, the table behind ``FlopCounterMode``), with
+the same rule as ``FlopCounterMode`` for ops without a formula: run their composite decomposition under the mode,
+so that the convolution or matmul inside is counted. Only matmul- and convolution-like ops carry FLOPs, as there.
+
+With a guard, the meter also enforces the forward-only edge by what executes: no backward kernel, no optimizer
+kernel (``_foreach_*_`` / ``_fused_*``), no in-place write into an ``nn.Parameter`` that holds a gradient (an
+optimizer's step, on any model, wherever it is kept), and no in-place write into the storage of a protected
+parameter (the edge model's, also through ``.data`` or a view) may run. Buffers such as BatchNorm statistics may
+change: a forward-only device can. A violation raises :class:`ForwardOnlyViolation` at the op and is remembered,
+so that a plugin which catches the exception is still caught when the step ends.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from cemabench.errors import ForwardOnlyViolation
+
+# ops that only ask for metadata: FlopCounterMode leaves them to the default handling, and so do we
+_METADATA = {
+    torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format,
+    torch.ops.aten.is_strides_like_format.default, torch.ops.aten.is_non_overlapping_and_dense.default,
+    torch.ops.aten.size.default, torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
+    torch.ops.aten.sym_stride.default, torch.ops.aten.storage_offset.default,
+    torch.ops.aten.sym_storage_offset.default, torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default,
+    torch.ops.aten.dim.default, torch.ops.prim.layout.default,
+}
+
+class _Op:
+    """What the meter needs to know about an op, worked out once per op overload."""
+
+    __slots__ = ("name", "formula", "optimizer", "written", "whole", "aten")
+
+    def __init__(self, func):
+        self.name = func.name()
+        self.formula = flop_registry.get(func._overloadpacket)
+        short = self.name.split("::")[-1].split(".")[0]
+        self.optimizer = short.startswith("_fused_") or (short.startswith("_foreach_") and short.endswith("_"))
+        # positions and keyword names of the arguments the op writes to (its ``Tensor(a!)`` arguments)
+        self.written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                             if a.alias_info is not None and a.alias_info.is_write)
+        # an op without a decomposition (learnt at its first call): it runs whole
+        self.whole = func is torch.ops.prim.device.default
+        # only PyTorch's own composite ops have their decompositions cached; a plugin's op is decomposed every call
+        self.aten = func.namespace == "aten"
+
+
+_ops: dict = {}
+
+
+def _storage(t) -> int | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
+        return None
+
+
+def _shape_key(value, layout: bool = False):
+    """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is. With
+    ``layout``, also what can steer a composite op's decomposition or matters to the guard: a tensor's strides,
+    dtype, device, whether it requires grad and whether it is a parameter."""
+    if isinstance(value, torch.Tensor):
+        if layout:
+            return ("T", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad,
+                    isinstance(value, torch.nn.Parameter))
+        return "T", tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(_shape_key(v, layout) for v in value)
+    return value
+
+
+def _call_key(func, args, kwargs, layout: bool = False, out=None):
+    """A hashable key of one call's arguments (and output) as :func:`_shape_key` sees them, or None."""
+    key = (func, _shape_key(args, layout), tuple(sorted((k, _shape_key(v, layout)) for k, v in kwargs.items())),
+           _shape_key(out))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable argument
+        return None
+    return key
+
+
+_counted: dict = {}  # (op, argument shapes and values) -> FLOPs: the formulas depend on nothing else
+# (composite aten op, argument shapes, layouts and values) -> FLOPs its decomposition counted (zero included), for
+# decompositions that ran no optimizer op and wrote into no parameter and no protected tensor: a repeated call with
+# the same key runs the op in one piece and adds these FLOPs, as its decomposition is the same sequence of ops
+_decomposed: dict = {}
+
+
+def _flops(func, op: _Op, args, kwargs, out) -> int:
+    """``op.formula``'s count, looked up by shapes when this call's were seen before (torch's formulas walk every
+    argument with pytree, which costs more than the op on a small model)."""
+    key = _call_key(func, args, kwargs, out=out)
+    if key is None:  # an unhashable argument: count without the cache
+        return int(op.formula(*args, **kwargs, out_val=out))
+    if key not in _counted:
+        _counted[key] = int(op.formula(*args, **kwargs, out_val=out))
+    return _counted[key]
+
+
+class ComputeMeter(TorchDispatchMode):
+    """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
+    do. Enter it once per step (``with meter:``); ``flops`` accumulates until read."""
+
+    def __init__(self, guard: bool = False):
+        super().__init__()
+        self.guard = guard
+        self.flops = 0
+        self.protected: dict[int, str] = {}  # storage address -> name of each parameter no op may write to
+        self.violation: str | None = None
+        self.writes = 0  # ops run inside that were an optimizer's or wrote into a parameter or a protected tensor
+        self.decomposing = 0  # depth of the composite ops being decomposed: only there do unguarded writes matter
+        self.phase = "the edge step"  # what runs under the guard, for its messages
+
+    def protect(self, parameters: dict) -> None:
+        """Refuse in-place writes into the storage of these named tensors (and of any view of them)."""
+        self.protected = {ptr: name for name, ptr in ((n, _storage(t)) for n, t in parameters.items()) if ptr}
+
+    def _refuse(self, message: str):
+        self.violation = self.violation or message
+        raise ForwardOnlyViolation(message)
+
+    def _check(self, op: _Op, args, kwargs) -> None:
+        """With the guard, refuse what a forward-only device cannot run; always, count the ops that a cached
+        decomposition may not skip (optimizer ops, writes into a parameter or a protected tensor)."""
+        if self.guard and torch._C._current_autograd_node() is not None:
+            self._refuse(f"a backward kernel ({op.name}) ran during {self.phase}")
+        if op.optimizer:
+            self.writes += 1
+            if self.guard:
+                self._refuse(f"an optimizer kernel ({op.name}) ran during {self.phase}")
+        for position, keyword in op.written:
+            target = args[position] if position < len(args) else kwargs.get(keyword)
+            for t in target if isinstance(target, (list, tuple)) else (target,):
+                hit = self.protected.get(_storage(t))
+                parameter = isinstance(t, torch.nn.Parameter)
+                self.writes += hit is not None or parameter
+                if self.guard and hit is not None:
+                    self._refuse(f"{op.name} wrote into the edge parameter {hit} during {self.phase}")
+                if self.guard and parameter and t.grad is not None:
+                    self._refuse(f"{op.name} updated a parameter from its gradient (an optimizer step, on a model "
+                                 f"kept beside the edge?) during {self.phase}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            return NotImplemented
+        op = _ops.get(func)
+        if op is None:
+            op = _ops[func] = _Op(func)
+        if self.guard or (self.decomposing and (op.written or op.optimizer)):
+            self._check(op, args, kwargs)
+        if op.formula is None:
+            if op.whole:
+                return func(*args, **kwargs)
+            # a composite op: its decomposition runs under the meter, which counts the ops with a formula inside
+            key = _call_key(func, args, kwargs, layout=True) if op.aten else None
+            flops = _decomposed.get(key) if key is not None else None
+            if flops is not None:
+                out = func(*args, **kwargs)
+                self.flops += flops
+                return out
+            before, writes = self.flops, self.writes
+            self.decomposing += 1
+            try:
+                with self:
+                    out = func.decompose(*args, **kwargs)
+            finally:
+                self.decomposing -= 1
+            if out is NotImplemented:
+                op.whole = True
+                return func(*args, **kwargs)
+            if key is not None and self.writes == writes:
+                _decomposed[key] = self.flops - before
+            return out
+        out = func(*args, **kwargs)
+        self.flops += _flops(func, op, args, kwargs, out)
+        return out
+
+    def take(self) -> int:
+        """The FLOPs counted since the last ``take``."""
+        flops, self.flops = self.flops, 0
+        return flops
+
+
+# on a counted model: its SampleCounters, which cemabench.models.split carries to a tail
+COUNTERS = "_cemabench_counters"
+
+
+
+class SampleCounter:
+    """Counts samples through a model's forward passes (a pass through a split model's tail is a pass through the
+    model: it ends at the model's output), split into passes with and without autograd."""
+
+    def __init__(self):
+        self.with_grad = 0
+        self.without_grad = 0
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        model.register_forward_pre_hook(self._hook)
+        vars(model).setdefault(COUNTERS, []).append(self)
+        return model
+
+    def _hook(self, module, args):
+        n = len(args[0]) if args and torch.is_tensor(args[0]) else 0
+        if torch.is_grad_enabled():
+            self.with_grad += n
+        else:
+            self.without_grad += n

@@ -1,0 +1,151 @@
+"""Scoring: the predictions recorded at arrival, the cloud's answers that replace them, and the measurements of a
+cell (:class:`DomainResult`). Labels are read from storage only here, after a block's stream has ended."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from cemabench.method import Upload
+from cemabench.protocol.link import Link, LinkCounters
+from cemabench.protocol.stream import Block
+
+
+class Diverged(Exception):
+    """Non-finite logits or parameters: the cell is reported as diverged, not as an error."""
+
+
+@dataclass
+class DomainResult:
+    """The measurements of one method on one domain. Accuracy is online top-1 of the predictions made at arrival."""
+
+    domain: str
+    status: str = "ok"  # ok | diverged | error | skipped
+    message: str = ""
+    note: str = ""  # what a reader should know about an ok cell (empty selection, exhausted budget)
+    seen: int = 0
+    correct: int = 0
+    unanswered: int = 0  # samples with no prediction (an edge without logits whose upload the budget refused)
+    edge_forward_samples: int = 0
+    cloud_forward_samples_grad: int = 0
+    cloud_forward_samples_nograd: int = 0
+    edge_flops: int = 0  # everything the edge step executed (torch.utils.flop_counter's formulas)
+    cloud_flops: int = 0  # forward and backward of everything the cloud step executed
+    edge_seconds: float = 0.0
+    cloud_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    link: LinkCounters = field(default_factory=LinkCounters)
+    training: dict = field(default_factory=dict)  # the unit's offline training stage: key, seconds, cached
+    # stretches of the stream counted in this result (severity steps, rounds), when there are several: name, seen,
+    # correct; and, for a stream that mixes domains, seen and correct per domain
+    segments: list = field(default_factory=list)
+    by_domain: dict = field(default_factory=dict)
+    device: int = 0  # the edge device, when several share the cloud
+
+    _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
+               "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
+
+    def add(self, part: DomainResult, block: Block) -> None:
+        """Count a further stretch of the stream (a block) toward this result."""
+        for name in self._SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.peak_memory_bytes = max(self.peak_memory_bytes, part.peak_memory_bytes)
+        self.link.add(part.link)
+        self.segments.append({"segment": block.segment, "round": block.round, "severity": block.severity,
+                              "seen": part.seen, "correct": part.correct})
+        for domain, (seen, correct) in part.by_domain.items():
+            mine = self.by_domain.setdefault(domain, [0, 0])
+            mine[0], mine[1] = mine[0] + seen, mine[1] + correct
+        if part.status != "ok" and self.status == "ok":
+            self.status, self.message = part.status, part.message
+
+    @property
+    def accuracy(self) -> float | None:
+        return 100.0 * self.correct / self.seen if self.seen and self.status == "ok" else None
+
+    @property
+    def upload_ratio(self) -> float | None:
+        return 100.0 * self.link.uploaded / self.seen if self.seen and self.status == "ok" else None
+
+    def per_sample(self, total: int) -> float | None:
+        return total / self.seen if self.seen and self.status == "ok" else None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["link"].update(bytes_up=self.link.bytes_up, bytes_down=self.link.bytes_down)
+        out.update(accuracy=self.accuracy, upload_ratio=self.upload_ratio,
+                   bytes_up_per_sample=self.per_sample(self.link.bytes_up),
+                   bytes_down_per_sample=self.per_sample(self.link.bytes_down),
+                   edge_gflops_per_sample=_giga(self.per_sample(self.edge_flops)),
+                   cloud_gflops_per_sample=_giga(self.per_sample(self.cloud_flops)))
+        return out
+
+
+def _giga(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
+
+
+def finite(logits: torch.Tensor, batch_index: int) -> torch.Tensor:
+    if not torch.isfinite(logits).all():
+        raise Diverged(f"non-finite logits at batch {batch_index} of the run unit")
+    return logits
+
+
+def score(result: DomainResult, block: Block, predicted: list[torch.Tensor]) -> None:
+    """Score the predictions recorded at arrival against the labels, which are read from storage only now."""
+    if not predicted:
+        return
+    made = torch.cat(predicted)
+    hit = made == torch.from_numpy(block.labels()[:len(made)]).long()
+    result.seen = len(made)
+    result.correct = int(hit.sum())
+    result.unanswered = int((made < 0).sum())
+    domains = block.domain_of()
+    if domains is not None:
+        for name in dict.fromkeys(domains[:len(made)]):
+            mine = torch.from_numpy(domains[:len(made)] == name)
+            result.by_domain[name] = (int(mine.sum()), int(hit[mine].sum()))
+
+
+def note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
+    link, notes = result.link, []
+    if has_cloud and result.status == "ok" and not cloud_ran:
+        notes.append("empty selection: nothing crossed the link in this domain, so the cloud had nothing to work on")
+    elif has_cloud and link.uploaded == 0 and link.upload_tensor_bytes:
+        notes.append(f"empty selection: no sample was uploaded, but {link.upload_tensor_bytes} bytes of per-batch "
+                     f"tensors crossed and the cloud worked on them")
+    if link.refused or link.refused_bytes:
+        notes.append(f"upload budget exhausted: {link.refused} samples refused")
+    if link.busy:
+        notes.append(f"cloud at capacity: {link.busy} samples could not be uploaded")
+    if link.late_answers:
+        notes.append(f"{link.late_answers} answers arrived after the deadline and did not count")
+    if result.unanswered:
+        notes.append(f"{result.unanswered} samples had no prediction (not uploaded, or answered late) and count as "
+                     f"errors")
+    return "; ".join(notes)
+
+
+def predicted(logits: torch.Tensor, scored_classes: torch.Tensor | None) -> torch.Tensor:
+    if scored_classes is None:
+        return logits.argmax(1)
+    scored = scored_classes.to(logits.device)
+    return scored[logits[:, scored].argmax(1)]
+
+
+def answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload: Upload,
+              answers: torch.Tensor | None, link: Link, batch_index: int) -> torch.Tensor:
+    """The scored logits when the edge awaits the cloud's answers, one row per uploaded sample in upload order.
+    Samples with neither an edge prediction nor an answer get -inf logits everywhere (scored as errors)."""
+    expected = (len(upload), num_classes)
+    if answers is None or tuple(answers.shape) != expected:
+        got = None if answers is None else tuple(answers.shape)
+        raise ValueError(f"the edge awaits answers for {expected[0]} uploaded samples, so the cloud must return "
+                         f"CloudReply(answers=...) of shape {expected}; got {got}")
+    received = link.answer(answers)
+    out = (logits.clone() if logits is not None
+           else torch.full((batch, num_classes), float("nan"), device=answers.device))
+    if received is not None:  # late answers do not count: the edge's own prediction (if any) stands
+        out[upload.index.to(out.device)] = finite(received.float(), batch_index).to(out.device)
+    return out
+

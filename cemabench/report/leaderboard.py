@@ -1,0 +1,406 @@
+"""Markdown leaderboards from a table's JSON document (pandas + tabulate)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from cemabench.config.settings import describe
+from cemabench.report.plots import non_dominated, plot_tradeoffs
+
+MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from the 10-class, 32-pixel digits "
+                    "miniature that ships with cemabench. They show the code path works and how methods rank on a "
+                    "small shift; never compare them with published numbers. Pass `--data-root` for the real table.")
+
+
+NOTE_MARK = "†"
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """One value as it is; several (one per seed) as mean ± sample standard deviation (ddof=1)."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    series = pd.Series(values, dtype=float)
+    return f"{fmt.format(series.mean())} ± {fmt.format(series.std(ddof=1))}"
+
+
+def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
+    failed = [s for s in group["status"] if s != "ok"]
+    if failed:
+        return failed[0]
+    if group.empty:
+        return "-"
+    mark = NOTE_MARK if (group["note"] != "").any() else ""
+    return _spread(group.sort_values("seed")[metric].tolist(), fmt) + mark
+
+
+def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
+    """One seed's mean over the domains, summed in the table's domain order."""
+    values = group.set_index("domain")[metric]
+    return sum(values[d] for d in domains) / len(domains)
+
+
+STATUS_RANK = ("error", "diverged", "skipped", "ok")
+
+
+def pooled_over_devices(cells: list[dict]) -> list[dict]:
+    """One cell per (method, seed, domain): the cells of several edge devices on one domain pooled (their samples,
+    correct predictions and uploads summed)."""
+    pooled: dict[tuple, dict] = {}
+    for cell in cells:
+        key = (cell["method"], cell["seed"], cell["domain"])
+        if key not in pooled:
+            pooled[key] = cell
+            continue
+        first = pooled[key] = dict(pooled[key])
+        first["seen"] += cell["seen"]
+        first["correct"] += cell["correct"]
+        first["link"] = {**first["link"], "uploaded": first["link"]["uploaded"] + cell["link"]["uploaded"]}
+        first["note"] = first["note"] or cell["note"]
+        first["status"] = min(first["status"], cell["status"], key=STATUS_RANK.index)  # the worst one shows
+        ok = first["status"] == "ok" and first["seen"]
+        first["accuracy"] = 100 * first["correct"] / first["seen"] if ok else None
+        first["upload_ratio"] = 100 * first["link"]["uploaded"] / first["seen"] if ok else None
+    return list(pooled.values())
+
+
+def device_frame(doc: dict) -> pd.DataFrame:
+    """Per method and edge device (pooled over its domains and the seeds): accuracy, uploads, samples the cloud had no
+    capacity for, bytes up and down per sample, and the mean download delay; empty with one device."""
+    if not any(c.get("device", 0) for c in doc["cells"]):
+        return pd.DataFrame()
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        for device in sorted({c.get("device", 0) for c in doc["cells"]}):
+            cells = [c for c in doc["cells"] if c["method"] == label and c.get("device", 0) == device]
+            if not cells:
+                continue
+            failed = [c["status"] for c in cells if c["status"] != "ok"]
+            if failed:
+                rows[(label, device)] = {"domains": ", ".join(dict.fromkeys(c["domain"] for c in cells)),
+                                         "accuracy %": min(failed, key=STATUS_RANK.index)}
+                continue
+            seen = sum(c["seen"] for c in cells)
+            link = {k: sum(c["link"][k] for c in cells) for k in ("uploaded", "busy", "downloads",
+                                                                  "download_delay_batches")}
+            up = sum(c["link"]["bytes_up"] for c in cells)
+            down = sum(c["link"]["bytes_down"] for c in cells)
+            rows[(label, device)] = {
+                "domains": ", ".join(dict.fromkeys(c["domain"] for c in cells)),
+                "accuracy %": f"{100 * sum(c['correct'] for c in cells) / seen:.1f}",
+                "upload %": f"{100 * link['uploaded'] / seen:.1f}", "cloud busy (samples)": f"{link['busy']:,}",
+                "bytes up / sample": f"{up / seen:,.0f}", "bytes down / sample": f"{down / seen:,.0f}",
+                "download delay (batches)": (f"{link['download_delay_batches'] / link['downloads']:.2f}"
+                                             if link["downloads"] else "-")}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = [f"{label} / device {device}" for label, device in frame.index]
+    return frame
+
+
+def result_columns(doc: dict) -> list[str]:
+    """The table's result columns: its domains, or what the setting scores instead (one mixed stream)."""
+    domains = doc["provenance"]["domains"]
+    extra = [d for d in dict.fromkeys(c["domain"] for c in doc["cells"]) if d not in domains]
+    return extra or domains
+
+
+def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
+    """Methods x domains, plus the mean over domains. With one seed a cell is that seed's value; with several it is
+    the mean ± sample standard deviation (ddof=1) across seeds, and the mean column is the mean ± sample standard
+    deviation across seeds of each seed's mean over domains. Failed cells show their status."""
+    cells = pd.DataFrame(pooled_over_devices(doc["cells"]))
+    domains = result_columns(doc)
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        mine = cells[cells["method"] == label] if len(cells) else cells
+        row = {domain: _cell(mine[mine["domain"] == domain], metric, fmt) for domain in domains}
+        complete = [group for _, group in mine.groupby("seed")
+                    if (group["status"] == "ok").all() and set(group["domain"]) >= set(domains)]
+        seeds = mine["seed"].nunique() if len(mine) else 0
+        if complete and len(complete) == seeds:
+            row["mean"] = _spread([_domain_mean(g, metric, domains) for g in complete], fmt)
+        else:
+            row["mean"] = "-"
+        rows[label] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _per_sample(group: pd.DataFrame, column: str, seen: int) -> str:
+    return f"{group[column].sum() / seen:.2f}" if seen else "-"
+
+
+def cost_frame(doc: dict) -> pd.DataFrame:
+    """What crossed the link and what the cloud computed, per method, summed over domains, averaged over seeds."""
+    cells = pd.DataFrame(doc["cells"])
+    seeds = max(1, len(doc["seeds"]))
+    link = pd.json_normalize(cells["link"].tolist())
+    cells = pd.concat([cells.drop(columns="link"), link], axis=1)
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        group = cells[cells["method"] == label]
+        seen = group["seen"].sum()
+
+        rows[label] = {
+            "uploaded": f"{group['uploaded'].sum() / seeds:,.0f}",
+            "upload MB": f"{group['upload_bytes'].sum() / seeds / 1e6:.2f}",
+            "other upload kB": f"{group['upload_tensor_bytes'].sum() / seeds / 1e3:.1f}",
+            "downloads": f"{group['downloads'].sum() / seeds:,.0f}",
+            "download MB": f"{group['download_bytes'].sum() / seeds / 1e6:.2f}",
+            "answers MB": f"{group['answer_bytes'].sum() / seeds / 1e6:.2f}",
+            "edge forwards / sample": _per_sample(group, "edge_forward_samples", seen),
+            "cloud train forwards / sample": _per_sample(group, "cloud_forward_samples_grad", seen),
+            "cloud eval forwards / sample": _per_sample(group, "cloud_forward_samples_nograd", seen),
+            "download delay (batches)": (f"{group['download_delay_batches'].sum() / group['downloads'].sum():.2f}"
+                                         if group["downloads"].sum() else "-"),
+            "late answers": f"{group['late_answers'].sum() / seeds:,.0f}",
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def breakdown_frame(doc: dict, key: str) -> pd.DataFrame:
+    """Accuracy (%) per round, per severity step (pooled over domains) or per domain inside a mixed stream, from
+    the cells' ``segments`` / ``by_domain``; empty when no cell has that breakdown. Seeds as in :func:`metric_frame`."""
+    rows = {}
+    for label in [m["label"] for m in doc["methods"]]:
+        per_seed: dict[int, dict] = {}
+        for cell in doc["cells"]:
+            if cell["method"] != label or cell["status"] != "ok":
+                continue
+            counts = per_seed.setdefault(cell["seed"], {})
+            if key == "domain":
+                parts = [(d, seen, correct) for d, (seen, correct) in cell.get("by_domain", {}).items()]
+            else:
+                parts = [(s[key], s["seen"], s["correct"]) for s in cell.get("segments", []) if s.get(key) is not None]
+            for name, seen, correct in parts:
+                total = counts.setdefault(name, [0, 0])
+                total[0], total[1] = total[0] + seen, total[1] + correct
+        names = sorted({n for c in per_seed.values() for n in c}, key=lambda n: (isinstance(n, str), n))
+        if names:
+            rows[label] = {n: _spread([100 * c[n][1] / c[n][0] for _, c in sorted(per_seed.items()) if c.get(n)],
+                                      "{:.1f}") for n in names}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    if key != "domain":
+        frame.columns = [f"{key} {c}" for c in frame.columns]
+    return frame
+
+
+_BREAKDOWNS = (("round", "## Accuracy per round (%)", "Pooled over the domains of each repetition of the stream."),
+               ("severity", "## Accuracy per severity (%)", "Pooled over the domains and over both ramps (up and "
+                "down) of each severity step."),
+               ("domain", "## Accuracy per domain inside the mixed stream (%)", "The samples of each domain, scored "
+                "where they fell in the one shuffled stream."))
+
+
+def _breakdown_sections(doc: dict) -> list[str]:
+    lines = []
+    devices = device_frame(doc)
+    if not devices.empty:
+        lines += ["## Per edge device", "", "Several edge devices share one cloud; each row pools one device's domains "
+                  "and the seeds. Cloud busy: uploads the cloud had no capacity for in their step.", "",
+                  devices.to_markdown(), ""]
+    for key, title, what in _BREAKDOWNS:
+        frame = breakdown_frame(doc, key)
+        if key == "round" and frame.shape[1] < 2:
+            continue
+        if not frame.empty:
+            lines += [title, "", what, "", frame.to_markdown(), ""]
+    return lines
+
+
+def efficiency_points(doc: dict) -> pd.DataFrame:
+    """One operating point per method (pooled over domains and seeds; methods with a failed cell are left out):
+    accuracy, upload ratio, bytes up and down per sample, edge and cloud GFLOPs per sample."""
+    rows = []
+    plugin = {m["label"]: m["name"] for m in doc["methods"]}
+    reference = {m["label"]: m.get("reference") for m in doc["methods"]}  # declared by the method or the spec
+    for label in plugin:
+        cells = [c for c in doc["cells"] if c["method"] == label]
+        if not cells or any(c["status"] != "ok" for c in cells):
+            continue
+        seen = sum(c["seen"] for c in cells)
+        total = {k: sum(c.get(k) or 0 for c in cells) for k in ("correct", "edge_flops", "cloud_flops")}
+        up = sum(c["link"].get("bytes_up", c["link"]["upload_bytes"] + c["link"]["upload_tensor_bytes"]) for c in cells)
+        down = sum(c["link"].get("bytes_down", c["link"]["download_bytes"] + c["link"]["answer_bytes"]) for c in cells)
+        rows.append({"method": label, "family": plugin[label], "reference": reference[label] is not None,
+                     "reference_kind": reference[label],
+                     "accuracy": 100 * total["correct"] / seen,
+                     "upload_ratio": 100 * sum(c["link"]["uploaded"] for c in cells) / seen,
+                     "bytes_up_per_sample": up / seen, "bytes_down_per_sample": down / seen,
+                     "bytes_per_sample": (up + down) / seen,
+                     "edge_gflops_per_sample": total["edge_flops"] / seen / 1e9,
+                     "cloud_gflops_per_sample": total["cloud_flops"] / seen / 1e9,
+                     "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9})
+    points = pd.DataFrame(rows)
+    if len(points):
+        points["pareto"] = non_dominated(points, {"accuracy": "max", "bytes_per_sample": "min",
+                                                  "gflops_per_sample": "min"})
+    return points
+
+
+def _relative(value: float, reference: float | None) -> str:
+    return "-" if reference is None or reference == 0 else f"{value / reference:.2f}"
+
+
+def efficiency_frame(doc: dict) -> pd.DataFrame:
+    """Accuracy, communication and computation per sample side by side, and each relative to the cloud reference
+    (the entry that declares ``reference = "cloud"``: everything in the cloud)."""
+    points = efficiency_points(doc)
+    if points.empty:
+        return points
+    cloud = points[points["reference_kind"] == "cloud"]
+    ref = cloud.iloc[0] if len(cloud) else None
+    versus = ref["method"] if ref is not None else "the cloud reference"
+    rows = {}
+    for _, p in points.iterrows():
+        rows[p["method"]] = {
+            "accuracy %": f"{p['accuracy']:.1f}", "upload %": f"{p['upload_ratio']:.1f}",
+            "bytes up / sample": f"{p['bytes_up_per_sample']:,.0f}",
+            "bytes down / sample": f"{p['bytes_down_per_sample']:,.0f}",
+            "edge GFLOPs / sample": f"{p['edge_gflops_per_sample']:.4f}",
+            "cloud GFLOPs / sample": f"{p['cloud_gflops_per_sample']:.4f}",
+            f"accuracy vs {versus}": _relative(p["accuracy"], None if ref is None else ref["accuracy"]),
+            f"bytes vs {versus}": _relative(p["bytes_per_sample"], None if ref is None else ref["bytes_per_sample"]),
+            f"cloud FLOPs vs {versus}": _relative(p["cloud_gflops_per_sample"],
+                                                  None if ref is None else ref["cloud_gflops_per_sample"]),
+            "non-dominated": "●" if p["pareto"] else "",
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def write_tradeoff_plot(doc: dict, path) -> bool:
+    """Accuracy against communication and computation per sample, one point per method (PNG); False when no
+    method finished."""
+    points = efficiency_points(doc)
+    if points.empty:
+        return False
+    # one line per plugin: the entries of one method at several knob values are its sweep
+    plot_tradeoffs(points.assign(method=points["family"]), path, title=f"{doc['table']}: {doc['title']}")
+    return True
+
+
+def _reference_sections(doc: dict) -> list[str]:
+    """Our numbers beside the published ones the spec records; nothing to compare on the miniature."""
+    reference = doc.get("reference", {})
+    proto = doc["provenance"]["protocol"]
+    if doc["provenance"]["miniature"] or not reference:
+        return []
+    if proto.get("setting", "per-domain") != "per-domain" or proto.get("devices", 1) > 1:
+        return ["## Published numbers", "", "Not shown: they were measured per domain on one edge, and this table's "
+                "stream setting or devices differ.", ""]
+    lines = []
+    published = {(r["method"], r["domain"]): r for r in reference.get("published_uploads", [])}
+    rows = []
+    for cell in doc["cells"]:
+        r = published.get((cell["method"], cell["domain"]))
+        if r is None or cell["status"] != "ok" or not cell["seen"]:
+            continue
+        mine, theirs = 100 * cell["link"]["uploaded"] / cell["seen"], 100 * r["uploaded"] / r["total"]
+        rows.append({"method": r["method"], "corruption": r["domain"], "seed": cell["seed"],
+                     "uploaded (ours)": cell["link"]["uploaded"], "seen (ours)": cell["seen"],
+                     "ratio % (ours)": f"{mine:.1f}",
+                     "uploaded (published)": r["uploaded"], "of (published)": r["total"],
+                     "ratio % (published)": f"{theirs:.1f}", "difference (pp)": f"{mine - theirs:+.1f}"})
+    if rows:
+        lines += ["## Uploads against the authors' published counts", "",
+                  f"Published counts: {reference.get('uploads_source', reference.get('uploads'))}.", "",
+                  pd.DataFrame(rows).to_markdown(index=False), ""]
+    accuracy = reference.get("accuracy", [])
+    lines += ["## Published accuracies", ""]
+    if accuracy:
+        lines += [pd.DataFrame(accuracy).to_markdown(index=False), ""]
+    else:
+        lines += ["None recorded yet: add `[[reference.accuracy]]` entries (method, domain, accuracy, source) to "
+                  "the spec when a source is at hand.", ""]
+    return lines
+
+
+def _compact(value) -> str:
+    """Per-domain counts collapse to a range when they differ, to one number when they agree."""
+    if isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values()):
+        low, high = min(value.values()), max(value.values())
+        return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+    return str(value)
+
+
+def _options(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
+
+
+def setting_line(proto: dict) -> str:
+    """The stream setting's definition (documents written before settings existed say ``reset`` instead)."""
+    legacy = {"per_domain": "per-domain"}.get(proto.get("reset"), proto.get("reset"))
+    return describe(proto.get("setting", legacy), proto.get("rounds", 1), proto.get("concentration", 0.1))
+
+
+def protocol_line(proto: dict) -> str:
+    """Batch size, delay, budgets and the link model, in one line."""
+    text = (f"edge batch {proto['batch_size']}, delivery delay {proto['delivery_delay']}, upload budget "
+            f"{proto['upload_budget'] or 'none'}")
+    if proto.get("upload_budget_bytes") is not None:
+        text += f", byte budget {proto['upload_budget_bytes']:,}"
+    if proto.get("bandwidth") or proto.get("latency"):
+        text += (f"; link {proto['bandwidth'] or 'unlimited'} bytes/s, latency {proto['latency']} s, one batch every "
+                 f"{proto['batch_interval']} s, answer deadline "
+                 f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
+    if proto.get("devices", 1) > 1:
+        streams = {"partition": "each its own domains", "rotate": "each all domains, in its own rotated order"}
+        text += (f"; **{proto['devices']} edge devices on one cloud** ({streams[proto['device_streams']]}; in "
+                 f"lockstep, the device order rotating every step), cloud capacity "
+                 f"{proto['cloud_capacity'] if proto['cloud_capacity'] is not None else 'unlimited'} uploaded samples "
+                 f"per step over all devices")
+    return text
+
+
+def render(doc: dict) -> str:
+    p = doc["provenance"]
+    proto = p["protocol"]
+    lines = [f"# {doc['table']}: {doc['title']}", ""]
+    if p["miniature"]:
+        lines += [MINIATURE_BANNER.format(dataset=doc["real_dataset"].upper()), ""]
+    lines += [
+        f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
+        + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
+        f"- **Severity**: {p['severity']}; **domains in order**: {', '.join(p['domains'])}",
+        f"- **Setting**: {setting_line(proto)}",
+        f"- **Protocol**: {protocol_line(proto)}",
+        "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
+        + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
+        f"- **Seeds**: {', '.join(map(str, doc['seeds']))}"
+        + (" (each cell: mean ± sample standard deviation, ddof=1, across seeds; the mean column: the same over each "
+           "seed's mean over domains)" if len(doc["seeds"]) > 1 else ""),
+    ]
+    lines += [f"- **{k.replace('_', ' ').capitalize()}**: {v}" for k, v in p["recorded"].items()]
+    v = p["versions"]
+    libraries = ", ".join(f"{name} {v[name]}" for name in ("cemabench", "torch", "torchvision", "timm", "numpy",
+                                                           "python") if name in v)
+    lines += [f"- **Versions**: {libraries}; device {p['device']}"
+              + (", channels-last" if p["execution"]["channels_last"] else "")
+              + (", bf16 autocast" if p["execution"]["amp"] else ", fp32 (no autocast)")]
+    if doc.get("source"):
+        lines += [f"- **Source**: {doc['source']}"]
+    lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",
+              "## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
+              "", *_breakdown_sections(doc), "## Accuracy, communication and computation per sample",
+              "", "Pooled over domains and seeds. FLOPs are counted by what executed (torch.utils.flop_counter): "
+              "edge = everything the edge step ran, cloud = forward and backward of everything the cloud step ran. "
+              "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "
+              "Non-dominated: no other method is at least as accurate with no more bytes and no more FLOPs.", "",
+              efficiency_frame(doc).to_markdown(), "",
+              "## Link and cloud compute (totals over all domains)", "", cost_frame(doc).to_markdown(), "",
+              "## Methods", ""]
+    methods = pd.DataFrame([{"method": m["label"], "plugin": m["name"], "paper": m["paper"],
+                             "options": _options(m["options"]) + (f"; upload ratio matched to {m['match_uploads_of']}"
+                                                                  if m["match_uploads_of"] else "")}
+                            for m in doc["methods"]]).set_index("method")
+    lines += [methods.to_markdown(), ""]
+    lines += _reference_sections(doc)
+    noted = [c for c in doc["cells"] if c["status"] == "ok" and c["note"]]
+    if noted:
+        lines += ["## Notes", ""]
+        lines += [f"- {NOTE_MARK} {c['method']} / {c['domain']} / seed {c['seed']}: {c['note']}" for c in noted]
+        lines += [""]
+    failures = [c for c in doc["cells"] if c["status"] not in ("ok", "skipped")]
+    if failures:
+        lines += ["## Failed cells", ""]
+        lines += [f"- {c['method']} / {c['domain']} / seed {c['seed']}: **{c['status']}**: "
+                  f"{c['message'].splitlines()[0]}" for c in failures]
+        lines += [""]
+    return "\n".join(lines)

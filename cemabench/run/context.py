@@ -1,0 +1,172 @@
+"""What a run unit needs (dataset, models) and what identifies its result: its full configuration and the code
+that computes it (:func:`cemabench.provenance.code_digest`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+
+import torch
+
+from cemabench import registry
+from cemabench.config import device_domains
+from cemabench.errors import UserError
+from cemabench.models import zoo
+from cemabench.protocol import Execution, Models, run_unit
+from cemabench.protocol.stream import DeviceStreams, build_blocks
+from cemabench.provenance import code_digest, fingerprint, versions
+from cemabench.tables.plan import Unit
+from cemabench.tables.spec import DataChoice, TableSpec
+
+SCHEMA = 4  # of a stored record; 4: the code digest covers every module the computation imports
+
+
+class TableContext:
+    """Everything a unit needs, built lazily once per process: dataset, model prototypes, provenance."""
+
+    def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
+                 models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
+                 weights: str | None = None):
+        self.spec, self.data_root, self.execution, self.weights = spec, data_root, execution, weights
+        choice = spec.real if data_root else spec.miniature
+        if choice is None:
+            raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
+        if pair is not None and pair not in choice.pairs:
+            data = "the real data" if data_root else "the embedded miniature"
+            raise UserError(f"table {spec.name} has no model pair {pair!r} on {data}; pairs: "
+                            f"{', '.join(choice.pairs) or '(none)'} (or name models with --edge/--foundation)")
+        self.pair = pair
+        overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
+        self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
+        self._code: dict[str, dict] = {}
+        self._datasets: dict[int, object] = {}
+
+    @cached_property
+    def dataset(self):
+        return self.dataset_at(self.spec.severity)
+
+    def dataset_at(self, severity: int):
+        """The dataset at a severity (the spec's, or each of 1..5 for the gradual setting), built once."""
+        if severity in self._datasets:
+            return self._datasets[severity]
+        if self.choice.dataset not in registry.available("datasets"):
+            raise UserError(f"table {self.spec.name} runs on the dataset {self.choice.dataset!r} when --data-root is "
+                            f"given, and no installed plugin provides it (available: "
+                            f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
+                            f"--data-root to run the embedded miniature")
+        factory = registry.load("datasets", self.choice.dataset)
+        built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains, **self.choice.options)
+        if severity != self.spec.severity and built.provenance.get("severity") != severity:
+            raise UserError(f"setting {self.spec.protocol.setting} runs every domain at severities 1 to 5, and the "
+                            f"dataset {self.choice.dataset} has no severities; choose another setting")
+        self._datasets[severity] = built
+        return built
+
+    @cached_property
+    def prototypes(self) -> dict[str, torch.nn.Module]:
+        with zoo.weights_folder(self.weights):
+            return {"edge": registry.build_model(self.choice.edge),
+                    "foundation": registry.build_model(self.choice.foundation)}
+
+    @cached_property
+    def models(self) -> Models:
+        return Models.copies_of(self.prototypes["edge"], self.prototypes["foundation"])
+
+    @cached_property
+    def provenance(self) -> dict:
+        spec = self.spec
+        return {
+            "miniature": self.dataset.is_miniature,
+            "dataset": self.dataset.provenance,
+            "data_root": self.data_root,
+            "models": {k: {"name": getattr(self.choice, k), "fingerprint": fingerprint(m)}
+                       for k, m in self.prototypes.items()},
+            "pair": self.pair,
+            "protocol": asdict(spec.protocol),
+            "severity": spec.severity,
+            "domains": list(spec.domains),
+            "dataset_options": self.choice.options,
+            "execution": asdict(self.execution),
+            "recorded": {**spec.recorded, **self.choice.recorded},
+            "versions": versions(),
+        }
+
+    def code(self, method: str) -> dict[str, str]:
+        """The digest of the code that computes a method's units here (computed once per context): the method's
+        own, and every harness and plugin module that the method, the protocol, the dataset's factory and the
+        models import (:func:`cemabench.provenance.code_digest`)."""
+        if method not in self._code:
+            loaders = [registry.load("models", getattr(self.choice, k).partition(":")[0]) for k in self.prototypes]
+            self._code[method] = code_digest(registry.load_method(method), registry.load("datasets",
+                                             self.choice.dataset), *self.prototypes.values(), *loaders)
+        return self._code[method]
+
+    def unit_config(self, unit: Unit) -> dict:
+        """Everything a unit's numbers depend on: the unit, data, models, protocol, versions, device and code."""
+        p = self.provenance
+        return {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
+                "dataset_options": p["dataset_options"],
+                **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
+                "device": torch.device(self.execution.device).type,
+                "channels_last": self.execution.channels_last, "amp": self.execution.amp,
+                "code": self.code(unit.method), "schema": SCHEMA}
+
+    def unit_key(self, unit: Unit) -> str:
+        config = self.unit_config(unit)
+        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def run(self, unit: Unit) -> dict:
+        method = registry.build_method(unit.method, dict(unit.options))
+        p = self.spec.protocol
+
+        def blocks(names):
+            by_name = {d.name: d for d in self.dataset.domains}
+            return build_blocks(p.setting, [by_name[n] for n in names], unit.seed, rounds=p.rounds,
+                                concentration=p.concentration,
+                                at_severity=lambda s: [{d.name: d for d in self.dataset_at(s).domains}[n]
+                                                       for n in names])
+
+        stream = (blocks(unit.domains) if p.devices == 1 else
+                  DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices, p.device_streams)]))
+        results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
+                           self.execution, self.dataset.scored_classes)
+        return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """The picklable recipe of a :class:`TableContext`: what a worker process (local or Ray) builds its context from,
+    once per process (``token`` tells recipes apart in a worker's cache)."""
+
+    spec: TableSpec
+    data_root: str | None = None
+    execution: Execution = Execution()
+    models: dict | None = None
+    dataset_options: dict | None = None
+    pair: str | None = None
+    weights: str | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def build(self) -> TableContext:
+        return TableContext(self.spec, self.data_root, self.execution, self.models, self.dataset_options, self.pair,
+                            self.weights)
+
+
+_CONTEXTS: dict[str, TableContext] = {}
+KEEP_CONTEXTS = 2
+
+
+def context_for(recipe: ContextSpec) -> TableContext:
+    """This process's context for a recipe, built on first use (dataset and models once per worker)."""
+    if recipe.token not in _CONTEXTS:
+        while len(_CONTEXTS) >= KEEP_CONTEXTS:  # a long-lived (Ray) worker keeps the latest tables' contexts only
+            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+        _CONTEXTS[recipe.token] = recipe.build()
+    return _CONTEXTS[recipe.token]
+
+
+def forget(recipe: ContextSpec) -> None:
+    """Drop this process's context for a recipe (the runner's own, once its table is done)."""
+    _CONTEXTS.pop(recipe.token, None)
