@@ -6,6 +6,7 @@ hidden copy of the edge, finding the labels in memory, ending the process, and e
 import contextlib
 import gc
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -194,6 +195,40 @@ def test_writing_an_edge_parameter_through_numpy_is_caught(tiny):
 
     (result,) = _run(tiny, plugin(cheat))
     assert result.status == "error" and "fc.bias" in result.message
+
+
+def test_a_write_into_an_edge_parameter_from_a_thread_is_caught(tiny):
+    """The meter is a dispatch mode of the step's thread: another thread's ops pass it by. The seal compares every
+    parameter's bits after the step, so a write from a thread is still caught (with the meter's fast paths and the
+    seal read as a device flag)."""
+    def cheat(self, model, x):
+        worker = threading.Thread(target=lambda: model.fc.weight.mul_(0.5))
+        worker.start()
+        worker.join()
+        return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "outside a download: fc.weight" in result.message
+
+
+def test_training_the_edge_model_itself_in_a_thread_is_caught(tiny):
+    """A thread that runs a backward pass and an optimizer step on the edge model's own parameters (unfrozen there,
+    frozen again before the step ends) changes their values: the seal sees it."""
+    def cheat(self, model, x):
+        def train():
+            with torch.enable_grad():
+                model.requires_grad_(True)
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+                model(torch.rand_like(x)).logsumexp(1).mean().backward()
+                optimizer.step()
+                model.requires_grad_(False)
+        worker = threading.Thread(target=train)
+        worker.start()
+        worker.join()
+        return EdgeDecision(model(x))
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "outside a download" in result.message
 
 
 # ---- receive: the edge applies downloads, and does nothing else there ------------------------------------------

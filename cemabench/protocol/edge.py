@@ -12,6 +12,7 @@ from torch import nn
 
 from cemabench.errors import ForwardOnlyViolation
 from cemabench.method import PAYLOAD_DTYPES, Download, EdgeDecision, EdgeLogic
+from cemabench.protocol.checks import Checks
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -75,10 +76,41 @@ class ForwardOnlyEdge:
         # every parameter's bits, compared after each step (a NaN that stays NaN is unchanged): on CPU a NumPy view,
         # on any device another thread, could write behind the meter's back. While a parameter keeps its identity
         # (the same tensor, storage address, shape, strides and dtype), the bits of a contiguous one are read through
-        # a view taken now; otherwise they are read afresh.
+        # a view taken now; otherwise they are read afresh. The snapshots of a group (one device, one element size)
+        # are one flat tensor, so that one comparison on the device covers the group (:meth:`_value_flags`).
         self._views = {n: _bits(p) if p.is_contiguous() else None for n, p in params.items()}
+        layout = {n: (p.device, _bits(p).dtype, p.numel()) for n, p in params.items()}
+        if changed is not None and getattr(self, "_layout", None) == layout:
+            for n in changed:  # the download's parameters take their new values; the others keep their snapshots
+                self._values[n].copy_(self._current(n, params[n]))
+            return
         kept = {} if changed is None else {n: v for n, v in self._values.items() if n not in changed}
-        self._values = {n: kept[n] if n in kept else _bits(p).clone() for n, p in params.items()}
+        self._layout, self._groups, self._values = layout, {}, {}
+        for n, (device, dtype, _) in layout.items():
+            self._groups.setdefault((device, dtype), []).append(n)
+        for group, names in self._groups.items():
+            flat = torch.cat([kept[n].reshape(-1) if n in kept else self._current(n, params[n]) for n in names])
+            self._values[group] = flat
+            offset = 0
+            for n in names:
+                self._values[n] = flat[offset:offset + layout[n][2]]
+                offset += layout[n][2]
+
+    def _current(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        return _bits(p) if self._views[name] is None else self._views[name]
+
+    def _value_flags(self, params: dict) -> list[torch.Tensor]:
+        """Flags on the parameters' devices, read later with the batch's other checks (no synchronisation now):
+        whether any bit differs from the seal. On a GPU one concatenation and one comparison per group (a few
+        kernels); on the CPU one comparison per parameter (no copy)."""
+        flags = []
+        for group, names in self._groups.items():
+            if group[0].type == "cpu":
+                flags += [torch.ne(self._current(n, params[n]), self._values[n]).any() for n in names]
+            else:
+                current = torch.cat([self._current(n, params[n]) for n in names])
+                flags.append(torch.ne(current, self._values[group]).any())
+        return flags
 
     def _changed(self, values: bool = True) -> list[str]:
         """Names of the parameters swapped, set to require grad, removed or (with ``values``) changed in value since
@@ -89,12 +121,20 @@ class ForwardOnlyEdge:
         if not values:
             return changed
         seen = set(changed)
-        changed += [n for n, v in self._values.items()  # always: one swapped parameter must not excuse the others
-                    if n in params and n not in seen and not torch.equal(
-                        _bits(params[n]) if self._views[n] is None else self._views[n], v)]
+        changed += [n for n in self._identity  # always: one swapped parameter must not excuse the others
+                    if n in params and n not in seen and not torch.equal(self._current(n, params[n]),
+                                                                         self._values[n])]
         return changed
 
-    def step(self, x: torch.Tensor, num_classes: int) -> EdgeDecision:
+    def step(self, x: torch.Tensor, num_classes: int, checks: Checks | None = None) -> EdgeDecision:
+        """Run the edge logic on a batch under the guard. What can be checked on the host is checked now; what needs
+        the device's values (the parameters' bits, the upload indices) is added to ``checks``, which the caller
+        reads once per batch (read here when no ``checks`` is given)."""
+        if checks is None:
+            checks = Checks()
+            decision = self.step(x, num_classes, checks)
+            checks.read()
+            return decision
         try:
             with torch.inference_mode(), self.meter:
                 decision = self.logic.step(self.model, x)
@@ -108,13 +148,18 @@ class ForwardOnlyEdge:
                 raise ForwardOnlyViolation(
                     f"the edge is forward-only, but {violation}. Train a replica in the method's CloudLogic and send "
                     f"the new parameters down instead.")
-        changed = self._changed()
+        changed = self._changed(values=False)
         if changed:
-            raise ForwardOnlyViolation(
-                f"the edge logic changed edge parameters outside a download: {', '.join(changed[:5])}. Only buffers "
-                f"such as BatchNorm statistics may change in a forward pass; send parameter updates from the cloud.")
-        validate_decision(decision, len(x), num_classes)
+            raise ForwardOnlyViolation(self._outside_download(changed))
+        for flag in self._value_flags(self._parameters()):
+            checks.add(flag, lambda: ForwardOnlyViolation(self._outside_download(self._changed())))
+        validate_decision(decision, len(x), num_classes, checks)
         return decision
+
+    @staticmethod
+    def _outside_download(changed: list[str]) -> str:
+        return (f"the edge logic changed edge parameters outside a download: {', '.join(changed[:5])}. Only buffers "
+                f"such as BatchNorm statistics may change in a forward pass; send parameter updates from the cloud.")
 
     def receive(self, download: Download) -> None:
         """Apply a download with the logic's ``receive``, under the same guard as the step, except that edge
@@ -163,7 +208,9 @@ def _raised_by_autograd(error: BaseException) -> bool:
     return False
 
 
-def validate_decision(decision: EdgeDecision, batch: int, num_classes: int) -> None:
+def validate_decision(decision: EdgeDecision, batch: int, num_classes: int, checks: Checks) -> None:
+    """What the protocol requires of an edge decision; the upload indices' values are checked on their device,
+    through ``checks``."""
     if not isinstance(decision, EdgeDecision):
         raise TypeError(f"EdgeLogic.step must return an EdgeDecision, got {type(decision).__name__}")
     if decision.logits is None:
@@ -176,8 +223,10 @@ def validate_decision(decision: EdgeDecision, batch: int, num_classes: int) -> N
     if index is not None:
         if index.dtype != torch.long or index.dim() != 1:
             raise ValueError("EdgeDecision.upload must be a 1-D int64 tensor of batch indices")
-        if len(index) and (int(index.min()) < 0 or int(index.max()) >= batch or len(index.unique()) != len(index)):
-            raise ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})")
+        if len(index):
+            ordered = index.sort().values
+            bad = (ordered[0] < 0) | (ordered[-1] >= batch) | (ordered[1:] == ordered[:-1]).any()
+            checks.add(bad, lambda: ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})"))
         uploaded = len(index)
     if decision.logits is None and uploaded != batch:
         raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import random
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,8 +28,9 @@ from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError
 from cemabench.method import CloudLogic, CloudReply, CloudResources, Method, TrainingResources, check_declared
+from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
-from cemabench.protocol.execution import Execution, deterministic_threads, peak_memory, timed
+from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
 from cemabench.protocol.link import Link
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.scoring import Diverged, DomainResult, answered, finite, note, predicted, score
@@ -145,19 +147,20 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                 for download in link.arrived(batch_index):
                     dev.edge.receive(download)
                 with autocast():
-                    decision, seconds = timed(device, dev.edge.step, x, num_classes)
-                result.edge_seconds += seconds
+                    decision = dev.edge_time.run(dev.edge.step, x, num_classes, dev.checks)
                 result.edge_flops += dev.edge.meter.take()
+                scored = None if decision.logits is None else finite(
+                    decision.logits.float(), dev.checks, f"non-finite logits at batch {batch_index} of the run unit")
+                dev.checks.read()  # the batch's one synchronisation: the seal, the indices, finite logits, and the
+                # checks of the cloud's reply to the batch before
                 upload = link.send_up(x, decision, dev.sample_nbytes, batch_index, dev.stream_position, capacity,
                                       dev.index)
                 if capacity is not None:
                     capacity -= len(upload)
-                scored = None if decision.logits is None else finite(decision.logits.float(), batch_index)
                 if dev.cloud is not None:
                     passes = (cloud_passes.with_grad, cloud_passes.without_grad)
                     with autocast(), cloud_meter:
-                        reply, seconds = timed(device, dev.cloud.step, upload)
-                    result.cloud_seconds += seconds
+                        reply = dev.cloud_time.run(dev.cloud.step, upload)
                     result.cloud_flops += cloud_meter.take()
                     result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
                     result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]
@@ -165,17 +168,21 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                     if not isinstance(reply, CloudReply):
                         reply = CloudReply(download=reply)
                     if decision.await_answers:
-                        scored = answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index)
-                    if reply.download:
-                        if not all(torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()):
-                            raise Diverged(f"the cloud sent non-finite parameters at batch {batch_index} of the unit")
+                        scored = answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index,
+                                          dev.checks)
+                    if reply.download:  # checked with the next batch's checks, before its predictions count
+                        flags = [torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()]
+                        if flags:
+                            message = f"the cloud sent non-finite parameters at batch {batch_index} of the unit"
+                            dev.checks.add(~torch.stack([f.to(flags[0].device) for f in flags]).all(),
+                                           functools.partial(Diverged, message))
                         link.send_down(reply.download, batch_index)
                 elif decision.await_answers:
                     raise ValueError("the edge awaits answers, but the method has no cloud to answer")
                 made = predicted(scored, scored_classes)
                 if decision.logits is None:  # rows the cloud did not answer have no prediction at all
                     made = torch.where(torch.isnan(scored[:, 0]), -1, made)
-                dev.predicted.append(made.cpu())
+                dev.predicted.append(made)
                 dev.batch_index += 1
                 dev.stream_position += len(x)
             if not active:
@@ -197,7 +204,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         for dev in devices:
             if dev is not failed and dev.result is not None and dev.result.status == "ok":
                 dev.result.status, dev.result.message = "skipped", reason
-            dev.finish(results)
+            dev.finish(results, check=False)
             for block in dev.blocks:  # what the unit did not reach: a result partly run (rounds) is not complete
                 result = results[(dev.index, block.result)]
                 if result.status == "ok":
@@ -229,6 +236,8 @@ class _Device:
         self.sample_nbytes = 0
         self.cloud_ran = False
         self.edge_before = 0
+        self.checks = Checks()  # read once per batch, and at a block's end
+        self.edge_time, self.cloud_time = Stopwatch(device), Stopwatch(device)
 
     def next_batch(self, batch_size: int, pin_memory: bool, results: dict):
         """The next batch of this device's stream (finishing and starting blocks on the way); None at its end."""
@@ -246,12 +255,19 @@ class _Device:
             self.sample_nbytes = self.block.sample_nbytes
             self.batches = self.block.batches(batch_size, pin_memory=pin_memory)
 
-    def finish(self, results: dict) -> None:
-        """Score the current block and count it toward its result."""
+    def finish(self, results: dict, check: bool = True) -> None:
+        """Score the current block and count it toward its result. The checks of its last batch's cloud reply are
+        read first (``check``; a failure leaves the block current, for the caller to mark and finish); after a
+        failure they are dropped."""
         if self.block is None:
             return
+        if check:
+            self.checks.read()
+        self.checks = Checks()
         block, result = self.block, self.result
         self.block = None
+        result.edge_seconds += self.edge_time.take()
+        result.cloud_seconds += self.cloud_time.take()
         score(result, block, self.predicted)
         result.link = self.link.next_domain()
         result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before

@@ -2,7 +2,9 @@
 samples counted through model forwards (:class:`SampleCounter`).
 
 A :class:`ComputeMeter` is a ``TorchDispatchMode``: every aten op that runs inside it passes through it, whichever
-module, function, copy or thread issued it (the autograd engine carries the mode into backward). FLOPs come from
+module, function or copy issued it (the autograd engine carries the mode into backward, also on its own threads). A
+thread that plugin code starts does not inherit it; the edge's seal catches such a thread's writes into edge
+parameters (:mod:`cemabench.protocol.edge`). FLOPs come from
 PyTorch's own formulas (``torch.utils.flop_counter.flop_registry``, the table behind ``FlopCounterMode``), with
 the same rule as ``FlopCounterMode`` for ops without a formula: run their composite decomposition under the mode,
 so that the convolution or matmul inside is counted. Only matmul- and convolution-like ops carry FLOPs, as there.
@@ -13,6 +15,11 @@ optimizer's step, on any model, wherever it is kept), and no in-place write into
 parameter (the edge model's, also through ``.data`` or a view) may run. Buffers such as BatchNorm statistics may
 change: a forward-only device can. A violation raises :class:`ForwardOnlyViolation` at the op and is remembered,
 so that a plugin which catches the exception is still caught when the step ends.
+
+Per op the meter does as little as it can in Python: most ops have no FLOP formula, write nothing and are no
+optimizer's (worked out once per op overload), so it only refuses a backward kernel on the edge and runs them. FLOP
+formulas run once per argument shapes (a flat key of shapes and values), composite ops are decomposed once per
+argument shapes and layouts.
 """
 from __future__ import annotations
 
@@ -32,11 +39,14 @@ _METADATA = {
     torch.ops.aten.sym_storage_offset.default, torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default,
     torch.ops.aten.dim.default, torch.ops.prim.layout.default,
 }
+_Tensor, _Parameter = torch.Tensor, nn.Parameter
+_autograd_node = torch._C._current_autograd_node
+
 
 class _Op:
     """What the meter needs to know about an op, worked out once per op overload."""
 
-    __slots__ = ("name", "formula", "optimizer", "written", "whole", "aten")
+    __slots__ = ("name", "formula", "optimizer", "written", "whole", "aten", "metadata", "plain")
 
     def __init__(self, func):
         self.name = func.name()
@@ -46,10 +56,16 @@ class _Op:
         # positions and keyword names of the arguments the op writes to (its ``Tensor(a!)`` arguments)
         self.written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
                              if a.alias_info is not None and a.alias_info.is_write)
-        # an op without a decomposition (learnt at its first call): it runs whole
-        self.whole = func is torch.ops.prim.device.default
         # only PyTorch's own composite ops have their decompositions cached; a plugin's op is decomposed every call
         self.aten = func.namespace == "aten"
+        self.metadata = func in _METADATA
+        # an op without a decomposition (learnt at its first call): it runs whole
+        self.runs_whole(func is torch.ops.prim.device.default)
+
+    def runs_whole(self, whole: bool) -> None:
+        self.whole = whole
+        # the fast path: nothing to count, nothing it writes, no optimizer; only a backward kernel to refuse
+        self.plain = whole and self.formula is None and not self.written and not self.optimizer and not self.metadata
 
 
 _ops: dict = {}
@@ -64,29 +80,35 @@ def _storage(t) -> int | None:
         return None
 
 
-def _shape_key(value, layout: bool = False):
-    """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is. With
-    ``layout``, also what can steer a composite op's decomposition or matters to the guard: a tensor's strides,
-    dtype, device, whether it requires grad and whether it is a parameter."""
-    if isinstance(value, torch.Tensor):
-        if layout:
-            return ("T", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad,
-                    isinstance(value, torch.nn.Parameter))
-        return "T", tuple(value.shape)
-    if isinstance(value, (list, tuple)):
-        return tuple(_shape_key(v, layout) for v in value)
+def _shape_key(value):
+    """What a FLOP formula reads of an argument: a tensor's shape, a list's items, a scalar as it is."""
+    if isinstance(value, _Tensor):
+        return "T", value.shape
+    if type(value) is list or type(value) is tuple:
+        return tuple([_shape_key(v) for v in value])
     return value
 
 
-def _call_key(func, args, kwargs, layout: bool = False, out=None):
-    """A hashable key of one call's arguments (and output) as :func:`_shape_key` sees them, or None."""
-    key = (func, _shape_key(args, layout), tuple(sorted((k, _shape_key(v, layout)) for k, v in kwargs.items())),
-           _shape_key(out))
+def _layout_key(value):
+    """:func:`_shape_key`, and also what can steer a composite op's decomposition or matters to the guard: a tensor's
+    strides, dtype, device, whether it requires grad and whether it is a parameter."""
+    if isinstance(value, _Tensor):
+        return ("T", value.shape, value.stride(), value.dtype, value.device, value.requires_grad,
+                isinstance(value, _Parameter))
+    if type(value) is list or type(value) is tuple:
+        return tuple([_layout_key(v) for v in value])
+    return value
+
+
+def _call_key(func, args, kwargs, key=_shape_key, out=None):
+    """A hashable key of one call's arguments (and output) as ``key`` sees them, or None."""
+    found = (func, key(args), tuple(sorted([(k, key(v)) for k, v in kwargs.items()])) if kwargs else (),
+             _shape_key(out))
     try:
-        hash(key)
+        hash(found)
     except TypeError:  # an unhashable argument
         return None
-    return key
+    return found
 
 
 _counted: dict = {}  # (op, argument shapes and values) -> FLOPs: the formulas depend on nothing else
@@ -102,9 +124,10 @@ def _flops(func, op: _Op, args, kwargs, out) -> int:
     key = _call_key(func, args, kwargs, out=out)
     if key is None:  # an unhashable argument: count without the cache
         return int(op.formula(*args, **kwargs, out_val=out))
-    if key not in _counted:
-        _counted[key] = int(op.formula(*args, **kwargs, out_val=out))
-    return _counted[key]
+    flops = _counted.get(key)
+    if flops is None:
+        flops = _counted[key] = int(op.formula(*args, **kwargs, out_val=out))
+    return flops
 
 
 class ComputeMeter(TorchDispatchMode):
@@ -132,7 +155,7 @@ class ComputeMeter(TorchDispatchMode):
     def _check(self, op: _Op, args, kwargs) -> None:
         """With the guard, refuse what a forward-only device cannot run; always, count the ops that a cached
         decomposition may not skip (optimizer ops, writes into a parameter or a protected tensor)."""
-        if self.guard and torch._C._current_autograd_node() is not None:
+        if self.guard and _autograd_node() is not None:
             self._refuse(f"a backward kernel ({op.name}) ran during {self.phase}")
         if op.optimizer:
             self.writes += 1
@@ -151,19 +174,23 @@ class ComputeMeter(TorchDispatchMode):
                                  f"kept beside the edge?) during {self.phase}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _METADATA:
-            return NotImplemented
         op = _ops.get(func)
         if op is None:
             op = _ops[func] = _Op(func)
+        if op.plain:  # most ops: nothing to count, and nothing to refuse but a backward kernel
+            if self.guard and _autograd_node() is not None:
+                self._refuse(f"a backward kernel ({op.name}) ran during {self.phase}")
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if op.metadata:
+            return NotImplemented
+        kwargs = kwargs or {}
         if self.guard or (self.decomposing and (op.written or op.optimizer)):
             self._check(op, args, kwargs)
         if op.formula is None:
             if op.whole:
                 return func(*args, **kwargs)
             # a composite op: its decomposition runs under the meter, which counts the ops with a formula inside
-            key = _call_key(func, args, kwargs, layout=True) if op.aten else None
+            key = _call_key(func, args, kwargs, _layout_key) if op.aten else None
             flops = _decomposed.get(key) if key is not None else None
             if flops is not None:
                 out = func(*args, **kwargs)
@@ -177,7 +204,7 @@ class ComputeMeter(TorchDispatchMode):
             finally:
                 self.decomposing -= 1
             if out is NotImplemented:
-                op.whole = True
+                op.runs_whole(True)
                 return func(*args, **kwargs)
             if key is not None and self.writes == writes:
                 _decomposed[key] = self.flops - before
@@ -194,7 +221,6 @@ class ComputeMeter(TorchDispatchMode):
 
 # on a counted model: its SampleCounters, which cemabench.models.split carries to a tail
 COUNTERS = "_cemabench_counters"
-
 
 
 class SampleCounter:

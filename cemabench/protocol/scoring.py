@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from cemabench.method import Upload
+from cemabench.protocol.checks import Checks
 from cemabench.protocol.link import Link, LinkCounters
 from cemabench.protocol.stream import Block
 
@@ -85,25 +87,25 @@ def _giga(value: float | None) -> float | None:
     return None if value is None else value / 1e9
 
 
-def finite(logits: torch.Tensor, batch_index: int) -> torch.Tensor:
-    if not torch.isfinite(logits).all():
-        raise Diverged(f"non-finite logits at batch {batch_index} of the run unit")
-    return logits
+def finite(values: torch.Tensor, checks: Checks, message: str) -> torch.Tensor:
+    """``values``, with a check that they are finite (read with the batch's other checks: a Diverged otherwise)."""
+    checks.add(~torch.isfinite(values).all(), lambda: Diverged(message))
+    return values
 
 
 def score(result: DomainResult, block: Block, predicted: list[torch.Tensor]) -> None:
     """Score the predictions recorded at arrival against the labels, which are read from storage only now."""
     if not predicted:
         return
-    made = torch.cat(predicted)
-    hit = made == torch.from_numpy(block.labels()[:len(made)]).long()
+    made = torch.cat(predicted).cpu().numpy()  # recorded on the device at arrival; read once, at the block's end
+    hit = made == block.labels()[:len(made)].astype(np.int64)
     result.seen = len(made)
     result.correct = int(hit.sum())
     result.unanswered = int((made < 0).sum())
     domains = block.domain_of()
     if domains is not None:
         for name in dict.fromkeys(domains[:len(made)]):
-            mine = torch.from_numpy(domains[:len(made)] == name)
+            mine = domains[:len(made)] == name
             result.by_domain[name] = (int(mine.sum()), int(hit[mine].sum()))
 
 
@@ -134,7 +136,7 @@ def predicted(logits: torch.Tensor, scored_classes: torch.Tensor | None) -> torc
 
 
 def answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload: Upload,
-              answers: torch.Tensor | None, link: Link, batch_index: int) -> torch.Tensor:
+             answers: torch.Tensor | None, link: Link, batch_index: int, checks: Checks) -> torch.Tensor:
     """The scored logits when the edge awaits the cloud's answers, one row per uploaded sample in upload order.
     Samples with neither an edge prediction nor an answer get -inf logits everywhere (scored as errors)."""
     expected = (len(upload), num_classes)
@@ -146,6 +148,7 @@ def answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload: 
     out = (logits.clone() if logits is not None
            else torch.full((batch, num_classes), float("nan"), device=answers.device))
     if received is not None:  # late answers do not count: the edge's own prediction (if any) stands
-        out[upload.index.to(out.device)] = finite(received.float(), batch_index).to(out.device)
+        message = f"the cloud's answers at batch {batch_index} of the run unit are not finite"
+        out[upload.index.to(out.device)] = finite(received.float(), checks, message).to(out.device)
     return out
 
