@@ -12,8 +12,8 @@ out="${1:-${OUT:-/tmp}}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cemabench-site .whl/cemabench-*.whl || exit 1
 export PYTHONPATH=/tmp/cemabench-site PYTHONUNBUFFERED=1 CEMABENCH_CACHE=/tmp/cemabench-cache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-timeout 300 python3 benchmarks/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
-CEMABENCH_BENCH_DEVICE=cuda CEMABENCH_BENCH_IMAGES_PER_DOMAIN="${REAL_IMAGES:-500}" CEMABENCH_BENCH_WORKERS=8 \
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/benchmarks/test_real_size.py \
+timeout 200 python3 benchmarks/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
+CEMABENCH_BENCH_DEVICE=cuda CEMABENCH_BENCH_IMAGES_PER_DOMAIN="${REAL_IMAGES:-300}" CEMABENCH_BENCH_WORKERS=8 \
+    timeout 170 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/benchmarks/test_real_size.py \
     --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,rounds \
     --benchmark-json="$out/real_size.json" 2>&1 | tee "$out/real_size.log"
