@@ -17,6 +17,7 @@ the medians (>= 0.9 is the target).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import statistics
@@ -145,12 +146,14 @@ def syncs_per_batch(device) -> dict:
                                    Protocol(batch_size=16, setting="continual"), 0, Execution(str(device)))
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        syncs = [f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught
+                 if "synchroniz" in str(w.message)]
         batches = sum(-(-r.seen // 16) for r in results)
+        where = dict(collections.Counter(syncs).most_common())
         out[method.name] = {"batches": batches, "synchronisations": len(syncs), "per batch": len(syncs) / batches,
-                            "status": [r.status for r in results]}
+                            "status": [r.status for r in results], "where": where}
         print(f"synchronisations, {method.name}: {len(syncs)} over {batches} edge batches "
-              f"({len(syncs) / batches:.2f} per batch)", flush=True)
+              f"({len(syncs) / batches:.2f} per batch), by the line that asked: {where}", flush=True)
     return out
 
 

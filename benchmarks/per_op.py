@@ -89,8 +89,8 @@ def main(argv=None) -> dict:
 
     def seal():
         checks = Checks()
-        for flag in edge._value_flags(edge._parameters()):
-            checks.add(flag, RuntimeError)
+        for _, flags in edge._value_flags(edge._parameters()):
+            checks.add(flags, RuntimeError)
         checks.read()
 
     meter = ComputeMeter()

@@ -120,3 +120,20 @@ def test_the_read_still_refuses_what_it_checks(monkeypatch):
     results, syncing, _ = _run(NaNDownload(), setting="continual", monkeypatch=monkeypatch)
     assert results[0].status == "diverged" and "non-finite parameters at batch 0" in results[0].message
     assert results[1].status == "skipped" and syncing == []
+
+
+def test_both_ways_of_reading_the_seal_name_exactly_the_changed_parameters():
+    """The GPU's way (one concatenation, one comparison, a segmented reduction per group) and the CPU's (one
+    comparison per parameter) flag the same parameters, here both run on the CPU."""
+    from cemabench.protocol.edge import ForwardOnlyEdge
+    from cemabench.registry import build_method
+
+    edge = ForwardOnlyEdge(TinyNet().eval(), build_method("source").edge(4))
+    params = edge._parameters()
+    for batched in (False, True):
+        assert [b for _, flags in edge._value_flags(params, batched) for b in flags.tolist()] == [False] * len(params)
+    params["bn.weight"].detach().numpy()[1] += 1.0  # behind torch's back
+    params["fc.bias"].detach().numpy()[0] = float("nan")
+    for batched in (False, True):
+        flagged = [n for names, flags in edge._value_flags(params, batched) for n, b in zip(names, flags.tolist()) if b]
+        assert flagged == ["bn.weight", "fc.bias"], (batched, flagged)

@@ -13,13 +13,14 @@ import torch
 
 
 class Checks:
-    """Flags (0-dim boolean tensors, True meaning a problem) and the error each one stands for."""
+    """Flags (boolean tensors, True meaning a problem) and the error each one stands for."""
 
     def __init__(self):
-        self._pending: list[tuple[torch.Tensor, Callable[[], BaseException]]] = []
+        self._pending: list[tuple[torch.Tensor, Callable[[list[bool]], BaseException]]] = []
 
-    def add(self, flag: torch.Tensor, error: Callable[[], BaseException]) -> None:
-        """Check ``flag`` at the next :meth:`read`; ``error()`` makes the exception to raise when it is set."""
+    def add(self, flag: torch.Tensor, error: Callable[[list[bool]], BaseException]) -> None:
+        """Check ``flag`` (any shape) at the next :meth:`read`; when one of its elements is set, ``error`` gets the
+        flag's values (a list, in order) and makes the exception to raise."""
         self._pending.append((flag, error))
 
     def __len__(self) -> int:
@@ -33,11 +34,14 @@ class Checks:
         by_device: dict[torch.device, list[int]] = {}
         for i, (flag, _) in enumerate(pending):
             by_device.setdefault(flag.device, []).append(i)
-        values = [False] * len(pending)
+        values: list[list[bool]] = [[] for _ in pending]
         for positions in by_device.values():
-            flags = torch.stack([pending[i][0].reshape(()).to(torch.bool) for i in positions])
-            for i, bad in zip(positions, flags.tolist()):
-                values[i] = bad
+            flat = torch.cat([pending[i][0].reshape(-1).to(torch.bool) for i in positions]).tolist()
+            start = 0
+            for i in positions:
+                end = start + pending[i][0].numel()
+                values[i] = flat[start:end]
+                start = end
         for (_, error), bad in zip(pending, values):
-            if bad:
-                raise error()
+            if any(bad):
+                raise error(bad)

@@ -88,9 +88,11 @@ class ForwardOnlyEdge:
         self._layout, self._groups, self._values = layout, {}, {}
         for n, (device, dtype, _) in layout.items():
             self._groups.setdefault((device, dtype), []).append(n)
+        self._lengths = {}
         for group, names in self._groups.items():
             flat = torch.cat([kept[n].reshape(-1) if n in kept else self._current(n, params[n]) for n in names])
             self._values[group] = flat
+            self._lengths[group] = torch.tensor([layout[n][2] for n in names], device=group[0])
             offset = 0
             for n in names:
                 self._values[n] = flat[offset:offset + layout[n][2]]
@@ -99,18 +101,20 @@ class ForwardOnlyEdge:
     def _current(self, name: str, p: torch.Tensor) -> torch.Tensor:
         return _bits(p) if self._views[name] is None else self._views[name]
 
-    def _value_flags(self, params: dict) -> list[torch.Tensor]:
-        """Flags on the parameters' devices, read later with the batch's other checks (no synchronisation now):
-        whether any bit differs from the seal. On a GPU one concatenation and one comparison per group (a few
-        kernels); on the CPU one comparison per parameter (no copy)."""
-        flags = []
+    def _value_flags(self, params: dict, batched: bool | None = None) -> list[tuple[list[str], torch.Tensor]]:
+        """Per group, its parameters' names and one flag each on their device, read later with the batch's other
+        checks (no synchronisation now): whether any of its bits differs from the seal. On a GPU a few kernels per
+        group (one concatenation, one comparison, one segmented reduction); on the CPU one comparison per parameter
+        (no copy); ``batched`` chooses the GPU's way (or the CPU's) on any device."""
+        out = []
         for group, names in self._groups.items():
-            if group[0].type == "cpu":
-                flags += [torch.ne(self._current(n, params[n]), self._values[n]).any() for n in names]
+            if not (group[0].type != "cpu" if batched is None else batched):
+                flags = torch.stack([torch.ne(self._current(n, params[n]), self._values[n]).any() for n in names])
             else:
-                current = torch.cat([self._current(n, params[n]) for n in names])
-                flags.append(torch.ne(current, self._values[group]).any())
-        return flags
+                differs = torch.ne(torch.cat([self._current(n, params[n]) for n in names]), self._values[group])
+                flags = torch.segment_reduce(differs.to(torch.float16), "max", lengths=self._lengths[group]) > 0
+            out.append((names, flags))
+        return out
 
     def _changed(self, values: bool = True) -> list[str]:
         """Names of the parameters swapped, set to require grad, removed or (with ``values``) changed in value since
@@ -151,8 +155,9 @@ class ForwardOnlyEdge:
         changed = self._changed(values=False)
         if changed:
             raise ForwardOnlyViolation(self._outside_download(changed))
-        for flag in self._value_flags(self._parameters()):
-            checks.add(flag, lambda: ForwardOnlyViolation(self._outside_download(self._changed())))
+        for names, flags in self._value_flags(self._parameters()):
+            checks.add(flags, lambda bad, names=names: ForwardOnlyViolation(
+                self._outside_download([n for n, b in zip(names, bad) if b])))
         validate_decision(decision, len(x), num_classes, checks)
         return decision
 
@@ -226,7 +231,7 @@ def validate_decision(decision: EdgeDecision, batch: int, num_classes: int, chec
         if len(index):
             ordered = index.sort().values
             bad = (ordered[0] < 0) | (ordered[-1] >= batch) | (ordered[1:] == ordered[:-1]).any()
-            checks.add(bad, lambda: ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})"))
+            checks.add(bad, lambda _: ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})"))
         uploaded = len(index)
     if decision.logits is None and uploaded != batch:
         raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")

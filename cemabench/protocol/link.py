@@ -121,7 +121,10 @@ class Link:
         self.counters.upload_payload_bytes += len(index) * row_bytes
         self.total_bytes += len(index) * per_sample
         self._batch_up_bytes = tensor_bytes + len(index) * per_sample
-        samples = x[index.to(x.device)] if decision.send_input else x[:0]  # advanced indexing copies
+        # the indices' values are checked on the device and read with the next batch's checks: until then they are
+        # kept in range, so that an invalid one fails its cell instead of the device
+        index = index.to(x.device).clamp(0, max(0, len(x) - 1))
+        samples = x[index] if decision.send_input else x[:0]  # advanced indexing copies
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
                       sample_ids=index + first_id, device=device)
 

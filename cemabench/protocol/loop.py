@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import random
 import traceback
 from collections.abc import Callable, Sequence
@@ -146,13 +145,17 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                 result, link, batch_index = dev.result, dev.link, dev.batch_index
                 for download in link.arrived(batch_index):
                     dev.edge.receive(download)
+                checks = Checks()  # this batch's: read with the next batch, or at the block's end
                 with autocast():
-                    decision = dev.edge_time.run(dev.edge.step, x, num_classes, dev.checks)
+                    decision = dev.edge_time.run(dev.edge.step, x, num_classes, checks)
                 result.edge_flops += dev.edge.meter.take()
                 scored = None if decision.logits is None else finite(
-                    decision.logits.float(), dev.checks, f"non-finite logits at batch {batch_index} of the run unit")
-                dev.checks.read()  # the batch's one synchronisation: the seal, the indices, finite logits, and the
-                # checks of the cloud's reply to the batch before
+                    decision.logits.float(), checks, f"non-finite logits at batch {batch_index} of the run unit")
+                # the one synchronisation per batch: the previous batch's checks (its seal, indices and logits, its
+                # cloud reply's downloads and answers), read once this batch's edge step is queued, so that the
+                # device never waits for the host
+                dev.checks.read()
+                dev.checks = checks
                 upload = link.send_up(x, decision, dev.sample_nbytes, batch_index, dev.stream_position, capacity,
                                       dev.index)
                 if capacity is not None:
@@ -169,13 +172,13 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                         reply = CloudReply(download=reply)
                     if decision.await_answers:
                         scored = answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index,
-                                          dev.checks)
+                                          checks)
                     if reply.download:  # checked with the next batch's checks, before its predictions count
                         flags = [torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()]
                         if flags:
                             message = f"the cloud sent non-finite parameters at batch {batch_index} of the unit"
-                            dev.checks.add(~torch.stack([f.to(flags[0].device) for f in flags]).all(),
-                                           functools.partial(Diverged, message))
+                            checks.add(~torch.stack([f.to(flags[0].device) for f in flags]).all(),
+                                       lambda bad, message=message: Diverged(message))
                         link.send_down(reply.download, batch_index)
                 elif decision.await_answers:
                     raise ValueError("the edge awaits answers, but the method has no cloud to answer")
@@ -236,7 +239,7 @@ class _Device:
         self.sample_nbytes = 0
         self.cloud_ran = False
         self.edge_before = 0
-        self.checks = Checks()  # read once per batch, and at a block's end
+        self.checks = Checks()  # the last batch's checks: read with the next batch, or at the block's end
         self.edge_time, self.cloud_time = Stopwatch(device), Stopwatch(device)
 
     def next_batch(self, batch_size: int, pin_memory: bool, results: dict):

@@ -89,7 +89,7 @@ def _giga(value: float | None) -> float | None:
 
 def finite(values: torch.Tensor, checks: Checks, message: str) -> torch.Tensor:
     """``values``, with a check that they are finite (read with the batch's other checks: a Diverged otherwise)."""
-    checks.add(~torch.isfinite(values).all(), lambda: Diverged(message))
+    checks.add(~torch.isfinite(values).all(), lambda bad: Diverged(message))
     return values
 
 

@@ -8,9 +8,10 @@ backwards), side by side in one run.
 Three domains of ``CEMABENCH_BENCH_IMAGES_PER_DOMAIN`` images (default 4, which is what the default tier runs once,
 untimed), torchvision ResNet-18 (edge) and ResNet-50 (foundation) with seeded random weights saved as checkpoints,
 batch 64, ``CEMABENCH_BENCH_WORKERS`` DataLoader workers (default 0), one intra-op thread on CPU (what run_unit
-uses), ``CEMABENCH_BENCH_DEVICE`` (default cpu). Both sides build each model once and give every domain a fresh
-copy, as the per-domain protocol does. The bare loop of a method with a cloud wires the method's own
-halves without the protocol: edge step, the uploaded rows, cloud step, the download applied. ``cema`` runs with
+uses), ``CEMABENCH_BENCH_DEVICE`` (default cpu). Both sides build each model once from its checkpoint, inside the
+timed call, and give every domain a fresh copy, as the per-domain protocol does. The bare loop of a method with a
+cloud wires the method's own halves without the protocol: edge step, the uploaded rows, cloud step, the download
+applied. ``cema`` runs with
 ``entropy_max = 1`` (random weights put every sample near the maximum entropy, so the released threshold would upload
 nothing and leave the cloud idle).
 """
@@ -61,10 +62,7 @@ def tree(tmp_path_factory):
     return root, models
 
 
-@pytest.fixture(scope="module")
-def prototypes(tree):
-    _, models = tree
-    return {arch: build_model(f"torchvision:{arch}@{path}").to(DEVICE) for arch, path in models.items()}
+
 
 
 def _loader(root, domain):
@@ -75,8 +73,10 @@ def _loader(root, domain):
     return DataLoader(data, batch_sampler=batches, num_workers=WORKERS, pin_memory=DEVICE.startswith("cuda"))
 
 
-def bare(root, prototypes, method_name):
-    """Per domain, fresh models (as the per-domain protocol rebuilds them) and the method's work, nothing more."""
+def bare(root, models, method_name):
+    """The models built once from their checkpoints, a fresh copy per domain (as the per-domain protocol gives each
+    unit), and the method's work, nothing more."""
+    prototypes = {arch: build_model(f"torchvision:{arch}@{path}").to(DEVICE) for arch, path in models.items()}
     predicted = []
     for domain in DOMAINS:
         method = build_method(method_name, METHODS[method_name])
@@ -116,10 +116,10 @@ def through_cemabench(root, models, method_name, store):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_bare_loop(benchmark, tree, prototypes, method):
-    root, _ = tree
+def test_bare_loop(benchmark, tree, method):
+    root, models = tree
     benchmark.group = f"real size {method}"
-    seen = benchmark.pedantic(bare, args=(root, prototypes, method), rounds=1, iterations=1)
+    seen = benchmark.pedantic(bare, args=(root, models, method), rounds=1, iterations=1)
     assert seen == IMAGES * len(DOMAINS)
     if benchmark.stats:
         benchmark.extra_info["images_per_second"] = seen / benchmark.stats.stats.mean
