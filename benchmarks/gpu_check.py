@@ -126,6 +126,9 @@ def pair(name: str, bare, method_name: str, options: dict, models: Models, domai
 
 
 def syncs_per_batch(device) -> dict:
+    """Synchronisations of a continual unit over two domains, counted with the sync debug mode, at two stream
+    lengths: the difference over the extra batches is what each batch costs (the rest is the unit's set-up and its
+    blocks' ends); the lines that asked are listed for the longer run."""
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     import test_syncs
 
@@ -133,27 +136,31 @@ def syncs_per_batch(device) -> dict:
 
     out = {}
     for method in (test_syncs._SyncFree(), test_syncs._Offloading()):
-        dataset = tiny_dataset(domains=("a", "b"), n=64)
-        torch.manual_seed(0)
-        models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
-        run_unit(method, dataset.domains[:1], models, 4, dataset.clean, Protocol(batch_size=16), 0,
-                 Execution(str(device)))  # warm-up
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                results = run_unit(method, dataset.domains, models, 4, dataset.clean,
-                                   Protocol(batch_size=16, setting="continual"), 0, Execution(str(device)))
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        syncs = [f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught
-                 if "synchroniz" in str(w.message)]
-        batches = sum(-(-r.seen // 16) for r in results)
-        where = dict(collections.Counter(syncs).most_common())
-        out[method.name] = {"batches": batches, "synchronisations": len(syncs), "per batch": len(syncs) / batches,
-                            "status": [r.status for r in results], "where": where}
-        print(f"synchronisations, {method.name}: {len(syncs)} over {batches} edge batches "
-              f"({len(syncs) / batches:.2f} per batch), by the line that asked: {where}", flush=True)
+        counts = {}
+        for n in (64, 128):
+            dataset = tiny_dataset(domains=("a", "b"), n=n)
+            torch.manual_seed(0)
+            models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
+            run_unit(method, dataset.domains[:1], models, 4, dataset.clean, Protocol(batch_size=16), 0,
+                     Execution(str(device)))  # warm-up
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    results = run_unit(method, dataset.domains, models, 4, dataset.clean,
+                                       Protocol(batch_size=16, setting="continual"), 0, Execution(str(device)))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            syncs = [f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught
+                     if "synchroniz" in str(w.message)]
+            counts[n] = (sum(-(-r.seen // 16) for r in results), len(syncs), collections.Counter(syncs))
+            assert all(r.status == "ok" for r in results), [r.message for r in results]
+        (b1, s1, _), (b2, s2, where) = counts[64], counts[128]
+        out[method.name] = {"batches": [b1, b2], "synchronisations": [s1, s2], "per batch": (s2 - s1) / (b2 - b1),
+                            "where (longer run)": dict(where.most_common())}
+        print(f"synchronisations, {method.name}: {s1} over {b1} edge batches, {s2} over {b2}: "
+              f"{(s2 - s1) / (b2 - b1):.2f} per batch; by the line that asked: {dict(where.most_common())}",
+              flush=True)
     return out
 
 

@@ -8,6 +8,7 @@ under the same guard.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cemabench.errors import ForwardOnlyViolation
@@ -88,11 +89,12 @@ class ForwardOnlyEdge:
         self._layout, self._groups, self._values = layout, {}, {}
         for n, (device, dtype, _) in layout.items():
             self._groups.setdefault((device, dtype), []).append(n)
-        self._lengths = {}
+        self._bounds = {}
         for group, names in self._groups.items():
             flat = torch.cat([kept[n].reshape(-1) if n in kept else self._current(n, params[n]) for n in names])
             self._values[group] = flat
-            self._lengths[group] = torch.tensor([layout[n][2] for n in names], device=group[0])
+            ends = torch.tensor([layout[n][2] for n in names]).cumsum(0)
+            self._bounds[group] = ((ends - torch.tensor([layout[n][2] for n in names])).to(group[0]), ends.to(group[0]))
             offset = 0
             for n in names:
                 self._values[n] = flat[offset:offset + layout[n][2]]
@@ -104,22 +106,24 @@ class ForwardOnlyEdge:
     def _value_flags(self, params: dict, batched: bool | None = None) -> list[tuple[list[str], torch.Tensor]]:
         """Per group, its parameters' names and one flag each on their device, read later with the batch's other
         checks (no synchronisation now): whether any of its bits differs from the seal. On a GPU a few kernels per
-        group (one concatenation, one comparison, one segmented reduction); on the CPU one comparison per parameter
+        group (one concatenation, one comparison, one cumulative sum); on the CPU one comparison per parameter
         (no copy); ``batched`` chooses the GPU's way (or the CPU's) on any device."""
         out = []
         for group, names in self._groups.items():
             if not (group[0].type != "cpu" if batched is None else batched):
                 flags = torch.stack([torch.ne(self._current(n, params[n]), self._values[n]).any() for n in names])
-            else:
+            else:  # differing bits counted up to each parameter's end, minus those up to its start: no host sync
                 differs = torch.ne(torch.cat([self._current(n, params[n]) for n in names]), self._values[group])
-                flags = torch.segment_reduce(differs.to(torch.float16), "max", lengths=self._lengths[group]) > 0
+                counted = F.pad(differs.cumsum(0), (1, 0))
+                starts, ends = self._bounds[group]
+                flags = counted[ends] > counted[starts]
             out.append((names, flags))
         return out
 
-    def _changed(self, values: bool = True) -> list[str]:
+    def _changed(self, values: bool = True, params: dict | None = None) -> list[str]:
         """Names of the parameters swapped, set to require grad, removed or (with ``values``) changed in value since
         the last seal."""
-        params = self._parameters()
+        params = self._parameters() if params is None else params
         changed = [n for n, p in params.items() if p.requires_grad or self._identity.get(n) != _identity(p)]
         changed += [n for n in self._identity if n not in params]
         if not values:
@@ -152,10 +156,11 @@ class ForwardOnlyEdge:
                 raise ForwardOnlyViolation(
                     f"the edge is forward-only, but {violation}. Train a replica in the method's CloudLogic and send "
                     f"the new parameters down instead.")
-        changed = self._changed(values=False)
+        params = self._parameters()
+        changed = self._changed(values=False, params=params)
         if changed:
             raise ForwardOnlyViolation(self._outside_download(changed))
-        for names, flags in self._value_flags(self._parameters()):
+        for names, flags in self._value_flags(params):
             checks.add(flags, lambda bad, names=names: ForwardOnlyViolation(
                 self._outside_download([n for n, b in zip(names, bad) if b])))
         validate_decision(decision, len(x), num_classes, checks)

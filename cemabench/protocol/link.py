@@ -90,7 +90,7 @@ class Link:
 
     def send_up(self, x: torch.Tensor, decision: EdgeDecision, sample_nbytes: int, batch_index: int,
                 first_id: int = 0, capacity: int | None = None, device: int = 0) -> Upload:
-        index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long)
+        index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long, device=x.device)
         if capacity is not None:  # the cloud's capacity left in this step: the rest does not cross
             self.counters.busy += max(0, len(index) - capacity)
             index = index[:capacity]
