@@ -126,7 +126,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         _skip(rest)
         return list(results.values())
 
-    devices = [_Device(d, edges[d], clouds[d % replicas], blocks,
+    devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol),
                        device) for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
@@ -221,7 +221,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     return list(results.values())
 
 
-class _Device:
+class _EdgeDevice:
     """One edge device of a run unit: its forward-only edge, its link, its cloud (or its share of one), its stream
     of blocks and where it is in it."""
 
