@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -129,6 +130,7 @@ def test_leaderboard_says_miniature_and_records_the_setup(first_run):
 
 def test_a_named_pair_replaces_the_models_and_is_recorded(first_run, tmp_path):
     spec, _, default = first_run
+    spec = dataclasses.replace(spec, methods=spec.methods[:1])  # source alone shows the swap: the stronger edge
     doc = runner.reproduce(spec, None, tmp_path / "out", pair="swapped", progress=False)
     models = doc["provenance"]["models"]
     assert (models["edge"]["name"], models["foundation"]["name"]) == ("mini:foundation", "mini:edge")
