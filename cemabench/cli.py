@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
-from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS
+from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, numerics
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol.execution import check_device
@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        numerics.check()
         if getattr(args, "device", None) is not None:
             args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
         return args.func(args)

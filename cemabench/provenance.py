@@ -31,6 +31,7 @@ import torch
 
 import cemabench
 from cemabench import registry
+from cemabench.config.numerics import cpu_numerics
 
 HARNESS = "cemabench"  # the harness package: what the "harness" part of a code digest covers
 PROTOCOL_ROOT = "cemabench.protocol.loop"  # where every unit's computation starts
@@ -64,10 +65,11 @@ def data_fingerprint(clean) -> str:
 
 
 def versions() -> dict[str, str]:
-    """The versions of cemabench, Python, the libraries that compute numbers, and the platform."""
+    """The versions of cemabench, Python, the libraries that compute numbers, the platform, and the instruction set
+    the CPU kernels use (:func:`cemabench.config.numerics.cpu_numerics`)."""
     return {"cemabench": cemabench.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": metadata.version("torchvision"), "timm": metadata.version("timm"),
-            "numpy": np.__version__, "platform": platform.platform()}
+            "numpy": np.__version__, "platform": platform.platform(), "cpu_numerics": cpu_numerics()}
 
 
 @functools.cache

@@ -1,6 +1,9 @@
 """Hostile method plugins (the test distribution under tests/plugins) end in a clear error cell, never in a silent
 success, a wrong diagnosis or a lost table."""
 import json
+import os
+
+import pytest
 
 from cemabench.cli import main
 from conftest import write_spec
@@ -49,19 +52,16 @@ def test_a_plugin_that_kills_its_worker_process_fails_only_its_cells(plugins, tm
     assert status["kills-its-process"][0] == "error" and "worker process died" in status["kills-its-process"][1]
 
 
-def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins, tmp_path, monkeypatch):
-    import os
-
-    import pytest
-    ray = pytest.importorskip("ray")
-    # a local Ray's workers inherit the driver's environment: that is how they find the test plugins
+@pytest.fixture
+def plugins_for_workers(plugins, monkeypatch):
+    """A local Ray's workers inherit the driver's environment: that is how they find the test plugins."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        spec = write_spec(tmp_path / "small.toml", ["source", "kills-its-process"])
-        assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray"]) == 3
-    finally:
-        ray.shutdown()
+
+
+@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist
+def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins_for_workers, local_ray, tmp_path):
+    spec = write_spec(tmp_path / "small.toml", ["source", "kills-its-process"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray"]) == 3
     doc = json.loads((tmp_path / "out" / "small.json").read_text())
     status = {c["method"]: (c["status"], c["message"]) for c in doc["cells"]}
     assert status["source"][0] == "ok"

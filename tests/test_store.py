@@ -333,14 +333,10 @@ def test_a_dead_worker_process_fails_only_its_unit(baseline, tmp_path, monkeypat
     assert numbers({"cells": [by["contrast"]]}) == [n for n in numbers(doc) if n["domain"] == "contrast"]
 
 
-def test_ray_gives_the_inline_numbers(baseline, tmp_path):
-    ray = pytest.importorskip("ray")
+@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist
+def test_ray_gives_the_inline_numbers(baseline, tmp_path, local_ray):
     spec, _, doc = baseline
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        assert numbers(runner.reproduce(spec, None, tmp_path / "out", executor="ray", progress=False)) == numbers(doc)
-    finally:
-        ray.shutdown()
+    assert numbers(runner.reproduce(spec, None, tmp_path / "out", executor="ray", progress=False)) == numbers(doc)
 
 
 def test_run_with_a_table_gives_the_tables_number_and_says_how_it_was_made(tmp_path, capsys):

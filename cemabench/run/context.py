@@ -12,6 +12,7 @@ import torch
 
 from cemabench import registry
 from cemabench.config import device_domains
+from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
 from cemabench.models import zoo
 from cemabench.protocol import Execution, Models, run_unit
@@ -109,6 +110,7 @@ class TableContext:
         return {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
                 "dataset_options": p["dataset_options"],
                 **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
+                **({"cpu_numerics": cpu_numerics()} if torch.device(self.execution.device).type == "cpu" else {}),
                 "device": torch.device(self.execution.device).type,
                 "channels_last": self.execution.channels_last, "amp": self.execution.amp,
                 "code": self.code(unit.method), "schema": SCHEMA}
