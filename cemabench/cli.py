@@ -15,6 +15,7 @@ from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, numeric
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol.execution import check_device
+from cemabench.tables.spec import check_seeds
 
 EXIT_CHECK_FAILED = 1  # check: a number out of tolerance
 EXIT_USER_ERROR = 2  # bad input, before any compute
@@ -134,7 +135,7 @@ def _run_spec(args):
         domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
         if not domains:
             factory = registry.load("datasets", dataset)
-            built = factory(data_root=args.data_root, severity=args.severity or 5,
+            built = factory(data_root=args.data_root, severity=5 if args.severity is None else args.severity,
                             **dict(_parse_option(o) for o in args.dataset_option))
             domains = tuple(d.name for d in built.domains)
         label = args.method
@@ -146,7 +147,8 @@ def _run_spec(args):
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
     spec = replace(spec, protocol=protocol, domains=tuple(args.domains or spec.domains),
-                   severity=args.severity or spec.severity, seeds=(args.seed,))
+                   severity=spec.severity if args.severity is None else args.severity,
+                   seeds=check_seeds((args.seed,), "--seed"))
     return spec, label
 
 
@@ -208,6 +210,8 @@ def _reproduce_inputs(args):
     from cemabench.tables.spec import load_table
 
     spec = load_table(args.table)
+    if args.seed:
+        check_seeds(args.seed, "--seed")
     given = _protocol_flags(args)
     if any(v is not None for v in given.values()):  # the table under another stream setting: its own output name
         protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
@@ -290,7 +294,6 @@ def cmd_check(args) -> int:
 def cmd_sweep(args) -> int:
     from cemabench.report.sweep import plot_sweep, render_sweep
     from cemabench.run.runner import run_sweep
-    from cemabench.tables.spec import check_seeds
     from cemabench.tables.sweep import load_sweep
 
     sweep = load_sweep(args.spec)
@@ -416,6 +419,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         numerics.check()
+        if getattr(args, "address", None) and args.executor != "ray":
+            raise UserError(f"--address {args.address} is the address of a Ray cluster: add --executor ray, or drop "
+                            f"--address to run with local processes")
         if getattr(args, "device", None) is not None:
             args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
         return args.func(args)

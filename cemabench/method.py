@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cemabench.config import Protocol
+from cemabench.config.bounds import Bounds
 from cemabench.errors import UserError
 
 Download = dict[str, torch.Tensor]
@@ -190,7 +191,8 @@ class Method:
     artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
 
     def __init__(self, **options):
-        """Build the method with its options, checked against ``Options`` (names and types) and ``validate``."""
+        """Build the method with its options, checked against ``Options`` (names, types, declared bounds) and
+        ``validate``."""
         if not getattr(self, "name", None):
             raise UserError(f"method class {type(self).__qualname__} has no name: set `name = \"...\"` on the class, "
                             f"or build it with cemabench.registry.build_method, which names it after its entry point")
@@ -236,31 +238,74 @@ class Method:
         return None
 
 
+def option(default, *, low: float | None = None, above: bool = False, high: float | None = None, below: bool = False,
+           choices: tuple = ()):
+    """A field of a method's ``Options`` with declared bounds, checked with its type before any compute (the same
+    check as a protocol field's, :class:`cemabench.config.bounds.Bounds`): ``low``/``high`` inclusive unless
+    ``above``/``below``, ``choices`` the only values (each item's, for a tuple). A float option is always finite::
+
+        lr: float = option(0.00025, low=0, above=True)       # > 0
+        momentum: float = option(0.9, low=0, high=1, below=True)  # in [0, 1)
+    """
+    return field(default=default, metadata={"bounds": Bounds(low, above, high, below, tuple(choices))})
+
+
+def _kind(hint) -> type:
+    """The value type of an option's annotation (``float`` of ``float | None``, ``str`` of ``tuple[str, ...]``)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return args[0]
+    return next((t for t in args if t is not type(None)), hint) if args else hint
+
+
+def _check_type(name: str, hint, value, owner: str):
+    """The value as the option stores it (a list as a tuple), or a one-line error naming the type it must have."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) for v in value):
+            raise UserError(f"{owner}: option {name!r} must be a list of {item.__name__}, got {value!r}")
+        return tuple(value)
+    allowed = typing.get_args(hint) or (hint,)
+    ok = any(
+        value is None if t is type(None)
+        else (isinstance(value, (int, float)) and not isinstance(value, bool)) if t is float
+        else isinstance(value, t) and not (t is int and isinstance(value, bool))
+        for t in allowed
+    )
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise UserError(f"{owner}: option {name!r} must be {names}, got {value!r}")
+    return value
+
+
+def declared_bounds(options_class: type, name: str) -> Bounds:
+    """An option's bounds: declared on its field, or else on the same field of the nearest base ``Options`` (a
+    subclass that only changes a default, ``lr: float = 0.001``, keeps its base's bounds)."""
+    for cls in options_class.__mro__:
+        declared = getattr(cls, "__dataclass_fields__", {}).get(name)
+        if declared is not None and "bounds" in declared.metadata:
+            return declared.metadata["bounds"]
+    return Bounds()
+
+
 def parse_options(options_class: type, values: dict, owner: str):
-    """Build an options dataclass, rejecting unknown names and values of the wrong type with a clear message."""
+    """Build an options dataclass, rejecting unknown names, values of the wrong type, floats that are not finite and
+    values outside an option's declared bounds (:func:`option`) with a one-line message. The defaults are checked
+    too: a plugin whose default breaks its own bounds fails when it is built, not halfway through a table."""
     fields = {f.name: f for f in dataclasses.fields(options_class)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserError(f"{owner} has no option {', '.join(map(repr, unknown))}; valid options: "
                         f"{', '.join(fields) or '(none)'}")
     hints = typing.get_type_hints(options_class)
-    values = dict(values)
-    for name, value in values.items():
-        if typing.get_origin(hints[name]) is tuple:
-            item = typing.get_args(hints[name])[0]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) for v in value):
-                raise UserError(f"{owner}: option {name!r} must be a list of {item.__name__}, got {value!r}")
-            values[name] = tuple(value)
-            continue
-        allowed = typing.get_args(hints[name]) or (hints[name],)
-        allowed = tuple(float if t is float else t for t in allowed)
-        ok = any(
-            value is None if t is type(None)
-            else (isinstance(value, (int, float)) and not isinstance(value, bool)) if t is float
-            else isinstance(value, t) and not (t is int and isinstance(value, bool))
-            for t in allowed
-        )
-        if not ok:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise UserError(f"{owner}: option {name!r} must be {names}, got {value!r}")
-    return options_class(**values)
+    values = {name: _check_type(name, hints[name], value, owner) for name, value in values.items()}
+    built = options_class(**values)
+    for name in fields:
+        value, bounds = getattr(built, name), declared_bounds(options_class, name)
+        items = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(bounds.admits(v) for v in items):
+            given = "its default" if name not in values else "got"
+            must = bounds.phrase(_kind(hints[name]))
+            raise UserError(f"{owner}: option {name!r} must be "
+                            f"{'a list of ' + must if isinstance(value, tuple) else must}, {given} {value!r}")
+    return built

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cemabench.errors import UserError
-from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
 from cemabench_methods.common import (
     RedundancyFilter,
     entropy,
@@ -185,24 +185,24 @@ class CEMA(Method):
 
     @dataclass
     class Options:
-        entropy_max: float | None = 0.4  # fraction of ln C
-        entropy_min: float | None = None  # fraction of ln C; the authors' sweep used 0.02
-        dynamic_warmup: int | None = None  # samples; None = fixed threshold (released config)
-        dynamic_coeff: float = 0.6
-        redundancy_margin: float | None = 0.05
-        edge_lr: float = 0.0025
-        foundation_lr: float = 0.00025
-        momentum: float = 0.9
+        entropy_max: float | None = option(0.4, low=0, high=1)  # fraction of ln C
+        entropy_min: float | None = option(None, low=0, high=1)  # fraction of ln C; the authors' sweep used 0.02
+        dynamic_warmup: int | None = option(None, low=1)  # samples; None = fixed threshold (released config)
+        dynamic_coeff: float = option(0.6, low=0, above=True)
+        redundancy_margin: float | None = option(0.05, low=0)
+        edge_lr: float = option(0.0025, low=0, above=True)
+        foundation_lr: float = option(0.00025, low=0, above=True)
+        momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
-        cloud_batch: int = 32
-        replay_size: int = 10000
-        replay_min: int = 256
-        replay_factor: int = 3
-        idle_replay_factor: int = 4
-        alpha: float = 3.0
-        beta: float = 3.0
-        gamma: float = 1.0
-        temperature: float = 1.0
+        cloud_batch: int = option(32, low=1)
+        replay_size: int = option(10000, low=1)
+        replay_min: int = option(256, low=0)
+        replay_factor: int = option(3, low=0)
+        idle_replay_factor: int = option(4, low=0)
+        alpha: float = option(3.0, low=0)
+        beta: float = option(3.0, low=0)
+        gamma: float = option(1.0, low=0)
+        temperature: float = option(1.0, low=0, above=True)
 
     def edge(self, num_classes):
         return _CEMAEdge(self.options, num_classes)
@@ -222,7 +222,7 @@ class RandomUpload(CEMA):
 
     @dataclass
     class Options(CEMA.Options):
-        upload_ratio: float | None = None  # fraction of samples to upload
+        upload_ratio: float | None = option(None, low=0, high=1)  # fraction of samples to upload
 
     @classmethod
     def derive_options(cls, options, references):
@@ -234,10 +234,9 @@ class RandomUpload(CEMA):
         return {**options, "upload_ratio": uploaded / seen if seen else 0.0}
 
     def validate(self):
-        ratio = self.options.upload_ratio
-        if ratio is None or not 0 <= ratio <= 1:
-            raise UserError(f"random-upload needs upload_ratio in [0, 1] (got {ratio}); in a table spec, "
-                            f"match_uploads_of = \"<method label>\" sets it from that method's run")
+        if self.options.upload_ratio is None:  # its bounds, [0, 1], are declared on the option
+            raise UserError("random-upload needs upload_ratio, a number >= 0 and <= 1; in a table spec, "
+                            "match_uploads_of = \"<method label>\" sets it from that method's run")
 
     def edge(self, num_classes):
         return _RandomUploadEdge(self.options, num_classes)
@@ -254,6 +253,6 @@ class DistillTent(CEMA):
                                download="norm affine parameters and statistics")
 
     @dataclass
-    class Options(CEMA.Options):
+    class Options(CEMA.Options):  # CEMA's options and their bounds, without the two filters
         entropy_max: float | None = None
         redundancy_margin: float | None = None

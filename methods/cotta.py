@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
 from cemabench_methods.common import sgd, use_batch_statistics
 
 TEACHER_LOGITS = "teacher_logits"
@@ -111,13 +111,13 @@ class CoTTA(Method):
 
     @dataclass
     class Options:
-        lr: float = 0.01
-        momentum: float = 0.9
+        lr: float = option(0.01, low=0, above=True)
+        momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = True
-        teacher_momentum: float = 0.999
-        augment_below: float = 0.1
-        augmentations: int = 32
-        restore_probability: float = 0.001
+        teacher_momentum: float = option(0.999, low=0, high=1)
+        augment_below: float = option(0.1, low=0, high=1)
+        augmentations: int = option(32, low=1)
+        restore_probability: float = option(0.001, low=0, high=1)
 
     def edge(self, num_classes):
         return _CoTTAEdge(self.options)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cemabench.method import CloudEdgeMapping, Method
+from cemabench.method import CloudEdgeMapping, Method, option
 from cemabench_methods.common import (
     BatchStatisticsEdge,
     RedundancyFilter,
@@ -71,14 +71,14 @@ class ETA(Method):
 
     @dataclass
     class Options:
-        entropy_margin: float = 0.4  # fraction of ln C
-        redundancy_margin: float | None = 0.05
-        lr: float = 0.00025
-        momentum: float = 0.9
+        entropy_margin: float = option(0.4, low=0, high=1)  # fraction of ln C
+        redundancy_margin: float | None = option(0.05, low=0)
+        lr: float = option(0.00025, low=0, above=True)
+        momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
-        fisher_alpha: float = 0.0
-        fisher_size: int = 2000
-        fisher_batch: int = 64
+        fisher_alpha: float = option(0.0, low=0)
+        fisher_size: int = option(2000, low=1)
+        fisher_batch: int = option(64, low=1)
 
     def edge(self, num_classes):
         return _EATAEdge(entropy_threshold(self.options.entropy_margin, num_classes), self.options.redundancy_margin)

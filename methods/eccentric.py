@@ -56,6 +56,7 @@ from cemabench.method import (
     EdgeLogic,
     Method,
     TrainingResources,
+    option,
 )
 from cemabench.models.split import feature_shapes, head_to, split, stage_names
 from cemabench_methods.offload import AnswerCloud, ConfidenceGateEdge
@@ -264,27 +265,6 @@ def load_adapter(state: dict, depth: int) -> Adapter:
     return adapter.eval()
 
 
-def _validate_common(o, name: str) -> None:
-    if hasattr(o, "threshold") and not 0.0 <= o.threshold <= 1.0:
-        raise UserError(f"{name}: threshold must be in [0, 1], got {o.threshold}")
-    if hasattr(o, "adapter_depth") and o.adapter_depth not in (1, 2, 3):
-        raise UserError(f"{name}: adapter_depth must be 1, 2 or 3, got {o.adapter_depth}")
-    if hasattr(o, "payload_dtype") and o.payload_dtype not in PAYLOAD_DTYPES:
-        raise UserError(f"{name}: payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {o.payload_dtype!r}")
-    if hasattr(o, "gate") and o.gate not in GATES:
-        raise UserError(f"{name}: gate must be one of {', '.join(GATES)}, got {o.gate!r}")
-    for field in ("recall_weight", "temperature"):
-        if hasattr(o, field) and not getattr(o, field) > 0:
-            raise UserError(f"{name}: {field} must be > 0, got {getattr(o, field)}")
-    if hasattr(o, "comm_weight") and not o.comm_weight >= 0:
-        raise UserError(f"{name}: comm_weight must be >= 0, got {o.comm_weight}")
-    for field in ("epochs", "ka_epochs", "ft_epochs", "gate_epochs"):
-        if hasattr(o, field) and getattr(o, field) < 0:
-            raise UserError(f"{name}: {field} must be >= 0, got {getattr(o, field)}")
-    if hasattr(o, "train_samples") and o.train_samples < 1:
-        raise UserError(f"{name}: train_samples must be >= 1, got {o.train_samples}")
-
-
 # ---- edge and cloud halves --------------------------------------------------------------------------------------
 
 
@@ -407,14 +387,11 @@ class ECCIndependent(Method):
 
     @dataclass
     class Options:
-        threshold: float = 0.9
+        threshold: float = option(0.9, low=0, high=1)
         distill: bool = True
-        epochs: int = 2
-        temperature: float = 2.0
-        train_samples: int = 1024
-
-    def validate(self):
-        _validate_common(self.options, self.name)
+        epochs: int = option(2, low=0)
+        temperature: float = option(2.0, low=0, above=True)
+        train_samples: int = option(1024, low=1)
 
     def train(self, resources):
         if not self.options.distill or self.options.epochs == 0:
@@ -444,17 +421,14 @@ class ECCAdaptive(Method):
     class Options:
         edge_stage: str = "layer1"
         cloud_stage: str = "layer2"
-        adapter_depth: int = 1
-        payload_dtype: str = "float32"
-        ka_epochs: int = 6
-        ft_epochs: int = 2
+        adapter_depth: int = option(1, choices=(1, 2, 3))
+        payload_dtype: str = option("float32", choices=PAYLOAD_DTYPES)
+        ka_epochs: int = option(6, low=0)
+        ft_epochs: int = option(2, low=0)
         augment: bool = False
-        temperature: float = 4.0
+        temperature: float = option(4.0, low=0, above=True)
         pareto: bool = False
-        train_samples: int = 1024
-
-    def validate(self):
-        _validate_common(self.options, self.name)
+        train_samples: int = option(1024, low=1)
 
     def train(self, resources):
         data = _Data(resources, self.options.train_samples)
@@ -482,16 +456,15 @@ class ECCDynamic(Method):
 
     @dataclass
     class Options(ECCAdaptive.Options):  # ECC-A's options, plus the gate's
-        gate: str = "confidence"
-        threshold: float = 0.9
-        recall_weight: float = 4.0
-        comm_weight: float = 0.1
+        gate: str = option("confidence", choices=GATES)
+        threshold: float = option(0.9, low=0, high=1)
+        recall_weight: float = option(4.0, low=0, above=True)
+        comm_weight: float = option(0.1, low=0)
         distill: bool = False
-        epochs: int = 2
-        gate_epochs: int = 3
+        epochs: int = option(2, low=0)
+        gate_epochs: int = option(3, low=0)
 
     def validate(self):
-        _validate_common(self.options, self.name)
         if self.options.pareto and self.options.gate == "learned" and self.options.comm_weight == 0:
             raise UserError(f"{self.name}: pareto with the learned gate needs comm_weight > 0 (a zero objective's "
                             f"gradient is the min-norm point, and nothing would train); or set pareto = false")
@@ -529,12 +502,9 @@ class LearnedSwitcher(Method):
 
     @dataclass
     class Options:
-        threshold: float = 0.5
-        gate_epochs: int = 3
-        train_samples: int = 1024
-
-    def validate(self):
-        _validate_common(self.options, self.name)
+        threshold: float = option(0.5, low=0, high=1)
+        gate_epochs: int = option(3, low=0)
+        train_samples: int = option(1024, low=1)
 
     def train(self, resources):
         data = _Data(resources, self.options.train_samples)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cemabench.method import CloudEdgeMapping, EdgeDecision, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, EdgeDecision, EdgeLogic, Method, option
 
 
 def knn_affinity(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,9 +78,9 @@ class LAME(Method):
 
     @dataclass
     class Options:
-        knn: int = 5
-        bound_lambda: float = 1.0
-        max_steps: int = 100
+        knn: int = option(5, low=1)
+        bound_lambda: float = option(1.0, low=0)
+        max_steps: int = option(100, low=1)
         force_symmetry: bool = False
 
     def edge(self, num_classes):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method, option
 
 
 class _OffloadAllEdge(EdgeLogic):
@@ -69,7 +69,7 @@ class ConfidenceOffload(Method):
 
     @dataclass
     class Options:
-        threshold: float = 0.9
+        threshold: float = option(0.9, low=0, high=1)
 
     def edge(self, num_classes):
         return ConfidenceGateEdge(self.options.threshold)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cemabench.method import CloudEdgeMapping, Method
+from cemabench.method import CloudEdgeMapping, Method, option
 from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy, entropy_threshold
 
 
@@ -92,13 +92,13 @@ class SAR(Method):
 
     @dataclass
     class Options:
-        entropy_margin: float = 0.4  # fraction of ln C
-        rho: float = 0.05
-        reset_threshold: float = 0.2
+        entropy_margin: float = option(0.4, low=0, high=1)  # fraction of ln C
+        rho: float = option(0.05, low=0)
+        reset_threshold: float = option(0.2, low=0)
         reset_clears_ema: bool = False
         reset_clears_momentum: bool = False
-        lr: float = 0.00025
-        momentum: float = 0.9
+        lr: float = option(0.00025, low=0, above=True)
+        momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
         frozen: tuple[str, ...] = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cemabench.method import CloudEdgeMapping, EdgeDecision, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, EdgeDecision, EdgeLogic, Method, option
 from cemabench_methods.common import BATCH_NORM_TYPES
 
 EDGE_ONLY = CloudEdgeMapping(selection="edge only", uploads="none", cloud="nothing", download="none")
@@ -69,7 +69,7 @@ class BNAdapt(Method):
 
     @dataclass
     class Options:
-        momentum: float = 0.5
+        momentum: float = option(0.5, low=0, high=1)
 
     def edge(self, num_classes):
         return _MixedStatisticsEdge(self.options.momentum)

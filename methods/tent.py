@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cemabench.method import CloudEdgeMapping, Method
+from cemabench.method import CloudEdgeMapping, Method, option
 from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy
 
 
@@ -28,8 +28,8 @@ class Tent(Method):
 
     @dataclass
     class Options:
-        lr: float = 0.00025
-        momentum: float = 0.9
+        lr: float = option(0.00025, low=0, above=True)
+        momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
 
     def edge(self, num_classes):

@@ -153,13 +153,15 @@ def test_recall_weight_makes_the_learned_gate_offload_more(setup):
 
 
 @pytest.mark.parametrize("name, options, words", [
-    ("ecc-adaptive", {"adapter_depth": 4}, "adapter_depth must be 1, 2 or 3"),
-    ("ecc-dynamic", {"threshold": 1.5}, "threshold must be in [0, 1]"),
-    ("ecc-independent", {"threshold": -0.1}, "threshold must be in [0, 1]"),
-    ("ecc-adaptive", {"payload_dtype": "int4"}, "payload_dtype must be one of float32, float16, int8"),
-    ("ecc-dynamic", {"gate": "oracle"}, "gate must be one of confidence, learned"),
+    ("ecc-adaptive", {"adapter_depth": 4}, "option 'adapter_depth' must be one of 1, 2, 3, got 4"),
+    ("ecc-dynamic", {"threshold": 1.5}, "option 'threshold' must be a number >= 0 and <= 1, got 1.5"),
+    ("ecc-independent", {"threshold": -0.1}, "option 'threshold' must be a number >= 0 and <= 1"),
+    ("ecc-adaptive", {"payload_dtype": "int4"}, "option 'payload_dtype' must be one of float32, float16, int8"),
+    ("ecc-dynamic", {"gate": "oracle"}, "option 'gate' must be one of confidence, learned"),
     ("ecc-dynamic", {"gate": "learned", "pareto": True, "comm_weight": 0.0}, "needs comm_weight > 0"),
-    ("learned-switcher", {"threshold": 2}, "threshold must be in [0, 1]"),
+    ("learned-switcher", {"threshold": 2}, "option 'threshold' must be a number >= 0 and <= 1"),
+    ("ecc-dynamic", {"recall_weight": 0}, "option 'recall_weight' must be a number > 0"),
+    ("ecc-adaptive", {"ka_epochs": -1}, "option 'ka_epochs' must be an integer >= 0"),
 ])
 def test_bad_options_are_user_errors_before_any_compute(name, options, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]")):

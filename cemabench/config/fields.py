@@ -7,10 +7,10 @@ field is added in one place. Torch-free: a spec can be read and checked without 
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 
+from cemabench.config.bounds import Bounds
 from cemabench.config.settings import DEVICE_STREAMS, SETTINGS, parse_setting
 from cemabench.errors import UserError
 
@@ -29,6 +29,10 @@ class Rule:
     choices: tuple[str, ...] = ()
     flag: str = ""  # the command-line flag, when it is not --the-field-name
     stream: bool = False  # a property of the stream: also a flag of reproduce and status (a table under it)
+
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(low=self.low, above=self.above, choices=self.choices)
 
 
 def _field(default, help: str, **rule):
@@ -98,16 +102,8 @@ def rule(name: str) -> Rule:
 
 def expected(name: str) -> str:
     """What a field's value must be, as a phrase: 'an integer >= 1 (or unset for no limit)'."""
-    r, k = rule(name), kind(name)
-    if r.choices:
-        text = f"one of {', '.join(r.choices)}"
-    elif k is str:
-        text = "a string"
-    else:
-        text = "an integer" if k is int else "a number"
-        if r.low is not None:
-            text += f" {'>' if r.above else '>='} {r.low:g}"
-    return text + (f" (or unset: {r.unset})" if r.unset else "")
+    r = rule(name)
+    return r.bounds.phrase(kind(name)) + (f" (or unset: {r.unset})" if r.unset else "")
 
 
 def check_field(name: str, value):
@@ -119,13 +115,10 @@ def check_field(name: str, value):
     if k is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif k is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
         ok = isinstance(value, str)
-    if ok and r.low is not None:
-        ok = value > r.low if r.above else value >= r.low
-    if ok and r.choices:
-        ok = value in r.choices
+    ok = ok and r.bounds.admits(value)
     if not ok:
         raise UserError(f"protocol {name} must be {expected(name)}, got {value!r}")
     return float(value) if k is float else value

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cemabench.errors import UserError
-from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method
+from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
 
 NORM_LAYERS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -62,12 +61,8 @@ class UnsureEntropy(Method):
 
     @dataclass
     class Options:  # each field is an option: `--option threshold=0.8`, or `options = {...}` in a table spec
-        threshold: float = 0.9
-        lr: float = 0.001
-
-    def validate(self):
-        if not 0 < self.options.threshold <= 1:
-            raise UserError(f"threshold must be in (0, 1], got {self.options.threshold}")
+        threshold: float = option(0.9, low=0, above=True, high=1)  # in (0, 1], checked before any compute
+        lr: float = option(0.001, low=0, above=True)
 
     def edge(self, num_classes):
         return UnsureEdge(self.options.threshold)

@@ -1,0 +1,131 @@
+"""Method options are checked before any compute, by one path: the type, finiteness for floats, and the bounds each
+option declares with ``cemabench.method.option`` (which a plugin author uses the same way)."""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from cemabench.cli import main
+from cemabench.config.bounds import Bounds
+from cemabench.errors import UserError
+from cemabench.method import Method, declared_bounds, option, parse_options
+from cemabench.registry import load_method
+from conftest import builtin_methods
+
+
+@pytest.mark.parametrize("method, given, words", [
+    ("tent", "momentum=5", "option 'momentum' must be a number >= 0 and < 1, got 5"),
+    ("confidence-offload", "threshold=2", "option 'threshold' must be a number >= 0 and <= 1, got 2"),
+    ("cema", "entropy_max=nan", "option 'entropy_max' must be a number >= 0 and <= 1, got nan"),
+    ("tent", "lr=-1", "option 'lr' must be a number > 0, got -1"),
+    ("tent", "lr=nan", "option 'lr' must be a number > 0, got nan"),
+    ("tent", "lr=inf", "option 'lr' must be a number > 0, got inf"),
+    ("cema", "cloud_batch=0", "option 'cloud_batch' must be an integer >= 1, got 0"),
+    ("eata", "fisher_batch=0", "option 'fisher_batch' must be an integer >= 1, got 0"),
+    ("pseudo-label", "lr=0", "option 'lr' must be a number > 0, got 0"),  # a default override keeps Tent's bounds
+    ("cotta", "restore_probability=1.5", "option 'restore_probability' must be a number >= 0 and <= 1"),
+    ("lame", "knn=0", "option 'knn' must be an integer >= 1, got 0"),
+])
+def test_an_option_out_of_its_bounds_is_one_line_and_exit_2_before_any_compute(capsys, tmp_path, method, given,
+                                                                                  words):
+    out = tmp_path / "r.json"
+    assert main(["run", "--method", method, "--option", given, "--domains", "fog", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"method '{method}': {words}" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_spec_with_a_negative_lr_is_refused_before_any_compute(capsys, tmp_path):
+    spec = tmp_path / "neg.toml"
+    spec.write_text('extends = "table2"\nname = "neg"\n[[add_methods]]\nname = "tent"\nlabel = "tent-neg"\n'
+                    '[add_methods.options]\nlr = -0.001\n')
+    assert main(["reproduce", str(spec), "--out", str(tmp_path / "out")]) == 2
+    assert "option 'lr' must be a number > 0, got -0.001" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+@pytest.mark.parametrize("seeds, words", [(["-1"], "got [-1]"), (["0", "0"], "got [0, 0]")])
+def test_seeds_on_the_command_line_are_checked_as_in_a_spec(capsys, tmp_path, seeds, words):
+    flags = [a for s in seeds for a in ("--seed", s)]
+    assert main(["reproduce", "table2", *flags, "--out", str(tmp_path)]) == 2
+    assert f"--seed must be a non-empty list of distinct non-negative integers, {words}" in capsys.readouterr().err
+
+
+def test_a_severity_of_zero_is_not_replaced_by_the_default(capsys, tmp_path):
+    assert main(["run", "--method", "source", "--domains", "fog", "--severity", "0", "--out",
+                 str(tmp_path / "r.json")]) == 2
+    assert "severity must be one of 1, 2, 3, 4, 5 (got 0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", builtin_methods())
+def test_every_built_in_default_lies_within_its_declared_bounds(name):
+    cls = load_method(name)
+    options = parse_options(cls.Options, {}, name)
+    for f in dataclasses.fields(options):
+        value, bounds = getattr(options, f.name), declared_bounds(cls.Options, f.name)
+        assert value is None or all(bounds.admits(v) for v in (value if isinstance(value, tuple) else (value,)))
+
+
+def test_a_plugin_declares_bounds_with_option_and_a_subclass_keeps_them():
+    @dataclass
+    class Base:
+        rate: float = option(0.5, low=0, above=True, high=1)
+        mode: str = option("a", choices=("a", "b"))
+        names: tuple[str, ...] = option(("x",), choices=("x", "y"))
+
+    @dataclass
+    class Child(Base):
+        rate: float = 0.25  # only the default changes
+
+    assert parse_options(Child, {"rate": 1}, "p").rate == 1
+    for values, words in [({"rate": 0}, "option 'rate' must be a number > 0 and <= 1, got 0"),
+                          ({"mode": "c"}, "option 'mode' must be one of a, b, got 'c'"),
+                          ({"names": ["x", "z"]}, "option 'names' must be a list of one of x, y, got ('x', 'z')"),
+                          ({"rate": math.nan}, "got nan")]:
+        with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            parse_options(Child, values, "p")
+
+
+def test_a_default_outside_its_own_bounds_fails_when_the_plugin_is_built():
+    class Careless(Method):
+        name = "careless"
+
+        @dataclass
+        class Options:
+            momentum: float = option(1.5, low=0, high=1, below=True)
+
+    with pytest.raises(UserError, match="option 'momentum' must be a number >= 0 and < 1, its default 1.5"):
+        Careless()
+
+
+def test_an_option_without_declared_bounds_must_still_be_finite():
+    @dataclass
+    class Plain:
+        scale: float = 1.0
+
+    with pytest.raises(UserError, match="option 'scale' must be a finite number, got inf"):
+        parse_options(Plain, {"scale": math.inf}, "p")
+
+
+@pytest.mark.parametrize("bounds, kind, phrase", [
+    (Bounds(low=1), int, "an integer >= 1"),
+    (Bounds(low=0, above=True), float, "a number > 0"),
+    (Bounds(low=0, high=1, below=True), float, "a number >= 0 and < 1"),
+    (Bounds(), float, "a finite number"),
+    (Bounds(choices=("a", "b")), str, "one of a, b"),
+])
+def test_bounds_say_what_a_value_must_be(bounds, kind, phrase):
+    assert bounds.phrase(kind) == phrase
+
+
+def test_bounds_themselves_are_checked():
+    with pytest.raises(ValueError, match="finite"):
+        Bounds(low=math.nan)
+    with pytest.raises(ValueError, match="above high"):
+        Bounds(low=2, high=1)
+
+
+@pytest.mark.parametrize("command", [["run", "--method", "source", "--domains", "fog"], ["reproduce", "table2"]])
+def test_an_address_without_the_ray_executor_is_refused_not_ignored(capsys, tmp_path, command):
+    assert main([*command, "--address", "127.0.0.1:6379", "--out", str(tmp_path / "o")]) == 2
+    assert "--address 127.0.0.1:6379 is the address of a Ray cluster: add --executor ray" in capsys.readouterr().err
