@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -20,6 +21,9 @@ from cemabench.tables.spec import check_seeds
 EXIT_CHECK_FAILED = 1  # check: a number out of tolerance
 EXIT_USER_ERROR = 2  # bad input, before any compute
 EXIT_INCOMPLETE = 3  # run/reproduce/status: some unit failed (error, diverged, worker died) or is not done
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), in every command
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, what a shell reports for `yes | head`)
+PATH_ERRORS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EEXIST, errno.EROFS)
 
 
 def _first_line(obj) -> str:
@@ -82,14 +86,18 @@ def _list_sweeps() -> None:
         print(pd.DataFrame(rows).to_markdown(index=False))
 
 
-def _parse_option(text: str) -> tuple[str, object]:
+def _parse_option(text: str, flag: str = "--option", example: str = "lr=0.001") -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise UserError(f"--option takes KEY=VALUE (e.g. --option lr=0.001), got {text!r}")
+        raise UserError(f"{flag} takes KEY=VALUE (e.g. {flag} {example}), got {text!r}")
     try:
         return key, tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return key, value
+
+
+def _dataset_option(text: str) -> tuple[str, object]:
+    return _parse_option(text, "--dataset-option", "workers=8")
 
 
 def _run_spec(args):
@@ -134,9 +142,9 @@ def _run_spec(args):
         default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")
         domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
         if not domains:
-            factory = registry.load("datasets", dataset)
+            factory = registry.dataset_factory(dataset, [o.partition("=")[0] for o in args.dataset_option])
             built = factory(data_root=args.data_root, severity=5 if args.severity is None else args.severity,
-                            **dict(_parse_option(o) for o in args.dataset_option))
+                            **dict(_dataset_option(o) for o in args.dataset_option))
             domains = tuple(d.name for d in built.domains)
         label = args.method
         spec = TableSpec(name=f"run-{args.method}", title=f"{args.method} on {dataset}", source="",
@@ -186,7 +194,7 @@ def cmd_run(args) -> int:
         doc = reproduce(spec, args.data_root, Path(args.store or scratch), jobs=args.jobs,
                         execution=Execution(args.device, args.channels_last, args.amp), progress=False,
                         models={"edge": args.edge, "foundation": args.foundation},
-                        dataset_options=dict(_parse_option(o) for o in args.dataset_option),
+                        dataset_options=dict(_dataset_option(o) for o in args.dataset_option),
                         executor=args.executor, address=args.address, weights=args.weights)
     doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
@@ -222,14 +230,14 @@ def _reproduce_inputs(args):
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     return spec, data_root, {"execution": Execution(args.device, args.channels_last, args.amp),
                              "models": {"edge": args.edge, "foundation": args.foundation},
-                             "dataset_options": dict(_parse_option(o) for o in args.dataset_option),
+                             "dataset_options": dict(_dataset_option(o) for o in args.dataset_option),
                              "pair": args.pair, "weights": args.weights}
 
 
 def _interrupted(out: Path) -> int:
     print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
           file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
 
 
 def _write_document(out: Path, name: str, doc: dict, markdown: str) -> None:
@@ -266,10 +274,16 @@ def cmd_status(args) -> int:
     from cemabench.run.runner import status
 
     spec, data_root, options = _reproduce_inputs(args)
-    rows = status(spec, data_root, Path(args.out), tuple(args.seed) if args.seed else None, **options)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; status reads the folder that `cemabench reproduce --out` wrote")
+    rows = status(spec, data_root, out, tuple(args.seed) if args.seed else None, **options)
     print(pd.DataFrame(rows).to_markdown(index=False))
     counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "failed", "missing")}
     print(f"\n{spec.name}: {len(rows)} units: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    if not out.exists():
+        print(f"(--out {out} does not exist: nothing has run there yet; `cemabench reproduce {args.table} --out "
+              f"{out}` starts it)")
     return 0 if counts["done"] == len(rows) else EXIT_INCOMPLETE
 
 
@@ -427,6 +441,17 @@ def main(argv=None) -> int:
         return args.func(args)
     except UserError as error:
         print(f"cemabench: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # reproduce and sweep say where their cells are kept; every command exits 130
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`cemabench ... | head -1`): files are written first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return EXIT_BROKEN_PIPE
+    except OSError as error:
+        if error.filename is None or error.errno not in PATH_ERRORS:
+            raise
+        print(f"cemabench: error: {error.filename}: {error.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

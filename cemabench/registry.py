@@ -9,6 +9,7 @@ A plugin that fails to import is reported, with its error, by the commands that 
 """
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import EntryPoint, entry_points
 
 from cemabench.errors import UserError
@@ -68,6 +69,27 @@ def load_method(name: str) -> type:
 
 def build_method(name: str, options: dict | None = None):
     return load_method(name)(**(options or {}))
+
+
+HARNESS_DATASET_ARGUMENTS = ("data_root", "severity", "domains")  # what the harness passes to every factory
+
+
+def dataset_factory(name: str, options=()):
+    """The factory registered as dataset ``name``, after checking that it takes every option named (before any data
+    is read): an unknown one is a UserError that lists the options the factory takes."""
+    factory = load("datasets", name)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature: it checks its own arguments
+        return factory
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return factory
+    valid = [k for k in parameters if k not in HARNESS_DATASET_ARGUMENTS]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise UserError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; valid options: "
+                        f"{', '.join(valid) or '(none)'}")
+    return factory
 
 
 def build_model(spec: str):

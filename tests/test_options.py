@@ -129,3 +129,58 @@ def test_bounds_themselves_are_checked():
 def test_an_address_without_the_ray_executor_is_refused_not_ignored(capsys, tmp_path, command):
     assert main([*command, "--address", "127.0.0.1:6379", "--out", str(tmp_path / "o")]) == 2
     assert "--address 127.0.0.1:6379 is the address of a Ray cluster: add --executor ray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--method", "source", "--domains", "fog", "--dataset-option", "n_examples=100"],
+     "dataset 'miniature-digits-c' has no option 'n_examples'; valid options: (none)"),
+    (["reproduce", "table2", "--dataset-option", "n_examples=100"],
+     "dataset 'miniature-digits-c' has no option 'n_examples'; valid options: (none)"),
+    (["run", "--method", "source", "--dataset", "cifar10-c", "--data-root", "{root}", "--edge", "cifar:Standard",
+      "--dataset-option", "foo=1"], "dataset 'cifar10-c' has no option 'foo'; valid options: n_examples"),
+    (["run", "--method", "source", "--dataset-option", "workers"],
+     "--dataset-option takes KEY=VALUE (e.g. --dataset-option workers=8), got 'workers'"),
+])
+def test_an_unknown_dataset_option_is_one_line_with_the_valid_ones(capsys, tmp_path, argv, words):
+    argv = [a.replace("{root}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_status_on_a_file_is_one_line_and_on_a_missing_folder_says_so(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert main(["status", "eccentric-clean", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; status reads the folder" in capsys.readouterr().err
+    assert main(["status", "eccentric-clean", "--out", str(tmp_path / "nowhere")]) == 3
+    assert "does not exist: nothing has run there yet" in capsys.readouterr().out
+
+
+def test_a_path_error_is_one_line_and_exit_2(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert main(["run", "--method", "source", "--domains", "fog", "--store", str(tmp_path / "file" / "s"),
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(tmp_path / "file") in err
+
+
+def test_a_closed_stdout_ends_quietly_with_141():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "cemabench.cli", "list", "methods"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_ctrl_c_in_run_is_exit_130_without_a_traceback(capsys, tmp_path, monkeypatch):
+    from cemabench.run import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "reproduce", interrupted)
+    assert main(["run", "--method", "source", "--domains", "fog", "--out", str(tmp_path / "r.json")]) == 130
+    assert "interrupted" in capsys.readouterr().err

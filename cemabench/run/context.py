@@ -57,7 +57,7 @@ class TableContext:
                             f"given, and no installed plugin provides it (available: "
                             f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
                             f"--data-root to run the embedded miniature")
-        factory = registry.load("datasets", self.choice.dataset)
+        factory = registry.dataset_factory(self.choice.dataset, self.choice.options)
         built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains, **self.choice.options)
         if severity != self.spec.severity and built.provenance.get("severity") != severity:
             raise UserError(f"setting {self.spec.protocol.setting} runs every domain at severities 1 to 5, and the "
