@@ -226,7 +226,13 @@ class Method:
         return None
 
     def validate(self) -> None:
-        """Raise :class:`UserError` for option values that are invalid together or out of range."""
+        """Raise :class:`UserError` for option values that are invalid together (one option's bounds are declared
+        with :func:`option`)."""
+
+    def check_models(self, edge: nn.Module, foundation: nn.Module) -> None:
+        """Raise :class:`UserError` (one line) when an option names something the models lack (a stage, a layer).
+        The harness calls it with a table's source models once they are built, before any compute; the models must
+        not be changed. The default checks nothing."""
 
     def edge(self, num_classes: int) -> EdgeLogic:
         """The edge half, built anew for every run unit."""

@@ -430,6 +430,10 @@ class ECCAdaptive(Method):
         pareto: bool = False
         train_samples: int = option(1024, low=1)
 
+    def check_models(self, edge, foundation):
+        check_edge_stage(edge, self.options.edge_stage)
+        entry_before(foundation, self.options.cloud_stage)
+
     def train(self, resources):
         data = _Data(resources, self.options.train_samples)
         return train_adapter(resources, data, resources.edge(), self.options)
@@ -463,6 +467,8 @@ class ECCDynamic(Method):
         distill: bool = False
         epochs: int = option(2, low=0)
         gate_epochs: int = option(3, low=0)
+
+    check_models = ECCAdaptive.check_models  # the same stages, cut the same way
 
     def validate(self):
         if self.options.pareto and self.options.gate == "learned" and self.options.comm_weight == 0:

@@ -17,7 +17,7 @@ from cemabench.protocol import Execution
 from cemabench.run.context import ContextSpec, TableContext, context_for, forget
 from cemabench.run.executors import Executor, error_record, make_executor
 from cemabench.run.store import ResultStore, failed
-from cemabench.tables.plan import Task, Unit, UnitId, check_options, entry_options, plan
+from cemabench.tables.plan import Task, Unit, UnitId, check_models, check_options, entry_options, plan
 from cemabench.tables.spec import TableSpec, published_uploads
 from cemabench.tables.sweep import Sweep, expand, point_label
 
@@ -47,6 +47,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context = context_for(recipe)
     check_options(spec, context.choice)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
+    check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"])
     for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
         context.dataset_at(severity)
     return recipe, context

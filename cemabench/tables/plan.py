@@ -82,6 +82,14 @@ def check_options(spec: TableSpec, choice: DataChoice) -> None:
             parse_options(registry.load("methods", entry.name).Options, options, f"method {entry.name!r}")
 
 
+def check_models(spec: TableSpec, choice: DataChoice, edge, foundation) -> None:
+    """Every entry against the table's source models (:meth:`Method.check_models`), before any compute; entries whose
+    options are derived from other units are checked when their unit is built."""
+    for entry in spec.methods:
+        if entry.match_uploads_of is None:
+            registry.build_method(entry.name, entry_options(entry, choice)).check_models(edge, foundation)
+
+
 def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Task]:
     """The tasks of a table, each after the tasks it needs (a spec names only earlier labels as references)."""
     device_domains(spec.domains, spec.protocol.devices, spec.protocol.device_streams)  # can every device have a stream
