@@ -29,13 +29,18 @@ def entropy_weights(ent: torch.Tensor, margin: float | None) -> torch.Tensor | f
     return 1.0 if margin is None else torch.exp(-(ent.detach() - margin))
 
 
+def excludes(pattern: str, module_name: str) -> bool:
+    """Whether a module-name pattern of ``exclude`` names the module (a substring; ``"norm."`` also names ``norm``)."""
+    return pattern in module_name or module_name == pattern.rstrip(".")
+
+
 def train_norm_affine_only(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[nn.Parameter]:
     """Freeze everything but the affine parameters of normalisation layers whose module name contains none of
     ``exclude`` (a pattern ``"norm."`` also excludes a module named exactly ``norm``); returns those parameters."""
     model.requires_grad_(False)
     params = []
     for name, module in model.named_modules():
-        if any(pattern in name or name == pattern.rstrip(".") for pattern in exclude):
+        if any(excludes(pattern, name) for pattern in exclude):
             continue
         if isinstance(module, NORM_TYPES + (BatchRenorm2d,)):
             for p in module.parameters(recurse=False):

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, Method, option
-from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy, entropy_threshold
+from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy, entropy_threshold, excludes
 
 
 class _SARCloud(ReplicaCloud):
@@ -101,6 +102,16 @@ class SAR(Method):
         momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
         frozen: tuple[str, ...] = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
+
+    def check_models(self, edge, foundation):
+        """A pattern given beyond the defaults (which cover ResNets and ViTs at once) must name a module of the
+        edge model: one that names none would freeze nothing, silently."""
+        names = [name for name, _ in edge.named_modules()]
+        given = [p for p in self.options.frozen if p not in SAR.Options.frozen]
+        idle = [p for p in given if not any(excludes(p, n) for n in names)]
+        if idle:
+            raise UserError(f"sar: frozen pattern(s) {', '.join(map(repr, idle))} name no module of the edge model; "
+                            f"its stages: {', '.join(n for n in names if n and '.' not in n)}")
 
     def edge(self, num_classes):
         return BatchStatisticsEdge()

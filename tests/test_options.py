@@ -189,6 +189,7 @@ def test_ctrl_c_in_run_is_exit_130_without_a_traceback(capsys, tmp_path, monkeyp
 @pytest.mark.parametrize("method, given, words", [
     ("ecc-adaptive", 'edge_stage="layer9"', "the edge model has no stage 'layer9'; valid edge_stage: stem, layer1"),
     ("ecc-dynamic", 'cloud_stage="layer4"', "the cloud model has no entry stage 'layer4'; valid cloud_stage: layer1"),
+    ("sar", 'frozen=["layer3", "layer9"]', "frozen pattern(s) 'layer9' name no module of the edge model; its stages: "),
 ])
 def test_an_option_naming_what_the_models_lack_is_refused_before_any_compute(capsys, tmp_path, method, given, words):
     """Method.check_models, called with the table's source models once they are built (it was exit 3, after the
