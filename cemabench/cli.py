@@ -23,6 +23,7 @@ EXIT_USER_ERROR = 2  # bad input, before any compute
 EXIT_INCOMPLETE = 3  # run/reproduce/status: some unit failed (error, diverged, worker died) or is not done
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), in every command
 EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, what a shell reports for `yes | head`)
+MINIATURE = "miniature-digits-c"  # run's dataset when none is named (the embedded miniature)
 PATH_ERRORS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EEXIST, errno.EROFS)
 
 
@@ -136,7 +137,11 @@ def _run_spec(args):
         spec = replace(spec, methods=tuple(reversed(chain)), **choices)
     else:
         registry.build_method(args.method, options)
-        dataset = args.dataset or "miniature-digits-c"
+        dataset = args.dataset or MINIATURE
+        if dataset != MINIATURE and not (args.edge and args.foundation):
+            raise UserError(f"--dataset {dataset} needs --edge and --foundation: the default models (mini:edge, "
+                            f"mini:foundation) are trained on the miniature's digits; see `cemabench list models`, or "
+                            f"--table T for a table's models on that dataset")
         choice = DataChoice(dataset, args.edge or "mini:edge", args.foundation or "mini:foundation")
         protocol = Protocol()
         default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")

@@ -137,6 +137,7 @@ def test_an_address_without_the_ray_executor_is_refused_not_ignored(capsys, tmp_
     (["reproduce", "table2", "--dataset-option", "n_examples=100"],
      "dataset 'miniature-digits-c' has no option 'n_examples'; valid options: (none)"),
     (["run", "--method", "source", "--dataset", "cifar10-c", "--data-root", "{root}", "--edge", "cifar:Standard",
+      "--foundation", "cifar:Standard",
       "--dataset-option", "foo=1"], "dataset 'cifar10-c' has no option 'foo'; valid options: n_examples"),
     (["run", "--method", "source", "--dataset-option", "workers"],
      "--dataset-option takes KEY=VALUE (e.g. --dataset-option workers=8), got 'workers'"),
@@ -197,3 +198,16 @@ def test_an_option_naming_what_the_models_lack_is_refused_before_any_compute(cap
     out = tmp_path / "r.json"
     assert main(["run", "--method", method, "--option", given, "--domains", "fog", "--out", str(out)]) == 2
     assert words in capsys.readouterr().err and not out.exists()
+
+
+def test_a_model_with_other_classes_than_the_dataset_is_refused_before_any_compute(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["run", "--method", "source", "--domains", "fog", "--edge", "tiny:edge", "--out", str(out)]) == 2
+    assert ("the edge model tiny:edge gives 1000 outputs and the dataset miniature-digits-c needs 10"
+            in capsys.readouterr().err) and not out.exists()
+
+
+def test_another_dataset_without_its_models_is_refused_not_run_on_the_digit_networks(capsys, tmp_path):
+    assert main(["run", "--method", "source", "--dataset", "cifar10-c", "--data-root", str(tmp_path), "--out",
+                 str(tmp_path / "r.json")]) == 2
+    assert "--dataset cifar10-c needs --edge and --foundation" in capsys.readouterr().err

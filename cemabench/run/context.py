@@ -8,6 +8,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from cemabench import registry
@@ -118,6 +119,30 @@ class TableContext:
     def unit_key(self, unit: Unit) -> str:
         config = self.unit_config(unit)
         return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def check_classes(self) -> None:
+        """Each model answers in the dataset's classes: as many outputs as it has classes, or, where only some classes
+        are scored (ImageNet-R's 200 of ImageNet's 1000), an output for each scored class. One image of the first
+        domain goes through each model in eval mode without autograd; the models' modes are left as they were."""
+        data = self.dataset
+        image = data.domains[0].images(np.arange(1))
+        for role, model in self.prototypes.items():
+            modes = {module: module.training for module in model.modules()}
+            reference = next(iter(model.parameters()), None)
+            try:
+                model.eval()
+                with torch.no_grad():
+                    outputs = model(image.to(reference.device) if reference is not None else image).shape[-1]
+            finally:
+                for module, training in modes.items():
+                    module.train(training)
+            scored = data.scored_classes
+            if (outputs > int(scored.max())) if scored is not None else outputs == data.num_classes:
+                continue
+            need = (f"at least {int(scored.max()) + 1} (its scored classes)" if scored is not None
+                    else f"{data.num_classes}")
+            raise UserError(f"the {role} model {getattr(self.choice, role)} gives {outputs} outputs and the dataset "
+                            f"{data.name} needs {need}: choose a model trained on its classes (--{role})")
 
     def run(self, unit: Unit) -> dict:
         method = registry.build_method(unit.method, dict(unit.options))

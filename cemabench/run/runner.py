@@ -47,6 +47,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context = context_for(recipe)
     check_options(spec, context.choice)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
+    context.check_classes()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"])
     for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
         context.dataset_at(severity)
