@@ -272,7 +272,10 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
     if points.empty:
         return False
     # one line per plugin: the entries of one method at several knob values are its sweep
-    plot_tradeoffs(points.assign(method=points["family"]), path, title=f"{doc['table']}: {doc['title']}")
+    title = f"{doc['table']}: {doc['title']}"
+    if doc["provenance"]["miniature"]:
+        title = f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}\n{title}"
+    plot_tradeoffs(points.assign(method=points["family"]), path, title=title)
     return True
 
 

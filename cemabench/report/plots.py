@@ -86,7 +86,8 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
 
     frame = plot_frame(points)
     families = list(dict.fromkeys(frame.loc[~frame["reference"], "family"]))
-    colours = matplotlib.colormaps["tab10"].colors
+    tab20 = matplotlib.colormaps["tab20"].colors  # 10 hues dark, then the same 10 light: 20 colours before a repeat
+    colours = tab20[0::2] + tab20[1::2]
     style = {family: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, family in enumerate(families)}
     references = list(dict.fromkeys(frame.loc[frame["reference"], "family"]))
     ref_marker = {family: REFERENCE_MARKERS[i % len(REFERENCE_MARKERS)] for i, family in enumerate(references)}
