@@ -108,3 +108,17 @@ def test_leaderboard_shows_mean_and_sample_std_across_seeds_and_keeps_every_seed
     assert "**Seeds**: 0, 1 (each cell: mean ± sample standard deviation, ddof=1, across seeds" in text
     one = metric_frame(json.loads(COMMITTED.read_text()), "accuracy")
     assert "±" not in one.to_markdown() and one.loc["cema", "fog"] == f"{fog:.1f}"
+
+
+def test_tables_that_measure_different_things_are_named_first():
+    """A severity-3 table against a severity-5 one: the severity comes before the numbers it moves."""
+    def doc(severity, setting="per-domain", edge="mini:edge"):
+        d = _doc([_cell("cema", "fog", 0, 50.0 + severity)])
+        d["provenance"].update(severity=severity, protocol={"setting": setting}, models={"edge": {"name": edge}})
+        return d
+
+    problems, _ = compare(doc(3), doc(5))
+    assert problems[0] == {"cell": "(table)", "metric": "severity", "expected": 5, "got": 3,
+                           "difference": "the two tables measure different things"}
+    assert [p["metric"] for p in compare(doc(5, "continual", "tiny:edge@10"), doc(5))[0]] == ["setting", "models"]
+    assert compare(doc(5), doc(5))[0] == []

@@ -92,6 +92,18 @@ def _by_pair(doc: dict) -> dict[tuple, dict[int, dict]]:
     return pairs
 
 
+def _measures(expected: dict, result: dict) -> dict[str, tuple]:
+    """What a table measures, where both documents record it: its severity, stream setting and models. A difference
+    is named first, before the hundreds of numbers it moves (a severity-3 table against a severity-5 one)."""
+    def read(doc: dict) -> dict:
+        p = doc.get("provenance", {})
+        return {"severity": p.get("severity"), "setting": p.get("protocol", {}).get("setting"),
+                "models": {k: v.get("name") for k, v in p.get("models", {}).items()} or None}
+
+    want, have = read(expected), read(result)
+    return {k: (want[k], have[k]) for k in want if want[k] is not None and have[k] is not None}
+
+
 def _seeds(doc: dict) -> list[int]:
     return sorted({c["seed"] for c in doc["cells"]})
 
@@ -114,6 +126,9 @@ def compare(result: dict, expected: dict, tolerance: float | None = None,
     miniature = (result["provenance"]["miniature"], expected["provenance"]["miniature"])
     if miniature[0] != miniature[1]:
         problem("(table)", "dataset", _kind(miniature[1]), _kind(miniature[0]), "different data")
+    for what, (want, have) in _measures(expected, result).items():
+        if want != have:
+            problem("(table)", what, want, have, "the two tables measure different things")
     if _seeds(result) != _seeds(expected):
         problem("(table)", "seeds", _seeds(expected), _seeds(result), "different seeds: means are not comparable")
     got = _by_pair(result)
