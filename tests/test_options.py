@@ -211,3 +211,12 @@ def test_another_dataset_without_its_models_is_refused_not_run_on_the_digit_netw
     assert main(["run", "--method", "source", "--dataset", "cifar10-c", "--data-root", str(tmp_path), "--out",
                  str(tmp_path / "r.json")]) == 2
     assert "--dataset cifar10-c needs --edge and --foundation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [(["sweep", "table2"], "'table2' is a table, not a sweep: run `cemabench "
+                                                                 "reproduce table2`"),
+                                         (["reproduce", "cema-emin"], "'cema-emin' is a sweep, not a table: run "
+                                                                      "`cemabench sweep cema-emin`")])
+def test_a_table_given_to_sweep_or_a_sweep_to_reproduce_points_to_the_other_command(capsys, tmp_path, argv, words):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert words in capsys.readouterr().err

@@ -91,6 +91,10 @@ def _read(name_or_path: str, relative_to=None, kind: str = "table") -> tuple[dic
         resource = _builtin_folder(kind) / f"{name_or_path}.toml"
         if not resource.is_file():
             names = available_sweeps() if kind == "sweep" else available_tables()
+            other, command = ("table", "reproduce") if kind == "sweep" else ("sweep", "sweep")
+            if name_or_path in (available_tables() if kind == "sweep" else available_sweeps()):
+                raise UserError(f"{name_or_path!r} is a {other}, not a {kind}: run `cemabench {command} "
+                                f"{name_or_path}`")
             raise UserError(f"unknown {kind} {name_or_path!r}; available: {', '.join(names) or '(none)'} "
                             f"(or pass the path of a .toml spec)")
         text, origin, shown = resource.read_text(), _builtin_folder(kind), name_or_path
