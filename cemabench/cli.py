@@ -373,7 +373,7 @@ def _table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="a built-in table name (see `cemabench list tables`) or a .toml spec path")
     _protocol_arguments(p, stream_only=True)
     p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
-    p.add_argument("--out", default="out")
+    p.add_argument("--out", default="out", help="output folder; its cells/ are reused on a rerun (default out)")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
     p.add_argument("--edge", help="edge model instead of the spec's, e.g. tiny:edge or torchvision:resnet18")
     p.add_argument("--foundation", help="foundation model instead of the spec's")
@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list methods, tables, datasets or models")
-    p.add_argument("what", choices=["methods", "tables", "datasets", "models"])
+    p.add_argument("what", choices=["methods", "tables", "datasets", "models"],
+                   help="which registry to list (tables also lists the sweeps)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", help="run one method on a dataset (or with a table's settings: --table)")
@@ -395,12 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "the flags below given explicitly override them")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--dataset", help="dataset plugin (default miniature-digits-c, or the table's)")
-    p.add_argument("--data-root")
-    p.add_argument("--domains", nargs="+")
+    p.add_argument("--data-root", help="folder with the real dataset (needs --dataset, or --table)")
+    p.add_argument("--domains", nargs="+", help="domains in stream order (default: all of the dataset's, or the "
+                   "table's)")
     p.add_argument("--severity", type=int, help="default 5, or the table's")
     p.add_argument("--edge", help="default mini:edge, or the table's")
     p.add_argument("--foundation", help="default mini:foundation, or the table's")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of the stream order and of the method (default 0)")
     _protocol_arguments(p)
     _execution_arguments(p)
     p.add_argument("--store", metavar="DIR", help="keep the unit records here and reuse them (default: not kept)")
@@ -409,16 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run a table spec and write OUT/TABLE.md and OUT/TABLE.json")
     _table_arguments(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("sweep", help="run a sweep over a method's options and write OUT/NAME.md, .json and .png")
     p.add_argument("spec", help="a built-in sweep name (see `cemabench list tables`) or a .toml spec with [sweep]")
     p.add_argument("--data-root", help="folder with the real dataset; without it the embedded miniature runs")
-    p.add_argument("--out", default="out")
+    p.add_argument("--out", default="out", help="output folder; its cells/ are reused on a rerun (default out)")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
     p.add_argument("--jobs", type=int, help="local worker processes (default: min(2, CPU cores))")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("status", help="done / running / failed / missing units of a table in an --out folder")
@@ -426,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", help="exit 1 when a result is out of tolerance of an expected table")
-    p.add_argument("result")
-    p.add_argument("--against", required=True)
+    p.add_argument("result", help="a table's JSON document (OUT/TABLE.json of reproduce)")
+    p.add_argument("--against", required=True, help="the expected table's JSON, e.g. "
+                   "leaderboards/table2.miniature.json")
     p.add_argument("--tol", type=float, help="tolerance in percentage points, >= 0, on each (method, domain) mean over "
                    "seeds (default: the expected table's)")
     p.set_defaults(func=cmd_check)

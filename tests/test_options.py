@@ -220,3 +220,13 @@ def test_another_dataset_without_its_models_is_refused_not_run_on_the_digit_netw
 def test_a_table_given_to_sweep_or_a_sweep_to_reproduce_points_to_the_other_command(capsys, tmp_path, argv, words):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_every_flag_of_every_command_has_help():
+    from cemabench.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    silent = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in commands.items()
+              for a in sub._actions if a.help is None and a.dest != "help"]
+    assert silent == []
