@@ -5,8 +5,10 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import sys
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -212,7 +214,7 @@ def cmd_run(args) -> int:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",
               file=sys.stderr)
     if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        Path(args.out).write_text(_dumps(doc, args))
     return EXIT_INCOMPLETE if failed else 0
 
 
@@ -245,10 +247,16 @@ def _interrupted(out: Path) -> int:
     return EXIT_INTERRUPTED
 
 
-def _write_document(out: Path, name: str, doc: dict, markdown: str) -> None:
+def _dumps(doc: dict, args) -> str:
+    """The document as written to a file, with when and by which command line (``written``)."""
+    written = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "command": shlex.join(args.argv)}
+    return json.dumps({**doc, "written": written}, indent=1, sort_keys=True) + "\n"
+
+
+def _write_document(out: Path, name: str, doc: dict, markdown: str, args) -> None:
     """OUT/NAME.json (what the table was rendered from) and OUT/NAME.md, and the Markdown on stdout."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    (out / f"{name}.json").write_text(_dumps(doc, args))
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
 
@@ -264,7 +272,7 @@ def cmd_reproduce(args) -> int:
                         progress=not args.no_progress, executor=args.executor, address=args.address, **options)
     except KeyboardInterrupt:
         return _interrupted(out)
-    _write_document(out, spec.name, doc, render(doc))
+    _write_document(out, spec.name, doc, render(doc), args)
     plot = out / f"{spec.name}.tradeoffs.png"
     wrote = [out / f"{spec.name}.md", out / f"{spec.name}.json"] + ([plot] if write_tradeoff_plot(doc, plot) else [])
     print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
@@ -325,7 +333,7 @@ def cmd_sweep(args) -> int:
         doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)
     except KeyboardInterrupt:
         return _interrupted(out)
-    _write_document(out, sweep.name, doc, render_sweep(doc))
+    _write_document(out, sweep.name, doc, render_sweep(doc), args)
     written = [out / f"{sweep.name}.md", out / f"{sweep.name}.json"]
     if plot_sweep(doc, out / f"{sweep.name}.png"):
         written.append(out / f"{sweep.name}.png")
@@ -439,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["cemabench", *(sys.argv[1:] if argv is None else argv)]
     try:
         numerics.check()
         if getattr(args, "address", None) and args.executor != "ray":

@@ -230,3 +230,15 @@ def test_every_flag_of_every_command_has_help():
     silent = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in commands.items()
               for a in sub._actions if a.help is None and a.dest != "help"]
     assert silent == []
+
+
+def test_a_written_document_says_when_and_by_which_command(tmp_path):
+    import json
+    from datetime import UTC, datetime
+
+    out = tmp_path / "r.json"
+    argv = ["run", "--method", "source", "--domains", "fog", "--out", str(out)]
+    assert main(argv) == 0
+    written = json.loads(out.read_text())["written"]
+    assert written["command"] == "cemabench " + " ".join(argv)
+    assert abs((datetime.now(UTC) - datetime.fromisoformat(written["at"])).total_seconds()) < 600
