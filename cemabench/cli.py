@@ -206,7 +206,8 @@ def cmd_run(args) -> int:
     doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if doc["provenance"]["miniature"]:
-        print("# EMBEDDED MINIATURE (not ImageNet-C): numbers for checking the code path, not for comparison\n")
+        real = "" if spec.real.dataset == MINIATURE else f", NOT {spec.real.dataset.upper()}"
+        print(f"# EMBEDDED MINIATURE{real}: numbers for checking the code path, not for comparison\n")
     for metric in DEFAULT_METRICS:
         print(f"{metric}:\n{metric_frame(doc, metric).T.to_markdown()}\n")
     failed = [c for c in doc["cells"] if c["status"] != "ok"]

@@ -109,7 +109,7 @@ def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORD
         domains=domains,
         clean=ArrayDomain("clean-train", train_images, lambda: _train_split()[1]),
         is_miniature=True,
-        provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE, not ImageNet-C)", "severity": severity,
+        provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE)", "severity": severity,
                     "images_per_domain": len(domains[0]) if domains else 0, "image_size": IMAGE_SIZE,
                     "generator": _generator_fingerprint()},
     )
