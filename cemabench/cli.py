@@ -254,16 +254,17 @@ def _dumps(doc: dict, args) -> str:
     return json.dumps({**doc, "written": written}, indent=1, sort_keys=True) + "\n"
 
 
-def _write_document(out: Path, name: str, doc: dict, markdown: str, args) -> None:
-    """OUT/NAME.json (what the table was rendered from) and OUT/NAME.md, and the Markdown on stdout."""
+def _write_document(out: Path, name: str, doc: dict, markdown: str, args, shown: str | None = None) -> None:
+    """OUT/NAME.json (what the table was rendered from) and OUT/NAME.md, then ``shown`` on stdout (default: the
+    Markdown)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(_dumps(doc, args))
     (out / f"{name}.md").write_text(markdown)
-    print(markdown)
+    print(markdown if shown is None else shown)
 
 
 def cmd_reproduce(args) -> int:
-    from cemabench.report.leaderboard import render, write_tradeoff_plot
+    from cemabench.report.leaderboard import render, terminal_summary, write_tradeoff_plot
     from cemabench.run.runner import reproduce
 
     spec, data_root, options = _reproduce_inputs(args)
@@ -273,7 +274,7 @@ def cmd_reproduce(args) -> int:
                         progress=not args.no_progress, executor=args.executor, address=args.address, **options)
     except KeyboardInterrupt:
         return _interrupted(out)
-    _write_document(out, spec.name, doc, render(doc), args)
+    _write_document(out, spec.name, doc, render(doc), args, terminal_summary(doc))
     plot = out / f"{spec.name}.tradeoffs.png"
     wrote = [out / f"{spec.name}.md", out / f"{spec.name}.json"] + ([plot] if write_tradeoff_plot(doc, plot) else [])
     print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)

@@ -242,3 +242,16 @@ def test_a_written_document_says_when_and_by_which_command(tmp_path):
     written = json.loads(out.read_text())["written"]
     assert written["command"] == "cemabench " + " ".join(argv)
     assert abs((datetime.now(UTC) - datetime.fromisoformat(written["at"])).total_seconds()) < 600
+
+
+def test_reproduce_prints_a_summary_that_fits_a_terminal_and_keeps_the_full_tables_in_the_file():
+    import json
+    from pathlib import Path
+
+    from cemabench.report.leaderboard import render, terminal_summary
+
+    doc = json.loads((Path(__file__).parents[1] / "leaderboards" / "table2.miniature.json").read_text())
+    shown = terminal_summary(doc)
+    assert max(map(len, shown.splitlines())) <= 120 < max(map(len, render(doc).splitlines()))
+    assert "EMBEDDED MINIATURE, NOT IMAGENET-C" in shown
+    assert all(m["label"] in shown for m in doc["methods"])

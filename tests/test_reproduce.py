@@ -152,6 +152,6 @@ def test_cli_reproduce_writes_markdown_and_json(first_run, capsys):
     spec, tmp, _ = first_run
     code = main(["reproduce", str(tmp / "mini3-per-domain.toml"), "--out", str(tmp / "out"), "--no-progress"])
     out, err = capsys.readouterr()
-    assert code == 0 and "EMBEDDED MINIATURE" in out and err.count("warning") == 0
+    assert code == 0 and "EMBEDDED MINIATURE" in out and err.count("warning") == 0 and "accuracy %" in out
     assert json.loads((tmp / "out" / "mini3.json").read_text())["table"] == "mini3"
     assert (tmp / "out" / "mini3.md").read_text().startswith("# mini3")

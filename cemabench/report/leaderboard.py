@@ -235,6 +235,26 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
     return points
 
 
+def terminal_summary(doc: dict) -> str:
+    """A per-method summary that fits a terminal (the full tables are in the Markdown file): the mean accuracy and
+    upload ratio over domains (as in the Markdown's mean column), the worst domain, and bytes and GFLOPs per sample."""
+    accuracy, uploads = metric_frame(doc, "accuracy"), metric_frame(doc, "upload_ratio")
+    points = efficiency_points(doc).set_index("method") if doc["cells"] else pd.DataFrame()
+    rows = {}
+    for label in accuracy.index:
+        values = pd.to_numeric(accuracy.loc[label].drop("mean"), errors="coerce")
+        worst = f"{values.min():.1f} ({values.idxmin()})" if values.notna().any() else "-"
+        point = points.loc[label] if label in points.index else None
+        rows[label] = {"accuracy %": accuracy.loc[label, "mean"], "upload %": uploads.loc[label, "mean"],
+                       "worst domain": worst,
+                       "KiB / sample": f"{point['bytes_per_sample'] / 1024:.2f}" if point is not None else "-",
+                       "GFLOPs / sample": f"{point['gflops_per_sample']:.3f}" if point is not None else "-"}
+    lines = [f"{doc['table']}: {doc['title']}"]
+    if doc["provenance"]["miniature"]:
+        lines += [f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}: never compare with published numbers"]
+    return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), ""])
+
+
 def _relative(value: float, reference: float | None) -> str:
     return "-" if reference is None or reference == 0 else f"{value / reference:.2f}"
 
