@@ -66,3 +66,45 @@ def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins_for_wor
     status = {c["method"]: (c["status"], c["message"]) for c in doc["cells"]}
     assert status["source"][0] == "ok"
     assert status["kills-its-process"][0] == "error" and "Ray task failed" in status["kills-its-process"][1]
+
+
+# What crosses the link is plain data (cemabench/protocol/plain.py): issue 22, findings 2-5 and 10.
+
+def test_a_cloud_cannot_rebuild_the_batch_from_the_empty_input_tensor_it_receives(plugins, tmp_path):
+    """send_input=False used to hand the cloud x[:0], a view whose storage is the whole batch: cloud-only accuracy
+    for 0 bytes up. Now the cloud answers blind (class 0), and the cell says what crossed."""
+    code, (cell,) = _cells(tmp_path, "view-smuggler", "fog")
+    assert code == 0 and cell["link"]["upload_bytes"] == 0 and cell["link"]["upload_payload_bytes"] == 0
+    assert cell["accuracy"] < 30  # class 0 everywhere; the stolen batch gave about 61
+
+
+def test_a_one_float_payload_row_carries_one_float_not_its_storage(plugins, tmp_path):
+    code, (cell,) = _cells(tmp_path, "payload-alias", "fog")
+    assert code == 0 and cell["link"]["upload_payload_bytes"] == 4 * cell["seen"]
+    assert cell["accuracy"] < 30
+
+
+@pytest.mark.parametrize("method, words", [
+    ("empty-claimer", "EdgeDecision.upload must be a plain torch.Tensor, got smuggler.ClaimsToBeEmpty"),
+    ("sparse-tensors", "EdgeDecision.tensors['stats'] must be a dense strided tensor, got a sparse_coo one"),
+    ("two-faced", "EdgeLogic.step must return an EdgeDecision (not a subclass), got smuggler._TwoFacedDecision"),
+])
+def test_what_is_not_plain_data_is_refused_by_name(plugins, tmp_path, method, words):
+    code, (cell,) = _cells(tmp_path, method, "fog")
+    assert code == 3 and cell["status"] == "error" and words in cell["message"]
+
+
+@pytest.mark.parametrize("polluter, words", [("leaves-a-hook", "global module hooks left registered: 1 forward hooks"),
+                                             ("leaves-grad-off", "grad mode False (was True)")])
+def test_a_unit_that_leaves_torch_changed_fails_and_the_next_unit_in_the_process_is_clean(plugins, tmp_path, polluter,
+                                                                                        words):
+    """Issue 22, finding 8: both units in one process (--jobs 1), the polluter first; tent after it trains and
+    scores as it does alone."""
+    spec = write_spec(tmp_path / "small.toml", [polluter, "tent"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1"]) == 3
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells[polluter]["status"] == "error" and words in cells[polluter]["message"]
+    alone = write_spec(tmp_path / "alone.toml", ["tent"])
+    assert main(["reproduce", alone, "--out", str(tmp_path / "alone"), "--no-progress", "--jobs", "1"]) == 0
+    (clean,) = json.loads((tmp_path / "alone" / "small.json").read_text())["cells"]
+    assert cells["tent"]["status"] == "ok" and cells["tent"]["correct"] == clean["correct"]

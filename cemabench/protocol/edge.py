@@ -15,6 +15,7 @@ from cemabench.errors import ForwardOnlyViolation
 from cemabench.method import PAYLOAD_DTYPES, Download, EdgeDecision, EdgeLogic
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
+from cemabench.protocol.plain import plain_decision
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -163,6 +164,7 @@ class ForwardOnlyEdge:
         for names, flags in self._value_flags(params):
             checks.add(flags, lambda bad, names=names: ForwardOnlyViolation(
                 self._outside_download([n for n, b in zip(names, bad) if b])))
+        decision = plain_decision(decision)  # read once, into plain copies: what is validated is what is used
         validate_decision(decision, len(x), num_classes, checks)
         return decision
 
@@ -221,8 +223,6 @@ def _raised_by_autograd(error: BaseException) -> bool:
 def validate_decision(decision: EdgeDecision, batch: int, num_classes: int, checks: Checks) -> None:
     """What the protocol requires of an edge decision; the upload indices' values are checked on their device,
     through ``checks``."""
-    if not isinstance(decision, EdgeDecision):
-        raise TypeError(f"EdgeLogic.step must return an EdgeDecision, got {type(decision).__name__}")
     if decision.logits is None:
         if not decision.await_answers:
             raise ValueError("EdgeDecision.logits may be None only when the edge awaits the cloud's answers")

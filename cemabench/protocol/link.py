@@ -124,7 +124,9 @@ class Link:
         # the indices' values are checked on the device and read with the next batch's checks: until then they are
         # kept in range, so that an invalid one fails its cell instead of the device
         index = index.to(x.device).clamp(0, max(0, len(x) - 1))
-        samples = x[index] if decision.send_input else x[:0]  # advanced indexing copies
+        # advanced indexing copies; no inputs are a new empty tensor, not a view that would carry the batch's storage
+        samples = x[index] if decision.send_input else x.new_empty((0, *x.shape[1:]))
+        payload = {k: v.clone() for k, v in payload.items()}  # rows the budget cut share the storage of those kept
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
                       sample_ids=index + first_id, device=device)
 

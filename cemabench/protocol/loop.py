@@ -26,12 +26,14 @@ from torch import nn
 from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError
-from cemabench.method import CloudLogic, CloudReply, CloudResources, Method, TrainingResources, check_declared
+from cemabench.method import CloudLogic, CloudResources, Method, TrainingResources, check_declared
+from cemabench.protocol import hygiene
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
 from cemabench.protocol.link import Link
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
+from cemabench.protocol.plain import plain_reply
 from cemabench.protocol.scoring import Diverged, DomainResult, answered, finite, note, predicted, score
 from cemabench.protocol.stream import Block, DeviceStreams, derive_seed, plain
 from cemabench.protocol.training import run_training
@@ -59,9 +61,21 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
     """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
-    the same on every machine and under every executor."""
+    the same on every machine and under every executor. The process-wide torch state the unit found is the state it
+    leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it."""
     with deterministic_threads(torch.device(execution.device)):
-        return _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scored_classes)
+        before = hygiene.snapshot()
+        try:
+            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scored_classes)
+        finally:
+            changed = hygiene.restore(before)
+    if changed:
+        message = ("method code changed process-wide torch state, which would change the cells computed after it in "
+                   "this process (put back): " + "; ".join(changed))
+        for result in results:
+            result.status = "error"
+            result.message = message + (f". Before that: {result.message}" if result.message else "")
+    return results
 
 
 def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
@@ -168,8 +182,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                     result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
                     result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]
                     dev.cloud_ran = dev.cloud_ran or len(upload) > 0 or bool(upload.tensors)
-                    if not isinstance(reply, CloudReply):
-                        reply = CloudReply(download=reply)
+                    reply = plain_reply(reply)  # read once, into plain copies
                     if decision.await_answers:
                         scored = answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index,
                                           checks)

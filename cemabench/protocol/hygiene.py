@@ -1,0 +1,72 @@
+"""Each run unit starts clean and leaves clean: the process-wide torch state that method code can change, and that
+would change other cells' numbers, is the same after a unit as before it.
+
+Method code runs in the harness's process, so a plugin could leave a global forward hook, grad mode off, another
+default dtype or a dispatch mode on the stack, and every later unit in that worker process (another method's cells)
+would compute under it. :func:`snapshot` reads that state (:data:`CHECKED` names it); :func:`restore` puts back what a
+unit changed and says what it was, and the unit that changed it ends in an error naming it (the next unit then starts
+from the state it would have had).
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.modules import module as _module
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+          "_global_backward_pre_hooks", "_global_buffer_registration_hooks", "_global_module_registration_hooks",
+          "_global_parameter_registration_hooks", "_global_forward_hooks_always_called",
+          "_global_forward_hooks_with_kwargs")
+
+_FLAGS = {  # name: (read, write)
+    "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "anomaly detection": (torch.is_anomaly_enabled, torch.set_anomaly_enabled),
+    "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
+    "deterministic algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    "float32 matmul precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    "intra-op threads": (torch.get_num_threads, torch.set_num_threads),
+    "cudnn enabled": (lambda: torch.backends.cudnn.enabled, lambda v: setattr(torch.backends.cudnn, "enabled", v)),
+    "cudnn benchmark": (lambda: torch.backends.cudnn.benchmark,
+                        lambda v: setattr(torch.backends.cudnn, "benchmark", v)),
+    "cudnn deterministic": (lambda: torch.backends.cudnn.deterministic,
+                            lambda v: setattr(torch.backends.cudnn, "deterministic", v)),
+    "cudnn tf32": (lambda: torch.backends.cudnn.allow_tf32, lambda v: setattr(torch.backends.cudnn, "allow_tf32", v)),
+    "cuda matmul tf32": (lambda: torch.backends.cuda.matmul.allow_tf32,
+                         lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
+}
+
+CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes")
+
+
+def snapshot() -> dict:
+    """The process-wide state a unit must leave as it found it."""
+    state = {name: read() for name, (read, _) in _FLAGS.items()}
+    state["inference mode"] = torch.is_inference_mode_enabled()
+    state["global module hooks"] = {name: tuple(getattr(_module, name, {})) for name in _HOOKS}
+    state["dispatch modes"] = len(_get_current_dispatch_mode_stack())
+    return state
+
+
+def restore(before: dict) -> list[str]:
+    """Put back what differs from ``before`` (where it can be put back) and say what it was."""
+    after = snapshot()
+    changed = []
+    for name, (_, write) in _FLAGS.items():
+        if after[name] != before[name]:
+            changed.append(f"{name} {after[name]} (was {before[name]})")
+            write(before[name])
+    hooks = {name: set(after["global module hooks"][name]) - set(before["global module hooks"][name])
+             for name in _HOOKS}
+    for name, added in hooks.items():
+        for key in added:
+            getattr(_module, name).pop(key, None)
+    if any(hooks.values()):
+        kinds = [f"{len(added)} {name.removeprefix('_global_').replace('_', ' ')}" for name, added in hooks.items()
+                 if added]
+        changed.append("global module hooks left registered: " + ", ".join(kinds))
+    if after["inference mode"] != before["inference mode"]:
+        changed.append(f"inference mode {after['inference mode']} (was {before['inference mode']}; cannot be undone "
+                       f"from outside its context)")
+    if after["dispatch modes"] != before["dispatch modes"]:
+        changed.append(f"{after['dispatch modes'] - before['dispatch modes']} dispatch mode(s) left on the stack")
+    return changed

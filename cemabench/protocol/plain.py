@@ -1,0 +1,87 @@
+"""What crosses the link is plain data: dense strided tensors, copied into storage the harness owns.
+
+A tensor that method code hands over is code as much as data: a ``torch.Tensor`` subclass can report a length or a
+shape of 0 while it holds the batch, a view (``x[:0]``) or a narrow row carries its whole storage with it, and a
+sparse or quantised tensor's bytes are not ``numel() * element_size()``. So every tensor that crosses (the upload
+index and inputs, payload and per-batch tensors, answers, downloads) and the edge's scored logits pass through
+:func:`plain`: an exact ``torch.Tensor`` (or ``nn.Parameter``) of a plain dtype, strided, not quantised, nested or on
+the meta device, which is copied, contiguous, before the other side sees it, and charged at the bytes of that copy.
+Decision and reply objects must be exactly :class:`~cemabench.method.EdgeDecision` /
+:class:`~cemabench.method.CloudReply` and are read once, field by field, into new harness-owned objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from cemabench.method import CloudReply, EdgeDecision
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool)
+PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # exactly these: a subclass may answer len() and shape as it likes
+MAPS = (dict, OrderedDict)  # a state_dict() is an OrderedDict
+
+
+class NotPlain(TypeError):
+    """Method code handed something other than plain tensor data to cross the link."""
+
+
+def plain(t, what: str) -> torch.Tensor:
+    """A contiguous copy of ``t`` that shares no storage with what method code holds, or :class:`NotPlain`."""
+    if type(t) not in PLAIN_TYPES:
+        raise NotPlain(f"{what} must be a plain torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
+    if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta:
+        kind = ("quantised" if t.is_quantized else "nested" if t.is_nested else "meta" if t.is_meta
+                else str(t.layout).removeprefix("torch."))
+        raise NotPlain(f"{what} must be a dense strided tensor, got a {kind} one")
+    if t.dtype not in DTYPES:
+        raise NotPlain(f"{what} has dtype {t.dtype}; what crosses the link is one of "
+                       f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def plain_map(tensors, what: str) -> dict[str, torch.Tensor]:
+    """A dict of str -> tensor, each made :func:`plain` (a dict subclass or a non-str key is refused too)."""
+    if type(tensors) not in MAPS:
+        raise NotPlain(f"{what} must be a dict of name -> tensor, got {type(tensors).__qualname__}")
+    out = {}
+    for name, t in tensors.items():
+        if type(name) is not str:
+            raise NotPlain(f"{what} keys must be str, got {type(name).__qualname__}")
+        out[name] = plain(t, f"{what}[{name!r}]")
+    return out
+
+
+def plain_decision(decision) -> EdgeDecision:
+    """The edge's decision read once into a harness-owned EdgeDecision of plain copies."""
+    if type(decision) is not EdgeDecision:
+        raise NotPlain(f"EdgeLogic.step must return an EdgeDecision (not a subclass), got "
+                       f"{type(decision).__module__}.{type(decision).__qualname__}")
+    fields = {f.name: getattr(decision, f.name) for f in dataclasses.fields(EdgeDecision)}
+    for flag in ("send_input", "await_answers"):
+        if type(fields[flag]) is not bool:
+            raise NotPlain(f"EdgeDecision.{flag} must be True or False, got {type(fields[flag]).__qualname__}")
+    if fields["payload_dtype"] is not None and type(fields["payload_dtype"]) is not str:
+        raise NotPlain(f"EdgeDecision.payload_dtype must be a str or None, got {fields['payload_dtype']!r}")
+    return EdgeDecision(
+        logits=None if fields["logits"] is None else plain(fields["logits"], "EdgeDecision.logits"),
+        upload=None if fields["upload"] is None else plain(fields["upload"], "EdgeDecision.upload"),
+        tensors=plain_map(fields["tensors"], "EdgeDecision.tensors"),
+        payload=plain_map(fields["payload"], "EdgeDecision.payload"),
+        send_input=fields["send_input"], payload_dtype=fields["payload_dtype"],
+        await_answers=fields["await_answers"])
+
+
+def plain_reply(reply) -> CloudReply:
+    """The cloud's reply (a CloudReply, a download dict, or None) read once into a CloudReply of plain copies."""
+    if reply is None or type(reply) in MAPS:
+        reply = CloudReply(download=reply)
+    if type(reply) is not CloudReply:
+        raise NotPlain(f"CloudLogic.step must return a CloudReply, a dict of tensors or None, got "
+                       f"{type(reply).__module__}.{type(reply).__qualname__}")
+    download, answers = reply.download, reply.answers
+    return CloudReply(download=None if download is None else plain_map(download, "the download"),
+                      answers=None if answers is None else plain(answers, "CloudReply.answers"))

@@ -1,0 +1,162 @@
+"""Hostile methods that try to get data across the link without paying for it (issue 22, findings 2-5 and 10). Each
+one's edge awaits the cloud's answers; its cloud answers with the foundation model on whatever batch it can rebuild
+from what reached it, and with zeros (class 0 everywhere) when it can rebuild nothing."""
+from dataclasses import dataclass
+
+import torch
+
+from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
+
+
+class ClaimsToBeEmpty(torch.Tensor):
+    """An index tensor that says it holds nothing."""
+
+    def __len__(self):
+        return 0
+
+    def numel(self):
+        return 0
+
+
+def _batch_from_storage(t: torch.Tensor, shape) -> torch.Tensor | None:
+    """The edge batch (``shape``, float32) read back from the storage behind ``t``, if it is there."""
+    storage = t.untyped_storage()
+    need = int(torch.Size(shape).numel()) * 4
+    if storage.nbytes() < need:
+        return None
+    flat = torch.empty(0, dtype=torch.float32).set_(storage, 0, (need // 4,))
+    return flat.reshape(shape).clone()
+
+
+class _StealingCloud(CloudLogic):
+    shape = None  # the batch's shape, told by the edge (what a plugin author's two halves can share)
+
+    def __init__(self, resources, where):
+        self.model, self.where = resources.foundation().eval(), where
+
+    def step(self, upload):
+        n = len(upload.index)
+        batch = _batch_from_storage(self.where(upload), _StealingCloud.shape) if _StealingCloud.shape else None
+        with torch.no_grad():
+            answers = self.model(batch)[upload.index] if batch is not None else None
+        return CloudReply(answers=answers if answers is not None else torch.zeros(n, 10))
+
+
+class _ViewEdge(EdgeLogic):
+    """No inputs up: the cloud gets ``x[:0]``, which used to be a view onto the whole batch."""
+
+    def step(self, model, x):
+        _StealingCloud.shape = tuple(x.shape)
+        return EdgeDecision(logits=None, upload=torch.arange(len(x)), send_input=False, await_answers=True)
+
+
+class ViewSmuggler(Method):
+    name = "view-smuggler"
+
+    def edge(self, num_classes):
+        return _ViewEdge()
+
+    def cloud(self, resources):
+        return _StealingCloud(resources, lambda upload: upload.samples)
+
+
+class _AliasEdge(EdgeLogic):
+    """One float32 payload value per sample: a narrow view of the batch, which used to cross with its storage."""
+
+    def step(self, model, x):
+        _StealingCloud.shape = tuple(x.shape)
+        rows = x.reshape(len(x), -1)[:, :1]
+        return EdgeDecision(logits=None, upload=torch.arange(len(x)), send_input=False, await_answers=True,
+                            payload={"first": rows}, payload_dtype="float32")
+
+
+class PayloadAlias(Method):
+    name = "payload-alias"
+
+    def edge(self, num_classes):
+        return _AliasEdge()
+
+    def cloud(self, resources):
+        return _StealingCloud(resources, lambda upload: upload.payload["first"])
+
+
+class _EmptyClaimEdge(EdgeLogic):
+    def step(self, model, x):
+        index = torch.arange(len(x)).as_subclass(ClaimsToBeEmpty)
+        return EdgeDecision(logits=model(x), upload=index)
+
+
+class EmptyClaimer(Method):
+    name = "empty-claimer"
+
+    def edge(self, num_classes):
+        return _EmptyClaimEdge()
+
+
+class _SparseEdge(EdgeLogic):
+    def step(self, model, x):
+        values = x.reshape(-1)  # uncoalesced: every value at index 0 of a tensor of size (1,)
+        packed = torch.sparse_coo_tensor(torch.zeros(1, len(values), dtype=torch.long), values, (1,))
+        return EdgeDecision(logits=model(x), tensors={"stats": packed})
+
+
+class SparseTensors(Method):
+    name = "sparse-tensors"
+
+    def edge(self, num_classes):
+        return _SparseEdge()
+
+
+@dataclass
+class _TwoFacedDecision(EdgeDecision):
+    """Shows its own logits once (to the validation), then something else to everyone after."""
+
+    reads: int = 0
+
+    def __getattribute__(self, name):
+        if name == "logits":
+            count = object.__getattribute__(self, "reads") + 1
+            object.__setattr__(self, "reads", count)
+            if count > 1:
+                return torch.zeros_like(object.__getattribute__(self, "logits"))
+        return object.__getattribute__(self, name)
+
+
+class _TwoFacedEdge(EdgeLogic):
+    def step(self, model, x):
+        return _TwoFacedDecision(logits=model(x))
+
+
+class TwoFaced(Method):
+    name = "two-faced"
+
+    def edge(self, num_classes):
+        return _TwoFacedEdge()
+
+
+# Leaving the process changed for the cells after it (issue 22, finding 8).
+
+class _Predict(EdgeLogic):
+    def step(self, model, x):
+        return EdgeDecision(logits=model(x))
+
+
+class LeavesAHook(Method):
+    """Registers a process-wide forward hook that zeroes every module's output, and leaves it."""
+
+    name = "leaves-a-hook"
+
+    def edge(self, num_classes):
+        torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: out * 0 if isinstance(out, torch.Tensor) and out.is_floating_point() else out)
+        return _Predict()
+
+
+class LeavesGradOff(Method):
+    """Turns autograd off for the whole process, and leaves it off."""
+
+    name = "leaves-grad-off"
+
+    def edge(self, num_classes):
+        torch.set_grad_enabled(False)
+        return _Predict()
