@@ -108,3 +108,19 @@ def test_a_unit_that_leaves_torch_changed_fails_and_the_next_unit_in_the_process
     assert main(["reproduce", alone, "--out", str(tmp_path / "alone"), "--no-progress", "--jobs", "1"]) == 0
     (clean,) = json.loads((tmp_path / "alone" / "small.json").read_text())["cells"]
     assert cells["tent"]["status"] == "ok" and cells["tent"]["correct"] == clean["correct"]
+
+
+def test_rewritten_label_files_change_no_score(plugins, tmp_path):
+    """Issue 22, finding 1: the miniature's labels are derived from scikit-learn's digits when the harness scores,
+    not read from the writable cache. A plugin that writes its predictions there as labels scores what class 0
+    everywhere scores, and so does every cell after it."""
+    spec = write_spec(tmp_path / "small.toml", ["rewrites-labels", "source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1"]) == 0
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    from cemabench.datasets.miniature import stream_labels
+
+    assert cells["rewrites-labels"]["correct"] == int((stream_labels() == 0).sum()) < cells["rewrites-labels"]["seen"]
+    alone = write_spec(tmp_path / "alone.toml", ["source"])
+    assert main(["reproduce", alone, "--out", str(tmp_path / "alone"), "--no-progress", "--jobs", "1"]) == 0
+    (clean,) = json.loads((tmp_path / "alone" / "small.json").read_text())["cells"]
+    assert cells["source"]["correct"] == clean["correct"]

@@ -160,3 +160,29 @@ class LeavesGradOff(Method):
     def edge(self, num_classes):
         torch.set_grad_enabled(False)
         return _Predict()
+
+
+class _RewritesLabels(EdgeLogic):
+    """Predicts class 0 everywhere and writes "labels" that say so wherever the miniature caches its arrays."""
+
+    def step(self, model, x):
+        import numpy as np
+
+        from cemabench.datasets import miniature
+
+        folder = miniature.cache_dir() / miniature._generator_fingerprint()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("test-labels", "train-labels"):
+            np.save(folder / f"{name}.npy", np.zeros(len(miniature.clean_test_images()), dtype=np.int64))
+        logits = torch.zeros(len(x), 10)
+        logits[:, 0] = 1
+        return EdgeDecision(logits=logits)
+
+
+class RewritesLabels(Method):
+    """Issue 22, finding 1: rewrites the cached labels with its own predictions."""
+
+    name = "rewrites-labels"
+
+    def edge(self, num_classes):
+        return _RewritesLabels()
