@@ -124,3 +124,17 @@ def test_rewritten_label_files_change_no_score(plugins, tmp_path):
     assert main(["reproduce", alone, "--out", str(tmp_path / "alone"), "--no-progress", "--jobs", "1"]) == 0
     (clean,) = json.loads((tmp_path / "alone" / "small.json").read_text())["cells"]
     assert cells["source"]["correct"] == clean["correct"]
+
+
+def test_a_plugin_that_replaces_the_guard_at_import_runs_no_unit(plugins, tmp_path, monkeypatch):
+    """Issue 22, finding 9: the harness's code as imported is recorded before any plugin runs; a unit finds it
+    replaced and fails, naming what was replaced (and so does every later unit in that process)."""
+    from cemabench.protocol.edge import ForwardOnlyEdge
+    from cemabench.protocol.meter import ComputeMeter
+
+    monkeypatch.setattr(ComputeMeter, "_check", ComputeMeter._check)  # put back after the plugin's patch
+    monkeypatch.setattr(ForwardOnlyEdge, "_changed", ForwardOnlyEdge._changed)
+    code, (cell,) = _cells(tmp_path, "patches-the-guard", "fog")
+    assert code == 3 and cell["status"] == "error"
+    assert "cemabench's own code was replaced" in cell["message"]
+    assert "ComputeMeter._check" in cell["message"] and "ForwardOnlyEdge._changed" in cell["message"]

@@ -12,12 +12,15 @@
 The protocol's configuration (:class:`~cemabench.config.Protocol`) lives in the torch-free :mod:`cemabench.config`.
 """
 from cemabench.config import Protocol
+from cemabench.protocol import hygiene
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, check_device
 from cemabench.protocol.link import Link, LinkCounters, encode
 from cemabench.protocol.loop import Models, run_unit, seed_everything
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.scoring import Diverged, DomainResult
+
+hygiene.seal_harness()  # the harness's code as imported, before any plugin runs (cemabench.protocol.hygiene)
 
 __all__ = ["ComputeMeter", "Diverged", "DomainResult", "Execution", "ForwardOnlyEdge", "Link", "LinkCounters",
            "Models", "Protocol", "SampleCounter", "check_device", "encode", "run_unit", "seed_everything"]

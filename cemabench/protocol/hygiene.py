@@ -9,6 +9,9 @@ from the state it would have had).
 """
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 from torch.nn.modules import module as _module
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -70,3 +73,39 @@ def restore(before: dict) -> list[str]:
     if after["dispatch modes"] != before["dispatch modes"]:
         changed.append(f"{after['dispatch modes'] - before['dispatch modes']} dispatch mode(s) left on the stack")
     return changed
+
+
+# The harness's own code: a plugin module that replaces a guard's method when it is imported (ComputeMeter._check,
+# ForwardOnlyEdge._changed) would run every later unit unguarded, in its process and in the workers forked from it.
+HARNESS_MODULES = ("cemabench.method", "cemabench.protocol")
+_SEALED: dict[str, object] = {}
+
+
+def _harness_code() -> dict[str, object]:
+    """Every function, class and method (and property, classmethod, staticmethod) defined in the harness modules,
+    by qualified name: what a unit must find unreplaced."""
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not any(name == m or name.startswith(m + ".") for m in HARNESS_MODULES):
+            continue
+        for attr, value in vars(module).items():
+            if getattr(value, "__module__", None) != name or not (inspect.isfunction(value) or inspect.isclass(value)):
+                continue
+            found[f"{name}.{attr}"] = value
+            if inspect.isclass(value):
+                for member, inner in vars(value).items():
+                    if inspect.isfunction(inner) or isinstance(inner, (property, classmethod, staticmethod)):
+                        found[f"{name}.{attr}.{member}"] = inner
+    return found
+
+
+def seal_harness() -> None:
+    """Record the harness's code as imported (cemabench.protocol does this once, before any plugin runs)."""
+    if not _SEALED:
+        _SEALED.update(_harness_code())
+
+
+def replaced_harness_code() -> list[str]:
+    """The harness functions and methods that are no longer what was recorded (replaced or removed)."""
+    now = _harness_code()
+    return sorted(name for name, value in _SEALED.items() if now.get(name) is not value)

@@ -57,18 +57,29 @@ class Models:
         return cls(edge=lambda: copy.deepcopy(edge), foundation=lambda: copy.deepcopy(foundation))
 
 
+class HarnessReplaced(RuntimeError):
+    """The harness's code in this process is not what it was when imported."""
+
+
 def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
     """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
     the same on every machine and under every executor. The process-wide torch state the unit found is the state it
     leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it."""
+    replaced = hygiene.replaced_harness_code()
+    if replaced:
+        raise HarnessReplaced(f"cemabench's own code was replaced in this process (by a plugin?): "
+                              f"{', '.join(replaced[:5])}; no unit runs here until it is restarted")
     with deterministic_threads(torch.device(execution.device)):
         before = hygiene.snapshot()
         try:
             results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scored_classes)
         finally:
             changed = hygiene.restore(before)
+    replaced = hygiene.replaced_harness_code()  # by the method's own code, while it ran
+    if replaced:
+        changed.append(f"replaced cemabench's own code: {', '.join(replaced[:5])}")
     if changed:
         message = ("method code changed process-wide torch state, which would change the cells computed after it in "
                    "this process (put back): " + "; ".join(changed))
