@@ -140,7 +140,9 @@ def _run_spec(args):
     else:
         registry.build_method(args.method, options)
         dataset = args.dataset or MINIATURE
-        if dataset != MINIATURE and not (args.edge and args.foundation):
+        registry.load("datasets", dataset)  # an unknown dataset is named first
+        if dataset != MINIATURE and args.data_root and Path(args.data_root).is_dir() and not (args.edge and
+                                                                                          args.foundation):
             raise UserError(f"--dataset {dataset} needs --edge and --foundation: the default models (mini:edge, "
                             f"mini:foundation) are trained on the miniature's digits; see `cemabench list models`, or "
                             f"--table T for a table's models on that dataset")

@@ -126,14 +126,20 @@ def test_rewritten_label_files_change_no_score(plugins, tmp_path):
     assert cells["source"]["correct"] == clean["correct"]
 
 
-def test_a_plugin_that_replaces_the_guard_at_import_runs_no_unit(plugins, tmp_path, monkeypatch):
+def test_a_plugin_that_replaces_the_guard_at_import_runs_no_unit(tmp_path, monkeypatch):
     """Issue 22, finding 9: the harness's code as imported is recorded before any plugin runs; a unit finds it
-    replaced and fails, naming what was replaced (and so does every later unit in that process)."""
+    replaced and fails, naming what was replaced (and so does every later unit in that process). The plugin is its
+    own distribution (tests/plugins_patching), so that listing the other test plugins never imports it."""
+    import sys
+    from pathlib import Path
+
     from cemabench.protocol.edge import ForwardOnlyEdge
     from cemabench.protocol.meter import ComputeMeter
 
     monkeypatch.setattr(ComputeMeter, "_check", ComputeMeter._check)  # put back after the plugin's patch
     monkeypatch.setattr(ForwardOnlyEdge, "_changed", ForwardOnlyEdge._changed)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins_patching"))
+    monkeypatch.delitem(sys.modules, "patcher", raising=False)
     code, (cell,) = _cells(tmp_path, "patches-the-guard", "fog")
     assert code == 3 and cell["status"] == "error"
     assert "cemabench's own code was replaced" in cell["message"]

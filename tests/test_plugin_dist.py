@@ -75,4 +75,5 @@ def test_the_readme_example_runs_as_a_plugin(plugins, tmp_path, capsys):
     assert cell["link"]["downloads"] > 0 and cell["cloud_forward_samples_grad"] == cell["link"]["uploaded"]
     capsys.readouterr()
     assert main(["run", "--method", "readme-example", "--option", "threshold=2"]) == 2
-    assert capsys.readouterr().err == "cemabench: error: threshold must be in (0, 1], got 2\n"
+    assert capsys.readouterr().err == ("cemabench: error: method 'readme-example': option 'threshold' must be a number "
+                                       "> 0 and <= 1, got 2\n")

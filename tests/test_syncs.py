@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
-from cemabench.protocol import Models, Protocol, run_unit
+from cemabench.protocol import Models, Protocol, hygiene, run_unit
 from cemabench.protocol.checks import Checks
 from conftest import TinyNet, tiny_dataset
 
@@ -83,6 +83,7 @@ def _run(method, setting="per-domain", monkeypatch=None):
         return real(self)
 
     monkeypatch.setattr(Checks, "read", counted)
+    monkeypatch.setattr(hygiene, "_SEALED", hygiene._harness_code())  # wrapped on purpose: what the units must find
     counter = SyncCounter()
     with counter:
         results = run_unit(method, dataset.domains, models, 4, dataset.clean, Protocol(batch_size=16, setting=setting),

@@ -239,7 +239,8 @@ def terminal_summary(doc: dict) -> str:
     """A per-method summary that fits a terminal (the full tables are in the Markdown file): the mean accuracy and
     upload ratio over domains (as in the Markdown's mean column), the worst domain, and bytes and GFLOPs per sample."""
     accuracy, uploads = metric_frame(doc, "accuracy"), metric_frame(doc, "upload_ratio")
-    points = efficiency_points(doc).set_index("method") if doc["cells"] else pd.DataFrame()
+    points = efficiency_points(doc)  # empty when no method finished every cell
+    points = points.set_index("method") if len(points) else points
     rows = {}
     for label in accuracy.index:
         values = pd.to_numeric(accuracy.loc[label].drop("mean"), errors="coerce")
@@ -252,7 +253,7 @@ def terminal_summary(doc: dict) -> str:
     lines = [f"{doc['table']}: {doc['title']}"]
     if doc["provenance"]["miniature"]:
         lines += [f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}: never compare with published numbers"]
-    return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), ""])
+    return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), "", *_failed_cells(doc)])
 
 
 def _relative(value: float, reference: float | None) -> str:
@@ -421,10 +422,13 @@ def render(doc: dict) -> str:
         lines += ["## Notes", ""]
         lines += [f"- {NOTE_MARK} {c['method']} / {c['domain']} / seed {c['seed']}: {c['note']}" for c in noted]
         lines += [""]
+    return "\n".join(lines + _failed_cells(doc))
+
+
+def _failed_cells(doc: dict) -> list[str]:
+    """A section listing each failed cell with the first line of its message (none when every cell is ok)."""
     failures = [c for c in doc["cells"] if c["status"] not in ("ok", "skipped")]
-    if failures:
-        lines += ["## Failed cells", ""]
-        lines += [f"- {c['method']} / {c['domain']} / seed {c['seed']}: **{c['status']}**: "
-                  f"{c['message'].splitlines()[0]}" for c in failures]
-        lines += [""]
-    return "\n".join(lines)
+    if not failures:
+        return []
+    return ["## Failed cells", "", *(f"- {c['method']} / {c['domain']} / seed {c['seed']}: **{c['status']}**: "
+                                     f"{c['message'].splitlines()[0]}" for c in failures), ""]

@@ -125,7 +125,10 @@ class TableContext:
         are scored (ImageNet-R's 200 of ImageNet's 1000), an output for each scored class. One image of the first
         domain goes through each model in eval mode without autograd; the models' modes are left as they were."""
         data = self.dataset
-        image = data.domains[0].images(np.arange(1))
+        try:
+            image = data.domains[0].images(np.arange(1))
+        except Exception:  # noqa: BLE001 - an unreadable image fails its cell, with its path, when the unit reads it
+            return
         for role, model in self.prototypes.items():
             modes = {module: module.training for module in model.modules()}
             reference = next(iter(model.parameters()), None)
