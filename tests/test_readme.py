@@ -47,3 +47,16 @@ def test_every_subcommand_in_the_synopsis_exists():
     assert named, "the Commands synopsis names no subcommand"
     assert named <= _subcommands(build_parser()), named - _subcommands(build_parser())
     assert named == _subcommands(build_parser())  # and the synopsis is complete
+
+
+def test_the_extends_example_plans_as_written(tmp_path, capsys):
+    """The README's `extends` block, saved as a file, is a valid table: `status` plans it (every method, label and
+    option resolves) and finds its 16 x 2 units missing, where an unknown method or a repeated label is exit 2."""
+    from cemabench.cli import main
+
+    (block,) = [body for language, body in _code_blocks(README) if language == "toml" and
+                body.startswith('extends = "table2"') and 'name = "my-table"' in body]
+    (tmp_path / "my-table.toml").write_text(block)
+    assert main(["status", str(tmp_path / "my-table.toml"), "--out", str(tmp_path / "out")]) == 3
+    out = capsys.readouterr().out
+    assert "tent-lr-1e-3" in out and "my-table: 30 units: 0 done, 0 running, 0 failed, 30 missing" in out

@@ -258,7 +258,7 @@ def parse(raw: dict, where: str) -> TableSpec:
     if not domains or len(set(domains)) != len(domains):
         raise UserError(f"{where} [data]: domains must be a non-empty list without repeats")
 
-    methods, labels = [], set()
+    methods, labels = [], {}
     for i, entry in enumerate(_take(raw, "methods", list, where)):
         w = f"{where} [[methods]] #{i + 1}"
         _no_extra(entry, {"name", "label", "options", "match_uploads_of", "reference"}, w)
@@ -266,10 +266,12 @@ def parse(raw: dict, where: str) -> TableSpec:
         label = _take(entry, "label", str, w, name)
         match = _take(entry, "match_uploads_of", str, w, None)
         if label in labels:
-            raise UserError(f"{w}: label {label!r} is used twice; give one entry a different label")
+            raise UserError(f"{w}: label {label!r} is used twice (methods #{labels[label]} and #{i + 1}, counting an "
+                            f"extended spec's methods first, then [[add_methods]]); give one entry a different label, "
+                            f"e.g. label = \"{label}-2\"")
         if match is not None and match not in labels:
             raise UserError(f"{w}: match_uploads_of = {match!r} must name the label of an earlier method")
-        labels.add(label)
+        labels[label] = i + 1
         reference = _take(entry, "reference", str, w, None)
         if reference is not None and reference not in REFERENCES:
             raise UserError(f"{w}: reference must be {' or '.join(map(repr, REFERENCES))}, got {reference!r}")
@@ -285,7 +287,7 @@ def parse(raw: dict, where: str) -> TableSpec:
     for choice, section in ((real, "real"), (miniature, "miniature")):
         if choice is None:
             continue
-        unknown = sorted(set(choice.method_options) - labels)
+        unknown = sorted(set(choice.method_options) - set(labels))
         if unknown:
             raise UserError(f"{where} [data.{section}.method_options]: no method labelled {', '.join(unknown)}")
     return TableSpec(
