@@ -207,6 +207,8 @@ def cmd_run(args) -> int:
                         executor=args.executor, address=args.address, weights=args.weights)
     doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
+    if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
+        Path(args.out).write_text(_dumps(doc, args))
     if doc["provenance"]["miniature"]:
         real = "" if spec.real.dataset == MINIATURE else f", NOT {spec.real.dataset.upper()}"
         print(f"# EMBEDDED MINIATURE{real}: numbers for checking the code path, not for comparison\n")
@@ -216,8 +218,6 @@ def cmd_run(args) -> int:
     for c in failed:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",
               file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(_dumps(doc, args))
     return EXIT_INCOMPLETE if failed else 0
 
 
@@ -256,13 +256,19 @@ def _dumps(doc: dict, args) -> str:
     return json.dumps({**doc, "written": written}, indent=1, sort_keys=True) + "\n"
 
 
-def _write_document(out: Path, name: str, doc: dict, markdown: str, args, shown: str | None = None) -> None:
-    """OUT/NAME.json (what the table was rendered from) and OUT/NAME.md, then ``shown`` on stdout (default: the
-    Markdown)."""
+def _write_document(out: Path, name: str, doc: dict, markdown: str, args, plot=None, shown: str | None = None
+                    ) -> list[Path]:
+    """OUT/NAME.json (what the table was rendered from), OUT/NAME.md and the plot (``plot(doc, path)``: False when
+    there is nothing to draw), then ``shown`` on stdout (default: the Markdown): files first, so that a reader that
+    closes stdout early (`| head`) loses nothing. Returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(_dumps(doc, args))
     (out / f"{name}.md").write_text(markdown)
+    written = [out / f"{name}.md", out / f"{name}.json"]
+    if plot is not None and plot[0](doc, out / plot[1]):
+        written.append(out / plot[1])
     print(markdown if shown is None else shown)
+    return written
 
 
 def cmd_reproduce(args) -> int:
@@ -276,9 +282,8 @@ def cmd_reproduce(args) -> int:
                         progress=not args.no_progress, executor=args.executor, address=args.address, **options)
     except KeyboardInterrupt:
         return _interrupted(out)
-    _write_document(out, spec.name, doc, render(doc), args, terminal_summary(doc))
-    plot = out / f"{spec.name}.tradeoffs.png"
-    wrote = [out / f"{spec.name}.md", out / f"{spec.name}.json"] + ([plot] if write_tradeoff_plot(doc, plot) else [])
+    wrote = _write_document(out, spec.name, doc, render(doc), args, (write_tradeoff_plot, f"{spec.name}.tradeoffs.png"),
+                            terminal_summary(doc))
     print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     if failed:
@@ -337,10 +342,7 @@ def cmd_sweep(args) -> int:
         doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)
     except KeyboardInterrupt:
         return _interrupted(out)
-    _write_document(out, sweep.name, doc, render_sweep(doc), args)
-    written = [out / f"{sweep.name}.md", out / f"{sweep.name}.json"]
-    if plot_sweep(doc, out / f"{sweep.name}.png"):
-        written.append(out / f"{sweep.name}.png")
+    written = _write_document(out, sweep.name, doc, render_sweep(doc), args, (plot_sweep, f"{sweep.name}.png"))
     print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     failed = [c for t in doc["tables"].values() for c in t["cells"] if c["status"] != "ok"]
     if failed:

@@ -264,24 +264,40 @@ def _kind(hint) -> type:
     return next((t for t in args if t is not type(None)), hint) if args else hint
 
 
+def _scalar(value, t: type):
+    """``value`` as a ``t`` (``float`` takes an int and returns a float), or a ValueError."""
+    if t is type(None):
+        if value is None:
+            return None
+    elif t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except OverflowError:
+                pass
+    elif isinstance(value, t) and not (t is int and isinstance(value, bool)):
+        return value
+    raise ValueError
+
+
 def _check_type(name: str, hint, value, owner: str):
-    """The value as the option stores it (a list as a tuple), or a one-line error naming the type it must have."""
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) for v in value):
-            raise UserError(f"{owner}: option {name!r} must be a list of {item.__name__}, got {value!r}")
-        return tuple(value)
-    allowed = typing.get_args(hint) or (hint,)
-    ok = any(
-        value is None if t is type(None)
-        else (isinstance(value, (int, float)) and not isinstance(value, bool)) if t is float
-        else isinstance(value, t) and not (t is int and isinstance(value, bool))
-        for t in allowed
-    )
-    if not ok:
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise UserError(f"{owner}: option {name!r} must be {names}, got {value!r}")
-    return value
+    """The value as the option stores it (a list as a tuple, an int given for a float as a float), or a one-line
+    error naming the type it must have."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) is not tuple else (hint,)
+    allowed = allowed or (hint,)
+    for t in allowed:
+        try:
+            if typing.get_origin(t) is tuple:
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError
+                item = typing.get_args(t)[0]
+                return tuple(_scalar(v, item) for v in value)
+            return _scalar(value, t)
+        except ValueError:
+            continue
+    names = " or ".join("null" if t is type(None) else f"a list of {typing.get_args(t)[0].__name__}"
+                        if typing.get_origin(t) is tuple else t.__name__ for t in allowed)
+    raise UserError(f"{owner}: option {name!r} must be {names}, got {value!r}")
 
 
 def declared_bounds(options_class: type, name: str) -> Bounds:

@@ -88,6 +88,8 @@ def test_a_one_float_payload_row_carries_one_float_not_its_storage(plugins, tmp_
     ("empty-claimer", "EdgeDecision.upload must be a plain torch.Tensor, got smuggler.ClaimsToBeEmpty"),
     ("sparse-tensors", "EdgeDecision.tensors['stats'] must be a dense strided tensor, got a sparse_coo one"),
     ("two-faced", "EdgeLogic.step must return an EdgeDecision (not a subclass), got smuggler._TwoFacedDecision"),
+    ("leaves-a-mode-entered", "the edge step returned with 0 torch dispatch and 1 function mode(s) still entered"),
+    ("long-keys", "EdgeDecision.tensors keys must be str of at most 200 characters, got str of length 100000"),
 ])
 def test_what_is_not_plain_data_is_refused_by_name(plugins, tmp_path, method, words):
     code, (cell,) = _cells(tmp_path, method, "fog")
@@ -144,3 +146,13 @@ def test_a_plugin_that_replaces_the_guard_at_import_runs_no_unit(tmp_path, monke
     assert code == 3 and cell["status"] == "error"
     assert "cemabench's own code was replaced" in cell["message"]
     assert "ComputeMeter._check" in cell["message"] and "ForwardOnlyEdge._changed" in cell["message"]
+
+
+def test_swapping_a_guards_code_in_place_is_found(monkeypatch):
+    """Reviewer's finding: replacing ``f.__code__`` keeps the function object; the seal compares the code too."""
+    from cemabench.protocol import hygiene
+    from cemabench.protocol.meter import ComputeMeter
+
+    assert hygiene.replaced_harness_code() == []
+    monkeypatch.setattr(ComputeMeter.take, "__code__", (lambda self: 0).__code__)
+    assert hygiene.replaced_harness_code() == ["cemabench.protocol.meter.ComputeMeter.take"]

@@ -255,3 +255,19 @@ def test_reproduce_prints_a_summary_that_fits_a_terminal_and_keeps_the_full_tabl
     assert max(map(len, shown.splitlines())) <= 120 < max(map(len, render(doc).splitlines()))
     assert "EMBEDDED MINIATURE, NOT IMAGENET-C" in shown
     assert all(m["label"] in shown for m in doc["methods"])
+
+
+def test_option_types_are_checked_item_by_item_and_floats_stored_as_floats():
+    @dataclass
+    class Typed:
+        counts: tuple[int, ...] = (1,)
+        rates: tuple[float, ...] = (0.5,)
+        names: tuple[str, ...] | None = None
+        lr: float = 0.1
+
+    assert parse_options(Typed, {"rates": [1], "names": ["a"], "lr": 1}, "p") == Typed((1,), (1.0,), ("a",), 1.0)
+    assert isinstance(parse_options(Typed, {"lr": 1}, "p").lr, float)
+    for values, words in [({"counts": [True]}, "must be a list of int"), ({"names": [1]}, "a list of str or null"),
+                          ({"lr": 10**400}, "option 'lr' must be float")]:
+        with pytest.raises(UserError, match=words):
+            parse_options(Typed, values, "p")

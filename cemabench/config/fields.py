@@ -119,6 +119,11 @@ def check_field(name: str, value):
     else:
         ok = isinstance(value, str)
     ok = ok and r.bounds.admits(value)
+    if ok and k is float:
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            ok = False
     if not ok:
         raise UserError(f"protocol {name} must be {expected(name)}, got {value!r}")
-    return float(value) if k is float else value
+    return value

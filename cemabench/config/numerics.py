@@ -25,13 +25,21 @@ CHOICES = ("avx2", "native")
 
 
 def _x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
+    """An x86-64 processor that has AVX2 and FMA (asking torch for AVX2 kernels on one without would crash), as numpy
+    detected them."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return bool(features.get("AVX2") and features.get("FMA3"))
 
 
 def pin() -> None:
     """Set the pinned values in this process's environment (inherited by the worker processes it starts), unless
     the switch says otherwise (a value that is not a choice pins nothing, and :func:`check` refuses it), the machine
-    is not x86-64, or a value is already set."""
+    is not x86-64 with AVX2 and FMA, or a value is already set."""
     if os.environ.get(SWITCH, "avx2").lower() != "avx2" or not _x86():
         return
     for name, value in PINNED.items():

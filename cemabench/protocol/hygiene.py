@@ -38,7 +38,7 @@ _FLAGS = {  # name: (read, write)
                          lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
 }
 
-CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes")
+CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes", "function modes")
 
 
 def snapshot() -> dict:
@@ -47,6 +47,7 @@ def snapshot() -> dict:
     state["inference mode"] = torch.is_inference_mode_enabled()
     state["global module hooks"] = {name: tuple(getattr(_module, name, {})) for name in _HOOKS}
     state["dispatch modes"] = len(_get_current_dispatch_mode_stack())
+    state["function modes"] = torch._C._len_torch_function_stack()
     return state
 
 
@@ -70,8 +71,14 @@ def restore(before: dict) -> list[str]:
     if after["inference mode"] != before["inference mode"]:
         changed.append(f"inference mode {after['inference mode']} (was {before['inference mode']}; cannot be undone "
                        f"from outside its context)")
-    if after["dispatch modes"] != before["dispatch modes"]:
-        changed.append(f"{after['dispatch modes'] - before['dispatch modes']} dispatch mode(s) left on the stack")
+    for kind, length, pop in (("dispatch", lambda: len(_get_current_dispatch_mode_stack()),
+                               torch._C._pop_torch_dispatch_stack),
+                              ("function", torch._C._len_torch_function_stack, torch._C._pop_torch_function_stack)):
+        left = after[f"{kind} modes"] - before[f"{kind} modes"]
+        if left > 0:
+            changed.append(f"{left} torch {kind} mode(s) left on the stack")
+            while length() > before[f"{kind} modes"]:
+                pop()
     return changed
 
 
@@ -91,12 +98,31 @@ def _harness_code() -> dict[str, object]:
         for attr, value in vars(module).items():
             if getattr(value, "__module__", None) != name or not (inspect.isfunction(value) or inspect.isclass(value)):
                 continue
-            found[f"{name}.{attr}"] = value
+            found[f"{name}.{attr}"] = _identity(value)
             if inspect.isclass(value):
                 for member, inner in vars(value).items():
                     if inspect.isfunction(inner) or isinstance(inner, (property, classmethod, staticmethod)):
-                        found[f"{name}.{attr}.{member}"] = inner
+                        found[f"{name}.{attr}.{member}"] = _identity(inner)
     return found
+
+
+def _identity(obj) -> tuple:
+    """The object, and for a function its code, defaults and closure cells' contents (a plugin can swap
+    ``f.__code__`` in place and keep the function object)."""
+    function = getattr(obj, "__func__", obj)
+    if not inspect.isfunction(function):
+        return (obj,)
+    cells = []
+    for cell in function.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            cells.append(None)
+    return obj, function.__code__, function.__defaults__, *cells
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def seal_harness() -> None:
@@ -108,4 +134,18 @@ def seal_harness() -> None:
 def replaced_harness_code() -> list[str]:
     """The harness functions and methods that are no longer what was recorded (replaced or removed)."""
     now = _harness_code()
-    return sorted(name for name, value in _SEALED.items() if now.get(name) is not value)
+    return sorted(name for name, value in _SEALED.items() if name not in now or not _same(now[name], value))
+
+
+def mode_depths() -> tuple[int, int]:
+    """How many torch dispatch and function modes are on their stacks now."""
+    return len(_get_current_dispatch_mode_stack()), torch._C._len_torch_function_stack()
+
+
+def check_modes(depths: tuple[int, int], where: str) -> None:
+    """Method code returned with a torch mode still entered (it would see, or answer for, every op the harness runs
+    after it: a function mode can make ``numel()`` say 0 to the link's byte count): an error that ends the unit."""
+    now = mode_depths()
+    if now != depths:
+        raise RuntimeError(f"{where} returned with {now[0] - depths[0]} torch dispatch and {now[1] - depths[1]} "
+                           f"function mode(s) still entered; leave every mode it enters before returning")

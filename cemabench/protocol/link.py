@@ -95,7 +95,7 @@ class Link:
             self.counters.busy += max(0, len(index) - capacity)
             index = index[:capacity]
         wanted = len(index)
-        tensors = {k: v.detach().clone() for k, v in decision.tensors.items()}
+        tensors = dict(decision.tensors)  # plain copies the harness owns (cemabench.protocol.plain)
         tensor_bytes = _nbytes(tensors)
         if tensor_bytes > self._bytes_left():
             self.counters.refused_bytes += tensor_bytes
@@ -139,7 +139,7 @@ class Link:
         if deadline is not None and self._round_trip(nbytes) > deadline:
             self.counters.late_answers += len(answers)
             return None
-        return answers.detach().clone()
+        return answers  # a plain copy the harness owns (cemabench.protocol.plain)
 
     def _round_trip(self, down_bytes: int) -> float:
         """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge (cloud time not
@@ -155,7 +155,7 @@ class Link:
         late = max(0, math.ceil(self._round_trip(nbytes) / self.protocol.batch_interval) - 1)
         self.counters.download_delay_batches += self.delay + late
         due = batch_index + 1 + self.delay + late
-        self._in_flight.append((due, {k: v.detach().clone() for k, v in download.items()}))
+        self._in_flight.append((due, dict(download)))  # plain copies the harness owns (cemabench.protocol.plain)
 
     def arrived(self, batch_index: int) -> list[Download]:
         out = []

@@ -67,6 +67,9 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
     the same on every machine and under every executor. The process-wide torch state the unit found is the state it
     leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it."""
+    if torch.is_inference_mode_enabled():
+        raise HarnessReplaced("this process is in inference mode (left entered by earlier method code?); no unit runs "
+                              "here until it is restarted")
     replaced = hygiene.replaced_harness_code()
     if replaced:
         raise HarnessReplaced(f"cemabench's own code was replaced in this process (by a plugin?): "
@@ -117,6 +120,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     cloud_passes = SampleCounter()
     cloud_meter = ComputeMeter()
     results = {(d, b.result): DomainResult(b.result, device=d) for d, blocks in enumerate(streams) for b in blocks}
+    depths = hygiene.mode_depths()  # what every edge and cloud step must leave entered
     try:
         training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
             num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
@@ -173,6 +177,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                 checks = Checks()  # this batch's: read with the next batch, or at the block's end
                 with autocast():
                     decision = dev.edge_time.run(dev.edge.step, x, num_classes, checks)
+                hygiene.check_modes(depths, "the edge step")
                 result.edge_flops += dev.edge.meter.take()
                 scored = None if decision.logits is None else finite(
                     decision.logits.float(), checks, f"non-finite logits at batch {batch_index} of the run unit")
@@ -189,6 +194,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                     passes = (cloud_passes.with_grad, cloud_passes.without_grad)
                     with autocast(), cloud_meter:
                         reply = dev.cloud_time.run(dev.cloud.step, upload)
+                    hygiene.check_modes(depths, "the cloud step")
                     result.cloud_flops += cloud_meter.take()
                     result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
                     result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]

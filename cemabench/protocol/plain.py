@@ -23,6 +23,7 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int
           torch.int8, torch.uint8, torch.bool)
 PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # exactly these: a subclass may answer len() and shape as it likes
 MAPS = (dict, OrderedDict)  # a state_dict() is an OrderedDict
+MAX_KEY = 200  # characters of a tensor's name (a parameter's, say)
 
 
 class NotPlain(TypeError):
@@ -49,8 +50,9 @@ def plain_map(tensors, what: str) -> dict[str, torch.Tensor]:
         raise NotPlain(f"{what} must be a dict of name -> tensor, got {type(tensors).__qualname__}")
     out = {}
     for name, t in tensors.items():
-        if type(name) is not str:
-            raise NotPlain(f"{what} keys must be str, got {type(name).__qualname__}")
+        if type(name) is not str or len(name) > MAX_KEY:  # a key is not charged: it carries no data of its own
+            raise NotPlain(f"{what} keys must be str of at most {MAX_KEY} characters, got "
+                           f"{type(name).__qualname__} of length {len(name) if isinstance(name, str) else '-'}")
         out[name] = plain(t, f"{what}[{name!r}]")
     return out
 

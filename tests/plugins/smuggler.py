@@ -186,3 +186,41 @@ class RewritesLabels(Method):
 
     def edge(self, num_classes):
         return _RewritesLabels()
+
+
+class _ZeroSizes(torch.overrides.TorchFunctionMode):
+    """Makes every tensor say it has no elements, to whoever asks through torch."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.numel, torch.Tensor.nelement):
+            return 0
+        return func(*args, **(kwargs or {}))
+
+
+class _LeavesAModeEntered(EdgeLogic):
+    def step(self, model, x):
+        _ZeroSizes().__enter__()  # and never leaves it: the link's byte count would run under it
+        return EdgeDecision(logits=model(x), upload=torch.arange(len(x)))
+
+
+class LeavesAModeEntered(Method):
+    """Reviewer's finding: a function mode left entered made the link charge 0 bytes for the batch."""
+
+    name = "leaves-a-mode-entered"
+
+    def edge(self, num_classes):
+        return _LeavesAModeEntered()
+
+
+class _LongKeys(EdgeLogic):
+    def step(self, model, x):
+        return EdgeDecision(logits=model(x), tensors={"A" * 100_000: torch.empty(0)})
+
+
+class LongKeys(Method):
+    """Reviewer's finding: tensor names are not charged, so a long one carried data for free."""
+
+    name = "long-keys"
+
+    def edge(self, num_classes):
+        return _LongKeys()
