@@ -320,14 +320,14 @@ def parse_options(options_class: type, values: dict, owner: str):
         raise UserError(f"{owner} has no option {', '.join(map(repr, unknown))}; valid options: "
                         f"{', '.join(fields) or '(none)'}")
     hints = typing.get_type_hints(options_class)
-    values = {name: _check_type(name, hints[name], value, owner) for name, value in values.items()}
-    built = options_class(**values)
+    given = values
+    built = options_class(**{name: _check_type(name, hints[name], value, owner) for name, value in given.items()})
     for name in fields:
         value, bounds = getattr(built, name), declared_bounds(options_class, name)
         items = value if isinstance(value, tuple) else (value,)
         if value is not None and not all(bounds.admits(v) for v in items):
-            given = "its default" if name not in values else "got"
+            shown = f"got {given[name]!r}" if name in given else f"its default {value!r}"  # as the user wrote it
             must = bounds.phrase(_kind(hints[name]))
             raise UserError(f"{owner}: option {name!r} must be "
-                            f"{'a list of ' + must if isinstance(value, tuple) else must}, {given} {value!r}")
+                            f"{'a list of ' + must if isinstance(value, tuple) else must}, {shown}")
     return built
