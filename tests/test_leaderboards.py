@@ -20,7 +20,7 @@ def test_every_table_with_a_miniature_has_a_committed_leaderboard():
 
 # The two 15-domain per-domain tables are checked on one domain per corruption family (noise, blur, weather,
 # digital), a different one in each table: the six whole tables took 2815 s in CI (2 cores, AVX2); here (2 cores,
-# AVX-512, 2026-12-05) the whole slow tier with these samples took 463 s, which keeps `.ci/run` under 30 minutes.
+# AVX-512, 2026-12-05) the whole slow tier with these samples took 463 s (`.ci/run` about 12 minutes in all).
 # A per-domain unit does not depend on which other domains the table holds
 # (test_a_domain_sample_gives_the_whole_tables_cells), so a sampled cell is the committed cell. `cemabench reproduce
 # T` then `cemabench check` checks a whole table.
