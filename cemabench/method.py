@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cemabench.config import Protocol
-from cemabench.config.bounds import Bounds
+from cemabench.config.bounds import Bounds, coerce
 from cemabench.errors import UserError
 
 Download = dict[str, torch.Tensor]
@@ -264,22 +264,6 @@ def _kind(hint) -> type:
     return next((t for t in args if t is not type(None)), hint) if args else hint
 
 
-def _scalar(value, t: type):
-    """``value`` as a ``t`` (``float`` takes an int and returns a float), or a ValueError."""
-    if t is type(None):
-        if value is None:
-            return None
-    elif t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except OverflowError:
-                pass
-    elif isinstance(value, t) and not (t is int and isinstance(value, bool)):
-        return value
-    raise ValueError
-
-
 def _check_type(name: str, hint, value, owner: str):
     """The value as the option stores it (a list as a tuple, an int given for a float as a float), or a one-line
     error naming the type it must have."""
@@ -291,8 +275,8 @@ def _check_type(name: str, hint, value, owner: str):
                 if not isinstance(value, (list, tuple)):
                     raise ValueError
                 item = typing.get_args(t)[0]
-                return tuple(_scalar(v, item) for v in value)
-            return _scalar(value, t)
+                return tuple(coerce(v, item) for v in value)
+            return coerce(value, t)
         except ValueError:
             continue
     names = " or ".join("null" if t is type(None) else f"a list of {typing.get_args(t)[0].__name__}"

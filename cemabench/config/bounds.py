@@ -10,6 +10,23 @@ import math
 from dataclasses import dataclass
 
 
+def coerce(value, kind: type):
+    """``value`` as a ``kind`` (``int``, ``float``, ``str``, ``bool`` or ``NoneType``), or a ValueError: a bool is not a
+    number, an int is a float when a float is wanted (and one too large for a float is refused)."""
+    if kind is type(None):
+        if value is None:
+            return None
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except OverflowError:
+                pass
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{value!r} is not a {kind.__name__}")
+
+
 @dataclass(frozen=True)
 class Bounds:
     """``low`` and ``high`` are inclusive unless ``above`` / ``below`` make them strict; ``choices`` lists the only

@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from cemabench.config.bounds import Bounds
+from cemabench.config.bounds import Bounds, coerce
 from cemabench.config.settings import DEVICE_STREAMS, SETTINGS, parse_setting
 from cemabench.errors import UserError
 
@@ -112,18 +112,11 @@ def check_field(name: str, value):
     r, k = rule(name), kind(name)
     if value is None and r.unset:
         return None
-    if k is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif k is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
+    try:
+        value, ok = coerce(value, k), True
+    except ValueError:
+        ok = False
     ok = ok and r.bounds.admits(value)
-    if ok and k is float:
-        try:
-            value = float(value)
-        except OverflowError:  # an int too large for a float
-            ok = False
     if not ok:
         raise UserError(f"protocol {name} must be {expected(name)}, got {value!r}")
     return value

@@ -15,6 +15,7 @@ in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import copy as copying
 
 import torch
@@ -98,19 +99,27 @@ def feature_shapes(model: nn.Module, input_size: int | tuple[int, int], channels
     pixels (``classifier``: the output shape). Runs one zero image in eval mode without autograd; the model's modes,
     parameters and buffers are left as they were."""
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
-    modes = {module: module.training for module in model.modules()}
     reference = next(iter(model.parameters()), None)
     x = torch.zeros(1, channels, height, width, dtype=reference.dtype if reference is not None else None,
                     device=reference.device if reference is not None else None)
     shapes = {}
+    with probing(model):
+        for name, modules in stages(model):
+            for module in modules:
+                x = module(x)
+            shapes[name] = tuple(x.shape[1:])
+    return shapes
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module):
+    """Eval mode without autograd for a look at a model (its shapes, its outputs); every module's mode is put back
+    afterwards, and eval mode leaves parameters and buffers as they were."""
+    modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            for name, modules in stages(model):
-                for module in modules:
-                    x = module(x)
-                shapes[name] = tuple(x.shape[1:])
+            yield model
     finally:
         for module, training in modes.items():
             module.train(training)
-    return shapes

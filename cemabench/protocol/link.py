@@ -52,16 +52,17 @@ class LinkCounters:
 
 
 def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, int]:
-    """A per-sample payload tensor as the cloud decodes it, and the bytes one row of it costs on the link.
+    """A per-sample payload tensor as the cloud decodes it, and the bytes one row of it costs on the link. What it
+    returns may share storage with ``t`` (the link copies what crosses, :func:`Link.send_up`).
 
     ``None`` sends it as produced; ``float32`` / ``float16`` cast floating tensors; ``int8`` quantises each row
     symmetrically, q = round(t / s) in [-127, 127] with s = max|row| / 127, and sends q plus s as one float32."""
     row = t[0].numel() if len(t) else int(np.prod(t.shape[1:], dtype=np.int64))
-    if dtype is None or not t.is_floating_point():
-        return t.detach().clone(), row * t.element_size()
     t = t.detach()
+    if dtype is None or not t.is_floating_point():
+        return t, row * t.element_size()
     if len(t) == 0:  # nothing to encode; a row still has its price (int8: values plus the scale)
-        return t.float().clone(), row * {"float32": 4, "float16": 2, "int8": 1}[dtype] + (4 if dtype == "int8" else 0)
+        return t.float(), row * {"float32": 4, "float16": 2, "int8": 1}[dtype] + (4 if dtype == "int8" else 0)
     if dtype == "float32":
         return t.float(), row * 4
     if dtype == "float16":
@@ -126,7 +127,10 @@ class Link:
         index = index.to(x.device).clamp(0, max(0, len(x) - 1))
         # advanced indexing copies; no inputs are a new empty tensor, not a view that would carry the batch's storage
         samples = x[index] if decision.send_input else x.new_empty((0, *x.shape[1:]))
-        payload = {k: v.clone() for k, v in payload.items()}  # rows the budget cut share the storage of those kept
+        # one copy of what crosses, and only its rows: the decision's own tensors are the harness's plain copies, but
+        # encoding may return views of them (float32, other dtypes) that share storage with the rows the budget cut
+        payload = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+                   for k, v in payload.items()}
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
                       sample_ids=index + first_id, device=device)
 

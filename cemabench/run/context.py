@@ -16,6 +16,7 @@ from cemabench.config import device_domains
 from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
 from cemabench.models import zoo
+from cemabench.models.split import probing
 from cemabench.protocol import Execution, Models, run_unit
 from cemabench.protocol.stream import DeviceStreams, build_blocks
 from cemabench.provenance import code_digest, fingerprint, versions
@@ -130,15 +131,9 @@ class TableContext:
         except Exception:  # noqa: BLE001 - an unreadable image fails its cell, with its path, when the unit reads it
             return
         for role, model in self.prototypes.items():
-            modes = {module: module.training for module in model.modules()}
             reference = next(iter(model.parameters()), None)
-            try:
-                model.eval()
-                with torch.no_grad():
-                    outputs = model(image.to(reference.device) if reference is not None else image).shape[-1]
-            finally:
-                for module, training in modes.items():
-                    module.train(training)
+            with probing(model):
+                outputs = model(image.to(reference.device) if reference is not None else image).shape[-1]
             scored = data.scored_classes
             if (outputs > int(scored.max())) if scored is not None else outputs == data.num_classes:
                 continue
