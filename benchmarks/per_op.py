@@ -1,4 +1,5 @@
-"""What the meter and the guard add per aten op, against a bare step and an empty Python dispatch mode.
+"""What the meter and the guard add per aten op, against a bare step and an empty Python dispatch mode: the C++
+meter (the one cemabench uses where it builds) and the Python one (CEMABENCH_METER=python), side by side.
 
     python benchmarks/per_op.py [--device cuda] [--reps 15]
 
@@ -16,6 +17,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cemabench.protocol import native
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.meter import ComputeMeter
@@ -82,10 +84,23 @@ def main(argv=None) -> dict:
         with torch.inference_mode(), Empty():
             edge_model(x)
 
-    def edge_guarded():  # the guarding meter alone, as in the issue's table; the seal is timed apart below
-        with torch.inference_mode(), edge.meter:
-            edge_model(x)
-        edge.meter.take()
+    meters = {}
+    for kind in ("C++", "python"):  # each meter, as the edge's guard and as the cloud's counter
+        saved = dict(native._loaded)
+        if kind == "python":
+            native._loaded.update(module=None, why="per_op.py compares both")
+        meters[kind] = ComputeMeter(guard=True), ComputeMeter()
+        native._loaded.clear()
+        native._loaded.update(saved)
+    for guard, _ in meters.values():
+        guard.protect(edge._parameters())
+
+    def edge_guarded(meter):  # the guarding meter alone, as in the issue's table; the seal is timed apart below
+        def run():
+            with torch.inference_mode(), meter:
+                edge_model(x)
+            meter.take()
+        return run
 
     def seal():
         checks = Checks()
@@ -93,10 +108,11 @@ def main(argv=None) -> dict:
             checks.add(flags, RuntimeError)
         checks.read()
 
-    meter = ComputeMeter()
     cases = {
-        "cloud": {"bare": cloud_step(), "empty mode": cloud_step(Empty()), "meter": cloud_step(meter)},
-        "edge": {"bare": edge_bare, "empty mode": edge_empty, "meter": edge_guarded},
+        "cloud": {"bare": cloud_step(), "empty mode": cloud_step(Empty()),
+                  **{f"{k} meter": cloud_step(m[1]) for k, m in meters.items()}},
+        "edge": {"bare": edge_bare, "empty mode": edge_empty, **{f"{k} meter": edge_guarded(m[0])
+                                                                  for k, m in meters.items()}},
     }
     counts = {}
     for name in cases:
@@ -118,11 +134,14 @@ def main(argv=None) -> dict:
                 times[k].append(_time(fn, device))
         median = {k: statistics.median(v) for k, v in times.items()}
         ops = counts[name]
-        table[name] = {"aten ops": ops, "bare us/op": 1e6 * median["bare"] / ops,
-                       "empty mode adds us/op": 1e6 * (median["empty mode"] - median["bare"]) / ops,
-                       "meter adds us/op": 1e6 * (median["meter"] - median["bare"]) / ops,
-                       "meter ratio": median["meter"] / median["bare"]}
-    meter.take()
+        table[name] = {"aten ops": ops, "bare us/op": 1e6 * median["bare"] / ops}
+        for k in fns:
+            if k != "bare":
+                table[name][f"{k} adds us/op"] = 1e6 * (median[k] - median["bare"]) / ops
+        for k in meters:
+            table[name][f"{k} meter ratio"] = median[f"{k} meter"] / median["bare"]
+    for m in meters.values():
+        m[1].take()
     seal()
     times = []
     for _ in range(args.reps):

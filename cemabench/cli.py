@@ -17,6 +17,7 @@ from cemabench import registry
 from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, numerics
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
+from cemabench.protocol import native
 from cemabench.protocol.execution import check_device
 from cemabench.tables.spec import check_seeds
 
@@ -451,11 +452,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_meter(computes: bool) -> None:
+    """CEMABENCH_METER names a meter; where it insists on the C++ one, that one builds (before any compute)."""
+    try:
+        if native.choice() == "native" and computes:
+            native.meter_module()
+    except (ValueError, RuntimeError) as error:
+        raise UserError(str(error)) from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["cemabench", *(sys.argv[1:] if argv is None else argv)]
     try:
         numerics.check()
+        check_meter(computes=getattr(args, "device", None) is not None)
         if getattr(args, "address", None) and args.executor != "ray":
             raise UserError(f"--address {args.address} is the address of a Ray cluster: add --executor ray, or drop "
                             f"--address to run with local processes")

@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class ForwardOnlyViolation(RuntimeError):
     """A method tried to train or edit the edge model outside a download from the cloud."""
+
+
+class MeterBlind(RuntimeError):
+    """Code under the C++ meter ran ops where it cannot see them whole (behind ``__torch_dispatch__``, or under a
+    ``torch.func`` transform); the Python meter can (``CEMABENCH_METER=python``)."""

@@ -8,8 +8,10 @@ every module of the ``cemabench`` distribution and of the plugins' own distribut
 (torch, torchvision, timm, ...) are keyed by their versions (:func:`versions`), not their source.
 
 Imports are read from the source (Python's ``ast``), not from what happens to be imported in this process, so a
-key does not depend on what ran before. An import made by name at run time (``importlib.import_module(text)``) is
-not seen: a plugin that loads code that way should declare a ``version``.
+key does not depend on what ran before. A module whose code runs files of other languages names them, relative to
+itself, in a module-level ``__companions__`` tuple (the C++ meter's source, say); their bytes are part of its source.
+An import made by name at run time (``importlib.import_module(text)``) is not seen: a plugin that loads code that way
+should declare a ``version``.
 
 **Inputs.** A model by the hash of its full state (:func:`fingerprint`); a clean training split by the hash of its
 images (:func:`data_fingerprint`).
@@ -98,7 +100,7 @@ def _top(module: str) -> str:
     return module.split(".")[0]
 
 
-_PARSED: dict[str, tuple[tuple, bytes, bool, tuple[str, ...]]] = {}  # module -> (file stat, source, package, imports)
+_PARSED: dict[str, tuple] = {}  # module -> (file stat, source, package, imports, companions, their stats)
 
 
 def _imports_of(tree: ast.AST, module: str, package: bool) -> list[str]:
@@ -132,12 +134,30 @@ def _parse(module: str) -> tuple[bytes, tuple[str, ...]] | None:
     stat = path.stat()
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     cached = _PARSED.get(module)
-    if cached is None or cached[0] != key:
-        source = path.read_bytes()
-        package = spec.submodule_search_locations is not None
-        imports = tuple(_imports_of(ast.parse(source), module, package))
-        cached = _PARSED[module] = (key, source, package, imports)
-    return cached[1], cached[3]
+    if cached is not None and cached[0] == key and _stats(cached[4]) == cached[5]:
+        return cached[1], cached[3]
+    source = path.read_bytes()
+    tree = ast.parse(source)
+    package = spec.submodule_search_locations is not None
+    imports = tuple(_imports_of(tree, module, package))
+    companions = tuple(path.parent / name for name in _companions(tree))
+    stats = _stats(companions)
+    for companion in companions:
+        source += b"\0" + companion.name.encode() + b"\0" + companion.read_bytes()
+    _PARSED[module] = (key, source, package, imports, companions, stats)
+    return source, imports
+
+
+def _companions(tree: ast.Module) -> tuple[str, ...]:
+    """The names in a module-level ``__companions__ = (...)``."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__companions__" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def _stats(paths) -> tuple:
+    return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
 
 
 def closure(roots: Iterable[str], scope: Iterable[str]) -> dict[str, bytes]:

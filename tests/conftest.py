@@ -46,6 +46,19 @@ def _private_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(params=["native", "python"])
+def meter_kind(request, monkeypatch):
+    """Each of the meter's two implementations (cemabench.protocol.native): the C++ one must build here."""
+    from cemabench.protocol import native
+
+    if request.param == "python":
+        monkeypatch.setattr(native, "_loaded", {"module": None, "why": "the test asks for the Python meter"})
+    else:
+        monkeypatch.delenv("CEMABENCH_METER", raising=False)
+        assert native.meter_module() is not None, native._loaded.get("why")
+    return request.param
+
+
 class TinyNet(nn.Module):
     """A BatchNorm network small enough for exact, fast protocol tests."""
 

@@ -138,14 +138,14 @@ def test_a_plugin_that_replaces_the_guard_at_import_runs_no_unit(tmp_path, monke
     from cemabench.protocol.edge import ForwardOnlyEdge
     from cemabench.protocol.meter import ComputeMeter
 
-    monkeypatch.setattr(ComputeMeter, "_check", ComputeMeter._check)  # put back after the plugin's patch
+    monkeypatch.setattr(ComputeMeter, "protect", ComputeMeter.protect)  # put back after the plugin's patch
     monkeypatch.setattr(ForwardOnlyEdge, "_changed", ForwardOnlyEdge._changed)
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins_patching"))
     monkeypatch.delitem(sys.modules, "patcher", raising=False)
     code, (cell,) = _cells(tmp_path, "patches-the-guard", "fog")
     assert code == 3 and cell["status"] == "error"
     assert "cemabench's own code was replaced" in cell["message"]
-    assert "ComputeMeter._check" in cell["message"] and "ForwardOnlyEdge._changed" in cell["message"]
+    assert "ComputeMeter.protect" in cell["message"] and "ForwardOnlyEdge._changed" in cell["message"]
 
 
 def test_swapping_a_guards_code_in_place_is_found(monkeypatch):

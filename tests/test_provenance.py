@@ -43,6 +43,26 @@ def test_a_function_level_import_is_followed(tmp_path, monkeypatch):
     assert set(closure(["lazy_pkg.a"], {"lazy_pkg"})) == {"lazy_pkg", "lazy_pkg.a", "lazy_pkg.b", "lazy_pkg.c"}
 
 
+def test_a_modules_companion_files_are_part_of_its_source(tmp_path, monkeypatch):
+    """The C++ meter's source is no Python module: cemabench.protocol.native names it in ``__companions__``, and an
+    edit to it changes the digest of every computation that imports the protocol."""
+    import os
+
+    from cemabench.provenance import digest
+
+    (tmp_path / "twin_pkg").mkdir()
+    (tmp_path / "twin_pkg" / "__init__.py").write_text("")
+    (tmp_path / "twin_pkg" / "a.py").write_text('__companions__ = ("kernel.cpp",)\n')
+    kernel = tmp_path / "twin_pkg" / "kernel.cpp"
+    kernel.write_text("int f() { return 1; }\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = digest(closure(["twin_pkg.a"], {"twin_pkg"}))
+    kernel.write_text("int f() { return 2; }\n")
+    os.utime(kernel, ns=(kernel.stat().st_atime_ns, kernel.stat().st_mtime_ns + 1_000_000))
+    assert digest(closure(["twin_pkg.a"], {"twin_pkg"})) != before
+    assert b"native_meter.cpp" in closure([PROTOCOL_ROOT], {"cemabench"})["cemabench.protocol.native"]
+
+
 def test_the_unit_key_carries_the_code_digest_of_method_protocol_data_and_models():
     spec = load_table("table2")
     context = TableContext(spec, None)

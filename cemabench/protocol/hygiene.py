@@ -82,7 +82,7 @@ def restore(before: dict) -> list[str]:
     return changed
 
 
-# The harness's own code: a plugin module that replaces a guard's method when it is imported (ComputeMeter._check,
+# The harness's own code: a plugin module that replaces a guard's method when it is imported (ComputeMeter.protect,
 # ForwardOnlyEdge._changed) would run every later unit unguarded, in its process and in the workers forked from it.
 HARNESS_MODULES = ("cemabench.method", "cemabench.protocol")
 _SEALED: dict[str, object] = {}
@@ -103,6 +103,9 @@ def _harness_code() -> dict[str, object]:
                 for member, inner in vars(value).items():
                     if inspect.isfunction(inner) or isinstance(inner, (property, classmethod, staticmethod)):
                         found[f"{name}.{attr}.{member}"] = _identity(inner)
+    for name, module in list(sys.modules.items()):  # the C++ meter's methods, as its extension defines them
+        if name.startswith("cemabench_meter_") and hasattr(module, "Meter"):
+            found.update({f"{name}.Meter.{k}": (v,) for k, v in vars(module.Meter).items() if k[:2] != "__"})
     return found
 
 
@@ -126,9 +129,9 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def seal_harness() -> None:
-    """Record the harness's code as imported (cemabench.protocol does this once, before any plugin runs)."""
-    if not _SEALED:
-        _SEALED.update(_harness_code())
+    """Record the harness's code as imported (cemabench.protocol does this once, before any plugin runs; the C++
+    meter, once more when it is loaded: only what was not recorded yet is added)."""
+    _SEALED.update({k: v for k, v in _harness_code().items() if k not in _SEALED})
 
 
 def replaced_harness_code() -> list[str]:

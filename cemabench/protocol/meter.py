@@ -16,19 +16,26 @@ parameter (the edge model's, also through ``.data`` or a view) may run. Buffers 
 change: a forward-only device can. A violation raises :class:`ForwardOnlyViolation` at the op and is remembered,
 so that a plugin which catches the exception is still caught when the step ends.
 
-Per op the meter does as little as it can in Python: most ops have no FLOP formula, write nothing and are no
+Two implementations do this, chosen by ``CEMABENCH_METER`` (:mod:`cemabench.protocol.native`): a boxed dispatcher
+fallback in C++ (``native_meter.cpp``, about a microsecond per op; it calls into Python only to count an op with a
+formula it has not seen with these shapes), and, where that does not build, :class:`_DispatchMeter`, a Python
+``TorchDispatchMode``. Both count the same FLOPs and refuse the same ops. In the Python one, per op the meter does as
+little as it can in Python: most ops have no FLOP formula, write nothing and are no
 optimizer's (worked out once per op overload), so it only refuses a backward kernel on the edge and runs them. FLOP
 formulas run once per argument shapes (a flat key of shapes and values), composite ops are decomposed once per
 argument shapes and layouts.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from cemabench.errors import ForwardOnlyViolation
+from cemabench.errors import ForwardOnlyViolation, MeterBlind
+from cemabench.protocol.native import meter_module
 
 # ops that only ask for metadata: FlopCounterMode leaves them to the default handling, and so do we
 _METADATA = {
@@ -130,11 +137,74 @@ def _flops(func, op: _Op, args, kwargs, out) -> int:
     return flops
 
 
-class ComputeMeter(TorchDispatchMode):
+def _count_native(name: str, overload: str, arguments: list, outputs: list) -> int:
+    """The C++ meter's call for an op with a formula: its FLOPs, by the formula (once per argument shapes)."""
+    func = getattr(getattr(getattr(torch.ops, name.split("::")[0]), name.split("::")[1]), overload or "default")
+    op = _ops.get(func)
+    if op is None:
+        op = _ops[func] = _Op(func)
+    args, kwargs = [], {}
+    for argument, value in zip(func._schema.arguments, arguments):
+        if argument.kwarg_only:
+            kwargs[argument.name] = value
+        else:
+            args.append(value)
+    return _flops(func, op, args, kwargs, outputs[0] if len(outputs) == 1 else tuple(outputs))
+
+
+class ComputeMeter:
     """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
-    do. Enter it once per step (``with meter:``); ``flops`` accumulates until read."""
+    do. Enter it once per step (``with meter:``); ``flops`` accumulates until read, ``violation`` holds the first
+    refusal's message until cleared, ``phase`` names what runs in the refusals' messages."""
 
     def __init__(self, guard: bool = False):
+        self.guard = guard
+        native = meter_module()
+        self.kind = "python" if native is None else "native"
+        self._meter = _DispatchMeter(guard) if native is None else native.Meter(guard, _count_native,
+                                                                                  ForwardOnlyViolation)
+        self.phase = "the edge step" if guard else "the cloud step"
+
+    flops = property(lambda self: self._meter.flops, lambda self, value: setattr(self._meter, "flops", value))
+    violation = property(lambda self: self._meter.violation,
+                         lambda self, value: setattr(self._meter, "violation", value))
+    phase = property(lambda self: self._meter.phase, lambda self, value: setattr(self._meter, "phase", value))
+
+    def protect(self, parameters: dict) -> None:
+        """Refuse in-place writes into the storage of these named tensors (and of any view of them)."""
+        self._meter.protect(list(parameters.items()))
+
+    def __enter__(self):
+        if self.guard:
+            self._threads = set(threading.enumerate())
+        self._meter.enter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._meter.exit()
+        blind = getattr(self._meter, "blind", None)
+        if blind is not None:
+            self._meter.blind = None
+            if exc_info[0] is None:
+                raise MeterBlind(f"{self.phase} ran {blind} behind a Python __torch_dispatch__ (a dispatch mode or a "
+                                 f"tensor subclass) or under a torch.func transform, where the C++ meter cannot count "
+                                 f"or guard every op; run it with CEMABENCH_METER=python")
+        if self.guard:  # a thread still running would compute, unguarded, after the guarded code returned
+            left = [t.name for t in threading.enumerate() if t not in self._threads and t.is_alive()]
+            if left and self.violation is None:
+                self.violation = (f"{self.phase} returned with thread(s) it started still running "
+                                  f"({', '.join(left[:3])}); join every thread before returning")
+
+    def take(self) -> int:
+        """The FLOPs counted since the last ``take``."""
+        flops, self.flops = self.flops, 0
+        return flops
+
+
+class _DispatchMeter(TorchDispatchMode):
+    """The meter as a Python dispatch mode, where the C++ one does not build (see the module's docstring)."""
+
+    def __init__(self, guard: bool):
         super().__init__()
         self.guard = guard
         self.flops = 0
@@ -144,9 +214,14 @@ class ComputeMeter(TorchDispatchMode):
         self.decomposing = 0  # depth of the composite ops being decomposed: only there do unguarded writes matter
         self.phase = "the edge step"  # what runs under the guard, for its messages
 
-    def protect(self, parameters: dict) -> None:
-        """Refuse in-place writes into the storage of these named tensors (and of any view of them)."""
-        self.protected = {ptr: name for name, ptr in ((n, _storage(t)) for n, t in parameters.items()) if ptr}
+    def protect(self, parameters: list) -> None:
+        self.protected = {ptr: name for name, ptr in ((n, _storage(t)) for n, t in parameters) if ptr}
+
+    def enter(self) -> None:
+        self.__enter__()
+
+    def exit(self) -> None:
+        self.__exit__(None, None, None)
 
     def _refuse(self, message: str):
         self.violation = self.violation or message
@@ -212,11 +287,6 @@ class ComputeMeter(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.flops += _flops(func, op, args, kwargs, out)
         return out
-
-    def take(self) -> int:
-        """The FLOPs counted since the last ``take``."""
-        flops, self.flops = self.flops, 0
-        return flops
 
 
 # on a counted model: its SampleCounters, which cemabench.models.split carries to a tail

@@ -398,7 +398,8 @@ def render(doc: dict) -> str:
     lines += [f"- **Versions**: {libraries}; device {p['device']}"
               + (", channels-last" if p["execution"]["channels_last"] else "")
               + (", bf16 autocast" if p["execution"]["amp"] else ", fp32 (no autocast)")
-              + (f"; CPU kernels {v['cpu_numerics']}" if "cpu_numerics" in v and p["device"] == "cpu" else "")]
+              + (f"; CPU kernels {v['cpu_numerics']}" if "cpu_numerics" in v and p["device"] == "cpu" else "")
+              + (f"; {v['meter']} meter" if "meter" in v else "")]
     if doc.get("source"):
         lines += [f"- **Source**: {doc['source']}"]
     lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",

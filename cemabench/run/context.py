@@ -17,7 +17,7 @@ from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
 from cemabench.models import zoo
 from cemabench.models.split import probing
-from cemabench.protocol import Execution, Models, run_unit
+from cemabench.protocol import Execution, Models, native, run_unit
 from cemabench.protocol.stream import DeviceStreams, build_blocks
 from cemabench.provenance import code_digest, fingerprint, versions
 from cemabench.tables.plan import Unit
@@ -93,7 +93,7 @@ class TableContext:
             "dataset_options": self.choice.options,
             "execution": asdict(self.execution),
             "recorded": {**spec.recorded, **self.choice.recorded},
-            "versions": versions(),
+            "versions": {**versions(), "meter": native.kind()},
         }
 
     def code(self, method: str) -> dict[str, str]:

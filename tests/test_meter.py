@@ -1,0 +1,255 @@
+"""Issue 21: the meter's two implementations (C++ dispatcher fallback, Python dispatch mode) count the same FLOPs as
+each other and as ``FlopCounterMode``, give the same unit results, and the chosen one (C++) refuses a backward
+kernel, an optimizer kernel and a write into an edge parameter, each issued from a thread and from a hidden model."""
+import threading
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from cemabench.errors import ForwardOnlyViolation, MeterBlind
+from cemabench.protocol import native, run_unit
+from cemabench.protocol.meter import ComputeMeter
+from cemabench.registry import build_method
+from conftest import small_options
+
+
+def _resnet_step(model, x):
+    model(x).logsumexp(1).mean().backward()
+
+
+def _attention_step(model, x):
+    model(x).pow(2).mean().backward()
+
+
+def _cases():
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10)
+    encoder = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    return [("resnet18 train", resnet.train(), torch.rand(2, 3, 32, 32), _resnet_step, torch.enable_grad),
+            ("resnet18 edge", resnet.eval(), torch.rand(2, 3, 32, 32), lambda m, x: m(x), torch.inference_mode),
+            ("encoder train", encoder.train(), torch.rand(2, 5, 16), _attention_step, torch.enable_grad)]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_both_meters_count_what_flop_counter_mode_counts(case, meter_kind):
+    name, model, x, step, mode = _cases()[case]
+    with FlopCounterMode(display=False) as reference, mode():
+        step(model, x)
+    for _ in range(2):  # the second time from the meters' caches
+        meter = ComputeMeter(guard=mode is torch.inference_mode)
+        assert meter.kind == meter_kind
+        with mode(), meter:
+            step(model, x)
+        assert meter.take() == reference.get_total_flops() > 0, name
+
+
+def test_the_cpp_meter_knows_every_op_torch_has_a_formula_for():
+    from torch.utils.flop_counter import flop_registry
+
+    packets = {p._qualified_op_name for p in flop_registry if isinstance(p, torch._ops.OpOverloadPacket)}
+    assert set(native.formula_ops()) == packets and "aten::convolution_backward" in packets
+
+
+@pytest.mark.parametrize("method", ["tent", "cema"])
+def test_a_unit_gives_the_same_numbers_under_either_meter(method, tiny, monkeypatch):
+    dataset, models = tiny
+    from cemabench.protocol import Protocol
+
+    results = {}
+    for kind in ("native", "python"):
+        if kind == "python":
+            monkeypatch.setattr(native, "_loaded", {"module": None, "why": "the test asks for the Python meter"})
+        (result,) = run_unit(build_method(method, small_options(method)), dataset.domains[:1], models, 4,
+                             dataset.clean, Protocol(batch_size=16), seed=0)
+        assert result.status == "ok", result.message
+        results[kind] = result
+    native_, python = results["native"], results["python"]
+    assert native_.edge_flops == python.edge_flops > 0 and native_.cloud_flops == python.cloud_flops
+    assert (native_.seen, native_.correct) == (python.seen, python.correct) and native_.link == python.link
+
+
+# ---- what the guard refuses, from a thread and from a hidden model -------------------------------------------------
+
+
+def _hidden():
+    torch.manual_seed(0)
+    with torch.inference_mode(False):
+        hidden = nn.Linear(4, 4)
+        hidden(torch.rand(2, 4)).sum().backward()  # gradients, as if from an earlier step
+    return hidden
+
+
+def _backward(hidden, edge_weight):
+    with torch.inference_mode(False), torch.enable_grad():
+        hidden(torch.rand(2, 4)).sum().backward()
+
+
+def _optimizer(hidden, edge_weight):
+    with torch.inference_mode(False):
+        torch.optim.SGD(hidden.parameters(), lr=0.1, foreach=True).step()
+
+
+def _manual_step(hidden, edge_weight):
+    with torch.inference_mode(False), torch.no_grad():
+        for p in hidden.parameters():
+            p.sub_(0.1 * p.grad)
+
+
+def _write(hidden, edge_weight):
+    with torch.no_grad():
+        edge_weight.mul_(0.5)
+
+
+CHEATS = {"a backward kernel": _backward, "an optimizer kernel": _optimizer, "from its gradient": _manual_step,
+          "wrote into the edge parameter fc.weight": _write}
+
+
+def _guarded(cheat):
+    hidden, edge_weight = _hidden(), nn.Parameter(torch.ones(4, 4), requires_grad=False)
+    meter = ComputeMeter(guard=True)
+    meter.protect({"fc.weight": edge_weight})
+    return meter, lambda: CHEATS[cheat](hidden, edge_weight)
+
+
+@pytest.mark.parametrize("cheat", list(CHEATS))
+def test_each_cheat_from_a_hidden_model_is_refused_at_the_op(cheat, meter_kind):
+    meter, run = _guarded(cheat)
+    relay = nn.Identity()  # the cheat runs inside a module's forward hook
+    relay.register_forward_hook(lambda *args: run())
+    with pytest.raises(ForwardOnlyViolation, match=cheat), torch.inference_mode(), meter:
+        relay(torch.rand(2, 4))
+    assert cheat in meter.violation
+
+
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)  # the Python meter: the edge's seal, see test_guards
+@pytest.mark.parametrize("cheat", list(CHEATS))
+def test_each_cheat_from_a_thread_is_refused_by_the_cpp_meter(cheat, meter_kind):
+    """A thread does not carry the step's meter: its ops pass a callback on every thread, whose refusal is
+    remembered (PyTorch drops exceptions raised there) and raised by the edge when the step returns."""
+    meter, run = _guarded(cheat)
+    with torch.inference_mode(), meter:
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+    assert meter.violation is not None and cheat in meter.violation and "on a thread" in meter.violation
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_dispatch_mode_the_method_enters_does_not_hide_the_ops_it_runs(guard, meter_kind):
+    """Python code behind __torch_dispatch__ runs below the C++ meter's key, unseen: that meter refuses the step
+    (naming CEMABENCH_METER=python). The Python meter sees those ops (the method's mode is above it on the stack) and
+    refuses the optimizer step at the op."""
+    hidden = _hidden()
+
+    class Sneaky(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _optimizer(hidden, None)
+            return func(*args, **(kwargs or {}))
+
+    meter = ComputeMeter(guard=guard)
+    if meter_kind == "python" and not guard:  # the cloud's meter counts; it refuses nothing
+        with torch.inference_mode(), meter, Sneaky():
+            torch.rand(3) + 1
+        return
+    refusal = (ForwardOnlyViolation, "optimizer") if meter_kind == "python" else (MeterBlind, "CEMABENCH_METER=python")
+    with pytest.raises(refusal[0], match=refusal[1]), torch.inference_mode(), meter, Sneaky():
+        torch.rand(3) + 1
+
+
+def test_torch_func_transforms_are_counted_by_the_python_meter_and_refused_by_the_cpp_one(meter_kind):
+    x, w = torch.rand(8, 8), torch.rand(8, 8)
+
+    def step():
+        torch.func.grad(lambda w: (x @ w).sum())(w)
+
+    with FlopCounterMode(display=False) as reference:
+        step()
+    meter = ComputeMeter()
+    if meter_kind == "native":
+        with pytest.raises(MeterBlind, match="the cloud step ran"), meter:
+            step()
+    else:
+        with meter:
+            step()
+        assert meter.take() == reference.get_total_flops() == 2 * 2 * 8 * 8 * 8
+
+
+def test_a_thread_left_running_after_the_step_is_refused(meter_kind):
+    stop = threading.Event()
+    meter = ComputeMeter(guard=True)
+    worker = threading.Thread(target=stop.wait, name="keeps-computing")
+    with meter:
+        worker.start()
+    stop.set()
+    worker.join()
+    assert meter.violation is not None and "keeps-computing" in meter.violation
+
+
+def test_meters_nest_and_an_unbalanced_exit_is_refused():
+    if native.meter_module() is None:
+        pytest.fail(native._loaded["why"])
+    outer, inner = ComputeMeter(), ComputeMeter()
+    a = torch.rand(4, 4)
+    with outer:
+        a @ a
+        with inner:
+            a @ a
+        a @ a
+    assert outer.take() == 2 * 2 * 4 * 4 * 4 and inner.take() == 2 * 4 * 4 * 4
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(RuntimeError, match="order"):
+        outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    outer.__exit__(None, None, None)
+
+
+def test_an_unknown_meter_choice_is_one_line(monkeypatch):
+    monkeypatch.setenv("CEMABENCH_METER", "fast")
+    with pytest.raises(ValueError, match="choose one of auto, native, python"):
+        native.choice()
+
+
+def test_a_tensor_subclass_in_the_metered_code_is_refused_by_the_cpp_meter(meter_kind):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a = torch.rand(4, 4)
+    pair = TwoTensor(a, a.clone())
+    meter = ComputeMeter()
+    if meter_kind == "native":
+        with pytest.raises(MeterBlind, match="__torch_dispatch__"), meter:
+            pair @ pair
+    else:
+        with meter:
+            pair @ pair
+
+
+def test_where_the_cpp_meter_does_not_build_auto_says_so_and_native_is_exit_2(tmp_path, monkeypatch, capsys):
+    from cemabench.cli import main
+
+    broken = tmp_path / "native_meter.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.kind() == "python" and ComputeMeter().kind == "python"
+    err = capsys.readouterr().err
+    assert err.startswith("cemabench: counting FLOPs with the Python meter") and err.count("\n") == 1
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CEMABENCH_METER", "native")
+    assert main(["run", "--method", "source", "--domains", "fog"]) == 2
+    err = capsys.readouterr().err
+    assert "the C++ meter did not build" in err and "CEMABENCH_METER" in err and err.count("\n") == 1
+
+
+def test_replacing_a_method_of_the_cpp_meter_is_found(monkeypatch):
+    from cemabench.protocol import hygiene
+
+    built = native.meter_module()
+    assert built is not None and hygiene.replaced_harness_code() == []
+    monkeypatch.setattr(built.Meter, "enter", lambda self: None)
+    assert hygiene.replaced_harness_code() == [f"{built.__name__}.Meter.enter"]
