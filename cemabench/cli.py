@@ -6,7 +6,9 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import sys
+import textwrap
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +58,7 @@ def cmd_list(args) -> int:
             m = cls.mapping
             rows.append({"method": name, "paper": cls.paper, "selection": m.selection, "uploads": m.uploads,
                          "cloud": m.cloud, "download": m.download, "from": source})
-        print(pd.DataFrame(rows).fillna("").to_markdown(index=False))
+        _print_rows(rows)
         if broken:
             print(f"\n{len(broken)} broken method plugin(s), which cannot run until fixed:\n" + "\n".join(broken))
     elif args.what == "tables":
@@ -66,14 +68,30 @@ def cmd_list(args) -> int:
                  "setting": s.protocol.setting, "models (real data)": f"{s.real.edge} / {s.real.foundation}",
                  "--pair": ", ".join(s.real.pairs)}
                 for n in available_tables()]
-        print(pd.DataFrame(rows).to_markdown(index=False))
+        _print_rows(rows)
         _list_sweeps()
     else:
         rows = [{args.what[:-1]: name, "from": entry.dist.name if entry.dist else "?", "entry point": entry.value,
                  "about": _about(args.what, name)}
                 for name, entry in sorted(registry.available(args.what).items())]
-        print(pd.DataFrame(rows).to_markdown(index=False))
+        _print_rows(rows)
     return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    """Rows as a Markdown table where it fits the terminal (120 columns when not one), else one block per row (its
+    name, then its fields wrapped to the width): no line wider than the terminal, nothing cut."""
+    width = shutil.get_terminal_size((120, 24)).columns
+    frame = pd.DataFrame(rows).fillna("").astype(str)
+    table = frame.to_markdown(index=False)
+    if max(map(len, table.splitlines())) <= width:
+        print(table)
+        return
+    first, *rest = frame.columns
+    for record in frame.to_dict("records"):
+        fields = " · ".join(f"{c}: {record[c]}" for c in rest if record[c])
+        print(record[first])
+        print(textwrap.fill(fields, width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
 
 
 def _list_sweeps() -> None:
@@ -87,7 +105,7 @@ def _list_sweeps() -> None:
             for n in available_sweeps()]
     if rows:
         print("\nSweeps (run with `cemabench sweep NAME`):\n")
-        print(pd.DataFrame(rows).to_markdown(index=False))
+        _print_rows(rows)
 
 
 def _parse_option(text: str, flag: str = "--option", example: str = "lr=0.001") -> tuple[str, object]:
@@ -245,6 +263,14 @@ def _reproduce_inputs(args):
                              "pair": args.pair, "weights": args.weights}
 
 
+def _failed_midway(out: Path, error: OSError) -> int:
+    """An OS error while the table ran (a full disk, a folder made read-only): cells finished before it are kept."""
+    where = f"{error.filename}: " if error.filename else ""
+    print(f"cemabench: error while the table ran: {where}{error.strerror or error}; finished cells are kept under "
+          f"{out / 'cells'}: fix it and run the same command to resume", file=sys.stderr)
+    return EXIT_INCOMPLETE
+
+
 def _interrupted(out: Path) -> int:
     print(f"\ninterrupted: finished cells are kept under {out / 'cells'}; run the same command to resume",
           file=sys.stderr)
@@ -283,6 +309,8 @@ def cmd_reproduce(args) -> int:
                         progress=not args.no_progress, executor=args.executor, address=args.address, **options)
     except KeyboardInterrupt:
         return _interrupted(out)
+    except OSError as error:
+        return _failed_midway(out, error)
     wrote = _write_document(out, spec.name, doc, render(doc), args, (write_tradeoff_plot, f"{spec.name}.tradeoffs.png"),
                             terminal_summary(doc))
     print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
@@ -341,6 +369,8 @@ def cmd_sweep(args) -> int:
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     try:
         doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)
+    except OSError as error:
+        return _failed_midway(out, error)
     except KeyboardInterrupt:
         return _interrupted(out)
     written = _write_document(out, sweep.name, doc, render_sweep(doc), args, (plot_sweep, f"{sweep.name}.png"))

@@ -190,8 +190,8 @@ class CEMA(Method):
         dynamic_warmup: int | None = option(None, low=1)  # samples; None = fixed threshold (released config)
         dynamic_coeff: float = option(0.6, low=0, above=True)
         redundancy_margin: float | None = option(0.05, low=0)
-        edge_lr: float = option(0.0025, low=0, above=True)
-        foundation_lr: float = option(0.00025, low=0, above=True)
+        edge_lr: float = option(0.0025, low=0, above=True, high=1)
+        foundation_lr: float = option(0.00025, low=0, above=True, high=1)
         momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
         cloud_batch: int = option(32, low=1)

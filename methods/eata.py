@@ -73,7 +73,7 @@ class ETA(Method):
     class Options:
         entropy_margin: float = option(0.4, low=0, high=1)  # fraction of ln C
         redundancy_margin: float | None = option(0.05, low=0)
-        lr: float = option(0.00025, low=0, above=True)
+        lr: float = option(0.00025, low=0, above=True, high=1)  # an SGD step size: 1e300 would only diverge
         momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
         fisher_alpha: float = option(0.0, low=0)

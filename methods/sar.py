@@ -98,7 +98,7 @@ class SAR(Method):
         reset_threshold: float = option(0.2, low=0)
         reset_clears_ema: bool = False
         reset_clears_momentum: bool = False
-        lr: float = option(0.00025, low=0, above=True)
+        lr: float = option(0.00025, low=0, above=True, high=1)  # an SGD step size: 1e300 would only diverge
         momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
         frozen: tuple[str, ...] = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")

@@ -28,7 +28,7 @@ class Tent(Method):
 
     @dataclass
     class Options:
-        lr: float = option(0.00025, low=0, above=True)
+        lr: float = option(0.00025, low=0, above=True, high=1)  # an SGD step size: 1e300 would only diverge
         momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
 

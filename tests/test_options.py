@@ -19,12 +19,14 @@ from conftest import builtin_methods
     ("tent", "momentum=5", "option 'momentum' must be a number >= 0 and < 1, got 5"),
     ("confidence-offload", "threshold=2", "option 'threshold' must be a number >= 0 and <= 1, got 2"),
     ("cema", "entropy_max=nan", "option 'entropy_max' must be a number >= 0 and <= 1, got nan"),
-    ("tent", "lr=-1", "option 'lr' must be a number > 0, got -1"),
-    ("tent", "lr=nan", "option 'lr' must be a number > 0, got nan"),
-    ("tent", "lr=inf", "option 'lr' must be a number > 0, got inf"),
+    ("tent", "lr=-1", "option 'lr' must be a number > 0 and <= 1, got -1"),
+    ("tent", "lr=1e300", "option 'lr' must be a number > 0 and <= 1, got 1e+300"),
+    ("cema", "foundation_lr=2", "option 'foundation_lr' must be a number > 0 and <= 1, got 2"),
+    ("tent", "lr=nan", "option 'lr' must be a number > 0 and <= 1, got nan"),
+    ("tent", "lr=inf", "option 'lr' must be a number > 0 and <= 1, got inf"),
     ("cema", "cloud_batch=0", "option 'cloud_batch' must be an integer >= 1, got 0"),
     ("eata", "fisher_batch=0", "option 'fisher_batch' must be an integer >= 1, got 0"),
-    ("pseudo-label", "lr=0", "option 'lr' must be a number > 0, got 0"),  # a default override keeps Tent's bounds
+    ("pseudo-label", "lr=0", "option 'lr' must be a number > 0 and <= 1, got 0"),  # keeps Tent's bounds
     ("cotta", "restore_probability=1.5", "option 'restore_probability' must be a number >= 0 and <= 1"),
     ("lame", "knn=0", "option 'knn' must be an integer >= 1, got 0"),
 ])
@@ -41,7 +43,7 @@ def test_a_spec_with_a_negative_lr_is_refused_before_any_compute(capsys, tmp_pat
     spec.write_text('extends = "table2"\nname = "neg"\n[[add_methods]]\nname = "tent"\nlabel = "tent-neg"\n'
                     '[add_methods.options]\nlr = -0.001\n')
     assert main(["reproduce", str(spec), "--out", str(tmp_path / "out")]) == 2
-    assert "option 'lr' must be a number > 0, got -0.001" in capsys.readouterr().err
+    assert "option 'lr' must be a number > 0 and <= 1, got -0.001" in capsys.readouterr().err
     assert not (tmp_path / "out" / "cells").exists()
 
 
@@ -272,3 +274,43 @@ def test_option_types_are_checked_item_by_item_and_floats_stored_as_floats():
                           ({"lr": 10**400}, "option 'lr' must be float")]:
         with pytest.raises(UserError, match=words):
             parse_options(Typed, values, "p")
+
+
+def test_a_path_error_while_the_table_runs_is_exit_3_with_the_resume_hint(capsys, tmp_path, monkeypatch):
+    """Issue 23: an OS error raised mid-table (here the store's disk fills after the first cell) is not bad input:
+    exit 3, the finished cells kept, and how to resume."""
+    import errno
+
+    from cemabench.run.store import ResultStore as Store
+
+    spec = tmp_path / "two.toml"
+    spec.write_text('extends = "table2"\nname = "two"\nseeds = [0]\n[data]\ndomains = ["fog", "snow"]\n'
+                    '[[methods]]\nname = "source"\n')
+    put, calls = Store.put, []
+
+    def fills_up(self, key, record):
+        calls.append(key)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path(key)))
+        return put(self, key, record)
+
+    monkeypatch.setattr(Store, "put", fills_up)
+    assert main(["reproduce", str(spec), "--out", str(tmp_path / "out"), "--jobs", "1", "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same command to resume" in err and "Traceback" not in err
+    assert len(list((tmp_path / "out" / "cells").rglob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("what", ["methods", "datasets", "models", "tables"])
+@pytest.mark.parametrize("columns", [80, 120])
+def test_list_fits_the_terminal_and_cuts_nothing(what, columns, capsys, monkeypatch):
+    """Issue 23: `list methods` lines were 363 columns wide; wrapped, every name still appears whole."""
+    from cemabench import registry
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["list", what]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= columns
+    if what != "tables":
+        flat = out.replace(" ", "").replace("|", "").replace("\n", "")
+        assert all(name in flat for name in registry.available(what))

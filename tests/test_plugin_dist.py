@@ -26,7 +26,8 @@ def test_the_test_distribution_is_gone_without_the_fixture():
 def test_a_broken_plugin_is_listed_as_broken_and_the_rest_still_list(plugins, capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
-    assert "| tent " in out and "| readme-example " in out and "| bare " in out
+    listed = f"\n{out}".replace("| ", "\n").replace(" |", "\n").replace(" ", "\n")
+    assert "\ntent\n" in listed and "\nreadme-example\n" in listed and "\nbare\n" in listed
     broken = [line for line in out.splitlines() if line.startswith("- ")]
     assert broken == [
         ("- broken: the method plugin 'broken' from cemabench-test-plugins 0.0.0 failed to load "

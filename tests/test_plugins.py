@@ -77,7 +77,8 @@ def test_a_separately_installed_distribution_is_listed_and_runs(tmp_path):
 
     listing = cli("list", "methods")
     assert listing.returncode == 0
-    assert "| constant " in listing.stdout and "toy-cemabench-plugin" in listing.stdout and "| cema " in listing.stdout
+    listed = f"\n{listing.stdout}".replace("| ", "\n").replace(" |", "\n").replace(" ", "\n")
+    assert "\nconstant\n" in listed and "toy-cemabench-plugin" in listing.stdout and "\ncema\n" in listed
     run = cli("run", "--method", "constant", "--option", "label=3", "--domains", "fog")
     assert run.returncode == 0, run.stderr
     threes = (splits()["test"][1] == 3).mean() * 100

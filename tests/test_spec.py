@@ -138,3 +138,14 @@ def test_bad_extends_and_values_are_one_line_user_errors(tmp_path, capsys, files
     assert main(["reproduce", str(tmp_path / "a.toml"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_spec_that_extends_without_a_name_of_its_own_is_refused(tmp_path, capsys):
+    """Issue 23: it used to write OUT/table2.md for one domain, titled as the full table."""
+    from cemabench.cli import main
+
+    path = _write(tmp_path, "mine.toml", 'extends = "table2"\n[data]\ndomains = ["fog"]\n')
+    assert main(["reproduce", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "extends 'table2' but has no name of its own" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

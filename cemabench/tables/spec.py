@@ -178,7 +178,12 @@ def load_table(name_or_path: str) -> TableSpec:
     if "sweep" in raw:
         raise UserError(f"{name_or_path} is a sweep spec (it has a [sweep] table); run it with `cemabench sweep "
                         f"{name_or_path}`")
-    return replace(parse(raw, str(name_or_path)), origin=origin)
+    spec = parse(raw, str(name_or_path))
+    own, _, shown, _ = _read(str(name_or_path))
+    if "extends" in own and "name" not in own:  # it would write, and title, its cells as its parent's table
+        raise UserError(f"table spec {shown} extends {own['extends']!r} but has no name of its own: add "
+                        f"name = \"...\" (without it, its files would be written and titled as {spec.name!r})")
+    return replace(spec, origin=origin)
 
 
 def published_uploads(spec: TableSpec) -> list[dict]:
