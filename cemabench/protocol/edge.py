@@ -144,19 +144,19 @@ class ForwardOnlyEdge:
             decision = self.step(x, num_classes, checks)
             checks.read()
             return decision
+        refusals = self.meter.refusals  # a count that only grows: code that catches a refusal is still refused
         try:
             with torch.inference_mode(), self.meter:
                 decision = self.logic.step(self.model, x)
         except RuntimeError as error:
             if _raised_by_autograd(error):  # torch refused the backward pass itself: the edge has no graph
-                self.meter.violation = self.meter.violation or f"its logic called autograd ({error})"
+                self.meter.refuse_later(f"its logic called autograd ({error})")
             raise
         finally:
-            violation, self.meter.violation = self.meter.violation, None
-            if violation is not None:
+            if self.meter.refusals != refusals:
                 raise ForwardOnlyViolation(
-                    f"the edge is forward-only, but {violation}. Train a replica in the method's CloudLogic and send "
-                    f"the new parameters down instead.")
+                    f"the edge is forward-only, but {self.meter.refusal(refusals)}. Train a replica in the method's "
+                    f"CloudLogic and send the new parameters down instead.")
         params = self._parameters()
         changed = self._changed(values=False, params=params)
         if changed:
@@ -183,14 +183,14 @@ class ForwardOnlyEdge:
 
         self.meter.protect({n: p for n, p in self._parameters().items() if not named(n)})  # the others stay sealed
         self.meter.phase = "the edge's receive"
+        refusals = self.meter.refusals
         try:
             with torch.no_grad(), self.meter:
                 self.logic.receive(self.model, download)
         finally:
             self.meter.phase = "the edge step"
-            violation, self.meter.violation = self.meter.violation, None
-            if violation is not None:
-                raise ForwardOnlyViolation(f"the edge is forward-only, but {violation}. "
+            if self.meter.refusals != refusals:
+                raise ForwardOnlyViolation(f"the edge is forward-only, but {self.meter.refusal(refusals)}. "
                                            f"Train a replica in the method's CloudLogic and send the new parameters "
                                            f"down instead.")
         self.model.requires_grad_(False)

@@ -38,7 +38,14 @@ _FLAGS = {  # name: (read, write)
                          lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
 }
 
-CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes", "function modes")
+CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes", "function modes", "meters entered")
+
+
+def _meters_entered() -> int:
+    """How many C++ meters are entered (none outside a step); 0 where it is not loaded."""
+    native = sys.modules.get("cemabench.protocol.native")
+    built = native._loaded.get("module") if native is not None else None
+    return built.depth() if built is not None else 0
 
 
 def snapshot() -> dict:
@@ -48,6 +55,7 @@ def snapshot() -> dict:
     state["global module hooks"] = {name: tuple(getattr(_module, name, {})) for name in _HOOKS}
     state["dispatch modes"] = len(_get_current_dispatch_mode_stack())
     state["function modes"] = torch._C._len_torch_function_stack()
+    state["meters entered"] = _meters_entered()
     return state
 
 
@@ -68,6 +76,9 @@ def restore(before: dict) -> list[str]:
         kinds = [f"{len(added)} {name.removeprefix('_global_').replace('_', ' ')}" for name, added in hooks.items()
                  if added]
         changed.append("global module hooks left registered: " + ", ".join(kinds))
+    if after["meters entered"] != before["meters entered"]:
+        changed.append(f"{after['meters entered'] - before['meters entered']} meter(s) left entered")
+        sys.modules["cemabench.protocol.native"]._loaded["module"].reset()
     if after["inference mode"] != before["inference mode"]:
         changed.append(f"inference mode {after['inference mode']} (was {before['inference mode']}; cannot be undone "
                        f"from outside its context)")

@@ -48,21 +48,27 @@ _METADATA = {
 }
 _Tensor, _Parameter = torch.Tensor, nn.Parameter
 _autograd_node = torch._C._current_autograd_node
+_KERNELS_FOR_KEY = torch._C._dispatch_get_registrations_for_dispatch_key
 
 
 class _Op:
     """What the meter needs to know about an op, worked out once per op overload."""
 
-    __slots__ = ("name", "formula", "optimizer", "written", "whole", "aten", "metadata", "plain")
+    __slots__ = ("name", "formula", "optimizer", "backward", "written", "whole", "aten", "metadata", "plain",
+                 "cacheable")
 
     def __init__(self, func):
         self.name = func.name()
         self.formula = flop_registry.get(func._overloadpacket)
         short = self.name.split("::")[-1].split(".")[0]
         self.optimizer = short.startswith("_fused_") or (short.startswith("_foreach_") and short.endswith("_"))
-        # positions and keyword names of the arguments the op writes to (its ``Tensor(a!)`` arguments)
+        self.backward = "_backward" in short  # a gradient op called by name (a traced backward graph, say)
+        self.cacheable = "attention" not in short  # attention formulas read sequence lengths from tensor values
+        # positions and keyword names of the arguments the op writes to (its ``Tensor(a!)`` arguments, and batch
+        # norm's running statistics, which some of its schemas do not mark)
         self.written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
-                             if a.alias_info is not None and a.alias_info.is_write)
+                             if (a.alias_info is not None and a.alias_info.is_write)
+                             or a.name in ("running_mean", "running_var"))
         # only PyTorch's own composite ops have their decompositions cached; a plugin's op is decomposed every call
         self.aten = func.namespace == "aten"
         self.metadata = func in _METADATA
@@ -72,7 +78,8 @@ class _Op:
     def runs_whole(self, whole: bool) -> None:
         self.whole = whole
         # the fast path: nothing to count, nothing it writes, no optimizer; only a backward kernel to refuse
-        self.plain = whole and self.formula is None and not self.written and not self.optimizer and not self.metadata
+        self.plain = (whole and self.formula is None and not self.written and not self.optimizer and not self.metadata
+                      and not self.backward)
 
 
 _ops: dict = {}
@@ -128,7 +135,7 @@ _decomposed: dict = {}
 def _flops(func, op: _Op, args, kwargs, out) -> int:
     """``op.formula``'s count, looked up by shapes when this call's were seen before (torch's formulas walk every
     argument with pytree, which costs more than the op on a small model)."""
-    key = _call_key(func, args, kwargs, out=out)
+    key = _call_key(func, args, kwargs, out=out) if op.cacheable else None
     if key is None:  # an unhashable argument: count without the cache
         return int(op.formula(*args, **kwargs, out_val=out))
     flops = _counted.get(key)
@@ -138,81 +145,104 @@ def _flops(func, op: _Op, args, kwargs, out) -> int:
 
 
 def _count_native(name: str, overload: str, arguments: list, outputs: list) -> int:
-    """The C++ meter's call for an op with a formula: its FLOPs, by the formula (once per argument shapes)."""
+    """The C++ meter's call for an op with a formula: its FLOPs by the formula (the C++ side caches by shapes)."""
     func = getattr(getattr(getattr(torch.ops, name.split("::")[0]), name.split("::")[1]), overload or "default")
-    op = _ops.get(func)
-    if op is None:
-        op = _ops[func] = _Op(func)
     args, kwargs = [], {}
     for argument, value in zip(func._schema.arguments, arguments):
         if argument.kwarg_only:
             kwargs[argument.name] = value
         else:
             args.append(value)
-    return _flops(func, op, args, kwargs, outputs[0] if len(outputs) == 1 else tuple(outputs))
+    out = outputs[0] if len(outputs) == 1 else tuple(outputs)
+    return int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
 
 
 class ComputeMeter:
     """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
-    do. Enter it once per step (``with meter:``); ``flops`` accumulates until read, ``violation`` holds the first
-    refusal's message until cleared, ``phase`` names what runs in the refusals' messages."""
+    do. Enter it once per step (``with meter:``); :meth:`take` returns the FLOPs since the last ``take``.
+    ``refusals`` counts the refusals so far and :meth:`refusal` says what each was (neither can be reset: an owner
+    compares the count before and after a step), ``phase`` names what runs, in the refusals' messages."""
 
     def __init__(self, guard: bool = False):
         self.guard = guard
         native = meter_module()
         self.kind = "python" if native is None else "native"
-        self._meter = _DispatchMeter(guard) if native is None else native.Meter(guard, _count_native,
-                                                                                  ForwardOnlyViolation)
-        self.phase = "the edge step" if guard else "the cloud step"
+        phase = "the edge step" if guard else "the cloud step"
+        self._meter = (_DispatchMeter(guard, phase) if native is None
+                       else native.Meter(guard, phase, _count_native, ForwardOnlyViolation))
+        self._taken = 0
 
-    flops = property(lambda self: self._meter.flops, lambda self, value: setattr(self._meter, "flops", value))
-    violation = property(lambda self: self._meter.violation,
-                         lambda self, value: setattr(self._meter, "violation", value))
-    phase = property(lambda self: self._meter.phase, lambda self, value: setattr(self._meter, "phase", value))
+    phase = property(lambda self: self._meter.phase, lambda self, value: self._meter.set_phase(value))
+    refusals = property(lambda self: self._meter.refusals)
+
+    def refusal(self, number: int) -> str:
+        """The message of refusal ``number`` (0 is the first; the latest 64 are kept)."""
+        return self._meter.refusal(number)
+
+    def refuse_later(self, message: str) -> None:
+        """Count a refusal its owner found (a thread left running, autograd refused by torch itself)."""
+        self._meter.refuse_later(message)
 
     def protect(self, parameters: dict) -> None:
-        """Refuse in-place writes into the storage of these named tensors (and of any view of them)."""
+        """Refuse in-place writes into these named tensors' memory: through any view (both meters) or any alias at an
+        offset, such as a DLPack import (the C++ meter compares address ranges)."""
         self._meter.protect(list(parameters.items()))
 
     def __enter__(self):
         if self.guard:
             self._threads = set(threading.enumerate())
+        self._blinds = self._meter.blinds
         self._meter.enter()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._meter.exit()
-        blind = getattr(self._meter, "blind", None)
-        if blind is not None:
-            self._meter.blind = None
-            if exc_info[0] is None:
-                raise MeterBlind(f"{self.phase} ran {blind} behind a Python __torch_dispatch__ (a dispatch mode or a "
-                                 f"tensor subclass) or under a torch.func transform, where the C++ meter cannot count "
-                                 f"or guard every op; run it with CEMABENCH_METER=python")
+        replaced = _KERNELS_FOR_KEY("TESTING_ONLY_GenericMode") if self.kind == "native" else ()
+        if replaced and exc_info[0] is None:  # a kernel for one op beats the meter's fallback for every op
+            raise MeterBlind(f"{self.phase} ran with kernels registered for the C++ meter's dispatch key "
+                             f"({', '.join(sorted(replaced)[:3])}), which take those ops out of the meter")
+        if self._meter.blinds != self._blinds and exc_info[0] is None:
+            raise MeterBlind(f"{self.phase} ran {self._meter.last_blind} behind a Python __torch_dispatch__ (a "
+                             f"dispatch mode or a tensor subclass), under a torch.func transform or with forward-mode "
+                             f"AD, where the C++ meter cannot count or guard every op; run it with "
+                             f"CEMABENCH_METER=python")
         if self.guard:  # a thread still running would compute, unguarded, after the guarded code returned
             left = [t.name for t in threading.enumerate() if t not in self._threads and t.is_alive()]
-            if left and self.violation is None:
-                self.violation = (f"{self.phase} returned with thread(s) it started still running "
+            if left:
+                self.refuse_later(f"{self.phase} returned with thread(s) it started still running "
                                   f"({', '.join(left[:3])}); join every thread before returning")
 
     def take(self) -> int:
         """The FLOPs counted since the last ``take``."""
-        flops, self.flops = self.flops, 0
+        total = self._meter.flops
+        flops, self._taken = total - self._taken, total
         return flops
 
 
 class _DispatchMeter(TorchDispatchMode):
     """The meter as a Python dispatch mode, where the C++ one does not build (see the module's docstring)."""
 
-    def __init__(self, guard: bool):
+    def __init__(self, guard: bool, phase: str):
         super().__init__()
         self.guard = guard
         self.flops = 0
         self.protected: dict[int, str] = {}  # storage address -> name of each parameter no op may write to
-        self.violation: str | None = None
+        self.refusals, self.recent = 0, {}
+        self.blinds, self.last_blind = 0, ""  # it sees every op: never blind
         self.writes = 0  # ops run inside that were an optimizer's or wrote into a parameter or a protected tensor
         self.decomposing = 0  # depth of the composite ops being decomposed: only there do unguarded writes matter
-        self.phase = "the edge step"  # what runs under the guard, for its messages
+        self.phase = phase  # what runs under the guard, for its messages
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def refuse_later(self, message: str) -> None:
+        self.recent[self.refusals] = message
+        self.recent.pop(self.refusals - 64, None)
+        self.refusals += 1
+
+    def refusal(self, number: int) -> str:
+        return self.recent.get(number) or (self.recent[min(self.recent)] if self.recent else "")
 
     def protect(self, parameters: list) -> None:
         self.protected = {ptr: name for name, ptr in ((n, _storage(t)) for n, t in parameters) if ptr}
@@ -224,13 +254,13 @@ class _DispatchMeter(TorchDispatchMode):
         self.__exit__(None, None, None)
 
     def _refuse(self, message: str):
-        self.violation = self.violation or message
+        self.refuse_later(message)
         raise ForwardOnlyViolation(message)
 
     def _check(self, op: _Op, args, kwargs) -> None:
         """With the guard, refuse what a forward-only device cannot run; always, count the ops that a cached
         decomposition may not skip (optimizer ops, writes into a parameter or a protected tensor)."""
-        if self.guard and _autograd_node() is not None:
+        if self.guard and (_autograd_node() is not None or op.backward):
             self._refuse(f"a backward kernel ({op.name}) ran during {self.phase}")
         if op.optimizer:
             self.writes += 1
@@ -240,11 +270,11 @@ class _DispatchMeter(TorchDispatchMode):
             target = args[position] if position < len(args) else kwargs.get(keyword)
             for t in target if isinstance(target, (list, tuple)) else (target,):
                 hit = self.protected.get(_storage(t))
-                parameter = isinstance(t, torch.nn.Parameter)
-                self.writes += hit is not None or parameter
+                graded = isinstance(t, torch.Tensor) and t.is_leaf and t.grad is not None
+                self.writes += hit is not None or isinstance(t, torch.nn.Parameter) or graded
                 if self.guard and hit is not None:
                     self._refuse(f"{op.name} wrote into the edge parameter {hit} during {self.phase}")
-                if self.guard and parameter and t.grad is not None:
+                if self.guard and graded:
                     self._refuse(f"{op.name} updated a parameter from its gradient (an optimizer step, on a model "
                                  f"kept beside the edge?) during {self.phase}")
 

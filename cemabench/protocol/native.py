@@ -56,7 +56,7 @@ def _import(name: str, path: Path):
 def _build():
     """Import the built meter, building it first if no process has (one builds at a time, under a lock the system
     drops if the builder dies; each builds in its own folder and moves the result into place whole)."""
-    identity = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode()
+    identity = SOURCE.read_bytes() + f"{torch.__version__} {sys.version} {' '.join(FLAGS)}".encode()
     digest = hashlib.sha256(identity).hexdigest()[:12]
     name = f"cemabench_meter_{digest}"
     directory = _directory()

@@ -9,18 +9,24 @@
 // with the key still included) and runs every other aten op below itself with the key excluded. It therefore sees
 // the ops a Python dispatch mode sees after decomposing composite ops, which is what the Python meter counts.
 //
-// Per op: with a guard, refuse a backward kernel (an autograd node is running), an optimizer kernel (_foreach_*_ and
-// _fused_*) and an in-place write into a protected storage or into a leaf that holds a gradient; count the ops that
-// have a FLOP formula in torch.utils.flop_counter (their names are given by Python) by calling back into Python with
-// the op's arguments and outputs, where the formula runs (once per argument shapes). Nothing else crosses into
-// Python. A refusal raises the Python exception class given at entry, with the same message as the Python meter's.
+// Per op: with a guard (any entered meter that guards), refuse a backward kernel (an autograd node is running, or an
+// op named *_backward*), an optimizer kernel (_foreach_*_ and _fused_*) and an in-place write into a protected
+// storage (any address range of it) or into a leaf that holds a gradient; every entered meter counts the ops that
+// have a FLOP formula in torch.utils.flop_counter (their names are given by Python, once) by calling back into
+// Python with the op's arguments and outputs, where the formula runs (once per argument shapes). Nothing else
+// crosses into Python. A refusal raises the Python exception class given at construction, with the same message as
+// the Python meter's, and is counted: the counts and messages can only grow, so code that catches the exception is
+// still refused when its step ends.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/node.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -34,7 +40,9 @@ constexpr auto kKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
 struct OpInfo {
   std::string name;  // "aten::mm.out"
   bool formula = false;
+  bool cacheable = true;  // its formula reads only shapes and scalars (attention formulas read tensor values)
   bool optimizer = false;
+  bool backward = false;
   bool transparent = false;  // composite or outside aten: the ops inside stay visible
   std::vector<size_t> written;  // positions of the arguments it writes to
   size_t arguments = 0;
@@ -42,20 +50,201 @@ struct OpInfo {
 
 struct Meter {
   bool guard = false;
-  int64_t flops = 0;
-  std::unordered_map<const void*, std::string> protected_storages;
-  std::string phase = "the edge step";
-  std::string violation;
-  std::string blind;  // the first op that ran where this meter cannot see (see `hidden_keys`)
-  int64_t entry_modes = 0;  // Python dispatch modes entered before this meter: the caller's, outside what it meters
+  std::string phase;
   py::object count;  // Python: (name, overload, arguments, outputs) -> FLOPs
   py::object error;  // the exception class a refusal raises
+  std::mutex mutex;  // guards what follows: backward may run on the engine's threads
+  int64_t flops = 0;  // only grows; the harness reads differences
+  int64_t refusals = 0, blinds = 0;  // only grow
+  std::map<int64_t, std::string> recent;  // the latest refusals' messages by their number (at most 64)
+  std::string last_blind;
+  std::map<uintptr_t, std::pair<uintptr_t, std::string>> protected_ranges;  // start -> (end, name)
+  int64_t entry_modes = 0;  // Python dispatch modes entered before this meter: the caller's, outside what it meters
 };
+using MeterPtr = std::shared_ptr<Meter>;
 
-std::unordered_set<std::string> formula_names;  // set before any meter is entered
+std::once_flag formulas_set;
+std::unordered_set<std::string> formula_names;  // set once, before any meter is built
 
-// FLOPs by (op, argument and output shapes and values): a formula depends on nothing else (as the Python meter's
-// cache). A key is a flat list of tagged integers; an argument of another kind makes a call uncacheable.
+std::mutex ops_mutex;
+std::unordered_map<const void*, OpInfo> ops;  // never cleared: references into it stay valid
+
+// The entered meters, innermost last, each with the thread-local inclusion of the key it replaced.
+std::mutex stack_mutex;
+std::vector<std::pair<MeterPtr, bool>> entered;
+using Active = c10::SmallVector<MeterPtr, 4>;
+
+Active active_meters() {
+  std::lock_guard<std::mutex> lock(stack_mutex);
+  Active out;
+  for (const auto& e : entered) out.push_back(e.first);
+  return out;
+}
+
+const OpInfo& info(const c10::OperatorHandle& op) {
+  const void* key = &op.schema();
+  std::lock_guard<std::mutex> lock(ops_mutex);
+  auto found = ops.find(key);
+  if (found != ops.end()) return found->second;
+  OpInfo i;
+  const auto& schema = op.schema();
+  const auto& base = schema.operator_name().name;
+  i.name = base + (schema.overload_name().empty() ? "" : "." + schema.overload_name());
+  i.formula = formula_names.count(base) > 0;
+  i.cacheable = base.find("attention") == std::string::npos;
+  auto colons = base.find("::");
+  std::string space = base.substr(0, colons), shrt = base.substr(colons + 2);
+  i.optimizer = shrt.rfind("_fused_", 0) == 0 || (shrt.rfind("_foreach_", 0) == 0 && shrt.back() == '_');
+  i.backward = shrt.find("_backward") != std::string::npos;
+  i.transparent = space != "aten" || op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
+  i.arguments = schema.arguments().size();
+  for (size_t a = 0; a < schema.arguments().size(); ++a) {
+    const auto& argument = schema.arguments()[a];
+    const auto& alias = argument.alias_info();
+    // batch norm's running statistics are updated in place, though some of its schemas do not say so
+    bool statistics = argument.name() == "running_mean" || argument.name() == "running_var";
+    if ((alias && alias->isWrite()) || statistics) i.written.push_back(a);
+  }
+  return ops.emplace(key, std::move(i)).first->second;
+}
+
+void note(Meter& m, const std::string& message) {  // with m.mutex held
+  m.recent[m.refusals++] = message;
+  if (m.recent.size() > 64) m.recent.erase(m.recent.begin());
+}
+
+void remember(const Active& meters, const std::string& message) {
+  for (const auto& m : meters) {
+    if (!m->guard) continue;
+    std::lock_guard<std::mutex> lock(m->mutex);
+    note(*m, message);
+  }
+}
+
+[[noreturn]] void refuse(const Active& meters, const MeterPtr& guard, const std::string& message) {
+  remember(meters, message);
+  py::gil_scoped_acquire gil;
+  PyErr_SetString(guard->error.ptr(), message.c_str());
+  throw py::error_already_set();
+}
+
+std::pair<uintptr_t, uintptr_t> range_of(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage() || t.storage().data() == nullptr) return {0, 0};
+  auto start = reinterpret_cast<uintptr_t>(t.storage().data());
+  return {start, start + t.storage().nbytes()};
+}
+
+// The name of a protected tensor whose memory overlaps this tensor's storage, or nullptr.
+const std::string* protected_name(const MeterPtr& m, const at::Tensor& t) {
+  auto [start, end] = range_of(t);
+  if (start == end) return nullptr;
+  auto next = m->protected_ranges.upper_bound(start);
+  if (next != m->protected_ranges.end() && next->first < end) return &next->second.second;
+  if (next != m->protected_ranges.begin()) {
+    auto before = std::prev(next);
+    if (before->second.first > start) return &before->second.second;
+  }
+  return nullptr;
+}
+
+// The guard's refusal for an op with these arguments, or "" (``where`` follows the op's name: "" or " on a thread").
+std::string guard_refusal(const MeterPtr& m, const OpInfo& i, c10::ArrayRef<c10::IValue> arguments,
+                          const char* where) {
+  if (torch::autograd::get_current_node() != nullptr || i.backward)
+    return "a backward kernel (" + i.name + ")" + where + " ran during " + m->phase;
+  if (i.optimizer) return "an optimizer kernel (" + i.name + ")" + where + " ran during " + m->phase;
+  for (size_t a : i.written) {
+    if (a >= arguments.size()) continue;
+    const auto& v = arguments[a];
+    std::vector<at::Tensor> targets;
+    if (v.isTensor()) targets.push_back(v.toTensor());
+    if (v.isTensorList()) targets = v.toTensorList().vec();
+    for (const at::Tensor& t : targets) {
+      if (!t.defined()) continue;
+      if (const std::string* hit = protected_name(m, t))
+        return i.name + where + " wrote into the edge parameter " + *hit + " during " + m->phase;
+      if (t.is_leaf() && t.grad().defined())
+        return i.name + where + " updated a parameter from its gradient (an optimizer step, on a model kept beside "
+               "the edge?) during " + m->phase;
+    }
+  }
+  return "";
+}
+
+MeterPtr guarding(const Active& meters) {
+  for (auto it = meters.rbegin(); it != meters.rend(); ++it) {
+    if ((*it)->guard) return *it;
+  }
+  return nullptr;
+}
+
+// A thread the method's code started does not carry the meter's key, and code can exclude the key on its own
+// thread: while a guarding meter is entered, every op on every thread passes this RecordFunction callback, which
+// refuses there what the fallback refuses where it sees the op. Exceptions thrown from such a callback are dropped by
+// PyTorch, so the refusal is counted, and the meter's owner raises it when the step ends.
+std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
+  bool seen = c10::impl::tls_is_dispatch_key_included(kKey) && !c10::impl::tls_is_dispatch_key_excluded(kKey);
+  if (seen) return nullptr;
+  auto name = fn.operator_name();
+  if (!name) return nullptr;
+  auto op = c10::Dispatcher::singleton().findOp(*name);
+  if (!op) return nullptr;
+  Active meters = active_meters();
+  MeterPtr guard = guarding(meters);
+  if (guard == nullptr) return nullptr;
+  const char* where = c10::impl::tls_is_dispatch_key_included(kKey) ? " below the meter" : " on a thread";
+  std::string refusal = guard_refusal(guard, info(*op), fn.inputs(), where);
+  if (!refusal.empty()) remember(meters, refusal);
+  return nullptr;
+}
+at::CallbackHandle thread_callback = 0;
+
+// Where the ops that code runs pass below this key or more than once: Python code behind __torch_dispatch__ (a
+// dispatch mode, a tensor subclass) runs with every key above Python excluded, torch.func's transforms redispatch
+// an op once per level, and forward-mode AD computes tangents inside the Autograd kernel, below the key. The Python
+// meter, a dispatch mode itself, sees all three; this one says it cannot. A dispatch mode entered before the meter
+// (the caller's instrument, outside the metered code) sees the metered ops after the meter has: only the ops its
+// own handler runs are not metered, and they are not the metered code's.
+bool hidden_python(int64_t entry_modes, const torch::jit::Stack* stack, size_t arguments) {
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > entry_modes) return true;
+  auto python = c10::DispatchKeySet(c10::DispatchKey::Python);
+  for (size_t a = stack->size() - arguments; a < stack->size(); ++a) {
+    const auto& v = (*stack)[a];
+    if (v.isTensor() && v.toTensor().defined() && !(v.toTensor().key_set() & python).empty()) return true;
+    if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList()) {
+        if (t.defined() && !(t.key_set() & python).empty()) return true;
+      }
+    }
+  }
+  return false;
+}
+
+bool has_tangent(const torch::jit::Stack* stack, size_t arguments) {
+  for (size_t a = stack->size() - arguments; a < stack->size(); ++a) {
+    const auto& v = (*stack)[a];
+    if (v.isTensor() && v.toTensor().defined() && v.toTensor()._fw_grad(0).defined()) return true;
+  }
+  return false;
+}
+
+const c10::DispatchKeySet hidden_keys({c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+                                       c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+                                       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
+                                       c10::DispatchKey::FuncTorchVmapMode, c10::DispatchKey::Batched,
+                                       c10::DispatchKey::VmapMode, c10::DispatchKey::Functionalize,
+                                       c10::DispatchKey::PreDispatch, c10::DispatchKey::PythonDispatcher});
+
+void blind(const Active& meters, const std::string& what) {
+  for (const auto& m : meters) {
+    std::lock_guard<std::mutex> lock(m->mutex);
+    ++m->blinds;
+    m->last_blind = what;
+  }
+}
+
+// FLOPs by (op, argument and output shapes and values): a formula depends on nothing else. A key is a flat list of
+// tagged integers; an argument of another kind makes a call uncacheable.
 struct KeyHash {
   size_t operator()(const std::vector<int64_t>& k) const {
     size_t h = k.size();
@@ -114,161 +303,11 @@ bool add_key(std::vector<int64_t>& key, const c10::IValue& v) {
   }
   return true;
 }
-std::mutex ops_mutex;
-std::unordered_map<const void*, OpInfo> ops;
-std::mutex meter_mutex;  // guards flops and violation: backward may run on the engine's threads
-Meter* active = nullptr;
-std::vector<std::pair<Meter*, bool>> entered;  // what enter() replaced, for exit()
 
-const OpInfo& info(const c10::OperatorHandle& op) {
-  const void* key = &op.schema();
-  std::lock_guard<std::mutex> lock(ops_mutex);
-  auto found = ops.find(key);
-  if (found != ops.end()) return found->second;
-  OpInfo i;
-  const auto& schema = op.schema();
-  const auto& base = schema.operator_name().name;
-  i.name = base + (schema.overload_name().empty() ? "" : "." + schema.overload_name());
-  i.formula = formula_names.count(base) > 0;
-  auto colons = base.find("::");
-  std::string space = base.substr(0, colons), shrt = base.substr(colons + 2);
-  auto ends = [&](const std::string& s) { return !shrt.empty() && shrt.back() == '_'; };
-  i.optimizer = shrt.rfind("_fused_", 0) == 0 || (shrt.rfind("_foreach_", 0) == 0 && ends(shrt));
-  i.transparent = space != "aten" || op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
-  i.arguments = schema.arguments().size();
-  for (size_t a = 0; a < schema.arguments().size(); ++a) {
-    const auto& alias = schema.arguments()[a].alias_info();
-    if (alias && alias->isWrite()) i.written.push_back(a);
-  }
-  return ops.emplace(key, std::move(i)).first->second;
-}
-
-void remember(Meter* m, const std::string& message) {
-  std::lock_guard<std::mutex> lock(meter_mutex);
-  if (m->violation.empty()) m->violation = message;
-}
-
-[[noreturn]] void refuse(Meter* m, const std::string& message) {
-  remember(m, message);
-  py::gil_scoped_acquire gil;
-  PyErr_SetString(m->error.ptr(), message.c_str());
-  throw py::error_already_set();
-}
-
-const void* storage_of(const at::Tensor& t) {
-  if (!t.defined() || !t.has_storage()) return nullptr;
-  return t.storage().data_ptr().get();
-}
-
-// The guard's refusal for an op with these arguments, or "" (``where`` follows the op's name: "" or " on a thread").
-std::string guard_refusal(Meter* m, const OpInfo& i, c10::ArrayRef<c10::IValue> arguments, const char* where) {
-  if (torch::autograd::get_current_node() != nullptr)
-    return "a backward kernel (" + i.name + ")" + where + " ran during " + m->phase;
-  if (i.optimizer) return "an optimizer kernel (" + i.name + ")" + where + " ran during " + m->phase;
-  for (size_t a : i.written) {
-    if (a >= arguments.size()) continue;
-    const auto& v = arguments[a];
-    std::vector<at::Tensor> targets;
-    if (v.isTensor()) targets.push_back(v.toTensor());
-    if (v.isTensorList()) targets = v.toTensorList().vec();
-    for (const at::Tensor& t : targets) {
-      const void* s = storage_of(t);
-      auto hit = m->protected_storages.find(s);
-      if (s != nullptr && hit != m->protected_storages.end())
-        return i.name + where + " wrote into the edge parameter " + hit->second + " during " + m->phase;
-      if (t.defined() && t.requires_grad() && t.is_leaf() && t.grad().defined())
-        return i.name + where + " updated a parameter from its gradient (an optimizer step, on a model kept beside "
-               "the edge?) during " + m->phase;
-    }
-  }
-  return "";
-}
-
-// A thread the method's code started does not carry the meter's key: while a guarding meter is entered, every op on
-// every thread passes this RecordFunction callback, which refuses on the others what the fallback refuses on the
-// metered ones. Exceptions thrown from such a callback are dropped by PyTorch, so the refusal is remembered, and the
-// meter raises it when it is left.
-std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
-  Meter* m = active;
-  if (m == nullptr || !m->guard || c10::impl::tls_is_dispatch_key_included(kKey)) return nullptr;
-  auto name = fn.operator_name();
-  if (!name) return nullptr;
-  auto op = c10::Dispatcher::singleton().findOp(*name);
-  if (!op) return nullptr;
-  std::string refusal = guard_refusal(m, info(*op), fn.inputs(), " on a thread");
-  if (!refusal.empty()) remember(m, refusal);
-  return nullptr;
-}
-at::CallbackHandle thread_callback = 0;
-
-void count(Meter* m, const c10::OperatorHandle& op, torch::jit::Stack* stack, const OpInfo& i,
-           c10::DispatchKeySet below, bool nested);
 thread_local int inside_formula = 0;  // formula ops running below this thread's meter, visible ops inside them
 
-// Where the ops that code runs pass below this key or more than once: Python code behind __torch_dispatch__ (a
-// dispatch mode, a tensor subclass) runs with every key above Python excluded, and torch.func's transforms redispatch
-// an op once per level. The Python meter, a dispatch mode itself, handles both; this one says it cannot. A dispatch
-// mode entered before the meter (the caller's instrument, outside the metered code) sees the metered ops after the
-// meter has: only the ops its own handler runs are not metered, and they are not the metered code's.
-bool hidden_python(Meter* m, const torch::jit::Stack* stack, size_t arguments) {
-  if (c10::impl::TorchDispatchModeTLS::stack_len() > m->entry_modes) return true;
-  auto python = c10::DispatchKeySet(c10::DispatchKey::Python);
-  for (size_t a = stack->size() - arguments; a < stack->size(); ++a) {
-    const auto& v = (*stack)[a];
-    if (v.isTensor() && v.toTensor().defined() && !(v.toTensor().key_set() & python).empty()) return true;
-    if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList()) {
-        if (t.defined() && !(t.key_set() & python).empty()) return true;
-      }
-    }
-  }
-  return false;
-}
-
-const c10::DispatchKeySet hidden_keys({c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-                                       c10::DispatchKey::FuncTorchDynamicLayerBackMode,
-                                       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
-                                       c10::DispatchKey::FuncTorchVmapMode, c10::DispatchKey::Batched,
-                                       c10::DispatchKey::VmapMode, c10::DispatchKey::Functionalize,
-                                       c10::DispatchKey::PreDispatch, c10::DispatchKey::PythonDispatcher});
-
-void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const OpInfo& i = info(op);
-  Meter* m = active;
-  if (m != nullptr && m->blind.empty()) {
-    bool python = keys.has(c10::DispatchKey::Python) && hidden_python(m, stack, i.arguments);
-    if (python || !(keys & hidden_keys).empty()) {
-      std::lock_guard<std::mutex> lock(meter_mutex);
-      m->blind = i.name + " (dispatch keys " + c10::toString(keys & (hidden_keys | c10::DispatchKeySet(
-                                                                        c10::DispatchKey::Python))) + ")";
-    }
-  }
-  auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey);
-  if (m != nullptr && m->guard) {
-    std::string refusal = guard_refusal(m, i, c10::ArrayRef<c10::IValue>(*stack).slice(stack->size() - i.arguments), "");
-    if (!refusal.empty()) refuse(m, refusal);
-  }
-  // A composite op, an op outside aten, or any op while Python code can run inside it (a tensor subclass's or a
-  // dispatch mode's __torch_dispatch__): the ops it issues stay visible, and a formula op's count is its own, not
-  // also that of the formula ops it runs inside (the outermost counts, as in the Python meter).
-  if (i.transparent || keys.has(c10::DispatchKey::Python)) {
-    if (m == nullptr || !i.formula || inside_formula > 0) {
-      op.redispatchBoxed(below, stack);
-      return;
-    }
-    count(m, op, stack, i, below, true);
-    return;
-  }
-  c10::impl::ExcludeDispatchKeyGuard hide(kKey);
-  if (m == nullptr || !i.formula || inside_formula > 0) {
-    op.redispatchBoxed(below, stack);
-    return;
-  }
-  count(m, op, stack, i, below, false);
-}
-
-// Run a formula op below the meter and add its FLOPs.
-void count(Meter* m, const c10::OperatorHandle& op, torch::jit::Stack* stack, const OpInfo& i,
+// Run a formula op below the meter and add its FLOPs to every entered meter.
+void count(const Active& meters, const c10::OperatorHandle& op, torch::jit::Stack* stack, const OpInfo& i,
            c10::DispatchKeySet below, bool nested) {
   std::vector<c10::IValue> arguments(stack->end() - i.arguments, stack->end());
   if (nested) {
@@ -283,29 +322,68 @@ void count(Meter* m, const c10::OperatorHandle& op, torch::jit::Stack* stack, co
   const auto& schema = op.schema();
   size_t returns = schema.returns().size();
   std::vector<int64_t> key{reinterpret_cast<int64_t>(&schema)};
-  bool cacheable = true;
+  bool cacheable = i.cacheable;
   for (const auto& v : arguments) cacheable = cacheable && add_key(key, v);
   for (size_t r = stack->size() - returns; r < stack->size(); ++r) cacheable = cacheable && add_key(key, (*stack)[r]);
+  int64_t flops = -1;
   if (cacheable) {
     std::lock_guard<std::mutex> lock(counted_mutex);
     auto found = counted.find(key);
-    if (found != counted.end()) {
-      std::lock_guard<std::mutex> lock2(meter_mutex);
-      m->flops += found->second;
-      return;
+    if (found != counted.end()) flops = found->second;
+  }
+  if (flops < 0) {
+    py::gil_scoped_acquire gil;
+    py::list args, outs;
+    for (const auto& v : arguments) args.append(torch::jit::toPyObject(v));
+    for (size_t r = stack->size() - returns; r < stack->size(); ++r) outs.append(torch::jit::toPyObject((*stack)[r]));
+    flops = meters.back()->count(schema.operator_name().name, schema.overload_name(), args, outs).cast<int64_t>();
+    if (cacheable) {
+      std::lock_guard<std::mutex> lock(counted_mutex);
+      counted.emplace(std::move(key), flops);
     }
   }
-  py::gil_scoped_acquire gil;
-  py::list args, outs;
-  for (const auto& v : arguments) args.append(torch::jit::toPyObject(v));
-  for (size_t r = stack->size() - returns; r < stack->size(); ++r) outs.append(torch::jit::toPyObject((*stack)[r]));
-  int64_t flops = m->count(schema.operator_name().name, schema.overload_name(), args, outs).cast<int64_t>();
-  if (cacheable) {
-    std::lock_guard<std::mutex> lock(counted_mutex);
-    counted.emplace(std::move(key), flops);
+  for (const auto& m : meters) {
+    std::lock_guard<std::mutex> lock(m->mutex);
+    m->flops += flops;
   }
-  std::lock_guard<std::mutex> lock(meter_mutex);
-  m->flops += flops;
+}
+
+void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const OpInfo& i = info(op);
+  Active meters = active_meters();
+  auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey);
+  if (meters.empty()) {
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  bool python = keys.has(c10::DispatchKey::Python) &&
+                hidden_python(meters.front()->entry_modes, stack, i.arguments);
+  if (python || !(keys & hidden_keys).empty() || (i.formula && has_tangent(stack, i.arguments))) {
+    blind(meters, i.name + " (dispatch keys " + c10::toString(keys & (hidden_keys | c10::DispatchKeySet(
+                                                                         c10::DispatchKey::Python))) + ")");
+  }
+  if (MeterPtr guard = guarding(meters)) {
+    std::string refusal = guard_refusal(guard, i, c10::ArrayRef<c10::IValue>(*stack).slice(stack->size() - i.arguments),
+                                        "");
+    if (!refusal.empty()) refuse(meters, guard, refusal);
+  }
+  // A composite op, an op outside aten, or any op while Python code can run inside it: the ops it issues stay
+  // visible, and a formula op's count is its own, not also that of the formula ops it runs inside (the outermost
+  // counts, as in the Python meter).
+  if (i.transparent || keys.has(c10::DispatchKey::Python)) {
+    if (!i.formula || inside_formula > 0) {
+      op.redispatchBoxed(below, stack);
+      return;
+    }
+    count(meters, op, stack, i, below, true);
+    return;
+  }
+  c10::impl::ExcludeDispatchKeyGuard hide(kKey);
+  if (!i.formula || inside_formula > 0) {
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  count(meters, op, stack, i, below, false);
 }
 
 }  // namespace
@@ -316,55 +394,91 @@ TORCH_LIBRARY_IMPL(_, TESTING_ONLY_GenericMode, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_formulas", [](const std::vector<std::string>& names) {
-    std::lock_guard<std::mutex> lock(ops_mutex);
-    formula_names = std::unordered_set<std::string>(names.begin(), names.end());
-    ops.clear();
+    bool set = false;
+    std::call_once(formulas_set, [&] {
+      formula_names = std::unordered_set<std::string>(names.begin(), names.end());
+      set = true;
+    });
+    TORCH_CHECK(set, "cemabench: the meter's formulas are set once, when it is loaded");
   });
-  py::class_<Meter>(module, "Meter")
-      .def(py::init([](bool guard, py::object count, py::object error) {
-        auto m = new Meter();
+  module.def("depth", [] {
+    std::lock_guard<std::mutex> lock(stack_mutex);
+    return entered.size();
+  });
+  module.def("reset", [] {  // after a unit whose code left meters entered: none stays, on any thread
+    std::lock_guard<std::mutex> lock(stack_mutex);
+    entered.clear();
+    c10::impl::tls_set_dispatch_key_included(kKey, false);
+    if (thread_callback != 0) {
+      at::removeCallback(thread_callback);
+      thread_callback = 0;
+    }
+  });
+  py::class_<Meter, MeterPtr>(module, "Meter")
+      .def(py::init([](bool guard, std::string phase, py::object count, py::object error) {
+        auto m = std::make_shared<Meter>();
         m->guard = guard;
+        m->phase = std::move(phase);
         m->count = std::move(count);
         m->error = std::move(error);
         return m;
       }))
-      .def_readonly("guard", &Meter::guard)
-      .def_property("phase", [](const Meter& m) { return m.phase; },
-                    [](Meter& m, const std::string& p) { m.phase = p; })
-      .def_property("violation",
-                    [](const Meter& m) -> py::object {
-                      if (m.violation.empty()) return py::none();
-                      return py::str(m.violation);
-                    },
-                    [](Meter& m, py::object v) { m.violation = v.is_none() ? "" : v.cast<std::string>(); })
-      .def_property("blind",
-                    [](const Meter& m) -> py::object {
-                      if (m.blind.empty()) return py::none();
-                      return py::str(m.blind);
-                    },
-                    [](Meter& m, py::object v) { m.blind = v.is_none() ? "" : v.cast<std::string>(); })
-      .def_property("flops", [](const Meter& m) { return m.flops; }, [](Meter& m, int64_t f) { m.flops = f; })
+      .def_property_readonly("guard", [](const Meter& m) { return m.guard; })
+      .def_property_readonly("phase", [](const Meter& m) { return m.phase; })
+      .def("set_phase", [](Meter& m, const std::string& p) {
+        std::lock_guard<std::mutex> lock(m.mutex);
+        m.phase = p;
+      })
+      .def_property_readonly("flops", [](Meter& m) {
+        std::lock_guard<std::mutex> lock(m.mutex);
+        return m.flops;
+      })
+      .def_property_readonly("refusals", [](Meter& m) {
+        std::lock_guard<std::mutex> lock(m.mutex);
+        return m.refusals;
+      })
+      .def("refusal", [](Meter& m, int64_t number) {  // the message of refusal `number` (0 first), or the oldest kept
+        std::lock_guard<std::mutex> lock(m.mutex);
+        auto found = m.recent.lower_bound(number);
+        return found == m.recent.end() ? std::string() : found->second;
+      })
+      .def_property_readonly("blinds", [](Meter& m) {
+        std::lock_guard<std::mutex> lock(m.mutex);
+        return m.blinds;
+      })
+      .def_property_readonly("last_blind", [](Meter& m) {
+        std::lock_guard<std::mutex> lock(m.mutex);
+        return m.last_blind;
+      })
+      .def("refuse_later", [](Meter& m, const std::string& message) {  // a refusal the harness found itself
+        std::lock_guard<std::mutex> lock(m.mutex);
+        note(m, message);
+      })
       .def("protect", [](Meter& m, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
-        m.protected_storages.clear();
+        std::lock_guard<std::mutex> lock(m.mutex);
+        m.protected_ranges.clear();
         for (const auto& nt : tensors) {
-          const void* s = storage_of(nt.second);
-          if (s != nullptr) m.protected_storages.emplace(s, nt.first);
+          auto [start, end] = range_of(nt.second);
+          if (start != end) m.protected_ranges[start] = {end, nt.first};
         }
       })
-      .def("enter", [](Meter& m) {
-        entered.emplace_back(active, c10::impl::tls_is_dispatch_key_included(kKey));
-        m.entry_modes = c10::impl::TorchDispatchModeTLS::stack_len();
-        active = &m;
+      .def("enter", [](const MeterPtr& m) {
+        std::lock_guard<std::mutex> lock(stack_mutex);
+        m->entry_modes = c10::impl::TorchDispatchModeTLS::stack_len();
+        entered.emplace_back(m, c10::impl::tls_is_dispatch_key_included(kKey));
         c10::impl::tls_set_dispatch_key_included(kKey, true);
-        if (m.guard && thread_callback == 0)
+        if (m->guard && thread_callback == 0)
           thread_callback = at::addGlobalCallback(at::RecordFunctionCallback(&on_any_thread).needsInputs(true));
       })
-      .def("exit", [](Meter& m) {
-        TORCH_CHECK(!entered.empty() && active == &m, "cemabench: meters must be left in the order they were entered");
-        active = entered.back().first;
+      .def("exit", [](const MeterPtr& m) {
+        std::lock_guard<std::mutex> lock(stack_mutex);
+        TORCH_CHECK(!entered.empty() && entered.back().first == m,
+                    "cemabench: meters must be left in the order they were entered");
         c10::impl::tls_set_dispatch_key_included(kKey, entered.back().second);
         entered.pop_back();
-        if (thread_callback != 0 && (active == nullptr || !active->guard)) {
+        bool guards = false;
+        for (const auto& e : entered) guards = guards || e.first->guard;
+        if (thread_callback != 0 && !guards) {
           at::removeCallback(thread_callback);
           thread_callback = 0;
         }
