@@ -237,6 +237,8 @@ def cmd_run(args) -> int:
     for c in failed:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",
               file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
     return EXIT_INCOMPLETE if failed else 0
 
 

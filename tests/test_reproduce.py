@@ -155,3 +155,22 @@ def test_cli_reproduce_writes_markdown_and_json(first_run, capsys):
     assert code == 0 and "EMBEDDED MINIATURE" in out and err.count("warning") == 0 and "accuracy %" in out
     assert json.loads((tmp / "out" / "mini3.json").read_text())["table"] == "mini3"
     assert (tmp / "out" / "mini3.md").read_text().startswith("# mini3")
+
+
+def test_the_cost_table_shows_every_byte_that_went_up():
+    """A new user's finding: feature-offloading methods (ECC-A/D send payload rows, not images) showed 0 MB up in the
+    Link and cloud compute table. Its three upload columns now add up to the link's total for every method."""
+    from pathlib import Path
+
+    from cemabench.report.leaderboard import cost_frame
+
+    doc = json.loads((Path(__file__).parent.parent / "leaderboards" / "eccentric-clean.miniature.json").read_text())
+    costs = cost_frame(doc)
+    for method in costs.index:
+        cells = [c for c in doc["cells"] if c["method"] == method]
+        total = sum(c["link"]["upload_bytes"] + c["link"]["upload_payload_bytes"] + c["link"]["upload_tensor_bytes"]
+                    for c in cells) / len(doc["seeds"])
+        shown = (float(costs.loc[method, "upload MB"]) * 1e6 + float(costs.loc[method, "payload MB"]) * 1e6
+                 + float(costs.loc[method, "other upload kB"]) * 1e3)
+        assert abs(shown - total) <= 0.01e6 + 0.1e3, method
+    assert float(costs.loc["ecc-a:l1>l2,r1", "payload MB"]) > 0

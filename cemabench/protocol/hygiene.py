@@ -38,7 +38,8 @@ _FLAGS = {  # name: (read, write)
                          lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
 }
 
-CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes", "function modes", "meters entered")
+CHECKED = (*_FLAGS, "inference mode", "global module hooks", "dispatch modes", "function modes", "meters entered",
+           "kernels for the meter's key")
 
 
 def _meters_entered() -> int:
@@ -56,6 +57,8 @@ def snapshot() -> dict:
     state["dispatch modes"] = len(_get_current_dispatch_mode_stack())
     state["function modes"] = torch._C._len_torch_function_stack()
     state["meters entered"] = _meters_entered()
+    state["kernels for the meter's key"] = sorted(
+        torch._C._dispatch_get_registrations_for_dispatch_key("TESTING_ONLY_GenericMode"))
     return state
 
 
@@ -76,6 +79,10 @@ def restore(before: dict) -> list[str]:
         kinds = [f"{len(added)} {name.removeprefix('_global_').replace('_', ' ')}" for name, added in hooks.items()
                  if added]
         changed.append("global module hooks left registered: " + ", ".join(kinds))
+    added = sorted(set(after["kernels for the meter's key"]) - set(before["kernels for the meter's key"]))
+    if added:
+        changed.append(f"kernels registered for the C++ meter's dispatch key ({', '.join(added[:3])}; they cannot be "
+                       f"removed from outside: no later unit runs in this process)")
     if after["meters entered"] != before["meters entered"]:
         changed.append(f"{after['meters entered'] - before['meters entered']} meter(s) left entered")
         sys.modules["cemabench.protocol.native"]._loaded["module"].reset()

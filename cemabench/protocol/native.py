@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -75,10 +76,14 @@ def _build():
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
 
+            print("cemabench: building the C++ FLOP meter, once per machine and torch version (about 30-60 s)",
+                  file=sys.stderr, flush=True)
+            start = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=directory) as scratch:
                 module = load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=scratch,
                               verbose=False)
                 os.replace(module.__file__, built)
+            print(f"cemabench: built it in {time.perf_counter() - start:.0f} s ({built})", file=sys.stderr)
     module.set_formulas(formula_ops())
     sys.modules[name] = module
     return module

@@ -141,6 +141,7 @@ def cost_frame(doc: dict) -> pd.DataFrame:
         rows[label] = {
             "uploaded": f"{group['uploaded'].sum() / seeds:,.0f}",
             "upload MB": f"{group['upload_bytes'].sum() / seeds / 1e6:.2f}",
+            "payload MB": f"{group['upload_payload_bytes'].sum() / seeds / 1e6:.2f}",
             "other upload kB": f"{group['upload_tensor_bytes'].sum() / seeds / 1e3:.1f}",
             "downloads": f"{group['downloads'].sum() / seeds:,.0f}",
             "download MB": f"{group['download_bytes'].sum() / seeds / 1e6:.2f}",
@@ -410,7 +411,10 @@ def render(doc: dict) -> str:
               "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "
               "Non-dominated: no other method is at least as accurate with no more bytes and no more FLOPs.", "",
               efficiency_frame(doc).to_markdown(), "",
-              "## Link and cloud compute (totals over all domains)", "", cost_frame(doc).to_markdown(), "",
+              "## Link and cloud compute (totals over all domains)", "",
+              "Upload: raw inputs (upload MB), per-sample payload rows such as features (payload MB) and per-batch "
+              "tensors (other upload kB); their sum is what bytes up / sample counts.", "",
+              cost_frame(doc).to_markdown(), "",
               "## Methods", ""]
     methods = pd.DataFrame([{"method": m["label"], "plugin": m["name"], "paper": m["paper"],
                              "options": _options(m["options"]) + (f"; upload ratio matched to {m['match_uploads_of']}"
