@@ -502,6 +502,10 @@ def main(argv=None) -> int:
         if getattr(args, "address", None) and args.executor != "ray":
             raise UserError(f"--address {args.address} is the address of a Ray cluster: add --executor ray, or drop "
                             f"--address to run with local processes")
+        if getattr(args, "address", None) and args.func is not cmd_status:
+            from cemabench.run.executors import check_ray_address
+
+            check_ray_address(args.address)
         if getattr(args, "device", None) is not None:
             args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
         return args.func(args)

@@ -314,3 +314,19 @@ def test_list_fits_the_terminal_and_cuts_nothing(what, columns, capsys, monkeypa
     if what != "tables":
         flat = out.replace(" ", "").replace("|", "").replace("\n", "")
         assert all(name in flat for name in registry.available(what))
+
+
+@pytest.mark.parametrize("address, words", [
+    ("notanaddress", "is not a Ray address: give HOST:PORT"),
+    ("127.0.0.1:9", "nothing answers at 127.0.0.1:9"),
+    ("ray://127.0.0.1:9", "nothing answers at ray://127.0.0.1:9"),
+])
+def test_a_ray_address_that_is_wrong_or_silent_is_one_line_within_seconds(address, words, capsys, tmp_path):
+    """Issue 23: a traceback for `notanaddress`; still retrying after 175 s for an address where nothing listens."""
+    import time
+
+    start = time.monotonic()
+    assert main(["reproduce", "table2", "--executor", "ray", "--address", address, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and time.monotonic() - start < 20
+    assert not (tmp_path / "o").exists()

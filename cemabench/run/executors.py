@@ -7,6 +7,8 @@ takes the run down.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -185,7 +187,10 @@ class RayExecutor(Executor):
         self.started = False
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, log_to_driver=False)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except ConnectionError as error:  # Ray's client gives up after 30 s; its GCS client, later
+                    raise UserError(f"could not join the Ray cluster at {address}: {error}") from None
             else:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             self.started = True
@@ -226,6 +231,27 @@ class RayExecutor(Executor):
         self.refs.clear()
         if self.started:
             self.ray.shutdown()
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """One line, before any compute, when ``--address`` is no Ray address or nothing answers there within
+    ``timeout`` seconds (Ray itself retries for minutes); ``auto`` is Ray's own lookup and is left to it."""
+    if address == "auto":
+        return
+    match = re.fullmatch(r"(ray://)?\[?([^\[\]]+?)\]?:(\d+)", address)
+    if not match:
+        raise UserError(f"--address {address!r} is not a Ray address: give HOST:PORT (the head's GCS, port 6379 by "
+                        f"default), ray://HOST:PORT (Ray Client, 10001 by default) or auto")
+    if match.group(1):
+        try:
+            import grpc  # noqa: F401 - what Ray Client needs: pip install 'cemabench[ray]'
+        except ImportError:
+            raise UserError(f"--address {address} needs Ray Client (grpcio): pip install 'cemabench[ray]'") from None
+    try:
+        socket.create_connection((match.group(2), int(match.group(3))), timeout=timeout).close()
+    except OSError as error:
+        raise UserError(f"nothing answers at {address} ({error.strerror or error}, within {timeout:.0f} s): start "
+                        f"Ray there (`ray start --head`) or check the address") from None
 
 
 def make_executor(recipe: ContextSpec, kind: str = "local", jobs: int = 1, address: str | None = None) -> Executor:
