@@ -93,3 +93,19 @@ def test_missing_method_and_reference_values_default_to_the_family_and_not_a_ref
     assert frame["reference"].tolist() == [True, True] + [False] * (len(frame) - 2)
     assert frame.loc[frame["family"] == "cema", "method"].tolist() == ["cema"] * 3
     assert frame.loc[frame["family"] == "ecc-adaptive", "method"].nunique() == 3
+
+
+def test_labels_of_nearby_sweep_points_do_not_print_over_each_other():
+    """Issue 23: seven operating points near one another had no labels; labelled, none may overlap another."""
+    from matplotlib.figure import Figure
+
+    from cemabench.report.plots import _place_labels
+
+    ax = Figure(figsize=(6, 4)).subplots()
+    ax.plot([0, 10], [0, 10])
+    labels = [(1.0 + 0.01 * k, 5.0 - 0.01 * k, f"@0.{k}", "black") for k in range(7)]
+    _place_labels(ax, labels)
+    spots = [(a.xy, a.xyann) for a in ax.texts]
+    assert sorted(a.get_text() for a in ax.texts) == sorted(t for *_, t, _ in labels)
+    pts = [ax.transData.transform(xy) * 72 / ax.figure.dpi + xyann for xy, xyann in spots]
+    assert all(abs(p[0] - q[0]) >= 45 or abs(p[1] - q[1]) >= 8 for i, p in enumerate(pts) for q in pts[:i])

@@ -297,7 +297,9 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
     title = f"{doc['table']}: {doc['title']}"
     if doc["provenance"]["miniature"]:
         title = f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}\n{title}"
-    plot_tradeoffs(points.assign(method=points["family"]), path, title=title)
+    # each point of a sweep is labelled with what its label adds to the plugin's name ("@0.7", ":l1>l2,r1")
+    label = [m[len(f):] if m.startswith(f) and m != f else m for m, f in zip(points["method"], points["family"])]
+    plot_tradeoffs(points.assign(method=points["family"], label=label), path, title=title)
     return True
 
 

@@ -71,13 +71,28 @@ def plot_frame(points: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _place_labels(ax, labels: list) -> None:
+    """Small labels beside their points, each moved down until it clears the ones placed before it (in points on
+    the page, so that nearby operating points do not print over each other)."""
+    ax.autoscale_view()
+    placed = []
+    for x, y, text, colour in sorted(labels, key=lambda item: -item[1]):
+        px, py = ax.transData.transform((x, y)) * 72 / ax.figure.dpi
+        dy = -9
+        while any(abs(px - qx) < 45 and abs(py + dy - qy) < 8 for qx, qy in placed):
+            dy -= 8
+        placed.append((px, py + dy))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=6.5, color=colour)
+
+
 def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis] = (COMMUNICATION, COMPUTATION),
                    accuracy: Axis = ACCURACY, title: str | None = None) -> Path:
     """Draw accuracy against each panel's metric into one PNG at ``path``.
 
     ``points`` has one row per operating point with the metric columns and: ``family`` (one colour and marker per
     method family), optionally ``method`` (the points of one method's sweep, joined by a line in order of the x
-    value; defaults to the family) and ``reference`` (True for reference points such as cloud-only and edge-only,
+    value; defaults to the family), optionally ``label`` (a short text drawn beside the point, such as a sweep's knob
+    value) and ``reference`` (True for reference points such as cloud-only and edge-only,
     drawn as black stars labelled with their family, with a dotted line at their accuracy). The non-dominated points
     of each panel (accuracy up, the panel's metric down, references included) are ringed."""
     import matplotlib
@@ -100,6 +115,7 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
         x = frame[panel.column].to_numpy(dtype=np.float64) / panel.divide
         y = frame[accuracy.column].to_numpy(dtype=np.float64) / accuracy.divide
         front = non_dominated(frame, {accuracy.column: "max", panel.column: "min"})
+        labels = []
         for method, rows in frame[~frame["reference"]].groupby("method", sort=False):
             colour, marker = style[rows["family"].iloc[0]]
             order = rows.index[np.argsort(x[rows.index], kind="stable")]
@@ -107,6 +123,9 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
             if several[rows["family"].iloc[0]]:  # name each sweep of a family that has several, at its last point
                 ax.annotate(method, (x[order[-1]], y[order[-1]]), textcoords="offset points", xytext=(6, 2),
                             fontsize=7, color=colour)
+            if "label" in rows and len(rows) > 1:  # each point of a sweep: its knob value
+                labels += [(x[i], y[i], rows.at[i, "label"], colour) for i in order
+                           if isinstance(rows.at[i, "label"], str) and rows.at[i, "label"]]
         for i in np.flatnonzero(frame["reference"].to_numpy()):
             family = frame.loc[i, "family"]
             ax.axhline(y[i], color="0.4", linestyle=":", linewidth=0.9, zorder=0)
@@ -115,6 +134,7 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
         ax.scatter(x[front], y[front], s=190, facecolors="none", edgecolors="black", linewidths=1.4, zorder=5)
         ax.margins(x=0.08, y=0.08)
         ax.set_xscale(panel.scale)
+        _place_labels(ax, labels)
         ax.set_xlabel(panel.label)
         ax.set_ylabel(accuracy.label)
         ax.grid(True, alpha=0.3)
