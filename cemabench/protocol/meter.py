@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from cemabench.errors import ForwardOnlyViolation, MeterBlind
+from cemabench.protocol.hygiene import kernels_for_the_meters_key
 from cemabench.protocol.native import meter_module
 
 # ops that only ask for metadata: FlopCounterMode leaves them to the default handling, and so do we
@@ -49,11 +50,6 @@ _METADATA = {
 _Tensor, _Parameter = torch.Tensor, nn.Parameter
 _autograd_node = torch._C._current_autograd_node
 
-
-def kernels_for_the_meters_key() -> list[str]:
-    """Ops with a kernel of their own for the C++ meter's dispatch key (a plugin's ``torch.library`` registration):
-    the meter's fallback does not run for them. About 70 us: checked when a unit builds its meters and after it."""
-    return sorted(torch._C._dispatch_get_registrations_for_dispatch_key("TESTING_ONLY_GenericMode"))
 
 
 class _Op:

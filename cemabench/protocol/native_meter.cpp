@@ -386,6 +386,15 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::ji
   count(meters, op, stack, i, below, false);
 }
 
+// A Python getter that reads one of the meter's fields under its mutex (backward may write them on another thread).
+template <typename T>
+auto locked(T Meter::*field) {
+  return [field](Meter& m) {
+    std::lock_guard<std::mutex> lock(m.mutex);
+    return m.*field;
+  };
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(_, TESTING_ONLY_GenericMode, m) {
@@ -429,27 +438,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         std::lock_guard<std::mutex> lock(m.mutex);
         m.phase = p;
       })
-      .def_property_readonly("flops", [](Meter& m) {
-        std::lock_guard<std::mutex> lock(m.mutex);
-        return m.flops;
-      })
-      .def_property_readonly("refusals", [](Meter& m) {
-        std::lock_guard<std::mutex> lock(m.mutex);
-        return m.refusals;
-      })
+      .def_property_readonly("flops", locked(&Meter::flops))
+      .def_property_readonly("refusals", locked(&Meter::refusals))
       .def("refusal", [](Meter& m, int64_t number) {  // the message of refusal `number` (0 first), or the oldest kept
         std::lock_guard<std::mutex> lock(m.mutex);
         auto found = m.recent.lower_bound(number);
         return found == m.recent.end() ? std::string() : found->second;
       })
-      .def_property_readonly("blinds", [](Meter& m) {
-        std::lock_guard<std::mutex> lock(m.mutex);
-        return m.blinds;
-      })
-      .def_property_readonly("last_blind", [](Meter& m) {
-        std::lock_guard<std::mutex> lock(m.mutex);
-        return m.last_blind;
-      })
+      .def_property_readonly("blinds", locked(&Meter::blinds))
+      .def_property_readonly("last_blind", locked(&Meter::last_blind))
       .def("refuse_later", [](Meter& m, const std::string& message) {  // a refusal the harness found itself
         std::lock_guard<std::mutex> lock(m.mutex);
         note(m, message);
