@@ -223,7 +223,7 @@ def cmd_run(args) -> int:
                         execution=Execution(args.device, args.channels_last, args.amp), progress=False,
                         models={"edge": args.edge, "foundation": args.foundation},
                         dataset_options=dict(_dataset_option(o) for o in args.dataset_option),
-                        executor=args.executor, address=args.address, weights=args.weights)
+                        executor=args.executor, address=args.address, weights=args.weights, limits=_limits(args))
     doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
@@ -308,7 +308,8 @@ def cmd_reproduce(args) -> int:
     out = _writable(args.out, "--out", folder=True)
     try:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
-                        progress=not args.no_progress, executor=args.executor, address=args.address, **options)
+                        progress=not args.no_progress, executor=args.executor, address=args.address,
+                        limits=_limits(args), **options)
     except KeyboardInterrupt:
         return _interrupted(out)
     except OSError as error:
@@ -370,7 +371,8 @@ def cmd_sweep(args) -> int:
     out = _writable(args.out, "--out", folder=True)
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     try:
-        doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress)
+        doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress,
+                        limits=_limits(args))
     except OSError as error:
         return _failed_midway(out, error)
     except KeyboardInterrupt:
@@ -396,6 +398,23 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
                    help="local processes (--jobs) or Ray tasks (pip install 'cemabench[ray]')")
     p.add_argument("--address", help="with --executor ray: the address of a running Ray cluster (default: start a "
                    "local Ray with --jobs CPUs)")
+    _limit_arguments(p)
+
+
+def _limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unit-timeout", metavar="TIME", help="stop a run unit that runs longer, e.g. 90s, 30m or 2h; its "
+                   "cells say timeout and the table goes on (default: the spec's [limits], else none)")
+    p.add_argument("--unit-memory", metavar="SIZE", help="the most data memory a run unit's process may hold, e.g. "
+                   "16G; past it the unit's cells say out-of-memory (default: the spec's [limits], else none)")
+
+
+def _limits(args):
+    """The unit limits given on the command line (each None where not given)."""
+    from cemabench.config.limits import Limits, duration, size
+
+    timeout, memory = getattr(args, "unit_timeout", None), getattr(args, "unit_memory", None)
+    return Limits(None if timeout is None else duration(timeout, "--unit-timeout"),
+                  None if memory is None else size(memory, "--unit-memory"))
 
 
 def _protocol_arguments(p: argparse.ArgumentParser, stream_only: bool = False) -> None:
@@ -467,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output folder; its cells/ are reused on a rerun (default out)")
     p.add_argument("--seed", type=int, action="append", help="seed(s) to run instead of the spec's (repeatable)")
     p.add_argument("--jobs", type=int, help="local worker processes (default: min(2, CPU cores))")
+    _limit_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     p.set_defaults(func=cmd_sweep)
 

@@ -12,3 +12,13 @@ class ForwardOnlyViolation(RuntimeError):
 class MeterBlind(RuntimeError):
     """Code under the C++ meter ran ops where it cannot see them whole (behind ``__torch_dispatch__``, or under a
     ``torch.func`` transform); the Python meter can (``CEMABENCH_METER=python``)."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error says the process ran out of memory: Python's ``MemoryError``, torch's ``OutOfMemoryError``
+    (CUDA), or its CPU allocator's failure, which torch raises as a plain ``RuntimeError``."""
+    if isinstance(error, MemoryError):
+        return True
+    if type(error).__name__ == "OutOfMemoryError" and type(error).__module__.split(".")[0] == "torch":
+        return True
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)

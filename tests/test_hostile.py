@@ -2,11 +2,12 @@
 success, a wrong diagnosis or a lost table."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from cemabench.cli import main
-from conftest import write_spec
+from conftest import numbers, write_spec
 
 
 def _cells(tmp_path, method, *domains) -> tuple[int, list[dict]]:
@@ -52,6 +53,87 @@ def test_a_plugin_that_kills_its_worker_process_fails_only_its_cells(plugins, tm
     assert status["kills-its-process"][0] == "error" and "worker process died" in status["kills-its-process"][1]
 
 
+@pytest.mark.parametrize("hang", ["sleeps-forever", "ignores-signals"])
+def test_a_unit_past_its_time_limit_is_stopped_and_the_table_completes(plugins, tmp_path, hang):
+    """Issue 22, finding 11: a unit that sleeps for days, or spins with every signal ignored, is killed with its
+    worker at --unit-timeout; its cells say timeout, the other units of the table finish ok in one job."""
+    import time
+
+    spec = write_spec(tmp_path / "small.toml", [hang, "source", "tent"])
+    began = time.monotonic()
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1",
+                 "--unit-timeout", "6s"]) == 3
+    assert time.monotonic() - began < 60
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert {m: c["status"] for m, c in cells.items()} == {hang: "timeout", "source": "ok", "tent": "ok"}
+    assert "ran past its time limit (6 s" in cells[hang]["message"]
+    assert "timeout" in (tmp_path / "out" / "small.md").read_text()
+
+
+def test_the_time_limit_changes_no_number_and_a_timed_out_unit_is_recomputed(plugins, tmp_path):
+    """A limit is no part of a unit's key: a unit that finished within it is reused without one, and one that
+    timed out is computed again by the next run."""
+    spec = write_spec(tmp_path / "small.toml", ["source"])
+    out = str(tmp_path / "out")
+    assert main(["reproduce", spec, "--out", out, "--no-progress", "--jobs", "1", "--unit-timeout", "0.001s"]) == 3
+    assert json.loads((tmp_path / "out" / "small.json").read_text())["cells"][0]["status"] == "timeout"
+    assert main(["reproduce", spec, "--out", out, "--no-progress", "--jobs", "1", "--unit-timeout", "10m"]) == 0
+    limited = json.loads((tmp_path / "out" / "small.json").read_text())["cells"]
+    assert main(["reproduce", spec, "--out", str(tmp_path / "inline"), "--no-progress", "--jobs", "1"]) == 0
+    inline = json.loads((tmp_path / "inline" / "small.json").read_text())["cells"]
+    assert numbers({"cells": limited}) == numbers({"cells": inline})
+
+
+def test_a_unit_past_its_memory_limit_says_out_of_memory(plugins, tmp_path):
+    """The limit bounds the worker's whole data memory, which starts as this process's (forked): 1 GiB more than
+    this process holds now leaves room for source and none for a plugin that holds 2 GiB more."""
+    spec = write_spec(tmp_path / "small.toml", ["holds-too-much", "source"])
+    warm = write_spec(tmp_path / "warm.toml", ["source"])
+    assert main(["reproduce", warm, "--out", str(tmp_path / "warm"), "--no-progress", "--jobs", "1"]) == 0
+    status = Path("/proc/self/status").read_text().splitlines()
+    held = next(int(line.split()[1]) for line in status if line.startswith("VmData:")) / 2 ** 20
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1",
+                 "--unit-memory", f"{held + 1:.2f}G"]) == 3
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells["holds-too-much"]["status"] == "out-of-memory" and "allocate" in cells["holds-too-much"]["message"]
+    assert cells["source"]["status"] == "ok"
+
+
+def test_the_spec_sets_limits_and_the_command_line_overrides_them(plugins, tmp_path):
+    spec = write_spec(tmp_path / "small.toml", ["sleeps-forever"])
+    with open(spec, "a") as f:
+        f.write('[limits]\nunit_timeout = "3s"\n')
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1"]) == 3
+    (cell,) = json.loads((tmp_path / "out" / "small.json").read_text())["cells"]
+    assert cell["status"] == "timeout" and "(3 s" in cell["message"]
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1",
+                 "--unit-timeout", "2"]) == 3
+    (cell,) = json.loads((tmp_path / "out" / "small.json").read_text())["cells"]
+    assert "(2 s" in cell["message"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--unit-timeout", "soon"], "--unit-timeout must be a positive duration such as 90, 90s, 30m or 2h, got 'soon'"),
+    (["--unit-timeout", "0"], "--unit-timeout must be a positive duration"),
+    (["--unit-memory", "16"], "--unit-memory must be a positive size with its unit, such as 512M, 16G or 1T"),
+    (["--unit-memory", "0G"], "--unit-memory must be a positive size"),
+])
+def test_a_bad_limit_is_one_line_before_any_compute(tmp_path, capsys, flags, words):
+    spec = write_spec(tmp_path / "small.toml", ["source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_bad_limits_table_in_a_spec_is_one_line(tmp_path, capsys):
+    spec = write_spec(tmp_path / "small.toml", ["source"])
+    with open(spec, "a") as f:
+        f.write('[limits]\nunit_time = "3s"\n')
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "[limits]: unknown key(s) unit_time; valid: unit_memory, unit_timeout" in capsys.readouterr().err
+
+
 @pytest.fixture
 def plugins_for_workers(plugins, monkeypatch):
     """A local Ray's workers inherit the driver's environment: that is how they find the test plugins."""
@@ -66,6 +148,18 @@ def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins_for_wor
     status = {c["method"]: (c["status"], c["message"]) for c in doc["cells"]}
     assert status["source"][0] == "ok"
     assert status["kills-its-process"][0] == "error" and "Ray task failed" in status["kills-its-process"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_ray_task_past_its_time_limit_is_cancelled_and_the_table_completes(plugins_for_workers, local_ray, tmp_path):
+    """Under a time limit no unit waits queued in Ray, so that a unit's time runs from about its start; the one past
+    it is cancelled (its worker process ended) and the others finish ok."""
+    spec = write_spec(tmp_path / "small.toml", ["sleeps-forever", "source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray",
+                 "--unit-timeout", "40s"]) == 3
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert {m: c["status"] for m, c in cells.items()} == {"sleeps-forever": "timeout", "source": "ok"}
 
 
 # What crosses the link is plain data (cemabench/protocol/plain.py): issue 22, findings 2-5 and 10.
@@ -92,6 +186,17 @@ def test_a_one_float_payload_row_carries_one_float_not_its_storage(plugins, tmp_
     ("long-keys", "EdgeDecision.tensors keys must be str of at most 200 characters, got str of length 100000"),
 ])
 def test_what_is_not_plain_data_is_refused_by_name(plugins, tmp_path, method, words):
+    code, (cell,) = _cells(tmp_path, method, "fog")
+    assert code == 3 and cell["status"] == "error" and words in cell["message"]
+
+
+@pytest.mark.parametrize("method, words", [
+    ("reaches-into-the-edge", "the cloud step changed the edge's stem.1.running_mean outside a download"),
+    ("swaps-an-edge-parameter", "the cloud step changed the edge's stem.1.weight outside a download"),
+])
+def test_a_cloud_that_writes_into_the_edge_fails_its_cell(plugins, tmp_path, method, words):
+    """Issue 22, finding 12: the cloud found the edge through gc and moved its BatchNorm statistics, for 0 bytes
+    down (fog 11.3 -> 24.1 %). Between edge steps only a download changes the edge: the cell fails, naming it."""
     code, (cell,) = _cells(tmp_path, method, "fog")
     assert code == 3 and cell["status"] == "error" and words in cell["message"]
 

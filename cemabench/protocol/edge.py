@@ -166,12 +166,58 @@ class ForwardOnlyEdge:
                 self._outside_download([n for n, b in zip(names, bad) if b])))
         decision = plain_decision(decision)  # read once, into plain copies: what is validated is what is used
         validate_decision(decision, len(x), num_classes, checks)
+        self._buffers_now = self._buffer_state()
         return decision
+
+    def _buffers(self) -> dict:
+        """Every edge buffer by name (BatchNorm statistics, say): the model's, and those of the modules kept beside
+        it."""
+        named = list(self.model.named_buffers())
+        for prefix, m in self.extras.items():
+            named += [(f"{prefix}.{n}", b) for n, b in m.named_buffers()]
+        return dict(named)
+
+    def _buffer_state(self) -> tuple[dict, dict]:
+        """The buffers' identities, and per group (device, element size) their names and bits in one flat copy."""
+        buffers = self._buffers()
+        groups: dict = {}
+        for n, b in buffers.items():
+            groups.setdefault((b.device, b.element_size()), []).append(n)
+        return ({n: _identity(b) for n, b in buffers.items()},
+                {g: (names, torch.cat([_bits(buffers[n]) for n in names])) for g, names in groups.items()})
+
+    def check_untouched(self, checks: Checks, by: str) -> None:
+        """Between the edge step and the next, only a download changes the edge. After ``by`` (the cloud step: its
+        code can reach the edge's objects in this process), no edge parameter may have been swapped or set to require
+        grad, and no buffer swapped or changed in value (on its device, through ``checks``). Parameter values are
+        compared after the next edge step, as always."""
+        if not hasattr(self, "_buffers_now"):
+            return
+        identities, groups = self._buffers_now
+        buffers = self._buffers()
+        swapped = self._changed(values=False)
+        swapped += [n for n in identities if n not in buffers or _identity(buffers[n]) != identities[n]]
+        swapped += [n for n in buffers if n not in identities]
+        if swapped:
+            raise ForwardOnlyViolation(self._reached(swapped, by))
+        for names, before in groups.values():
+            sizes = torch.tensor([buffers[n].numel() for n in names], device=before.device)
+            ends = sizes.cumsum(0)
+            counted = F.pad(torch.ne(torch.cat([_bits(buffers[n]) for n in names]), before).cumsum(0), (1, 0))
+            flags = counted[ends] > counted[ends - sizes]  # differing bits up to each buffer's end, minus its start
+            checks.add(flags, lambda bad, names=names: ForwardOnlyViolation(
+                self._reached([n for n, b in zip(names, bad) if b], by)))
+
+    @staticmethod
+    def _reached(names: list[str], by: str) -> str:
+        return (f"{by} changed the edge's {', '.join(names[:5])} outside a download: the cloud reaches the edge only "
+                f"through what it sends down, and every byte of that is counted")
 
     @staticmethod
     def _outside_download(changed: list[str]) -> str:
-        return (f"the edge logic changed edge parameters outside a download: {', '.join(changed[:5])}. Only buffers "
-                f"such as BatchNorm statistics may change in a forward pass; send parameter updates from the cloud.")
+        return (f"edge parameters changed outside a download since the last edge step: {', '.join(changed[:5])} (by "
+                f"the edge logic, or by other code that reached the edge). Only buffers such as BatchNorm statistics "
+                f"may change in a forward pass; send parameter updates from the cloud.")
 
     def receive(self, download: Download) -> None:
         """Apply a download with the logic's ``receive``, under the same guard as the step, except that edge

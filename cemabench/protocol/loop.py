@@ -25,7 +25,7 @@ from torch import nn
 
 from cemabench.config import Protocol
 from cemabench.data import DomainData
-from cemabench.errors import ForwardOnlyViolation, UserError
+from cemabench.errors import ForwardOnlyViolation, UserError, out_of_memory
 from cemabench.method import CloudLogic, CloudResources, Method, TrainingResources, check_declared
 from cemabench.protocol import hygiene
 from cemabench.protocol.checks import Checks
@@ -151,7 +151,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         raise
     except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
         first, *rest = results.values()
-        first.status, first.message = "error", f"setup failed: {_describe(error)}"
+        first.status, first.message = _failure(error), f"setup failed: {_describe(error)}"
         _skip(rest)
         return list(results.values())
 
@@ -195,6 +195,8 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                     with autocast(), cloud_meter:
                         reply = dev.cloud_time.run(dev.cloud.step, upload)
                     hygiene.check_modes(depths, "the cloud step")
+                    for other in devices:  # the cloud's code can reach any edge's objects in this process
+                        other.edge.check_untouched(checks, "the cloud step")
                     result.cloud_flops += cloud_meter.take()
                     result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
                     result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]
@@ -227,7 +229,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     except KeyboardInterrupt:
         raise
     except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
-        failed.result.status = "error"
+        failed.result.status = _failure(error)
         failed.result.message = _describe(error)
         if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
             failed.result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
@@ -307,6 +309,11 @@ class _EdgeDevice:
         result.peak_memory_bytes = peak_memory(self.device)
         results[(self.index, block.result)].add(result, block)
         self.ran[block.result] = self.ran.get(block.result, False) or self.cloud_ran
+
+
+def _failure(error: BaseException) -> str:
+    """The status of a cell that ``error`` ended."""
+    return "out-of-memory" if out_of_memory(error) else "error"
 
 
 def _describe(error: BaseException) -> str:

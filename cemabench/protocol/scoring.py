@@ -22,7 +22,7 @@ class DomainResult:
     """The measurements of one method on one domain. Accuracy is online top-1 of the predictions made at arrival."""
 
     domain: str
-    status: str = "ok"  # ok | diverged | error | skipped
+    status: str = "ok"  # ok | diverged | error | timeout | out-of-memory | skipped
     message: str = ""
     note: str = ""  # what a reader should know about an ok cell (empty selection, exhausted budget)
     seen: int = 0

@@ -38,7 +38,7 @@ def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
     return sum(values[d] for d in domains) / len(domains)
 
 
-STATUS_RANK = ("error", "diverged", "skipped", "ok")
+STATUS_RANK = ("error", "out-of-memory", "timeout", "diverged", "skipped", "ok")
 
 
 def pooled_over_devices(cells: list[dict]) -> list[dict]:

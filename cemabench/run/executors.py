@@ -6,17 +6,22 @@ takes the run down.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import re
+import resource
+import signal
 import socket
+import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
+from multiprocessing.connection import wait
 
 import torch
 
-from cemabench.errors import UserError
+from cemabench.config.limits import NO_LIMITS, Limits
+from cemabench.errors import UserError, out_of_memory
 from cemabench.protocol import DomainResult
 from cemabench.run.context import ContextSpec, context_for
 from cemabench.tables.plan import Unit
@@ -24,9 +29,10 @@ from cemabench.tables.plan import Unit
 EXECUTORS = ("local", "ray")
 
 
-def error_record(unit: Unit, message: str) -> dict:
-    """The record of a unit that produced no results: every cell it would yield an error with ``message``."""
-    return {"unit": asdict(unit), "results": [DomainResult(name, status="error", message=message, device=d).to_dict()
+def error_record(unit: Unit, message: str, status: str = "error") -> dict:
+    """The record of a unit that produced no results: every cell it would yield fails with ``status`` and
+    ``message``."""
+    return {"unit": asdict(unit), "results": [DomainResult(name, status=status, message=message, device=d).to_dict()
                                               for d, name in unit.expected]}
 
 
@@ -38,7 +44,8 @@ def execute(recipe: ContextSpec, unit: Unit) -> dict:
         raise
     except BaseException as error:  # noqa: BLE001 - SystemExit from plugin code included: the unit fails, the table goes on
         tail = "".join(traceback.format_exception(error)[-3:])
-        return error_record(unit, f"{type(error).__name__}: {error}\n{tail}")
+        return error_record(unit, f"{type(error).__name__}: {error}\n{tail}",
+                            "out-of-memory" if out_of_memory(error) else "error")
 
 
 class Executor:
@@ -88,36 +95,83 @@ class InlineExecutor(Executor):
         return len(self.queue)
 
 
-def _init_process(threads: int) -> None:
+def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None) -> None:
+    """A worker process: run the units it is sent, one at a time, and send each record back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     torch.set_num_threads(threads)
+    _limit_memory(memory)
+    while True:
+        try:
+            unit = conn.recv()
+        except EOFError:
+            return
+        if unit is None:
+            return
+        record = execute(recipe, unit)
+        try:
+            conn.send(record)
+        except Exception as error:  # noqa: BLE001 - a result that cannot be sent: the unit fails alone
+            conn.send(error_record(unit, f"its result could not be sent back: {type(error).__name__}: {error}"))
+
+
+def _timed_out(limits: Limits) -> str:
+    return (f"the unit ran past its time limit ({limits.unit_timeout_s:g} s: --unit-timeout, or the spec's "
+            f"[limits] unit_timeout) and was stopped")
+
+
+class _Worker:
+    """One local worker process and the unit it runs."""
+
+    def __init__(self, recipe: ContextSpec, threads: int, memory: int | None):
+        context = multiprocessing.get_context("fork")  # inherits this process's built context (data, models)
+        self.conn, theirs = context.Pipe()
+        self.process = context.Process(target=_serve, args=(theirs, recipe, threads, memory), daemon=True)
+        self.process.start()
+        theirs.close()
+        self.unit: Unit | None = None
+        self.deadline = float("inf")
+
+    def run(self, unit: Unit, timeout: float | None) -> None:
+        self.unit = unit
+        self.deadline = time.monotonic() + timeout if timeout is not None else float("inf")
+        self.conn.send(unit)
+
+    def died(self) -> str:
+        self.process.join(5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            return f"killed by {name}" + (" (by the system's out-of-memory killer?)" if name == "SIGKILL" else "")
+        return f"exit code {code}"
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
 
 
 class ProcessExecutor(Executor):
-    """Local worker processes (``--jobs N``); each builds its context once from the recipe. When a worker dies, the
-    units that were in flight are rerun one at a time in a fresh pool: the one that kills its worker alone is
-    recorded as an error, the others complete."""
+    """Local worker processes (``--jobs N``), forked from this process with its context built. Each runs one unit at
+    a time under the unit limits (:class:`~cemabench.config.limits.Limits`): a unit that runs past its time is
+    killed with its worker, and one whose worker dies fails alone; either way a fresh worker takes the next unit."""
 
-    def __init__(self, recipe: ContextSpec, jobs: int):
-        self.recipe, self.jobs = recipe, jobs
+    def __init__(self, recipe: ContextSpec, jobs: int, limits: Limits = NO_LIMITS):
+        self.recipe, self.jobs, self.limits = recipe, jobs, limits
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
-        self.futures: dict[Future, Unit] = {}
+        self.workers: list[_Worker] = []
         self.queue: list[Unit] = []
-        self.suspects: list[Unit] = []
-        self.solo: Unit | None = None
-        self.pool = self._pool()
-
-    def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.jobs, initializer=_init_process, initargs=(self.threads,))
 
     def _fill(self) -> None:
-        if self.suspects:
-            if not self.futures:
-                self.solo = self.suspects.pop(0)
-                self.futures[self.pool.submit(execute, self.recipe, self.solo)] = self.solo
-            return
-        while self.queue and len(self.futures) < self.jobs:
-            unit = self.queue.pop(0)
-            self.futures[self.pool.submit(execute, self.recipe, unit)] = unit
+        while self.queue:
+            for gone in [w for w in self.workers if w.unit is None and not w.process.is_alive()]:
+                self._replace(gone)  # it died between units (a thread that method code left behind, say)
+            idle = next((w for w in self.workers if w.unit is None), None)
+            if idle is None:
+                if len(self.workers) == self.jobs:
+                    return
+                idle = _Worker(self.recipe, self.threads, self.limits.unit_memory_bytes)
+                self.workers.append(idle)
+            idle.run(self.queue.pop(0), self.limits.unit_timeout_s)
 
     @property
     def capacity(self):
@@ -127,37 +181,58 @@ class ProcessExecutor(Executor):
         self.queue.append(unit)
         self._fill()
 
+    def _replace(self, worker: _Worker) -> None:
+        worker.stop()
+        self.workers.remove(worker)
+
     def completed(self, timeout=None):
-        done, _ = wait(self.futures, timeout=timeout, return_when=FIRST_COMPLETED)
-        out, broken = [], False
-        for future in done:
-            unit = self.futures.pop(future)
-            try:
-                out.append((unit, future.result()))
-            except BrokenProcessPool as error:
-                broken = True
-                if unit == self.solo:
-                    out.append((unit, error_record(unit, f"worker process died while running this unit: {error}")))
-                else:
-                    self.suspects.append(unit)
-            except Exception as error:  # noqa: BLE001 - e.g. a result that cannot be unpickled: the unit fails alone
-                out.append((unit, error_record(unit, f"{type(error).__name__}: {error}")))
-            if unit == self.solo:
-                self.solo = None
-        if broken:
-            self.suspects += list(self.futures.values())
-            self.futures.clear()
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._pool()
+        until = None if timeout is None else time.monotonic() + timeout
+        out: list[tuple[Unit, dict]] = []
+        while not out:
+            busy = [w for w in self.workers if w.unit is not None]
+            if not busy:
+                break
+            now = time.monotonic()
+            wake = min([w.deadline for w in busy] + ([until] if until is not None else []))
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                         None if wake == float("inf") else max(0.0, wake - now))
+            for worker in busy:
+                unit = worker.unit
+                if worker.conn in ready:
+                    try:
+                        record = worker.conn.recv()
+                    except (EOFError, OSError):
+                        record = error_record(unit, f"worker process died while running this unit: "
+                                                    f"{worker.died()}")
+                        self._replace(worker)
+                    else:
+                        worker.unit = None
+                    out.append((unit, record))
+                elif worker.process.sentinel in ready:
+                    out.append((unit, error_record(unit, f"worker process died while running this unit: "
+                                                         f"{worker.died()}")))
+                    self._replace(worker)
+                elif time.monotonic() >= worker.deadline:
+                    self._replace(worker)
+                    out.append((unit, error_record(unit, _timed_out(self.limits), "timeout")))
+            if until is not None and time.monotonic() >= until:
+                break
         self._fill()
         return out
 
     @property
     def pending(self):
-        return len(self.futures) + len(self.queue) + len(self.suspects)
+        return len(self.queue) + sum(w.unit is not None for w in self.workers)
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for worker in self.workers:
+            if worker.unit is None:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)
+                worker.process.join(5)
+            worker.stop()
+        self.workers.clear()
+        self.queue.clear()
 
 
 def _ray():
@@ -168,12 +243,18 @@ def _ray():
     return ray
 
 
-def _ray_execute(recipe: ContextSpec, unit: Unit) -> dict:
+def _limit_memory(memory: int | None) -> None:
+    if memory is not None:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+
+
+def _ray_execute(recipe: ContextSpec, unit: Unit, memory: int | None = None) -> dict:
     """A Ray task: the worker process keeps its context (dataset, models) across the tasks it runs."""
     import ray
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
+    _limit_memory(memory)
     return execute(recipe, unit)
 
 
@@ -182,8 +263,10 @@ class RayExecutor(Executor):
     come back with ``ray.wait`` as they complete. Joins a running Ray (``address``, or one this process started),
     else starts a local one with ``num_cpus``."""
 
-    def __init__(self, recipe: ContextSpec, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, recipe: ContextSpec, address: str | None = None, num_cpus: int | None = None,
+                 limits: Limits = NO_LIMITS):
         ray = self.ray = _ray()
+        self.limits = limits
         self.started = False
         if not ray.is_initialized():
             if address:
@@ -199,20 +282,34 @@ class RayExecutor(Executor):
         self.recipe = ray.put(recipe)
         self.slots = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)))  # units at once
         self.refs: dict = {}
+        self.deadlines: dict = {}
 
     @property
     def capacity(self):
         # one unit queued behind each running one: Ray hands it to the worker the moment a slot frees, instead of
-        # after a round trip through this process (ray.wait, the store, the next submit)
-        return 2 * self.slots
+        # after a round trip through this process (ray.wait, the store, the next submit). Under a time limit, none
+        # is queued: a unit's time then runs from its submission, which is about its start
+        return self.slots if self.limits.unit_timeout_s is not None else 2 * self.slots
 
     def submit(self, unit):
-        self.refs[self.task.remote(self.recipe, unit)] = unit
+        ref = self.task.remote(self.recipe, unit, self.limits.unit_memory_bytes)
+        self.refs[ref] = unit
+        if self.limits.unit_timeout_s is not None:
+            self.deadlines[ref] = time.monotonic() + self.limits.unit_timeout_s
 
     def completed(self, timeout=None):
+        if self.deadlines:
+            wake = min(self.deadlines.values()) - time.monotonic()
+            timeout = max(0.0, wake if timeout is None else min(timeout, wake))
         ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
         out = []
+        for ref in [r for r, t in self.deadlines.items() if r not in ready and time.monotonic() >= t]:
+            self.ray.cancel(ref, force=True)  # ends the worker process running it
+            del self.deadlines[ref]
+            unit = self.refs.pop(ref)
+            out.append((unit, error_record(unit, _timed_out(self.limits), "timeout")))
         for ref in ready:
+            self.deadlines.pop(ref, None)
             unit = self.refs.pop(ref)
             try:
                 out.append((unit, self.ray.get(ref)))
@@ -254,9 +351,12 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                         f"Ray there (`ray start --head`) or check the address") from None
 
 
-def make_executor(recipe: ContextSpec, kind: str = "local", jobs: int = 1, address: str | None = None) -> Executor:
+def make_executor(recipe: ContextSpec, kind: str = "local", jobs: int = 1, address: str | None = None,
+                  limits: Limits = NO_LIMITS) -> Executor:
+    """Units run in this process (one job, no limits), in local worker processes, or as Ray tasks; a unit under a
+    time or memory limit always runs in a process of its own, which can be stopped."""
     if kind not in EXECUTORS:
         raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
     if kind == "ray":
-        return RayExecutor(recipe, address, num_cpus=None if address else jobs)
-    return ProcessExecutor(recipe, jobs) if jobs > 1 else InlineExecutor(recipe)
+        return RayExecutor(recipe, address, num_cpus=None if address else jobs, limits=limits)
+    return ProcessExecutor(recipe, jobs, limits) if jobs > 1 or limits.any else InlineExecutor(recipe)

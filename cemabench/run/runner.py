@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cemabench import registry
+from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import severities_needed
 from cemabench.errors import UserError
 from cemabench.protocol import Execution
@@ -167,10 +168,11 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
               jobs: int | None = None, execution: Execution = Execution(), progress: bool = True,
               models: dict[str, str] | None = None, dataset_options: dict | None = None,
               pair: str | None = None, executor: str = "local", address: str | None = None,
-              weights: str | None = None) -> dict:
+              weights: str | None = None, limits: Limits = NO_LIMITS) -> dict:
     """Run (or resume) every unit of a table and return the table's JSON document. ``pair`` picks one of the spec's
     named model pairs; ``models`` (edge, foundation) and ``dataset_options`` override the spec's choices; ``jobs``
-    local processes (default: both cores) or ``executor="ray"`` (``address`` of a cluster) run the units."""
+    local processes (default: both cores) or ``executor="ray"`` (``address`` of a cluster) run the units, each
+    within ``limits`` (over the spec's own)."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
@@ -180,7 +182,7 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
     store = store_for(out, spec)
     desc = f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})"
     try:
-        with make_executor(recipe, executor, min(jobs, len(tasks)), address) as pool, \
+        with make_executor(recipe, executor, min(jobs, len(tasks)), address, limits.over(spec.limits)) as pool, \
                 tqdm(total=len(tasks), desc=desc, unit="cell", disable=not progress, file=sys.stderr) as bar:
             scheduler = Scheduler(context, store, pool, bar)
             records = scheduler.run(tasks)

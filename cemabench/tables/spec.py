@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, Protocol
+from cemabench.config.limits import Limits, parse_limits
 from cemabench.errors import UserError
 from cemabench.method import REFERENCES
 
@@ -55,6 +56,7 @@ class TableSpec:
     check_metrics: tuple[str, ...] = DEFAULT_METRICS
     reference: dict = field(default_factory=dict)  # published numbers: uploads CSV and accuracies, with sources
     origin: object = None  # the folder (a path or package resource) that files named in the spec are relative to
+    limits: Limits = Limits()  # bounds on each run unit's time and memory ([limits]); they change no number
 
 
 SWEEP_FOLDER = "sweeps"  # built-in sweep specs: reproduce/sweeps/NAME.toml, run with `cemabench sweep NAME`
@@ -244,7 +246,8 @@ def check_seeds(seeds, where: str) -> tuple[int, ...]:
 
 
 def parse(raw: dict, where: str) -> TableSpec:
-    _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference"}, where)
+    _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference", "limits"},
+              where)
     proto = _take(raw, "protocol", dict, where)
     if "reset" in proto:
         raise UserError(f"{where} [protocol]: reset was replaced by setting (reset = \"per_domain\" is setting = "
@@ -303,4 +306,4 @@ def parse(raw: dict, where: str) -> TableSpec:
         methods=tuple(methods),
         tolerance=float(_take(check, "tolerance", (int, float), f"{where} [check]", DEFAULT_TOLERANCE)),
         check_metrics=tuple(_take(check, "metrics", list, f"{where} [check]", list(DEFAULT_METRICS))),
-        reference=reference)
+        reference=reference, limits=parse_limits(_take(raw, "limits", dict, where, {}), f"{where} [limits]"))

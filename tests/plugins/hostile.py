@@ -70,3 +70,48 @@ class KillsItsProcess(Method):
 
     def edge(self, num_classes):
         return _KillsItsProcess()
+
+
+class _SleepsForever(EdgeLogic):
+    def step(self, model, x):
+        import time
+
+        time.sleep(1e6)  # issue 22, finding 11: nothing bounded a unit's time, and this hung the table
+
+
+class SleepsForever(Method):
+    """Sleeps for 11 days in its first edge step."""
+
+    def edge(self, num_classes):
+        return _SleepsForever()
+
+
+class _HoldsTooMuch(EdgeLogic):
+    def step(self, model, x):
+        self.held = torch.ones(2 ** 31, dtype=torch.uint8)  # 2 GiB, written, so that it is really held
+        return EdgeDecision(model(x))
+
+
+class HoldsTooMuch(Method):
+    """Allocates 2 GiB in its edge step."""
+
+    def edge(self, num_classes):
+        return _HoldsTooMuch()
+
+
+class _IgnoresAlarms(EdgeLogic):
+    def step(self, model, x):
+        import signal
+        import time
+
+        for name in ("SIGALRM", "SIGTERM", "SIGINT", "SIGVTALRM", "SIGPROF"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        while True:  # busy, in Python, with every catchable signal ignored
+            time.monotonic()
+
+
+class IgnoresSignals(Method):
+    """Ignores every signal a process can ignore and spins in its first edge step."""
+
+    def edge(self, num_classes):
+        return _IgnoresAlarms()

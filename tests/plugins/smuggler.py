@@ -224,3 +224,50 @@ class LongKeys(Method):
 
     def edge(self, num_classes):
         return _LongKeys()
+
+
+# The cloud reaching into the edge (issue 22, finding 12).
+
+class _ReachingCloud(CloudLogic):
+    """Finds the edge's model through the garbage collector and moves its BatchNorm statistics (or, with
+    ``swap``, replaces a parameter), sending nothing down."""
+
+    def __init__(self, resources, swap):
+        self.replica, self.swap = resources.edge_replica(), swap
+
+    def step(self, upload):
+        import gc
+
+        from torch import nn
+
+        edges = [o for o in gc.get_objects() if type(o).__name__ == "ForwardOnlyEdge"]
+        for edge in edges:
+            for m in edge.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    if self.swap:
+                        m.weight = nn.Parameter(m.weight.detach() * 2, requires_grad=False)
+                    else:
+                        with torch.no_grad():
+                            m.running_mean.add_(0.5)
+                    break
+        return None
+
+
+class ReachesIntoTheEdge(Method):
+    name = "reaches-into-the-edge"
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def cloud(self, resources):
+        return _ReachingCloud(resources, swap=False)
+
+
+class SwapsAnEdgeParameter(Method):
+    name = "swaps-an-edge-parameter"
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def cloud(self, resources):
+        return _ReachingCloud(resources, swap=True)
