@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
-from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, numerics
+from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, TASK_METRICS, numerics
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol import native
@@ -231,7 +231,8 @@ def cmd_run(args) -> int:
     if doc["provenance"]["miniature"]:
         real = "" if spec.real.dataset == MINIATURE else f", NOT {spec.real.dataset.upper()}"
         print(f"# EMBEDDED MINIATURE{real}: numbers for checking the code path, not for comparison\n")
-    for metric in DEFAULT_METRICS:
+    for metric in [m for m in (*TASK_METRICS, *DEFAULT_METRICS) if any(c.get(m) is not None for c in doc["cells"])
+                   or m == "accuracy" and not any(c.get(t) is not None for c in doc["cells"] for t in TASK_METRICS)]:
         print(f"{metric}:\n{metric_frame(doc, metric).T.to_markdown()}\n")
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     for c in failed:

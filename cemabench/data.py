@@ -88,4 +88,8 @@ class DatasetSource:
     clean: DomainData | None  # None when the dataset has no clean in-distribution images on disk
     is_miniature: bool
     scored_classes: torch.Tensor | None = None  # score the argmax over these classes only (e.g. ImageNet-R's 200)
+    # what the edge predicts and how a stream is scored (cemabench.protocol.tasks): "classification", whose domains
+    # give labels(), or "detection", whose domains give ground_truth() (a COCO instances document, images in the
+    # domain's sample order) and whose num_classes is its largest category id + 1
+    task: str = "classification"
     provenance: dict[str, Any] = field(default_factory=dict)

@@ -57,6 +57,17 @@ class EdgeDecision:
     send_input: bool = True  # whether each uploaded sample's raw input crosses (False: only its payload rows)
     payload_dtype: str = "float32"  # link encoding of floating payload tensors: float32 | float16 | int8
     await_answers: bool = False  # offloading: the cloud's answers replace the scored prediction of uploaded samples
+    # detection datasets: the scored prediction instead of logits, one dict of boxes (n, 4: x1, y1, x2, y2 in input
+    # pixels), scores (n,) and labels (n,: category ids) per image, as torchvision's detectors return them
+    detections: list[dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def predicting(cls, output, **fields) -> EdgeDecision:
+        """A decision whose scored prediction is a model's output, whatever the task: a tensor is logits, a list
+        of per-image dicts (a detector's) is detections."""
+        if isinstance(output, list):
+            return cls(logits=None, detections=output, **fields)
+        return cls(logits=output, **fields)
 
 
 @dataclass
@@ -86,7 +97,7 @@ class CloudReply:
     this batch when the edge awaits them. Answers arrive at once; downloads after the delivery delay."""
 
     download: Download | None = None
-    answers: torch.Tensor | None = None
+    answers: torch.Tensor | list[dict[str, torch.Tensor]] | None = None  # detection: one dict per uploaded image
 
 
 @dataclass
@@ -158,6 +169,20 @@ def check_declared(cls) -> None:
                         f"{' or '.join(repr(r) for r in REFERENCES)}")
 
 
+def check_task(method, task: str) -> None:
+    """A method runs only on the tasks it declares (``Method.tasks``): otherwise one line that says why, before any
+    compute."""
+    cls = method if isinstance(method, type) else type(method)
+    name = getattr(cls, "name", None) or cls.__qualname__
+    tasks = cls.tasks
+    if not isinstance(tasks, tuple) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise UserError(f"method {name} declares tasks = {tasks!r}; it must be a non-empty tuple of task names")
+    if task not in tasks:
+        why = cls.task_reason or f"it declares tasks = {tasks!r}"
+        raise UserError(f"method {name} cannot run on a {task} dataset: {why}. Methods for {task}: see `cemabench "
+                        f"list methods`")
+
+
 class Method:
     """Base class of a method plugin: hyper-parameters in ``Options`` (a dataclass), and a factory for each half.
 
@@ -189,6 +214,11 @@ class Method:
     min_batch_size: ClassVar[int] = 1
     min_batch_reason: ClassVar[str] = ""
     artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
+    # The tasks the method runs on (cemabench.protocol.tasks), and why not on others, as a clause completing "cannot
+    # run on a detection dataset: ...". The harness sets ``task`` to the dataset's before building the halves.
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    task_reason: ClassVar[str] = ""
+    task: str = "classification"
 
     def __init__(self, **options):
         """Build the method with its options, checked against ``Options`` (names, types, declared bounds) and

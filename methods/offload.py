@@ -31,6 +31,7 @@ class CloudOnly(Method):
     name = "cloud-only"
     cloud_replicas = "shared"  # one answering cloud serves every edge device
     reference = "cloud"  # everything in the cloud: what the efficiency columns compare with
+    tasks = ("classification", "detection")  # the foundation model's output is the answer: logits, or boxes
     paper = "-"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample (offloaded)",
                                cloud="answers with the foundation model", download="logits")

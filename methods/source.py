@@ -21,6 +21,9 @@ class _SourceEdge(_PredictOnly):
     def configure(self, model):
         return model.eval()
 
+    def step(self, model, x):
+        return EdgeDecision.predicting(model(x))  # logits, or a detector's boxes
+
 
 class Source(Method):
     """The source edge model, unchanged: the lower bound."""
@@ -29,6 +32,7 @@ class Source(Method):
     paper = "-"
     mapping = EDGE_ONLY
     reference = "edge"  # everything on the edge: a reference point of the trade-off plots
+    tasks = ("classification", "detection")
 
     def edge(self, num_classes):
         return _SourceEdge()

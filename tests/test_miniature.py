@@ -46,7 +46,7 @@ def test_miniature_is_informative_at_severity_5():
 def test_unknown_domain_and_model_are_user_errors():
     with pytest.raises(UserError, match="unknown domain.*rain.*valid: gaussian_noise"):
         miniature.dataset(domains=["rain"])
-    with pytest.raises(UserError, match="unknown miniature model 'huge'.*mini:edge"):
+    with pytest.raises(UserError, match="unknown model mini:huge; valid: mini:edge"):
         load_model("huge")
 
 

@@ -1,6 +1,6 @@
 """The configuration vocabulary, torch-free: the protocol's fields (:mod:`.fields`) and the stream-setting grammar
 (:mod:`.settings`), read by table specs, the command line and the engine alike."""
-from cemabench.config.fields import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, Protocol, check_field
+from cemabench.config.fields import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, TASK_METRICS, Protocol, check_field
 from cemabench.config.settings import (
     BASES,
     DEVICE_STREAMS,
@@ -16,5 +16,5 @@ from cemabench.config.settings import (
 )
 
 __all__ = ["BASES", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES", "MIXED",
-           "SETTINGS", "Protocol", "check_field", "describe", "device_domains", "parse_setting", "result_keys",
-           "severities_needed", "unit_groups"]
+           "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "describe", "device_domains", "parse_setting",
+           "result_keys", "severities_needed", "unit_groups"]

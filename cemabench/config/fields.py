@@ -16,6 +16,7 @@ from cemabench.errors import UserError
 
 DEFAULT_TOLERANCE = 0.5  # percentage points within which `check` and the slow tier hold a table's numbers
 DEFAULT_METRICS = ("accuracy", "upload_ratio")  # what `check` compares by default, and what `run` prints
+TASK_METRICS = ("map", "map50", "ar100")  # detection's scores, in percent: COCO mAP@[.5:.95], mAP@.5, AR@100
 
 
 @dataclass(frozen=True)

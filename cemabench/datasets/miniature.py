@@ -99,18 +99,24 @@ def _train_split() -> tuple[np.ndarray, np.ndarray]:
     return _cached("train-images", lambda: splits()["train"][0]), labels[train_idx]
 
 
-def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
-    """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity, and ``clean``
-    (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them."""
+def check_choice(what: str, data_root, severity: int, domains) -> None:
+    """An embedded miniature (``what``) takes no data root, and only its corruption domains (and ``clean``) at
+    severities 1 to 5."""
     if data_root is not None:
-        raise UserError(f"the embedded miniature takes no --data-root (got {data_root}); leave it out, or name the "
+        raise UserError(f"the embedded {what} takes no --data-root (got {data_root}); leave it out, or name the "
                         f"dataset that lives there with --dataset (e.g. imagenet-c)")
     unknown = [d for d in domains if d not in corruptions.CORRUPTIONS and d != CLEAN]
     if unknown:
-        raise UserError(f"unknown domain(s) {', '.join(unknown)} for the miniature; valid: "
+        raise UserError(f"unknown domain(s) {', '.join(unknown)} for the {what}; valid: "
                         f"{', '.join(corruptions.HENDRYCKS_ORDER)}, {CLEAN}")
     if severity not in (1, 2, 3, 4, 5):
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
+
+
+def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
+    """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity, and ``clean``
+    (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them."""
+    check_choice("miniature", data_root, severity, domains)
     train_images, _ = _train_split()
     domains = [ArrayDomain(d, clean_test_images() if d == CLEAN else corrupted_test_images(d, severity), stream_labels)
                for d in domains]

@@ -16,6 +16,7 @@ from cemabench.method import PAYLOAD_DTYPES, Download, EdgeDecision, EdgeLogic
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_decision
+from cemabench.protocol.tasks import Classification, Task
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -135,13 +136,14 @@ class ForwardOnlyEdge:
                                                                          self._values[n])]
         return changed
 
-    def step(self, x: torch.Tensor, num_classes: int, checks: Checks | None = None) -> EdgeDecision:
-        """Run the edge logic on a batch under the guard. What can be checked on the host is checked now; what needs
-        the device's values (the parameters' bits, the upload indices) is added to ``checks``, which the caller
-        reads once per batch (read here when no ``checks`` is given)."""
+    def step(self, x: torch.Tensor, task: Task | int, checks: Checks | None = None) -> EdgeDecision:
+        """Run the edge logic on a batch under the guard; its prediction must be ``task``'s (a number of classes
+        stands for classification). What can be checked on the host is checked now; what needs the device's values
+        (the parameters' bits, the upload indices) is added to ``checks``, which the caller reads once per batch
+        (read here when no ``checks`` is given)."""
         if checks is None:
             checks = Checks()
-            decision = self.step(x, num_classes, checks)
+            decision = self.step(x, task, checks)
             checks.read()
             return decision
         refusals = self.meter.refusals  # a count that only grows: code that catches a refusal is still refused
@@ -165,7 +167,7 @@ class ForwardOnlyEdge:
             checks.add(flags, lambda bad, names=names: ForwardOnlyViolation(
                 self._outside_download([n for n, b in zip(names, bad) if b])))
         decision = plain_decision(decision)  # read once, into plain copies: what is validated is what is used
-        validate_decision(decision, len(x), num_classes, checks)
+        validate_decision(decision, len(x), Classification(task) if isinstance(task, int) else task, checks)
         self._buffers_now = self._buffer_state()
         return decision
 
@@ -266,14 +268,14 @@ def _raised_by_autograd(error: BaseException) -> bool:
     return False
 
 
-def validate_decision(decision: EdgeDecision, batch: int, num_classes: int, checks: Checks) -> None:
+def validate_decision(decision: EdgeDecision, batch: int, task: Task, checks: Checks) -> None:
     """What the protocol requires of an edge decision; the upload indices' values are checked on their device,
     through ``checks``."""
-    if decision.logits is None:
-        if not decision.await_answers:
-            raise ValueError("EdgeDecision.logits may be None only when the edge awaits the cloud's answers")
-    elif tuple(decision.logits.shape) != (batch, num_classes):
-        raise ValueError(f"edge logits have shape {tuple(decision.logits.shape)}, expected ({batch}, {num_classes})")
+    task.check(decision, batch)
+    predicts = decision.logits is not None or decision.detections is not None
+    if not predicts and not decision.await_answers:
+        raise ValueError("the edge's prediction (EdgeDecision.logits, or .detections on detection) may be None only "
+                         "when the edge awaits the cloud's answers")
     index = decision.upload
     uploaded = 0
     if index is not None:
@@ -284,7 +286,7 @@ def validate_decision(decision: EdgeDecision, batch: int, num_classes: int, chec
             bad = (ordered[0] < 0) | (ordered[-1] >= batch) | (ordered[1:] == ordered[:-1]).any()
             checks.add(bad, lambda _: ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})"))
         uploaded = len(index)
-    if decision.logits is None and uploaded != batch:
+    if not predicts and uploaded != batch:
         raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")
     if decision.payload_dtype is not None and decision.payload_dtype not in PAYLOAD_DTYPES:
         raise ValueError(f"EdgeDecision.payload_dtype must be None or one of {', '.join(PAYLOAD_DTYPES)}, "

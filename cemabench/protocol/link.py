@@ -134,16 +134,16 @@ class Link:
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
                       sample_ids=index + first_id, device=device)
 
-    def answer(self, answers: torch.Tensor) -> torch.Tensor | None:
-        """The answers as the edge receives them, or None when they arrive after the deadline (counted as late)."""
-        nbytes = answers.numel() * answers.element_size()
-        self.counters.answers += len(answers)
+    def answer(self, count: int, nbytes: int) -> bool:
+        """Charge ``count`` answers of ``nbytes`` in all (their encoding is the task's); whether they reach the edge
+        before the deadline (the late ones are counted, and do not count)."""
+        self.counters.answers += count
         self.counters.answer_bytes += nbytes
         deadline = self.protocol.answer_deadline
         if deadline is not None and self._round_trip(nbytes) > deadline:
-            self.counters.late_answers += len(answers)
-            return None
-        return answers  # a plain copy the harness owns (cemabench.protocol.plain)
+            self.counters.late_answers += count
+            return False
+        return True
 
     def _round_trip(self, down_bytes: int) -> float:
         """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge (cloud time not

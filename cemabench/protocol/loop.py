@@ -26,7 +26,7 @@ from torch import nn
 from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, UserError, out_of_memory
-from cemabench.method import CloudLogic, CloudResources, Method, TrainingResources, check_declared
+from cemabench.method import CloudLogic, CloudResources, Method, TrainingResources, check_declared, check_task
 from cemabench.protocol import hygiene
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
@@ -34,8 +34,9 @@ from cemabench.protocol.execution import Execution, Stopwatch, deterministic_thr
 from cemabench.protocol.link import Link
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_reply
-from cemabench.protocol.scoring import Diverged, DomainResult, answered, finite, note, predicted, score
+from cemabench.protocol.scoring import Diverged, DomainResult, note
 from cemabench.protocol.stream import Block, DeviceStreams, derive_seed, plain
+from cemabench.protocol.tasks import Task, task_for
 from cemabench.protocol.training import run_training
 
 
@@ -63,7 +64,7 @@ class HarnessReplaced(RuntimeError):
 
 def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
-             scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
+             scored_classes: torch.Tensor | None = None, task: str = "classification") -> list[DomainResult]:
     """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
     the same on every machine and under every executor. The process-wide torch state the unit found is the state it
     leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it."""
@@ -77,7 +78,8 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     with deterministic_threads(torch.device(execution.device)):
         before = hygiene.snapshot()
         try:
-            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scored_classes)
+            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution,
+                                task_for(task, num_classes, scored_classes))
         finally:
             changed = hygiene.restore(before)
     replaced = hygiene.replaced_harness_code()  # by the method's own code, while it ran
@@ -93,8 +95,8 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
 
 
 def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
-              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
-              scored_classes: torch.Tensor | None = None) -> list[DomainResult]:
+              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution, task: Task
+              ) -> list[DomainResult]:
     """Run one method over a stream with no reset in between; a failure ends the unit, not the caller.
 
     The stream is a list of blocks (:mod:`cemabench.protocol.stream` builds them for a setting; a plain domain stands
@@ -104,10 +106,11 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     (``Method.cloud_replicas``) and accepts at most ``protocol.cloud_capacity`` uploaded samples per step over all
     devices. One result per device and distinct
     ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
-    labels, read only after their block ended. With ``scored_classes``, the scored prediction is the argmax over
-    those classes only; methods still see all."""
+    labels, read only after their block ended, by the ``task`` (:mod:`cemabench.protocol.tasks`)."""
     method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
     check_declared(method)
+    check_task(method, task.name)
+    method.task = task.name
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
@@ -120,6 +123,10 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     cloud_passes = SampleCounter()
     cloud_meter = ComputeMeter()
     results = {(d, b.result): DomainResult(b.result, device=d) for d, blocks in enumerate(streams) for b in blocks}
+    if task.name != "classification" and sum(len(blocks) for blocks in streams) != len(results):
+        raise UserError(f"the {task.name} task scores each result over one stretch of the stream; setting "
+                        f"{protocol.setting!r} with rounds = {protocol.rounds} gives some results several: use "
+                        f"per-domain, or continual with one round")
     depths = hygiene.mode_depths()  # what every edge and cloud step must leave entered
     try:
         training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
@@ -157,7 +164,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
 
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol),
-                       device) for d, blocks in enumerate(streams)]
+                       device, task) for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
     try:
@@ -176,11 +183,10 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                     dev.edge.receive(download)
                 checks = Checks()  # this batch's: read with the next batch, or at the block's end
                 with autocast():
-                    decision = dev.edge_time.run(dev.edge.step, x, num_classes, checks)
+                    decision = dev.edge_time.run(dev.edge.step, x, task, checks)
                 hygiene.check_modes(depths, "the edge step")
                 result.edge_flops += dev.edge.meter.take()
-                scored = None if decision.logits is None else finite(
-                    decision.logits.float(), checks, f"non-finite logits at batch {batch_index} of the run unit")
+                scored = task.own(decision, checks, batch_index)
                 # the one synchronisation per batch: the previous batch's checks (its seal, indices and logits, its
                 # cloud reply's downloads and answers), read once this batch's edge step is queued, so that the
                 # device never waits for the host
@@ -203,8 +209,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                     dev.cloud_ran = dev.cloud_ran or len(upload) > 0 or bool(upload.tensors)
                     reply = plain_reply(reply)  # read once, into plain copies
                     if decision.await_answers:
-                        scored = answered(scored, len(x), num_classes, upload, reply.answers, link, batch_index,
-                                          checks)
+                        scored = task.answered(scored, len(x), upload, reply.answers, link, batch_index, checks)
                     if reply.download:  # checked with the next batch's checks, before its predictions count
                         flags = [torch.isfinite(t).all() for t in reply.download.values() if t.is_floating_point()]
                         if flags:
@@ -214,10 +219,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
                         link.send_down(reply.download, batch_index)
                 elif decision.await_answers:
                     raise ValueError("the edge awaits answers, but the method has no cloud to answer")
-                made = predicted(scored, scored_classes)
-                if decision.logits is None:  # rows the cloud did not answer have no prediction at all
-                    made = torch.where(torch.isnan(scored[:, 0]), -1, made)
-                dev.predicted.append(made)
+                dev.predicted.append(task.record(scored, len(x)))  # rows no one answered: no prediction at all
                 dev.batch_index += 1
                 dev.stream_position += len(x)
             if not active:
@@ -258,8 +260,8 @@ class _EdgeDevice:
     of blocks and where it is in it."""
 
     def __init__(self, index: int, edge: ForwardOnlyEdge, cloud: CloudLogic | None, blocks: list[Block], link: Link,
-                 device: torch.device):
-        self.index, self.edge, self.cloud, self.link, self.device = index, edge, cloud, link, device
+                 device: torch.device, task: Task):
+        self.index, self.edge, self.cloud, self.link, self.device, self.task = index, edge, cloud, link, device, task
         self.blocks = iter(blocks)
         self.block: Block | None = None
         self.result: DomainResult | None = None  # the current block's counts
@@ -303,7 +305,7 @@ class _EdgeDevice:
         self.block = None
         result.edge_seconds += self.edge_time.take()
         result.cloud_seconds += self.cloud_time.take()
-        score(result, block, self.predicted)
+        self.task.score(result, block, self.predicted)
         result.link = self.link.next_domain()
         result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before
         result.peak_memory_bytes = peak_memory(self.device)

@@ -57,6 +57,23 @@ def plain_map(tensors, what: str) -> dict[str, torch.Tensor]:
     return out
 
 
+DETECTION_KEYS = ("boxes", "scores", "labels")
+
+
+def plain_detections(value, what: str) -> list[dict[str, torch.Tensor]]:
+    """A list of per-image dicts of exactly boxes, scores and labels, each tensor made :func:`plain`."""
+    if type(value) is not list:
+        raise NotPlain(f"{what} must be a list with one dict of boxes, scores and labels per image, got "
+                       f"{type(value).__qualname__}")
+    out = []
+    for i, d in enumerate(value):
+        if type(d) not in MAPS or set(d) != set(DETECTION_KEYS):
+            keys = sorted(map(str, d)) if type(d) in MAPS else type(d).__qualname__
+            raise NotPlain(f"{what}[{i}] must be a dict of exactly {', '.join(DETECTION_KEYS)}, got {keys}")
+        out.append({k: plain(d[k], f"{what}[{i}][{k!r}]") for k in DETECTION_KEYS})
+    return out
+
+
 def plain_decision(decision) -> EdgeDecision:
     """The edge's decision read once into a harness-owned EdgeDecision of plain copies."""
     if type(decision) is not EdgeDecision:
@@ -74,7 +91,9 @@ def plain_decision(decision) -> EdgeDecision:
         tensors=plain_map(fields["tensors"], "EdgeDecision.tensors"),
         payload=plain_map(fields["payload"], "EdgeDecision.payload"),
         send_input=fields["send_input"], payload_dtype=fields["payload_dtype"],
-        await_answers=fields["await_answers"])
+        await_answers=fields["await_answers"],
+        detections=None if fields["detections"] is None else plain_detections(fields["detections"],
+                                                                               "EdgeDecision.detections"))
 
 
 def plain_reply(reply) -> CloudReply:
@@ -86,4 +105,5 @@ def plain_reply(reply) -> CloudReply:
                        f"{type(reply).__module__}.{type(reply).__qualname__}")
     download, answers = reply.download, reply.answers
     return CloudReply(download=None if download is None else plain_map(download, "the download"),
-                      answers=None if answers is None else plain(answers, "CloudReply.answers"))
+                      answers=None if answers is None else plain_detections(answers, "CloudReply.answers")
+                      if type(answers) is list else plain(answers, "CloudReply.answers"))

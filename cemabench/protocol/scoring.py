@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
-from cemabench.method import Upload
 from cemabench.protocol.checks import Checks
-from cemabench.protocol.link import Link, LinkCounters
+from cemabench.protocol.link import LinkCounters
 from cemabench.protocol.stream import Block
 
 
@@ -19,7 +17,8 @@ class Diverged(Exception):
 
 @dataclass
 class DomainResult:
-    """The measurements of one method on one domain. Accuracy is online top-1 of the predictions made at arrival."""
+    """The measurements of one method on one domain. Accuracy is online top-1 of the predictions made at arrival;
+    a task with scores of its own (detection's mAP) keeps them in ``metrics``."""
 
     domain: str
     status: str = "ok"  # ok | diverged | error | timeout | out-of-memory | skipped
@@ -43,6 +42,7 @@ class DomainResult:
     segments: list = field(default_factory=list)
     by_domain: dict = field(default_factory=dict)
     device: int = 0  # the edge device, when several share the cloud
+    metrics: dict = field(default_factory=dict)  # a task's own scores (detection: map, map50, ar100); then no accuracy
 
     _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
                "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
@@ -58,12 +58,17 @@ class DomainResult:
         for domain, (seen, correct) in part.by_domain.items():
             mine = self.by_domain.setdefault(domain, [0, 0])
             mine[0], mine[1] = mine[0] + seen, mine[1] + correct
+        if part.metrics:  # a task's scores are over one block: the loop refuses settings with several per result
+            if self.metrics:
+                raise ValueError(f"result {self.domain!r} of a task scored by its own metrics has several blocks")
+            self.metrics = dict(part.metrics)
         if part.status != "ok" and self.status == "ok":
             self.status, self.message = part.status, part.message
 
     @property
     def accuracy(self) -> float | None:
-        return 100.0 * self.correct / self.seen if self.seen and self.status == "ok" else None
+        """Top-1 accuracy in percent: classification's score (a result that a task scores by ``metrics`` has none)."""
+        return 100.0 * self.correct / self.seen if self.seen and self.status == "ok" and not self.metrics else None
 
     @property
     def upload_ratio(self) -> float | None:
@@ -74,6 +79,8 @@ class DomainResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        del out["metrics"]  # a task's own scores are columns of the cell, like accuracy (classification has none)
+        out.update(self.metrics)
         out["link"].update(bytes_up=self.link.bytes_up, bytes_down=self.link.bytes_down)
         out.update(accuracy=self.accuracy, upload_ratio=self.upload_ratio,
                    bytes_up_per_sample=self.per_sample(self.link.bytes_up),
@@ -93,22 +100,6 @@ def finite(values: torch.Tensor, checks: Checks, message: str) -> torch.Tensor:
     return values
 
 
-def score(result: DomainResult, block: Block, predicted: list[torch.Tensor]) -> None:
-    """Score the predictions recorded at arrival against the labels, which are read from storage only now."""
-    if not predicted:
-        return
-    made = torch.cat(predicted).cpu().numpy()  # recorded on the device at arrival; read once, at the block's end
-    hit = made == block.labels()[:len(made)].astype(np.int64)
-    result.seen = len(made)
-    result.correct = int(hit.sum())
-    result.unanswered = int((made < 0).sum())
-    domains = block.domain_of()
-    if domains is not None:
-        for name in dict.fromkeys(domains[:len(made)]):
-            mine = domains[:len(made)] == name
-            result.by_domain[name] = (int(mine.sum()), int(hit[mine].sum()))
-
-
 def note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
     link, notes = result.link, []
     if has_cloud and result.status == "ok" and not cloud_ran:
@@ -126,29 +117,3 @@ def note(result: DomainResult, has_cloud: bool, cloud_ran: bool) -> str:
         notes.append(f"{result.unanswered} samples had no prediction (not uploaded, or answered late) and count as "
                      f"errors")
     return "; ".join(notes)
-
-
-def predicted(logits: torch.Tensor, scored_classes: torch.Tensor | None) -> torch.Tensor:
-    if scored_classes is None:
-        return logits.argmax(1)
-    scored = scored_classes.to(logits.device)
-    return scored[logits[:, scored].argmax(1)]
-
-
-def answered(logits: torch.Tensor | None, batch: int, num_classes: int, upload: Upload,
-             answers: torch.Tensor | None, link: Link, batch_index: int, checks: Checks) -> torch.Tensor:
-    """The scored logits when the edge awaits the cloud's answers, one row per uploaded sample in upload order.
-    Samples with neither an edge prediction nor an answer get -inf logits everywhere (scored as errors)."""
-    expected = (len(upload), num_classes)
-    if answers is None or tuple(answers.shape) != expected:
-        got = None if answers is None else tuple(answers.shape)
-        raise ValueError(f"the edge awaits answers for {expected[0]} uploaded samples, so the cloud must return "
-                         f"CloudReply(answers=...) of shape {expected}; got {got}")
-    received = link.answer(answers)
-    out = (logits.clone() if logits is not None
-           else torch.full((batch, num_classes), float("nan"), device=answers.device))
-    if received is not None:  # late answers do not count: the edge's own prediction (if any) stands
-        message = f"the cloud's answers at batch {batch_index} of the run unit are not finite"
-        out[upload.index.to(out.device)] = finite(received.float(), checks, message).to(out.device)
-    return out
-

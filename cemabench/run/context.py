@@ -133,7 +133,16 @@ class TableContext:
         for role, model in self.prototypes.items():
             reference = next(iter(model.parameters()), None)
             with probing(model):
-                outputs = model(image.to(reference.device) if reference is not None else image).shape[-1]
+                output = model(image.to(reference.device) if reference is not None else image)
+            detector = isinstance(output, list)
+            if detector != (data.task == "detection"):
+                given = "a detector (boxes per image)" if detector else "a classifier (logits)"
+                raise UserError(f"the {role} model {getattr(self.choice, role)} is {given}, and the dataset "
+                                f"{data.name} is a {data.task} dataset: choose a "
+                                f"{'detector' if data.task == 'detection' else 'classifier'} (--{role})")
+            if detector:
+                continue
+            outputs = output.shape[-1]
             scored = data.scored_classes
             if (outputs > int(scored.max())) if scored is not None else outputs == data.num_classes:
                 continue
@@ -156,7 +165,7 @@ class TableContext:
         stream = (blocks(unit.domains) if p.devices == 1 else
                   DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices, p.device_streams)]))
         results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
-                           self.execution, self.dataset.scored_classes)
+                           self.execution, self.dataset.scored_classes, self.dataset.task)
         return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
 
 

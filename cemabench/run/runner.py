@@ -14,6 +14,7 @@ from cemabench import registry
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import severities_needed
 from cemabench.errors import UserError
+from cemabench.method import check_task
 from cemabench.protocol import Execution
 from cemabench.run.context import ContextSpec, TableContext, context_for, forget
 from cemabench.run.executors import Executor, error_record, make_executor
@@ -47,6 +48,8 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights)
     context = context_for(recipe)
     check_options(spec, context.choice)
+    for entry in spec.methods:  # a method on a task it does not declare: one line, before any data is read
+        check_task(registry.load_method(entry.name), context.dataset.task)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     context.check_classes()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"])

@@ -14,14 +14,18 @@ from cemabench.models.mini import nets
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
+def shipped(kind: str, architectures: dict, build, weights: Path, prefix: str) -> torch.nn.Module:
+    """A network shipped with cemabench (``prefix:kind``), built by ``build(kind)`` and loaded from ``weights``."""
+    if kind not in architectures:
+        raise UserError(f"unknown model {prefix}:{kind}; valid: {', '.join(f'{prefix}:{k}' for k in architectures)}")
+    model = build(kind)
+    model.load_state_dict(torch.load(weights / f"{kind}.pt", weights_only=True))
+    return model.eval()
+
+
 def load_model(kind: str) -> torch.nn.Module:
     """A shipped miniature network (``edge`` or ``foundation``) with its trained weights."""
-    if kind not in nets.ARCHITECTURES:
-        valid = ", ".join("mini:" + k for k in nets.ARCHITECTURES)
-        raise UserError(f"unknown miniature model {kind!r}; valid: {valid}")
-    model = nets.build(kind)
-    model.load_state_dict(torch.load(WEIGHTS_DIR / f"{kind}.pt", weights_only=True))
-    return model.eval()
+    return shipped(kind, nets.ARCHITECTURES, nets.build, WEIGHTS_DIR, "mini")
 
 
 class SpatialMean(nn.Module):

@@ -1,0 +1,223 @@
+"""The detection task's pieces (issue 18): the COCO metric from faster-coco-eval checked against pycocotools'
+COCOeval on the same predictions and ground truth, the exact bytes of a detection answer, and the export in COCO's
+results format."""
+import copy
+import io
+import json
+import math
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+
+from cemabench.protocol.tasks import detection as D
+
+
+def _ground_truth(rng: np.random.Generator, images: int = 40, categories=(1, 2, 7)) -> dict:
+    """Random boxes, with the pitfalls: images without annotations (every fifth), crowd regions, tiny and large
+    boxes (COCO's area ranges)."""
+    gt = {"images": [{"id": 100 + i, "width": 320, "height": 240} for i in range(images)],
+          "categories": [{"id": c, "name": f"c{c}"} for c in categories], "annotations": []}
+    for i in range(images):
+        if i % 5 == 4:
+            continue
+        for _ in range(int(rng.integers(1, 6))):
+            w, h = (float(v) for v in rng.uniform(4, 160, 2))
+            x, y = float(rng.uniform(0, 320 - w)), float(rng.uniform(0, 240 - h))
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": 100 + i,
+                                      "category_id": int(rng.choice(categories)), "bbox": [x, y, w, h],
+                                      "area": w * h, "iscrowd": int(rng.random() < 0.1)})
+    return gt
+
+
+def _predictions(rng: np.random.Generator, gt: dict) -> tuple[list[int], list[D.Detections]]:
+    """Jittered true boxes, wrong labels and false positives; no detections on every seventh image, and more than
+    100 on one (COCO keeps the 100 best per image)."""
+    ids, out = [], []
+    by_image = {}
+    for a in gt["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for k, image in enumerate(gt["images"]):
+        ids.append(image["id"])
+        if k % 7 == 3:
+            out.append(D.Detections.empty())
+            continue
+        boxes, scores, labels = [], [], []
+        for a in by_image.get(image["id"], []):
+            x, y, w, h = a["bbox"]
+            jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
+            boxes.append([x + jitter[0], y + jitter[1], x + w + jitter[2], y + h + jitter[3]])
+            scores.append(rng.uniform(0.2, 1))
+            labels.append(a["category_id"] if rng.random() < 0.8 else 2)
+        for _ in range(150 if k == 1 else int(rng.integers(0, 4))):
+            x, y = rng.uniform(0, 300), rng.uniform(0, 220)
+            boxes.append([x, y, x + rng.uniform(2, 60), y + rng.uniform(2, 60)])
+            scores.append(rng.uniform(0, 0.9))
+            labels.append(int(rng.choice([1, 2, 7])))
+        out.append(D.Detections(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                torch.tensor(scores, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)))
+    return ids, out
+
+
+def _pycocotools(gt: dict, results: list[dict], image_ids: list[int]) -> list[float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with redirect_stdout(io.StringIO()):
+        truth = COCO()
+        truth.dataset = copy.deepcopy(gt)
+        truth.createIndex()
+        found = truth.loadRes(copy.deepcopy(results))
+        evaluation = COCOeval(truth, found, "bbox")
+        evaluation.params.imgIds = sorted(image_ids)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return [float(evaluation.stats[i]) for i in (0, 1, 8)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_metric_equals_pycocotools_cocoeval(seed):
+    rng = np.random.default_rng(seed)
+    gt = _ground_truth(rng)
+    ids, predictions = _predictions(rng, gt)
+    assert any(len(p) > 100 for p in predictions) and any(len(p) == 0 for p in predictions)
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    ours = D.score(gt, ids, predictions)
+    theirs = _pycocotools(gt, D.coco_results(ids, predictions), ids)
+    assert 5 < ours["map"] < 95  # informative: neither empty nor perfect
+    for name, value in zip(D.METRICS, theirs, strict=True):
+        assert ours[name] == pytest.approx(100 * value, abs=1e-4)  # 1e-6 on COCO's own 0..1 scale
+
+
+def test_the_metric_counts_only_the_images_of_the_stream():
+    """A stream that reached part of a domain is scored on the images it reached, as pycocotools does with
+    params.imgIds."""
+    rng = np.random.default_rng(3)
+    gt = _ground_truth(rng)
+    ids, predictions = _predictions(rng, gt)
+    ours = D.score(gt, ids[:15], predictions[:15])
+    theirs = _pycocotools(gt, D.coco_results(ids[:15], predictions[:15]), ids[:15])
+    for name, value in zip(D.METRICS, theirs, strict=True):
+        assert ours[name] == pytest.approx(100 * value, abs=1e-4)
+
+
+def test_no_detections_at_all_score_zero_and_no_annotated_image_is_nan():
+    rng = np.random.default_rng(4)
+    gt = _ground_truth(rng)
+    ids = [i["id"] for i in gt["images"]]
+    assert D.score(gt, ids, [D.Detections.empty() for _ in ids]) == {"map": 0.0, "map50": 0.0, "ar100": 0.0}
+    unannotated = [i for i in ids if not any(a["image_id"] == i for a in gt["annotations"])]
+    assert all(math.isnan(v) for v in D.score(gt, unannotated, [D.Detections.empty() for _ in unannotated]).values())
+
+
+def test_perfect_predictions_score_100():
+    gt = _ground_truth(np.random.default_rng(5))
+    ids = [i["id"] for i in gt["images"]]
+    perfect = []
+    for i in ids:
+        mine = [a for a in gt["annotations"] if a["image_id"] == i and not a["iscrowd"]]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)],
+                             dtype=torch.float64).reshape(-1, 4)
+        perfect.append(D.Detections(boxes, torch.ones(len(mine)), torch.tensor([a["category_id"] for a in mine],
+                                                                                dtype=torch.long)))
+    assert D.score(gt, ids, perfect) == pytest.approx({"map": 100.0, "map50": 100.0, "ar100": 100.0})
+
+
+def test_a_detection_answer_costs_exactly_its_wire_bytes():
+    """4 bytes of count per image and 22 per detection (4 float32 box coordinates, a float32 score, a uint16
+    category), and what is decoded is what was sent, to float32."""
+    images = [D.Detections(torch.tensor([[1.5, 2.0, 10.25, 20.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.9, 0.1]),
+                           torch.tensor([3, 90])),
+              D.Detections.empty(),
+              D.Detections(torch.tensor([[7.0, 8.0, 9.0, 10.0]], dtype=torch.float64), torch.tensor([0.5]),
+                           torch.tensor([65535]))]
+    data = D.encode(images)
+    assert len(data) == D.nbytes(images) == 3 * 4 + 3 * 22 == 78
+    assert data[:4] == (2).to_bytes(4, "little") and data[4:8] == np.float32(1.5).tobytes()
+    back = D.decode(data, 3)
+    for sent, got in zip(images, back, strict=True):
+        assert torch.equal(got.boxes, sent.boxes.float()) and torch.equal(got.scores, sent.scores.float())
+        assert torch.equal(got.labels, sent.labels.long())
+    with pytest.raises(ValueError, match="1 bytes after its 3 images"):
+        D.decode(data + b"\0", 3)
+    with pytest.raises(ValueError, match="says 2 detections, but fewer bytes follow"):
+        D.decode(data[:30], 3)
+
+
+@pytest.mark.parametrize("boxes, scores, labels, words", [
+    (torch.zeros(2, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long), "boxes (n, 4), scores (n,)"),
+    (torch.zeros(1, 4), torch.zeros(1), torch.zeros(1), "integer category ids"),
+    (torch.zeros(1, 4), torch.zeros(1), torch.tensor([70000]), "category ids in [0, 65535]"),
+    (torch.full((1, 4), float("nan")), torch.zeros(1), torch.zeros(1, dtype=torch.long), "must be finite"),
+])
+def test_malformed_detections_are_refused_by_name(boxes, scores, labels, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        D.Detections(boxes, scores, labels)
+
+
+def test_predictions_export_in_cocos_results_format(tmp_path):
+    images = [D.Detections(torch.tensor([[10.0, 20.0, 40.0, 60.0]]), torch.tensor([0.75]), torch.tensor([7]))]
+    exported = D.coco_results([139], images)
+    assert exported == [{"image_id": 139, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.75}]
+    json.dumps(exported)  # plain JSON
+
+
+# The detection task through the online loop, on the detection miniature (miniature-digits-det-c).
+
+DETECTION = ["--dataset", "miniature-digits-det-c", "--edge", "minidet:edge", "--foundation", "minidet:cloud"]
+
+
+def _run(tmp_path, method, *extra, domains=("fog",)) -> tuple[int, dict]:
+    from cemabench.cli import main
+
+    out = tmp_path / f"{method}.json"
+    code = main(["run", "--method", method, *DETECTION, "--domains", *domains, "--out", str(out), *extra])
+    return code, json.loads(out.read_text()) if out.exists() else {}
+
+
+def test_source_and_cloud_only_are_scored_by_coco_map_and_the_cloud_is_better(tmp_path):
+    code, source = _run(tmp_path, "source")
+    assert code == 0
+    code, cloud = _run(tmp_path, "cloud-only")
+    assert code == 0
+    (edge_cell,), (cloud_cell,) = source["cells"], cloud["cells"]
+    for cell in (edge_cell, cloud_cell):
+        assert cell["status"] == "ok" and cell["seen"] == 300 and cell["accuracy"] is None
+        assert set(D.METRICS) <= set(cell) and 0 < cell["map"] < cell["map50"] <= 100
+    assert cloud_cell["map"] > edge_cell["map"] + 10  # the miniature is informative: the cloud clearly wins
+    assert edge_cell["link"]["bytes_up"] == 0 and edge_cell["edge_flops"] > 0
+    # every image goes up as its raw uint8 pixels, and its top-20 detections come down: 4 + 20 * 22 bytes each
+    assert cloud_cell["link"]["upload_bytes"] == 300 * 64 * 64 * 3
+    assert cloud_cell["link"]["answer_bytes"] == 300 * (4 + 20 * 22)
+
+
+def test_a_detection_cell_is_the_same_twice(tmp_path):
+    _, first = _run(tmp_path / "a", "source")
+    _, second = _run(tmp_path / "b", "source")
+    keys = ("map", "map50", "ar100", "seen", "edge_flops")
+    assert [{k: c[k] for k in keys} for c in first["cells"]] == [{k: c[k] for k in keys} for c in second["cells"]]
+
+
+def test_corruption_lowers_the_edge_detectors_map(tmp_path):
+    _, doc = _run(tmp_path, "source", domains=("clean", "gaussian_noise", "glass_blur"))
+    maps = {c["domain"]: c["map"] for c in doc["cells"]}
+    assert maps["clean"] > maps["gaussian_noise"] + 5 and maps["clean"] > maps["glass_blur"] + 5
+
+
+def test_a_classification_method_on_a_detection_dataset_is_one_line_before_any_compute(tmp_path, capsys):
+    code, doc = _run(tmp_path, "tent")
+    assert code == 2 and not doc
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "method tent cannot run on a detection dataset" in err
+
+
+def test_a_detection_method_on_a_classification_dataset_is_one_line(plugins, tmp_path, capsys):
+    from cemabench.cli import main
+
+    assert main(["run", "--method", "detects-only", "--domains", "fog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("cemabench: error: method detects-only cannot run on a classification dataset: it predicts boxes, "
+                   "and a classifier's logits are none. Methods for classification: see `cemabench list methods`")
