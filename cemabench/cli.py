@@ -29,6 +29,9 @@ EXIT_INCOMPLETE = 3  # run/reproduce/status: some unit failed (error, diverged, 
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), in every command
 EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, what a shell reports for `yes | head`)
 MINIATURE = "miniature-digits-c"  # run's dataset when none is named (the embedded miniature)
+# run's models when none are named: the miniatures' own (other datasets need --edge and --foundation)
+DEFAULT_MODELS = {MINIATURE: ("mini:edge", "mini:foundation"),
+                  "miniature-digits-det-c": ("minidet:edge", "minidet:cloud")}
 PATH_ERRORS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EEXIST, errno.EROFS)
 
 
@@ -165,7 +168,8 @@ def _run_spec(args):
             raise UserError(f"--dataset {dataset} needs --edge and --foundation: the default models (mini:edge, "
                             f"mini:foundation) are trained on the miniature's digits; see `cemabench list models`, or "
                             f"--table T for a table's models on that dataset")
-        choice = DataChoice(dataset, args.edge or "mini:edge", args.foundation or "mini:foundation")
+        edge, foundation = DEFAULT_MODELS.get(dataset, DEFAULT_MODELS[MINIATURE])
+        choice = DataChoice(dataset, args.edge or edge, args.foundation or foundation)
         protocol = Protocol()
         default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")
         domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
@@ -223,13 +227,14 @@ def cmd_run(args) -> int:
                         execution=Execution(args.device, args.channels_last, args.amp), progress=False,
                         models={"edge": args.edge, "foundation": args.foundation},
                         dataset_options=dict(_dataset_option(o) for o in args.dataset_option),
-                        executor=args.executor, address=args.address, weights=args.weights, limits=_limits(args))
+                        executor=args.executor, address=args.address, weights=args.weights, limits=_limits(args),
+                        predictions=_predictions(args))
     doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
         Path(args.out).write_text(_dumps(doc, args))
     if doc["provenance"]["miniature"]:
-        real = "" if spec.real.dataset == MINIATURE else f", NOT {spec.real.dataset.upper()}"
+        real = "" if spec.real.dataset in DEFAULT_MODELS else f", NOT {spec.real.dataset.upper()}"
         print(f"# EMBEDDED MINIATURE{real}: numbers for checking the code path, not for comparison\n")
     for metric in [m for m in (*TASK_METRICS, *DEFAULT_METRICS) if any(c.get(m) is not None for c in doc["cells"])
                    or m == "accuracy" and not any(c.get(t) is not None for c in doc["cells"] for t in TASK_METRICS)]:
@@ -310,7 +315,7 @@ def cmd_reproduce(args) -> int:
     try:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
                         progress=not args.no_progress, executor=args.executor, address=args.address,
-                        limits=_limits(args), **options)
+                        limits=_limits(args), predictions=_predictions(args), **options)
     except KeyboardInterrupt:
         return _interrupted(out)
     except OSError as error:
@@ -400,6 +405,8 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="with --executor ray: the address of a running Ray cluster (default: start a "
                    "local Ray with --jobs CPUs)")
     _limit_arguments(p)
+    p.add_argument("--save-predictions", metavar="DIR", help="detection: write each cell's predictions in COCO's "
+                   "results format to DIR/TABLE/METHOD/seedN/DOMAIN.json, image ids as in the ground truth")
 
 
 def _limit_arguments(p: argparse.ArgumentParser) -> None:
@@ -407,6 +414,11 @@ def _limit_arguments(p: argparse.ArgumentParser) -> None:
                    "cells say timeout and the table goes on (default: the spec's [limits], else none)")
     p.add_argument("--unit-memory", metavar="SIZE", help="the most data memory a run unit's process may hold, e.g. "
                    "16G; past it the unit's cells say out-of-memory (default: the spec's [limits], else none)")
+
+
+def _predictions(args) -> str | None:
+    folder = getattr(args, "save_predictions", None)
+    return None if folder is None else str(_writable(folder, "--save-predictions", folder=True))
 
 
 def _limits(args):
@@ -467,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", nargs="+", help="domains in stream order (default: all of the dataset's, or the "
                    "table's)")
     p.add_argument("--severity", type=int, help="default 5, or the table's")
-    p.add_argument("--edge", help="default mini:edge, or the table's")
-    p.add_argument("--foundation", help="default mini:foundation, or the table's")
+    p.add_argument("--edge", help="default mini:edge (minidet:edge on miniature-digits-det-c), or the table's")
+    p.add_argument("--foundation", help="default mini:foundation (minidet:cloud on miniature-digits-det-c), or the "
+                   "table's")
     p.add_argument("--seed", type=int, default=0, help="the seed of the stream order and of the method (default 0)")
     _protocol_arguments(p)
     _execution_arguments(p)

@@ -181,6 +181,8 @@ def check_task(method, task: str) -> None:
         why = cls.task_reason or f"it declares tasks = {tasks!r}"
         raise UserError(f"method {name} cannot run on a {task} dataset: {why}. Methods for {task}: see `cemabench "
                         f"list methods`")
+    if not isinstance(method, type):
+        method.check_task_options(task)
 
 
 class Method:
@@ -258,6 +260,10 @@ class Method:
     def validate(self) -> None:
         """Raise :class:`UserError` for option values that are invalid together (one option's bounds are declared
         with :func:`option`)."""
+
+    def check_task_options(self, task: str) -> None:
+        """Raise :class:`UserError` (one line) when an option does not fit the dataset's task (a router defined for
+        another task's outputs, say); called before any compute. The default checks nothing."""
 
     def check_models(self, edge: nn.Module, foundation: nn.Module) -> None:
         """Raise :class:`UserError` (one line) when an option names something the models lack (a stage, a layer).

@@ -221,3 +221,104 @@ def test_a_detection_method_on_a_classification_dataset_is_one_line(plugins, tmp
     err = capsys.readouterr().err.strip()
     assert err == ("cemabench: error: method detects-only cannot run on a classification dataset: it predicts boxes, "
                    "and a classifier's logits are none. Methods for classification: see `cemabench list methods`")
+
+
+# KubeEdge Sedna's hard example mining routers (hard-example-offload), against Sedna's definitions written out here
+# for the lists Sedna's filters take (a box is [x1, y1, x2, y2, score, label]).
+
+def _sedna_threshold(boxes, threshold):
+    if not boxes:
+        return False
+    return sum(b[4] for b in boxes) / len(boxes) < threshold
+
+
+def _sedna_ibt(boxes, threshold_img, threshold_box):
+    if not boxes:
+        return False
+    return len([b for b in boxes if b[4] <= threshold_box]) / len(boxes) >= 1 - threshold_img
+
+
+def _sedna_cross_entropy(probabilities, threshold):
+    confidence = 1 + sum(p * math.log(p) for p in probabilities) / math.log(len(probabilities))
+    return confidence < threshold
+
+
+def _edge(**options):
+    from cemabench import registry
+
+    method = registry.build_method("hard-example-offload", options)
+    return method.edge(11)
+
+
+@pytest.mark.parametrize("router", ["threshold", "ibt"])
+def test_the_detection_routers_are_sednas(router):
+    rng = np.random.default_rng(7)
+    output = []
+    for _ in range(40):
+        n = int(rng.integers(0, 8))
+        output.append({"boxes": torch.rand(n, 4), "scores": torch.from_numpy(rng.random(n).astype(np.float32)),
+                       "labels": torch.ones(n, dtype=torch.long)})
+    edge = _edge(router=router, threshold=0.6, threshold_box=0.4, box_score_min=0.2)
+    decision = edge.step(lambda x: output, torch.zeros(40, 3, 8, 8))
+    expected = []
+    for i, d in enumerate(output):
+        boxes = [[0, 0, 1, 1, float(s), 1] for s in d["scores"] if s >= 0.2]  # what the deployment reports
+        hard = _sedna_threshold(boxes, 0.6) if router == "threshold" else _sedna_ibt(boxes, 0.6, 0.4)
+        if hard:
+            expected.append(i)
+    assert decision.upload.tolist() == expected and 0 < len(expected) < 40
+    assert decision.detections is output and decision.logits is None and decision.await_answers
+
+
+def test_the_classification_router_is_sednas_cross_entropy():
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    decision = _edge(router="cross-entropy", threshold=0.3).step(lambda x: logits, torch.zeros(64, 3, 8, 8))
+    expected = [i for i, row in enumerate(logits.softmax(1).tolist()) if _sedna_cross_entropy(row, 0.3)]
+    assert decision.upload.tolist() == expected and 0 < len(expected) < 64
+
+
+def test_hard_example_offload_runs_on_detection_between_edge_and_cloud(tmp_path):
+    _, edge_only = _run(tmp_path, "source")
+    _, cloud = _run(tmp_path, "cloud-only")
+    code, doc = _run(tmp_path, "hard-example-offload", "--option", "router=ibt")
+    (cell,), (low,), (high,) = doc["cells"], edge_only["cells"], cloud["cells"]
+    assert code == 0 and low["map"] < cell["map"] <= high["map"] + 1 and 0 < cell["upload_ratio"] < 100
+
+
+@pytest.mark.parametrize("router, dataset, words", [
+    ("cross-entropy", DETECTION, "router cross-entropy does not fit a detection dataset: use router=threshold or ibt"),
+    ("ibt", [], "router ibt does not fit a classification dataset: use router=cross-entropy"),
+])
+def test_a_router_for_the_other_task_is_one_line(tmp_path, capsys, router, dataset, words):
+    from cemabench.cli import main
+
+    assert main(["run", "--method", "hard-example-offload", "--option", f"router={router}", *dataset,
+                 "--domains", "fog"]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_saved_predictions_score_the_same_with_pycocotools_and_a_stored_unit_writes_them_again(tmp_path):
+    """--save-predictions: one COCO results JSON per cell; scored with pycocotools against the domain's ground
+    truth they give the cell's mAP. A rerun into the same store with another folder recomputes what is missing."""
+    from cemabench.cli import main
+    from cemabench.datasets import minidet
+
+    spec = tmp_path / "det.toml"
+    spec.write_text("\n".join([
+        'name = "det"', 'title = "one detector"', "[protocol]", "batch_size = 16", "[data]", "severity = 3",
+        'domains = ["fog"]', "[data.real]", 'dataset = "coco-c"', 'edge = "minidet:edge"',
+        'foundation = "minidet:cloud"', "[data.miniature]", 'dataset = "miniature-digits-det-c"',
+        'edge = "minidet:edge"', 'foundation = "minidet:cloud"', "[[methods]]", 'name = "source"', ""]))
+    out = tmp_path / "out"
+    assert main(["reproduce", str(spec), "--out", str(out), "--no-progress", "--save-predictions",
+                 str(tmp_path / "a")]) == 0
+    cells = {c["method"]: c for c in json.loads((out / "det.json").read_text())["cells"]}
+    saved = tmp_path / "a" / "det" / "source" / "seed0" / "fog.json"
+    results = json.loads(saved.read_text())
+    truth = minidet.DetectionDomain("fog", np.zeros((300, 1, 1, 3), np.uint8), lambda: None, "test").ground_truth()
+    ids = [i["id"] for i in truth["images"]]
+    assert _pycocotools(truth, results, ids)[0] * 100 == pytest.approx(cells["source"]["map"], abs=1e-4)
+    assert main(["reproduce", str(spec), "--out", str(out), "--no-progress", "--save-predictions",
+                 str(tmp_path / "b")]) == 0
+    again = tmp_path / "b" / "det" / "source" / "seed0" / "fog.json"
+    assert json.loads(again.read_text()) == results

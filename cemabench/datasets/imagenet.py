@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class _Files(Dataset):
-    def __init__(self, files: list[Path], resize: bool):
-        self.files, self.resize = files, resize
+class ImageFiles(Dataset):
+    """Image files decoded to uint8 (3, H, W) and passed through ``transform(pixels, path)``; whatever fails on one
+    image is a DataError that names it."""
+
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
 
     def __len__(self):
         return len(self.files)
@@ -56,14 +60,21 @@ class _Files(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = to_tensor(image)
-            if self.resize:
-                pixels = RESIZE_CROP(pixels)
+            return self.transform(pixels, path)
+        except DataError:
+            raise
         except Exception as error:  # whatever fails on one image, the message names the image
             raise DataError(f"cannot read image {path}: {error}") from error
-        if not self.resize and tuple(pixels.shape[1:]) != (224, 224):
-            raise DataError(f"{path} is {pixels.shape[2]}x{pixels.shape[1]} px; ImageNet-C images are 224x224, so "
-                            f"this is not an ImageNet-C folder (or it was resized)")
-        return pixels
+
+
+def _imagenet_pixels(pixels: torch.Tensor, path: Path, resize: bool) -> torch.Tensor:
+    """ImageNet-R's resize and centre crop; ImageNet-C's images must already be 224 px."""
+    if resize:
+        return RESIZE_CROP(pixels)
+    if tuple(pixels.shape[1:]) != (224, 224):
+        raise DataError(f"{path} is {pixels.shape[2]}x{pixels.shape[1]} px; ImageNet-C images are 224x224, so "
+                        f"this is not an ImageNet-C folder (or it was resized)")
+    return pixels
 
 
 @dataclass
@@ -84,7 +95,7 @@ class ImageFolderDomain:
 
     def _loader(self, order: np.ndarray, batch_size: int, pin_memory: bool) -> DataLoader:
         batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-        return DataLoader(_Files(self.files, self.resize), batch_sampler=batches,
+        return DataLoader(ImageFiles(self.files, partial(_imagenet_pixels, resize=self.resize)), batch_sampler=batches,
                           num_workers=self.workers, pin_memory=pin_memory, persistent_workers=False)
 
     def images(self, indices: np.ndarray) -> torch.Tensor:

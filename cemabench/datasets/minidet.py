@@ -129,4 +129,4 @@ def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORD
                  for d in domains],
         clean=DetectionDomain("clean-train", train, _no_labels, "train"), is_miniature=True, task="detection",
         provenance={"dataset": "miniature-digits-det-c (EMBEDDED MINIATURE)", "severity": severity,
-                    "images_per_domain": COUNTS["test"], "image_size": CANVAS, "task": "detection"})
+                    "images_per_domain": COUNTS["test"], "image_size": CANVAS})

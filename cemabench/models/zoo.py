@@ -99,11 +99,58 @@ def load_state(net: nn.Module, state, source: str, spec: str) -> None:
         raise UserError(f"checkpoint {source} does not fit {spec}: {first}") from error
 
 
+# torchvision's COCO detectors offered for the detection task: they take images in [0, 1], normalise and resize them
+# with their own fixed transform, and return boxes in the input's pixels (torchvision's detection references)
+DETECTORS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2",
+             "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large")
+
+
+class Detector(nn.Module):
+    """A torchvision detector that takes a batch tensor (N, 3, H, W) in [0, 1] and returns one dict of boxes, scores
+    and labels (COCO category ids) per image."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        return self.net(list(x.unbind(0)))
+
+
+def torchvision_detector(arch: str, weights: str, spec: str) -> nn.Module:
+    """ARCH[@COCO_V1 (default) | other weights name | none | checkpoint path]; ``none`` builds no backbone weights
+    either, so nothing is downloaded."""
+    from torchvision import models
+
+    weights = weights or "COCO_V1"
+    if weights == "none" or is_path(weights):
+        net = models.get_model(arch, weights=None, weights_backbone=None)
+        if weights != "none":
+            load_checkpoint(net, weights, spec)
+        return Detector(net).eval()
+    enum = models.get_model_weights(arch)
+    if weights not in enum.__members__:
+        raise UserError(f"{arch} has no weights {weights!r}; valid: {', '.join(enum.__members__)}, none, or a path")
+    chosen = enum[weights]
+    local, advice = published_file(chosen.url, f"{spec}@{weights}", f"torchvision:{arch}@/path/to/weights.pth")
+    if local is not None:
+        net = models.get_model(arch, weights=None, weights_backbone=None)
+        load_checkpoint(net, str(local), spec)
+        return Detector(net).eval()
+    try:
+        return Detector(models.get_model(arch, weights=chosen)).eval()
+    except OSError as error:
+        raise UserError(f"weights for {spec} could not be downloaded ({error}): {advice}") from error
+
+
 def torchvision_model(name: str) -> nn.Module:
-    """A torchvision classifier: ARCH[@IMAGENET1K_V1 (default) | other weights name | none | checkpoint path]."""
+    """A torchvision classifier: ARCH[@IMAGENET1K_V1 (default) | other weights name | none | checkpoint path]; or
+    one of the COCO detectors in :data:`DETECTORS` (default weights COCO_V1)."""
     from torchvision import models
 
     arch, _, weights = name.partition("@")
+    if arch in DETECTORS:
+        return torchvision_detector(arch, weights, f"torchvision:{name}")
     weights = weights or "IMAGENET1K_V1"
     spec = f"torchvision:{name}"
     if arch not in models.list_models():

@@ -64,10 +64,13 @@ class HarnessReplaced(RuntimeError):
 
 def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
-             scored_classes: torch.Tensor | None = None, task: str = "classification") -> list[DomainResult]:
+             scored_classes: torch.Tensor | None = None, task: str = "classification",
+             predictions: Callable[[int, str, list], None] | None = None) -> list[DomainResult]:
     """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
     the same on every machine and under every executor. The process-wide torch state the unit found is the state it
-    leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it."""
+    leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it.
+    ``predictions(device, result, rows)`` receives each scored result's predictions, where the task exports them
+    (detection: COCO's results format)."""
     if torch.is_inference_mode_enabled():
         raise HarnessReplaced("this process is in inference mode (left entered by earlier method code?); no unit runs "
                               "here until it is restarted")
@@ -78,8 +81,9 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     with deterministic_threads(torch.device(execution.device)):
         before = hygiene.snapshot()
         try:
-            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution,
-                                task_for(task, num_classes, scored_classes))
+            scoring = task_for(task, num_classes, scored_classes)
+            scoring.predictions = predictions
+            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scoring)
         finally:
             changed = hygiene.restore(before)
     replaced = hygiene.replaced_harness_code()  # by the method's own code, while it ran

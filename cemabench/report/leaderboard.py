@@ -1,14 +1,24 @@
 """Markdown leaderboards from a table's JSON document (pandas + tabulate)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 from cemabench.config.settings import describe
-from cemabench.report.plots import non_dominated, plot_tradeoffs
+from cemabench.report.plots import Axis, non_dominated, plot_tradeoffs
 
-MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from the 10-class, 32-pixel digits "
-                    "miniature that ships with cemabench. They show the code path works and how methods rank on a "
-                    "small shift; never compare them with published numbers. Pass `--data-root` for the real table.")
+MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from {what} that ships with "
+                    "cemabench. They show the code path works and how methods rank on a small shift; never compare "
+                    "them with published numbers. Pass `--data-root` for the real table.")
+MINIATURES = {"classification": "the 10-class, 32-pixel digits miniature",
+              "detection": "the detection miniature (one to four digits on each 64-pixel canvas)"}
+
+
+def miniature_banner(doc: dict) -> str:
+    """The banner of a document computed on an embedded miniature: which one, and that it is not the real data."""
+    task = doc["provenance"]["dataset"].get("task", "classification")
+    return MINIATURE_BANNER.format(dataset=doc["real_dataset"].upper(), what=MINIATURES[task])
 
 
 NOTE_MARK = "†"
@@ -39,6 +49,33 @@ def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
 
 
 STATUS_RANK = ("error", "out-of-memory", "timeout", "diverged", "skipped", "ok")
+
+
+@dataclass(frozen=True)
+class Score:
+    """A task's score as the leaderboard shows it: the cell's key, the section title, the column and axis labels."""
+
+    key: str
+    name: str
+    title: str
+    short: str
+    axis: str
+
+
+SCORES = {
+    "classification": (Score("accuracy", "Accuracy", "Online top-1 accuracy (%)", "accuracy %",
+                              "top-1 accuracy (%)"),),
+    "detection": (Score("map", "mAP", "COCO mAP@[.5:.95] of the predictions made at arrival (%)", "mAP %",
+                        "COCO mAP@[.5:.95] (%)"),
+                  Score("map50", "mAP@.5", "COCO mAP@.5 (%)", "mAP@.5 %", "COCO mAP@.5 (%)"),
+                  Score("ar100", "AR@100", "COCO AR@100 (%)", "AR@100 %", "COCO AR@100 (%)")),
+}
+
+
+def scores(doc: dict) -> tuple[Score, ...]:
+    """The scores of the doc's task (its dataset's provenance names a task other than classification), primary
+    first."""
+    return SCORES[doc["provenance"]["dataset"].get("task", "classification")]
 
 
 def pooled_over_devices(cells: list[dict]) -> list[dict]:
@@ -208,8 +245,10 @@ def _breakdown_sections(doc: dict) -> list[str]:
 
 def efficiency_points(doc: dict) -> pd.DataFrame:
     """One operating point per method (pooled over domains and seeds; methods with a failed cell are left out):
-    accuracy, upload ratio, bytes up and down per sample, edge and cloud GFLOPs per sample."""
+    the task's primary score (accuracy, or mAP averaged over the domains), upload ratio, bytes up and down per
+    sample, edge and cloud GFLOPs per sample."""
     rows = []
+    score = scores(doc)[0].key
     plugin = {m["label"]: m["name"] for m in doc["methods"]}
     reference = {m["label"]: m.get("reference") for m in doc["methods"]}  # declared by the method or the spec
     for label in plugin:
@@ -218,11 +257,14 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
             continue
         seen = sum(c["seen"] for c in cells)
         total = {k: sum(c.get(k) or 0 for c in cells) for k in ("correct", "edge_flops", "cloud_flops")}
+        # classification pools the samples; a task scored per domain (mAP) averages its domains' scores
+        value = (100 * total["correct"] / seen if score == "accuracy"
+                 else sum(c[score] for c in cells) / len(cells))
         up = sum(c["link"].get("bytes_up", c["link"]["upload_bytes"] + c["link"]["upload_tensor_bytes"]) for c in cells)
         down = sum(c["link"].get("bytes_down", c["link"]["download_bytes"] + c["link"]["answer_bytes"]) for c in cells)
         rows.append({"method": label, "family": plugin[label], "reference": reference[label] is not None,
                      "reference_kind": reference[label],
-                     "accuracy": 100 * total["correct"] / seen,
+                     score: value,
                      "upload_ratio": 100 * sum(c["link"]["uploaded"] for c in cells) / seen,
                      "bytes_up_per_sample": up / seen, "bytes_down_per_sample": down / seen,
                      "bytes_per_sample": (up + down) / seen,
@@ -231,7 +273,7 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
                      "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9})
     points = pd.DataFrame(rows)
     if len(points):
-        points["pareto"] = non_dominated(points, {"accuracy": "max", "bytes_per_sample": "min",
+        points["pareto"] = non_dominated(points, {score: "max", "bytes_per_sample": "min",
                                                   "gflops_per_sample": "min"})
     return points
 
@@ -239,7 +281,8 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
 def terminal_summary(doc: dict) -> str:
     """A per-method summary that fits a terminal (the full tables are in the Markdown file): the mean accuracy and
     upload ratio over domains (as in the Markdown's mean column), the worst domain, and bytes and GFLOPs per sample."""
-    accuracy, uploads = metric_frame(doc, "accuracy"), metric_frame(doc, "upload_ratio")
+    score = scores(doc)[0]
+    accuracy, uploads = metric_frame(doc, score.key), metric_frame(doc, "upload_ratio")
     points = efficiency_points(doc)  # empty when no method finished every cell
     points = points.set_index("method") if len(points) else points
     rows = {}
@@ -247,7 +290,7 @@ def terminal_summary(doc: dict) -> str:
         values = pd.to_numeric(accuracy.loc[label].drop("mean"), errors="coerce")
         worst = f"{values.min():.1f} ({values.idxmin()})" if values.notna().any() else "-"
         point = points.loc[label] if label in points.index else None
-        rows[label] = {"accuracy %": accuracy.loc[label, "mean"], "upload %": uploads.loc[label, "mean"],
+        rows[label] = {score.short: accuracy.loc[label, "mean"], "upload %": uploads.loc[label, "mean"],
                        "worst domain": worst,
                        "KiB / sample": f"{point['bytes_per_sample'] / 1024:.2f}" if point is not None else "-",
                        "GFLOPs / sample": f"{point['gflops_per_sample']:.3f}" if point is not None else "-"}
@@ -267,18 +310,20 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
     points = efficiency_points(doc)
     if points.empty:
         return points
+    score = scores(doc)[0]
     cloud = points[points["reference_kind"] == "cloud"]
     ref = cloud.iloc[0] if len(cloud) else None
     versus = ref["method"] if ref is not None else "the cloud reference"
     rows = {}
     for _, p in points.iterrows():
         rows[p["method"]] = {
-            "accuracy %": f"{p['accuracy']:.1f}", "upload %": f"{p['upload_ratio']:.1f}",
+            score.short: f"{p[score.key]:.1f}", "upload %": f"{p['upload_ratio']:.1f}",
             "bytes up / sample": f"{p['bytes_up_per_sample']:,.0f}",
             "bytes down / sample": f"{p['bytes_down_per_sample']:,.0f}",
             "edge GFLOPs / sample": f"{p['edge_gflops_per_sample']:.4f}",
             "cloud GFLOPs / sample": f"{p['cloud_gflops_per_sample']:.4f}",
-            f"accuracy vs {versus}": _relative(p["accuracy"], None if ref is None else ref["accuracy"]),
+            f"{score.name.lower() if score.key == 'accuracy' else score.name} vs {versus}": _relative(
+                p[score.key], None if ref is None else ref[score.key]),
             f"bytes vs {versus}": _relative(p["bytes_per_sample"], None if ref is None else ref["bytes_per_sample"]),
             f"cloud FLOPs vs {versus}": _relative(p["cloud_gflops_per_sample"],
                                                   None if ref is None else ref["cloud_gflops_per_sample"]),
@@ -299,7 +344,9 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
         title = f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}\n{title}"
     # each point of a sweep is labelled with what its label adds to the plugin's name ("@0.7", ":l1>l2,r1")
     label = [m[len(f):] if m.startswith(f) and m != f else m for m, f in zip(points["method"], points["family"])]
-    plot_tradeoffs(points.assign(method=points["family"], label=label), path, title=title)
+    score = scores(doc)[0]
+    plot_tradeoffs(points.assign(method=points["family"], label=label), path, title=title,
+                   accuracy=Axis(score.key, score.axis))
     return True
 
 
@@ -381,7 +428,7 @@ def render(doc: dict) -> str:
     proto = p["protocol"]
     lines = [f"# {doc['table']}: {doc['title']}", ""]
     if p["miniature"]:
-        lines += [MINIATURE_BANNER.format(dataset=doc["real_dataset"].upper()), ""]
+        lines += [miniature_banner(doc), ""]
     lines += [
         f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
         + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
@@ -405,10 +452,15 @@ def render(doc: dict) -> str:
               + (f"; {v['meter']} meter" if "meter" in v else "")]
     if doc.get("source"):
         lines += [f"- **Source**: {doc['source']}"]
-    lines += ["", "## Online top-1 accuracy (%)", "", metric_frame(doc, "accuracy").to_markdown(), "",
-              "## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
-              "", *_breakdown_sections(doc), "## Accuracy, communication and computation per sample",
-              "", "Pooled over domains and seeds. FLOPs are counted by what executed (torch.utils.flop_counter): "
+    lines += [""]
+    for score in scores(doc):
+        lines += [f"## {score.title}", "", metric_frame(doc, score.key).to_markdown(), ""]
+    lines += ["## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
+              "", *_breakdown_sections(doc),
+              f"## {scores(doc)[0].name}, communication and computation per sample",
+              "", ("Pooled over domains and seeds" if scores(doc)[0].key == "accuracy" else
+                   f"{scores(doc)[0].name}: the mean over domains, each scored over its whole stream; the rest pooled "
+                   f"over domains and seeds") + ". FLOPs are counted by what executed (torch.utils.flop_counter): "
               "edge = everything the edge step ran, cloud = forward and backward of everything the cloud step ran. "
               "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "
               "Non-dominated: no other method is at least as accurate with no more bytes and no more FLOPs.", "",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cemabench.report.leaderboard import MINIATURE_BANNER, metric_frame, protocol_line, setting_line
+from cemabench.report.leaderboard import metric_frame, miniature_banner, protocol_line, setting_line
 from cemabench.tables.sweep import point_label
 
 
@@ -22,7 +22,7 @@ def render_sweep(doc: dict) -> str:
     p = first["provenance"]
     lines = [f"# {doc['sweep']}: {doc['title']}", ""]
     if p["miniature"]:
-        lines += [MINIATURE_BANNER.format(dataset=first["real_dataset"].upper()), ""]
+        lines += [miniature_banner(first), ""]
     names = {pt["label"]: _row_name(pt) for pt in doc["points"]}
     reference = next((m for m in first["methods"] if m["label"] == doc["method"]), None)
     lines += [

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,8 +33,9 @@ class TableContext:
 
     def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
                  models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
-                 weights: str | None = None):
+                 weights: str | None = None, predictions: str | None = None):
         self.spec, self.data_root, self.execution, self.weights = spec, data_root, execution, weights
+        self.predictions = predictions  # where units write their predictions (detection: COCO results JSON)
         choice = spec.real if data_root else spec.miniature
         if choice is None:
             raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
@@ -82,7 +85,9 @@ class TableContext:
         spec = self.spec
         return {
             "miniature": self.dataset.is_miniature,
-            "dataset": self.dataset.provenance,
+            # a task other than classification is part of what the data is (the leaderboard scores by it)
+            "dataset": {**self.dataset.provenance, **({"task": self.dataset.task}
+                                                      if self.dataset.task != "classification" else {})},
             "data_root": self.data_root,
             "models": {k: {"name": getattr(self.choice, k), "fingerprint": fingerprint(m)}
                        for k, m in self.prototypes.items()},
@@ -151,6 +156,25 @@ class TableContext:
             raise UserError(f"the {role} model {getattr(self.choice, role)} gives {outputs} outputs and the dataset "
                             f"{data.name} needs {need}: choose a model trained on its classes (--{role})")
 
+    def prediction_files(self, unit: Unit) -> list[Path]:
+        """Where ``--save-predictions`` puts a unit's predictions: one COCO results JSON per cell,
+        DIR/<table>/<label>/seed<seed>/<domain>[.device<d>].json."""
+        folder = Path(self.predictions) / self.spec.name / unit.label.replace("/", "_") / f"seed{unit.seed}"
+        return [folder / (f"{name}.json" if device == 0 else f"{name}.device{device}.json")
+                for device, name in unit.expected]
+
+    def _writer(self, unit: Unit):
+        files = dict(zip(unit.expected, self.prediction_files(unit), strict=True))
+
+        def write(device: int, result: str, predictions: list[dict]) -> None:
+            path = files[(device, result)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(predictions))
+            os.replace(tmp, path)
+
+        return write
+
     def run(self, unit: Unit) -> dict:
         method = registry.build_method(unit.method, dict(unit.options))
         p = self.spec.protocol
@@ -165,7 +189,8 @@ class TableContext:
         stream = (blocks(unit.domains) if p.devices == 1 else
                   DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices, p.device_streams)]))
         results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
-                           self.execution, self.dataset.scored_classes, self.dataset.task)
+                           self.execution, self.dataset.scored_classes, self.dataset.task,
+                           None if self.predictions is None else self._writer(unit))
         return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
 
 
@@ -181,11 +206,12 @@ class ContextSpec:
     dataset_options: dict | None = None
     pair: str | None = None
     weights: str | None = None
+    predictions: str | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def build(self) -> TableContext:
         return TableContext(self.spec, self.data_root, self.execution, self.models, self.dataset_options, self.pair,
-                            self.weights)
+                            self.weights, self.predictions)
 
 
 _CONTEXTS: dict[str, TableContext] = {}

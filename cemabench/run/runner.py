@@ -38,18 +38,23 @@ def store_for(out: Path, spec: TableSpec) -> ResultStore:
 
 def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
             models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
-            weights: str | None = None) -> tuple[ContextSpec, TableContext]:
+            weights: str | None = None, predictions: str | None = None) -> tuple[ContextSpec, TableContext]:
     """The context recipe and this process's context, with data, models and options checked before any compute."""
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root} is not a directory; point it at the folder that holds "
                         f"the dataset, or leave it out to run the embedded miniature")
     if weights is not None and not Path(weights).is_dir():
         raise UserError(f"the weights folder {weights} (--weights) is not a directory")
-    recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights)
+    recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights, predictions)
     context = context_for(recipe)
+    if predictions is not None and context.dataset.task != "detection":
+        raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
+                        f"{context.dataset.task} dataset")
     check_options(spec, context.choice)
-    for entry in spec.methods:  # a method on a task it does not declare: one line, before any data is read
-        check_task(registry.load_method(entry.name), context.dataset.task)
+    for entry in spec.methods:  # a method on a task it does not declare, or options for another task: one line
+        built = entry.match_uploads_of is None
+        check_task(registry.build_method(entry.name, entry_options(entry, context.choice)) if built
+                   else registry.load_method(entry.name), context.dataset.task)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     context.check_classes()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"])
@@ -97,10 +102,17 @@ class Scheduler:
         self.units[unit.id] = unit
         self.keys[unit.id] = key = self.context.unit_key(unit)
         record = self.store.get(key, unit.expected)
-        if record is not None and not failed(record):
+        if self._reusable(unit, record):
             self._finish(unit, record, store=False)
         else:
             self.queue.append(unit)
+
+    def _reusable(self, unit: Unit, record: dict | None) -> bool:
+        """A stored record stands for its unit when it is ok and, where predictions are to be saved, its files are
+        there (else the unit runs again to write them)."""
+        if record is None or failed(record):
+            return False
+        return self.context.predictions is None or all(f.is_file() for f in self.context.prediction_files(unit))
 
     def _fill(self) -> None:
         """Claim and submit queued units while the executor has free slots (claiming only what can run now leaves
@@ -112,7 +124,7 @@ class Scheduler:
         key = self.keys[unit.id]
         if self.store.claim(key):
             record, _ = self.store.problem(key, unit.expected)  # finished by another process since we looked?
-            if record is not None and not failed(record):
+            if self._reusable(unit, record):
                 self.store.release(key)
                 self._finish(unit, record, store=False)
                 return
@@ -171,15 +183,16 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
               jobs: int | None = None, execution: Execution = Execution(), progress: bool = True,
               models: dict[str, str] | None = None, dataset_options: dict | None = None,
               pair: str | None = None, executor: str = "local", address: str | None = None,
-              weights: str | None = None, limits: Limits = NO_LIMITS) -> dict:
+              weights: str | None = None, limits: Limits = NO_LIMITS, predictions: str | None = None) -> dict:
     """Run (or resume) every unit of a table and return the table's JSON document. ``pair`` picks one of the spec's
     named model pairs; ``models`` (edge, foundation) and ``dataset_options`` override the spec's choices; ``jobs``
     local processes (default: both cores) or ``executor="ray"`` (``address`` of a cluster) run the units, each
-    within ``limits`` (over the spec's own)."""
+    within ``limits`` (over the spec's own). ``predictions``: a folder for each cell's predictions (detection),
+    where a unit whose files are missing is computed again even when its record is stored."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
-    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights)
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, predictions)
     seeds = tuple(seeds or spec.seeds)
     tasks = plan(spec, context.choice, seeds)
     store = store_for(out, spec)

@@ -1,6 +1,6 @@
-"""The detection miniature's edge and cloud detectors: small CenterNet-style detectors (Zhou et al., "Objects as
-Points") on 64-pixel canvases. A backbone of BatchNorm stages down to a 16x16 grid (stride 4), and a head that
-predicts per cell a heatmap per category, the box's width and height and its centre's offset inside the cell.
+"""The detection miniature's edge and cloud detectors: small anchor-free detectors in the CenterNet style on
+64-pixel canvases. A backbone of BatchNorm stages down to a 16x16 grid (stride 4), and a head that predicts per cell a
+heatmap of object centres per category, the box's width and height and its centre's offset inside the cell.
 
 In eval mode a detector returns what torchvision's detectors return: one dict of ``boxes`` (x1, y1, x2, y2 in input
 pixels), ``scores`` and ``labels`` (category ids 1..10) per image, the ``TOP_K`` highest peaks of the heatmap (a peak

@@ -2,10 +2,10 @@
 
     python -m cemabench.models.minidet.train [--out DIR] [--epochs-scale F]
 
-Both learn CenterNet's targets (a Gaussian peak per object on its category's heatmap, focal loss; width, height and
-centre offset at the object's cell, L1) on clean training canvases (:mod:`cemabench.datasets.minidet`). The cloud
-detector is larger and also sees the classification miniature's generic photometric augmentation (noise, blur,
-contrast and brightness jitter); neither sees the corruption generator.
+Both learn the CenterNet-style targets (a Gaussian peak per object on its category's heatmap, focal loss; width,
+height and centre offset at the object's cell, L1) on clean training canvases (:mod:`cemabench.datasets.minidet`).
+The cloud detector is larger and also sees the classification miniature's generic photometric augmentation (noise,
+blur, contrast and brightness jitter); neither sees the corruption generator.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ class Task:
 
     def __init__(self, num_classes: int, scored_classes: torch.Tensor | None = None):
         self.num_classes, self.scored_classes = num_classes, scored_classes
+        self.predictions = None  # (device, result, rows) -> None: where a task that exports predictions sends them
 
     def check(self, decision: EdgeDecision, batch: int) -> None:
         """Raise ValueError when the decision's prediction is not this task's, for a batch of ``batch`` samples."""

@@ -177,4 +177,7 @@ class Detection(Task):
         ids = [truth["images"][k]["id"] for k in block.order[:len(made)]]
         result.seen = len(made)
         result.unanswered = sum(d is None for d in made)
-        result.metrics = score(truth, ids, [Detections.empty() if d is None else d for d in made])
+        made = [Detections.empty() if d is None else d for d in made]
+        result.metrics = score(truth, ids, made)
+        if self.predictions is not None:
+            self.predictions(result.device, block.result, coco_results(ids, made))

@@ -1,0 +1,165 @@
+"""COCO 2017 val and COCO-C, read from disk in their published layouts, for the detection task.
+
+    ROOT/val2017/*.jpg                                   (COCO 2017 val: the clean domain, "clean")
+    ROOT/annotations/instances_val2017.json              (its instances ground truth)
+    ROOT/coco-c/<corruption>/<severity>/<file_name>      (COCO-C, as imagecorruptions writes it: the same file names)
+
+Every image is letterboxed to ``image_size`` x ``image_size`` (scaled to fit, aspect kept, bilinear with
+antialiasing, then padded with grey 114 at the right and bottom): that is what the edge sees and what an upload
+carries, so its bytes are ``3 * image_size ** 2``. The ground truth is moved into the same frame (scaled; the
+padding adds no offset), which leaves every IoU, and so COCO's mAP over all areas, as in the original frame; areas,
+and with them the small/medium/large breakdown, are those of the letterboxed image.
+
+COCO-C is read from disk only: cemabench's corruptions are calibrated for 32-pixel images (the miniature), not for
+COCO's, so it does not generate COCO-C.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cemabench.data import DatasetSource
+from cemabench.datasets.corruptions import HENDRYCKS_ORDER
+from cemabench.datasets.imagenet import DataError, ImageFiles, _from_worker, _root
+from cemabench.errors import UserError
+
+CLEAN = "clean"
+ANNOTATIONS = Path("annotations") / "instances_val2017.json"
+LAYOUT = "val2017/*.jpg and annotations/instances_val2017.json (COCO 2017 val), and coco-c/<corruption>/<severity>/"
+PAD = 114 / 255
+
+
+def letterbox(pixels: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+    """A uint8 image (3, H, W) scaled to fit ``size`` x ``size`` (aspect kept) and padded at the right and bottom, as
+    floats in [0, 1]; and the scale."""
+    h, w = pixels.shape[1:]
+    scale = size / max(h, w)
+    new = (max(1, round(h * scale)), max(1, round(w * scale)))
+    resized = F.interpolate(pixels[None].float().div_(255), size=new, mode="bilinear", antialias=True,
+                            align_corners=False)[0].clamp_(0, 1)
+    out = torch.full((3, size, size), PAD)
+    out[:, :new[0], :new[1]] = resized
+    return out, scale
+
+
+def _letterboxed(pixels: torch.Tensor, path: Path, size: int) -> torch.Tensor:
+    return letterbox(pixels, size)[0]
+
+
+def read_annotations(path: Path) -> dict:
+    """The instances document, checked for what scoring needs; one line naming the file otherwise."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: the COCO layout is {LAYOUT}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not JSON ({error}); it should be COCO's instances_val2017.json") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+            raise UserError(f"{path} is not a COCO instances file: it has no {key!r} list")
+    bad = next((a for a in doc["annotations"] if not {"image_id", "category_id", "bbox"} <= set(a)), None)
+    if bad is not None:
+        raise UserError(f"{path} is not a COCO instances file: an annotation lacks image_id, category_id or bbox "
+                        f"({sorted(bad)})")
+    return doc
+
+
+class CocoDomain:
+    """One domain of COCO images (clean or a corruption at a severity), letterboxed; its ground truth is read from
+    the annotations file when the harness scores (:meth:`ground_truth`)."""
+
+    def __init__(self, name: str, files: list[Path], image_ids: list[int], annotations: Path, size: int,
+                 workers: int = 0):
+        self.name, self.files, self.image_ids, self.annotations = name, files, image_ids, annotations
+        self.size, self.workers = size, workers
+
+    @property
+    def sample_nbytes(self) -> int:
+        return 3 * self.size * self.size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def images(self, indices: np.ndarray) -> torch.Tensor:
+        return next(self.batches(np.asarray(indices), len(indices)))
+
+    def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        loader = iter(DataLoader(ImageFiles(self.files, partial(_letterboxed, size=self.size)),
+                                 batch_sampler=batches, num_workers=self.workers, pin_memory=pin_memory))
+        while True:
+            try:
+                yield next(loader)
+            except StopIteration:
+                return
+            except DataError as error:
+                raise _from_worker(error) from error
+
+    def ground_truth(self) -> dict:
+        """The domain's images (in sample order) and their annotations, in the letterboxed frame."""
+        doc = read_annotations(self.annotations)
+        images = {i["id"]: i for i in doc["images"]}
+        mine = [images[i] for i in self.image_ids]
+        scale = {i["id"]: self.size / max(i["height"], i["width"]) for i in mine}
+        annotations = []
+        for a in doc["annotations"]:
+            s = scale.get(a["image_id"])
+            if s is None:
+                continue
+            annotations.append({**{k: v for k, v in a.items() if k != "segmentation"},
+                                "bbox": [v * s for v in a["bbox"]], "area": a.get("area", 0.0) * s * s})
+        return {"images": [{**i, "width": self.size, "height": self.size} for i in mine], "annotations": annotations,
+                "categories": doc["categories"]}
+
+    def labels(self) -> np.ndarray:
+        raise ValueError(f"{self.name} is a detection domain: its ground truth is ground_truth(), not labels()")
+
+
+def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_size: int = 640, n_images: int = 0,
+           workers: int = 0) -> DatasetSource:
+    """Factory of ``coco-c``: COCO 2017 val (``clean``) and COCO-C's corruptions at a severity, letterboxed to
+    ``image_size``. ``n_images``: the first that many val images in file-name order (0: all 5,000)."""
+    root = _root(data_root, "coco-c", LAYOUT)
+    unknown = [d for d in domains if d not in HENDRYCKS_ORDER and d != CLEAN]
+    if unknown:
+        raise UserError(f"unknown COCO-C domain(s) {', '.join(unknown)}; valid: {', '.join(HENDRYCKS_ORDER)}, {CLEAN}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
+    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"coco-c option {name} must be an integer >= {low}, got {value!r}")
+    if not (root / "val2017").is_dir():
+        raise UserError(f"{root / 'val2017'} not found: the COCO layout is {LAYOUT}")
+    doc = read_annotations(root / ANNOTATIONS)
+    listed = sorted(doc["images"], key=lambda i: i.get("file_name", ""))
+    if not listed:
+        raise UserError(f"{root / ANNOTATIONS} lists no images")
+    listed = listed[:n_images] if n_images else listed
+    missing = [i["file_name"] for i in listed if not (root / "val2017" / i["file_name"]).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {root / ANNOTATIONS} are not in {root / 'val2017'} "
+                        f"(first: {missing[0]}): is the folder complete?")
+    ids = [i["id"] for i in listed]
+    out = []
+    for d in domains:
+        folder = root / "val2017" if d == CLEAN else root / "coco-c" / d / str(severity)
+        if not folder.is_dir():
+            raise UserError(f"{folder} not found: COCO-C is read as coco-c/<corruption>/<severity>/<file_name>, "
+                            f"the layout imagecorruptions writes; cemabench does not generate it")
+        files = [folder / i["file_name"] for i in listed]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise UserError(f"{len(absent)} of {len(files)} images are missing from {folder} (first: {absent[0]})")
+        out.append(CocoDomain(d, files, ids, root / ANNOTATIONS, image_size, workers))
+    return DatasetSource(
+        name="coco-c", num_classes=max(c["id"] for c in doc["categories"]) + 1, domains=out, clean=None,
+        is_miniature=False, task="detection",
+        provenance={"dataset": "COCO 2017 val / COCO-C", "severity": severity, "images_per_domain": len(ids),
+                    "image_size": image_size, "resize": f"letterbox to {image_size} px, grey padding"})

@@ -1,0 +1,143 @@
+"""COCO 2017 val and COCO-C from disk (issue 18), on small generated trees in the official layouts: letterboxing,
+ground truth in the letterboxed frame, and every layout error as one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cemabench.cli import main
+from cemabench.datasets.coco import coco_c, letterbox
+from cemabench.errors import UserError
+from cemabench.protocol.tasks import detection
+
+SIZES = {"000000000139.jpg": (80, 60), "000000000285.jpg": (50, 100), "000000000632.jpg": (64, 64)}  # (w, h)
+
+
+def _tree(root, corruptions=("fog",), severity=3):
+    rng = np.random.default_rng(0)
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]}
+    for k, (name, (w, h)) in enumerate(SIZES.items()):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "val2017" / name, quality=95)
+        for c in corruptions:
+            folder = root / "coco-c" / c / str(severity)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(255 - pixels).save(folder / name, quality=95)
+        doc["images"].append({"id": int(name[:-4]), "file_name": name, "width": w, "height": h})
+        doc["annotations"].append({"id": k + 1, "image_id": int(name[:-4]), "category_id": 18 if k else 1,
+                                   "bbox": [5.0, 6.0, 20.0, 30.0], "area": 600.0, "iscrowd": 0,
+                                   "segmentation": [[5, 6, 25, 6, 25, 36]]})
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_letterbox_keeps_the_aspect_and_pads_right_and_bottom():
+    image = torch.full((3, 50, 100), 255, dtype=torch.uint8)
+    out, scale = letterbox(image, 64)
+    assert out.shape == (3, 64, 64) and scale == 0.64
+    assert torch.allclose(out[:, :32], torch.tensor(1.0)) and torch.allclose(out[:, 32:], torch.tensor(114 / 255))
+
+
+def test_coco_c_domains_and_ground_truth_in_the_letterboxed_frame(tmp_path):
+    data = coco_c(str(_tree(tmp_path)), severity=3, domains=("clean", "fog"), image_size=64)
+    assert data.task == "detection" and data.num_classes == 19 and [d.name for d in data.domains] == ["clean", "fog"]
+    clean, fog = data.domains
+    assert clean.sample_nbytes == 3 * 64 * 64 and len(clean) == 3
+    assert clean.images(np.arange(3)).shape == (3, 3, 64, 64)
+    assert not torch.equal(clean.images(np.arange(1)), fog.images(np.arange(1)))
+    truth = fog.ground_truth()
+    assert [i["id"] for i in truth["images"]] == [139, 285, 632]
+    first = truth["annotations"][0]
+    assert first["bbox"] == pytest.approx([5 * 0.8, 6 * 0.8, 20 * 0.8, 30 * 0.8]) and "segmentation" not in first
+    assert first["area"] == pytest.approx(600 * 0.64)
+
+
+def test_the_true_boxes_in_the_letterboxed_frame_score_100(tmp_path):
+    data = coco_c(str(_tree(tmp_path)), domains=("clean",), severity=3, image_size=64)
+    truth = data.domains[0].ground_truth()
+    found = []
+    for image in truth["images"]:
+        mine = [a for a in truth["annotations"] if a["image_id"] == image["id"]]
+        found.append(detection.Detections(
+            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)]), torch.ones(len(mine)),
+            torch.tensor([a["category_id"] for a in mine])))
+    assert detection.score(truth, [i["id"] for i in truth["images"]], found)["map"] == pytest.approx(100.0)
+
+
+def test_a_detector_runs_on_coco_c_from_disk(tmp_path):
+    root = _tree(tmp_path / "coco")
+    out = tmp_path / "run.json"
+    assert main(["run", "--method", "source", "--dataset", "coco-c", "--data-root", str(root), "--severity", "3",
+                 "--domains", "clean", "fog", "--dataset-option", "image_size=64", "--edge", "minidet:edge",
+                 "--foundation", "minidet:cloud", "--out", str(out)]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["domain"], c["status"], c["seen"]) for c in cells] == [("clean", "ok", 3), ("fog", "ok", 3)]
+    assert all(c["map"] is not None for c in cells)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda r: (r / "annotations" / "instances_val2017.json").unlink(),
+     "annotations/instances_val2017.json not found: the COCO layout is val2017/*.jpg and"),
+    (lambda r: (r / "annotations" / "instances_val2017.json").write_text("<html>"),
+     "instances_val2017.json is not JSON"),
+    (lambda r: (r / "annotations" / "instances_val2017.json").write_text('{"images": []}'),
+     "is not a COCO instances file: it has no 'annotations' list"),
+    (lambda r: (r / "val2017" / "000000000285.jpg").unlink(),
+     "1 image(s) listed in"),
+    (lambda r: (r / "coco-c" / "fog" / "3" / "000000000632.jpg").unlink(),
+     "1 of 3 images are missing from"),
+    (lambda r: __import__("shutil").rmtree(r / "coco-c"),
+     "coco-c/fog/3 not found: COCO-C is read as coco-c/<corruption>/<severity>/<file_name>"),
+])
+def test_layout_errors_are_one_line_with_exit_2(tmp_path, capsys, damage, words):
+    root = _tree(tmp_path / "coco")
+    damage(root)
+    code = main(["run", "--method", "source", "--dataset", "coco-c", "--data-root", str(root), "--severity", "3",
+                 "--domains", "fog", "--edge", "minidet:edge", "--foundation", "minidet:cloud"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and words in err
+
+
+def test_options_are_checked(tmp_path):
+    root = str(_tree(tmp_path))
+    with pytest.raises(UserError, match="image_size must be an integer >= 32"):
+        coco_c(root, image_size=8)
+    with pytest.raises(UserError, match="unknown COCO-C domain"):
+        coco_c(root, domains=("rain",))
+
+
+def test_a_classifier_on_a_detection_dataset_is_one_line(tmp_path, capsys):
+    root = _tree(tmp_path / "coco")
+    assert main(["run", "--method", "source", "--dataset", "coco-c", "--data-root", str(root), "--severity", "3",
+                 "--domains", "fog", "--dataset-option", "image_size=64", "--edge", "mini:edge",
+                 "--foundation", "minidet:cloud"]) == 2
+    err = capsys.readouterr().err
+    assert "the edge model mini:edge is a classifier (logits), and the dataset coco-c is a detection dataset" in err
+
+
+@pytest.mark.parametrize("arch", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_torchvision_detectors_come_from_the_zoo_and_answer_per_image(arch):
+    from cemabench.registry import build_model
+
+    model = build_model(f"torchvision:{arch}@none")  # no weights, not even the backbone's: nothing to download
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    assert isinstance(out, list) and len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+    with pytest.raises(UserError, match=f"{arch} has no weights 'IMAGENET1K_V1'; valid: COCO_V1"):
+        build_model(f"torchvision:{arch}@IMAGENET1K_V1")
+
+
+def test_cloud_only_with_torchvision_detectors_on_coco_c(tmp_path):
+    root = _tree(tmp_path / "coco")
+    out = tmp_path / "run.json"
+    assert main(["run", "--method", "cloud-only", "--dataset", "coco-c", "--data-root", str(root), "--severity", "3",
+                 "--domains", "fog", "--dataset-option", "image_size=64",
+                 "--edge", "torchvision:ssdlite320_mobilenet_v3_large@none",
+                 "--foundation", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none", "--out", str(out)]) == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["status"] == "ok" and cell["cloud_flops"] > 0 and cell["link"]["upload_bytes"] == 3 * 3 * 64 * 64
+    assert cell["link"]["answer_bytes"] >= 3 * 4 and (cell["link"]["answer_bytes"] - 12) % 22 == 0
