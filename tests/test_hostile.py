@@ -192,11 +192,14 @@ def test_what_is_not_plain_data_is_refused_by_name(plugins, tmp_path, method, wo
 
 @pytest.mark.parametrize("method, words", [
     ("reaches-into-the-edge", "the cloud step changed the edge's stem.1.running_mean outside a download"),
-    ("swaps-an-edge-parameter", "the cloud step changed the edge's stem.1.weight outside a download"),
+    ("swaps-an-edge-buffer", "the cloud step changed the edge's stem.1.running_var outside a download"),
+    ("swaps-an-edge-parameter", "edge parameters changed outside a download since the last edge step: stem.1.weight "
+                                "(by the edge logic, or by other code that reached the edge)"),
 ])
 def test_a_cloud_that_writes_into_the_edge_fails_its_cell(plugins, tmp_path, method, words):
     """Issue 22, finding 12: the cloud found the edge through gc and moved its BatchNorm statistics, for 0 bytes
-    down (fog 11.3 -> 24.1 %). Between edge steps only a download changes the edge: the cell fails, naming it."""
+    down (fog 11.3 -> 24.1 %). Between edge steps only a download changes the edge: the cell fails, naming it
+    (buffers right after the cloud step, parameters at the next edge step's seal check)."""
     code, (cell,) = _cells(tmp_path, method, "fog")
     assert code == 3 and cell["status"] == "error" and words in cell["message"]
 

@@ -180,25 +180,26 @@ class ForwardOnlyEdge:
         return dict(named)
 
     def _buffer_state(self) -> tuple[dict, dict]:
-        """The buffers' identities, and per group (device, element size) their names and bits in one flat copy."""
+        """The buffers' identities (the tensor, and where its data is), and per group (device, element size) their
+        names and bits in one flat copy."""
         buffers = self._buffers()
         groups: dict = {}
         for n, b in buffers.items():
             groups.setdefault((b.device, b.element_size()), []).append(n)
-        return ({n: _identity(b) for n, b in buffers.items()},
+        return ({n: (id(b), b.data_ptr()) for n, b in buffers.items()},
                 {g: (names, torch.cat([_bits(buffers[n]) for n in names])) for g, names in groups.items()})
 
     def check_untouched(self, checks: Checks, by: str) -> None:
-        """Between the edge step and the next, only a download changes the edge. After ``by`` (the cloud step: its
-        code can reach the edge's objects in this process), no edge parameter may have been swapped or set to require
-        grad, and no buffer swapped or changed in value (on its device, through ``checks``). Parameter values are
-        compared after the next edge step, as always."""
+        """Between edge steps only a download changes the edge. After ``by`` (the cloud step: its code can reach the
+        edge's objects in this process), no edge buffer may have been swapped, added, removed or changed in value (on
+        its device, through ``checks``). Parameters are checked where they always are, after the next edge step:
+        swapped, set to require grad or changed in value outside a download."""
         if not hasattr(self, "_buffers_now"):
             return
         identities, groups = self._buffers_now
         buffers = self._buffers()
-        swapped = self._changed(values=False)
-        swapped += [n for n in identities if n not in buffers or _identity(buffers[n]) != identities[n]]
+        swapped = [n for n, identity in identities.items()
+                   if n not in buffers or (id(buffers[n]), buffers[n].data_ptr()) != identity]
         swapped += [n for n in buffers if n not in identities]
         if swapped:
             raise ForwardOnlyViolation(self._reached(swapped, by))

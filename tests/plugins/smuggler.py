@@ -230,7 +230,7 @@ class LongKeys(Method):
 
 class _ReachingCloud(CloudLogic):
     """Finds the edge's model through the garbage collector and moves its BatchNorm statistics (or, with
-    ``swap``, replaces a parameter), sending nothing down."""
+    ``swap``, replaces a parameter or a buffer with a new tensor), sending nothing down."""
 
     def __init__(self, resources, swap):
         self.replica, self.swap = resources.edge_replica(), swap
@@ -244,8 +244,10 @@ class _ReachingCloud(CloudLogic):
         for edge in edges:
             for m in edge.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    if self.swap:
+                    if self.swap == "parameter":
                         m.weight = nn.Parameter(m.weight.detach() * 2, requires_grad=False)
+                    elif self.swap == "buffer":
+                        m.running_var = m.running_var * 2  # a new tensor in the buffer's place
                     else:
                         with torch.no_grad():
                             m.running_mean.add_(0.5)
@@ -260,7 +262,7 @@ class ReachesIntoTheEdge(Method):
         return _Predict()
 
     def cloud(self, resources):
-        return _ReachingCloud(resources, swap=False)
+        return _ReachingCloud(resources, swap=None)
 
 
 class SwapsAnEdgeParameter(Method):
@@ -270,4 +272,14 @@ class SwapsAnEdgeParameter(Method):
         return _Predict()
 
     def cloud(self, resources):
-        return _ReachingCloud(resources, swap=True)
+        return _ReachingCloud(resources, swap="parameter")
+
+
+class SwapsAnEdgeBuffer(Method):
+    name = "swaps-an-edge-buffer"
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def cloud(self, resources):
+        return _ReachingCloud(resources, swap="buffer")
