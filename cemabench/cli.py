@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
-from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, TASK_METRICS, numerics
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol import native
@@ -36,7 +38,11 @@ PATH_ERRORS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EE
 
 
 def _first_line(obj) -> str:
-    return (getattr(obj, "__doc__", None) or "").strip().splitlines()[0] if getattr(obj, "__doc__", None) else ""
+    """The first sentence of an object's docstring (its first paragraph, up to a full stop, on one line)."""
+    text = (getattr(obj, "__doc__", None) or "").strip().split("\n\n")[0]
+    text = " ".join(text.split())
+    end = re.search(r"\.(\s|$)", text)
+    return text[:end.start() + 1] if end else text
 
 
 def _about(kind: str, name: str) -> str:
@@ -59,8 +65,8 @@ def cmd_list(args) -> int:
                 rows.append({"method": name, "paper": "BROKEN (see below)", "from": source})
                 continue
             m = cls.mapping
-            rows.append({"method": name, "paper": cls.paper, "selection": m.selection, "uploads": m.uploads,
-                         "cloud": m.cloud, "download": m.download, "from": source})
+            rows.append({"method": name, "tasks": ", ".join(cls.tasks), "paper": cls.paper, "selection": m.selection,
+                         "uploads": m.uploads, "cloud": m.cloud, "download": m.download, "from": source})
         _print_rows(rows)
         if broken:
             print(f"\n{len(broken)} broken method plugin(s), which cannot run until fixed:\n" + "\n".join(broken))
@@ -138,6 +144,10 @@ def _run_spec(args):
     if args.table:
         spec = load_table(args.table)
         by_label = {e.label: e for e in spec.methods}
+        rows = [e.label for e in spec.methods if e.name == args.method]
+        if args.method not in by_label and len(rows) > 1:
+            raise UserError(f"--method {args.method} names {len(rows)} rows of table {spec.name}: name one of "
+                            f"{', '.join(rows)}")
         entry = by_label.get(args.method) or next((e for e in spec.methods if e.name == args.method), None)
         if entry is None:
             raise UserError(f"table {spec.name} has no method {args.method!r}; its methods: "
@@ -192,12 +202,24 @@ def _run_spec(args):
     return spec, label
 
 
+_CREATED: list[Path] = []  # folders this command created for its outputs, innermost first
+
+
+def _remove_created() -> None:
+    for folder in _CREATED:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty one: a user error comes before anything is written
+    _CREATED.clear()
+
+
 def _writable(path: str | Path, flag: str, folder: bool) -> Path:
     """Fail before any compute when an output cannot be written: a folder (created if missing) or a file's folder."""
     path = Path(path)
     where = path if folder else path.parent
+    missing = [p for p in (where, *where.parents) if not p.exists()]
     try:
         where.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(missing)  # removed again, while still empty, when the command ends in a user error
         probe = where / f".cemabench-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
@@ -214,7 +236,7 @@ def cmd_run(args) -> int:
     import tempfile
 
     from cemabench.protocol import Execution
-    from cemabench.report.leaderboard import metric_frame
+    from cemabench.report.leaderboard import UPLOADS, metric_frame, options_text, protocol_line, scores, setting_line
     from cemabench.run.runner import reproduce
 
     spec, label = _run_spec(args)
@@ -233,12 +255,15 @@ def cmd_run(args) -> int:
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
         Path(args.out).write_text(_dumps(doc, args))
-    if doc["provenance"]["miniature"]:
-        real = "" if spec.real.dataset in DEFAULT_MODELS else f", NOT {spec.real.dataset.upper()}"
-        print(f"# EMBEDDED MINIATURE{real}: numbers for checking the code path, not for comparison\n")
-    for metric in [m for m in (*TASK_METRICS, *DEFAULT_METRICS) if any(c.get(m) is not None for c in doc["cells"])
-                   or m == "accuracy" and not any(c.get(t) is not None for c in doc["cells"] for t in TASK_METRICS)]:
-        print(f"{metric}:\n{metric_frame(doc, metric).T.to_markdown()}\n")
+    p = doc["provenance"]
+    if p["miniature"]:
+        print("# EMBEDDED MINIATURE: numbers for checking the code path, not for comparison\n")
+    (method,) = doc["methods"]
+    print(f"{label} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity {p['severity']}; "
+          f"{setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge {p['models']['edge']['name']}, "
+          f"cloud {p['models']['foundation']['name']}\n")
+    for score in (*scores(doc), UPLOADS):
+        print(f"{score.title}:\n{metric_frame(doc, score.key).T.to_markdown()}\n")
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     for c in failed:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",
@@ -544,6 +569,7 @@ def main(argv=None) -> int:
             args.device = check_device(args.device)  # run and reproduce: before any data, model or compute
         return args.func(args)
     except UserError as error:
+        _remove_created()
         print(f"cemabench: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # reproduce and sweep say where their cells are kept; every command exits 130

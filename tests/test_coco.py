@@ -1,6 +1,7 @@
 """COCO 2017 val and COCO-C from disk (issue 18), on small generated trees in the official layouts: letterboxing,
 ground truth in the letterboxed frame, and every layout error as one line."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,30 @@ def test_cloud_only_with_torchvision_detectors_on_coco_c(tmp_path):
     (cell,) = json.loads(out.read_text())["cells"]
     assert cell["status"] == "ok" and cell["cloud_flops"] > 0 and cell["link"]["upload_bytes"] == 3 * 3 * 64 * 64
     assert cell["link"]["answer_bytes"] >= 3 * 4 and (cell["link"]["answer_bytes"] - 12) % 22 == 0
+
+
+def test_exported_predictions_and_ground_truth_are_in_the_original_images_pixels(tmp_path):
+    """The scored frame is the letterboxed one; what --save-predictions writes is in the original images' pixels,
+    so that COCO's own annotation file scores it: perfect predictions made in the letterboxed frame score 100
+    against instances_val2017.json."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_detection_task import _pycocotools
+
+    root = _tree(tmp_path)
+    truth = coco_c(str(root), domains=("clean",), severity=3, image_size=64).domains[0].ground_truth()
+    ids = [i["id"] for i in truth["images"]]
+    perfect = []
+    for image in truth["images"]:
+        mine = [a for a in truth["annotations"] if a["image_id"] == image["id"]]
+        perfect.append(detection.Detections(
+            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)]), torch.ones(len(mine)),
+            torch.tensor([a["category_id"] for a in mine])))
+    scales = [i["letterbox_scale"] for i in truth["images"]]
+    exported = detection.coco_results(ids, perfect, scales)
+    official = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    assert _pycocotools(official, exported, ids)[0] == pytest.approx(1.0)
+    back = detection.original_frame(truth)
+    assert np.allclose([a["bbox"] for a in back["annotations"]], [a["bbox"] for a in official["annotations"]])
+    assert [(i["width"], i["height"]) for i in back["images"]] == [SIZES[i["file_name"]] for i in back["images"]]

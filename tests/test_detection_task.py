@@ -298,8 +298,9 @@ def test_a_router_for_the_other_task_is_one_line(tmp_path, capsys, router, datas
 
 
 def test_saved_predictions_score_the_same_with_pycocotools_and_a_stored_unit_writes_them_again(tmp_path):
-    """--save-predictions: one COCO results JSON per cell; scored with pycocotools against the domain's ground
-    truth they give the cell's mAP. A rerun into the same store with another folder recomputes what is missing."""
+    """--save-predictions: one COCO results JSON per cell, and each domain's ground truth beside them; scored with
+    pycocotools against it they give the cell's mAP. A rerun into the same store with another folder recomputes
+    what is missing."""
     from cemabench.cli import main
     from cemabench.datasets import minidet
 
@@ -315,7 +316,8 @@ def test_saved_predictions_score_the_same_with_pycocotools_and_a_stored_unit_wri
     cells = {c["method"]: c for c in json.loads((out / "det.json").read_text())["cells"]}
     saved = tmp_path / "a" / "det" / "source" / "seed0" / "fog.json"
     results = json.loads(saved.read_text())
-    truth = minidet.DetectionDomain("fog", np.zeros((300, 1, 1, 3), np.uint8), lambda: None, "test").ground_truth()
+    truth = json.loads((tmp_path / "a" / "det" / "ground_truth" / "fog.json").read_text())  # written beside them
+    assert truth == minidet.DetectionDomain("fog", np.zeros((300, 1, 1, 3), np.uint8), None, "test").ground_truth()
     ids = [i["id"] for i in truth["images"]]
     assert _pycocotools(truth, results, ids)[0] * 100 == pytest.approx(cells["source"]["map"], abs=1e-4)
     assert main(["reproduce", str(spec), "--out", str(out), "--no-progress", "--save-predictions",

@@ -123,7 +123,7 @@ def test_a_bad_limit_is_one_line_before_any_compute(tmp_path, capsys, flags, wor
     assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err
-    assert not (tmp_path / "out" / "cells").exists()
+    assert not (tmp_path / "out").exists()  # the output folder it made is removed again: nothing was written
 
 
 def test_a_bad_limits_table_in_a_spec_is_one_line(tmp_path, capsys):

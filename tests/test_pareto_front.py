@@ -109,3 +109,17 @@ def test_labels_of_nearby_sweep_points_do_not_print_over_each_other():
     assert sorted(a.get_text() for a in ax.texts) == sorted(t for *_, t, _ in labels)
     pts = [ax.transData.transform(xy) * 72 / ax.figure.dpi + xyann for xy, xyann in spots]
     assert all(abs(p[0] - q[0]) >= 45 or abs(p[1] - q[1]) >= 8 for i, p in enumerate(pts) for q in pts[:i])
+
+
+def test_each_knob_sweep_is_its_own_line_and_its_points_say_their_value():
+    """A plugin entered with two routers is two sweeps, not one line through both; plain entries of a plugin stay
+    one sweep (ECC-A's stage layouts)."""
+    from cemabench.report.leaderboard import sweeps
+
+    labels = ["hard-example-offload:ibt@0.5", "hard-example-offload:ibt@0.8", "hard-example-offload:threshold@0.5",
+              "confidence-offload@0.7", "ecc-a:l1>l2,r1", "ecc-a:l2>l3,r2"]
+    families = ["hard-example-offload"] * 3 + ["confidence-offload", "ecc-adaptive", "ecc-adaptive"]
+    series, points = sweeps(labels, families)
+    assert series == ["hard-example-offload:ibt", "hard-example-offload:ibt", "hard-example-offload:threshold",
+                      "confidence-offload", "ecc-adaptive", "ecc-adaptive"]
+    assert points == ["@0.5", "@0.8", "@0.5", "@0.7", "ecc-a:l1>l2,r1", "ecc-a:l2>l3,r2"]

@@ -103,7 +103,8 @@ class CocoDomain:
                 raise _from_worker(error) from error
 
     def ground_truth(self) -> dict:
-        """The domain's images (in sample order) and their annotations, in the letterboxed frame."""
+        """The domain's images (in sample order) and their annotations, in the letterboxed frame; each image says its
+        scale and original size (:func:`cemabench.protocol.tasks.detection.original_frame` undoes it)."""
         doc = read_annotations(self.annotations)
         images = {i["id"]: i for i in doc["images"]}
         mine = [images[i] for i in self.image_ids]
@@ -115,8 +116,9 @@ class CocoDomain:
                 continue
             annotations.append({**{k: v for k, v in a.items() if k != "segmentation"},
                                 "bbox": [v * s for v in a["bbox"]], "area": a.get("area", 0.0) * s * s})
-        return {"images": [{**i, "width": self.size, "height": self.size} for i in mine], "annotations": annotations,
-                "categories": doc["categories"]}
+        return {"images": [{**i, "width": self.size, "height": self.size, "letterbox_scale": scale[i["id"]],
+                            "original_width": i["width"], "original_height": i["height"]} for i in mine],
+                "annotations": annotations, "categories": doc["categories"]}
 
     def labels(self) -> np.ndarray:
         raise ValueError(f"{self.name} is a detection domain: its ground truth is ground_truth(), not labels()")

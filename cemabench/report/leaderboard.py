@@ -1,6 +1,7 @@
 """Markdown leaderboards from a table's JSON document (pandas + tabulate)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -70,6 +71,10 @@ SCORES = {
                   Score("map50", "mAP@.5", "COCO mAP@.5 (%)", "mAP@.5 %", "COCO mAP@.5 (%)"),
                   Score("ar100", "AR@100", "COCO AR@100 (%)", "AR@100 %", "COCO AR@100 (%)")),
 }
+
+
+UPLOADS = Score("upload_ratio", "Upload ratio", "Upload ratio (% of samples sent to the cloud)", "upload %",
+                "upload ratio (%)")
 
 
 def scores(doc: dict) -> tuple[Score, ...]:
@@ -292,7 +297,7 @@ def terminal_summary(doc: dict) -> str:
         point = points.loc[label] if label in points.index else None
         rows[label] = {score.short: accuracy.loc[label, "mean"], "upload %": uploads.loc[label, "mean"],
                        "worst domain": worst,
-                       "KiB / sample": f"{point['bytes_per_sample'] / 1024:.2f}" if point is not None else "-",
+                       "KiB up+down / sample": f"{point['bytes_per_sample'] / 1024:.2f}" if point is not None else "-",
                        "GFLOPs / sample": f"{point['gflops_per_sample']:.3f}" if point is not None else "-"}
     lines = [f"{doc['table']}: {doc['title']}"]
     if doc["provenance"]["miniature"]:
@@ -332,6 +337,14 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def sweeps(labels: list[str], families: list[str]) -> tuple[list[str], list[str]]:
+    """Each entry's sweep and its point label: one sweep per label without its trailing "@value" (a knob's
+    values: ``hard-example-offload:ibt@0.5`` and ``@0.8``), or else per plugin; a point is labelled with what its
+    label adds to its sweep's name ("@0.5")."""
+    series = [re.sub(r"@[^@]*$", "", m) if "@" in m else f for m, f in zip(labels, families, strict=True)]
+    return series, [m[len(s):] if m.startswith(s) and m != s else m for m, s in zip(labels, series, strict=True)]
+
+
 def write_tradeoff_plot(doc: dict, path) -> bool:
     """Accuracy against communication and computation per sample, one point per method (PNG); False when no
     method finished."""
@@ -342,11 +355,12 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
     title = f"{doc['table']}: {doc['title']}"
     if doc["provenance"]["miniature"]:
         title = f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}\n{title}"
-    # each point of a sweep is labelled with what its label adds to the plugin's name ("@0.7", ":l1>l2,r1")
-    label = [m[len(f):] if m.startswith(f) and m != f else m for m, f in zip(points["method"], points["family"])]
+    missing = len(doc["methods"]) - len(points)
+    if missing:
+        title += f"\n(not shown: {missing} method(s) with failed cells; see the Markdown's Failed cells)"
+    series, label = sweeps(list(points["method"]), list(points["family"]))
     score = scores(doc)[0]
-    plot_tradeoffs(points.assign(method=points["family"], label=label), path, title=title,
-                   accuracy=Axis(score.key, score.axis))
+    plot_tradeoffs(points.assign(method=series, label=label), path, title=title, accuracy=Axis(score.key, score.axis))
     return True
 
 
@@ -394,7 +408,7 @@ def _compact(value) -> str:
     return str(value)
 
 
-def _options(options: dict) -> str:
+def options_text(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
 
 
@@ -455,7 +469,7 @@ def render(doc: dict) -> str:
     lines += [""]
     for score in scores(doc):
         lines += [f"## {score.title}", "", metric_frame(doc, score.key).to_markdown(), ""]
-    lines += ["## Upload ratio (% of samples sent to the cloud)", "", metric_frame(doc, "upload_ratio").to_markdown(),
+    lines += [f"## {UPLOADS.title}", "", metric_frame(doc, UPLOADS.key).to_markdown(),
               "", *_breakdown_sections(doc),
               f"## {scores(doc)[0].name}, communication and computation per sample",
               "", ("Pooled over domains and seeds" if scores(doc)[0].key == "accuracy" else
@@ -471,7 +485,8 @@ def render(doc: dict) -> str:
               cost_frame(doc).to_markdown(), "",
               "## Methods", ""]
     methods = pd.DataFrame([{"method": m["label"], "plugin": m["name"], "paper": m["paper"],
-                             "options": _options(m["options"]) + (f"; upload ratio matched to {m['match_uploads_of']}"
+                             "options": options_text(m["options"])
+                             + (f"; upload ratio matched to {m['match_uploads_of']}"
                                                                   if m["match_uploads_of"] else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]

@@ -85,13 +85,23 @@ def _place_labels(ax, labels: list) -> None:
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=6.5, color=colour)
 
 
+def _sweep_names(frame: pd.DataFrame) -> list[tuple[str, str, bool]]:
+    """Per sweep (``method``): its name, its family, and whether its family has several sweeps (then the legend
+    names the sweep, else the family)."""
+    rows = frame[~frame["reference"]]
+    count = rows.groupby("family", sort=False)["method"].nunique()
+    pairs = rows[["method", "family"]].drop_duplicates()
+    return [(m, f, bool(count[f] > 1)) for m, f in zip(pairs["method"], pairs["family"])]
+
+
 def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis] = (COMMUNICATION, COMPUTATION),
                    accuracy: Axis = ACCURACY, title: str | None = None) -> Path:
     """Draw accuracy against each panel's metric into one PNG at ``path``.
 
-    ``points`` has one row per operating point with the metric columns and: ``family`` (one colour and marker per
-    method family), optionally ``method`` (the points of one method's sweep, joined by a line in order of the x
-    value; defaults to the family), optionally ``label`` (a short text drawn beside the point, such as a sweep's knob
+    ``points`` has one row per operating point with the metric columns and: ``family`` (the method family),
+    optionally ``method`` (the points of one sweep, joined by a line in order of the x value, with one colour and
+    marker per sweep, named in the legend by its family, or by itself where its family has several; defaults to the
+    family), optionally ``label`` (a short text drawn beside the point, such as a sweep's knob
     value) and ``reference`` (True for reference points such as cloud-only and edge-only,
     drawn as black stars labelled with their family, with a dotted line at their accuracy). The non-dominated points
     of each panel (accuracy up, the panel's metric down, references included) are ringed."""
@@ -100,15 +110,15 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
     from matplotlib.lines import Line2D
 
     frame = plot_frame(points)
-    families = list(dict.fromkeys(frame.loc[~frame["reference"], "family"]))
+    # one colour and marker per sweep (a family's several sweeps, such as one per router, each get their own)
+    families = list(dict.fromkeys(frame.loc[~frame["reference"], "method"]))
     tab20 = matplotlib.colormaps["tab20"].colors  # 10 hues dark, then the same 10 light: 20 colours before a repeat
     colours = tab20[0::2] + tab20[1::2]
     style = {family: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, family in enumerate(families)}
+    name = {m: (m if several_sweeps else f) for m, f, several_sweeps in _sweep_names(frame)}
     references = list(dict.fromkeys(frame.loc[frame["reference"], "family"]))
     ref_marker = {family: REFERENCE_MARKERS[i % len(REFERENCE_MARKERS)] for i, family in enumerate(references)}
 
-    methods_of = frame[~frame["reference"]].groupby("family", sort=False)["method"].nunique()
-    several = {family: count > 1 for family, count in methods_of.items()}
     fig = Figure(figsize=(6.4 * len(panels), 5.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -117,12 +127,9 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
         front = non_dominated(frame, {accuracy.column: "max", panel.column: "min"})
         labels = []
         for method, rows in frame[~frame["reference"]].groupby("method", sort=False):
-            colour, marker = style[rows["family"].iloc[0]]
+            colour, marker = style[method]
             order = rows.index[np.argsort(x[rows.index], kind="stable")]
             ax.plot(x[order], y[order], color=colour, marker=marker, markersize=6, linewidth=1.2, alpha=0.9)
-            if several[rows["family"].iloc[0]]:  # name each sweep of a family that has several, at its last point
-                ax.annotate(method, (x[order[-1]], y[order[-1]]), textcoords="offset points", xytext=(6, 2),
-                            fontsize=7, color=colour)
             if "label" in rows and len(rows) > 1:  # each point of a sweep: its knob value
                 labels += [(x[i], y[i], rows.at[i, "label"], colour) for i in order
                            if isinstance(rows.at[i, "label"], str) and rows.at[i, "label"]]
@@ -138,7 +145,7 @@ def plot_tradeoffs(points: pd.DataFrame, path: str | Path, panels: Sequence[Axis
         ax.set_xlabel(panel.label)
         ax.set_ylabel(accuracy.label)
         ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], color=style[f][0], marker=style[f][1], linewidth=1.2, label=f) for f in families]
+    handles = [Line2D([], [], color=style[f][0], marker=style[f][1], linewidth=1.2, label=name[f]) for f in families]
     handles += [Line2D([], [], color="black", marker=ref_marker[f], markersize=11, linestyle="none",
                        label=f"{f} (reference)") for f in references]
     handles.append(Line2D([], [], marker="o", markersize=13, markerfacecolor="none", markeredgecolor="black",

@@ -21,6 +21,7 @@ from cemabench.models import zoo
 from cemabench.models.split import probing
 from cemabench.protocol import Execution, Models, native, run_unit
 from cemabench.protocol.stream import DeviceStreams, build_blocks
+from cemabench.protocol.tasks.detection import original_frame
 from cemabench.provenance import code_digest, fingerprint, versions
 from cemabench.tables.plan import Unit
 from cemabench.tables.spec import DataChoice, TableSpec
@@ -162,6 +163,17 @@ class TableContext:
         folder = Path(self.predictions) / self.spec.name / unit.label.replace("/", "_") / f"seed{unit.seed}"
         return [folder / (f"{name}.json" if device == 0 else f"{name}.device{device}.json")
                 for device, name in unit.expected]
+
+    def write_ground_truth(self) -> Path:
+        """Beside the predictions, each domain's ground truth in the original images' pixels (the scored images, in
+        sample order), DIR/<table>/ground_truth/<domain>.json; returns the table's folder."""
+        folder = Path(self.predictions) / self.spec.name
+        by_name = {d.name: d for d in self.dataset.domains}
+        for name in self.spec.domains:
+            path = folder / "ground_truth" / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(original_frame(by_name[name].ground_truth())))
+        return folder
 
     def _writer(self, unit: Unit):
         files = dict(zip(unit.expected, self.prediction_files(unit), strict=True))

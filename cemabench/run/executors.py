@@ -116,7 +116,8 @@ def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None) -> None:
 
 def _timed_out(limits: Limits) -> str:
     return (f"the unit ran past its time limit ({limits.unit_timeout_s:g} s: --unit-timeout, or the spec's "
-            f"[limits] unit_timeout) and was stopped")
+            f"[limits] unit_timeout) and was stopped; the time counts its offline training stage where that was not "
+            f"cached yet")
 
 
 class _Worker:

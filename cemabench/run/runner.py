@@ -202,6 +202,10 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
                 tqdm(total=len(tasks), desc=desc, unit="cell", disable=not progress, file=sys.stderr) as bar:
             scheduler = Scheduler(context, store, pool, bar)
             records = scheduler.run(tasks)
+        if predictions is not None:
+            print(f"wrote predictions under {context.write_ground_truth()}/ (METHOD/seedN/DOMAIN.json, COCO's results "
+                  f"format, boxes in the original images' pixels) and each domain's ground truth under its "
+                  f"ground_truth/", file=sys.stderr)
     finally:
         forget(recipe)
     return table_document(spec, context, seeds, {scheduler.units[t.id]: records[t.id] for t in tasks})

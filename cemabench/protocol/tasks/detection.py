@@ -96,17 +96,32 @@ def nbytes(images: list[Detections]) -> int:
     return sum(COUNT.itemsize + len(d) * WIRE.itemsize for d in images)
 
 
-def coco_results(image_ids: list[int], predictions: list[Detections]) -> list[dict]:
+def coco_results(image_ids: list[int], predictions: list[Detections], scales: list[float] | None = None
+                 ) -> list[dict]:
     """Predictions in COCO's results format (``image_id``, ``category_id``, ``bbox`` as ``[x, y, w, h]``,
-    ``score``), the image ids as in the ground truth; anyone can score them with their own tools."""
+    ``score``), the image ids as in the ground truth; anyone can score them with their own tools. ``scales``: each
+    image's letterbox scale, divided out so that the boxes are in the original image's pixels."""
     results = []
-    for image_id, d in zip(image_ids, predictions, strict=True):
-        boxes = d.boxes.detach().to("cpu", torch.float64)
+    for k, (image_id, d) in enumerate(zip(image_ids, predictions, strict=True)):
+        boxes = d.boxes.detach().to("cpu", torch.float64) / (1.0 if scales is None else scales[k])
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
         for box, score, label in zip(xywh, d.scores.tolist(), d.labels.tolist(), strict=True):
             results.append({"image_id": int(image_id), "category_id": int(label), "bbox": [float(v) for v in box],
                             "score": float(score)})
     return results
+
+
+def original_frame(ground_truth: dict) -> dict:
+    """A ground truth that a dataset moved into a letterboxed frame (images with ``letterbox_scale``), back in the
+    original images' pixels, as their own annotation file has it; one without is returned as it is."""
+    scale = {i["id"]: i.get("letterbox_scale", 1.0) for i in ground_truth["images"]}
+    if all(s == 1.0 for s in scale.values()):
+        return ground_truth
+    images = [{k: v for k, v in i.items() if k not in ("letterbox_scale", "original_width", "original_height")}
+              | {"width": i["original_width"], "height": i["original_height"]} for i in ground_truth["images"]]
+    annotations = [{**a, "bbox": [v / scale[a["image_id"]] for v in a["bbox"]],
+                    "area": a["area"] / scale[a["image_id"]] ** 2} for a in ground_truth["annotations"]]
+    return {**ground_truth, "images": images, "annotations": annotations}
 
 
 def score(ground_truth: dict, image_ids: list[int], predictions: list[Detections]) -> dict[str, float]:
@@ -179,5 +194,6 @@ class Detection(Task):
         result.unanswered = sum(d is None for d in made)
         made = [Detections.empty() if d is None else d for d in made]
         result.metrics = score(truth, ids, made)
-        if self.predictions is not None:
-            self.predictions(result.device, block.result, coco_results(ids, made))
+        if self.predictions is not None:  # in the original images' pixels, as their annotation file has them
+            scales = [truth["images"][k].get("letterbox_scale", 1.0) for k in block.order[:len(made)]]
+            self.predictions(result.device, block.result, coco_results(ids, made, scales))
