@@ -782,3 +782,42 @@ def test_a_first_call_that_counts_no_flops_does_not_zero_later_calls(meter_kind)
                 fn()
             assert meter.take() == reference.get_total_flops()
         assert reference.get_total_flops() > 0
+
+
+def test_complex128_parameters_and_buffers_are_sealed_whole():
+    """A 16-byte element is two 64-bit words: the seal and the buffer check compare every word (review of issue 22:
+    a complex128 parameter failed its first step, and a change in a complex128 buffer went unseen)."""
+    from cemabench.errors import ForwardOnlyViolation
+    from cemabench.method import EdgeDecision, EdgeLogic
+    from cemabench.protocol.checks import Checks
+    from cemabench.protocol.edge import ForwardOnlyEdge
+
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, dtype=torch.complex128), requires_grad=False)
+            self.register_buffer("a", torch.zeros(3, dtype=torch.complex128))
+            self.register_buffer("b", torch.zeros(5, dtype=torch.complex128))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)[:, :4]) + self.w.real.sum()
+
+    class Predict(EdgeLogic):
+        def step(self, model, x):
+            return EdgeDecision(logits=model(x))
+
+    edge = ForwardOnlyEdge(Complex(), Predict())
+    x = torch.rand(2, 4)
+    edge.step(x, 2)  # an honest step passes
+    for name, index in (("b", 0), ("b", 3), ("a", 2)):
+        getattr(edge.model, name)[index] = 1 + 1j
+        checks = Checks()
+        edge.check_untouched(checks, "the cloud step")
+        with pytest.raises(ForwardOnlyViolation, match=f"changed the edge's {name}"):
+            checks.read()
+        edge.step(x, 2)  # a new snapshot
+    with torch.no_grad():
+        edge.model.w.numpy()[3] = 2  # behind torch's back, in the upper half of the tensor's words
+    with pytest.raises(ForwardOnlyViolation, match="w"):
+        edge.step(x, 2)

@@ -70,6 +70,49 @@ def test_a_unit_past_its_time_limit_is_stopped_and_the_table_completes(plugins, 
     assert "timeout" in (tmp_path / "out" / "small.md").read_text()
 
 
+def test_half_a_message_to_the_parent_does_not_block_it(plugins, tmp_path):
+    """A worker that writes the start of a message on its line to the parent and sleeps: the parent reads in a
+    thread of its own, so the deadline still ends the unit."""
+    spec = write_spec(tmp_path / "small.toml", ["half-a-message", "source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1",
+                 "--unit-timeout", "6s"]) == 3
+    cells = {c["method"]: c["status"] for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells == {"half-a-message": "timeout", "source": "ok"}
+
+
+def test_a_worker_that_dies_leaving_a_child_fails_at_once_and_the_child_is_ended(plugins, tmp_path, monkeypatch):
+    """The child holds the worker's pipes open, so the parent sees the death by the process, not by its pipes; the
+    worker's whole process group (the child too) is ended."""
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setenv("CEMABENCH_TEST_CHILD_PID", str(pid_file))
+    spec = write_spec(tmp_path / "small.toml", ["forks-then-dies", "source"])
+    began = time.monotonic()
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "2"]) == 3
+    assert time.monotonic() - began < 60
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells["source"]["status"] == "ok" and "exit code 7" in cells["forks-then-dies"]["message"]
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    try:  # gone, or a zombie that its new parent (init, here the container's) has not reaped yet
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X")
+
+
+def test_a_thread_left_by_the_cloud_fails_its_unit_and_the_process_runs_no_more(plugins, tmp_path):
+    """Issue 22 (review): a cloud step's thread that outlives its unit could change later units (a hook on another
+    method's model); the unit fails, and in one process (--jobs 1) the units after it refuse to run, loudly."""
+    spec = write_spec(tmp_path / "small.toml", ["leaves-a-thread", "source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "2"]) == 3
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells["leaves-a-thread"]["status"] == "error" and "left 1 thread(s) running (saboteur" in \
+        cells["leaves-a-thread"]["message"]
+    assert cells["source"]["status"] == "ok"
+
+
 def test_the_time_limit_changes_no_number_and_a_timed_out_unit_is_recomputed(plugins, tmp_path):
     """A limit is no part of a unit's key: a unit that finished within it is reused without one, and one that
     timed out is computed again by the next run."""

@@ -82,7 +82,7 @@ class ForwardOnlyEdge:
         # a view taken now; otherwise they are read afresh. The snapshots of a group (one device, one element size)
         # are one flat tensor, so that one comparison on the device covers the group (:meth:`_value_flags`).
         self._views = {n: _bits(p) if p.is_contiguous() else None for n, p in params.items()}
-        layout = {n: (p.device, _bits(p).dtype, p.numel()) for n, p in params.items()}
+        layout = {n: (p.device, _bits(p).dtype, _bits(p).numel()) for n, p in params.items()}  # complex: 2 words
         if changed is not None and getattr(self, "_layout", None) == layout:
             for n in changed:  # the download's parameters take their new values; the others keep their snapshots
                 self._values[n].copy_(self._current(n, params[n]))
@@ -204,7 +204,7 @@ class ForwardOnlyEdge:
         if swapped:
             raise ForwardOnlyViolation(self._reached(swapped, by))
         for names, before in groups.values():
-            sizes = torch.tensor([buffers[n].numel() for n in names], device=before.device)
+            sizes = torch.tensor([_bits(buffers[n]).numel() for n in names], device=before.device)
             ends = sizes.cumsum(0)
             counted = F.pad(torch.ne(torch.cat([_bits(buffers[n]) for n in names]), before).cumsum(0), (1, 0))
             flags = counted[ends] > counted[ends - sizes]  # differing bits up to each buffer's end, minus its start

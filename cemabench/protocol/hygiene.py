@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
+import time
 
 import torch
 from torch.nn.modules import module as _module
@@ -178,3 +180,32 @@ def check_modes(depths: tuple[int, int], where: str) -> None:
     if now != depths:
         raise RuntimeError(f"{where} returned with {now[0] - depths[0]} torch dispatch and {now[1] - depths[1]} "
                            f"function mode(s) still entered; leave every mode it enters before returning")
+
+
+# Threads that method code leaves running after its unit: they could change later units in this process (a hook put
+# on another method's model, say), and no harness code can stop a thread. The unit fails, and this process runs no
+# more units (a worker process ends; an inline run refuses the rest).
+_TAINTED: list[str] = []
+THREAD_GRACE_S = 2.0  # how long a unit's leftover threads get to finish (a DataLoader's pin-memory thread, say)
+
+
+def threads() -> set:
+    return set(threading.enumerate())
+
+
+def threads_left(before: set) -> list[str]:
+    """The names of the threads started since ``before`` that are still running after a grace period; records
+    them, so that :func:`tainted` says this process is not clean."""
+    deadline = time.monotonic() + THREAD_GRACE_S
+    for thread in threading.enumerate():
+        if thread not in before:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    if left:
+        _TAINTED.append(", ".join(left))
+    return left
+
+
+def tainted() -> str | None:
+    """Why this process must run no more units (method code left threads running), or None."""
+    return _TAINTED[0] if _TAINTED else None

@@ -78,6 +78,10 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     if replaced:
         raise HarnessReplaced(f"cemabench's own code was replaced in this process (by a plugin?): "
                               f"{', '.join(replaced[:5])}; no unit runs here until it is restarted")
+    if hygiene.tainted():
+        raise HarnessReplaced(f"an earlier unit's method code left threads running in this process "
+                              f"({hygiene.tainted()}); no unit runs here until it is restarted")
+    running = hygiene.threads()
     with deterministic_threads(torch.device(execution.device)):
         before = hygiene.snapshot()
         try:
@@ -89,6 +93,10 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     replaced = hygiene.replaced_harness_code()  # by the method's own code, while it ran
     if replaced:
         changed.append(f"replaced cemabench's own code: {', '.join(replaced[:5])}")
+    left = hygiene.threads_left(running)
+    if left:
+        changed.append(f"left {len(left)} thread(s) running ({', '.join(left[:3])}), which could change later units: "
+                       f"this process runs no more units")
     if changed:
         message = ("method code changed process-wide torch state, which would change the cells computed after it in "
                    "this process (put back): " + "; ".join(changed))

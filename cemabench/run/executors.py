@@ -9,20 +9,21 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue
 import re
 import resource
 import signal
 import socket
+import threading
 import time
 import traceback
 from dataclasses import asdict
-from multiprocessing.connection import wait
 
 import torch
 
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.errors import UserError, out_of_memory
-from cemabench.protocol import DomainResult
+from cemabench.protocol import DomainResult, hygiene
 from cemabench.run.context import ContextSpec, context_for
 from cemabench.tables.plan import Unit
 
@@ -96,7 +97,9 @@ class InlineExecutor(Executor):
 
 
 def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None) -> None:
-    """A worker process: run the units it is sent, one at a time, and send each record back."""
+    """A worker process, in a session (process group) of its own: run the units it is sent, one at a time, and send
+    each record back. After a unit that left method code running (a thread, say), the worker ends: it is not clean."""
+    os.setsid()  # the parent ends the whole group: processes that method code forks go with the worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     torch.set_num_threads(threads)
     _limit_memory(memory)
@@ -112,6 +115,8 @@ def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None) -> None:
             conn.send(record)
         except Exception as error:  # noqa: BLE001 - a result that cannot be sent: the unit fails alone
             conn.send(error_record(unit, f"its result could not be sent back: {type(error).__name__}: {error}"))
+        if hygiene.tainted():
+            os._exit(0)
 
 
 def _timed_out(limits: Limits) -> str:
@@ -120,10 +125,14 @@ def _timed_out(limits: Limits) -> str:
             f"cached yet")
 
 
-class _Worker:
-    """One local worker process and the unit it runs."""
+POLL_S = 0.5  # how often the parent looks at its workers' processes while it waits for records
 
-    def __init__(self, recipe: ContextSpec, threads: int, memory: int | None):
+
+class _Worker:
+    """One local worker process and the unit it runs. Its records are read by a thread of the parent, so that a
+    worker that sends half a message cannot block the parent; it is ended with its whole process group."""
+
+    def __init__(self, recipe: ContextSpec, threads: int, memory: int | None, inbox: queue.Queue):
         context = multiprocessing.get_context("fork")  # inherits this process's built context (data, models)
         self.conn, theirs = context.Pipe()
         self.process = context.Process(target=_serve, args=(theirs, recipe, threads, memory), daemon=True)
@@ -131,6 +140,16 @@ class _Worker:
         theirs.close()
         self.unit: Unit | None = None
         self.deadline = float("inf")
+        threading.Thread(target=self._read, args=(inbox,), daemon=True).start()
+
+    def _read(self, inbox: queue.Queue) -> None:
+        while True:
+            try:
+                record = self.conn.recv()
+            except Exception:  # noqa: BLE001 - the end of the connection, or garbage on it: the worker is done for
+                inbox.put((self, None))
+                return
+            inbox.put((self, record))
 
     def run(self, unit: Unit, timeout: float | None) -> None:
         self.unit = unit
@@ -146,6 +165,9 @@ class _Worker:
         return f"exit code {code}"
 
     def stop(self) -> None:
+        """End the worker and every process in its group (what method code forked and left behind)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.kill()
         self.process.join()
         self.conn.close()
@@ -154,23 +176,25 @@ class _Worker:
 class ProcessExecutor(Executor):
     """Local worker processes (``--jobs N``), forked from this process with its context built. Each runs one unit at
     a time under the unit limits (:class:`~cemabench.config.limits.Limits`): a unit that runs past its time is
-    killed with its worker, and one whose worker dies fails alone; either way a fresh worker takes the next unit."""
+    killed with its worker's process group, and one whose worker dies fails alone; either way a fresh worker takes
+    the next unit."""
 
     def __init__(self, recipe: ContextSpec, jobs: int, limits: Limits = NO_LIMITS):
         self.recipe, self.jobs, self.limits = recipe, jobs, limits
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.workers: list[_Worker] = []
         self.queue: list[Unit] = []
+        self.inbox: queue.Queue = queue.Queue()
 
     def _fill(self) -> None:
         while self.queue:
             for gone in [w for w in self.workers if w.unit is None and not w.process.is_alive()]:
-                self._replace(gone)  # it died between units (a thread that method code left behind, say)
+                self._replace(gone)  # it ended between units (after a unit that left method code running, say)
             idle = next((w for w in self.workers if w.unit is None), None)
             if idle is None:
                 if len(self.workers) == self.jobs:
                     return
-                idle = _Worker(self.recipe, self.threads, self.limits.unit_memory_bytes)
+                idle = _Worker(self.recipe, self.threads, self.limits.unit_memory_bytes, self.inbox)
                 self.workers.append(idle)
             idle.run(self.queue.pop(0), self.limits.unit_timeout_s)
 
@@ -186,36 +210,33 @@ class ProcessExecutor(Executor):
         worker.stop()
         self.workers.remove(worker)
 
+    def _fail(self, worker: _Worker, message: str, status: str = "error") -> tuple[Unit, dict]:
+        unit = worker.unit
+        self._replace(worker)
+        return unit, error_record(unit, message, status)
+
     def completed(self, timeout=None):
         until = None if timeout is None else time.monotonic() + timeout
         out: list[tuple[Unit, dict]] = []
-        while not out:
-            busy = [w for w in self.workers if w.unit is not None]
-            if not busy:
-                break
-            now = time.monotonic()
-            wake = min([w.deadline for w in busy] + ([until] if until is not None else []))
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
-                         None if wake == float("inf") else max(0.0, wake - now))
-            for worker in busy:
-                unit = worker.unit
-                if worker.conn in ready:
-                    try:
-                        record = worker.conn.recv()
-                    except (EOFError, OSError):
-                        record = error_record(unit, f"worker process died while running this unit: "
-                                                    f"{worker.died()}")
-                        self._replace(worker)
-                    else:
-                        worker.unit = None
-                    out.append((unit, record))
-                elif worker.process.sentinel in ready:
-                    out.append((unit, error_record(unit, f"worker process died while running this unit: "
-                                                         f"{worker.died()}")))
-                    self._replace(worker)
-                elif time.monotonic() >= worker.deadline:
-                    self._replace(worker)
-                    out.append((unit, error_record(unit, _timed_out(self.limits), "timeout")))
+        while not out and any(w.unit is not None for w in self.workers):
+            first = min(w.deadline for w in self.workers if w.unit is not None) - time.monotonic()
+            try:
+                worker, record = self.inbox.get(timeout=max(0.0, min(POLL_S, first)))
+            except queue.Empty:
+                worker = None
+            if worker is not None and worker in self.workers and worker.unit is not None:
+                if record is None:  # its connection ended: the worker died, or wrote what is no record
+                    out.append(self._fail(worker, f"worker process died while running this unit: {worker.died()}"))
+                elif time.monotonic() >= worker.deadline:  # it finished, but past its time
+                    out.append(self._fail(worker, _timed_out(self.limits), "timeout"))
+                else:
+                    out.append((worker.unit, record))
+                    worker.unit = None
+            for busy in [w for w in self.workers if w.unit is not None]:  # a death that left the pipe open
+                if not busy.process.is_alive():                          # (a forked child holds it), or a deadline
+                    out.append(self._fail(busy, f"worker process died while running this unit: {busy.died()}"))
+                elif time.monotonic() >= busy.deadline:
+                    out.append(self._fail(busy, _timed_out(self.limits), "timeout"))
             if until is not None and time.monotonic() >= until:
                 break
         self._fill()

@@ -115,3 +115,68 @@ class IgnoresSignals(Method):
 
     def edge(self, num_classes):
         return _IgnoresAlarms()
+
+
+class _HalfAMessage(EdgeLogic):
+    def step(self, model, x):
+        import os
+        import socket
+        import stat
+        import struct
+        import time
+
+        for fd in range(3, 256):  # every Unix socket this process holds, the worker's line to its parent among them
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    socket.socket(fileno=os.dup(fd)).send(struct.pack("!i", 1 << 20))  # a header, and no body
+            except OSError:
+                pass
+        time.sleep(1e6)
+
+
+class HalfAMessage(Method):
+    """Sends the parent the start of a message that never ends, then sleeps: a parent that reads it blocks."""
+
+    def edge(self, num_classes):
+        return _HalfAMessage()
+
+
+class _ForksThenDies(EdgeLogic):
+    def step(self, model, x):
+        import os
+        import time
+
+        child = os.fork()
+        if child == 0:
+            time.sleep(3600)  # holds the worker's pipes open
+            os._exit(0)
+        with open(os.environ["CEMABENCH_TEST_CHILD_PID"], "w") as f:
+            f.write(str(child))
+        os._exit(7)
+
+
+class ForksThenDies(Method):
+    """Forks a child that sleeps for an hour, then ends its own process with exit code 7."""
+
+    def edge(self, num_classes):
+        return _ForksThenDies()
+
+
+class _LeavesAThread(CloudLogic):
+    def step(self, upload):
+        import threading
+        import time
+
+        if not hasattr(self, "thread"):
+            self.thread = threading.Thread(target=time.sleep, args=(1e6,), daemon=True, name="saboteur")
+            self.thread.start()
+
+
+class LeavesAThread(Method):
+    """Its cloud starts a thread that outlives the unit (where it could change the units after it)."""
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def cloud(self, resources):
+        return _LeavesAThread()

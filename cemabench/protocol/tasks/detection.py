@@ -8,7 +8,8 @@ domain's stream is scored.
   for n detections. What the link charges is the length of those bytes, and what the edge receives is decoded from
   them.
 - A domain's stream is scored by COCO's bbox evaluation (faster-coco-eval, checked against pycocotools in the tests)
-  over every image of the stream, with the predictions made at arrival: mAP@[.5:.95], mAP@.5 and AR@100.
+  over every image of the stream, with the predictions made at arrival: mAP@[.5:.95], mAP@.5 and AR@100. Of each
+  image's detections the best :data:`MAX_DETECTIONS` (100) by score are kept and scored.
 
 A detection domain gives its ground truth with ``ground_truth()`` (a COCO instances document whose ``images`` are
 listed in the domain's sample order), read from storage only when the harness scores a block.
@@ -29,6 +30,9 @@ METRICS = TASK_METRICS  # the primary one first
 WIRE = np.dtype([("box", "<f4", (4,)), ("score", "<f4"), ("label", "<u2")])  # packed: 22 bytes per detection
 COUNT = np.dtype("<u4")
 MAX_LABEL = int(np.iinfo(np.uint16).max)
+# At most this many detections per image are kept and scored, the best by score: the COCO detection challenge's rule
+# and torchvision's detectors' default (COCOeval would otherwise keep up to 100 per image and category)
+MAX_DETECTIONS = 100
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,8 @@ class Detections:
     labels: torch.Tensor
 
     def __post_init__(self):
-        n = len(self.scores)
-        if tuple(self.boxes.shape) != (n, 4) or tuple(self.labels.shape) != (n,) or self.scores.dim() != 1:
+        n = len(self.scores) if self.scores.dim() == 1 else -1
+        if tuple(self.boxes.shape) != (n, 4) or tuple(self.labels.shape) != (n,):
             raise ValueError(f"detections need boxes (n, 4), scores (n,) and labels (n,); got "
                              f"{tuple(self.boxes.shape)}, {tuple(self.scores.shape)} and {tuple(self.labels.shape)}")
         if self.labels.is_floating_point() or self.labels.is_complex():
@@ -54,6 +58,13 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def best(self, k: int = MAX_DETECTIONS) -> Detections:
+        """The ``k`` highest-scoring detections (all of them when there are no more), in score order."""
+        if len(self) <= k:
+            return self
+        keep = self.scores.topk(k).indices
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
 
     @classmethod
     def empty(cls) -> Detections:
@@ -142,8 +153,11 @@ def score(ground_truth: dict, image_ids: list[int], predictions: list[Detections
                                                                                          stats[8]))}
 
 
-def _detections(d: dict[str, torch.Tensor]) -> Detections:
-    return Detections(d["boxes"], d["scores"], d["labels"])
+def _detections(d: dict[str, torch.Tensor], what: str) -> Detections:
+    try:
+        return Detections(d["boxes"], d["scores"], d["labels"])
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
 
 
 class Detection(Task):
@@ -163,7 +177,8 @@ class Detection(Task):
     def own(self, decision, checks, batch_index):
         if decision.detections is None:
             return None
-        return [_detections(d) for d in decision.detections]
+        return [_detections(d, f"the edge's detections at batch {batch_index} of the run unit").best()
+                for d in decision.detections]
 
     def answered(self, own, batch, upload, answers, link, batch_index, checks):
         """Images with neither an edge prediction nor an answer have no prediction (None)."""
@@ -172,11 +187,16 @@ class Detection(Task):
             raise ValueError(f"the edge awaits answers for {len(upload)} uploaded images, so the cloud must return "
                              f"CloudReply(answers=[...]) with one dict of boxes, scores and labels per image; got "
                              f"{got}")
-        data = encode([_detections(a) for a in answers])
+        what = f"the cloud's answers at batch {batch_index} of the run unit"
+        data = encode([_detections(a, what) for a in answers])  # every answer crosses whole and is charged whole
         out = list(own) if own is not None else [None] * batch
         if link.answer(len(answers), len(data)):  # late answers do not count: the edge's own prediction stands
-            for position, received in zip(upload.index.tolist(), decode(data, len(answers)), strict=True):
-                out[position] = received
+            try:
+                received = decode(data, len(answers))
+            except ValueError as error:  # finite in float64, say, and not in the float32 that crosses
+                raise ValueError(f"{what}, as they cross in float32: {error}") from None
+            for position, detections in zip(upload.index.tolist(), received, strict=True):
+                out[position] = detections.best()
         return out
 
     def record(self, prediction, batch):
