@@ -65,3 +65,10 @@ def test_a_domain_sample_gives_the_whole_tables_cells(tmp_path):
     want = {(c["method"], c["domain"]): c for c in expected["cells"]}
     got = [(c["method"], c["domain"], c["correct"], c["seen"]) for c in doc["cells"]]
     assert got == [(m, d, want[m, d]["correct"], want[m, d]["seen"]) for m, d, *_ in got]
+
+
+def test_a_table_of_the_clean_stream_shows_no_severity():
+    doc = json.loads((LEADERBOARDS / "eccentric-clean.miniature.json").read_text())
+    from cemabench.report.leaderboard import render
+
+    assert "- **Severity**: none (the clean stream); **domains in order**: clean" in render(doc)

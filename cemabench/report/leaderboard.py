@@ -446,7 +446,8 @@ def render(doc: dict) -> str:
     lines += [
         f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
         + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
-        f"- **Severity**: {p['severity']}; **domains in order**: {', '.join(p['domains'])}",
+        f"- **Severity**: {p['severity'] if set(p['domains']) != {'clean'} else 'none (the clean stream)'}; "
+        f"**domains in order**: {', '.join(p['domains'])}",
         f"- **Setting**: {setting_line(proto)}",
         f"- **Protocol**: {protocol_line(proto)}",
         "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
