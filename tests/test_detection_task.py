@@ -361,3 +361,12 @@ def test_answers_that_are_malformed_or_not_finite_once_encoded_say_so(scores, wo
     link = Link(None, 0, None, Protocol(batch_size=1))
     with pytest.raises(ValueError, match=re.escape(words)):
         D.Detection(11).answered(None, 1, upload, [answer], link, 0, Checks())
+
+
+@pytest.mark.parametrize("flags", [["--setting", "gradual"], ["--setting", "mixed-domains"],
+                                   ["--setting", "continual", "--rounds", "2"], ["--setting", "per-domain+correlated"]])
+def test_settings_detection_cannot_score_are_one_line_before_any_compute(tmp_path, capsys, flags):
+    code, doc = _run(tmp_path, "source", *flags, domains=("fog", "snow"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not doc and err.count("\n") == 0
+    assert "the detection task scores each domain over one stretch of its stream" in err

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from cemabench import registry
 from cemabench.config.limits import NO_LIMITS, Limits
-from cemabench.config.settings import severities_needed
+from cemabench.config.settings import MIXED, parse_setting, severities_needed
 from cemabench.errors import UserError
 from cemabench.method import check_task
 from cemabench.protocol import Execution
@@ -51,6 +51,12 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
         raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
                         f"{context.dataset.task} dataset")
     check_options(spec, context.choice)
+    base, modifiers = parse_setting(spec.protocol.setting)
+    if context.dataset.task != "classification" and (base in ("gradual", MIXED) or spec.protocol.rounds > 1
+                                                     or "correlated" in modifiers):
+        raise UserError(f"the {context.dataset.task} task scores each domain over one stretch of its stream, and has "
+                        f"no class label per sample to order it by; setting {spec.protocol.setting!r} with rounds = "
+                        f"{spec.protocol.rounds} needs one of those: use per-domain, or continual with one round")
     for entry in spec.methods:  # a method on a task it does not declare, or options for another task: one line
         built = entry.match_uploads_of is None
         check_task(registry.build_method(entry.name, entry_options(entry, context.choice)) if built
