@@ -169,3 +169,44 @@ def test_exported_predictions_and_ground_truth_are_in_the_original_images_pixels
     back = detection.original_frame(truth)
     assert np.allclose([a["bbox"] for a in back["annotations"]], [a["bbox"] for a in official["annotations"]])
     assert [(i["width"], i["height"]) for i in back["images"]] == [SIZES[i["file_name"]] for i in back["images"]]
+
+
+def _split_equals_whole(arch, stages):
+    from cemabench.models.detection_split import detector_stages, split_detector
+    from cemabench.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{arch}@none")
+    model.net.roi_heads.score_thresh = 0.0  # random weights: keep every box, so that the comparison has 100 each
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        whole = model(x)
+    assert all(len(d["boxes"]) == 100 for d in whole)
+    for stage in stages or detector_stages(model):
+        head, tail = split_detector(model, stage)
+        with torch.no_grad():
+            crossed = head(x)
+            parts = tail(crossed)
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(whole, parts, strict=True) for k in a), stage
+        assert len({t.data_ptr() for t in crossed.values()}) == len(crossed)  # nothing crosses twice
+
+
+def test_a_split_faster_rcnn_head_plus_tail_is_the_whole_detector_at_every_stage():
+    _split_equals_whole("fasterrcnn_mobilenet_v3_large_320_fpn", None)
+
+
+@pytest.mark.slow
+def test_a_split_resnet50_faster_rcnn_sends_every_fpn_input_that_crosses():
+    """Cut at layer2, the FPN's layer1 input crosses too; cut at layer3 (an FPN input itself) it crosses once."""
+    _split_equals_whole("fasterrcnn_resnet50_fpn_v2", ["layer2", "layer3"])
+
+
+def test_a_split_names_the_stages_a_detector_has():
+    from cemabench.models.detection_split import split_detector
+    from cemabench.registry import build_model
+
+    model = build_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none")
+    with pytest.raises(UserError, match="the detector has no stage 'layer2' to cut at; valid: 0, 1, 2"):
+        split_detector(model, "layer2")
+    with pytest.raises(UserError, match="needs a torchvision Faster R-CNN"):
+        split_detector(build_model("torchvision:ssdlite320_mobilenet_v3_large@none"), "0")

@@ -1,0 +1,104 @@
+"""Split detectors: cut a torchvision Faster R-CNN (``torchvision:fasterrcnn_*``) at a stage of its backbone's body, in
+front of the FPN, as SC2 (Matsubara et al.'s split-computing benchmark) splits Faster R-CNN at ``backbone.body``.
+
+The head runs the detector's own resize-and-normalise transform and the body's stages up to the cut; the tail runs
+the rest of the body, the FPN, the region proposals, the box heads and the postprocessing. What crosses is every
+tensor the tail needs (:func:`split_detector`): the activation at the cut, each body output the FPN takes that is
+already computed (a ResNet's ``layer1`` when the cut is at ``layer2``, say), and the image sizes before and after the
+transform, as int64. Its bytes are those of the resolution the transform made, the one that actually crosses.
+
+Head and tail hold the detector's own modules, so head then tail computes exactly what the detector computes (the
+same operations in the same order; ``tests/test_coco.py`` checks the boxes, scores and labels are equal).
+
+Not yet used by a method: ECC-A and ECC-D on detection are not built (README, Detection).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
+
+from cemabench.errors import UserError
+
+SIZES = ("image_sizes", "original_sizes", "batch_shape")  # the metadata that crosses beside the features
+
+
+def _net(model: nn.Module) -> GeneralizedRCNN:
+    net = getattr(model, "net", model)  # cemabench.models.zoo.Detector wraps torchvision's detector
+    if not isinstance(net, GeneralizedRCNN) or not hasattr(net.backbone, "body"):
+        raise UserError(f"a detector split needs a torchvision Faster R-CNN with a backbone body and an FPN (the "
+                        f"fasterrcnn_* detectors of the zoo), got {type(net).__name__}")
+    return net
+
+
+def detector_stages(model: nn.Module) -> list[str]:
+    """The stages of the backbone's body a detector can be cut after, in order (all but the last)."""
+    return list(_net(model).backbone.body.keys())[:-1]
+
+
+class DetectorHead(nn.Module):
+    """Images in [0, 1] (N, 3, H, W) to what crosses: ``fpn:NAME`` for each body output the FPN takes that is
+    computed by then, ``x`` (the activation after the cut, unless it is one of those) and the image sizes
+    (:data:`SIZES`)."""
+
+    def __init__(self, net: GeneralizedRCNN, stage: str):
+        super().__init__()
+        self.transform, self.body, self.stage = net.transform, net.backbone.body, stage
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = list(x.unbind(0))
+        original = torch.tensor([list(i.shape[-2:]) for i in images], dtype=torch.int64)
+        batch, _ = self.transform(images)
+        out = {"original_sizes": original, "image_sizes": torch.tensor(batch.image_sizes, dtype=torch.int64),
+               "batch_shape": torch.tensor(list(batch.tensors.shape[-2:]), dtype=torch.int64)}
+        x = batch.tensors
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self.body.return_layers:
+                out[f"fpn:{self.body.return_layers[name]}"] = x
+            if name == self.stage:
+                break
+        if self.stage not in self.body.return_layers:  # else the activation at the cut crosses once, as an FPN input
+            out["x"] = x
+        return out
+
+
+class DetectorTail(nn.Module):
+    """What crossed to the detector's output: one dict of boxes, scores and labels per image, in the pixels of the
+    images the head was given."""
+
+    def __init__(self, net: GeneralizedRCNN, stage: str):
+        super().__init__()
+        self.net, self.stage = net, stage
+
+    def forward(self, crossed: dict[str, torch.Tensor]):
+        net, body = self.net, self.net.backbone.body
+        x = crossed["x"] if "x" in crossed else crossed[f"fpn:{body.return_layers[self.stage]}"]
+        features = OrderedDict((k[4:], v) for k, v in crossed.items() if k.startswith("fpn:"))
+        names = list(body.keys())
+        for name in names[names.index(self.stage) + 1:]:
+            x = body[name](x)
+            if name in body.return_layers:
+                features[body.return_layers[name]] = x
+        features = net.backbone.fpn(OrderedDict(sorted(features.items(), key=lambda kv: int(kv[0])))
+                                    if all(k.isdigit() for k in features) else features)
+        sizes = [tuple(s) for s in crossed["image_sizes"].tolist()]
+        h, w = crossed["batch_shape"].tolist()
+        # the proposals' anchors need only the padded batch's shape, not its pixels
+        shape = x.new_empty(()).expand(len(sizes), 3, h, w)
+        proposals, _ = net.rpn(ImageList(shape, sizes), features)
+        detections, _ = net.roi_heads(features, proposals, sizes)
+        return net.transform.postprocess(detections, sizes, [tuple(s) for s in crossed["original_sizes"].tolist()])
+
+
+def split_detector(model: nn.Module, stage: str) -> tuple[DetectorHead, DetectorTail]:
+    """Head and tail of a Faster R-CNN cut after ``stage`` of its backbone's body (one line naming the valid stages
+    when it has no such stage)."""
+    net = _net(model)
+    valid = detector_stages(model)
+    if stage not in valid:
+        raise UserError(f"the detector has no stage {stage!r} to cut at; valid: {', '.join(valid)}")
+    return DetectorHead(net, stage).eval(), DetectorTail(net, stage).eval()
