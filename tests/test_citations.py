@@ -25,6 +25,9 @@ PAPERS = {
                    "ICLR 2019"),
     "ImageNet-R": ("The Many Faces of Robustness: A Critical Analysis of Out-of-Distribution Generalization",
                    "Hendrycks", "ICCV 2021"),
+    "COCO-C / Pascal-C / Cityscapes-C": ("Benchmarking Robustness in Object Detection: Autonomous Driving when Winter "
+                                         "is Coming", "Michaelis", "arXiv 1907.07484 (2019)"),
+    "SC2": ("SC2 Benchmark: Supervised Compression for Split Computing", "Matsubara", "TMLR 2023"),
 }
 PAPERS_MD = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "papers.md"
 CITATION = re.compile(r"^(\w+) et al\., (\w+(?: Workshops)? \d{4})")

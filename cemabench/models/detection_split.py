@@ -1,5 +1,6 @@
 """Split detectors: cut a torchvision Faster R-CNN (``torchvision:fasterrcnn_*``) at a stage of its backbone's body, in
-front of the FPN, as SC2 (Matsubara et al.'s split-computing benchmark) splits Faster R-CNN at ``backbone.body``.
+front of the FPN, as SC2 (Matsubara et al., SC2 Benchmark: Supervised Compression for Split Computing, TMLR 2023)
+splits Faster R-CNN at ``backbone.body``.
 
 The head runs the detector's own resize-and-normalise transform and the body's stages up to the cut; the tail runs
 the rest of the body, the FPN, the region proposals, the box heads and the postprocessing. What crosses is every
