@@ -1,12 +1,12 @@
 """COCO 2017 val and COCO-C from disk (issue 18), on small generated trees in the official layouts: letterboxing,
 ground truth in the letterboxed frame, and every layout error as one line."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_detection_task import _pycocotools, truth_as_detections
 
 from cemabench.cli import main
 from cemabench.datasets.coco import coco_c, letterbox
@@ -60,12 +60,7 @@ def test_coco_c_domains_and_ground_truth_in_the_letterboxed_frame(tmp_path):
 def test_the_true_boxes_in_the_letterboxed_frame_score_100(tmp_path):
     data = coco_c(str(_tree(tmp_path)), domains=("clean",), severity=3, image_size=64)
     truth = data.domains[0].ground_truth()
-    found = []
-    for image in truth["images"]:
-        mine = [a for a in truth["annotations"] if a["image_id"] == image["id"]]
-        found.append(detection.Detections(
-            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)]), torch.ones(len(mine)),
-            torch.tensor([a["category_id"] for a in mine])))
+    found = truth_as_detections(truth)
     assert detection.score(truth, [i["id"] for i in truth["images"]], found)["map"] == pytest.approx(100.0)
 
 
@@ -148,20 +143,10 @@ def test_exported_predictions_and_ground_truth_are_in_the_original_images_pixels
     """The scored frame is the letterboxed one; what --save-predictions writes is in the original images' pixels,
     so that COCO's own annotation file scores it: perfect predictions made in the letterboxed frame score 100
     against instances_val2017.json."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_detection_task import _pycocotools
-
     root = _tree(tmp_path)
     truth = coco_c(str(root), domains=("clean",), severity=3, image_size=64).domains[0].ground_truth()
     ids = [i["id"] for i in truth["images"]]
-    perfect = []
-    for image in truth["images"]:
-        mine = [a for a in truth["annotations"] if a["image_id"] == image["id"]]
-        perfect.append(detection.Detections(
-            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)]), torch.ones(len(mine)),
-            torch.tensor([a["category_id"] for a in mine])))
+    perfect = truth_as_detections(truth)
     scales = [i["letterbox_scale"] for i in truth["images"]]
     exported = detection.coco_results(ids, perfect, scales)
     official = json.loads((root / "annotations" / "instances_val2017.json").read_text())

@@ -113,16 +113,22 @@ def test_no_detections_at_all_score_zero_and_no_annotated_image_is_nan():
     assert all(math.isnan(v) for v in D.score(gt, unannotated, [D.Detections.empty() for _ in unannotated]).values())
 
 
+def truth_as_detections(truth: dict) -> list[D.Detections]:
+    """Every image's annotated boxes (crowd regions left out) as its detections, score 1: a perfect prediction."""
+    out = []
+    for image in truth["images"]:
+        mine = [a for a in truth["annotations"] if a["image_id"] == image["id"] and not a.get("iscrowd")]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)],
+                             dtype=torch.float64).reshape(-1, 4)
+        out.append(D.Detections(boxes, torch.ones(len(mine)), torch.tensor([a["category_id"] for a in mine],
+                                                                             dtype=torch.long)))
+    return out
+
+
 def test_perfect_predictions_score_100():
     gt = _ground_truth(np.random.default_rng(5))
     ids = [i["id"] for i in gt["images"]]
-    perfect = []
-    for i in ids:
-        mine = [a for a in gt["annotations"] if a["image_id"] == i and not a["iscrowd"]]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)],
-                             dtype=torch.float64).reshape(-1, 4)
-        perfect.append(D.Detections(boxes, torch.ones(len(mine)), torch.tensor([a["category_id"] for a in mine],
-                                                                                dtype=torch.long)))
+    perfect = truth_as_detections(gt)
     assert D.score(gt, ids, perfect) == pytest.approx({"map": 100.0, "map50": 100.0, "ar100": 100.0})
 
 

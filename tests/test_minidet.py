@@ -2,7 +2,7 @@
 corruptions applied to the whole canvas."""
 import numpy as np
 import pytest
-import torch
+from test_detection_task import truth_as_detections
 
 from cemabench.datasets import minidet
 from cemabench.datasets.corruptions import HENDRYCKS_ORDER
@@ -32,13 +32,7 @@ def test_the_ground_truth_is_coco_and_scores_itself_100(test_canvases):
     for a in doc["annotations"]:
         x, y, w, h = a["bbox"]
         assert 0 <= x < x + w <= 64 and 0 <= y < y + h <= 64 and a["area"] == w * h
-    as_found = []
-    for image in doc["images"]:
-        mine = [a for a in doc["annotations"] if a["image_id"] == image["id"]]
-        as_found.append(detection.Detections(
-            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)]).reshape(-1, 4),
-            torch.ones(len(mine)), torch.tensor([a["category_id"] for a in mine], dtype=torch.long)))
-    assert detection.score(doc, [i["id"] for i in doc["images"]], as_found) == pytest.approx(
+    assert detection.score(doc, [i["id"] for i in doc["images"]], truth_as_detections(doc)) == pytest.approx(
         {"map": 100.0, "map50": 100.0, "ar100": 100.0})
 
 
