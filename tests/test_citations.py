@@ -34,15 +34,24 @@ CITATION = re.compile(r"^(\w+) et al\., (\w+(?: Workshops)? \d{4})")
 
 
 def test_the_embedded_titles_are_those_of_papers_md():
+    """Every paper cited here is a row of papers.md with the same title, first author and venue, and every row of its
+    first table (the papers the code cites) is cited here. A row of its second table (papers of the open issues) may be
+    cited before papers.md moves it: papers.md lives outside this repository, so the test holds for either place."""
     if not PAPERS_MD.is_file():
         pytest.skip(f"{PAPERS_MD} is not beside this clone")
-    rows = {}
+    rows, first_table = {}, set()
+    tables = 0
     for line in PAPERS_MD.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0] not in ("system", "---"):
-            first_author = cells[2].split(",")[0].removesuffix(" et al.")
+        if line.startswith("| system"):
+            tables += 1
+        if len(cells) >= 4 and line.startswith("|") and cells[0] not in ("system", "---"):
+            first_author = cells[2].split(",")[0].split(" (")[0].removesuffix(" et al.")
             rows[cells[0]] = (cells[1], first_author.split()[-1], cells[3].split(";")[0].strip())
-    assert rows == PAPERS
+            if tables == 1:
+                first_table.add(cells[0])
+    assert {system: rows.get(system) for system in PAPERS} == PAPERS
+    assert first_table <= set(PAPERS), f"papers.md cites {sorted(first_table - set(PAPERS))}; the test does not"
 
 
 @pytest.mark.parametrize("table", available_tables())
