@@ -250,7 +250,7 @@ def cmd_run(args) -> int:
                         models={"edge": args.edge, "foundation": args.foundation},
                         dataset_options=dict(_dataset_option(o) for o in args.dataset_option),
                         executor=args.executor, address=args.address, weights=args.weights, limits=_limits(args),
-                        predictions=_predictions(args))
+                        predictions=_predictions(args), isolate=args.isolate)
     doc["methods"] = [m for m in doc["methods"] if m["label"] == label]
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
@@ -340,7 +340,7 @@ def cmd_reproduce(args) -> int:
     try:
         doc = reproduce(spec, data_root, out, tuple(args.seed) if args.seed else None, args.jobs,
                         progress=not args.no_progress, executor=args.executor, address=args.address,
-                        limits=_limits(args), predictions=_predictions(args), **options)
+                        limits=_limits(args), predictions=_predictions(args), isolate=args.isolate, **options)
     except KeyboardInterrupt:
         return _interrupted(out)
     except OSError as error:
@@ -403,7 +403,7 @@ def cmd_sweep(args) -> int:
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
     try:
         doc = run_sweep(sweep, data_root, out, seeds=seeds, jobs=args.jobs, progress=not args.no_progress,
-                        limits=_limits(args))
+                        limits=_limits(args), isolate=args.isolate)
     except OSError as error:
         return _failed_midway(out, error)
     except KeyboardInterrupt:
@@ -435,6 +435,9 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--isolate", action="store_true", help="run each unit's edge half and cloud half in processes of "
+                   "their own, apart from the labels, the store and each other; the same numbers, at a cost per unit "
+                   "(README: Isolation)")
     p.add_argument("--unit-timeout", metavar="TIME", help="stop a run unit that runs longer, e.g. 90s, 30m or 2h; its "
                    "cells say timeout and the table goes on (default: the spec's [limits], else none)")
     p.add_argument("--unit-memory", metavar="SIZE", help="the most data memory a run unit's process may hold, e.g. "

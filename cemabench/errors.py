@@ -22,3 +22,29 @@ def out_of_memory(error: BaseException) -> bool:
     if type(error).__name__ == "OutOfMemoryError" and type(error).__module__.split(".")[0] == "torch":
         return True
     return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+class HalfFailed(RuntimeError):
+    """Method code in a half's own process (``--isolate``) failed, or the process ended: the cell's ``status``, its
+    message as the in-process loop words it (``described``), and the tail of the half's traceback."""
+
+    def __init__(self, described: str, status: str = "error", tail: str = ""):
+        """``described``: the cell's message; ``status``: its status; ``tail``: the half's traceback's tail."""
+        super().__init__(described)
+        self.described, self.status, self.tail = described, status, tail
+
+
+def describe(error: BaseException) -> str:
+    """How a cell's message names the error that ended it."""
+    if isinstance(error, HalfFailed):
+        return error.described
+    if isinstance(error, SystemExit):
+        return f"SystemExit: method code called sys.exit({error.code!r}); a method must not end the process"
+    return f"{type(error).__name__}: {error}"
+
+
+def failure_status(error: BaseException) -> str:
+    """The status of a cell that ``error`` ended."""
+    if isinstance(error, HalfFailed):
+        return error.status
+    return "out-of-memory" if out_of_memory(error) else "error"

@@ -99,6 +99,12 @@ def _train_split() -> tuple[np.ndarray, np.ndarray]:
     return _cached("train-images", lambda: splits()["train"][0]), labels[train_idx]
 
 
+def train_labels() -> np.ndarray:
+    """The clean training split's labels (a module-level function, so that the split pickles: ``--isolate`` sends
+    it to the cloud half)."""
+    return _train_split()[1]
+
+
 def check_choice(what: str, data_root, severity: int, domains) -> None:
     """An embedded miniature (``what``) takes no data root, and only its corruption domains (and ``clean``) at
     severities 1 to 5."""
@@ -124,7 +130,7 @@ def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORD
         name="miniature-digits-c",
         num_classes=10,
         domains=domains,
-        clean=ArrayDomain("clean-train", train_images, lambda: _train_split()[1]),
+        clean=ArrayDomain("clean-train", train_images, train_labels),
         is_miniature=True,
         provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE)", "severity": severity,
                     "images_per_domain": len(domains[0]) if domains else 0, "image_size": IMAGE_SIZE,

@@ -25,9 +25,9 @@ from torch import nn
 
 from cemabench.config import Protocol
 from cemabench.data import DomainData
-from cemabench.errors import ForwardOnlyViolation, UserError, out_of_memory
+from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudLogic, CloudResources, Method, TrainingResources, check_declared, check_task
-from cemabench.protocol import hygiene
+from cemabench.protocol import hygiene, isolation
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
@@ -37,7 +37,7 @@ from cemabench.protocol.plain import plain_reply
 from cemabench.protocol.scoring import Diverged, DomainResult, note
 from cemabench.protocol.stream import Block, DeviceStreams, derive_seed, plain
 from cemabench.protocol.tasks import Task, task_for
-from cemabench.protocol.training import run_training
+from cemabench.protocol.training import clean_images, run_training
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +65,8 @@ class HarnessReplaced(RuntimeError):
 def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution = Execution(),
              scored_classes: torch.Tensor | None = None, task: str = "classification",
-             predictions: Callable[[int, str, list], None] | None = None) -> list[DomainResult]:
+             predictions: Callable[[int, str, list], None] | None = None, isolate: bool = False
+             ) -> list[DomainResult]:
     """Run one method over a stream (see :func:`_run_unit`), on CPU with one intra-op thread so that its numbers are
     the same on every machine and under every executor. The process-wide torch state the unit found is the state it
     leaves (:mod:`cemabench.protocol.hygiene`): what method code changed is put back, and the unit fails naming it.
@@ -87,7 +88,8 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
         try:
             scoring = task_for(task, num_classes, scored_classes)
             scoring.predictions = predictions
-            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scoring)
+            results = _run_unit(method, stream, models, num_classes, clean, protocol, seed, execution, scoring,
+                                 isolate)
         finally:
             changed = hygiene.restore(before)
     replaced = hygiene.replaced_harness_code()  # by the method's own code, while it ran
@@ -107,8 +109,8 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
 
 
 def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStreams, models: Models, num_classes: int,
-              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution, task: Task
-              ) -> list[DomainResult]:
+              clean: DomainData | None, protocol: Protocol, seed: int, execution: Execution, task: Task,
+              isolate: bool = False) -> list[DomainResult]:
     """Run one method over a stream with no reset in between; a failure ends the unit, not the caller.
 
     The stream is a list of blocks (:mod:`cemabench.protocol.stream` builds them for a setting; a plain domain stands
@@ -124,56 +126,75 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     check_task(method, task.name)
     method.task = task.name
     device = torch.device(execution.device)
-    memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
     streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
     streams = [[b if isinstance(b, Block) else plain(b, seed) for b in s] for s in streams]
     names = list(dict.fromkeys(s.name for blocks in streams for b in blocks for s in b.sources))
     seed_everything(derive_seed(seed, method.name, *names))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cloud_passes = SampleCounter()
-    cloud_meter = ComputeMeter()
     results = {(d, b.result): DomainResult(b.result, device=d) for d, blocks in enumerate(streams) for b in blocks}
     if task.name != "classification" and sum(len(blocks) for blocks in streams) != len(results):
         raise UserError(f"the {task.name} task scores each result over one stretch of the stream; setting "
                         f"{protocol.setting!r} with rounds = {protocol.rounds} gives some results several: use "
                         f"per-domain, or continual with one round")
     depths = hygiene.mode_depths()  # what every edge and cloud step must leave entered
+    replicas = 1 if method.cloud_replicas == "shared" else len(streams)
+    halves: list = []  # isolated: the halves' processes, ended with the unit
     try:
-        training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
-            num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
-            foundation=lambda: models.foundation().to(device), clean=clean, device=device))
+        setup = isolation.start if isolate else _in_process
+        training, edges, clouds, cloud_meter, cloud_passes = setup(
+            method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
         for result in results.values():
             result.training = training
-        edges = [ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
-                 for _ in streams]
-
-        def clean_images(n: int) -> torch.Tensor:
-            if clean is None:
-                raise LookupError("this method needs clean in-distribution images, and the dataset has none "
-                                  "(for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
-            return clean.images(np.arange(min(n, len(clean)))).to(device, memory_format=memory_format)
-
-        resources = CloudResources(
-            num_classes=num_classes,
-            edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
-            foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
-            clean_images=clean_images, device=device)
-        replicas = 1 if method.cloud_replicas == "shared" else len(streams)
-        with cloud_meter:
-            clouds: list[CloudLogic | None] = [method.cloud(resources) for _ in range(replicas)]
-        cloud_meter.take()  # building the cloud (EATA's Fisher, say) is set-up, not per-sample compute
     except UserError:
+        isolation.close(halves)
         raise
     except KeyboardInterrupt:
+        isolation.close(halves)
         raise
     except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
+        isolation.close(halves)
         first, *rest = results.values()
-        first.status, first.message = _failure(error), f"setup failed: {_describe(error)}"
+        first.status, first.message = failure_status(error), f"setup failed: {describe(error)}"
         _skip(rest)
         return list(results.values())
+    try:
+        return _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution,
+                       task, depths, replicas)
+    finally:
+        isolation.close(halves)
 
+
+def _in_process(method: Method, models: Models, num_classes: int, clean: DomainData | None, seed: int,
+                execution: Execution, task: Task, count: int, replicas: int, halves: list):
+    """The halves in this process: the training stage, ``count`` forward-only edges, ``replicas`` clouds, and the
+    cloud's meter and sample counter."""
+    device = torch.device(execution.device)
+    memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
+    cloud_passes = SampleCounter()
+    cloud_meter = ComputeMeter()
+    training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
+        num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
+        foundation=lambda: models.foundation().to(device), clean=clean, device=device))
+    edges = [ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
+             for _ in range(count)]
+    resources = CloudResources(
+        num_classes=num_classes,
+        edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
+        foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
+        clean_images=clean_images(clean, device, memory_format), device=device)
+    with cloud_meter:
+        clouds: list[CloudLogic | None] = [method.cloud(resources) for _ in range(replicas)]
+    cloud_meter.take()  # building the cloud (EATA's Fisher, say) is set-up, not per-sample compute
+    return training, edges, clouds, cloud_meter, cloud_passes
+
+
+def _stream(method: Method, streams: list, results: dict, edges: list, clouds: list, cloud_meter, cloud_passes,
+            protocol: Protocol, execution: Execution, task: Task, depths: tuple, replicas: int) -> list[DomainResult]:
+    """The online stream of a unit whose halves are set up: every device's blocks, batch by batch."""
+    device = torch.device(execution.device)
+    memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol),
                        device, task) for d, blocks in enumerate(streams)]
@@ -243,9 +264,11 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     except KeyboardInterrupt:
         raise
     except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
-        failed.result.status = _failure(error)
-        failed.result.message = _describe(error)
-        if not isinstance(error, (SystemExit, ForwardOnlyViolation)):
+        failed.result.status = failure_status(error)
+        failed.result.message = describe(error)
+        if isinstance(error, HalfFailed):  # the tail of the half's own traceback
+            failed.result.message += "\n" + error.tail if error.tail else ""
+        elif not isinstance(error, (SystemExit, ForwardOnlyViolation)):
             failed.result.message += "\n" + "".join(traceback.format_exception(error)[-3:])
     if failed is not None:
         reason = (f"device {failed.index} failed, which ended the run unit" if len(devices) > 1
@@ -323,17 +346,6 @@ class _EdgeDevice:
         result.peak_memory_bytes = peak_memory(self.device)
         results[(self.index, block.result)].add(result, block)
         self.ran[block.result] = self.ran.get(block.result, False) or self.cloud_ran
-
-
-def _failure(error: BaseException) -> str:
-    """The status of a cell that ``error`` ended."""
-    return "out-of-memory" if out_of_memory(error) else "error"
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, SystemExit):
-        return f"SystemExit: method code called sys.exit({error.code!r}); a method must not end the process"
-    return f"{type(error).__name__}: {error}"
 
 
 def _skip(results) -> None:

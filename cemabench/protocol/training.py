@@ -21,6 +21,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,18 @@ from cemabench.config.paths import cache_root
 from cemabench.method import Method, TrainingResources
 from cemabench.protocol.stream import derive_seed
 from cemabench.provenance import code_digest, data_fingerprint, fingerprint
+
+
+def clean_images(clean, device: torch.device, memory_format=torch.preserve_format) -> Callable[[int], torch.Tensor]:
+    """``CloudResources.clean_images``: up to n images of the clean split the cloud keeps, on the device."""
+
+    def images(n: int) -> torch.Tensor:
+        if clean is None:
+            raise LookupError("this method needs clean in-distribution images, and the dataset has none "
+                              "(for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
+        return clean.images(np.arange(min(n, len(clean)))).to(device, memory_format=memory_format)
+
+    return images
 
 
 def trains(method: Method) -> bool:
@@ -80,9 +93,21 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_training(method: Method, resources: TrainingResources) -> dict:
+def train_here(method: Method, resources: TrainingResources) -> dict | None:
+    """The stage's computation in this process: ``method.train`` under its own seed, derived from (seed, method name,
+    options), with grad enabled; the caller's random state is left as it was."""
+    seed = derive_seed("train", resources.seed, method.name, json.dumps(options_of(method), sort_keys=True,
+                                                                        default=str))
+    with _own_random_state(seed), torch.enable_grad():
+        return method.train(resources)
+
+
+def run_training(method: Method, resources: TrainingResources,
+                 train: Callable[[], dict | None] | None = None) -> dict:
     """Set ``method.artefacts`` (trained or loaded from the cache) and return the record of the stage:
-    ``{"key", "seconds", "cached"}``, or an empty record for a method without a training stage."""
+    ``{"key", "seconds", "cached"}``, or an empty record for a method without a training stage. ``train`` computes
+    the artefacts where they are not cached (default: :func:`train_here`; ``--isolate``: in the cloud half's process,
+    while this process keeps the key, the cache and the check of what came back)."""
     method.artefacts = None
     if not trains(method):
         return {}
@@ -96,10 +121,7 @@ def run_training(method: Method, resources: TrainingResources) -> dict:
         if cached:
             state = torch.load(path, map_location=resources.device, weights_only=True)
         else:
-            seed = derive_seed("train", resources.seed, method.name, json.dumps(options_of(method), sort_keys=True,
-                                                                                default=str))
-            with _own_random_state(seed), torch.enable_grad():
-                state = method.train(resources)
+            state = train() if train is not None else train_here(method, resources)
             if state is not None:
                 if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
                     raise TypeError(f"{type(method).__name__}.train must return a dict of tensors or None")

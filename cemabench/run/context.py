@@ -34,8 +34,9 @@ class TableContext:
 
     def __init__(self, spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
                  models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
-                 weights: str | None = None, predictions: str | None = None):
+                 weights: str | None = None, predictions: str | None = None, isolate: bool = False):
         self.spec, self.data_root, self.execution, self.weights = spec, data_root, execution, weights
+        self.isolate = isolate  # each unit's halves in processes of their own (no part of a unit's key)
         self.predictions = predictions  # where units write their predictions (detection: COCO results JSON)
         choice = spec.real if data_root else spec.miniature
         if choice is None:
@@ -202,7 +203,7 @@ class TableContext:
                   DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices, p.device_streams)]))
         results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
                            self.execution, self.dataset.scored_classes, self.dataset.task,
-                           None if self.predictions is None else self._writer(unit))
+                           None if self.predictions is None else self._writer(unit), isolate=self.isolate)
         return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
 
 
@@ -219,11 +220,12 @@ class ContextSpec:
     pair: str | None = None
     weights: str | None = None
     predictions: str | None = None
+    isolate: bool = False
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def build(self) -> TableContext:
         return TableContext(self.spec, self.data_root, self.execution, self.models, self.dataset_options, self.pair,
-                            self.weights, self.predictions)
+                            self.weights, self.predictions, self.isolate)
 
 
 _CONTEXTS: dict[str, TableContext] = {}

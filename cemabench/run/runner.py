@@ -38,14 +38,15 @@ def store_for(out: Path, spec: TableSpec) -> ResultStore:
 
 def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
             models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
-            weights: str | None = None, predictions: str | None = None) -> tuple[ContextSpec, TableContext]:
+            weights: str | None = None, predictions: str | None = None, isolate: bool = False
+            ) -> tuple[ContextSpec, TableContext]:
     """The context recipe and this process's context, with data, models and options checked before any compute."""
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root} is not a directory; point it at the folder that holds "
                         f"the dataset, or leave it out to run the embedded miniature")
     if weights is not None and not Path(weights).is_dir():
         raise UserError(f"the weights folder {weights} (--weights) is not a directory")
-    recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights, predictions)
+    recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate)
     context = context_for(recipe)
     if predictions is not None and context.dataset.task != "detection":
         raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
@@ -189,16 +190,19 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
               jobs: int | None = None, execution: Execution = Execution(), progress: bool = True,
               models: dict[str, str] | None = None, dataset_options: dict | None = None,
               pair: str | None = None, executor: str = "local", address: str | None = None,
-              weights: str | None = None, limits: Limits = NO_LIMITS, predictions: str | None = None) -> dict:
+              weights: str | None = None, limits: Limits = NO_LIMITS, predictions: str | None = None,
+              isolate: bool = False) -> dict:
     """Run (or resume) every unit of a table and return the table's JSON document. ``pair`` picks one of the spec's
     named model pairs; ``models`` (edge, foundation) and ``dataset_options`` override the spec's choices; ``jobs``
     local processes (default: both cores) or ``executor="ray"`` (``address`` of a cluster) run the units, each
     within ``limits`` (over the spec's own). ``predictions``: a folder for each cell's predictions (detection),
-    where a unit whose files are missing is computed again even when its record is stored."""
+    where a unit whose files are missing is computed again even when its record is stored. ``isolate``: each unit's
+    edge and cloud halves run in processes of their own (:mod:`cemabench.protocol.isolation`); the numbers are the
+    same, so a stored record serves either mode."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
-    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, predictions)
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate)
     seeds = tuple(seeds or spec.seeds)
     tasks = plan(spec, context.choice, seeds)
     store = store_for(out, spec)

@@ -283,3 +283,60 @@ class SwapsAnEdgeBuffer(Method):
 
     def cloud(self, resources):
         return _ReachingCloud(resources, swap="buffer")
+
+
+# Forged results (issue 22, finding 6).
+
+class _ForgesRecords(EdgeLogic):
+    """Finds the harness's scheduler through the garbage collector and stores a perfect record, under its key, for
+    every unit it has queued; then predicts honestly."""
+
+    def step(self, model, x):
+        import dataclasses
+        import gc
+
+        from cemabench.protocol.scoring import DomainResult
+
+        for scheduler in [o for o in gc.get_objects() if type(o).__name__ == "Scheduler"]:
+            for unit in list(getattr(scheduler, "queue", [])):
+                results = []
+                for device, name in unit.expected:
+                    result = DomainResult(name, device=device)
+                    result.seen = result.correct = 1000
+                    results.append(result.to_dict())
+                scheduler.store.put(scheduler.keys[unit.id], {"unit": dataclasses.asdict(unit), "results": results})
+        return EdgeDecision(logits=model(x))
+
+
+class ForgesRecords(Method):
+    name = "forges-records"
+
+    def edge(self, num_classes):
+        return _ForgesRecords()
+
+
+# Poisoned artefacts (issue 22, finding 7).
+
+class PoisonsAnArtefact(Method):
+    """Its training stage computes ecc-independent's training key (at the options in the environment's
+    CEMABENCH_TEST_VICTIM, JSON) and stores, under it, that method's trained artefact with every weight zeroed."""
+
+    name = "poisons-an-artefact"
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def train(self, resources):
+        import json
+        import os
+
+        from cemabench import registry
+        from cemabench.config.paths import cache_root
+        from cemabench.protocol.training import train_here, training_key
+
+        victim = registry.build_method("ecc-independent", json.loads(os.environ.get("CEMABENCH_TEST_VICTIM", "{}")))
+        state = train_here(victim, resources)
+        path = cache_root() / "artefacts" / f"{training_key(victim, resources)}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: torch.zeros_like(v) for k, v in state.items()}, path)
+        return {"nothing": torch.zeros(1)}

@@ -1,0 +1,466 @@
+"""Method code apart from the harness (``--isolate``): each half of a run unit in a process of its own.
+
+In the isolated mode the process that runs the loop (the stream, the labels, the link, scoring, the store) runs no
+method code while a unit runs: the edge half (the :class:`~cemabench.protocol.edge.ForwardOnlyEdge`, its guard and
+meter, the method's ``EdgeLogic``) runs in one process, and the cloud half (the offline training stage, the
+``CloudLogic``, its meter) in another. Both are forked for the unit from a *zygote*: a process started fresh (not
+forked from the harness) that imported torch and cemabench's protocol and nothing else, so a half holds no object of
+the harness's: no labels, no scheduler, no store, not the other half.
+
+What crosses is bytes. To a half: pickles of what the loop hands it (the batch, the link's upload, the downloads that
+arrived, the models and the method, the random state). Back to the loop: ``torch.save`` bytes of plain tensors,
+lists, numbers and strings, read with ``weights_only=True``, so that no object of a plugin's class is ever
+unpickled in the loop's process; the decision and the reply are then read into plain copies and validated there as
+in-process. One random state (Python's, NumPy's, torch's, CUDA's) is threaded through the halves in the order the
+in-process loop uses it: each call carries the loop's state and brings the half's back, so a unit's numbers are bit
+for bit those of the in-process run.
+
+What a half can still do is what any process of the same OS user can: read files (the dataset's, the results
+folder), read another process's memory through ``/proc`` where ptrace is allowed, signal processes. See the README.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import importlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+import warnings
+from dataclasses import fields
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
+from cemabench.method import CloudReply, CloudResources, EdgeDecision, TrainingResources, Upload
+from cemabench.protocol import hygiene, sandbox
+from cemabench.protocol.checks import Checks
+from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
+from cemabench.protocol.execution import Execution, deterministic_threads
+from cemabench.protocol.meter import ComputeMeter, SampleCounter
+from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
+from cemabench.protocol.scoring import Diverged
+from cemabench.protocol.tasks import task_for
+from cemabench.protocol.training import clean_images, run_training, train_here
+
+
+# -- bytes ------------------------------------------------------------------------------------------------------------
+def pack(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def unpack(data: bytes, role: str):
+    """What a half sent: plain tensors, lists, dicts, numbers and strings only (``weights_only``)."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as error:  # noqa: BLE001 - anything else is refused, whatever it is
+        raise HalfFailed(f"NotPlain: the {role} half sent what is not plain data ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+def rng_state(device: torch.device) -> dict:
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                                has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+# -- the zygote: a clean process that forks the halves ---------------------------------------------------------------
+BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+        "from cemabench.protocol.isolation import zygote; zygote(int(sys.argv[2]))")
+# imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
+# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes
+PRELOAD = ("torch._dynamo", "torchvision", "timm")
+SANDBOX = ""  # in a half: what confines its writes (cemabench.protocol.sandbox)
+# the pid that started it -> (process, connection, lock): a worker forked from that process starts its own
+_ZYGOTES: dict[int, tuple] = {}
+
+
+def _zygote_connection() -> tuple:
+    entry = _ZYGOTES.get(os.getpid())
+    if entry is not None and entry[0].poll() is None:
+        return entry
+    for pid in list(_ZYGOTES):  # another process's (this one was forked from it), or a dead one
+        with contextlib.suppress(OSError):
+            _ZYGOTES.pop(pid)[1].close()
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(sys.path), str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    entry = _ZYGOTES[os.getpid()] = (process, Connection(ours.detach()), threading.Lock())
+    return entry
+
+
+def zygote(fd: int) -> None:
+    """The zygote's main loop: for each request, fork a half and hand the harness its end of a fresh socket."""
+    from cemabench.protocol import native
+
+    for name in PRELOAD:  # what the first unit of every half would otherwise import for itself (no plugin code)
+        with contextlib.suppress(ImportError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # their deprecation notices, once per zygote, say nothing about the run
+            importlib.import_module(name)
+    native.meter_module()
+    # glibc's malloc serves a block above its mmap threshold (128 KiB at first) with fresh pages, and raises the
+    # threshold to the size of such a block when it is freed. A long-lived process has long raised it; a half forked
+    # from a zygote that never freed one would fault in new pages for every activation (a third of a miniature
+    # step's time). One 16 MiB block freed here raises it for every half.
+    block = torch.empty(4 << 20)
+    del block
+
+    conn = Connection(fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
+    while True:
+        try:
+            path, environ = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        ours, theirs = socket.socketpair()
+        scratch = tempfile.mkdtemp(prefix="cemabench-half-")
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            ours.close()
+            _half(Connection(theirs.detach()), path, environ, scratch)
+        theirs.close()
+        reduction.send_handle(conn, ours.fileno(), pid)
+        conn.send((pid, scratch))
+        ours.close()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):  # Linux: the half ends when the zygote does
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _half(conn: Connection, path: list[str], environ: dict, scratch: str) -> None:
+    """A half's process: confined to writing beneath ``scratch`` (its ``TMPDIR``) before any method code is imported,
+    set up from the harness's requests, then answering its steps; never returns."""
+    global SANDBOX
+    try:
+        SANDBOX = sandbox.confine_writes([scratch, "/dev"])
+    except OSError as error:
+        SANDBOX = f"none (Landlock refused: {error})"
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _die_with_parent()
+    sys.path[:] = path
+    os.environ.clear()
+    os.environ.update(environ, TMPDIR=scratch)
+    tempfile.tempdir = None
+    importlib.invalidate_caches()
+    side = None
+    while True:
+        try:
+            op, args, rng = torch.load(io.BytesIO(conn.recv_bytes()), weights_only=False)  # the harness's pickle
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            if op in SIDES:  # set-up: the method's module is imported here (no random state crosses back)
+                side = SIDES[op](*args)
+                if side.replaced:
+                    raise RuntimeError(f"cemabench's own code was replaced in this process (by a plugin, at "
+                                       f"import?): {', '.join(side.replaced[:5])}")
+                reply = {"sandbox": SANDBOX}
+            else:
+                set_rng_state(rng, side.device)
+                reply = getattr(side, op)(*args)
+                reply["rng"] = rng_state(side.device)
+        except KeyboardInterrupt:
+            os._exit(1)
+        except BaseException as error:  # noqa: BLE001 - method code's failure, sys.exit() included, goes to the loop
+            reply = {"error": _error(error)}
+        try:
+            conn.send_bytes(pack(reply))
+        except Exception as error:  # noqa: BLE001 - what cannot be packed fails the cell, by name
+            conn.send_bytes(pack({"error": _error(NotPlain(f"its reply could not be sent: {error}"))}))
+
+
+def _error(error: BaseException) -> dict:
+    if isinstance(error, SystemExit):
+        kind = "SystemExit"
+    elif isinstance(error, (ForwardOnlyViolation, Diverged, UserError)):
+        kind = type(error).__name__
+    else:
+        kind = "other"
+    return {"kind": kind, "message": str(error), "described": describe(error),
+            "status": failure_status(error),
+            "tail": "" if kind in ("SystemExit", "ForwardOnlyViolation") else
+            "".join(traceback.format_exception(error)[-3:])}
+
+
+SIDES: dict = {}  # set-up op -> the side it builds
+
+
+class _Side:
+    """What both halves share: the device, the threads and numerics of a unit, the harness's code as imported."""
+
+    def __init__(self, method, execution: Execution):
+        self.method, self.device = method, torch.device(execution.device)
+        self.memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
+        self.amp = execution.amp
+        self.threads = deterministic_threads(self.device)
+        self.threads.__enter__()  # for the process's life: it runs this one unit
+        self.replaced = hygiene.replaced_harness_code()  # the method's module is imported by now
+        self.depths = hygiene.mode_depths()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+
+class _EdgeSide(_Side):
+    def __init__(self, method, execution, prototype, count, num_classes, task, artefacts):
+        super().__init__(method, execution)
+        method.artefacts = artefacts
+        self.task = task_for(*task)
+        self.prototype, self.count, self.num_classes = prototype, count, num_classes
+        self.edges: list[ForwardOnlyEdge] = []
+
+    def build(self) -> dict:
+        self.edges = [ForwardOnlyEdge(copy.deepcopy(self.prototype).to(self.device, memory_format=self.memory_format),
+                                      self.method.edge(self.num_classes)) for _ in range(self.count)]
+        return {}
+
+    def step(self, index: int, x: torch.Tensor, downloads: list) -> dict:
+        edge = self.edges[index]
+        for download in downloads:
+            edge.receive(download)
+        checks = Checks()
+        with self.autocast():
+            decision = edge.step(x.to(self.device, memory_format=self.memory_format), self.task, checks)
+        hygiene.check_modes(self.depths, "the edge step")
+        checks.read()
+        return {"decision": _fields(decision), "flops": edge.meter.take(),
+                "forwards": [edge.forwards.with_grad, edge.forwards.without_grad]}
+
+
+class _CloudSide(_Side):
+    def __init__(self, method, execution, edge, foundation, clean, num_classes, seed):
+        super().__init__(method, execution)
+        self.edge_prototype, self.foundation_prototype, self.clean = edge, foundation, clean
+        self.num_classes, self.seed = num_classes, seed
+        self.passes, self.meter = SampleCounter(), ComputeMeter()
+        self.clouds: list = []
+
+    def _model(self, prototype, memory_format=torch.preserve_format):
+        return copy.deepcopy(prototype).to(self.device, memory_format=memory_format)
+
+    def _resources(self) -> TrainingResources:
+        return TrainingResources(num_classes=self.num_classes, edge=lambda: self._model(self.edge_prototype),
+                                 foundation=lambda: self._model(self.foundation_prototype), clean=self.clean,
+                                 device=self.device, seed=self.seed)
+
+    def train(self) -> dict:
+        """The training stage's computation; the loop's process keys, caches and checks what it returns."""
+        return {"state": train_here(self.method, self._resources())}
+
+    def adopt(self, artefacts) -> dict:
+        self.method.artefacts = artefacts
+        return {}
+
+    def build(self, replicas: int) -> dict:
+        resources = CloudResources(
+            num_classes=self.num_classes,
+            edge_replica=lambda: self.passes.attach(self._model(self.edge_prototype, self.memory_format)),
+            foundation=lambda: self.passes.attach(self._model(self.foundation_prototype, self.memory_format)),
+            clean_images=clean_images(self.clean, self.device, self.memory_format), device=self.device)
+        with self.meter:
+            self.clouds = [self.method.cloud(resources) for _ in range(replicas)]
+        self.meter.take()
+        return {"has_cloud": self.clouds[0] is not None, "passes": [self.passes.with_grad, self.passes.without_grad]}
+
+    def step(self, index: int, upload: dict) -> dict:
+        with self.autocast(), self.meter:
+            reply = self.clouds[index].step(Upload(**upload))
+        hygiene.check_modes(self.depths, "the cloud step")
+        reply = plain_reply(reply)
+        return {"reply": _fields(reply), "flops": self.meter.take(),
+                "passes": [self.passes.with_grad, self.passes.without_grad]}
+
+
+# -- the harness's side ---------------------------------------------------------------------------------------------
+class Half:
+    """The loop's handle on one half's process."""
+
+    def __init__(self, role: str, device: torch.device):
+        self.role, self.device = role, device
+        _, conn, lock = _zygote_connection()
+        with lock:
+            conn.send((list(sys.path), dict(os.environ)))
+            fd = reduction.recv_handle(conn)
+            self.pid, self.scratch = conn.recv()
+        self.conn = Connection(fd)
+
+    def call(self, op: str, *args) -> dict:
+        try:
+            self.conn.send_bytes(pack((op, args, rng_state(self.device))))
+            reply = unpack(self.conn.recv_bytes(), self.role)
+        except (EOFError, OSError, BrokenPipeError):
+            raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "
+                             f"killed)") from None
+        if not isinstance(reply, dict):
+            raise HalfFailed(f"NotPlain: the {self.role} half sent {type(reply).__name__}, not its reply")
+        if "error" in reply:
+            error = reply["error"]
+            kinds = {"ForwardOnlyViolation": ForwardOnlyViolation, "Diverged": Diverged, "UserError": UserError}
+            if error.get("kind") in kinds:
+                raise kinds[error["kind"]](error["message"])
+            raise HalfFailed(str(error.get("described")), str(error.get("status")), str(error.get("tail", "")))
+        if "rng" in reply:
+            set_rng_state(reply.pop("rng"), self.device)
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class RemoteEdge:
+    """Stands in the loop for a :class:`ForwardOnlyEdge` whose logic runs in the edge half: downloads wait for the
+    next step, and the decision that comes back is read into plain copies and validated here."""
+
+    def __init__(self, half: Half, index: int):
+        self.half, self.index = half, index
+        self.downloads: list = []
+        self.forwards = SimpleNamespace(with_grad=0, without_grad=0)
+        self.meter = SimpleNamespace(take=self._take)
+        self._flops = 0
+
+    def _take(self) -> int:
+        flops, self._flops = self._flops, 0
+        return flops
+
+    def receive(self, download) -> None:
+        self.downloads.append(download)
+
+    def step(self, x: torch.Tensor, task, checks: Checks) -> EdgeDecision:
+        downloads, self.downloads = self.downloads, []
+        reply = self.half.call("step", self.index, x, downloads)
+        try:
+            decision = plain_decision(EdgeDecision(**reply["decision"]))
+            self._flops += int(reply["flops"])
+            self.forwards.with_grad, self.forwards.without_grad = (int(n) for n in reply["forwards"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise HalfFailed(f"NotPlain: the edge half's reply is malformed ({error})") from None
+        validate_decision(decision, len(x), task, checks)
+        return decision
+
+    def check_untouched(self, checks: Checks, by: str) -> None:
+        """The cloud's code runs in another process: it cannot reach this edge's objects."""
+
+
+class RemoteCloud:
+    """Stands in the loop for a ``CloudLogic`` that runs in the cloud half; its FLOPs and forward passes are
+    reported into the loop's stand-ins of the cloud meter and the cloud's sample counter."""
+
+    def __init__(self, half: Half, index: int, meter: ReportedMeter, passes: SimpleNamespace):
+        self.half, self.index, self.reported, self.passes = half, index, meter, passes
+
+    def step(self, upload: Upload):
+        reply = self.half.call("step", self.index, _fields(upload))
+        try:
+            self.reported.flops += int(reply["flops"])
+            self.passes.with_grad, self.passes.without_grad = (int(n) for n in reply["passes"])
+            return plain_reply(CloudReply(**reply["reply"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise HalfFailed(f"NotPlain: the cloud half's reply is malformed ({error})") from None
+
+
+def start(method, models, num_classes: int, clean, seed: int, execution: Execution, task, count: int,
+          replicas: int, halves: list):
+    """The halves of a unit in processes of their own, set up in the in-process loop's order (the training stage,
+    the edges, the clouds): the training record, ``count`` edges and ``replicas`` clouds that stand in for them, and
+    the stand-ins of the cloud's meter and sample counter. Each half started is appended to ``halves``."""
+    device = torch.device(execution.device)
+    cloud = Half("cloud", device)
+    halves.append(cloud)
+    edge = Half("edge", device)
+    halves.append(edge)
+    confined = cloud.call("cloud", method, execution, models.edge(), models.foundation(), clean, num_classes, seed)
+    _say_once(str(confined.get("sandbox", "")))
+    training = run_training(method, TrainingResources(  # this process keys and caches; the cloud half trains
+        num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
+        foundation=lambda: models.foundation().to(device), clean=clean, device=device),
+        train=lambda: cloud.call("train").get("state"))
+    cloud.call("adopt", method.artefacts)
+    edge.call("edge", method, execution, models.edge(), count, num_classes,
+              (task.name, task.num_classes, task.scored_classes), method.artefacts)
+    edge.call("build")
+    built = cloud.call("build", replicas)
+    meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
+    passes.with_grad, passes.without_grad = (int(n) for n in built["passes"])  # building's own (EATA's Fisher)
+    edges = [RemoteEdge(edge, i) for i in range(count)]
+    clouds = ([RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
+              else [None] * replicas)
+    return training, edges, clouds, meter, passes
+
+
+_SAID: set = set()
+
+
+def _say_once(sandboxed: str) -> None:
+    if sandboxed.startswith("none") and sandboxed not in _SAID:
+        _SAID.add(sandboxed)
+        print(f"cemabench: warning: --isolate: the halves' writes are not confined: {sandboxed}; a half can write "
+              f"any file this user can (README: Isolation)", file=sys.stderr, flush=True)
+
+
+def close(halves: list) -> None:
+    """End the halves' processes (a unit's are never reused)."""
+    while halves:
+        halves.pop().close()
+
+
+class ReportedMeter:
+    """The loop's cloud meter in the isolated mode: it counts nothing; the cloud half reports each step's FLOPs."""
+
+    def __init__(self):
+        self.flops = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def take(self) -> int:
+        flops, self.flops = self.flops, 0
+        return flops
+
+
+SIDES.update(edge=_EdgeSide, cloud=_CloudSide)

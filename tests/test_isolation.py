@@ -1,0 +1,159 @@
+"""Issue 22, scope 4: with ``--isolate`` each unit's edge half and cloud half run in processes of their own, forked
+from a clean zygote, with only bytes between them and the loop. The numbers are those of the in-process run, cell by
+cell; what a hostile plugin reached in-process (the scheduler, the other half) is not in its process."""
+import json
+from pathlib import Path
+
+import pytest
+
+from cemabench.cli import main
+from cemabench.run import runner
+from cemabench.tables.spec import load_table
+from conftest import builtin_methods, numbers, small_options, write_spec
+
+MINIATURE = ("miniature-digits-c", "mini:edge", "mini:foundation")
+
+
+def _spec(folder, methods, domains=("fog",), protocol="", dataset=MINIATURE, batch_size=64):
+    """A miniature table of ``methods`` (each with the test's small options) over ``domains``."""
+    lines = ['name = "iso"', 'title = "isolation"', "[protocol]", f"batch_size = {batch_size}",
+             protocol or 'setting = "per-domain"', "[data]", "severity = 5",
+             "domains = [" + ", ".join(f'"{d}"' for d in domains) + "]"]
+    for section in ("miniature", "real"):
+        lines += [f"[data.{section}]", f'dataset = "{dataset[0]}"', f'edge = "{dataset[1]}"',
+                  f'foundation = "{dataset[2]}"']
+    for name in methods:
+        options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in small_options(name).items())
+        lines += ["[[methods]]", f'name = "{name}"'] + ([f"options = {{ {options} }}"] if options else [])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "iso.toml").write_text("\n".join(lines) + "\n")
+    return load_table(str(folder / "iso.toml"))
+
+
+def _both(spec, tmp_path, **options):
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False, **options)
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=1, progress=False, isolate=True, **options)
+    return inline, isolated
+
+
+# A method of each kind: downloads and replay (cema), a float32 payload and random augmentation in the cloud (cotta),
+# passes while the cloud is built (eata), trained artefacts on the edge and feature maps answered (ecc-dynamic), an
+# edge alone (lame).
+KINDS = ["source", "cema", "cotta", "eata", "ecc-dynamic", "lame"]
+
+
+def test_isolated_halves_give_the_in_process_numbers(tmp_path):
+    inline, isolated = _both(_spec(tmp_path, KINDS), tmp_path)
+    assert all(c["status"] == "ok" for c in inline["cells"])
+    assert numbers(isolated) == numbers(inline)
+    assert [c["edge_flops"] for c in isolated["cells"]] == [c["edge_flops"] for c in inline["cells"]]
+    assert [c["cloud_flops"] for c in isolated["cells"]] == [c["cloud_flops"] for c in inline["cells"]]
+
+
+def test_several_edges_on_one_cloud_and_detection_give_the_in_process_numbers(tmp_path):
+    edges = _spec(tmp_path / "edges", ["tent"], domains=("fog", "snow"), protocol='setting = "continual"\ndevices = 2')
+    inline, isolated = _both(edges, tmp_path / "edges")
+    assert len(inline["cells"]) == 2 and numbers(isolated) == numbers(inline)
+    detection = _spec(tmp_path / "detection", ["cloud-only", "hard-example-offload"], batch_size=16,
+                      dataset=("miniature-digits-det-c", "minidet:edge", "minidet:cloud"))
+    inline, isolated = _both(detection, tmp_path / "detection")
+    assert all(c["status"] == "ok" for c in inline["cells"])
+    scores = [[(c["map"], c["map50"], c["ar100"]) for c in doc["cells"]] for doc in (inline, isolated)]
+    assert scores[0] == scores[1]
+    assert numbers(isolated) == numbers(inline)
+
+
+@pytest.mark.slow
+def test_every_built_in_method_gives_the_in_process_numbers_isolated(tmp_path):
+    inline, isolated = _both(_spec(tmp_path, builtin_methods()), tmp_path)
+    assert all(c["status"] == "ok" for c in inline["cells"]), [c["message"] for c in inline["cells"]]
+    assert numbers(isolated) == numbers(inline)
+
+
+def _cell(tmp_path, methods, *flags):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spec = write_spec(tmp_path / "small.toml", methods)
+    main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", *flags])
+    return {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+
+
+def test_a_plugin_that_forges_records_through_the_scheduler_finds_none_isolated(plugins, tmp_path):
+    """Issue 22, finding 6: in-process, a plugin found the scheduler through the garbage collector and stored a
+    perfect record under the key of a unit still queued, which the table then took as computed (README: what a plugin
+    can still do in-process). Isolated, its half holds no scheduler: ``source`` is computed."""
+    forged = _cell(tmp_path / "inline", ["forges-records", "source"])
+    assert forged["source"]["accuracy"] == 100.0  # the hole, in-process
+    honest = _cell(tmp_path / "isolated", ["forges-records", "source"], "--isolate")
+    assert honest["forges-records"]["status"] == "ok" and honest["source"]["status"] == "ok"
+    assert honest["source"]["accuracy"] == honest["forges-records"]["accuracy"] < 100.0  # both the edge alone
+
+
+def test_a_cloud_that_reaches_into_the_edge_finds_none_isolated(plugins, tmp_path):
+    """Issue 22, finding 12: in-process, a cloud found the edge through the garbage collector and moved its BatchNorm
+    statistics (caught, the cell fails). Isolated, the cloud's process holds no edge: nothing moves, and the cell is
+    the edge alone's."""
+    cells = _cell(tmp_path, ["source", "reaches-into-the-edge"], "--isolate")
+    assert cells["reaches-into-the-edge"]["status"] == "ok"
+    assert cells["reaches-into-the-edge"]["accuracy"] == cells["source"]["accuracy"]
+
+
+def test_a_half_that_ends_its_process_fails_its_cells_and_the_run_goes_on(plugins, tmp_path):
+    """In one job with no worker process, an edge that calls os._exit ends its half's process, not the run."""
+    cells = _cell(tmp_path, ["kills-its-process", "source"], "--isolate")
+    assert cells["kills-its-process"]["status"] == "error"
+    assert "the edge half's process ended while it ran" in cells["kills-its-process"]["message"]
+    assert cells["source"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("method, words", [
+    ("two-faced", "EdgeLogic.step must return an EdgeDecision (not a subclass)"),
+    ("exits-on-batch-3", "SystemExit: method code called sys.exit(0); a method must not end the process"),
+    ("grad-in-message", "the colour gradient table of this sensor is not calibrated"),
+])
+def test_what_a_half_refuses_reads_as_in_process(plugins, tmp_path, method, words):
+    inline = _cell(tmp_path / "inline", [method])[method]
+    isolated = _cell(tmp_path / "isolated", [method], "--isolate")[method]
+    assert isolated["status"] == inline["status"] == "error"
+    assert words in inline["message"] and words in isolated["message"]
+    assert isolated["message"].splitlines()[0] == inline["message"].splitlines()[0]
+
+
+def test_a_plugin_that_poisons_another_methods_artefact_cannot_write_it_isolated(plugins, tmp_path, monkeypatch):
+    """Issue 22, finding 7: a plugin's training stage computed ecc-independent's training key and wrote a corrupted
+    artefact under it; in-process, ecc-independent then loaded it (``cached``), ok and wrong. Isolated, the cloud half
+    may write only beneath its own scratch folder (Landlock): the write is refused, and ecc-independent trains its
+    own artefact."""
+    from cemabench.protocol import sandbox
+
+    if sandbox.abi() < 1:
+        pytest.skip("this kernel has no Landlock")
+    victim = small_options("ecc-independent")
+    monkeypatch.setenv("CEMABENCH_TEST_VICTIM", json.dumps(victim))
+    spec = tmp_path / "poison.toml"
+    spec.write_text(Path(write_spec(tmp_path / "base.toml", ["poisons-an-artefact"])).read_text()
+                    + '[[methods]]\nname = "ecc-independent"\noptions = { '
+                    + ", ".join(f"{k} = {json.dumps(v)}" for k, v in victim.items()) + " }\n")
+    cells = {}
+    for mode, flags in (("inline", []), ("isolated", ["--isolate"])):
+        monkeypatch.setenv("CEMABENCH_CACHE", str(tmp_path / mode / "cache"))
+        main(["reproduce", str(spec), "--out", str(tmp_path / mode), "--no-progress", "--jobs", "1", *flags])
+        cells[mode] = {c["method"]: c for c in json.loads((tmp_path / mode / "small.json").read_text())["cells"]}
+    poisoned, honest = cells["inline"]["ecc-independent"], cells["isolated"]["ecc-independent"]
+    # the hole, in-process: a zeroed edge is unsure of every sample, and ecc-independent uploads them all, silently
+    assert poisoned["status"] == "ok" and poisoned["training"]["cached"] and poisoned["upload_ratio"] == 100.0
+    assert honest["status"] == "ok" and not honest["training"]["cached"] and honest["upload_ratio"] < 90
+    refused = cells["isolated"]["poisons-an-artefact"]
+    assert refused["status"] == "error" and "Permission denied" in refused["message"]
+
+
+def test_a_half_writes_only_beneath_its_own_scratch_folder(plugins, tmp_path):
+    """Issue 22, finding 1: in-process, a plugin rewrote the miniature's cached label files (the harness no longer
+    reads labels from that cache). Isolated, the write itself is refused: a half's process may change files only
+    beneath its own scratch folder, its TMPDIR, removed with it."""
+    from cemabench.protocol import sandbox
+
+    if sandbox.abi() < 1:
+        pytest.skip("this kernel has no Landlock")
+    cells = _cell(tmp_path, ["rewrites-labels"], "--isolate")
+    assert cells["rewrites-labels"]["status"] == "error"
+    assert "Permission denied" in cells["rewrites-labels"]["message"]
