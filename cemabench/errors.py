@@ -45,6 +45,9 @@ def describe(error: BaseException) -> str:
 
 def failure_status(error: BaseException) -> str:
     """The status of a cell that ``error`` ended."""
-    if isinstance(error, HalfFailed):
-        return error.status
+    if isinstance(error, HalfFailed):  # what its half said, where that is a failure (never "ok": a cell that failed
+        return error.status if error.status in FAILURES else "error"  # must not score the prefix it reached)
     return "out-of-memory" if out_of_memory(error) else "error"
+
+
+FAILURES = ("error", "out-of-memory")  # the statuses an error that ends a cell may give it

@@ -121,12 +121,8 @@ def test_what_a_half_refuses_reads_as_in_process(plugins, tmp_path, method, word
 def test_a_plugin_that_poisons_another_methods_artefact_cannot_write_it_isolated(plugins, tmp_path, monkeypatch):
     """Issue 22, finding 7: a plugin's training stage computed ecc-independent's training key and wrote a corrupted
     artefact under it; in-process, ecc-independent then loaded it (``cached``), ok and wrong. Isolated, the cloud half
-    may write only beneath its own scratch folder (Landlock): the write is refused, and ecc-independent trains its
-    own artefact."""
-    from cemabench.protocol import sandbox
-
-    if sandbox.abi() < 1:
-        pytest.skip("this kernel has no Landlock")
+    may write no file (Landlock): the write is refused, and ecc-independent trains its own artefact."""
+    _landlock(1)
     victim = small_options("ecc-independent")
     monkeypatch.setenv("CEMABENCH_TEST_VICTIM", json.dumps(victim))
     spec = tmp_path / "poison.toml"
@@ -146,14 +142,61 @@ def test_a_plugin_that_poisons_another_methods_artefact_cannot_write_it_isolated
     assert refused["status"] == "error" and "Permission denied" in refused["message"]
 
 
-def test_a_half_writes_only_beneath_its_own_scratch_folder(plugins, tmp_path):
+def test_a_half_cannot_write_files(plugins, tmp_path):
     """Issue 22, finding 1: in-process, a plugin rewrote the miniature's cached label files (the harness no longer
-    reads labels from that cache). Isolated, the write itself is refused: a half's process may change files only
-    beneath its own scratch folder, its TMPDIR, removed with it."""
-    from cemabench.protocol import sandbox
-
-    if sandbox.abi() < 1:
-        pytest.skip("this kernel has no Landlock")
+    reads labels from that cache). Isolated, the write itself is refused: a half may write /dev/null (and a GPU's
+    device files) and nothing else."""
+    _landlock(1)
     cells = _cell(tmp_path, ["rewrites-labels"], "--isolate")
     assert cells["rewrites-labels"]["status"] == "error"
     assert "Permission denied" in cells["rewrites-labels"]["message"]
+
+
+def test_a_half_that_replaces_the_meter_in_its_process_fails_its_cell(plugins, tmp_path):
+    """The meter and the guard run in the half, beside the method's code: the record of the harness's code is read
+    after every step there, and a replaced function fails the cell (the half ends with the unit, the patch with it)."""
+    cells = _cell(tmp_path, ["zeroes-its-flops", "source"], "--isolate")
+    assert cells["zeroes-its-flops"]["status"] == "error"
+    assert "method code replaced cemabench's own code in its half" in cells["zeroes-its-flops"]["message"]
+    assert "ComputeMeter.take" in cells["zeroes-its-flops"]["message"]
+    assert cells["source"]["status"] == "ok" and cells["source"]["edge_flops"] > 0
+
+
+def _landlock(version: int) -> None:
+    from cemabench.protocol import sandbox
+
+    if sandbox.abi() < version:
+        pytest.skip(f"this kernel's Landlock is older than ABI {version}")
+
+
+@pytest.mark.parametrize("how, version, words", [
+    ("shared-memory", 1, "Permission denied"),  # no side channel to the other half or the next unit
+    ("signal", 6, "Operation not permitted"),  # the zygote, the loop, any process outside the half
+    ("tcp", 4, "Permission denied"),  # a Ray head, a local service
+    ("terminal", 1, "No such device or address"),  # a session of its own has no terminal to type into
+])
+def test_a_half_reaches_nothing_outside_itself(plugins, tmp_path, how, version, words):
+    """A hostile review of --isolate: each way out, refused by the kernel, fails the cell; the run goes on."""
+    _landlock(version)
+    spec = Path(write_spec(tmp_path / "base.toml", ["source"]))
+    spec.write_text(spec.read_text() + f'[[methods]]\nname = "escapes"\noptions = {{ how = "{how}" }}\n')
+    main(["reproduce", str(spec), "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", "--isolate"])
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells["escapes"]["status"] == "error" and words in cells["escapes"]["message"]
+    assert cells["source"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["in-process", "isolated"])
+def test_an_error_cannot_name_its_cell_ok(plugins, tmp_path, isolate):
+    """A hostile review of --isolate: an error whose status said "ok" made the cell ok, scored over the batches
+    before it. A cell that an error ended is an error (or out-of-memory), whatever the error says."""
+    cells = _cell(tmp_path, ["claims-ok"], *isolate)
+    assert cells["claims-ok"]["status"] == "error" and "all is well" in cells["claims-ok"]["message"]
+
+
+def test_a_thread_left_running_in_a_half_fails_the_unit(plugins, tmp_path):
+    """In-process, a thread left running fails the unit (it could go on computing, uncounted); isolated, the half is
+    asked at the unit's end, before it is ended."""
+    cells = _cell(tmp_path, ["leaves-a-thread"], "--isolate")
+    assert cells["leaves-a-thread"]["status"] == "error"
+    assert "left 1 thread(s) running in its half (saboteur)" in cells["leaves-a-thread"]["message"]

@@ -23,28 +23,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import importlib
 import io
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import traceback
 import warnings
-from dataclasses import fields
+import zipfile
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from cemabench import registry
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, CloudResources, EdgeDecision, TrainingResources, Upload
 from cemabench.protocol import hygiene, sandbox
@@ -65,13 +66,26 @@ def pack(value) -> bytes:
     return buffer.getvalue()
 
 
+MAX_MESSAGE = 1 << 32  # bytes of one reply from a half (4 GiB: a batch of ImageNet feature maps fits many times)
+
+
 def unpack(data: bytes, role: str):
-    """What a half sent: plain tensors, lists, dicts, numbers and strings only (``weights_only``)."""
+    """What a half sent: plain tensors, lists, dicts, numbers and strings only (``weights_only``, without the classes
+    added to its list of allowed ones), in uncompressed records (no small message that expands in memory)."""
     try:
-        return torch.load(io.BytesIO(data), weights_only=True)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            records = archive.infolist()
+        if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > len(data):
+            raise ValueError("compressed records")
+        extra = torch.serialization.get_safe_globals()  # classes added to torch's allowed ones (torch adds some of
+        torch.serialization.clear_safe_globals()        # its own as it imports; import-time plugin code could too)
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True)
+        finally:
+            torch.serialization.add_safe_globals(extra)
     except Exception as error:  # noqa: BLE001 - anything else is refused, whatever it is
         raise HalfFailed(f"NotPlain: the {role} half sent what is not plain data ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+                         f"{str(error).splitlines()[0] if str(error) else ''})"[:500]) from None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -96,7 +110,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _fields(obj) -> dict:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 # -- the zygote: a clean process that forks the halves ---------------------------------------------------------------
@@ -105,7 +119,9 @@ BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
 # torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes
 PRELOAD = ("torch._dynamo", "torchvision", "timm")
-SANDBOX = ""  # in a half: what confines its writes (cemabench.protocol.sandbox)
+SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
+# the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
+DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
 # the pid that started it -> (process, connection, lock): a worker forked from that process starts its own
 _ZYGOTES: dict[int, tuple] = {}
 
@@ -149,15 +165,14 @@ def zygote(fd: int) -> None:
         except (EOFError, OSError):
             os._exit(0)
         ours, theirs = socket.socketpair()
-        scratch = tempfile.mkdtemp(prefix="cemabench-half-")
         pid = os.fork()
         if pid == 0:
             conn.close()
             ours.close()
-            _half(Connection(theirs.detach()), path, environ, scratch)
+            _half(Connection(theirs.detach()), path, environ)
         theirs.close()
         reduction.send_handle(conn, ours.fileno(), pid)
-        conn.send((pid, scratch))
+        conn.send(pid)
         ours.close()
 
 
@@ -166,20 +181,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _half(conn: Connection, path: list[str], environ: dict, scratch: str) -> None:
-    """A half's process: confined to writing beneath ``scratch`` (its ``TMPDIR``) before any method code is imported,
-    set up from the harness's requests, then answering its steps; never returns."""
+def _half(conn: Connection, path: list[str], environ: dict) -> None:
+    """A half's process: cut off (its own session, no terminal, its output discarded, no capabilities, confined by
+    Landlock) before any method code is imported, set up from the harness's requests, then answering its steps;
+    never returns."""
     global SANDBOX
+    os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
+        os.dup2(null, fd)
+    os.close(null)
     try:
-        SANDBOX = sandbox.confine_writes([scratch, "/dev"])
+        sandbox.drop_capabilities()
+        SANDBOX = sandbox.confine([os.devnull, *DEVICES])
     except OSError as error:
-        SANDBOX = f"none (Landlock refused: {error})"
+        SANDBOX = f"none (refused: {error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _die_with_parent()
     sys.path[:] = path
     os.environ.clear()
-    os.environ.update(environ, TMPDIR=scratch)
-    tempfile.tempdir = None
+    os.environ.update(environ)
     importlib.invalidate_caches()
     side = None
     while True:
@@ -197,6 +218,10 @@ def _half(conn: Connection, path: list[str], environ: dict, scratch: str) -> Non
             else:
                 set_rng_state(rng, side.device)
                 reply = getattr(side, op)(*args)
+                replaced = hygiene.replaced_harness_code()  # the meter and the guard run beside the method's code
+                if replaced:
+                    raise RuntimeError(f"method code replaced cemabench's own code in its half: "
+                                       f"{', '.join(replaced[:5])}")
                 reply["rng"] = rng_state(side.device)
         except KeyboardInterrupt:
             os._exit(1)
@@ -227,14 +252,23 @@ SIDES: dict = {}  # set-up op -> the side it builds
 class _Side:
     """What both halves share: the device, the threads and numerics of a unit, the harness's code as imported."""
 
-    def __init__(self, method, execution: Execution):
-        self.method, self.device = method, torch.device(execution.device)
+    def __init__(self, method: tuple, execution: Execution):
+        name, options, task = method  # built here: the loop's process never pickles a plugin's object
+        self.method = registry.build_method(name, options)
+        self.method.task = task
+        self.device = torch.device(execution.device)
         self.memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
         self.amp = execution.amp
         self.threads = deterministic_threads(self.device)
         self.threads.__enter__()  # for the process's life: it runs this one unit
         self.replaced = hygiene.replaced_harness_code()  # the method's module is imported by now
         self.depths = hygiene.mode_depths()
+        self.running = hygiene.threads()
+
+    def finish(self) -> dict:
+        """What the unit's method code left running in this half (threads that could go on computing, uncounted)."""
+        left = hygiene.threads_left(self.running)
+        return {"left": [f"left {len(left)} thread(s) running in its half ({', '.join(left[:3])})"] if left else []}
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -243,7 +277,7 @@ class _Side:
 class _EdgeSide(_Side):
     def __init__(self, method, execution, prototype, count, num_classes, task, artefacts):
         super().__init__(method, execution)
-        method.artefacts = artefacts
+        self.method.artefacts = artefacts
         self.task = task_for(*task)
         self.prototype, self.count, self.num_classes = prototype, count, num_classes
         self.edges: list[ForwardOnlyEdge] = []
@@ -320,13 +354,17 @@ class Half:
         with lock:
             conn.send((list(sys.path), dict(os.environ)))
             fd = reduction.recv_handle(conn)
-            self.pid, self.scratch = conn.recv()
+            self.pid = conn.recv()
         self.conn = Connection(fd)
+        try:  # the half waits for this process's first message: its pid is still its own
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
 
     def call(self, op: str, *args) -> dict:
         try:
             self.conn.send_bytes(pack((op, args, rng_state(self.device))))
-            reply = unpack(self.conn.recv_bytes(), self.role)
+            reply = unpack(self.conn.recv_bytes(MAX_MESSAGE), self.role)
         except (EOFError, OSError, BrokenPipeError):
             raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "
                              f"killed)") from None
@@ -345,9 +383,29 @@ class Half:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.close()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(self.pid, signal.SIGKILL)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if self.pidfd is not None:  # never another process that took over a reused pid
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                os.close(self.pidfd)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _count(value) -> int:
+    """A count a half reports (FLOPs, samples): a non-negative int, nothing else."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"a count must be a non-negative int, got {value!r}"[:200])
+    return value
+
+
+def _counters(values, before: SimpleNamespace) -> tuple[int, int]:
+    """The with-grad and without-grad totals a half reports: counts that never go down."""
+    if type(values) is not list or len(values) != 2:
+        raise ValueError(f"expected two counts, got {type(values).__name__}")
+    with_grad, without_grad = (_count(v) for v in values)
+    if with_grad < before.with_grad or without_grad < before.without_grad:
+        raise ValueError("a running total went down")
+    return with_grad, without_grad
 
 
 class RemoteEdge:
@@ -373,8 +431,8 @@ class RemoteEdge:
         reply = self.half.call("step", self.index, x, downloads)
         try:
             decision = plain_decision(EdgeDecision(**reply["decision"]))
-            self._flops += int(reply["flops"])
-            self.forwards.with_grad, self.forwards.without_grad = (int(n) for n in reply["forwards"])
+            self._flops += _count(reply["flops"])
+            self.forwards.with_grad, self.forwards.without_grad = _counters(reply["forwards"], self.forwards)
         except (KeyError, TypeError, ValueError) as error:
             raise HalfFailed(f"NotPlain: the edge half's reply is malformed ({error})") from None
         validate_decision(decision, len(x), task, checks)
@@ -394,8 +452,8 @@ class RemoteCloud:
     def step(self, upload: Upload):
         reply = self.half.call("step", self.index, _fields(upload))
         try:
-            self.reported.flops += int(reply["flops"])
-            self.passes.with_grad, self.passes.without_grad = (int(n) for n in reply["passes"])
+            self.reported.flops += _count(reply["flops"])
+            self.passes.with_grad, self.passes.without_grad = _counters(reply["passes"], self.passes)
             return plain_reply(CloudReply(**reply["reply"]))
         except (KeyError, TypeError, ValueError) as error:
             raise HalfFailed(f"NotPlain: the cloud half's reply is malformed ({error})") from None
@@ -407,23 +465,25 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     the edges, the clouds): the training record, ``count`` edges and ``replicas`` clouds that stand in for them, and
     the stand-ins of the cloud's meter and sample counter. Each half started is appended to ``halves``."""
     device = torch.device(execution.device)
+    options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
+    recipe = (method.name, options, method.task)  # what the halves build the method from
     cloud = Half("cloud", device)
     halves.append(cloud)
     edge = Half("edge", device)
     halves.append(edge)
-    confined = cloud.call("cloud", method, execution, models.edge(), models.foundation(), clean, num_classes, seed)
+    confined = cloud.call("cloud", recipe, execution, models.edge(), models.foundation(), clean, num_classes, seed)
     _say_once(str(confined.get("sandbox", "")))
     training = run_training(method, TrainingResources(  # this process keys and caches; the cloud half trains
         num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
         foundation=lambda: models.foundation().to(device), clean=clean, device=device),
         train=lambda: cloud.call("train").get("state"))
     cloud.call("adopt", method.artefacts)
-    edge.call("edge", method, execution, models.edge(), count, num_classes,
+    edge.call("edge", recipe, execution, models.edge(), count, num_classes,
               (task.name, task.num_classes, task.scored_classes), method.artefacts)
     edge.call("build")
     built = cloud.call("build", replicas)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
-    passes.with_grad, passes.without_grad = (int(n) for n in built["passes"])  # building's own (EATA's Fisher)
+    passes.with_grad, passes.without_grad = _counters(built["passes"], passes)  # building's own (EATA's Fisher)
     edges = [RemoteEdge(edge, i) for i in range(count)]
     clouds = ([RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
               else [None] * replicas)
@@ -438,6 +498,15 @@ def _say_once(sandboxed: str) -> None:
         _SAID.add(sandboxed)
         print(f"cemabench: warning: --isolate: the halves' writes are not confined: {sandboxed}; a half can write "
               f"any file this user can (README: Isolation)", file=sys.stderr, flush=True)
+
+
+def finish(halves: list) -> list[str]:
+    """At a unit's end: what each half's method code left behind, in words (empty when nothing)."""
+    problems = []
+    for half in halves:
+        left = half.call("finish").get("left")
+        problems += [str(x) for x in left] if type(left) is list else [f"the {half.role} half's reply is malformed"]
+    return problems
 
 
 def close(halves: list) -> None:

@@ -159,8 +159,12 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         _skip(rest)
         return list(results.values())
     try:
-        return _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution,
-                       task, depths, replicas)
+        out = _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution, task,
+                      depths, replicas)
+        left = isolation.finish(halves) if halves and all(r.status == "ok" for r in out) else []
+        for result in out if left else ():  # in-process, run_unit checks the same of its own process
+            result.status, result.message = "error", "method code " + "; ".join(left) + ", which could go on computing"
+        return out
     finally:
         isolation.close(halves)
 

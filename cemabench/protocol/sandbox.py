@@ -1,10 +1,10 @@
-"""Writes confined to one folder, with Linux Landlock: what a half's process (``--isolate``) may change on disk.
+"""A half's process (``--isolate``) confined with Linux Landlock: what it may change on disk, whom it may reach.
 
 A process of the same OS user can write every file the harness can: the results store, the training-artefact cache,
 the dataset caches. Landlock (Linux 5.13 and later, unprivileged) lets a process give up rights for itself and
-everything it starts: :func:`confine_writes` leaves reading and executing as they were and forbids creating, writing,
-truncating, renaming, linking or removing any file outside the folders it is given. The rules are the kernel's; no
-code in the process can lift them afterwards.
+everything it starts: :func:`confine` leaves reading and executing as they were and forbids creating, writing,
+truncating, renaming, linking or removing any file but those it is given, TCP, and signals and abstract sockets
+beyond the process's own children. The rules are the kernel's; no code in the process can lift them afterwards.
 
 The syscalls are called through ctypes (numbers 444-446 on every architecture Linux gives them); the ruleset's
 fields are those of ``linux/landlock.h``.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import struct
 
 CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446
@@ -26,6 +27,12 @@ REMOVE_DIR, REMOVE_FILE = 1 << 4, 1 << 5
 MAKE = (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)
 REFER = 1 << 13  # ABI 2: link or rename across folders
 TRUNCATE = 1 << 14  # ABI 3
+IOCTL_DEV = 1 << 15  # ABI 5
+FILE_RIGHTS = WRITE_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a file (not a folder) may allow
+TCP = (1 << 0) | (1 << 1)  # ABI 4: bind, connect
+SCOPES = (1 << 0) | (1 << 1)  # ABI 6: abstract Unix sockets, signals
+CAPABILITY_SYSCALLS = {"x86_64": (125, 126), "aarch64": (90, 91)}  # capget, capset
+CAPABILITY_VERSION_3 = 0x20080522
 
 
 def _libc():
@@ -51,23 +58,30 @@ def _call(libc, number: int, *args) -> int:
     return int(result)
 
 
-def confine_writes(allowed: list[str]) -> str:
-    """Forbid this process and its children to change any file outside ``allowed`` (folders, kept writable with
-    everything beneath them). Returns what was applied, e.g. ``landlock ABI 7``, or ``none (...)`` saying why
-    nothing was."""
+def confine(writable: list[str]) -> str:
+    """Forbid this process and its children to change any file but ``writable`` (device files such as /dev/null, or
+    folders with everything beneath them), to use a device's ioctls but those of ``writable`` (ABI 5), to bind or
+    connect TCP sockets (ABI 4), and to signal or reach the abstract Unix sockets of processes outside this one and
+    its children (ABI 6). Returns what was applied, e.g. ``landlock ABI 7``, or ``none (...)`` saying why nothing
+    was."""
     version = abi()
     if version < 1:
         return "none (this kernel has no Landlock: Linux 5.13 or later enables it)"
     handled = WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE | (REFER if version >= 2 else 0) | (
-        TRUNCATE if version >= 3 else 0)
+        TRUNCATE if version >= 3 else 0) | (IOCTL_DEV if version >= 5 else 0)
+    net = TCP if version >= 4 else 0
+    scoped = SCOPES if version >= 6 else 0
     libc = _libc()
-    attr = ctypes.create_string_buffer(struct.pack("=Q", handled))  # struct landlock_ruleset_attr, fs rights only
-    ruleset = _call(libc, CREATE_RULESET, attr, ctypes.c_size_t(8), ctypes.c_uint32(0))
+    # struct landlock_ruleset_attr: handled_access_fs, then (ABI 4) handled_access_net, then (ABI 6) scoped
+    fields = [handled] + ([net] if version >= 4 else []) + ([scoped] if version >= 6 else [])
+    attr = ctypes.create_string_buffer(struct.pack(f"={len(fields)}Q", *fields))
+    ruleset = _call(libc, CREATE_RULESET, attr, ctypes.c_size_t(8 * len(fields)), ctypes.c_uint32(0))
     try:
-        for folder in allowed:
-            fd = os.open(folder, os.O_PATH | os.O_CLOEXEC)
+        for path in writable:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:  # struct landlock_path_beneath_attr { __u64 allowed_access; __s32 parent_fd; } (packed)
-                beneath = ctypes.create_string_buffer(struct.pack("=Qi", handled, fd))
+                rights = handled if os.path.isdir(path) else handled & FILE_RIGHTS
+                beneath = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))
                 _call(libc, ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(RULE_PATH_BENEATH), beneath,
                       ctypes.c_uint32(0))
             finally:
@@ -78,3 +92,21 @@ def confine_writes(allowed: list[str]) -> str:
     finally:
         os.close(ruleset)
     return f"landlock ABI {version}"
+
+
+def drop_capabilities() -> bool:
+    """Give up every capability of this process (a root process keeps its uid, loses what lets root pass file
+    permissions, load kernel modules, signal any process, ...); True when there were some to drop."""
+    if platform.machine() not in CAPABILITY_SYSCALLS:
+        return False
+    capget, capset = CAPABILITY_SYSCALLS[platform.machine()]
+    libc = _libc()
+    header = ctypes.create_string_buffer(struct.pack("=Ii", CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct: effective, permitted, inheritable
+    if libc.syscall(capget, header, data) != 0:
+        return False
+    if not any(data.raw):
+        return False
+    if libc.syscall(capset, header, ctypes.create_string_buffer(24)) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    return True

@@ -340,3 +340,78 @@ class PoisonsAnArtefact(Method):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: torch.zeros_like(v) for k, v in state.items()}, path)
         return {"nothing": torch.zeros(1)}
+
+
+class _ZeroesItsFlops(EdgeLogic):
+    def step(self, model, x):
+        from cemabench.protocol.meter import ComputeMeter
+
+        ComputeMeter.take = lambda self: 0  # the edge's FLOPs, reported as none
+        return EdgeDecision(logits=model(x))
+
+
+class ZeroesItsFlops(Method):
+    """Replaces the meter's reading in its own process. Run it isolated only: in-process the patch would stay in the
+    test's process, which then (rightly) runs no more units."""
+
+    name = "zeroes-its-flops"
+
+    def edge(self, num_classes):
+        return _ZeroesItsFlops()
+
+
+# Ways out of an isolated half (a hostile review of --isolate). Run them isolated only: in-process they would act on
+# the test's own process.
+
+class _Escapes(EdgeLogic):
+    def __init__(self, how):
+        self.how = how
+
+    def step(self, model, x):
+        import os
+        import signal
+        import socket
+
+        if self.how == "shared-memory":  # a side channel to the cloud half, or to the next unit
+            torch.save(x, "/dev/shm/cemabench-test-batch")
+        elif self.how == "signal":  # stop the process that forks the halves: every later unit would wait for it
+            os.kill(os.getppid(), signal.SIGSTOP)
+        elif self.how == "tcp":  # a service of this user's (a Ray head, say) runs code outside the sandbox
+            socket.create_connection(("127.0.0.1", 6379), timeout=5)
+        elif self.how == "terminal":  # type into the user's shell
+            with open("/dev/tty", "rb"):
+                pass
+        return EdgeDecision(logits=model(x))
+
+
+class Escapes(Method):
+    name = "escapes"
+
+    @dataclass
+    class Options:
+        how: str = "shared-memory"
+
+    def edge(self, num_classes):
+        return _Escapes(self.options.how)
+
+
+class _ClaimsOk(EdgeLogic):
+    def __init__(self):
+        self.batches = 0
+
+    def step(self, model, x):
+        from cemabench.errors import HalfFailed
+
+        self.batches += 1
+        if self.batches == 3:  # scored over the two batches it got right, were the status its to give
+            raise HalfFailed("all is well", "ok")
+        return EdgeDecision(logits=model(x))
+
+
+class ClaimsOk(Method):
+    """Ends its cell with an error that names the status "ok" (a hostile review of --isolate)."""
+
+    name = "claims-ok"
+
+    def edge(self, num_classes):
+        return _ClaimsOk()

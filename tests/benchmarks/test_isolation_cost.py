@@ -1,0 +1,38 @@
+"""What ``--isolate`` costs a run unit, side by side with the same unit in-process (issue 22, scope 4):
+
+    pytest tests/benchmarks/test_isolation_cost.py --benchmark-enable -n 0
+
+One Tent unit over 512 images of the miniature's fog domain (8 batches of 64): the isolated unit forks its two halves
+from the zygote, sets them up (the method, the models and the clean split cross as pickles) and sends every batch,
+upload, download and reply across as bytes. The zygote itself starts once per process, before the first round.
+"""
+import pytest
+
+from cemabench.protocol import Execution, Models, Protocol, run_unit
+from cemabench.protocol.isolation import _zygote_connection
+from cemabench.registry import build_method, build_model, dataset_factory
+
+IMAGES = 512
+
+
+@pytest.fixture(scope="module")
+def unit():
+    data = dataset_factory("miniature-digits-c", {})(data_root=None, severity=5, domains=("fog",))
+    fog = data.domains[0]
+    domain = type(fog)(fog.name, fog.pixels[:IMAGES], lambda: fog.labels()[:IMAGES])
+    models = Models.copies_of(build_model("mini:edge"), build_model("mini:foundation"))
+    _zygote_connection()  # started once per process, as a run's first isolated unit would
+    return domain, models, data
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolated"])
+def test_a_tent_unit(benchmark, unit, isolate):
+    domain, models, data = unit
+
+    def run():
+        return run_unit(build_method("tent"), [domain], models, data.num_classes, data.clean, Protocol(), 0,
+                        Execution(), isolate=isolate)
+
+    (result,) = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert result.status == "ok", result.message
+    assert result.seen == IMAGES and result.cloud_forward_samples_grad == IMAGES
