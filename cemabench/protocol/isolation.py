@@ -8,15 +8,17 @@ forked from the harness) that imported torch and cemabench's protocol and nothin
 the harness's: no labels, no scheduler, no store, not the other half.
 
 What crosses is bytes. To a half: pickles of what the loop hands it (the batch, the link's upload, the downloads that
-arrived, the models and the method, the random state). Back to the loop: ``torch.save`` bytes of plain tensors,
-lists, numbers and strings, read with ``weights_only=True``, so that no object of a plugin's class is ever
-unpickled in the loop's process; the decision and the reply are then read into plain copies and validated there as
-in-process. One random state (Python's, NumPy's, torch's, CUDA's) is threaded through the halves in the order the
-in-process loop uses it: each call carries the loop's state and brings the half's back, so a unit's numbers are bit
-for bit those of the in-process run.
+arrived, the models, the method's name and options, the random state); each half builds the method itself. Back to
+the loop: ``torch.save`` bytes of plain tensors, lists, numbers and strings, read with ``weights_only=True``, so that
+no object of a plugin's class is ever unpickled in the loop's process; the decision and the reply are then read into
+plain copies and validated there as in-process. One random state (Python's, NumPy's, torch's, CUDA's) is threaded
+through the halves in the order the in-process loop uses it: each call carries the loop's state and brings the half's
+back, so a unit's numbers are bit for bit those of the in-process run.
 
-What a half can still do is what any process of the same OS user can: read files (the dataset's, the results
-folder), read another process's memory through ``/proc`` where ptrace is allowed, signal processes. See the README.
+Each half is cut off before any method code is imported (:func:`_half`): a session of its own, its output discarded,
+no capabilities, and Landlock's rules (:mod:`cemabench.protocol.sandbox`): no file written but /dev/null and the
+GPU's nodes, no TCP, no signal outside itself. What it can still do (read this user's files, connect to Unix sockets
+by path) is listed in the README.
 """
 from __future__ import annotations
 
