@@ -2,6 +2,8 @@
 from a clean zygote, with only bytes between them and the loop. The numbers are those of the in-process run, cell by
 cell; what a hostile plugin reached in-process (the scheduler, the other half) is not in its process."""
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,20 @@ def test_a_thread_left_running_in_a_half_fails_the_unit(plugins, tmp_path):
     cells = _cell(tmp_path, ["leaves-a-thread"], "--isolate")
     assert cells["leaves-a-thread"]["status"] == "error"
     assert "left 1 thread(s) running in its half (saboteur)" in cells["leaves-a-thread"]["message"]
+
+
+def test_method_code_in_a_worker_cannot_jam_the_parents_zygote(plugins, tmp_path, monkeypatch):
+    """A worker forked from a process that had started a zygote held a copy of its line: `half-a-message` wrote a
+    header there whose body never came, and the zygote waited for it while every later isolated unit of the process
+    waited for the zygote (found by the default tier, which hung). A worker now closes that copy first; a zygote that
+    does not answer is replaced."""
+    from cemabench.protocol import isolation
+
+    zygote = isolation._zygote_connection()[0]
+    spec = write_spec(tmp_path / "small.toml", ["half-a-message", "source"])
+    main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", "--unit-timeout", "4s"])
+    monkeypatch.setattr(isolation, "HANDSHAKE_S", 20.0)
+    fd, pid = isolation._fork_half()  # answered by the same zygote, not a replacement
+    assert isolation._zygote_connection()[0] is zygote and pid > 0
+    os.close(fd)
+    os.kill(pid, signal.SIGKILL)

@@ -128,19 +128,54 @@ DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_
 _ZYGOTES: dict[int, tuple] = {}
 
 
+def drop_inherited() -> None:
+    """In a process forked from one that started a zygote (a local worker): close this copy of that zygote's line, so
+    that method code run here cannot write into it (and leave the zygote reading a message that never ends)."""
+    for pid in [p for p in _ZYGOTES if p != os.getpid()]:
+        with contextlib.suppress(OSError):
+            _ZYGOTES.pop(pid)[1].close()
+
+
 def _zygote_connection() -> tuple:
     entry = _ZYGOTES.get(os.getpid())
     if entry is not None and entry[0].poll() is None:
         return entry
-    for pid in list(_ZYGOTES):  # another process's (this one was forked from it), or a dead one
-        with contextlib.suppress(OSError):
-            _ZYGOTES.pop(pid)[1].close()
+    drop_inherited()
+    if entry is not None:
+        _stop_zygote()
     ours, theirs = socket.socketpair()
     process = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(sys.path), str(theirs.fileno())],
                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
     theirs.close()
     entry = _ZYGOTES[os.getpid()] = (process, Connection(ours.detach()), threading.Lock())
     return entry
+
+
+def _stop_zygote() -> None:
+    process, conn, _ = _ZYGOTES.pop(os.getpid())
+    with contextlib.suppress(OSError):
+        conn.close()
+    process.kill()
+    process.wait()
+
+
+HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
+
+
+def _fork_half() -> tuple[int, int]:
+    """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
+    replaced once."""
+    for _ in range(2):
+        _, conn, lock = _zygote_connection()
+        with lock:
+            try:
+                conn.send((list(sys.path), dict(os.environ)))
+                if conn.poll(HANDSHAKE_S):
+                    return reduction.recv_handle(conn), conn.recv()
+            except (EOFError, OSError):
+                pass
+        _stop_zygote()
+    raise HalfFailed(f"the zygote that forks the halves did not answer within {HANDSHAKE_S:g} s, twice")
 
 
 def zygote(fd: int) -> None:
@@ -352,11 +387,7 @@ class Half:
 
     def __init__(self, role: str, device: torch.device):
         self.role, self.device = role, device
-        _, conn, lock = _zygote_connection()
-        with lock:
-            conn.send((list(sys.path), dict(os.environ)))
-            fd = reduction.recv_handle(conn)
-            self.pid = conn.recv()
+        fd, self.pid = _fork_half()
         self.conn = Connection(fd)
         try:  # the half waits for this process's first message: its pid is still its own
             self.pidfd = os.pidfd_open(self.pid)
