@@ -437,7 +437,7 @@ def _execution_arguments(p: argparse.ArgumentParser) -> None:
 def _limit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolate", action="store_true", help="run each unit's edge half and cloud half in processes of "
                    "their own, apart from the labels, the store and each other; the same numbers, at a cost per unit "
-                   "(README: Isolation)")
+                   "(README: Method code apart from the harness)")
     p.add_argument("--unit-timeout", metavar="TIME", help="stop a run unit that runs longer, e.g. 90s, 30m or 2h; its "
                    "cells say timeout and the table goes on (default: the spec's [limits], else none)")
     p.add_argument("--unit-memory", metavar="SIZE", help="the most data memory a run unit's process may hold, e.g. "

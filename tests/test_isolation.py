@@ -221,3 +221,18 @@ def test_method_code_in_a_worker_cannot_jam_the_parents_zygote(plugins, tmp_path
     assert isolation._zygote_connection()[0] is zygote and pid > 0
     os.close(fd)
     os.kill(pid, signal.SIGKILL)
+
+
+def test_an_isolated_run_takes_no_record_computed_in_process(tmp_path):
+    """A record stores whether its unit ran isolated: rerun with --isolate, a table computes again what an in-process
+    run stored (method code there could have written it), and serves what an isolated run stored."""
+    spec = _spec(tmp_path, ["source"])
+    first = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False)
+    record = next((tmp_path / "out" / "cells" / "iso").glob("*.json"))
+    assert json.loads(record.read_text())["isolated"] is False
+    again = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    assert json.loads(record.read_text())["isolated"] is True and numbers(again) == numbers(first)
+    stamp = record.stat().st_mtime_ns
+    runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False)  # an in-process run takes either
+    assert record.stat().st_mtime_ns == stamp

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -159,23 +160,33 @@ def _stop_zygote() -> None:
     process.wait()
 
 
+def _limited() -> bool:
+    """Whether this process runs under a data-size limit (``--unit-memory``)."""
+    return resource.getrlimit(resource.RLIMIT_DATA)[0] != resource.RLIM_INFINITY
+
+
 HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
 
 
 def _fork_half() -> tuple[int, int]:
     """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
     replaced once."""
+    why = ""
     for _ in range(2):
-        _, conn, lock = _zygote_connection()
+        process, conn, lock = _zygote_connection()
         with lock:
             try:
                 conn.send((list(sys.path), dict(os.environ)))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
+                why = f"did not answer within {HANDSHAKE_S:g} s"
             except (EOFError, OSError):
-                pass
+                code = process.wait(5)
+                ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                why = f"ended before it answered ({ended}; under --unit-memory it may have had too little memory)"
         _stop_zygote()
-    raise HalfFailed(f"the zygote that forks the halves did not answer within {HANDSHAKE_S:g} s, twice")
+    raise HalfFailed(f"the zygote that forks the halves {why}, twice",
+                     "out-of-memory" if "ended" in why and _limited() else "error")
 
 
 def zygote(fd: int) -> None:
@@ -530,7 +541,7 @@ def _say_once(sandboxed: str) -> None:
     if sandboxed.startswith("none") and sandboxed not in _SAID:
         _SAID.add(sandboxed)
         print(f"cemabench: warning: --isolate: the halves' writes are not confined: {sandboxed}; a half can write "
-              f"any file this user can (README: Isolation)", file=sys.stderr, flush=True)
+              f"any file this user can (README: Method code apart from the harness)", file=sys.stderr, flush=True)
 
 
 def finish(halves: list) -> list[str]:

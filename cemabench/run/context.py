@@ -204,7 +204,8 @@ class TableContext:
         results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
                            self.execution, self.dataset.scored_classes, self.dataset.task,
                            None if self.predictions is None else self._writer(unit), isolate=self.isolate)
-        return {"unit": asdict(unit), "results": [r.to_dict() for r in results]}
+        # whether method code ran apart from this process: an --isolate run takes no record computed in-process
+        return {"unit": asdict(unit), "results": [r.to_dict() for r in results], "isolated": self.isolate}
 
 
 @dataclass(frozen=True)

@@ -115,9 +115,12 @@ class Scheduler:
             self.queue.append(unit)
 
     def _reusable(self, unit: Unit, record: dict | None) -> bool:
-        """A stored record stands for its unit when it is ok and, where predictions are to be saved, its files are
-        there (else the unit runs again to write them)."""
+        """A stored record stands for its unit when it is ok, was computed isolated where this run is (``--isolate``
+        trusts no record computed in the process that ran method code), and, where predictions are to be saved, its
+        files are there (else the unit runs again to write them)."""
         if record is None or failed(record):
+            return False
+        if self.context.isolate and record.get("isolated") is not True:  # computed beside method code: not trusted
             return False
         return self.context.predictions is None or all(f.is_file() for f in self.context.prediction_files(unit))
 
