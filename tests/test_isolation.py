@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cemabench.cli import main
+from cemabench.report.leaderboard import render
 from cemabench.run import runner
 from cemabench.tables.spec import load_table
 from conftest import builtin_methods, numbers, small_options, write_spec
@@ -232,6 +233,9 @@ def test_an_isolated_run_takes_no_record_computed_in_process(tmp_path):
     assert json.loads(record.read_text())["isolated"] is False
     again = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
     assert json.loads(record.read_text())["isolated"] is True and numbers(again) == numbers(first)
+    assert "isolated" not in first and again["isolated"] is True  # the table says so, and its Markdown
+    assert "- **Isolation**: every unit's edge and cloud halves ran" in render(again)
+    assert "Isolation" not in render(first)
     stamp = record.stat().st_mtime_ns
     runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
     runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False)  # an in-process run takes either

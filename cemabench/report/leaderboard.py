@@ -465,6 +465,8 @@ def render(doc: dict) -> str:
               + (", bf16 autocast" if p["execution"]["amp"] else ", fp32 (no autocast)")
               + (f"; CPU kernels {v['cpu_numerics']}" if "cpu_numerics" in v and p["device"] == "cpu" else "")
               + (f"; {v['meter']} meter" if "meter" in v else "")]
+    if doc.get("isolated"):
+        lines += ["- **Isolation**: every unit's edge and cloud halves ran in processes of their own (`--isolate`)"]
     if doc.get("source"):
         lines += [f"- **Source**: {doc['source']}"]
     lines += [""]

@@ -286,7 +286,9 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
             "provenance": {**context.provenance, "device": context.execution.device},
             "reference": {**spec.reference, "published_uploads": published_uploads(spec)},
             "check": {"tolerance": spec.tolerance, "metrics": list(spec.check_metrics)},
-            "methods": methods, "cells": cells}
+            "methods": methods, "cells": cells,
+            # every unit's method code ran apart from the loop (--isolate); absent when any ran in-process
+            **({"isolated": True} if records and all(r.get("isolated") is True for r in records.values()) else {})}
 
 
 def run_sweep(sweep: Sweep, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None, jobs: int = 1,
