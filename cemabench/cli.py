@@ -236,7 +236,15 @@ def cmd_run(args) -> int:
     import tempfile
 
     from cemabench.protocol import Execution
-    from cemabench.report.leaderboard import UPLOADS, metric_frame, options_text, protocol_line, scores, setting_line
+    from cemabench.report.leaderboard import (
+        UPLOADS,
+        metric_frame,
+        options_text,
+        protocol_line,
+        scores,
+        setting_line,
+        severity_text,
+    )
     from cemabench.run.runner import reproduce
 
     spec, label = _run_spec(args)
@@ -259,7 +267,7 @@ def cmd_run(args) -> int:
     if p["miniature"]:
         print("# EMBEDDED MINIATURE: numbers for checking the code path, not for comparison\n")
     (method,) = doc["methods"]
-    print(f"{label} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity {p['severity']}; "
+    print(f"{label} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity {severity_text(p)}; "
           f"{setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge {p['models']['edge']['name']}, "
           f"cloud {p['models']['foundation']['name']}\n")
     for score in (*scores(doc), UPLOADS):

@@ -102,3 +102,12 @@ def test_check_passes_within_tolerance_and_fails_with_a_readable_diff(capsys, tm
     assert code == 1 and "cema / fog / seed 0" in out and "1.2" in out
     code, out, _ = run(capsys, "check", str(far), "--against", str(expected), "--tol", "2")
     assert code == 0
+
+
+def test_the_clean_stream_is_shown_with_no_severity():
+    """Issue 23: `run --domains clean` printed "severity 5" (the spec's), though the clean stream has none."""
+    from cemabench.report.leaderboard import severity_text
+
+    assert severity_text({"domains": ["clean"], "severity": 5}) == "none (the clean stream)"
+    assert severity_text({"domains": ["clean", "fog"], "severity": 5}) == "5 (the clean domain: none)"
+    assert severity_text({"domains": ["fog"], "severity": 3}) == "3"

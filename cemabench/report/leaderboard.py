@@ -437,6 +437,14 @@ def protocol_line(proto: dict) -> str:
     return text
 
 
+def severity_text(provenance: dict) -> str:
+    """The severity of a table's stream in words: the clean domain has none."""
+    domains, severity = set(provenance["domains"]), provenance["severity"]
+    if domains == {"clean"}:
+        return "none (the clean stream)"
+    return f"{severity} (the clean domain: none)" if "clean" in domains else str(severity)
+
+
 def render(doc: dict) -> str:
     p = doc["provenance"]
     proto = p["protocol"]
@@ -446,7 +454,7 @@ def render(doc: dict) -> str:
     lines += [
         f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
         + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
-        f"- **Severity**: {p['severity'] if set(p['domains']) != {'clean'} else 'none (the clean stream)'}; "
+        f"- **Severity**: {severity_text(p)}; "
         f"**domains in order**: {', '.join(p['domains'])}",
         f"- **Setting**: {setting_line(proto)}",
         f"- **Protocol**: {protocol_line(proto)}",
