@@ -240,3 +240,13 @@ def test_an_isolated_run_takes_no_record_computed_in_process(tmp_path):
     runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
     runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False)  # an in-process run takes either
     assert record.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist
+def test_isolated_halves_under_ray_give_the_in_process_numbers(tmp_path, local_ray):
+    """Under Ray, the unit's task is the loop's process: it starts its own zygote, whose halves are its children."""
+    spec = _spec(tmp_path, ["tent"])
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+    isolated = runner.reproduce(spec, None, tmp_path / "ray", executor="ray", progress=False, isolate=True)
+    assert isolated["isolated"] is True and numbers(isolated) == numbers(inline)
