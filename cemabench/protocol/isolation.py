@@ -50,16 +50,17 @@ import torch
 
 from cemabench import registry
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
-from cemabench.method import CloudReply, CloudResources, EdgeDecision, TrainingResources, Upload
+from cemabench.method import CloudReply, EdgeDecision, Upload
 from cemabench.protocol import hygiene, sandbox
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
 from cemabench.protocol.execution import Execution, deterministic_threads
+from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.tasks import task_for
-from cemabench.protocol.training import clean_images, run_training, train_here
+from cemabench.protocol.training import run_training, train_here
 
 
 # -- bytes ------------------------------------------------------------------------------------------------------------
@@ -180,10 +181,14 @@ def _fork_half() -> tuple[int, int]:
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"
-            except (EOFError, OSError):
-                code = process.wait(5)
-                ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                why = f"ended before it answered ({ended}; under --unit-memory it may have had too little memory)"
+            except (EOFError, OSError) as error:
+                try:
+                    code = process.wait(5)
+                except subprocess.TimeoutExpired:
+                    why = f"broke its line to this process ({error})"
+                else:
+                    ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    why = f"ended before it answered ({ended}; under --unit-memory it may have had too little memory)"
         _stop_zygote()
     raise HalfFailed(f"the zygote that forks the halves {why}, twice",
                      "out-of-memory" if "ended" in why and _limited() else "error")
@@ -239,8 +244,9 @@ def _half(conn: Connection, path: list[str], environ: dict) -> None:
     for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
         os.dup2(null, fd)
     os.close(null)
-    try:
+    with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
         sandbox.drop_capabilities()
+    try:
         SANDBOX = sandbox.confine([os.devnull, *DEVICES])
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
@@ -331,8 +337,8 @@ class _EdgeSide(_Side):
         self.edges: list[ForwardOnlyEdge] = []
 
     def build(self) -> dict:
-        self.edges = [ForwardOnlyEdge(copy.deepcopy(self.prototype).to(self.device, memory_format=self.memory_format),
-                                      self.method.edge(self.num_classes)) for _ in range(self.count)]
+        self.edges = build_edges(self.method, lambda: copy.deepcopy(self.prototype), self.num_classes, self.count,
+                                 self.device, self.memory_format)
         return {}
 
     def step(self, index: int, x: torch.Tensor, downloads: list) -> dict:
@@ -356,31 +362,25 @@ class _CloudSide(_Side):
         self.passes, self.meter = SampleCounter(), ComputeMeter()
         self.clouds: list = []
 
-    def _model(self, prototype, memory_format=torch.preserve_format):
-        return copy.deepcopy(prototype).to(self.device, memory_format=memory_format)
+    def _edge(self):
+        return copy.deepcopy(self.edge_prototype)
 
-    def _resources(self) -> TrainingResources:
-        return TrainingResources(num_classes=self.num_classes, edge=lambda: self._model(self.edge_prototype),
-                                 foundation=lambda: self._model(self.foundation_prototype), clean=self.clean,
-                                 device=self.device, seed=self.seed)
+    def _foundation(self):
+        return copy.deepcopy(self.foundation_prototype)
 
     def train(self) -> dict:
         """The training stage's computation; the loop's process keys, caches and checks what it returns."""
-        return {"state": train_here(self.method, self._resources())}
+        resources = training_resources(self._edge, self._foundation, self.num_classes, self.clean, self.seed,
+                                       self.device)
+        return {"state": train_here(self.method, resources)}
 
     def adopt(self, artefacts) -> dict:
         self.method.artefacts = artefacts
         return {}
 
     def build(self, replicas: int) -> dict:
-        resources = CloudResources(
-            num_classes=self.num_classes,
-            edge_replica=lambda: self.passes.attach(self._model(self.edge_prototype, self.memory_format)),
-            foundation=lambda: self.passes.attach(self._model(self.foundation_prototype, self.memory_format)),
-            clean_images=clean_images(self.clean, self.device, self.memory_format), device=self.device)
-        with self.meter:
-            self.clouds = [self.method.cloud(resources) for _ in range(replicas)]
-        self.meter.take()
+        self.clouds = build_clouds(self.method, self._edge, self._foundation, self.clean, self.num_classes, replicas,
+                                   self.device, self.memory_format, self.passes, self.meter)
         return {"has_cloud": self.clouds[0] is not None, "passes": [self.passes.with_grad, self.passes.without_grad]}
 
     def step(self, index: int, upload: dict) -> dict:
@@ -460,12 +460,7 @@ class RemoteEdge:
         self.half, self.index = half, index
         self.downloads: list = []
         self.forwards = SimpleNamespace(with_grad=0, without_grad=0)
-        self.meter = SimpleNamespace(take=self._take)
-        self._flops = 0
-
-    def _take(self) -> int:
-        flops, self._flops = self._flops, 0
-        return flops
+        self.meter = ReportedMeter()  # the edge half reports each step's FLOPs
 
     def receive(self, download) -> None:
         self.downloads.append(download)
@@ -475,7 +470,7 @@ class RemoteEdge:
         reply = self.half.call("step", self.index, x, downloads)
         try:
             decision = plain_decision(EdgeDecision(**reply["decision"]))
-            self._flops += _count(reply["flops"])
+            self.meter.flops += _count(reply["flops"])
             self.forwards.with_grad, self.forwards.without_grad = _counters(reply["forwards"], self.forwards)
         except (KeyError, TypeError, ValueError) as error:
             raise HalfFailed(f"NotPlain: the edge half's reply is malformed ({error})") from None
@@ -517,10 +512,8 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     halves.append(edge)
     confined = cloud.call("cloud", recipe, execution, models.edge(), models.foundation(), clean, num_classes, seed)
     _say_once(str(confined.get("sandbox", "")))
-    training = run_training(method, TrainingResources(  # this process keys and caches; the cloud half trains
-        num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
-        foundation=lambda: models.foundation().to(device), clean=clean, device=device),
-        train=lambda: cloud.call("train").get("state"))
+    resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
+    training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
     cloud.call("adopt", method.artefacts)
     edge.call("edge", recipe, execution, models.edge(), count, num_classes,
               (task.name, task.num_classes, task.scored_classes), method.artefacts)

@@ -26,18 +26,19 @@ from torch import nn
 from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
-from cemabench.method import CloudLogic, CloudResources, Method, TrainingResources, check_declared, check_task
+from cemabench.method import CloudLogic, Method, check_declared, check_task
 from cemabench.protocol import hygiene, isolation
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
+from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.link import Link
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_reply
 from cemabench.protocol.scoring import Diverged, DomainResult, note
 from cemabench.protocol.stream import Block, DeviceStreams, derive_seed, plain
 from cemabench.protocol.tasks import Task, task_for
-from cemabench.protocol.training import clean_images, run_training
+from cemabench.protocol.training import run_training
 
 
 def seed_everything(seed: int) -> None:
@@ -141,24 +142,19 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     replicas = 1 if method.cloud_replicas == "shared" else len(streams)
     halves: list = []  # isolated: the halves' processes, ended with the unit
     try:
-        setup = isolation.start if isolate else _in_process
-        training, edges, clouds, cloud_meter, cloud_passes = setup(
-            method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
+        try:
+            setup = isolation.start if isolate else _in_process
+            training, edges, clouds, cloud_meter, cloud_passes = setup(
+                method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
+            first, *rest = results.values()
+            first.status, first.message = failure_status(error), f"setup failed: {describe(error)}"
+            _skip(rest)
+            return list(results.values())
         for result in results.values():
             result.training = training
-    except UserError:
-        isolation.close(halves)
-        raise
-    except KeyboardInterrupt:
-        isolation.close(halves)
-        raise
-    except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
-        isolation.close(halves)
-        first, *rest = results.values()
-        first.status, first.message = failure_status(error), f"setup failed: {describe(error)}"
-        _skip(rest)
-        return list(results.values())
-    try:
         out = _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution, task,
                       depths, replicas)
         left = isolation.finish(halves) if halves and all(r.status == "ok" for r in out) else []
@@ -175,21 +171,12 @@ def _in_process(method: Method, models: Models, num_classes: int, clean: DomainD
     cloud's meter and sample counter."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
-    cloud_passes = SampleCounter()
-    cloud_meter = ComputeMeter()
-    training = run_training(method, TrainingResources(  # offline, before the halves exist; FLOPs not counted
-        num_classes=num_classes, edge=lambda: models.edge().to(device), seed=seed,
-        foundation=lambda: models.foundation().to(device), clean=clean, device=device))
-    edges = [ForwardOnlyEdge(models.edge().to(device, memory_format=memory_format), method.edge(num_classes))
-             for _ in range(count)]
-    resources = CloudResources(
-        num_classes=num_classes,
-        edge_replica=lambda: cloud_passes.attach(models.edge().to(device, memory_format=memory_format)),
-        foundation=lambda: cloud_passes.attach(models.foundation().to(device, memory_format=memory_format)),
-        clean_images=clean_images(clean, device, memory_format), device=device)
-    with cloud_meter:
-        clouds: list[CloudLogic | None] = [method.cloud(resources) for _ in range(replicas)]
-    cloud_meter.take()  # building the cloud (EATA's Fisher, say) is set-up, not per-sample compute
+    cloud_passes, cloud_meter = SampleCounter(), ComputeMeter()
+    training = run_training(method, training_resources(models.edge, models.foundation, num_classes, clean, seed,
+                                                       device))
+    edges = build_edges(method, models.edge, num_classes, count, device, memory_format)
+    clouds = build_clouds(method, models.edge, models.foundation, clean, num_classes, replicas, device, memory_format,
+                          cloud_passes, cloud_meter)
     return training, edges, clouds, cloud_meter, cloud_passes
 
 

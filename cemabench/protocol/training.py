@@ -33,18 +33,6 @@ from cemabench.protocol.stream import derive_seed
 from cemabench.provenance import code_digest, data_fingerprint, fingerprint
 
 
-def clean_images(clean, device: torch.device, memory_format=torch.preserve_format) -> Callable[[int], torch.Tensor]:
-    """``CloudResources.clean_images``: up to n images of the clean split the cloud keeps, on the device."""
-
-    def images(n: int) -> torch.Tensor:
-        if clean is None:
-            raise LookupError("this method needs clean in-distribution images, and the dataset has none "
-                              "(for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
-        return clean.images(np.arange(min(n, len(clean)))).to(device, memory_format=memory_format)
-
-    return images
-
-
 def trains(method: Method) -> bool:
     """Whether the method has an offline training stage (overrides :meth:`Method.train`)."""
     return type(method).train is not Method.train
