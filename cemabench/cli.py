@@ -272,6 +272,10 @@ def cmd_run(args) -> int:
           f"cloud {p['models']['foundation']['name']}\n")
     for score in (*scores(doc), UPLOADS):
         print(f"{score.title}:\n{metric_frame(doc, score.key).T.to_markdown()}\n")
+    if p["protocol"].get("input_codec", "raw") != "raw":  # what an uploaded input cost through the codec
+        for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
+            print(f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:\n"
+                  f"{metric_frame(doc, key, '{:.0f}').T.to_markdown()}\n")
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     for c in failed:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",

@@ -43,6 +43,8 @@ def test_list_other_registries(capsys, what, expected):
     (["run", "--method", "tent", "--setting", "continual+correlated", "--concentration", "-1"],
      "concentration must be a number > 0"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
+    (["run", "--method", "tent", "--input-codec", "jpeg:101"], "input codec 'jpeg:101': the quality must be"),
+    (["reproduce", "table2", "--input-codec", "gif"], "unknown input codec 'gif': one of raw, png, jpeg:Q, webp:Q"),
     (["reproduce", "table9"], f"unknown table 'table9'; available: {', '.join(available_tables())}"),
     (["reproduce", "table2", "--data-root", "/nonexistent/imagenet"],
      "--data-root /nonexistent/imagenet is not a directory"),
@@ -111,3 +113,14 @@ def test_the_clean_stream_is_shown_with_no_severity():
     assert severity_text({"domains": ["clean"], "severity": 5}) == "none (the clean stream)"
     assert severity_text({"domains": ["clean", "fog"], "severity": 5}) == "5 (the clean domain: none)"
     assert severity_text({"domains": ["fog"], "severity": 3}) == "3"
+
+
+def test_run_through_an_input_codec_reports_its_bytes_per_input(capsys, tmp_path):
+    out = tmp_path / "jpeg.json"
+    code, text, _ = run(capsys, "run", "--method", "cloud-only", "--domains", "fog", "--input-codec", "jpeg:75",
+                        "--out", str(out))
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert code == 0 and "inputs sent as jpeg:75 (Pillow; charged at their encoded length)" in text
+    assert "Bytes per uploaded input as jpeg:75, mean:" in text and "95th percentile" in text
+    assert cell["link"]["upload_bytes"] == round(cell["input_bytes_mean"] * cell["link"]["uploaded"])
+    assert 0 < cell["input_bytes_mean"] < cell["input_bytes_p95"] < 3072  # a 32-px image's raw pixels: 3072 B

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 
 from cemabench.config.bounds import Bounds, coerce
+from cemabench.config.codecs import INPUT_CODECS, parse_input_codec
 from cemabench.config.settings import DEVICE_STREAMS, SETTINGS, parse_setting
 from cemabench.errors import UserError
 
@@ -29,7 +30,8 @@ class Rule:
     unset: str = ""  # what None means, for a field that may be unset ("no limit")
     choices: tuple[str, ...] = ()
     flag: str = ""  # the command-line flag, when it is not --the-field-name
-    stream: bool = False  # a property of the stream: also a flag of reproduce and status (a table under it)
+    # a property of the stream or of how it crosses the link: also a flag of reproduce and status (a table under it)
+    stream: bool = False
 
     @property
     def bounds(self) -> Bounds:
@@ -68,11 +70,16 @@ class Protocol:
                                  "order", choices=DEVICE_STREAMS, stream=True)
     cloud_capacity: int | None = _field(None, "uploaded samples the cloud accepts per step over all devices", low=1,
                                         unset="no limit", stream=True)
+    # what an uploaded input costs: its uint8 pixels (raw), or the length of a real bitstream (the cloud decodes it)
+    input_codec: str = _field("raw", f"how an uploaded input crosses the link, charged at its encoded length, the "
+                              f"cloud receiving the decoded image: {', '.join(INPUT_CODECS)} (Q: quality 1-100)",
+                              stream=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
         base, modifiers = parse_setting(self.setting)
+        parse_input_codec(self.input_codec)
         if self.rounds > 1 and base == "per-domain":
             raise UserError("protocol rounds > 1 repeats a stream without reset: use setting continual, gradual or "
                             "mixed-domains")

@@ -1,7 +1,8 @@
 """The link between edge and cloud: everything that crosses is encoded, counted, budgeted and delayed here.
 
-An upload carries, per uploaded sample, its raw input and/or its payload rows (encoded as the edge asked), plus
-per-batch tensors; the budget (samples and/or bytes) refuses what does not fit. Downloads wait for their delivery
+An upload carries, per uploaded sample, its input (raw uint8 pixels, or the bitstream of the protocol's input codec,
+:mod:`cemabench.protocol.codecs`) and/or its payload rows (encoded as the edge asked), plus per-batch tensors; the
+budget (samples and/or bytes) refuses what does not fit. Downloads wait for their delivery
 delay, and with a link model (bandwidth, latency) for the round trip in batches; an offloaded answer that misses the
 deadline does not count.
 """
@@ -16,6 +17,7 @@ import torch
 
 from cemabench.config import Protocol
 from cemabench.method import Download, EdgeDecision, Upload
+from cemabench.protocol.codecs import InputCodec
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -27,7 +29,7 @@ class LinkCounters:
     uploaded: int = 0  # samples
     refused: int = 0  # samples the budget kept from crossing
     busy: int = 0  # samples the cloud had no capacity for in that step (many edges on one cloud)
-    upload_bytes: int = 0  # raw inputs (uint8 pixels)
+    upload_bytes: int = 0  # inputs: raw uint8 pixels, or their encoded length under an input codec
     upload_payload_bytes: int = 0  # per-sample payload rows, as encoded
     upload_tensor_bytes: int = 0  # per-batch tensors
     refused_bytes: int = 0  # what the byte budget kept from crossing
@@ -85,6 +87,8 @@ class Link:
         self.total_bytes = 0
         self.counters = LinkCounters()
         self._in_flight: deque[tuple[int, Download]] = deque()
+        self.codec = None if self.protocol.input_codec == "raw" else InputCodec(self.protocol.input_codec)
+        self._input_sizes: list[int] = []  # under a codec: each uploaded input's encoded length, in this domain
 
     def _bytes_left(self) -> float:
         return float("inf") if self.budget_bytes is None else max(0, self.budget_bytes - self.total_bytes)
@@ -109,24 +113,31 @@ class Link:
         for name, rows in decision.payload.items():
             payload[name], nbytes = encode(rows[:len(index)], decision.payload_dtype)
             row_bytes += nbytes
-        input_bytes = sample_nbytes if decision.send_input else 0
-        per_sample = input_bytes + row_bytes
-        if per_sample and per_sample * len(index) > self._bytes_left():
-            fit = int(self._bytes_left() // per_sample)
-            self.counters.refused_bytes += per_sample * (len(index) - fit)
+        # the index's values are checked on the device and read with the next batch's checks: until then they are
+        # kept in range, so that an invalid one fails its cell instead of the device
+        index = index.to(x.device).clamp(0, max(0, len(x) - 1))
+        coded = decision.send_input and self.codec is not None
+        streams = self.codec.encode_batch(x[index]) if coded else []  # each input at the length of its bitstream
+        input_sizes = [len(s) for s in streams] if coded else [sample_nbytes if decision.send_input else 0] * len(index)
+        costs = np.asarray(input_sizes, dtype=np.int64) + row_bytes
+        spent = np.cumsum(costs)
+        fit = int(np.searchsorted(spent, self._bytes_left(), side="right"))  # the first samples that fit, in order
+        if fit < len(index):
+            self.counters.refused_bytes += int(spent[-1] - (spent[fit - 1] if fit else 0))
             index, payload = index[:fit], {k: v[:fit] for k, v in payload.items()}
+        sent = int(spent[fit - 1]) if fit else 0
         self.counters.refused += wanted - len(index)
         self.total_uploaded += len(index)
         self.counters.uploaded += len(index)
-        self.counters.upload_bytes += len(index) * input_bytes
+        self.counters.upload_bytes += sum(input_sizes[:fit])
         self.counters.upload_payload_bytes += len(index) * row_bytes
-        self.total_bytes += len(index) * per_sample
-        self._batch_up_bytes = tensor_bytes + len(index) * per_sample
-        # the indices' values are checked on the device and read with the next batch's checks: until then they are
-        # kept in range, so that an invalid one fails its cell instead of the device
-        index = index.to(x.device).clamp(0, max(0, len(x) - 1))
-        # advanced indexing copies; no inputs are a new empty tensor, not a view that would carry the batch's storage
-        samples = x[index] if decision.send_input else x.new_empty((0, *x.shape[1:]))
+        self.total_bytes += sent
+        self._batch_up_bytes = tensor_bytes + sent
+        if coded:  # the cloud gets what the bitstreams that crossed decode to, and nothing of the others
+            self._input_sizes += input_sizes[:fit]
+            samples = self.codec.decode_batch(streams[:fit], like=x)
+        else:  # advanced indexing copies; no inputs are a new empty tensor, not a view that carries the batch's storage
+            samples = x[index] if decision.send_input else x.new_empty((0, *x.shape[1:]))
         # one copy of what crosses, and only its rows: the decision's own tensors are the harness's plain copies, but
         # encoding may return views of them (float32, other dtypes) that share storage with the rows the budget cut
         payload = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
@@ -167,7 +178,9 @@ class Link:
             out.append(self._in_flight.popleft()[1])
         return out
 
-    def next_domain(self) -> LinkCounters:
+    def next_domain(self) -> tuple[LinkCounters, list[int] | None]:
+        """This domain's counters, and under an input codec each uploaded input's encoded length (None for raw)."""
         done, self.counters = self.counters, LinkCounters()
-        return done
+        sizes, self._input_sizes = self._input_sizes, []
+        return done, (None if self.codec is None else sizes)
 

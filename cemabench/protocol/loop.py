@@ -332,7 +332,7 @@ class _EdgeDevice:
         result.edge_seconds += self.edge_time.take()
         result.cloud_seconds += self.cloud_time.take()
         self.task.score(result, block, self.predicted)
-        result.link = self.link.next_domain()
+        result.link, result.input_sizes = self.link.next_domain()
         result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before
         result.peak_memory_bytes = peak_memory(self.device)
         results[(self.index, block.result)].add(result, block)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from cemabench.protocol.checks import Checks
@@ -43,6 +44,7 @@ class DomainResult:
     by_domain: dict = field(default_factory=dict)
     device: int = 0  # the edge device, when several share the cloud
     metrics: dict = field(default_factory=dict)  # a task's own scores (detection: map, map50, ar100); then no accuracy
+    input_sizes: list | None = None  # under an input codec: each uploaded input's encoded length (None: raw pixels)
 
     _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
                "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
@@ -53,6 +55,8 @@ class DomainResult:
             setattr(self, name, getattr(self, name) + getattr(part, name))
         self.peak_memory_bytes = max(self.peak_memory_bytes, part.peak_memory_bytes)
         self.link.add(part.link)
+        if part.input_sizes is not None:
+            self.input_sizes = (self.input_sizes or []) + part.input_sizes
         self.segments.append({"segment": block.segment, "round": block.round, "severity": block.severity,
                               "seen": part.seen, "correct": part.correct})
         for domain, (seen, correct) in part.by_domain.items():
@@ -81,6 +85,10 @@ class DomainResult:
         out = asdict(self)
         del out["metrics"]  # a task's own scores are columns of the cell, like accuracy (classification has none)
         out.update(self.metrics)
+        sizes = out.pop("input_sizes")
+        if sizes is not None:  # an input codec's bytes per uploaded input (p95: numpy's linear percentile)
+            out.update(input_bytes_mean=float(np.mean(sizes)) if sizes else None,
+                       input_bytes_p95=float(np.percentile(sizes, 95)) if sizes else None)
         out["link"].update(bytes_up=self.link.bytes_up, bytes_down=self.link.bytes_down)
         out.update(accuracy=self.accuracy, upload_ratio=self.upload_ratio,
                    bytes_up_per_sample=self.per_sample(self.link.bytes_up),

@@ -195,6 +195,9 @@ def cost_frame(doc: dict) -> pd.DataFrame:
                                          if group["downloads"].sum() else "-"),
             "late answers": f"{group['late_answers'].sum() / seeds:,.0f}",
         }
+        if "input_bytes_mean" in group:  # inputs through a codec: their mean encoded length, pooled over domains
+            rows[label]["input B / upload"] = (f"{group['upload_bytes'].sum() / group['uploaded'].sum():,.0f}"
+                                               if group["uploaded"].sum() else "-")
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -424,6 +427,8 @@ def protocol_line(proto: dict) -> str:
             f"{proto['upload_budget'] or 'none'}")
     if proto.get("upload_budget_bytes") is not None:
         text += f", byte budget {proto['upload_budget_bytes']:,}"
+    if proto.get("input_codec", "raw") != "raw":
+        text += f", inputs sent as {proto['input_codec']} (Pillow; charged at their encoded length)"
     if proto.get("bandwidth") or proto.get("latency"):
         text += (f"; link {proto['bandwidth'] or 'unlimited'} bytes/s, latency {proto['latency']} s, one batch every "
                  f"{proto['batch_interval']} s, answer deadline "
