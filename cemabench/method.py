@@ -36,7 +36,7 @@ class CloudEdgeMapping:
     download: str
 
 
-PAYLOAD_DTYPES = ("float32", "float16", "int8")
+PAYLOAD_DTYPES = ("float32", "float16", "int8", "int8+zstd")  # the link: cemabench.protocol.link.encode
 
 
 @dataclass
@@ -45,7 +45,8 @@ class EdgeDecision:
 
     Per uploaded sample, the link carries its raw input (unless ``send_input`` is False) and one row of every
     ``payload`` tensor (rows aligned with ``upload``: intermediate features, teacher logits, ...), floating payload
-    encoded as ``payload_dtype`` (``int8``: symmetric, one float32 scale per sample and tensor). ``tensors`` are
+    encoded as ``payload_dtype`` (``int8``: symmetric, one float32 scale per sample and tensor; ``int8+zstd``: the
+    same, each row entropy-coded losslessly by Zstandard and charged at its frame's length). ``tensors`` are
     per-batch (normalisation statistics, ...): they cross whole, but never one row per sample of the batch. Every
     byte is charged to the counters and the budget; nothing per-sample travels for a sample that is not uploaded.
     """
@@ -55,7 +56,7 @@ class EdgeDecision:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # per-batch named tensors to upload
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample tensors, rows aligned with upload
     send_input: bool = True  # whether each uploaded sample's raw input crosses (False: only its payload rows)
-    payload_dtype: str = "float32"  # link encoding of floating payload tensors: float32 | float16 | int8
+    payload_dtype: str = "float32"  # link encoding of floating payload tensors: float32 | float16 | int8 | int8+zstd
     await_answers: bool = False  # offloading: the cloud's answers replace the scored prediction of uploaded samples
     # detection datasets: the scored prediction instead of logits, one dict of boxes (n, 4: x1, y1, x2, y2 in input
     # pixels), scores (n,) and labels (n,: category ids) per image, as torchvision's detectors return them

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import zstandard
 from PIL import Image, JpegImagePlugin
 
 from cemabench.config import Protocol
@@ -12,8 +13,8 @@ from cemabench.config.codecs import parse_input_codec
 from cemabench.datasets.miniature import clean_test_images
 from cemabench.errors import UserError
 from cemabench.method import EdgeDecision
-from cemabench.protocol.codecs import InputCodec, library_versions
-from cemabench.protocol.link import Link
+from cemabench.protocol.codecs import InputCodec, library_versions, zstd_rows
+from cemabench.protocol.link import Link, encode
 
 SETTINGS = {"png": {"format": "PNG", "compress_level": 6},
             "jpeg:75": {"format": "JPEG", "quality": 75, "subsampling": 2},
@@ -105,3 +106,29 @@ def test_a_one_channel_image_is_greyscale_and_other_channel_counts_are_refused()
     assert torch.equal(codec.decode_batch(codec.encode_batch(grey), like=grey), grey)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         codec.encode_batch(torch.zeros(1, 4, 8, 8))
+
+
+def test_entropy_coded_payload_decodes_to_the_int8_values_at_its_frames_length():
+    torch.manual_seed(0)
+    features = torch.relu(torch.randn(6, 16, 4, 4))  # post-ReLU: many zero symbols, which entropy coding squeezes
+    int8, int8_bytes = encode(features, "int8")
+    coded, coded_bytes = encode(features, "int8+zstd")
+    assert torch.equal(coded, int8)  # lossless over the int8 symbols: the cloud gets the int8 encoding's values
+    scale = features.reshape(6, -1).amax(1) / 127
+    q = torch.round(features / scale.reshape(-1, 1, 1, 1)).to(torch.int8)
+    frames = zstd_rows(q, scale)  # the frames, independently decoded with zstandard, hold the scale and symbols
+    assert coded_bytes.tolist() == [len(f) for f in frames] and (coded_bytes < int8_bytes).all()
+    raw = zstandard.ZstdDecompressor().decompress(frames[2])
+    assert raw[:4] == np.float32(scale[2]).tobytes() and raw[4:] == q[2].numpy().tobytes()
+
+
+def test_the_link_charges_each_payload_row_at_its_own_length_under_a_byte_budget():
+    torch.manual_seed(1)
+    rows = torch.relu(torch.randn(4, 64)) * torch.tensor([[1.0], [0.0], [1.0], [1.0]])  # row 1: all zeros
+    _, sizes = encode(rows, "int8+zstd")
+    link = Link(None, 0, budget_bytes=int(sizes[:3].sum()))
+    decision = EdgeDecision(logits=None, upload=torch.arange(4), send_input=False, payload={"f": rows},
+                            payload_dtype="int8+zstd")
+    upload = link.send_up(torch.zeros(4, 3, 2, 2), decision, 12, 0)
+    assert upload.index.tolist() == [0, 1, 2] and link.counters.upload_payload_bytes == sizes[:3].sum()
+    assert link.counters.refused_bytes == sizes[3] and sizes[1] < sizes[0]

@@ -119,7 +119,7 @@ def test_payload_encodings_charge_their_real_bytes(dtype, row_bytes):
     torch.manual_seed(0)
     t = torch.randn(5, 3, 2, 2)
     decoded, nbytes = encode(t, dtype)
-    assert nbytes == row_bytes and decoded.shape == t.shape and decoded.dtype == torch.float32
+    assert nbytes.tolist() == [row_bytes] * 5 and decoded.shape == t.shape and decoded.dtype == torch.float32
     scale = t.abs().reshape(5, -1).amax(1) / 127
     error = {None: 0.0, "float32": 0.0, "float16": 1e-3, "int8": float(scale.max()) / 2 + 1e-7}[dtype]
     assert (decoded - t).abs().max() <= error * (1 if dtype != "float16" else float(t.abs().max()))
@@ -128,10 +128,10 @@ def test_payload_encodings_charge_their_real_bytes(dtype, row_bytes):
         assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 127 + 1e-4
 
 
-@pytest.mark.parametrize("dtype", [None, "float32", "float16", "int8"])
+@pytest.mark.parametrize("dtype", [None, "float32", "float16", "int8", "int8+zstd"])
 def test_an_empty_payload_encodes_to_nothing(dtype):
     decoded, nbytes = encode(torch.zeros(0, 3, 2, 2), dtype)
-    assert decoded.shape == (0, 3, 2, 2) and nbytes == encode(torch.zeros(1, 3, 2, 2), dtype)[1]
+    assert decoded.shape == (0, 3, 2, 2) and nbytes.shape == (0,)
 
 
 def test_link_counts_an_upload_exactly():

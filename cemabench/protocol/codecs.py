@@ -11,6 +11,11 @@ The encoder is Pillow's, with these settings (so that anyone can reproduce a byt
 Each image is encoded on its own: a (C, H, W) float image in [0, 1] becomes the uint8 pixels round(255 x), RGB for
 three channels and greyscale for one. Every built-in dataset decodes its images from uint8, so this is exact. The
 versions of Pillow and of the libraries under it are part of a unit's key (:func:`library_versions`).
+
+Payload rows quantised to int8 may also be entropy-coded (``payload_dtype="int8+zstd"``): each row, its float32 scale
+then its int8 symbols, becomes one Zstandard frame (level :data:`ZSTD_LEVEL`, content size written, no checksum, no
+dictionary), charged at the frame's length; the cloud receives what the frame decodes to, which is exactly the int8
+encoding's values (lossless).
 """
 from __future__ import annotations
 
@@ -19,11 +24,40 @@ import io
 import numpy as np
 import PIL
 import torch
+import zstandard
 from PIL import Image, features
 
 from cemabench.config.codecs import parse_input_codec
 
 _MODES = {1: "L", 3: "RGB"}
+ZSTD_LEVEL = 19
+
+
+def zstd_rows(symbols: torch.Tensor, scales: torch.Tensor) -> list[bytes]:
+    """One Zstandard frame per row: the row's scale (float32, little-endian) then its int8 symbols."""
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False,
+                                          write_dict_id=False)
+    q = symbols.reshape(len(symbols), -1).cpu().numpy()
+    s = scales.reshape(-1).float().cpu().numpy().astype("<f4")
+    return [compressor.compress(s[i].tobytes() + q[i].tobytes()) for i in range(len(q))]
+
+
+def unzstd_rows(frames: list[bytes], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 symbols (len(frames), *shape) and float32 scales (len(frames),) that the frames decode to."""
+    decompressor = zstandard.ZstdDecompressor()
+    rows = [np.frombuffer(decompressor.decompress(f), dtype=np.uint8) for f in frames]
+    size = int(np.prod(shape, dtype=np.int64))
+    if any(len(r) != 4 + size for r in rows):
+        raise ValueError(f"a payload frame does not decode to a scale and {size} symbols")
+    scales = torch.from_numpy(np.array([r[:4].view("<f4")[0] for r in rows], dtype=np.float32))
+    symbols = torch.from_numpy(np.stack([r[4:].view(np.int8) for r in rows]).reshape(len(rows), *shape))
+    return symbols, scales
+
+
+def payload_versions() -> dict[str, str]:
+    """The entropy coder's versions, which the bytes of an ``int8+zstd`` payload depend on (part of every unit's key:
+    a method option, not the protocol, chooses the encoding)."""
+    return {"zstandard": zstandard.__version__, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION))}
 
 
 def library_versions(codec: str) -> dict[str, str]:

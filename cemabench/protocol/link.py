@@ -17,7 +17,7 @@ import torch
 
 from cemabench.config import Protocol
 from cemabench.method import Download, EdgeDecision, Upload
-from cemabench.protocol.codecs import InputCodec
+from cemabench.protocol.codecs import InputCodec, unzstd_rows, zstd_rows
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -53,26 +53,37 @@ class LinkCounters:
         return self.download_bytes + self.answer_bytes
 
 
-def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, int]:
-    """A per-sample payload tensor as the cloud decodes it, and the bytes one row of it costs on the link. What it
-    returns may share storage with ``t`` (the link copies what crosses, :func:`Link.send_up`).
+def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, np.ndarray]:
+    """A per-sample payload tensor as the cloud decodes it, and the bytes each of its rows costs on the link (int64,
+    one per row). What it returns may share storage with ``t`` (the link copies what crosses, :func:`Link.send_up`).
 
     ``None`` sends it as produced; ``float32`` / ``float16`` cast floating tensors; ``int8`` quantises each row
-    symmetrically, q = round(t / s) in [-127, 127] with s = max|row| / 127, and sends q plus s as one float32."""
+    symmetrically, q = round(t / s) in [-127, 127] with s = max|row| / 127, and sends q plus s as one float32;
+    ``int8+zstd`` sends each row's s and q as one Zstandard frame (:func:`cemabench.protocol.codecs.zstd_rows`), and
+    the cloud gets what the frame decodes to."""
     row = t[0].numel() if len(t) else int(np.prod(t.shape[1:], dtype=np.int64))
     t = t.detach()
+
+    def each(nbytes: int) -> np.ndarray:
+        return np.full(len(t), nbytes, dtype=np.int64)
+
     if dtype is None or not t.is_floating_point():
-        return t, row * t.element_size()
-    if len(t) == 0:  # nothing to encode; a row still has its price (int8: values plus the scale)
-        return t.float(), row * {"float32": 4, "float16": 2, "int8": 1}[dtype] + (4 if dtype == "int8" else 0)
+        return t, each(row * t.element_size())
+    if len(t) == 0:  # nothing to encode
+        return t.float(), each(0)
     if dtype == "float32":
-        return t.float(), row * 4
+        return t.float(), each(row * 4)
     if dtype == "float16":
-        return t.half().float(), row * 2
+        return t.half().float(), each(row * 2)
     scale = t.abs().reshape(len(t), -1).amax(1).clamp_min(torch.finfo(torch.float32).tiny).float() / 127
     scale = scale.reshape((-1,) + (1,) * (t.dim() - 1))
     q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
-    return q.float() * scale, row + 4
+    if dtype == "int8":
+        return q.float() * scale, each(row + 4)
+    frames = zstd_rows(q, scale)  # int8+zstd: the cloud's values come from the frames that crossed
+    symbols, scales = unzstd_rows(frames, tuple(t.shape[1:]))
+    decoded = symbols.float() * scales.reshape((-1,) + (1,) * (t.dim() - 1))
+    return decoded.to(t.device), np.array([len(f) for f in frames], dtype=np.int64)
 
 
 class Link:
@@ -109,10 +120,10 @@ class Link:
         self.total_bytes += tensor_bytes
         if self.budget is not None:
             index = index[:max(0, self.budget - self.total_uploaded)]
-        payload, row_bytes = {}, 0
+        payload, row_bytes = {}, np.zeros(len(index), dtype=np.int64)  # each uploaded sample's payload rows
         for name, rows in decision.payload.items():
             payload[name], nbytes = encode(rows[:len(index)], decision.payload_dtype)
-            row_bytes += nbytes
+            row_bytes = row_bytes + nbytes
         # the index's values are checked on the device and read with the next batch's checks: until then they are
         # kept in range, so that an invalid one fails its cell instead of the device
         index = index.to(x.device).clamp(0, max(0, len(x) - 1))
@@ -130,7 +141,7 @@ class Link:
         self.total_uploaded += len(index)
         self.counters.uploaded += len(index)
         self.counters.upload_bytes += sum(input_sizes[:fit])
-        self.counters.upload_payload_bytes += len(index) * row_bytes
+        self.counters.upload_payload_bytes += int(row_bytes[:fit].sum())
         self.total_bytes += sent
         self._batch_up_bytes = tensor_bytes + sent
         if coded:  # the cloud gets what the bitstreams that crossed decode to, and nothing of the others

@@ -20,7 +20,7 @@ from cemabench.errors import UserError
 from cemabench.models import zoo
 from cemabench.models.split import probing
 from cemabench.protocol import Execution, Models, native, run_unit
-from cemabench.protocol.codecs import library_versions
+from cemabench.protocol.codecs import library_versions, payload_versions
 from cemabench.protocol.stream import DeviceStreams, build_blocks
 from cemabench.protocol.tasks.detection import original_frame
 from cemabench.provenance import code_digest, fingerprint, versions
@@ -101,7 +101,8 @@ class TableContext:
             "dataset_options": self.choice.options,
             "execution": asdict(self.execution),
             "recorded": {**spec.recorded, **self.choice.recorded},
-            "versions": {**versions(), "meter": native.kind(), **library_versions(spec.protocol.input_codec)},
+            "versions": {**versions(), "meter": native.kind(), **payload_versions(),
+                         **library_versions(spec.protocol.input_codec)},
         }
 
     def code(self, method: str) -> dict[str, str]:
@@ -120,7 +121,8 @@ class TableContext:
         return {"unit": asdict(unit), "dataset": p["dataset"], "models": p["models"], "protocol": p["protocol"],
                 "dataset_options": p["dataset_options"],
                 **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
-                **library_versions(self.spec.protocol.input_codec),  # an input codec's byte counts depend on them
+                # the link's byte counts depend on them: the input codec's and the payload's entropy coder
+                **library_versions(self.spec.protocol.input_codec), **payload_versions(),
                 **({"cpu_numerics": cpu_numerics()} if torch.device(self.execution.device).type == "cpu" else {}),
                 "device": torch.device(self.execution.device).type,
                 "channels_last": self.execution.channels_last, "amp": self.execution.amp,
