@@ -272,6 +272,9 @@ def cmd_run(args) -> int:
           f"cloud {p['models']['foundation']['name']}\n")
     for score in (*scores(doc), UPLOADS):
         print(f"{score.title}:\n{metric_frame(doc, score.key).T.to_markdown()}\n")
+    if any("latency_p95" in c for c in doc["cells"]):  # the time model's per-sample latency
+        for key, what in (("latency_p50", "median"), ("latency_p95", "95th percentile")):
+            print(f"Modelled latency per sample (s), {what}:\n{metric_frame(doc, key, '{:.3g}').T.to_markdown()}\n")
     if p["protocol"].get("input_codec", "raw") != "raw":  # what an uploaded input cost through the codec
         for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
             print(f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:\n"

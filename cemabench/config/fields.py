@@ -74,6 +74,12 @@ class Protocol:
     input_codec: str = _field("raw", f"how an uploaded input crosses the link, charged at its encoded length, the "
                               f"cloud receiving the decoded image: {', '.join(INPUT_CODECS)} (Q: quality 1-100)",
                               stream=True)
+    # modelled compute time: with either throughput set, a batch's counted FLOPs take time on its side (the time model)
+    edge_flops_per_s: float | None = _field(None, "edge throughput in FLOP/s: the edge step takes its counted FLOPs / "
+                                            "this (the time model)", low=0, above=True, unset="no compute time")
+    cloud_flops_per_s: float | None = _field(None, "cloud throughput in FLOP/s: a cloud step takes its counted FLOPs / "
+                                             "this, one step at a time in arrival order (the time model)", low=0,
+                                             above=True, unset="no compute time")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -86,11 +86,26 @@ def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, np.ndarray
     return decoded.to(t.device), np.array([len(f) for f in frames], dtype=np.int64)
 
 
+class CloudClock:
+    """The cloud's time under the time model: when it is next free. Edges that share one cloud share one clock, so
+    their steps queue in the order they arrive (first in, first out)."""
+
+    def __init__(self):
+        self.free_at = 0.0
+
+
 class Link:
-    """Everything that crosses between edge and cloud: encoded, counted, budgeted and delayed here."""
+    """Everything that crosses between edge and cloud: encoded, counted, budgeted and delayed here.
+
+    Under the time model (``edge_flops_per_s`` and/or ``cloud_flops_per_s``), batch t of a device arrives at
+    t * ``batch_interval``; its edge step takes its counted FLOPs / edge throughput; its upload leaves when the step
+    ends and takes ``transfer_seconds``; the cloud starts its step when the upload is in and the cloud is free
+    (:class:`CloudClock`), and takes its counted FLOPs / cloud throughput; answers and downloads leave when the step
+    ends. A sample's latency is the time from its batch's arrival to its prediction: the edge step's, or for an
+    answer that counts, the answer's arrival. Nothing here reads a clock: the numbers depend on counts only."""
 
     def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None,
-                 protocol: Protocol | None = None):
+                 protocol: Protocol | None = None, clock: CloudClock | None = None):
         self.budget, self.budget_bytes, self.delay = budget, budget_bytes, delay
         self.protocol = protocol or Protocol()
         self._batch_up_bytes = 0  # what the current batch sent up: its answers and downloads wait for it to cross
@@ -100,6 +115,13 @@ class Link:
         self._in_flight: deque[tuple[int, Download]] = deque()
         self.codec = None if self.protocol.input_codec == "raw" else InputCodec(self.protocol.input_codec)
         self._input_sizes: list[int] = []  # under a codec: each uploaded input's encoded length, in this domain
+        p = self.protocol
+        self.timed = p.edge_flops_per_s is not None or p.cloud_flops_per_s is not None  # the time model is on
+        self.clock = clock or CloudClock()
+        self._arrival = self._edge_seconds = 0.0  # the current batch's arrival and edge step, in modelled seconds
+        self._cloud_done: float | None = None  # when the cloud's step on the current batch ended
+        self._answered: tuple[int, float] = (0, 0.0)  # answers of the current batch that count, and their latency
+        self._latencies: list[float] = []  # each sample's, in this domain (time model only)
 
     def _bytes_left(self) -> float:
         return float("inf") if self.budget_bytes is None else max(0, self.budget_bytes - self.total_bytes)
@@ -161,18 +183,51 @@ class Link:
         before the deadline (the late ones are counted, and do not count)."""
         self.counters.answers += count
         self.counters.answer_bytes += nbytes
-        deadline = self.protocol.answer_deadline
-        if deadline is not None and self._round_trip(nbytes) > deadline:
+        deadline, round_trip = self.protocol.answer_deadline, self._round_trip(nbytes)
+        if deadline is not None and round_trip > deadline:
             self.counters.late_answers += count
             return False
+        self._answered = (count, round_trip)
         return True
 
+    def edge_step(self, batch_index: int, flops: int) -> None:
+        """A batch arrived and its edge step counted ``flops`` (the time model's clock starts the batch here)."""
+        self._arrival = batch_index * self.protocol.batch_interval
+        rate = self.protocol.edge_flops_per_s
+        self._edge_seconds = flops / rate if rate else 0.0
+        self._cloud_done, self._answered = None, (0, 0.0)
+
+    def cloud_step(self, flops: int) -> None:
+        """The cloud's step on this batch's upload counted ``flops``: under the time model it waits for the upload
+        and for the cloud's earlier steps, then takes flops / cloud throughput."""
+        if not self.timed:
+            return
+        rate = self.protocol.cloud_flops_per_s
+        uploaded = self._arrival + self._edge_seconds + self._transfer(self._batch_up_bytes)
+        start = max(uploaded, self.clock.free_at) if rate else uploaded
+        self._cloud_done = start + (flops / rate if rate else 0.0)
+        if rate:
+            self.clock.free_at = self._cloud_done
+
+    def _transfer(self, nbytes: int) -> float:
+        return self.protocol.transfer_seconds(nbytes) if self.protocol.bandwidth or self.protocol.latency else 0.0
+
     def _round_trip(self, down_bytes: int) -> float:
-        """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge (cloud time not
-        modelled: it would make the numbers depend on the machine)."""
-        if not self.protocol.bandwidth and not self.protocol.latency:
-            return 0.0
-        return self.protocol.transfer_seconds(self._batch_up_bytes) + self.protocol.transfer_seconds(down_bytes)
+        """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge: the upload's and
+        the download's transfers, and under the time model the edge step, the wait for the cloud and its step."""
+        if not self.timed:
+            return self._transfer(self._batch_up_bytes) + self._transfer(down_bytes)
+        done = self._cloud_done
+        if done is None:  # no cloud step on this batch
+            done = self._arrival + self._edge_seconds + self._transfer(self._batch_up_bytes)
+        return done - self._arrival + self._transfer(down_bytes)
+
+    def finish_batch(self, samples: int) -> None:
+        """The batch's predictions are made: under the time model, each sample's latency is the edge step's, or its
+        answer's round trip where an answer counted."""
+        if self.timed:
+            count, latency = self._answered
+            self._latencies += [latency] * count + [self._edge_seconds] * max(0, samples - count)
 
     def send_down(self, download: Download, batch_index: int) -> None:
         nbytes = _nbytes(download)
@@ -189,9 +244,11 @@ class Link:
             out.append(self._in_flight.popleft()[1])
         return out
 
-    def next_domain(self) -> tuple[LinkCounters, list[int] | None]:
-        """This domain's counters, and under an input codec each uploaded input's encoded length (None for raw)."""
+    def next_domain(self) -> tuple[LinkCounters, list[int] | None, list[float] | None]:
+        """This domain's counters; under an input codec each uploaded input's encoded length, and under the time
+        model each sample's latency (each None when off)."""
         done, self.counters = self.counters, LinkCounters()
         sizes, self._input_sizes = self._input_sizes, []
-        return done, (None if self.codec is None else sizes)
+        latencies, self._latencies = self._latencies, []
+        return done, (None if self.codec is None else sizes), (latencies if self.timed else None)
 

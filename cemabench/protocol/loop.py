@@ -32,7 +32,7 @@ from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
-from cemabench.protocol.link import Link
+from cemabench.protocol.link import CloudClock, Link
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_reply
 from cemabench.protocol.scoring import Diverged, DomainResult, note
@@ -186,9 +186,10 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
+    clock = CloudClock()  # the time model's: edges that share the cloud queue for it
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
-                       Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol),
-                       device, task) for d, blocks in enumerate(streams)]
+                       Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol,
+                            clock), device, task) for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
     try:
@@ -209,7 +210,9 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                 with autocast():
                     decision = dev.edge_time.run(dev.edge.step, x, task, checks)
                 hygiene.check_modes(depths, "the edge step")
-                result.edge_flops += dev.edge.meter.take()
+                flops = dev.edge.meter.take()
+                result.edge_flops += flops
+                link.edge_step(batch_index, flops)
                 scored = task.own(decision, checks, batch_index)
                 # the one synchronisation per batch: the previous batch's checks (its seal, indices and logits, its
                 # cloud reply's downloads and answers), read once this batch's edge step is queued, so that the
@@ -227,7 +230,9 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                     hygiene.check_modes(depths, "the cloud step")
                     for other in devices:  # the cloud's code can reach any edge's objects in this process
                         other.edge.check_untouched(checks, "the cloud step")
-                    result.cloud_flops += cloud_meter.take()
+                    flops = cloud_meter.take()
+                    result.cloud_flops += flops
+                    link.cloud_step(flops)
                     result.cloud_forward_samples_grad += cloud_passes.with_grad - passes[0]
                     result.cloud_forward_samples_nograd += cloud_passes.without_grad - passes[1]
                     dev.cloud_ran = dev.cloud_ran or len(upload) > 0 or bool(upload.tensors)
@@ -244,6 +249,7 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                 elif decision.await_answers:
                     raise ValueError("the edge awaits answers, but the method has no cloud to answer")
                 dev.predicted.append(task.record(scored, len(x)))  # rows no one answered: no prediction at all
+                link.finish_batch(len(x))
                 dev.batch_index += 1
                 dev.stream_position += len(x)
             if not active:
@@ -332,7 +338,7 @@ class _EdgeDevice:
         result.edge_seconds += self.edge_time.take()
         result.cloud_seconds += self.cloud_time.take()
         self.task.score(result, block, self.predicted)
-        result.link, result.input_sizes = self.link.next_domain()
+        result.link, result.input_sizes, result.latencies = self.link.next_domain()
         result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before
         result.peak_memory_bytes = peak_memory(self.device)
         results[(self.index, block.result)].add(result, block)

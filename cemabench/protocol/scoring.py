@@ -45,6 +45,7 @@ class DomainResult:
     device: int = 0  # the edge device, when several share the cloud
     metrics: dict = field(default_factory=dict)  # a task's own scores (detection: map, map50, ar100); then no accuracy
     input_sizes: list | None = None  # under an input codec: each uploaded input's encoded length (None: raw pixels)
+    latencies: list | None = None  # under the time model: each sample's modelled latency in seconds (None: off)
 
     _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
                "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
@@ -57,6 +58,8 @@ class DomainResult:
         self.link.add(part.link)
         if part.input_sizes is not None:
             self.input_sizes = (self.input_sizes or []) + part.input_sizes
+        if part.latencies is not None:
+            self.latencies = (self.latencies or []) + part.latencies
         self.segments.append({"segment": block.segment, "round": block.round, "severity": block.severity,
                               "seen": part.seen, "correct": part.correct})
         for domain, (seen, correct) in part.by_domain.items():
@@ -85,7 +88,11 @@ class DomainResult:
         out = asdict(self)
         del out["metrics"]  # a task's own scores are columns of the cell, like accuracy (classification has none)
         out.update(self.metrics)
-        sizes = out.pop("input_sizes")
+        sizes, latencies = out.pop("input_sizes"), out.pop("latencies")
+        if latencies is not None:  # the time model's per-sample latency, in seconds (percentiles: numpy's linear)
+            out.update({f"latency_{k}": (float(f(latencies)) if latencies and self.status == "ok" else None)
+                        for k, f in (("mean", np.mean), ("p50", np.median),
+                                     ("p95", lambda v: np.percentile(v, 95)))})
         if sizes is not None:  # an input codec's bytes per uploaded input (p95: numpy's linear percentile)
             out.update(input_bytes_mean=float(np.mean(sizes)) if sizes else None,
                        input_bytes_p95=float(np.percentile(sizes, 95)) if sizes else None)

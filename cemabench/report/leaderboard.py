@@ -195,6 +195,10 @@ def cost_frame(doc: dict) -> pd.DataFrame:
                                          if group["downloads"].sum() else "-"),
             "late answers": f"{group['late_answers'].sum() / seeds:,.0f}",
         }
+        if "latency_p95" in group:  # the time model's: the median over domains of each domain's percentile
+            for key, name in (("latency_p50", "latency p50 (s)"), ("latency_p95", "latency p95 (s)")):
+                values = group[key].dropna()
+                rows[label][name] = f"{values.median():.3g}" if len(values) else "-"
         if "input_bytes_mean" in group:  # inputs through a codec: their mean encoded length, pooled over domains
             rows[label]["input B / upload"] = (f"{group['upload_bytes'].sum() / group['uploaded'].sum():,.0f}"
                                                if group["uploaded"].sum() else "-")
@@ -427,6 +431,11 @@ def protocol_line(proto: dict) -> str:
             f"{proto['upload_budget'] or 'none'}")
     if proto.get("upload_budget_bytes") is not None:
         text += f", byte budget {proto['upload_budget_bytes']:,}"
+    if proto.get("edge_flops_per_s") is not None or proto.get("cloud_flops_per_s") is not None:
+        rates = [f"{proto[k]:g} FLOP/s" if proto[k] is not None else "no compute time"
+                 for k in ("edge_flops_per_s", "cloud_flops_per_s")]
+        text += (f"; time model: edge {rates[0]}, cloud {rates[1]} (its steps one at a time, first in first out), one "
+                 f"batch every {proto['batch_interval']} s")
     if proto.get("input_codec", "raw") != "raw":
         text += f", inputs sent as {proto['input_codec']} (Pillow; charged at their encoded length)"
     if proto.get("bandwidth") or proto.get("latency"):
