@@ -239,6 +239,7 @@ def cmd_run(args) -> int:
     from cemabench.report.leaderboard import (
         UPLOADS,
         metric_frame,
+        miniature_words,
         options_text,
         protocol_line,
         scores,
@@ -265,7 +266,7 @@ def cmd_run(args) -> int:
         Path(args.out).write_text(_dumps(doc, args))
     p = doc["provenance"]
     if p["miniature"]:
-        print("# EMBEDDED MINIATURE: numbers for checking the code path, not for comparison\n")
+        print(f"# {miniature_words(doc)}: numbers for checking the code path, not for comparison\n")
     (method,) = doc["methods"]
     print(f"{label} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity {severity_text(p)}; "
           f"{setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge {p['models']['edge']['name']}, "

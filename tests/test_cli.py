@@ -80,8 +80,10 @@ def test_a_pair_without_a_foundation_names_the_key(capsys, tmp_path):
 def test_run_prints_a_table_and_writes_json(capsys, tmp_path):
     out = tmp_path / "cells.json"
     code, stdout, _ = run(capsys, "run", "--method", "bn-adapt", "--domains", "fog", "contrast", "--out", str(out))
-    assert code == 0 and "EMBEDDED MINIATURE" in stdout and "| fog" in stdout
-    cells = json.loads(out.read_text())["cells"]
+    assert code == 0 and "# EMBEDDED MINIATURE: numbers" in stdout and "| fog" in stdout  # outside a table: no "NOT"
+    doc = json.loads(out.read_text())
+    assert (doc["dataset"], doc["stands_for"]) == ("miniature-digits-c", None)  # it stands in for no real table
+    cells = doc["cells"]
     assert [c["domain"] for c in cells] == ["fog", "contrast"] and all(c["status"] == "ok" for c in cells)
 
 
