@@ -14,6 +14,7 @@ from cemabench.errors import UserError
 from cemabench.report.check import compare
 from cemabench.report.leaderboard import render, terminal_summary
 from cemabench.run.document import DOC_SCHEMA, current
+from cemabench.tables.spec import load_table
 from conftest import write_spec
 
 ROOT = Path(__file__).parent.parent
@@ -62,6 +63,15 @@ def test_an_old_document_renders_as_its_upgrade_says_which_data_ran_and_what_it_
     assert data.startswith("- **Data**: miniature-digits-c (EMBEDDED MINIATURE), standing in for cifar10-c;")
     assert "imagenet" not in data.lower()  # the miniature's data line once said "not ImageNet-C" on a CIFAR table
     assert "EMBEDDED MINIATURE, NOT CIFAR10-C: never compare" in terminal_summary(_old())
+
+
+def test_every_committed_leaderboard_is_of_todays_schema_and_names_what_it_stands_for():
+    for path in sorted((ROOT / "leaderboards").glob("*.miniature.json")):
+        doc = json.loads(path.read_text())
+        spec = load_table(doc["table"])
+        assert doc["schema"] == DOC_SCHEMA and "real_dataset" not in doc, path.name
+        assert (doc["dataset"], doc["stands_for"]) == (spec.miniature.dataset, spec.real.dataset), path.name
+        assert all("upload_ratio" not in c and "upload_percent" in c for c in doc["cells"]), path.name
 
 
 def test_check_reads_an_old_document_on_either_side_and_still_compares_the_upload_percentage(capsys, tmp_path):
