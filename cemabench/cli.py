@@ -236,16 +236,7 @@ def cmd_run(args) -> int:
     import tempfile
 
     from cemabench.protocol import Execution
-    from cemabench.report.leaderboard import (
-        UPLOADS,
-        metric_frame,
-        miniature_words,
-        options_text,
-        protocol_line,
-        scores,
-        setting_line,
-        severity_text,
-    )
+    from cemabench.report.leaderboard import run_summary
     from cemabench.run.runner import reproduce
 
     spec, label = _run_spec(args)
@@ -255,7 +246,8 @@ def cmd_run(args) -> int:
         _writable(args.store, "--store", folder=True)
     with tempfile.TemporaryDirectory(prefix="cemabench-run-") as scratch:
         doc = reproduce(spec, args.data_root, Path(args.store or scratch), jobs=args.jobs,
-                        execution=Execution(args.device, args.channels_last, args.amp), progress=False,
+                        execution=Execution(args.device, args.channels_last, args.amp),
+                        progress=sys.stderr.isatty(),  # a bar in a terminal; none in a log or a pipe
                         models={"edge": args.edge, "foundation": args.foundation},
                         dataset_options=dict(_dataset_option(o) for o in args.dataset_option),
                         executor=args.executor, address=args.address, weights=args.weights, limits=_limits(args),
@@ -264,15 +256,7 @@ def cmd_run(args) -> int:
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
         Path(args.out).write_text(_dumps(doc, args))
-    p = doc["provenance"]
-    if p["miniature"]:
-        print(f"# {miniature_words(doc)}: numbers for checking the code path, not for comparison\n")
-    (method,) = doc["methods"]
-    print(f"{label} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity {severity_text(p)}; "
-          f"{setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge {p['models']['edge']['name']}, "
-          f"cloud {p['models']['foundation']['name']}\n")
-    for score in (*scores(doc), UPLOADS):
-        print(f"{score.title}:\n{metric_frame(doc, score.key).T.to_markdown()}\n")
+    print(run_summary(doc))
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     for c in failed:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",

@@ -383,6 +383,7 @@ def test_run_with_a_table_gives_the_tables_number_and_says_how_it_was_made(tmp_p
     assert p["dataset"]["dataset"].startswith("miniature-digits-c") and p["versions"]["torch"]
     assert (doc["dataset"], doc["stands_for"]) == ("miniature-digits-c", "imagenet-c")
     assert "# EMBEDDED MINIATURE, NOT IMAGENET-C: numbers for checking" in out  # the table's real dataset, named
+    assert "cema (redundancy_margin=0.5) on miniature-digits-c" in out  # the table's options, which differ from cema's
 
 
 def test_the_weights_folder_is_a_parameter_of_the_context_with_the_environment_as_fallback(tmp_path, monkeypatch):

@@ -318,6 +318,25 @@ def terminal_summary(doc: dict) -> str:
     return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), "", *_failed_cells(doc)])
 
 
+def run_summary(doc: dict) -> str:
+    """What `cemabench run` prints for its one method: on a miniature, that it is one; the method with its options,
+    the data, severity, setting, protocol and models; each score per domain; and what each † in them means."""
+    doc = current(doc)
+    p = doc["provenance"]
+    (method,) = doc["methods"]
+    lines = [f"# {miniature_words(doc)}: numbers for checking the code path, not for comparison", ""] \
+        if p["miniature"] else []
+    lines += [f"{method['label']} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity "
+              f"{severity_text(p)}; {setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge "
+              f"{p['models']['edge']['name']}, cloud {p['models']['foundation']['name']}", ""]
+    for score in (*scores(doc), UPLOADS):
+        lines += [f"{score.title}:", metric_frame(doc, score.key).T.to_markdown(), ""]
+    several = len(doc["seeds"]) > 1
+    lines += [f"{NOTE_MARK} {c['domain']}" + (f" / seed {c['seed']}" if several else "") + f": {c['note']}"
+              for c in doc["cells"] if c["status"] == "ok" and c["note"]]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
 def _relative(value: float, reference: float | None) -> str:
     return "-" if reference is None or reference == 0 else f"{value / reference:.2f}"
 
