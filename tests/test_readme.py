@@ -49,6 +49,22 @@ def test_every_subcommand_in_the_synopsis_exists():
     assert named == _subcommands(build_parser())  # and the synopsis is complete
 
 
+def test_the_synopsis_names_every_flag_of_each_command():
+    """Issue 23: the `reproduce` synopsis lacked --devices, --device-streams and --cloud-capacity. `status` takes
+    the flags of `reproduce` (except --no-progress), as its synopsis says."""
+    synopsis = _code_blocks(_section(README, "Commands"))[0][1]
+    parts = re.split(r"^cemabench (\S+)", synopsis, flags=re.MULTILINE)[1:]
+    shown = dict(zip(parts[0::2], parts[1::2], strict=True))
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)][0].choices
+    flags = {name: {o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+             for name, sub in actions.items()}
+    missing = {name: sorted(f for f in flags[name] if not re.search(rf"{re.escape(f)}(?![\w-])", shown[name]))
+               for name in shown if name != "status"}
+    assert missing == {name: [] for name in missing}
+    assert "the flags of reproduce, except --no-progress" in shown["status"]
+    assert flags["status"] == flags["reproduce"] - {"--no-progress"}
+
+
 def test_the_extends_example_plans_as_written(tmp_path, capsys):
     """The README's `extends` block, saved as a file, is a valid table: `status` plans it (every method, label and
     option resolves) and finds its 16 x 2 units missing, where an unknown method or a repeated label is exit 2."""
