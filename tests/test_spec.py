@@ -143,6 +143,17 @@ def test_bad_extends_and_values_are_one_line_user_errors(tmp_path, capsys, files
     assert message in err and err.count("\n") == 1
 
 
+def test_a_label_used_twice_says_how_the_entries_are_counted(tmp_path):
+    """Issue 23: the README's extends example, with tent added once more, said "label 'tent' is used twice" and named
+    [[methods]] where the user wrote [[add_methods]]."""
+    path = _write(tmp_path, "mine.toml", 'extends = "table2"\nname = "mine"\n[[add_methods]]\nname = "tent"\n')
+    with pytest.raises(UserError) as caught:
+        load_table(str(path))
+    message = str(caught.value)
+    assert "label 'tent' is used twice (methods #" in message and 'label = "tent-2"' in message
+    assert "counting an extended spec's methods first, then [[add_methods]]" in message
+
+
 def test_a_spec_that_extends_without_a_name_of_its_own_is_refused(tmp_path, capsys):
     """Issue 23: it used to write OUT/table2.md for one domain, titled as the full table."""
     from cemabench.cli import main
