@@ -64,7 +64,12 @@ def test_an_unknown_option_is_refused_before_any_compute(tmp_path, capsys):
     assert "has no option 'momentun'" in capsys.readouterr().err and not (tmp_path / "cells").exists()
 
 
-def test_cli_sweep_writes_markdown_json_and_a_plot(tmp_path, capsys):
+def test_cli_sweep_writes_markdown_json_and_a_plot(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or save(self, *a, **k))
     path = tmp_path / "mix.toml"
     path.write_text(SWEEP)
     assert main(["sweep", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
@@ -82,6 +87,8 @@ def test_cli_sweep_writes_markdown_json_and_a_plot(tmp_path, capsys):
         assert sweep_means(table, "upload_percent")["bn-adapt momentum=0.1"] == 0.0  # an edge-only method
     image = matplotlib.image.imread(tmp_path / "mix.png")
     assert image.shape[0] > 300 and image.shape[1] > 600
+    # issue 23: every miniature output says so as the tables do, plots included (it said "embedded miniature")
+    assert figures[0]._suptitle.get_text() == "mix: mean over 1 domain(s), EMBEDDED MINIATURE, NOT IMAGENET-C"
 
 
 def test_shipped_sweeps_load_and_sweep_cema_at_severities_3_and_5():

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from cemabench.report.leaderboard import data_line, metric_frame, miniature_banner, protocol_line, setting_line
+from cemabench.report.leaderboard import (
+    data_line,
+    metric_frame,
+    miniature_banner,
+    miniature_words,
+    protocol_line,
+    setting_line,
+)
 from cemabench.run.document import current
 from cemabench.tables.metrics import UPLOAD_PERCENT
 from cemabench.tables.sweep import point_label
@@ -108,7 +115,7 @@ def plot_sweep(doc: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     first = next(iter(doc["tables"].values()))
-    data = "embedded miniature" if first["provenance"]["miniature"] else first["provenance"]["dataset"]["dataset"]
+    data = miniature_words(first) if first["provenance"]["miniature"] else first["provenance"]["dataset"]["dataset"]
     figure.suptitle(f"{doc['sweep']}: mean over {len(first['provenance']['domains'])} domain(s), {data}")
     figure.savefig(path, dpi=120)
     plt.close(figure)
