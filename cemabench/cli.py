@@ -236,15 +236,7 @@ def cmd_run(args) -> int:
     import tempfile
 
     from cemabench.protocol import Execution
-    from cemabench.report.leaderboard import (
-        UPLOADS,
-        metric_frame,
-        options_text,
-        protocol_line,
-        scores,
-        setting_line,
-        severity_text,
-    )
+    from cemabench.report.leaderboard import run_summary
     from cemabench.run.runner import reproduce
 
     spec, label = _run_spec(args)
@@ -254,7 +246,8 @@ def cmd_run(args) -> int:
         _writable(args.store, "--store", folder=True)
     with tempfile.TemporaryDirectory(prefix="cemabench-run-") as scratch:
         doc = reproduce(spec, args.data_root, Path(args.store or scratch), jobs=args.jobs,
-                        execution=Execution(args.device, args.channels_last, args.amp), progress=False,
+                        execution=Execution(args.device, args.channels_last, args.amp),
+                        progress=sys.stderr.isatty(),  # a bar in a terminal; none in a log or a pipe
                         models={"edge": args.edge, "foundation": args.foundation},
                         dataset_options=dict(_dataset_option(o) for o in args.dataset_option),
                         executor=args.executor, address=args.address, weights=args.weights, limits=_limits(args),
@@ -263,22 +256,7 @@ def cmd_run(args) -> int:
     doc["cells"] = [c for c in doc["cells"] if c["method"] == label]
     if args.out:  # files before stdout: a reader that closes it early (`| head`) loses nothing
         Path(args.out).write_text(_dumps(doc, args))
-    p = doc["provenance"]
-    if p["miniature"]:
-        print("# EMBEDDED MINIATURE: numbers for checking the code path, not for comparison\n")
-    (method,) = doc["methods"]
-    print(f"{label} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity {severity_text(p)}; "
-          f"{setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge {p['models']['edge']['name']}, "
-          f"cloud {p['models']['foundation']['name']}\n")
-    for score in (*scores(doc), UPLOADS):
-        print(f"{score.title}:\n{metric_frame(doc, score.key).T.to_markdown()}\n")
-    if any("latency_p95" in c for c in doc["cells"]):  # the time model's per-sample latency
-        for key, what in (("latency_p50", "median"), ("latency_p95", "95th percentile")):
-            print(f"Modelled latency per sample (s), {what}:\n{metric_frame(doc, key, '{:.3g}').T.to_markdown()}\n")
-    if p["protocol"].get("input_codec", "raw") != "raw":  # what an uploaded input cost through the codec
-        for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
-            print(f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:\n"
-                  f"{metric_frame(doc, key, '{:.0f}').T.to_markdown()}\n")
+    print(run_summary(doc))
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     for c in failed:
         print(f"{c['domain']}: {c['status']}: {c['message'].strip().splitlines()[0] if c['message'] else ''}",

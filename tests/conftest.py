@@ -148,7 +148,7 @@ def write_spec(path, methods, domains=("fog",)) -> str:
     return str(path)
 
 
-RESULT_NUMBERS = ("status", "seen", "correct", "accuracy", "upload_ratio", "link", "edge_forward_samples",
+RESULT_NUMBERS = ("status", "seen", "correct", "accuracy", "upload_percent", "link", "edge_forward_samples",
                   "cloud_forward_samples_grad", "cloud_forward_samples_nograd")
 
 

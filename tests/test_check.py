@@ -15,7 +15,7 @@ COMMITTED = Path(__file__).parent.parent / "leaderboards" / "table2.miniature.js
 
 def _cell(method, domain, seed, accuracy, status="ok"):
     return {"method": method, "domain": domain, "seed": seed, "status": status, "message": "", "note": "",
-            "accuracy": accuracy, "upload_ratio": 10.0}
+            "accuracy": accuracy, "upload_percent": 10.0}
 
 
 def _doc(cells):

@@ -245,7 +245,7 @@ def test_the_real_eccentric_table_runs_on_generated_cifar10_c_with_the_zoos_mode
     assert {k: v["name"] for k, v in doc["provenance"]["models"].items()} == {
         "edge": "cifar:resnet20@cifar10", "foundation": "cifar:resnet56@cifar10"}
     [cell] = doc["cells"]
-    assert cell["status"] == "ok" and cell["seen"] == 20 and cell["upload_ratio"] == 100.0
+    assert cell["status"] == "ok" and cell["seen"] == 20 and cell["upload_percent"] == 100.0
     assert cell["bytes_up_per_sample"] == 16 * 32 * 32 + 4  # the layer1 feature map as int8, plus its fp32 scale
     assert cell["bytes_down_per_sample"] == 10 * 4  # the cloud's fp32 logits
     with weights_folder(folder):

@@ -1,5 +1,7 @@
 import json
+import sys
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -79,12 +81,31 @@ def test_a_pair_without_a_foundation_names_the_key(capsys, tmp_path):
     assert code == 2 and "[data.real] pairs.r18-vit: missing required key 'foundation'" in err
 
 
-def test_run_prints_a_table_and_writes_json(capsys, tmp_path):
+def test_run_prints_a_table_and_writes_json(capsys, tmp_path, monkeypatch):
     out = tmp_path / "cells.json"
-    code, stdout, _ = run(capsys, "run", "--method", "bn-adapt", "--domains", "fog", "contrast", "--out", str(out))
-    assert code == 0 and "EMBEDDED MINIATURE" in stdout and "| fog" in stdout
-    cells = json.loads(out.read_text())["cells"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # in a terminal, run shows its progress (issue 23)
+    code, stdout, err = run(capsys, "run", "--method", "bn-adapt", "--domains", "fog", "contrast", "--out", str(out))
+    assert code == 0 and "# EMBEDDED MINIATURE: numbers" in stdout and "| fog" in stdout  # outside a table: no "NOT"
+    assert "run-bn-adapt (miniature): 100%" in err and "2/2" in err
+    # what ran, before its numbers: method and options, data, severity, setting, protocol, models (issue 23)
+    assert ("bn-adapt (defaults) on miniature-digits-c (EMBEDDED MINIATURE), severity 5; `per-domain`" in stdout
+            and "edge batch 64, delivery delay 0" in stdout and "edge mini:edge, cloud mini:foundation" in stdout)
+    doc = json.loads(out.read_text())
+    assert (doc["dataset"], doc["stands_for"]) == ("miniature-digits-c", None)  # it stands in for no real table
+    cells = doc["cells"]
     assert [c["domain"] for c in cells] == ["fog", "contrast"] and all(c["status"] == "ok" for c in cells)
+
+
+def test_run_says_what_each_dagger_means():
+    """Issue 23: a "†" in run's output had no legend."""
+    from cemabench.report.leaderboard import run_summary
+
+    doc = json.loads((Path(__file__).parents[1] / "leaderboards" / "multi-edge.miniature.json").read_text())
+    doc.update(methods=[m for m in doc["methods"] if m["label"] == "tent"],
+               cells=[c for c in doc["cells"] if c["method"] == "tent"])
+    text = run_summary(doc)
+    assert "| gaussian_noise | 96.5†" in text  # run prints a method's scores as a column
+    assert "† gaussian_noise: cloud at capacity: 512 samples could not be uploaded" in text.splitlines()
 
 
 def _doc(accuracy):

@@ -289,7 +289,7 @@ def test_hard_example_offload_runs_on_detection_between_edge_and_cloud(tmp_path)
     _, cloud = _run(tmp_path, "cloud-only")
     code, doc = _run(tmp_path, "hard-example-offload", "--option", "router=ibt")
     (cell,), (low,), (high,) = doc["cells"], edge_only["cells"], cloud["cells"]
-    assert code == 0 and low["map"] < cell["map"] <= high["map"] + 1 and 0 < cell["upload_ratio"] < 100
+    assert code == 0 and low["map"] < cell["map"] <= high["map"] + 1 and 0 < cell["upload_percent"] < 100
 
 
 @pytest.mark.parametrize("router, dataset, words", [

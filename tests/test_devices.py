@@ -178,7 +178,7 @@ def _doc(cells, devices=2, setting="continual"):
 def _cell(device, status="ok", correct=5):
     return {"method": "m", "seed": 0, "domain": "a", "device": device, "status": status, "note": "", "seen": 10,
             "correct": correct, "accuracy": 10.0 * correct if status == "ok" else None, "message": "",
-            "upload_ratio": 0.0, "link": {"uploaded": 0, "busy": 0, "downloads": 0, "download_delay_batches": 0,
+            "upload_percent": 0.0, "link": {"uploaded": 0, "busy": 0, "downloads": 0, "download_delay_batches": 0,
                                           "bytes_up": 0, "bytes_down": 0}}
 
 

@@ -142,8 +142,8 @@ def test_a_plugin_that_poisons_another_methods_artefact_cannot_write_it_isolated
         cells[mode] = {c["method"]: c for c in json.loads((tmp_path / mode / "small.json").read_text())["cells"]}
     poisoned, honest = cells["inline"]["ecc-independent"], cells["isolated"]["ecc-independent"]
     # the hole, in-process: a zeroed edge is unsure of every sample, and ecc-independent uploads them all, silently
-    assert poisoned["status"] == "ok" and poisoned["training"]["cached"] and poisoned["upload_ratio"] == 100.0
-    assert honest["status"] == "ok" and not honest["training"]["cached"] and honest["upload_ratio"] < 90
+    assert poisoned["status"] == "ok" and poisoned["training"]["cached"] and poisoned["upload_percent"] == 100.0
+    assert honest["status"] == "ok" and not honest["training"]["cached"] and honest["upload_percent"] < 90
     refused = cells["isolated"]["poisons-an-artefact"]
     assert refused["status"] == "error" and "Permission denied" in refused["message"]
 

@@ -142,6 +142,8 @@ def test_an_address_without_the_ray_executor_is_refused_not_ignored(capsys, tmp_
     (["run", "--method", "source", "--dataset", "cifar10-c", "--data-root", "{root}", "--edge", "cifar:Standard",
       "--foundation", "cifar:Standard",
       "--dataset-option", "foo=1"], "dataset 'cifar10-c' has no option 'foo'; valid options: n_examples"),
+    (["reproduce", "table2", "--data-root", "{root}", "--dataset-option", "worker=4"],
+     "dataset 'imagenet-c' has no option 'worker'; valid options: subset, subset_file, workers"),
     (["run", "--method", "source", "--dataset-option", "workers"],
      "--dataset-option takes KEY=VALUE (e.g. --dataset-option workers=8), got 'workers'"),
 ])
@@ -314,6 +316,28 @@ def test_list_fits_the_terminal_and_cuts_nothing(what, columns, capsys, monkeypa
     if what != "tables":
         flat = out.replace(" ", "").replace("|", "").replace("\n", "")
         assert all(name in flat for name in registry.available(what))
+
+
+def test_list_describes_each_plugin_by_its_whole_first_sentence():
+    """Issue 23: `list datasets` and `list models` cut descriptions at the docstring's first line end."""
+    from cemabench import registry
+    from cemabench.cli import _about, _first_line
+
+    class Documented:
+        """A first sentence that runs
+        over two lines. A second one."""
+
+    assert _first_line(Documented) == "A first sentence that runs over two lines."
+    for kind in ("datasets", "models"):
+        cut = [name for name in registry.available(kind) if not _about(kind, name).endswith(".")]
+        assert cut == [], kind
+
+
+def test_the_ray_extra_installs_what_a_ray_address_needs():
+    """Issue 23: the README's `--address ray://head:10001` needs Ray Client, which the `ray` extra did not install."""
+    from importlib.metadata import requires
+
+    assert 'ray[client]>=2.9; extra == "ray"' in requires("cemabench")
 
 
 @pytest.mark.parametrize("address, words", [

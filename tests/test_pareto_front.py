@@ -123,3 +123,25 @@ def test_each_knob_sweep_is_its_own_line_and_its_points_say_their_value():
     assert series == ["hard-example-offload:ibt", "hard-example-offload:ibt", "hard-example-offload:threshold",
                       "confidence-offload", "ecc-adaptive", "ecc-adaptive"]
     assert points == ["@0.5", "@0.8", "@0.5", "@0.7", "ecc-a:l1>l2,r1", "ecc-a:l2>l3,r2"]
+
+
+def test_the_tradeoff_plot_gives_each_sweep_its_own_colour_and_says_it_is_the_miniature(tmp_path, monkeypatch):
+    """Issue 23: bn-adapt and random-upload were both blue, lame and confidence-offload both orange, and the title
+    said "table2: ImageNet-C, severity 5" over miniature numbers."""
+    import json
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    from cemabench.report.leaderboard import write_tradeoff_plot
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or save(self, *a, **k))
+    doc = json.loads((Path(__file__).parents[1] / "leaderboards" / "table2.miniature.json").read_text())
+    assert write_tradeoff_plot(doc, tmp_path / "t.png")
+    (figure,) = figures
+    sweeps = [h for h in figure.legends[0].legend_handles if h.get_linestyle() != "None"]  # stars, ring: markers only
+    colours = [tuple(h.get_color()) for h in sweeps]
+    assert len(sweeps) >= 12 and len(set(colours)) == len(colours)
+    assert figure._suptitle.get_text().startswith("EMBEDDED MINIATURE, NOT IMAGENET-C\ntable2: ")

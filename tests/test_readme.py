@@ -49,6 +49,22 @@ def test_every_subcommand_in_the_synopsis_exists():
     assert named == _subcommands(build_parser())  # and the synopsis is complete
 
 
+def test_the_synopsis_names_every_flag_of_each_command():
+    """Issue 23: the `reproduce` synopsis lacked --devices, --device-streams and --cloud-capacity. `status` takes
+    the flags of `reproduce` (except --no-progress), as its synopsis says."""
+    synopsis = _code_blocks(_section(README, "Commands"))[0][1]
+    parts = re.split(r"^cemabench (\S+)", synopsis, flags=re.MULTILINE)[1:]
+    shown = dict(zip(parts[0::2], parts[1::2], strict=True))
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)][0].choices
+    flags = {name: {o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+             for name, sub in actions.items()}
+    missing = {name: sorted(f for f in flags[name] if not re.search(rf"{re.escape(f)}(?![\w-])", shown[name]))
+               for name in shown if name != "status"}
+    assert missing == {name: [] for name in missing}
+    assert "the flags of reproduce, except --no-progress" in shown["status"]
+    assert flags["status"] == flags["reproduce"] - {"--no-progress"}
+
+
 def test_the_extends_example_plans_as_written(tmp_path, capsys):
     """The README's `extends` block, saved as a file, is a valid table: `status` plans it (every method, label and
     option resolves) and finds its 16 x 2 units missing, where an unknown method or a repeated label is exit 2."""
@@ -67,19 +83,47 @@ NOT_RUN_HERE = {"--data-root": "needs the dataset on disk", "--device": "needs a
                 "--address": "needs a Ray cluster", "--executor": "runs on Ray (tests/test_ray.py runs Ray locally)"}
 
 
-def _readme_commands() -> list[str]:
-    """Every ``cemabench`` command line in the README's command blocks (continuations joined, comments dropped),
-    except the Commands synopsis, whose lines are grammar (``[--flag]``, ``A|B``), tested above."""
+def _commands(languages: tuple[str, ...] | None = None) -> list[str]:
+    """Every command in the README's code blocks (of ``languages``; default: every block but Python, TOML and the
+    Commands synopsis, whose lines are grammar, ``[--flag]``, ``A|B``, tested above): continuations joined, each
+    part of an ``&&`` chain on its own, comments dropped."""
     synopsis = _code_blocks(_section(README, "Commands"))[0][1]
     commands = []
     for language, body in _code_blocks(README):
-        if language in ("python", "toml") or body == synopsis:
+        if (language in ("python", "toml") or body == synopsis if languages is None else language not in languages):
             continue
         for line in re.sub(r"\\\n\s*", " ", body).splitlines():
-            line = re.sub(r"\s+#.*$", "", line.split("&&")[-1].strip())
-            if line.startswith("cemabench "):
-                commands.append(line)
+            commands += [part for part in (re.sub(r"(^|\s+)#.*$", "", p.strip()) for p in line.split("&&")) if part]
     return commands
+
+
+def _readme_commands() -> list[str]:
+    """Every ``cemabench`` command line in the README's command blocks."""
+    return [c for c in _commands() if c.startswith("cemabench ")]
+
+
+# The README's shell commands that are not cemabench's, by what each needs; none is run here.
+OTHER_COMMANDS = {"pip install": "needs the network: a package index (PyPI, or torch's CPU-only index "
+                                 "https://download.pytorch.org/whl/cpu, which the test machines do not reach)",
+                  "python -m pytest": "the test suite this test is part of (.ci/run runs it)"}
+
+
+def test_every_readme_shell_command_is_cemabench_or_marked_by_what_it_needs():
+    others = [c for c in _commands(("bash", "sh")) if not c.startswith("cemabench ")]
+    assert any(c.startswith("pip install") for c in others)
+    assert [c for c in others if not c.startswith(tuple(OTHER_COMMANDS))] == []
+
+
+def test_the_cpu_only_install_pins_what_constraints_txt_pins_then_installs_the_project():
+    """Issue 23: a CPU-only install line (torch's CUDA build is gigabytes), at the versions CI installs."""
+    pins = dict(line.strip().split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.lstrip().startswith("#"))
+    commands = _commands(("bash",))
+    (cpu,) = [i for i, c in enumerate(commands) if "https://download.pytorch.org/whl/cpu" in c]
+    words = commands[cpu].split()
+    assert words[:2] == ["pip", "install"] and words[words.index("--index-url") + 1].endswith("/whl/cpu")
+    assert {f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}"} <= set(words)
+    assert commands[cpu + 1] == 'pip install -c constraints.txt -e ".[test]"'
 
 
 def test_every_readme_command_parses_and_each_that_fits_here_runs(tmp_path, capsys):

@@ -122,6 +122,13 @@ def test_leaderboard_says_miniature_and_records_the_setup(first_run):
     _, _, doc = first_run
     text = render(doc)
     assert "EMBEDDED MINIATURE, NOT IMAGENET-C" in text
+    # issue 23: the document says which dataset ran and what it stands in for; the miniature's own name says
+    # nothing of any real dataset (it said "not ImageNet-C", also on CIFAR-10-C tables)
+    assert (doc["dataset"], doc["stands_for"]) == ("miniature-digits-c", "imagenet-c") and "real_dataset" not in doc
+    assert "- **Data**: miniature-digits-c (EMBEDDED MINIATURE), standing in for imagenet-c;" in text
+    ran = doc["provenance"]["dataset"]["dataset"].lower()
+    assert not any(name in ran for name in ("imagenet", "cifar", "coco"))
+    assert all("upload_ratio" not in c and 0 <= c["upload_percent"] <= 100 for c in doc["cells"])
     for needle in ("Setting**: `per-domain`", "edge batch 64", "mini:edge", "Seeds**: 0", "torch", "| cema ",
                    "| random "):
         assert needle in text

@@ -54,6 +54,8 @@ def test_builtin_specs_parse_to_exactly_the_recorded_fields(name):
     for entry in recorded["methods"]:  # added with reference points declared by the method or the spec (issue 17)
         entry.setdefault("reference", None)
     recorded.setdefault("limits", {"unit_timeout_s": None, "unit_memory_bytes": None})  # issue 22: [limits], no number
+    # issue 23: the percentage of samples uploaded is called upload_percent (table documents of schema 3)
+    recorded["check_metrics"] = [{"upload_ratio": "upload_percent"}.get(m, m) for m in recorded["check_metrics"]]
     assert _fields(load_table(name)) == json.dumps(recorded, indent=1) + "\n"
 
 
@@ -141,6 +143,17 @@ def test_bad_extends_and_values_are_one_line_user_errors(tmp_path, capsys, files
     assert main(["reproduce", str(tmp_path / "a.toml"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_label_used_twice_says_how_the_entries_are_counted(tmp_path):
+    """Issue 23: the README's extends example, with tent added once more, said "label 'tent' is used twice" and named
+    [[methods]] where the user wrote [[add_methods]]."""
+    path = _write(tmp_path, "mine.toml", 'extends = "table2"\nname = "mine"\n[[add_methods]]\nname = "tent"\n')
+    with pytest.raises(UserError) as caught:
+        load_table(str(path))
+    message = str(caught.value)
+    assert "label 'tent' is used twice (methods #" in message and 'label = "tent-2"' in message
+    assert "counting an extended spec's methods first, then [[add_methods]]" in message
 
 
 def test_a_spec_that_extends_without_a_name_of_its_own_is_refused(tmp_path, capsys):

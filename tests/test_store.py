@@ -120,6 +120,36 @@ def test_a_record_with_a_wrong_result_list_is_recomputed(baseline, tmp_path, cou
     assert len(counted) == 1 and numbers(again) == numbers(doc)
 
 
+def test_a_stored_record_keeps_its_names_and_is_reused_under_the_documents_new_ones(baseline, tmp_path, counted):
+    """Issue 23: the document calls the percentage of samples uploaded ``upload_percent`` (schema 3). A unit record
+    keeps ``upload_ratio``, as every record stored before was written, and is reused, not computed again."""
+    spec, _, _ = baseline
+    out = _copy(baseline, tmp_path)
+    stored = {}
+    for path in cells(out):
+        record = json.loads(path.read_text())
+        for result in record["results"]:
+            assert "upload_percent" not in result
+            stored[record["unit"]["label"], result["domain"]] = result["upload_ratio"]
+    doc = runner.reproduce(spec, None, out, jobs=1, progress=False)
+    assert counted == [] and len(stored) == len(doc["cells"]) == 2
+    assert {(c["method"], c["domain"]): c["upload_percent"] for c in doc["cells"]} == stored
+    assert not any("upload_ratio" in c for c in doc["cells"])
+
+
+def test_what_names_a_documents_metrics_is_no_part_of_a_units_key():
+    """Renaming a metric in the document recomputes nothing: the modules that build and read documents are outside
+    the code a unit's key covers (:func:`cemabench.provenance.code_digest`), for every built-in method."""
+    from cemabench.provenance import PROTOCOL_ROOT
+    from cemabench.registry import available
+
+    roots = [PROTOCOL_ROOT, "cemabench.datasets.miniature", "cemabench.datasets.minidet", "cemabench.models.zoo",
+             *{load("methods", name).__module__ for name in available("methods")}]
+    computed = closure(roots, family("cemabench") | family("cemabench_methods"))
+    assert "cemabench.protocol.scoring" in computed  # where a record's upload_ratio is written: kept as it is
+    assert not [m for m in computed if m.startswith(("cemabench.run", "cemabench.report", "cemabench.tables"))]
+
+
 def test_a_chain_of_matched_uploads_derives_each_rate_from_its_reference(tmp_path):
     extra = ('\n[[methods]]\nname = "random-upload"\nlabel = "random"\nmatch_uploads_of = "cema"\n'
              '\n[[methods]]\nname = "random-upload"\nlabel = "again"\nmatch_uploads_of = "random"\n')
@@ -343,13 +373,17 @@ def test_run_with_a_table_gives_the_tables_number_and_says_how_it_was_made(tmp_p
     expected = json.loads((Path(__file__).parents[1] / "leaderboards" / "table2.miniature.json").read_text())
     cell = next(c for c in expected["cells"] if c["method"] == "cema" and c["domain"] == "fog")
     code = main(["run", "--method", "cema", "--domains", "fog", "--table", "table2", "--out", str(tmp_path / "r.json")])
-    assert code == 0 and f"{cell['accuracy']:.1f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and f"{cell['accuracy']:.1f}" in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert [c["accuracy"] for c in doc["cells"]] == [cell["accuracy"]]
     assert doc["methods"][0]["options"] == {"redundancy_margin": 0.5} and doc["methods"][0]["code"]["method"]
     p = doc["provenance"]
     assert p["protocol"]["batch_size"] == 64 and p["device"] == "cpu" and p["models"]["edge"]["fingerprint"]
     assert p["dataset"]["dataset"].startswith("miniature-digits-c") and p["versions"]["torch"]
+    assert (doc["dataset"], doc["stands_for"]) == ("miniature-digits-c", "imagenet-c")
+    assert "# EMBEDDED MINIATURE, NOT IMAGENET-C: numbers for checking" in out  # the table's real dataset, named
+    assert "cema (redundancy_margin=0.5) on miniature-digits-c" in out  # the table's options, which differ from cema's
 
 
 def test_the_weights_folder_is_a_parameter_of_the_context_with_the_environment_as_fallback(tmp_path, monkeypatch):

@@ -64,12 +64,18 @@ def test_an_unknown_option_is_refused_before_any_compute(tmp_path, capsys):
     assert "has no option 'momentun'" in capsys.readouterr().err and not (tmp_path / "cells").exists()
 
 
-def test_cli_sweep_writes_markdown_json_and_a_plot(tmp_path, capsys):
+def test_cli_sweep_writes_markdown_json_and_a_plot(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or save(self, *a, **k))
     path = tmp_path / "mix.toml"
     path.write_text(SWEEP)
     assert main(["sweep", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "## Severity 3: online top-1 accuracy (%)" in out and "## Severity 5: upload ratio" in out
+    assert "## Severity 3: online top-1 accuracy (%)" in out
+    assert "## Severity 5: uploads (% of samples sent to the cloud)" in out
     assert "| momentum = 0.1 " in out and "| (entry as in the table) " in out and "EMBEDDED MINIATURE" in out
     doc = json.loads((tmp_path / "mix.json").read_text())
     assert doc["severities"] == [3, 5] and [t["provenance"]["severity"] for t in doc["tables"].values()] == [3, 5]
@@ -78,9 +84,11 @@ def test_cli_sweep_writes_markdown_json_and_a_plot(tmp_path, capsys):
         # momentum 0.5 is the method's default: the same run as the reference row, so the same numbers
         assert accuracy["bn-adapt momentum=0.5"] == accuracy["bn-adapt"]
         assert accuracy["bn-adapt momentum=0.1"] != accuracy["bn-adapt momentum=0.5"]
-        assert sweep_means(table, "upload_ratio")["bn-adapt momentum=0.1"] == 0.0  # an edge-only method
+        assert sweep_means(table, "upload_percent")["bn-adapt momentum=0.1"] == 0.0  # an edge-only method
     image = matplotlib.image.imread(tmp_path / "mix.png")
     assert image.shape[0] > 300 and image.shape[1] > 600
+    # issue 23: every miniature output says so as the tables do, plots included (it said "embedded miniature")
+    assert figures[0]._suptitle.get_text() == "mix: mean over 1 domain(s), EMBEDDED MINIATURE, NOT IMAGENET-C"
 
 
 def test_shipped_sweeps_load_and_sweep_cema_at_severities_3_and_5():

@@ -5,11 +5,14 @@ What is compared, per (method, domain) of the expected document:
 * the cells of every seed must be present in the result (and the result may have no cell the expected one lacks),
   and both documents must have run the same seeds;
 * each seed's status must be the same (``ok``, ``diverged``, ...);
-* for every checked metric (the expected document's ``check.metrics``, by default accuracy and upload ratio), the
+* for every checked metric (the expected document's ``check.metrics``, by default accuracy and upload_percent), the
   **mean over seeds** of the result must be within the tolerance of the mean over seeds of the expected document
   (with one seed, that seed's value). A metric that is null on both sides (e.g. the accuracy of a failed cell) is
   skipped; null on one side only is a problem. When the expected document has several seeds, each problem also
   shows the expected sample standard deviation (ddof=1) across seeds, to judge the difference against.
+
+Both documents are read as documents of today's schema: one written by an earlier cemabench is upgraded first
+(:func:`cemabench.run.document.current`), so a committed or archived result is checked as it was written.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE
+from cemabench.config import DEFAULT_TOLERANCE
 from cemabench.errors import UserError
+from cemabench.run.document import current
+from cemabench.tables.metrics import DEFAULT_CHECK, check_metrics
 
 
 def check_tolerance(tolerance, where: str = "--tol") -> float:
@@ -42,6 +47,7 @@ def validate_document(doc, path) -> dict:
 
     if not isinstance(doc, dict):
         raise wrong(f"the top level is a {type(doc).__name__}, not an object")
+    doc = current(doc, str(path))
     if not isinstance(doc.get("provenance"), dict) or not isinstance(doc["provenance"].get("miniature"), bool):
         raise wrong("it has no 'provenance' object with a true/false 'miniature' (`cemabench reproduce` writes one)")
     if not isinstance(doc.get("cells"), list):
@@ -51,9 +57,7 @@ def validate_document(doc, path) -> dict:
         raise wrong("'check' is not an object")
     if "tolerance" in check:
         check_tolerance(check["tolerance"], f"{path}: check.tolerance")
-    metrics = check.get("metrics", list(DEFAULT_METRICS))
-    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise wrong(f"check.metrics must be a non-empty list of metric names, got {metrics!r}")
+    metrics = check_metrics(check.get("metrics", list(DEFAULT_CHECK)), f"{path}: check")
     for i, cell in enumerate(doc["cells"]):
         if not isinstance(cell, dict):
             raise wrong(f"cell #{i + 1} is not an object")
@@ -64,7 +68,7 @@ def validate_document(doc, path) -> dict:
             raise wrong(f"cell #{i + 1} has no integer 'seed' (got {cell.get('seed')!r})")
         if not isinstance(cell.get("message", ""), str):
             raise wrong(f"cell #{i + 1} has a 'message' that is not text")
-        for metric in {*DEFAULT_METRICS, *metrics}:
+        for metric in {*DEFAULT_CHECK, *metrics}:
             if not _number(cell.get(metric)):
                 raise wrong(f"cell #{i + 1} ({cell['method']} / {cell['domain']}) has {metric} = "
                             f"{cell[metric]!r}, not a number")
@@ -112,10 +116,11 @@ def compare(result: dict, expected: dict, tolerance: float | None = None,
             metrics: list[str] | None = None) -> tuple[list[dict], int]:
     """Every expected number that the result misses or misses by more than the tolerance (see the module docstring),
     and how many (method, domain, metric) means were checked."""
+    result, expected = current(result, "the result"), current(expected, "the expected document")
     if tolerance is None:
         tolerance = expected.get("check", {}).get("tolerance", DEFAULT_TOLERANCE)
     tolerance = check_tolerance(tolerance)
-    metrics = metrics or expected.get("check", {}).get("metrics", list(DEFAULT_METRICS))
+    metrics = check_metrics(metrics or expected.get("check", {}).get("metrics", list(DEFAULT_CHECK)), "check")
     several = len(_seeds(expected)) > 1
     problems = []
 

@@ -8,18 +8,27 @@ import pandas as pd
 
 from cemabench.config.settings import describe
 from cemabench.report.plots import Axis, non_dominated, plot_tradeoffs
+from cemabench.run.document import current
+from cemabench.tables.metrics import UPLOAD_PERCENT
 
-MINIATURE_BANNER = ("> **EMBEDDED MINIATURE, NOT {dataset}.** These numbers come from {what} that ships with "
-                    "cemabench. They show the code path works and how methods rank on a small shift; never compare "
-                    "them with published numbers. Pass `--data-root` for the real table.")
+MINIATURE_BANNER = ("> **{miniature}.** These numbers come from {what} that ships with cemabench. They show the code "
+                    "path works and how methods rank on a small shift; never compare them with published numbers. "
+                    "Pass `--data-root` for the real table.")
 MINIATURES = {"classification": "the 10-class, 32-pixel digits miniature",
               "detection": "the detection miniature (one to four digits on each 64-pixel canvas)"}
+
+
+def miniature_words(doc: dict) -> str:
+    """What every output of a miniature document says first: EMBEDDED MINIATURE, and which real dataset it is not
+    (the one it stands in for; a miniature run outside any table stands in for none)."""
+    stands_for = current(doc).get("stands_for")
+    return "EMBEDDED MINIATURE" + (f", NOT {stands_for.upper()}" if stands_for else "")
 
 
 def miniature_banner(doc: dict) -> str:
     """The banner of a document computed on an embedded miniature: which one, and that it is not the real data."""
     task = doc["provenance"]["dataset"].get("task", "classification")
-    return MINIATURE_BANNER.format(dataset=doc["real_dataset"].upper(), what=MINIATURES[task])
+    return MINIATURE_BANNER.format(miniature=miniature_words(doc), what=MINIATURES[task])
 
 
 NOTE_MARK = "†"
@@ -73,8 +82,8 @@ SCORES = {
 }
 
 
-UPLOADS = Score("upload_ratio", "Upload ratio", "Upload ratio (% of samples sent to the cloud)", "upload %",
-                "upload ratio (%)")
+UPLOADS = Score(UPLOAD_PERCENT, "Uploads", "Uploads (% of samples sent to the cloud)", "upload %",
+                "uploads (% of samples)")
 
 
 def scores(doc: dict) -> tuple[Score, ...]:
@@ -100,7 +109,7 @@ def pooled_over_devices(cells: list[dict]) -> list[dict]:
         first["status"] = min(first["status"], cell["status"], key=STATUS_RANK.index)  # the worst one shows
         ok = first["status"] == "ok" and first["seen"]
         first["accuracy"] = 100 * first["correct"] / first["seen"] if ok else None
-        first["upload_ratio"] = 100 * first["link"]["uploaded"] / first["seen"] if ok else None
+        first[UPLOAD_PERCENT] = 100 * first["link"]["uploaded"] / first["seen"] if ok else None
     return list(pooled.values())
 
 
@@ -148,6 +157,7 @@ def metric_frame(doc: dict, metric: str, fmt: str = "{:.1f}") -> pd.DataFrame:
     """Methods x domains, plus the mean over domains. With one seed a cell is that seed's value; with several it is
     the mean ± sample standard deviation (ddof=1) across seeds, and the mean column is the mean ± sample standard
     deviation across seeds of each seed's mean over domains. Failed cells show their status."""
+    doc = current(doc)
     cells = pd.DataFrame(pooled_over_devices(doc["cells"]))
     domains = result_columns(doc)
     rows = {}
@@ -257,8 +267,9 @@ def _breakdown_sections(doc: dict) -> list[str]:
 
 def efficiency_points(doc: dict) -> pd.DataFrame:
     """One operating point per method (pooled over domains and seeds; methods with a failed cell are left out):
-    the task's primary score (accuracy, or mAP averaged over the domains), upload ratio, bytes up and down per
-    sample, edge and cloud GFLOPs per sample."""
+    the task's primary score (accuracy, or mAP averaged over the domains), percentage of samples uploaded, bytes up
+    and down per sample, edge and cloud GFLOPs per sample."""
+    doc = current(doc)
     rows = []
     score = scores(doc)[0].key
     plugin = {m["label"]: m["name"] for m in doc["methods"]}
@@ -277,7 +288,7 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
         rows.append({"method": label, "family": plugin[label], "reference": reference[label] is not None,
                      "reference_kind": reference[label],
                      score: value,
-                     "upload_ratio": 100 * sum(c["link"]["uploaded"] for c in cells) / seen,
+                     UPLOAD_PERCENT: 100 * sum(c["link"]["uploaded"] for c in cells) / seen,
                      "bytes_up_per_sample": up / seen, "bytes_down_per_sample": down / seen,
                      "bytes_per_sample": (up + down) / seen,
                      "edge_gflops_per_sample": total["edge_flops"] / seen / 1e9,
@@ -292,9 +303,11 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
 
 def terminal_summary(doc: dict) -> str:
     """A per-method summary that fits a terminal (the full tables are in the Markdown file): the mean accuracy and
-    upload ratio over domains (as in the Markdown's mean column), the worst domain, and bytes and GFLOPs per sample."""
+    percentage of samples uploaded over domains (as in the Markdown's mean column), the worst domain, and bytes and
+    GFLOPs per sample."""
+    doc = current(doc)
     score = scores(doc)[0]
-    accuracy, uploads = metric_frame(doc, score.key), metric_frame(doc, "upload_ratio")
+    accuracy, uploads = metric_frame(doc, score.key), metric_frame(doc, UPLOAD_PERCENT)
     points = efficiency_points(doc)  # empty when no method finished every cell
     points = points.set_index("method") if len(points) else points
     rows = {}
@@ -308,8 +321,34 @@ def terminal_summary(doc: dict) -> str:
                        "GFLOPs / sample": f"{point['gflops_per_sample']:.3f}" if point is not None else "-"}
     lines = [f"{doc['table']}: {doc['title']}"]
     if doc["provenance"]["miniature"]:
-        lines += [f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}: never compare with published numbers"]
+        lines += [f"{miniature_words(doc)}: never compare with published numbers"]
     return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), "", *_failed_cells(doc)])
+
+
+def run_summary(doc: dict) -> str:
+    """What `cemabench run` prints for its one method: on a miniature, that it is one; the method with its options,
+    the data, severity, setting, protocol and models; each score per domain; and what each † in them means."""
+    doc = current(doc)
+    p = doc["provenance"]
+    (method,) = doc["methods"]
+    lines = [f"# {miniature_words(doc)}: numbers for checking the code path, not for comparison", ""] \
+        if p["miniature"] else []
+    lines += [f"{method['label']} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity "
+              f"{severity_text(p)}; {setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge "
+              f"{p['models']['edge']['name']}, cloud {p['models']['foundation']['name']}", ""]
+    for score in (*scores(doc), UPLOADS):
+        lines += [f"{score.title}:", metric_frame(doc, score.key).T.to_markdown(), ""]
+    if any("latency_p95" in c for c in doc["cells"]):  # the time model's per-sample latency
+        for key, what in (("latency_p50", "median"), ("latency_p95", "95th percentile")):
+            lines += [f"Modelled latency per sample (s), {what}:", metric_frame(doc, key, "{:.3g}").T.to_markdown(), ""]
+    if p["protocol"].get("input_codec", "raw") != "raw":  # what an uploaded input cost through the codec
+        for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
+            lines += [f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:",
+                      metric_frame(doc, key, "{:.0f}").T.to_markdown(), ""]
+    several = len(doc["seeds"]) > 1
+    lines += [f"{NOTE_MARK} {c['domain']}" + (f" / seed {c['seed']}" if several else "") + f": {c['note']}"
+              for c in doc["cells"] if c["status"] == "ok" and c["note"]]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _relative(value: float, reference: float | None) -> str:
@@ -329,7 +368,7 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
     rows = {}
     for _, p in points.iterrows():
         rows[p["method"]] = {
-            score.short: f"{p[score.key]:.1f}", "upload %": f"{p['upload_ratio']:.1f}",
+            score.short: f"{p[score.key]:.1f}", "upload %": f"{p[UPLOAD_PERCENT]:.1f}",
             "bytes up / sample": f"{p['bytes_up_per_sample']:,.0f}",
             "bytes down / sample": f"{p['bytes_down_per_sample']:,.0f}",
             "edge GFLOPs / sample": f"{p['edge_gflops_per_sample']:.4f}",
@@ -355,13 +394,14 @@ def sweeps(labels: list[str], families: list[str]) -> tuple[list[str], list[str]
 def write_tradeoff_plot(doc: dict, path) -> bool:
     """Accuracy against communication and computation per sample, one point per method (PNG); False when no
     method finished."""
+    doc = current(doc)
     points = efficiency_points(doc)
     if points.empty:
         return False
     # one line per plugin: the entries of one method at several knob values are its sweep
     title = f"{doc['table']}: {doc['title']}"
     if doc["provenance"]["miniature"]:
-        title = f"EMBEDDED MINIATURE, NOT {doc['real_dataset'].upper()}\n{title}"
+        title = f"{miniature_words(doc)}\n{title}"
     missing = len(doc["methods"]) - len(points)
     if missing:
         title += f"\n(not shown: {missing} method(s) with failed cells; see the Markdown's Failed cells)"
@@ -416,7 +456,9 @@ def _compact(value) -> str:
 
 
 def options_text(options: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
+    """A method's options in one line; a list option reads as the run gave it (a tuple: JSON has only lists, so a
+    document rendered from its file reads as the one rendered when it ran)."""
+    return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in sorted(options.items())) or "defaults"
 
 
 def setting_line(proto: dict) -> str:
@@ -459,14 +501,24 @@ def severity_text(provenance: dict) -> str:
     return f"{severity} (the clean domain: none)" if "clean" in domains else str(severity)
 
 
+def data_line(doc: dict) -> str:
+    """The dataset that ran, where it was read from, and on a miniature the real dataset it stands in for."""
+    p = doc["provenance"]
+    return (f"{p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
+            + (f", standing in for {doc['stands_for']}" if doc.get("stands_for") else ""))
+
+
 def render(doc: dict) -> str:
+    """The table's Markdown: the header (data, severity, setting, protocol, models, seeds, versions), the scores per
+    method and domain, efficiency, link and cloud compute, methods, published numbers, notes and failed cells."""
+    doc = current(doc)
     p = doc["provenance"]
     proto = p["protocol"]
     lines = [f"# {doc['table']}: {doc['title']}", ""]
     if p["miniature"]:
         lines += [miniature_banner(doc), ""]
     lines += [
-        f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else "")
+        f"- **Data**: {data_line(doc)}"
         + "".join(f"; {k.replace('_', ' ')}: {_compact(v)}" for k, v in p["dataset"].items() if k != "dataset"),
         f"- **Severity**: {severity_text(p)}; "
         f"**domains in order**: {', '.join(p['domains'])}",

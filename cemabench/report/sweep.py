@@ -1,13 +1,29 @@
-"""A sweep's document as a person reads it: per severity, the accuracy and upload-ratio tables (rows = grid points),
-and for a one-option numeric grid a plot against the swept option."""
+"""A sweep's document as a person reads it: per severity, the accuracy and uploads (% of samples) tables (rows = grid
+points), and for a one-option numeric grid a plot against the swept option."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 
-from cemabench.report.leaderboard import metric_frame, miniature_banner, protocol_line, setting_line
+from cemabench.report.leaderboard import (
+    data_line,
+    metric_frame,
+    miniature_banner,
+    miniature_words,
+    protocol_line,
+    setting_line,
+)
+from cemabench.run.document import current
+from cemabench.tables.metrics import UPLOAD_PERCENT
 from cemabench.tables.sweep import point_label
+
+UPLOADS = (UPLOAD_PERCENT, "uploads (% of samples sent to the cloud)")
+
+
+def _current(doc: dict) -> dict:
+    """The sweep with each severity's table document of today's schema (see :func:`cemabench.run.document.current`)."""
+    return {**doc, "tables": {s: current(t, f"the sweep's severity-{s} table") for s, t in doc["tables"].items()}}
 
 
 def _row_name(point: dict) -> str:
@@ -17,7 +33,8 @@ def _row_name(point: dict) -> str:
 
 
 def render_sweep(doc: dict) -> str:
-    """The sweep as Markdown: the setup once, then per severity the accuracy and upload-ratio tables."""
+    """The sweep as Markdown: the setup once, then per severity the accuracy and uploads tables."""
+    doc = _current(doc)
     first = next(iter(doc["tables"].values()))
     p = first["provenance"]
     lines = [f"# {doc['sweep']}: {doc['title']}", ""]
@@ -29,7 +46,7 @@ def render_sweep(doc: dict) -> str:
         f"- **Swept**: `{doc['method']}` over {', '.join(f'{k} in {v}' for k, v in doc['grid'].items())}"
         + (f"; held on every point: {', '.join(f'{k}={v}' for k, v in doc['fixed'].items())}" if doc["fixed"] else ""),
         f"- **Severities**: {', '.join(map(str, doc['severities']))}; **domains**: {', '.join(p['domains'])}",
-        f"- **Data**: {p['dataset']['dataset']}" + (f" from `{p['data_root']}`" if p["data_root"] else ""),
+        f"- **Data**: {data_line(first)}",
         "- **Models**: " + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
         f"- **Setting**: {setting_line(p['protocol'])}",
         f"- **Protocol**: {protocol_line(p['protocol'])}",
@@ -41,8 +58,7 @@ def render_sweep(doc: dict) -> str:
         lines += [f"- **Reference row**: `{doc['method']}` as in the table ({options})"]
     lines += ["- **Versions**: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "platform"), ""]
     for severity, table in doc["tables"].items():
-        for metric, title in (("accuracy", "online top-1 accuracy (%)"),
-                              ("upload_ratio", "upload ratio (% of samples sent to the cloud)")):
+        for metric, title in (("accuracy", "online top-1 accuracy (%)"), UPLOADS):
             frame = metric_frame(table, metric).rename(index=names)
             frame.index.name = ", ".join(doc["grid"])
             lines += [f"## Severity {severity}: {title}", "", frame.to_markdown(), ""]
@@ -70,8 +86,8 @@ def sweep_means(table: dict, metric: str) -> dict[str, float | None]:
 
 
 def plot_sweep(doc: dict, path: Path) -> bool:
-    """Accuracy and upload ratio against the swept option, one line per severity, the reference row dashed; only for
-    a grid over one numeric option. Returns whether a plot was written."""
+    """Accuracy and uploads (% of samples) against the swept option, one line per severity, the reference row dashed;
+    only for a grid over one numeric option. Returns whether a plot was written."""
     if len(doc["grid"]) != 1:
         return False
     option, values = next(iter(doc["grid"].items()))
@@ -82,9 +98,10 @@ def plot_sweep(doc: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    doc = _current(doc)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, metric, ylabel in ((axes[0], "accuracy", "online top-1 accuracy (%)"),
-                               (axes[1], "upload_ratio", "upload ratio (% of samples)")):
+                               (axes[1], UPLOAD_PERCENT, "uploads (% of samples)")):
         for severity, table in doc["tables"].items():
             means = sweep_means(table, metric)
             ys = [means.get(point_label(doc["method"], {option: v})) for v in values]
@@ -98,7 +115,7 @@ def plot_sweep(doc: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     first = next(iter(doc["tables"].values()))
-    data = "embedded miniature" if first["provenance"]["miniature"] else first["provenance"]["dataset"]["dataset"]
+    data = miniature_words(first) if first["provenance"]["miniature"] else first["provenance"]["dataset"]["dataset"]
     figure.suptitle(f"{doc['sweep']}: mean over {len(first['provenance']['domains'])} domain(s), {data}")
     figure.savefig(path, dpi=120)
     plt.close(figure)

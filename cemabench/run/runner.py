@@ -17,13 +17,13 @@ from cemabench.errors import UserError
 from cemabench.method import check_task
 from cemabench.protocol import Execution
 from cemabench.run.context import ContextSpec, TableContext, context_for, forget
+from cemabench.run.document import DOC_SCHEMA, cell
 from cemabench.run.executors import Executor, error_record, make_executor
 from cemabench.run.store import ResultStore, failed
 from cemabench.tables.plan import Task, Unit, UnitId, check_models, check_options, entry_options, plan
 from cemabench.tables.spec import TableSpec, published_uploads
 from cemabench.tables.sweep import Sweep, expand, point_label
 
-DOC_SCHEMA = 2  # of the table document (the store's records have their own, in cemabench.run.context)
 POLL_S = 0.5  # how often to look at units another process is computing
 
 
@@ -267,10 +267,9 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
 
 
 def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...], records: dict) -> dict:
-    cells = []
-    for unit, record in records.items():
-        for result in record["results"]:
-            cells.append({"method": unit.label, "seed": unit.seed, **result})
+    """The table's JSON document (schema :data:`cemabench.run.document.DOC_SCHEMA`; the store's records have their
+    own, in :mod:`cemabench.run.context`)."""
+    cells = [cell(unit.label, unit.seed, result) for unit, record in records.items() for result in record["results"]]
     order = {e.label: i for i, e in enumerate(spec.methods)}
     rank = {d: i for i, d in enumerate(spec.domains)}  # a result that is no single domain (mixed-domains) comes last
     cells.sort(key=lambda c: (order[c["method"]], c["seed"], rank.get(c["domain"], len(rank))))
@@ -281,8 +280,10 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
                         "reference": entry.reference or cls.reference,
                         "options": entry_options(entry, context.choice), "match_uploads_of": entry.match_uploads_of,
                         "code": context.code(entry.name)})
+    ran = context.choice.dataset  # what ran, and on a miniature the real dataset it stands in for (none on real data)
+    stands_for = spec.real.dataset if context.dataset.is_miniature and spec.real.dataset != ran else None
     return {"schema": DOC_SCHEMA, "table": spec.name, "title": spec.title, "source": spec.source,
-            "real_dataset": spec.real.dataset, "seeds": list(seeds),
+            "dataset": ran, "stands_for": stands_for, "seeds": list(seeds),
             "provenance": {**context.provenance, "device": context.execution.device},
             "reference": {**spec.reference, "published_uploads": published_uploads(spec)},
             "check": {"tolerance": spec.tolerance, "metrics": list(spec.check_metrics)},

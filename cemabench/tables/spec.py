@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from cemabench.config import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, Protocol
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol
 from cemabench.config.limits import Limits, parse_limits
 from cemabench.errors import UserError
 from cemabench.method import REFERENCES
+from cemabench.tables.metrics import DEFAULT_CHECK, check_metrics
 
 SPEC_PACKAGE = "cemabench_tables"
 
@@ -22,7 +23,7 @@ class MethodEntry:
     label: str  # the leaderboard row
     name: str  # the method plugin
     options: dict = field(default_factory=dict)
-    match_uploads_of: str | None = None  # label whose per-domain upload ratio this entry's upload_ratio copies
+    match_uploads_of: str | None = None  # label whose uploaded / seen this entry's upload_ratio option (0..1) copies
     reference: str | None = None  # "edge" or "cloud": a reference point (default: what the method class declares)
 
 
@@ -53,7 +54,7 @@ class TableSpec:
     miniature: DataChoice | None
     methods: tuple[MethodEntry, ...]
     tolerance: float = DEFAULT_TOLERANCE
-    check_metrics: tuple[str, ...] = DEFAULT_METRICS
+    check_metrics: tuple[str, ...] = DEFAULT_CHECK
     reference: dict = field(default_factory=dict)  # published numbers: uploads CSV and accuracies, with sources
     origin: object = None  # the folder (a path or package resource) that files named in the spec are relative to
     limits: Limits = Limits()  # bounds on each run unit's time and memory ([limits]); they change no number
@@ -305,5 +306,6 @@ def parse(raw: dict, where: str) -> TableSpec:
         recorded=_take(data, "recorded", dict, f"{where} [data]", {}), real=real, miniature=miniature,
         methods=tuple(methods),
         tolerance=float(_take(check, "tolerance", (int, float), f"{where} [check]", DEFAULT_TOLERANCE)),
-        check_metrics=tuple(_take(check, "metrics", list, f"{where} [check]", list(DEFAULT_METRICS))),
+        check_metrics=check_metrics(_take(check, "metrics", list, f"{where} [check]", list(DEFAULT_CHECK)),
+                                    f"{where} [check]"),
         reference=reference, limits=parse_limits(_take(raw, "limits", dict, where, {}), f"{where} [limits]"))
