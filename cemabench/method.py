@@ -222,6 +222,9 @@ class Method:
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     task_reason: ClassVar[str] = ""
     task: str = "classification"
+    # The protocol of the run unit (the link, its time model), set by the harness before the halves are built, for a
+    # method whose choices depend on it (a split point chosen for the link's regime); None outside a unit.
+    protocol: Protocol | None = None
 
     def __init__(self, **options):
         """Build the method with its options, checked against ``Options`` (names, types, declared bounds) and

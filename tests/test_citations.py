@@ -28,6 +28,8 @@ PAPERS = {
     "COCO-C / Pascal-C / Cityscapes-C": ("Benchmarking Robustness in Object Detection: Autonomous Driving when Winter "
                                          "is Coming", "Michaelis", "arXiv 1907.07484 (2019)"),
     "SC2": ("SC2 Benchmark: Supervised Compression for Split Computing", "Matsubara", "TMLR 2023"),
+    "Neurosurgeon": ("Neurosurgeon: Collaborative Intelligence Between the Cloud and Mobile Edge", "Kang",
+                     "ASPLOS 2017"),
     # the time model's constant-speed stream (README: The time model)
     "Compute-constrained TTA evaluation": ("Evaluation of Test-Time Adaptation Under Computational Time Constraints",
                                            "Alfarra", "ICML 2024"),

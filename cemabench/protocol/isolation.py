@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from cemabench import registry
+from cemabench.config import Protocol
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, EdgeDecision, Upload
 from cemabench.protocol import hygiene, sandbox
@@ -307,9 +308,9 @@ class _Side:
     """What both halves share: the device, the threads and numerics of a unit, the harness's code as imported."""
 
     def __init__(self, method: tuple, execution: Execution):
-        name, options, task = method  # built here: the loop's process never pickles a plugin's object
+        name, options, task, protocol = method  # built here: the loop's process never pickles a plugin's object
         self.method = registry.build_method(name, options)
-        self.method.task = task
+        self.method.task, self.method.protocol = task, Protocol(**protocol)
         self.device = torch.device(execution.device)
         self.memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
         self.amp = execution.amp
@@ -505,7 +506,8 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     the stand-ins of the cloud's meter and sample counter. Each half started is appended to ``halves``."""
     device = torch.device(execution.device)
     options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
-    recipe = (method.name, options, method.task)  # what the halves build the method from
+    # what the halves build the method from
+    recipe = (method.name, options, method.task, dataclasses.asdict(method.protocol or Protocol()))
     cloud = Half("cloud", device)
     halves.append(cloud)
     edge = Half("edge", device)

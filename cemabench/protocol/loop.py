@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import random
 import traceback
 from collections.abc import Callable, Sequence
@@ -125,7 +126,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
     check_declared(method)
     check_task(method, task.name)
-    method.task = task.name
+    method.task, method.protocol = task.name, dataclasses.replace(protocol)  # a copy: the link reads its own
     device = torch.device(execution.device)
     streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
     streams = [[b if isinstance(b, Block) else plain(b, seed) for b in s] for s in streams]
