@@ -53,6 +53,7 @@ def test_builtin_specs_parse_to_exactly_the_recorded_fields(name):
         recorded["protocol"].setdefault(key, value)
     for entry in recorded["methods"]:  # added with reference points declared by the method or the spec (issue 17)
         entry.setdefault("reference", None)
+        entry.setdefault("link", {})  # and with an entry's own link fields (issue 19)
     recorded.setdefault("limits", {"unit_timeout_s": None, "unit_memory_bytes": None})  # issue 22: [limits], no number
     # issue 23: the percentage of samples uploaded is called upload_percent (table documents of schema 3)
     recorded["check_metrics"] = [{"upload_ratio": "upload_percent"}.get(m, m) for m in recorded["check_metrics"]]

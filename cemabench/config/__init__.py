@@ -1,6 +1,15 @@
 """The configuration vocabulary, torch-free: the protocol's fields (:mod:`.fields`) and the stream-setting grammar
 (:mod:`.settings`), read by table specs, the command line and the engine alike."""
-from cemabench.config.fields import DEFAULT_METRICS, DEFAULT_TOLERANCE, FIELDS, TASK_METRICS, Protocol, check_field
+from cemabench.config.fields import (
+    DEFAULT_METRICS,
+    DEFAULT_TOLERANCE,
+    FIELDS,
+    LINK_FIELDS,
+    TASK_METRICS,
+    Protocol,
+    check_field,
+    with_link,
+)
 from cemabench.config.settings import (
     BASES,
     DEVICE_STREAMS,
@@ -15,6 +24,7 @@ from cemabench.config.settings import (
     unit_groups,
 )
 
-__all__ = ["BASES", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES", "MIXED",
+__all__ = ["BASES", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES",
+           "LINK_FIELDS", "MIXED",
            "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "describe", "device_domains", "parse_setting",
-           "result_keys", "severities_needed", "unit_groups"]
+           "result_keys", "severities_needed", "unit_groups", "with_link"]

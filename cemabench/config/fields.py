@@ -102,6 +102,22 @@ class Protocol:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Protocol)}
+# what one method entry of a table may set for itself (``link = {...}``): how its traffic crosses and is timed, never
+# the stream that every entry of the table shares (its setting, devices, batch size)
+SHARED_FIELDS = ("batch_size", "setting", "rounds", "concentration", "devices", "device_streams", "cloud_capacity")
+LINK_FIELDS = tuple(name for name in FIELDS if name not in SHARED_FIELDS)
+
+
+def with_link(protocol: Protocol, link) -> Protocol:
+    """``protocol`` with an entry's link fields (a dict or sorted pairs) in place of the table's; a field outside
+    :data:`LINK_FIELDS` or a bad value is a one-line UserError."""
+    link = dict(link)
+    if not link:
+        return protocol
+    unknown = sorted(set(link) - set(LINK_FIELDS))
+    if unknown:
+        raise UserError(f"link may set {', '.join(LINK_FIELDS)}; not {', '.join(unknown)} (the stream is the table's)")
+    return dataclasses.replace(protocol, **link)
 _HINTS = typing.get_type_hints(Protocol)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from cemabench.config.settings import describe
-from cemabench.report.plots import Axis, non_dominated, plot_tradeoffs
+from cemabench.report.plots import COMMUNICATION, COMPUTATION, LATENCY, Axis, non_dominated, plot_tradeoffs
 from cemabench.run.document import current
 from cemabench.tables.metrics import UPLOAD_PERCENT
 
@@ -211,7 +212,7 @@ def cost_frame(doc: dict) -> pd.DataFrame:
                 rows[label][name] = f"{values.median():.3g}" if len(values) else "-"
         if "input_bytes_mean" in group:  # inputs through a codec: their mean encoded length, pooled over domains
             rows[label]["input B / upload"] = (f"{group['upload_bytes'].sum() / group['uploaded'].sum():,.0f}"
-                                               if group["uploaded"].sum() else "-")
+                                               if group["upload_bytes"].sum() else "-")
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -293,7 +294,10 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
                      "bytes_per_sample": (up + down) / seen,
                      "edge_gflops_per_sample": total["edge_flops"] / seen / 1e9,
                      "cloud_gflops_per_sample": total["cloud_flops"] / seen / 1e9,
-                     "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9})
+                     "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9,
+                     # under the time model: the median over domains of each domain's median latency
+                     **({"latency_p50": float(np.median([c["latency_p50"] for c in cells]))}
+                        if all(c.get("latency_p50") is not None for c in cells) else {})})
     points = pd.DataFrame(rows)
     if len(points):
         points["pareto"] = non_dominated(points, {score: "max", "bytes_per_sample": "min",
@@ -407,7 +411,9 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
         title += f"\n(not shown: {missing} method(s) with failed cells; see the Markdown's Failed cells)"
     series, label = sweeps(list(points["method"]), list(points["family"]))
     score = scores(doc)[0]
-    plot_tradeoffs(points.assign(method=series, label=label), path, title=title, accuracy=Axis(score.key, score.axis))
+    timed = "latency_p50" in points and points["latency_p50"].notna().all()  # the time model ran: a latency panel
+    plot_tradeoffs(points.assign(method=series, label=label), path, title=title, accuracy=Axis(score.key, score.axis),
+                   panels=(COMMUNICATION, COMPUTATION, LATENCY) if timed else (COMMUNICATION, COMPUTATION))
     return True
 
 
@@ -563,8 +569,8 @@ def render(doc: dict) -> str:
               "## Methods", ""]
     methods = pd.DataFrame([{"method": m["label"], "plugin": m["name"], "paper": m["paper"],
                              "options": options_text(m["options"])
-                             + (f"; upload ratio matched to {m['match_uploads_of']}"
-                                                                  if m["match_uploads_of"] else "")}
+                             + (f"; upload ratio matched to {m['match_uploads_of']}" if m["match_uploads_of"] else "")
+                             + (f"; its own link: {options_text(m['link'])}" if m.get("link") else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]
     lines += _reference_sections(doc)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cemabench import registry
-from cemabench.config import device_domains
+from cemabench.config import device_domains, with_link
 from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
 from cemabench.models import zoo
@@ -122,7 +122,7 @@ class TableContext:
                 "dataset_options": p["dataset_options"],
                 **{k: v for k, v in versions().items() if k in ("cemabench", "torch", "torchvision", "timm")},
                 # the link's byte counts depend on them: the input codec's and the payload's entropy coder
-                **library_versions(self.spec.protocol.input_codec), **payload_versions(),
+                **library_versions(with_link(self.spec.protocol, unit.link).input_codec), **payload_versions(),
                 **({"cpu_numerics": cpu_numerics()} if torch.device(self.execution.device).type == "cpu" else {}),
                 "device": torch.device(self.execution.device).type,
                 "channels_last": self.execution.channels_last, "amp": self.execution.amp,
@@ -194,7 +194,7 @@ class TableContext:
 
     def run(self, unit: Unit) -> dict:
         method = registry.build_method(unit.method, dict(unit.options))
-        p = self.spec.protocol
+        p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
 
         def blocks(names):
             by_name = {d.name: d for d in self.dataset.domains}

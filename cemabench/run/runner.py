@@ -101,7 +101,7 @@ class Scheduler:
         except UserError as error:
             unit, bad = None, [f"options could not be derived: {error}"]
         if unit is None:
-            unit = Unit(task.label, task.method, task.options, task.seed, task.domains)
+            unit = Unit(task.label, task.method, task.options, task.seed, task.domains, link=task.link)
             why = "; ".join(x if isinstance(x, str) else f"reference unit {x[0]} / seed {x[1]} failed" for x in bad)
             self.units[unit.id] = unit
             self._finish(unit, error_record(unit, why), store=False)
@@ -277,8 +277,10 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
     for entry in spec.methods:
         cls = registry.load("methods", entry.name)
         methods.append({"label": entry.label, "name": entry.name, "paper": cls.paper,
-                        "reference": entry.reference or cls.reference,
+                        # an entry with its own link (an input codec, say) is a variant, not the class's reference point
+                        "reference": entry.reference or (None if entry.link else cls.reference),
                         "options": entry_options(entry, context.choice), "match_uploads_of": entry.match_uploads_of,
+                        **({"link": entry.link} if entry.link else {}),
                         "code": context.code(entry.name)})
     ran = context.choice.dataset  # what ran, and on a miniature the real dataset it stands in for (none on real data)
     stands_for = spec.real.dataset if context.dataset.is_miniature and spec.real.dataset != ran else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cemabench import registry
+from cemabench.config import with_link
 from cemabench.config.settings import device_domains, result_keys, unit_groups
 from cemabench.method import parse_options
 from cemabench.tables.spec import DataChoice, MethodEntry, TableSpec
@@ -21,6 +22,7 @@ class Unit:
     seed: int
     domains: tuple[str, ...]
     results: tuple[tuple[int, str], ...] = ()  # the (device, result) cells it yields, in order (stream.result_keys)
+    link: tuple = ()  # sorted (field, value) pairs: the entry's own link fields (MethodEntry.link)
 
     @property
     def id(self) -> UnitId:
@@ -33,7 +35,8 @@ class Unit:
     @classmethod
     def from_dict(cls, d: dict) -> Unit:
         return cls(d["label"], d["method"], tuple(tuple(_frozen(x) for x in kv) for kv in d["options"]), d["seed"],
-                   tuple(d["domains"]), tuple((int(i), str(n)) for i, n in d.get("results", ())))
+                   tuple(d["domains"]), tuple((int(i), str(n)) for i, n in d.get("results", ())),
+                   tuple(tuple(kv) for kv in d.get("link", ())))
 
 
 def _frozen(value):
@@ -51,6 +54,7 @@ class Task:
     domains: tuple[str, ...]
     needs: tuple[UnitId, ...] = ()
     results: tuple[tuple[int, str], ...] = ()
+    link: tuple = ()
 
     @property
     def id(self) -> UnitId:
@@ -61,7 +65,8 @@ class Task:
         options = dict(self.options)
         if self.needs:
             options = registry.load("methods", self.method).derive_options(options, references)
-        return Unit(self.label, self.method, tuple(sorted(options.items())), self.seed, self.domains, self.results)
+        return Unit(self.label, self.method, tuple(sorted(options.items())), self.seed, self.domains, self.results,
+                    self.link)
 
 
 def entry_options(entry: MethodEntry, choice: DataChoice) -> dict:
@@ -74,7 +79,7 @@ def check_options(spec: TableSpec, choice: DataChoice) -> None:
     options are fully validated, or (for entries whose options are derived from other units) checked for names and
     types."""
     for entry in spec.methods:
-        registry.load_method(entry.name).check_protocol(spec.protocol)
+        registry.load_method(entry.name).check_protocol(with_link(spec.protocol, entry.link))
         options = entry_options(entry, choice)
         if entry.match_uploads_of is None:
             registry.build_method(entry.name, options)
@@ -99,5 +104,6 @@ def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Ta
             for domains in unit_groups(spec.protocol.setting, spec.domains):
                 needs = ((entry.match_uploads_of, seed, tuple(domains)),) if entry.match_uploads_of else ()
                 tasks.append(Task(entry.label, entry.name, tuple(sorted(entry_options(entry, choice).items())), seed,
-                                  tuple(domains), needs, result_keys(spec.protocol, domains)))
+                                  tuple(domains), needs, result_keys(spec.protocol, domains),
+                                  tuple(sorted(entry.link.items()))))
     return tasks

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol, with_link
 from cemabench.config.limits import Limits, parse_limits
 from cemabench.errors import UserError
 from cemabench.method import REFERENCES
@@ -25,6 +25,7 @@ class MethodEntry:
     options: dict = field(default_factory=dict)
     match_uploads_of: str | None = None  # label whose uploaded / seen this entry's upload_ratio option (0..1) copies
     reference: str | None = None  # "edge" or "cloud": a reference point (default: what the method class declares)
+    link: dict = field(default_factory=dict)  # this entry's own link fields (input codec, link model, time model)
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ def parse(raw: dict, where: str) -> TableSpec:
     methods, labels = [], {}
     for i, entry in enumerate(_take(raw, "methods", list, where)):
         w = f"{where} [[methods]] #{i + 1}"
-        _no_extra(entry, {"name", "label", "options", "match_uploads_of", "reference"}, w)
+        _no_extra(entry, {"name", "label", "options", "match_uploads_of", "reference", "link"}, w)
         name = _take(entry, "name", str, w)
         label = _take(entry, "label", str, w, name)
         match = _take(entry, "match_uploads_of", str, w, None)
@@ -284,7 +285,12 @@ def parse(raw: dict, where: str) -> TableSpec:
         reference = _take(entry, "reference", str, w, None)
         if reference is not None and reference not in REFERENCES:
             raise UserError(f"{w}: reference must be {' or '.join(map(repr, REFERENCES))}, got {reference!r}")
-        methods.append(MethodEntry(label, name, _take(entry, "options", dict, w, {}), match, reference))
+        link = _take(entry, "link", dict, w, {})
+        try:
+            with_link(protocol, link)
+        except UserError as error:
+            raise UserError(f"{w}: {error}") from None
+        methods.append(MethodEntry(label, name, _take(entry, "options", dict, w, {}), match, reference, link))
 
     check = _take(raw, "check", dict, where, {})
     _no_extra(check, {"tolerance", "metrics"}, f"{where} [check]")

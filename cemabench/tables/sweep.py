@@ -22,8 +22,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+from cemabench.config import with_link
 from cemabench.errors import UserError
 from cemabench.tables.spec import MethodEntry, TableSpec, parse, resolve
+
+LINK = "link."  # a grid key that names a link field of the swept entry instead of a method option
 
 SWEEP_KEYS = {"method", "severities", "reference", "axis", "grid", "fixed"}
 
@@ -75,8 +78,15 @@ def load_sweep(name_or_path: str) -> Sweep:
     if (not isinstance(grid, dict) or not grid
             or not all(isinstance(v, list) and v and len(set(map(repr, v))) == len(v) for v in grid.values())):
         raise UserError(f"{where}: grid must map option names to non-empty lists of distinct values, got {grid!r}")
+    for key, values in grid.items():  # link.FIELD: the swept entry's own link field (an input codec, say)
+        if key.startswith(LINK):
+            for value in values:
+                try:
+                    with_link(table.protocol, {key.removeprefix(LINK): value})
+                except UserError as error:
+                    raise UserError(f"{where}: grid {key}: {error}") from None
     fixed = config.get("fixed", {})
-    if not isinstance(fixed, dict) or set(fixed) & set(grid):
+    if not isinstance(fixed, dict) or set(fixed) & set(grid) or any(k.startswith(LINK) for k in fixed):
         raise UserError(f"{where}: fixed must be a table of options not in the grid, got {fixed!r}")
     severities = config.get("severities", [table.severity])
     if (not isinstance(severities, list) or not severities or len(set(severities)) != len(severities)
@@ -101,10 +111,12 @@ def expand(sweep: Sweep, severity: int) -> TableSpec:
     overrides = {"real": {}, "miniature": {}}
     for point in sweep.points():
         label = point_label(entry.label, point)
-        methods.append(MethodEntry(label, entry.name, {**entry.options, **sweep.fixed, **point}))
+        options = {k: v for k, v in point.items() if not k.startswith(LINK)}
+        link = {**entry.link, **{k.removeprefix(LINK): v for k, v in point.items() if k.startswith(LINK)}}
+        methods.append(MethodEntry(label, entry.name, {**entry.options, **sweep.fixed, **options}, link=link))
         for choice in overrides:
             if per_choice[choice]:
-                overrides[choice][label] = {**per_choice[choice], **sweep.fixed, **point}
+                overrides[choice][label] = {**per_choice[choice], **sweep.fixed, **options}
 
     def choice_for(choice, name):
         if choice is None:
