@@ -266,8 +266,20 @@ def cmd_run(args) -> int:
     return EXIT_INCOMPLETE if failed else 0
 
 
-def _reproduce_inputs(args):
+def variant(spec, given: dict):
+    """The table under the protocol values given on the command line, named after what they change
+    (``table2.input_codec-jpeg-75``: no ':', which scp and rsync read as host:path and Windows refuses)."""
     from dataclasses import replace
+
+    if not any(v is not None for v in given.values()):
+        return spec
+    protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
+    changed = [f"{k}-{getattr(protocol, k)}".replace(":", "-") for k in given
+               if getattr(protocol, k) != getattr(spec.protocol, k)]
+    return replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)
+
+
+def _reproduce_inputs(args):
 
     from cemabench.protocol import Execution
     from cemabench.tables.spec import load_table
@@ -275,11 +287,7 @@ def _reproduce_inputs(args):
     spec = load_table(args.table)
     if args.seed:
         check_seeds(args.seed, "--seed")
-    given = _protocol_flags(args)
-    if any(v is not None for v in given.values()):  # the table under another stream setting: its own output name
-        protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
-        changed = [f"{k}-{getattr(protocol, k)}" for k in given if getattr(protocol, k) != getattr(spec.protocol, k)]
-        spec = replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)
+    spec = variant(spec, _protocol_flags(args))
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
@@ -481,8 +489,15 @@ def _table_arguments(p: argparse.ArgumentParser) -> None:
     _execution_arguments(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value in one line (its usage block is `--help`'s), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cemabench", description="Benchmark harness for cloud-edge model adaptation.")
+    parser = _Parser(prog="cemabench", description="Benchmark harness for cloud-edge model adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list methods, tables, datasets or models")
@@ -549,7 +564,10 @@ def check_meter(computes: bool) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0), or a flag argparse refused (2, one line on stderr)
+        return done.code if isinstance(done.code, int) else 2
     args.argv = ["cemabench", *(sys.argv[1:] if argv is None else argv)]
     try:
         numerics.check()

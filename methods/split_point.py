@@ -116,6 +116,21 @@ class SplitPoint(Method):
         cut: str = "auto"  # auto: the fastest under the protocol; or edge, input, or a stage of the edge network
         payload_dtype: str = option("float32", choices=tuple(ROW_BYTES))
 
+    @classmethod
+    def check_protocol(cls, protocol):
+        """Refused where its choice would be wrong or its predictions missing: it prices the raw image only (an input
+        codec's lengths are not profiled), and an offloaded sample has no prediction but the cloud's, so a budget or
+        a cloud capacity that turns samples away would leave them unanswered."""
+        super().check_protocol(protocol)
+        if protocol.input_codec != "raw":
+            raise UserError(f"method {cls.name!r} prices the raw image of its input cut and cannot price input codec "
+                            f"{protocol.input_codec}: run it with input_codec raw")
+        limits = [f for f in ("upload_budget", "upload_budget_bytes", "cloud_capacity")
+                  if getattr(protocol, f) is not None]
+        if limits:
+            raise UserError(f"method {cls.name!r} offloads every sample without a prediction of its own, so "
+                            f"{', '.join(limits)} would leave samples unanswered: run it without")
+
     def check_models(self, edge, foundation):
         valid = ["auto", "edge", "input", *stage_names(edge)]
         if self.options.cut not in valid:

@@ -132,3 +132,27 @@ def test_the_link_charges_each_payload_row_at_its_own_length_under_a_byte_budget
     upload = link.send_up(torch.zeros(4, 3, 2, 2), decision, 12, 0)
     assert upload.index.tolist() == [0, 1, 2] and link.counters.upload_payload_bytes == sizes[:3].sum()
     assert link.counters.refused_bytes == sizes[3] and sizes[1] < sizes[0]
+
+
+def test_a_raw_input_carries_no_more_than_its_uint8_pixels(images):
+    """Issue 19 review: an edge that packs three images' pixels into the float mantissas of the batch it was handed
+    sent them for the price of one image's uint8 pixels. Raw inputs cross as round(255 x) / 255."""
+    packed = images.clone()
+    packed[0] += (images[1] + images[2] * 256) / 255 / 65536  # below 1/255: only the mantissa carries it
+    link = Link(None, 0)
+    upload = link.send_up(packed, EdgeDecision(logits=None, upload=torch.tensor([0, 3])), 3072, 0)
+    assert torch.equal(upload.samples, images[[0, 3]]) and link.counters.upload_bytes == 2 * 3072
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int8+zstd", "float16"])
+def test_payload_rows_of_no_values_cost_nothing_and_do_not_fail(dtype):
+    decoded, sizes = encode(torch.zeros(3, 0), dtype)
+    assert decoded.shape == (3, 0) and sizes.tolist() == [0, 0, 0]
+
+
+def test_a_codec_in_a_reproduce_flag_names_files_without_a_colon():
+    from cemabench.cli import variant
+    from cemabench.tables.spec import load_table
+
+    spec = variant(load_table("table2"), {"input_codec": "jpeg:75", "setting": None})
+    assert spec.name == "table2.input_codec-jpeg-75" and spec.protocol.input_codec == "jpeg:75"

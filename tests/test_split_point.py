@@ -71,3 +71,14 @@ def test_a_method_gets_a_copy_of_the_protocol_not_the_links(tiny):
     protocol = Protocol(batch_size=16, latency=1.0, answer_deadline=0.5)
     (result,) = _run(tiny, method, protocol)
     assert result.status == "ok" and result.link.late_answers == result.seen and protocol.answer_deadline == 0.5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input-codec", "webp:75"], "cannot price input codec webp:75: run it with input_codec raw"),
+    (["--cloud-capacity", "8", "--setting", "continual"], "cloud_capacity would leave samples unanswered"),
+    (["--upload-budget", "100"], "upload_budget would leave samples unanswered"),
+])
+def test_where_its_choice_would_be_wrong_it_is_refused_in_one_line(capsys, flags, message):
+    assert main(["run", "--method", "split-point", "--domains", "fog", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

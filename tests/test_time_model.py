@@ -27,20 +27,20 @@ def test_latency_and_delay_follow_the_hand_computation():
     _upload(link, 0, 2, 20)
     link.cloud_step(500)
     assert link.answer(2, 40) is True
-    link.finish_batch(4)
+    link.finish_batch(4, True)
     # batch 1 arrives at 1 s; upload in at 1.41 s; 1,500 FLOP until 2.91 s; a 40 B download is back at 2.96 s,
     # 1.96 s after arrival: ceil(1.96 / 1) - 1 = 1 batch late, so it is applied before batch 1 + 1 + 1 = 3
     _upload(link, 1, 2, 20)
     link.cloud_step(1500)
     link.send_down({"w": torch.zeros(10)}, 1)
-    link.finish_batch(4)
+    link.finish_batch(4, True)
     assert link.arrived(2) == [] and len(link.arrived(3)) == 1 and link.counters.download_delay_batches == 1
     # batch 2 arrives at 2 s; upload in at 2.41 s, but the cloud is busy until 2.91 s (first in, first out);
     # 500 FLOP until 3.41 s; 20 B back at 3.44 s: 1.44 s after arrival, past the deadline
     _upload(link, 2, 2, 20)
     link.cloud_step(500)
     assert link.answer(1, 20) is False and link.counters.late_answers == 1
-    link.finish_batch(4)
+    link.finish_batch(4, True)
     _, _, latencies = link.next_domain()
     assert latencies == pytest.approx([0.96, 0.96, 0.2, 0.2] + [0.2] * 8, abs=1e-12)
 
@@ -101,3 +101,34 @@ def test_a_slow_cloud_delays_downloads_and_the_numbers_do_not_depend_on_the_mach
     assert slow.link.download_delay_batches == 3 + 6 + 9 + 12 + 15 + 18 + 18
     again = _run(tiny, _adapting(), Protocol(batch_size=16, cloud_flops_per_s=1e5))[0]
     assert again.link == slow.link and again.latencies == slow.latencies  # counts, not a clock
+
+
+def test_the_edge_and_each_direction_of_the_link_queue_too():
+    """A batch waits for the edge's step on the one before, and an upload for the uplink's last transfer (issue 19
+    review: a 4 s edge step on a 1 s stream was reported as 4 s for every batch)."""
+    slow = Protocol(batch_size=4, bandwidth=1000.0, latency=0.01, edge_flops_per_s=100.0, cloud_flops_per_s=1000.0)
+    link = Link(None, 0, protocol=slow)
+    for batch in range(3):  # 300 FLOP: 3 s of edge per batch, one batch a second, nothing uploaded
+        link.edge_step(batch, 300)
+        link.finish_batch(4, True)
+    # batch 0: 0 to 3 s; batch 1 arrives at 1 s, runs 3 to 6 s (5 s after arrival); batch 2: 6 to 9 s (7 s)
+    assert link.next_domain()[2] == pytest.approx([3.0] * 4 + [5.0] * 4 + [7.0] * 4)
+    link = Link(None, 0, protocol=slow)
+    for batch in range(2):  # 2,000 B up: 2.01 s on the link, one batch a second; 10 FLOP of edge, none of cloud
+        link.edge_step(batch, 10)
+        link.send_up(torch.zeros(20, 3, 2, 2), EdgeDecision(logits=None, upload=torch.arange(20)), 100, batch)
+        link.cloud_step(0)
+        assert link.answer(20, 0) is True  # 20 answers of no bytes: 10 ms back
+        link.finish_batch(20, False)
+    # batch 0: edge 0 to 0.1 s, up 0.1 to 2.11 s, answers back at 2.12 s; batch 1: edge 1.0 to 1.1 s, but the uplink
+    # is busy until 2.11 s, so up 2.11 to 4.12 s, answers back at 4.13 s: 3.13 s after its arrival
+    assert link.next_domain()[2] == pytest.approx([2.12] * 20 + [3.13] * 20)
+
+
+def test_samples_without_a_prediction_have_no_latency():
+    link = Link(None, 0, protocol=TIMED)
+    _upload(link, 0, 2, 20)
+    link.cloud_step(500)
+    assert link.answer(2, 4000) is False  # 4 s back: past the 1 s deadline
+    link.finish_batch(4, False)  # an edge without a prediction of its own: nothing was predicted for these samples
+    assert link.next_domain()[2] == []

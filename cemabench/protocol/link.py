@@ -69,7 +69,7 @@ def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, np.ndarray
 
     if dtype is None or not t.is_floating_point():
         return t, each(row * t.element_size())
-    if len(t) == 0:  # nothing to encode
+    if len(t) == 0 or row == 0:  # nothing to encode: no rows, or rows of no values (0 bytes, no scale)
         return t.float(), each(0)
     if dtype == "float32":
         return t.float(), each(row * 4)
@@ -118,7 +118,8 @@ class Link:
         p = self.protocol
         self.timed = p.edge_flops_per_s is not None or p.cloud_flops_per_s is not None  # the time model is on
         self.clock = clock or CloudClock()
-        self._arrival = self._edge_seconds = 0.0  # the current batch's arrival and edge step, in modelled seconds
+        self._arrival = self._edge_seconds = 0.0  # the current batch's arrival and its edge step's end, after arrival
+        self._free = {"edge": 0.0, "up": 0.0, "down": 0.0}  # when this device's edge, uplink and downlink are next free
         self._cloud_done: float | None = None  # when the cloud's step on the current batch ended
         self._answered: tuple[int, float] = (0, 0.0)  # answers of the current batch that count, and their latency
         self._latencies: list[float] = []  # each sample's, in this domain (time model only)
@@ -169,8 +170,11 @@ class Link:
         if coded:  # the cloud gets what the bitstreams that crossed decode to, and nothing of the others
             self._input_sizes += input_sizes[:fit]
             samples = self.codec.decode_batch(streams[:fit], like=x)
-        else:  # advanced indexing copies; no inputs are a new empty tensor, not a view that carries the batch's storage
-            samples = x[index] if decision.send_input else x.new_empty((0, *x.shape[1:]))
+        elif decision.send_input:  # raw: charged as uint8 pixels, so the cloud gets uint8 pixels (round(255 x) / 255;
+            # the very images for data decoded from uint8), not whatever float the edge step wrote into the batch
+            samples = x[index].mul(255).round_().clamp_(0, 255).div_(255)  # advanced indexing copies
+        else:  # no inputs: a new empty tensor, not a view that would carry the batch's storage
+            samples = x.new_empty((0, *x.shape[1:]))
         # one copy of what crosses, and only its rows: the decision's own tensors are the harness's plain copies, but
         # encoding may return views of them (float32, other dtypes) that share storage with the rows the budget cut
         payload = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
@@ -191,11 +195,22 @@ class Link:
         return True
 
     def edge_step(self, batch_index: int, flops: int) -> None:
-        """A batch arrived and its edge step counted ``flops`` (the time model's clock starts the batch here)."""
+        """A batch arrived and its edge step counted ``flops``: under the time model the step starts when the batch is
+        in and the edge is done with the one before, and takes flops / edge throughput."""
         self._arrival = batch_index * self.protocol.batch_interval
         rate = self.protocol.edge_flops_per_s
-        self._edge_seconds = flops / rate if rate else 0.0
         self._cloud_done, self._answered = None, (0, 0.0)
+        if not self.timed:
+            return
+        done = max(self._arrival, self._free["edge"]) + (flops / rate if rate else 0.0)
+        self._free["edge"] = done
+        self._edge_seconds = done - self._arrival
+
+    def _send(self, way: str, start: float, nbytes: int) -> float:
+        """When ``nbytes`` that are ready at ``start`` have crossed: after what this direction is still sending."""
+        done = max(start, self._free[way]) + self._transfer(nbytes)
+        self._free[way] = done
+        return done
 
     def cloud_step(self, flops: int) -> None:
         """The cloud's step on this batch's upload counted ``flops``: under the time model it waits for the upload
@@ -203,7 +218,7 @@ class Link:
         if not self.timed:
             return
         rate = self.protocol.cloud_flops_per_s
-        uploaded = self._arrival + self._edge_seconds + self._transfer(self._batch_up_bytes)
+        uploaded = self._send("up", self._arrival + self._edge_seconds, self._batch_up_bytes)
         start = max(uploaded, self.clock.free_at) if rate else uploaded
         self._cloud_done = start + (flops / rate if rate else 0.0)
         if rate:
@@ -219,15 +234,16 @@ class Link:
             return self._transfer(self._batch_up_bytes) + self._transfer(down_bytes)
         done = self._cloud_done
         if done is None:  # no cloud step on this batch
-            done = self._arrival + self._edge_seconds + self._transfer(self._batch_up_bytes)
-        return done - self._arrival + self._transfer(down_bytes)
+            done = self._send("up", self._arrival + self._edge_seconds, self._batch_up_bytes)
+        return self._send("down", done, down_bytes) - self._arrival
 
-    def finish_batch(self, samples: int) -> None:
-        """The batch's predictions are made: under the time model, each sample's latency is the edge step's, or its
-        answer's round trip where an answer counted."""
+    def finish_batch(self, samples: int, edge_predicted: bool) -> None:
+        """The batch's predictions are made: under the time model, each sample's latency is its answer's round trip
+        where an answer counted, else the edge step's where the edge predicted; a sample with no prediction has none
+        (the cell counts it as unanswered)."""
         if self.timed:
             count, latency = self._answered
-            self._latencies += [latency] * count + [self._edge_seconds] * max(0, samples - count)
+            self._latencies += [latency] * count + [self._edge_seconds] * (max(0, samples - count) * edge_predicted)
 
     def send_down(self, download: Download, batch_index: int) -> None:
         nbytes = _nbytes(download)

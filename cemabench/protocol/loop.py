@@ -250,7 +250,7 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                 elif decision.await_answers:
                     raise ValueError("the edge awaits answers, but the method has no cloud to answer")
                 dev.predicted.append(task.record(scored, len(x)))  # rows no one answered: no prediction at all
-                link.finish_batch(len(x))
+                link.finish_batch(len(x), decision.logits is not None or decision.detections is not None)
                 dev.batch_index += 1
                 dev.stream_position += len(x)
             if not active:
