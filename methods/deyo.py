@@ -42,8 +42,8 @@ def patch_shuffle(x: torch.Tensor, patches: int, antialias: bool = False) -> tor
         raise ValueError(f"deyo: patch_len {patches} is larger than the images ({side} px); use patch_len <= {side}")
     x = _square(x, inner, antialias)
     n, c, tile = x.shape[0], x.shape[1], inner // patches
-    tiles = x.reshape(n, c, patches, tile, patches, tile).permute(0, 2, 4, 1, 3, 5).reshape(n, patches ** 2, c, tile,
-                                                                                           tile)
+    tiles = x.reshape(n, c, patches, tile, patches, tile).permute(0, 2, 4, 1, 3, 5)  # (n, row, column, c, h, w)
+    tiles = tiles.reshape(n, patches ** 2, c, tile, tile)
     order = torch.argsort(torch.rand(n, patches ** 2), dim=-1).to(x.device)
     tiles = tiles[torch.arange(n, device=x.device)[:, None], order]
     x = tiles.reshape(n, patches, patches, c, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(n, c, inner, inner)
@@ -182,8 +182,11 @@ class DeYO(FrozenPatternsMethod):
     the released ablation switches. Where the released code depends on the torchvision it runs with: a width that is
     not a multiple of ``patch_len`` is resized bilinearly, without antialiasing in the released environment
     (torchvision 0.11), with it by default from torchvision 0.17 on (``antialias = true``).
-    mariodoebler/test-time-adaptation (at 8b2ed63) differs from the released code in: the model in eval mode,
-    BatchNorm1d adapted, no filter switches, and SGD with Nesterov momentum in its ImageNet-C config.
+    As for this repository's Tent and SAR, every BatchNorm (1d, 2d, 3d) normalises with batch statistics and is
+    adapted, and dropout is off; the released code does both for BatchNorm2d only and leaves the model in train
+    mode (the same on the networks of its experiments). mariodoebler/test-time-adaptation (at 8b2ed63) differs from
+    the released code in: the model in eval mode, BatchNorm1d adapted, no filter switches, and SGD with Nesterov
+    momentum in its ImageNet-C config.
 
     Cloud-edge mapping (``select_on``). The destroyed forward is a forward pass, so by default the edge selects:
     it predicts the batch, applies both filters and uploads only the selected samples, each with its weight alpha
@@ -191,7 +194,8 @@ class DeYO(FrozenPatternsMethod):
     samples on its replica of the edge and takes one SGD step on the mean of alpha times their entropy; the
     normalisation layers' affine parameters come down. As for ETA/EATA, the cloud's forward normalises the uploaded
     samples among themselves, where the released single-device step normalises them within the whole batch, so the
-    step differs from the released one by those statistics; selection, weights and predictions do not.
+    step differs from the released one by those statistics; from the same parameters, predictions, selection and
+    weights are the released ones (the weight crossing the link as float32, as any floating payload).
     ``select_on = "cloud"`` uploads every sample and the cloud runs the released step as it stands (selection on the
     cloud's replica, which equals the edge's model when downloads arrive without delay).
     """
