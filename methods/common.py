@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cemabench.errors import UserError
-from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic
+from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -32,6 +32,24 @@ def entropy_weights(ent: torch.Tensor, margin: float | None) -> torch.Tensor | f
 def excludes(pattern: str, module_name: str) -> bool:
     """Whether a module-name pattern of ``exclude`` names the module (a substring; ``"norm."`` also names ``norm``)."""
     return pattern in module_name or module_name == pattern.rstrip(".")
+
+
+# The module-name patterns of the last stage, whose normalisation layers SAR's and DeYO's released code leave frozen:
+# ResNet layer4, ViT-Base blocks 9-11 and the final norm (``"norm."`` also names a module called ``norm``).
+LAST_STAGES = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
+
+
+class FrozenPatternsMethod(Method):
+    """A method whose ``Options`` name ``frozen`` module-name patterns: one given beyond :data:`LAST_STAGES` (which
+    cover ResNets and ViTs at once) must name a module of the edge model, since one that names none would freeze
+    nothing, silently (checked with the table's source models, before any compute)."""
+
+    def check_models(self, edge, foundation):
+        names = [name for name, _ in edge.named_modules()]
+        idle = [p for p in self.options.frozen if p not in LAST_STAGES and not any(excludes(p, n) for n in names)]
+        if idle:
+            raise UserError(f"{self.name}: frozen pattern(s) {', '.join(map(repr, idle))} name no module of the edge "
+                            f"model; its stages: {', '.join(n for n in names if n and '.' not in n)}")
 
 
 def train_norm_affine_only(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[nn.Parameter]:

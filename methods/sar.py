@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cemabench.errors import UserError
-from cemabench.method import CloudEdgeMapping, Method, option
-from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy, entropy_threshold, excludes
+from cemabench.method import CloudEdgeMapping, option
+from cemabench_methods.common import (
+    LAST_STAGES,
+    BatchStatisticsEdge,
+    FrozenPatternsMethod,
+    ReplicaCloud,
+    entropy,
+    entropy_threshold,
+)
 
 
 class _SARCloud(ReplicaCloud):
@@ -70,7 +76,7 @@ class _SARCloud(ReplicaCloud):
             self.ema = None
 
 
-class SAR(Method):
+class SAR(FrozenPatternsMethod):
     """Entropy filter H < 0.4 ln C, a sharpness-aware step (SAM, rho 0.05) whose second forward filters again, and
     model recovery: an EMA (0.9 / 0.1) of the second loss below 0.2 restores the source weights.
 
@@ -101,17 +107,7 @@ class SAR(Method):
         lr: float = option(0.00025, low=0, above=True, high=1)  # an SGD step size: 1e300 would only diverge
         momentum: float = option(0.9, low=0, high=1, below=True)
         nesterov: bool = False
-        frozen: tuple[str, ...] = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
-
-    def check_models(self, edge, foundation):
-        """A pattern given beyond the defaults (which cover ResNets and ViTs at once) must name a module of the
-        edge model: one that names none would freeze nothing, silently."""
-        names = [name for name, _ in edge.named_modules()]
-        given = [p for p in self.options.frozen if p not in SAR.Options.frozen]
-        idle = [p for p in given if not any(excludes(p, n) for n in names)]
-        if idle:
-            raise UserError(f"sar: frozen pattern(s) {', '.join(map(repr, idle))} name no module of the edge model; "
-                            f"its stages: {', '.join(n for n in names if n and '.' not in n)}")
+        frozen: tuple[str, ...] = LAST_STAGES
 
     def edge(self, num_classes):
         return BatchStatisticsEdge()

@@ -18,6 +18,8 @@ PAPERS = {
     "EATA / ETA": ("Efficient Test-Time Model Adaptation without Forgetting", "Niu", "ICML 2022"),
     "SAR": ("Towards Stable Test-Time Adaptation in Dynamic Wild World", "Niu", "ICLR 2023"),
     "CoTTA": ("Continual Test-Time Domain Adaptation", "Wang", "CVPR 2022"),
+    "DeYO": ("Entropy is not Enough for Test-Time Adaptation: From the Perspective of Disentangled Factors", "Lee",
+             "ICLR 2024"),
     "LAME": ("Parameter-free Online Test-time Adaptation", "Boudiaf", "CVPR 2022"),
     "BN adaptation": ("Improving robustness against common corruptions by covariate shift adaptation", "Schneider",
                       "NeurIPS 2020"),

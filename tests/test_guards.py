@@ -136,7 +136,7 @@ def test_an_empty_payload_encodes_to_nothing(dtype):
 
 def test_link_counts_an_upload_exactly():
     link = Link(budget=None, delay=0)
-    x = torch.rand(4, 3, 8, 8)
+    x = torch.randint(0, 256, (4, 3, 8, 8)).float() / 255  # images as the datasets give them: uint8 / 255
     decision = EdgeDecision(torch.zeros(4, 2), upload=torch.tensor([1, 3]), tensors={"stats": torch.zeros(7)},
                             payload={"f": torch.zeros(2, 5, dtype=torch.float64)}, payload_dtype="float16")
     upload = link.send_up(x, decision, sample_nbytes=3 * 8 * 8, batch_index=0, first_id=100)

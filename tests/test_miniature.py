@@ -31,6 +31,7 @@ def test_cached_domain_equals_a_fresh_generation(tmp_path, monkeypatch):
     assert np.array_equal(fresh, miniature.corrupted_test_images("snow", 2))
 
 
+@pytest.mark.slow  # 32 s: it generates all 15 corruptions at severity 5 (the default tier's time is kept under 5 min)
 def test_miniature_is_informative_at_severity_5():
     """Corruption must hurt the source edge model, and the foundation model must leave room to help it."""
     edge, foundation = load_model("edge"), load_model("foundation")

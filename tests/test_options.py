@@ -29,6 +29,11 @@ from conftest import builtin_methods
     ("pseudo-label", "lr=0", "option 'lr' must be a number > 0 and <= 1, got 0"),  # keeps Tent's bounds
     ("cotta", "restore_probability=1.5", "option 'restore_probability' must be a number >= 0 and <= 1"),
     ("lame", "knn=0", "option 'knn' must be an integer >= 1, got 0"),
+    ("deyo", "plpd_threshold=2", "option 'plpd_threshold' must be a number >= -1 and <= 1, got 2"),
+    ("deyo", "entropy_margin=-0.5", "option 'entropy_margin' must be a number >= 0 and <= 1, got -0.5"),
+    ("deyo", "patch_len=0", "option 'patch_len' must be an integer >= 1, got 0"),
+    ("deyo", 'augmentation="blur"', "option 'augmentation' must be one of patch, pixel, occ, got 'blur'"),
+    ("deyo", 'select_on="fog"', "option 'select_on' must be one of edge, cloud, got 'fog'"),
 ])
 def test_an_option_out_of_its_bounds_is_one_line_and_exit_2_before_any_compute(capsys, tmp_path, method, given,
                                                                                   words):
@@ -196,6 +201,7 @@ def test_ctrl_c_in_run_is_exit_130_without_a_traceback(capsys, tmp_path, monkeyp
     ("ecc-adaptive", 'edge_stage="layer9"', "the edge model has no stage 'layer9'; valid edge_stage: stem, layer1"),
     ("ecc-dynamic", 'cloud_stage="layer4"', "the cloud model has no entry stage 'layer4'; valid cloud_stage: layer1"),
     ("sar", 'frozen=["layer3", "layer9"]', "frozen pattern(s) 'layer9' name no module of the edge model; its stages: "),
+    ("deyo", 'frozen=["layer9"]', "deyo: frozen pattern(s) 'layer9' name no module of the edge model; its stages: "),
 ])
 def test_an_option_naming_what_the_models_lack_is_refused_before_any_compute(capsys, tmp_path, method, given, words):
     """Method.check_models, called with the table's source models once they are built (it was exit 3, after the

@@ -75,7 +75,7 @@ def test_the_extends_example_plans_as_written(tmp_path, capsys):
     (tmp_path / "my-table.toml").write_text(block)
     assert main(["status", str(tmp_path / "my-table.toml"), "--out", str(tmp_path / "out")]) == 3
     out = capsys.readouterr().out
-    assert "tent-lr-1e-3" in out and "my-table: 30 units: 0 done, 0 running, 0 failed, 30 missing" in out
+    assert "tent-lr-1e-3" in out and "my-table: 32 units: 0 done, 0 running, 0 failed, 32 missing" in out
 
 
 # Why a README command is not run here, by what it asks for: each such command must still parse.

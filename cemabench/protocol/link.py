@@ -172,7 +172,9 @@ class Link:
             samples = self.codec.decode_batch(streams[:fit], like=x)
         elif decision.send_input:  # raw: charged as uint8 pixels, so the cloud gets uint8 pixels (round(255 x) / 255;
             # the very images for data decoded from uint8), not whatever float the edge step wrote into the batch
-            samples = x[index].mul(255).round_().clamp_(0, 255).div_(255)  # advanced indexing copies
+            samples = x[index]  # advanced indexing copies
+            if samples.is_floating_point():
+                samples = samples.mul_(255).round_().clamp_(0, 255).div_(255)
         else:  # no inputs: a new empty tensor, not a view that would carry the batch's storage
             samples = x.new_empty((0, *x.shape[1:]))
         # one copy of what crosses, and only its rows: the decision's own tensors are the harness's plain copies, but
