@@ -46,6 +46,7 @@ def test_list_other_registries(capsys, what, expected):
      "concentration must be a number > 0"),
     (["run", "--method", "random-upload"], "random-upload needs upload_ratio"),
     (["run", "--method", "tent", "--input-codec", "jpeg:101"], "input codec 'jpeg:101': the quality must be"),
+    (["run", "--method", "cloud-only", "--answer-deadline", "0.1"], "answer_deadline needs time to pass"),
     (["run", "--method", "tent", "--edge-flops-per-s", "abc"], "argument --edge-flops-per-s: invalid float value"),
     (["reproduce", "table2", "--input-codec", "gif"], "unknown input codec 'gif': one of raw, png, jpeg:Q, webp:Q"),
     (["reproduce", "table9"], f"unknown table 'table9'; available: {', '.join(available_tables())}"),

@@ -156,3 +156,12 @@ def test_a_codec_in_a_reproduce_flag_names_files_without_a_colon():
 
     spec = variant(load_table("table2"), {"input_codec": "jpeg:75", "setting": None})
     assert spec.name == "table2.input_codec-jpeg-75" and spec.protocol.input_codec == "jpeg:75"
+
+
+def test_run_through_a_codec_that_uploads_nothing_prints_no_bytes_per_input(capsys):
+    """A new user's crash: `run --method source --input-codec webp:75` ended in a traceback (no input, no mean)."""
+    from cemabench.cli import main
+
+    assert main(["run", "--method", "source", "--domains", "fog", "--input-codec", "webp:75"]) == 0
+    out = capsys.readouterr().out
+    assert "Bytes per uploaded input as webp:75, mean:" in out and "| fog  | -" in out

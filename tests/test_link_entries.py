@@ -41,8 +41,8 @@ def _spec(tmp_path, link='link = { input_codec = "jpeg:75" }'):
 
 
 @pytest.mark.parametrize("link, message", [
-    ('link = { setting = "continual" }', "[[methods]] #2: link may set delivery_delay,"),
-    ('link = { batch_size = 8 }', "not batch_size (the stream is the table's)"),
+    ('link = { setting = "continual" }', "[[methods]] #2: link cannot set setting"),
+    ('link = { batch_size = 8 }', "link cannot set batch_size: the stream is the table's"),
     ('link = { input_codec = "jpeg:0" }', "[[methods]] #2: input codec 'jpeg:0': the quality must be an integer"),
     ('link = { cloud_flops_per_s = -1.0 }', "protocol cloud_flops_per_s must be a number > 0"),
 ])
@@ -78,3 +78,12 @@ def test_a_sweep_grid_may_name_the_entrys_link_fields(tmp_path):
                     '[sweep.grid]\n"link.input_codec" = ["gif"]\n')
     with pytest.raises(UserError, match="grid link.input_codec: unknown input codec 'gif'"):
         load_sweep(str(path))
+
+
+def test_a_misspelt_link_field_is_named_as_unknown_not_as_the_streams():
+    from cemabench.config import Protocol, with_link
+
+    with pytest.raises(UserError, match="link has no field inputcodec; it may set"):
+        with_link(Protocol(), {"inputcodec": "png"})
+    with pytest.raises(UserError, match="link cannot set batch_size: the stream is the table's"):
+        with_link(Protocol(), {"batch_size": 8})

@@ -78,14 +78,19 @@ class Protocol:
     edge_flops_per_s: float | None = _field(None, "edge throughput in FLOP/s: the edge step takes its counted FLOPs / "
                                             "this (the time model)", low=0, above=True, unset="no compute time")
     cloud_flops_per_s: float | None = _field(None, "cloud throughput in FLOP/s: a cloud step takes its counted FLOPs / "
-                                             "this, one step at a time in arrival order (the time model)", low=0,
-                                             above=True, unset="no compute time")
+                                             "this, one step at a time (edges sharing the cloud in the loop's "
+                                             "device order; the time model)", low=0, above=True,
+                                             unset="no compute time")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
         base, modifiers = parse_setting(self.setting)
         parse_input_codec(self.input_codec)
+        timed = self.bandwidth or self.latency or self.edge_flops_per_s or self.cloud_flops_per_s
+        if self.answer_deadline is not None and not timed:
+            raise UserError("protocol answer_deadline needs time to pass: set a link model (bandwidth, latency) or the "
+                            "time model (edge_flops_per_s, cloud_flops_per_s); without them every answer is instant")
         if self.rounds > 1 and base == "per-domain":
             raise UserError("protocol rounds > 1 repeats a stream without reset: use setting continual, gradual or "
                             "mixed-domains")
@@ -114,9 +119,13 @@ def with_link(protocol: Protocol, link) -> Protocol:
     link = dict(link)
     if not link:
         return protocol
+    shared = sorted(set(link) & set(SHARED_FIELDS))
+    if shared:
+        raise UserError(f"link cannot set {', '.join(shared)}: the stream is the table's; link may set "
+                        f"{', '.join(LINK_FIELDS)}")
     unknown = sorted(set(link) - set(LINK_FIELDS))
     if unknown:
-        raise UserError(f"link may set {', '.join(LINK_FIELDS)}; not {', '.join(unknown)} (the stream is the table's)")
+        raise UserError(f"link has no field {', '.join(unknown)}; it may set {', '.join(LINK_FIELDS)}")
     return dataclasses.replace(protocol, **link)
 _HINTS = typing.get_type_hints(Protocol)
 

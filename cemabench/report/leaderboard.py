@@ -36,7 +36,10 @@ NOTE_MARK = "†"
 
 
 def _spread(values: list[float], fmt: str) -> str:
-    """One value as it is; several (one per seed) as mean ± sample standard deviation (ddof=1)."""
+    """One value as it is; several (one per seed) as mean ± sample standard deviation (ddof=1); "-" where a value
+    is missing (bytes per coded input where nothing was uploaded)."""
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+        return "-"
     if len(values) == 1:
         return fmt.format(values[0])
     series = pd.Series(values, dtype=float)
@@ -56,6 +59,8 @@ def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
 def _domain_mean(group: pd.DataFrame, metric: str, domains: list[str]) -> float:
     """One seed's mean over the domains, summed in the table's domain order."""
     values = group.set_index("domain")[metric]
+    if any(values[d] is None or pd.isna(values[d]) for d in domains):
+        return None
     return sum(values[d] for d in domains) / len(domains)
 
 
@@ -342,6 +347,8 @@ def run_summary(doc: dict) -> str:
               f"{p['models']['edge']['name']}, cloud {p['models']['foundation']['name']}", ""]
     for score in (*scores(doc), UPLOADS):
         lines += [f"{score.title}:", metric_frame(doc, score.key).T.to_markdown(), ""]
+    lines += ["Bytes up per sample (inputs, payload and per-batch tensors, over every sample seen):",
+              metric_frame(doc, "bytes_up_per_sample", "{:,.0f}").T.to_markdown(), ""]
     if any("latency_p95" in c for c in doc["cells"]):  # the time model's per-sample latency
         for key, what in (("latency_p50", "median"), ("latency_p95", "95th percentile")):
             lines += [f"Modelled latency per sample (s), {what}:", metric_frame(doc, key, "{:.3g}").T.to_markdown(), ""]
@@ -482,13 +489,15 @@ def protocol_line(proto: dict) -> str:
     if proto.get("edge_flops_per_s") is not None or proto.get("cloud_flops_per_s") is not None:
         rates = [f"{proto[k]:g} FLOP/s" if proto[k] is not None else "no compute time"
                  for k in ("edge_flops_per_s", "cloud_flops_per_s")]
-        text += (f"; time model: edge {rates[0]}, cloud {rates[1]} (its steps one at a time, first in first out), one "
-                 f"batch every {proto['batch_interval']} s")
+        text += (f"; time model: edge {rates[0]}, cloud {rates[1]} (one step at a time; edges sharing it in the "
+                 f"loop's device order)" + ("" if proto.get("bandwidth") or proto.get("latency") else
+                                             f", one batch every {proto['batch_interval']:g} s"))
     if proto.get("input_codec", "raw") != "raw":
         text += f", inputs sent as {proto['input_codec']} (Pillow; charged at their encoded length)"
     if proto.get("bandwidth") or proto.get("latency"):
-        text += (f"; link {proto['bandwidth'] or 'unlimited'} bytes/s, latency {proto['latency']} s, one batch every "
-                 f"{proto['batch_interval']} s, answer deadline "
+        bandwidth = f"{proto['bandwidth']:g} bytes/s" if proto["bandwidth"] else "unlimited bandwidth"
+        text += (f"; link {bandwidth}, latency {proto['latency']:g} s, one batch every {proto['batch_interval']:g} s, "
+                 f"answer deadline "
                  f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
     if proto.get("devices", 1) > 1:
         streams = {"partition": "each its own domains", "rotate": "each all domains, in its own rotated order"}
