@@ -9,7 +9,8 @@ The encoder is Pillow's, with these settings (so that anyone can reproduce a byt
 - ``webp:Q``: lossy, ``quality=Q``, ``method=4`` (Pillow's default), no metadata.
 
 Each image is encoded on its own: a (C, H, W) float image in [0, 1] becomes the uint8 pixels round(255 x), RGB for
-three channels and greyscale for one. Every built-in dataset decodes its images from uint8, so this is exact. The
+three channels and greyscale for one: exact where images were decoded from uint8 (COCO's letterbox is resized in
+float, and is encoded as its uint8 rounding). The
 versions of Pillow and of the libraries under it are part of a unit's key (:func:`library_versions`).
 
 Payload rows quantised to int8 may also be entropy-coded (``payload_dtype="int8+zstd"``): each row, its float32 scale
