@@ -50,13 +50,10 @@ def batch_latency(profile: dict[str, tuple[float, float, float]], cut: str, prot
     def compute(flops: float, rate: float | None) -> float:
         return batch * flops / rate if rate else 0.0
 
-    def transfer(nbytes: float) -> float:
-        linked = protocol.bandwidth or protocol.latency
-        return protocol.latency + (nbytes / protocol.bandwidth if protocol.bandwidth else 0.0) if linked else 0.0
-
     seconds = compute(edge_flops, protocol.edge_flops_per_s)
-    if cut != "edge":
-        seconds += transfer(batch * up) + compute(cloud_flops, protocol.cloud_flops_per_s) + transfer(answer_bytes)
+    if cut != "edge":  # the link's own transfer time (cemabench.config.Protocol.transfer_seconds)
+        seconds += (protocol.transfer_seconds(batch * up) + compute(cloud_flops, protocol.cloud_flops_per_s)
+                    + protocol.transfer_seconds(answer_bytes))
     return seconds
 
 

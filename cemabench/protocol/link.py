@@ -88,7 +88,7 @@ def encode(t: torch.Tensor, dtype: str | None) -> tuple[torch.Tensor, np.ndarray
 
 class CloudClock:
     """The cloud's time under the time model: when it is next free. Edges that share one cloud share one clock, so
-    their steps queue in the order they arrive (first in, first out)."""
+    their steps queue one after another, in the order the loop runs them (each step, the devices in turn)."""
 
     def __init__(self):
         self.free_at = 0.0
@@ -98,10 +98,11 @@ class Link:
     """Everything that crosses between edge and cloud: encoded, counted, budgeted and delayed here.
 
     Under the time model (``edge_flops_per_s`` and/or ``cloud_flops_per_s``), batch t of a device arrives at
-    t * ``batch_interval``; its edge step takes its counted FLOPs / edge throughput; its upload leaves when the step
-    ends and takes ``transfer_seconds``; the cloud starts its step when the upload is in and the cloud is free
-    (:class:`CloudClock`), and takes its counted FLOPs / cloud throughput; answers and downloads leave when the step
-    ends. A sample's latency is the time from its batch's arrival to its prediction: the edge step's, or for an
+    t * ``batch_interval``; its edge step starts when the edge has finished the batch before and takes its counted
+    FLOPs / edge throughput; its upload leaves when the step ends and the uplink is free, and takes
+    ``transfer_seconds``; the cloud starts its step when the upload is in and the cloud is free (:class:`CloudClock`),
+    and takes its counted FLOPs / cloud throughput; answers and downloads leave when the step ends and the downlink is
+    free. A sample's latency is the time from its batch's arrival to its prediction: the edge step's, or for an
     answer that counts, the answer's arrival. Nothing here reads a clock: the numbers depend on counts only."""
 
     def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None,
@@ -210,7 +211,7 @@ class Link:
 
     def _send(self, way: str, start: float, nbytes: int) -> float:
         """When ``nbytes`` that are ready at ``start`` have crossed: after what this direction is still sending."""
-        done = max(start, self._free[way]) + self._transfer(nbytes)
+        done = max(start, self._free[way]) + self.protocol.transfer_seconds(nbytes)
         self._free[way] = done
         return done
 
@@ -226,14 +227,11 @@ class Link:
         if rate:
             self.clock.free_at = self._cloud_done
 
-    def _transfer(self, nbytes: int) -> float:
-        return self.protocol.transfer_seconds(nbytes) if self.protocol.bandwidth or self.protocol.latency else 0.0
-
     def _round_trip(self, down_bytes: int) -> float:
         """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge: the upload's and
         the download's transfers, and under the time model the edge step, the wait for the cloud and its step."""
         if not self.timed:
-            return self._transfer(self._batch_up_bytes) + self._transfer(down_bytes)
+            return self.protocol.transfer_seconds(self._batch_up_bytes) + self.protocol.transfer_seconds(down_bytes)
         done = self._cloud_done
         if done is None:  # no cloud step on this batch
             done = self._send("up", self._arrival + self._edge_seconds, self._batch_up_bytes)
