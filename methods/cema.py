@@ -178,6 +178,9 @@ class CEMA(Method):
     """Selective entropy distillation; the module docstring lists what follows the released code."""
 
     name = "cema"
+    task_reason = (
+        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
+        "give (no detection version of it is built)")
     paper = "Chen et al., ICLR 2024"
     mapping = CloudEdgeMapping(selection="edge: entropy bounds and redundancy", uploads="selected samples",
                                cloud="adapts the foundation model, distils it into an edge replica with replay",

@@ -104,6 +104,9 @@ class CoTTA(Method):
     """
 
     name = "cotta"
+    task_reason = (
+        "it adapts a mean teacher by the cross-entropy between class probabilities, which a detector's boxes do "
+        "not give (no detection version of it is built)")
     paper = "Wang et al., CVPR 2022"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample and the teacher's logits",
                                cloud="trains the student, updates the EMA teacher, stochastic restore",

@@ -201,6 +201,9 @@ class DeYO(FrozenPatternsMethod):
     """
 
     name = "deyo"
+    task_reason = (
+        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
+        "give (no detection version of it is built)")
     paper = "Lee et al., ICLR 2024"
     mapping = CloudEdgeMapping(selection="edge: entropy, then PLPD of a patch-shuffled forward",
                                uploads="selected samples and their weights",

@@ -65,6 +65,9 @@ class ETA(Method):
     """
 
     name = "eta"
+    task_reason = (
+        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
+        "give (no detection version of it is built)")
     paper = "Niu et al., ICML 2022"
     mapping = CloudEdgeMapping(selection="edge: entropy and redundancy", uploads="selected samples",
                                cloud="adapts a replica of the edge", download="norm affine parameters")
@@ -94,6 +97,9 @@ class EATA(ETA):
     than that; all of them are used."""
 
     name = "eata"
+    task_reason = (
+        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
+        "give (no detection version of it is built)")
 
     @dataclass
     class Options(ETA.Options):

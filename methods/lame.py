@@ -70,6 +70,9 @@ class LAME(Method):
     no neighbours, and LAME would be the source model: the harness refuses batch size 1."""
 
     name = "lame"
+    task_reason = (
+        "it corrects each sample's class probabilities by its neighbours', and a detector gives boxes, not one "
+        "class distribution per image")
     paper = "Boudiaf et al., CVPR 2022"
     mapping = CloudEdgeMapping(selection="edge only", uploads="none", cloud="nothing", download="none")
     min_batch_size = 2

@@ -64,6 +64,9 @@ class ConfidenceOffload(Method):
     foundation model, whose answers replace the edge's. No model adapts; the upload ratio is the offload rate."""
 
     name = "confidence-offload"
+    task_reason = (
+        "its gate is a sample's max softmax probability, which a detector's boxes do not give; on detection use "
+        "hard-example-offload or ecc-independent")
     cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = "edge-cloud cascade baseline"
     mapping = CloudEdgeMapping(selection="edge: max softmax probability below a threshold",

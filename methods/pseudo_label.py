@@ -20,6 +20,8 @@ class PseudoLabel(Tent):
     statistics, SGD lr 0.001, momentum 0.9; every sample goes up."""
 
     name = "pseudo-label"
+    task_reason = (
+        "it trains on each sample's predicted class, and a detector gives boxes, not one class per image")
     paper = "Lee, ICML Workshops 2013"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample", cloud="adapts a replica of the edge",
                                download="norm affine parameters")

@@ -92,6 +92,9 @@ class SAR(FrozenPatternsMethod):
     """
 
     name = "sar"
+    task_reason = (
+        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
+        "give (no detection version of it is built)")
     paper = "Niu et al., ICLR 2023"
     mapping = CloudEdgeMapping(selection="none (the cloud filters)", uploads="every sample",
                                cloud="sharpness-aware step on an edge replica, with recovery",

@@ -68,6 +68,9 @@ class BNAdapt(Method):
     """
 
     name = "bn-adapt"
+    task_reason = (
+        "it re-estimates a classifier's normalisation statistics on the test batch; on a detector that is not "
+        "built")
     paper = "Schneider et al., NeurIPS 2020"
     mapping = EDGE_ONLY
 

@@ -100,6 +100,9 @@ class SplitPoint(Method):
     of the edge network and answers. ``cut`` forces a cut instead of choosing."""
 
     name = "split-point"
+    task_reason = (
+        "it cuts a classifier by the time model, and its cuts of detectors are not described (use ecc-adaptive on "
+        "detection)")
     cloud_replicas = "shared"  # one answering cloud serves every edge device
     paper = PAPER
     mapping = CloudEdgeMapping(selection="none: every sample, at the cut the time model makes fastest",

@@ -20,6 +20,9 @@ class Tent(Method):
     """
 
     name = "tent"
+    task_reason = (
+        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
+        "give (no detection version of it is built)")
     paper = "Wang et al., ICLR 2021"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample", cloud="adapts a replica of the edge",
                                download="norm affine parameters")

@@ -11,7 +11,9 @@ transform, as int64. Its bytes are those of the resolution the transform made, t
 Head and tail hold the detector's own modules, so head then tail computes exactly what the detector computes (the
 same operations in the same order; ``tests/test_coco.py`` checks the boxes, scores and labels are equal).
 
-Not yet used by a method: ECC-A and ECC-D on detection are not built (README, Detection).
+Not used by a method yet: ECC-A and ECC-D on detection run on the detection miniature's detectors, whose layout
+(:mod:`cemabench.models.minidet`) has one feature map at each cut; a Faster R-CNN's FPN takes every stage of the body,
+so an adapter into one of its later stages would have to produce several feature maps (README, Detection).
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from cemabench import registry
@@ -28,25 +30,61 @@ def register_layout(module: str, name: str, layout: Callable[[nn.Module], Stages
     _LAYOUTS[(module, name)] = layout
 
 
-def _registered(net: nn.Module) -> Callable[[nn.Module], Stages] | None:
+def _registered(net: nn.Module, table: dict) -> Callable | None:
     for cls in type(net).__mro__:
-        layout = _LAYOUTS.get((cls.__module__, cls.__qualname__))
-        if layout is not None:
-            return layout
+        found = table.get((cls.__module__, cls.__qualname__))
+        if found is not None:
+            return found
     return None
 
 
-def layout_of(net: nn.Module) -> Callable[[nn.Module], Stages]:
-    """The registered layout of ``net``'s family (its class or a base class). A family no loaded zoo has registered
+def _lookup(net: nn.Module, table: dict, what: str, how: str):
+    """``net``'s family's entry in ``table`` (its class's or a base class's). A family no loaded zoo has registered
     is looked for in every model plugin's module, each zoo registering its families when imported."""
-    layout = _registered(net)
-    if layout is None:
+    found = _registered(net, table)
+    if found is None:
         for entry in registry.available("models").values():
             with contextlib.suppress(Exception):
                 importlib.import_module(entry.module)
-        layout = _registered(net)
-    if layout is None:
-        known = ", ".join(f"{module}.{name}" for module, name in sorted(_LAYOUTS))
-        raise UserError(f"cannot split a {type(net).__module__}.{type(net).__name__}: stages are described only for "
-                        f"{known} (a model plugin describes its own with cemabench.models.layouts.register_layout)")
-    return layout
+        found = _registered(net, table)
+    if found is None:
+        known = ", ".join(f"{module}.{name}" for module, name in sorted(table)) or "no family"
+        raise UserError(f"cannot {what} a {type(net).__module__}.{type(net).__name__}: {how} only for {known} (a "
+                        f"model plugin describes its own with cemabench.models.layouts.register_"
+                        f"{'layout' if table is _LAYOUTS else 'detector_training'})")
+    return found
+
+
+def layout_of(net: nn.Module) -> Callable[[nn.Module], Stages]:
+    """The registered layout of ``net``'s family (its class or a base class)."""
+    return _lookup(net, _LAYOUTS, "split", "stages are described")
+
+
+@dataclass(frozen=True)
+class DetectorTraining:
+    """How a detector family is trained offline, for methods that train one (a distilled edge detector, an adapter
+    into a detector's later stages). The family's layout ends at its raw outputs (the last stage has no
+    postprocessing), so that a split detector's tail gives raw outputs; ``postprocess`` turns them into detections.
+
+    - ``postprocess(raw)``: one dict of ``boxes``, ``scores`` and ``labels`` per image, as the detector returns them;
+    - ``targets(annotations)``: the training targets of a batch of images given as one list of COCO annotations each;
+    - ``loss(raw, targets)``: the family's own training loss;
+    - ``distill(raw_student, raw_teacher)``: a response-distillation loss towards a teacher of the same family."""
+
+    postprocess: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]
+    targets: Callable[[list[list[dict]]], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    distill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_TRAINING: dict[tuple[str, str], DetectorTraining] = {}
+
+
+def register_detector_training(module: str, name: str, training: DetectorTraining) -> None:
+    """Describe how the detector class ``module.name`` (and its subclasses) is trained offline."""
+    _TRAINING[(module, name)] = training
+
+
+def detector_training(net: nn.Module) -> DetectorTraining:
+    """The registered training description of ``net``'s detector family."""
+    return _lookup(net, _TRAINING, "train", "offline training of a detector is described")

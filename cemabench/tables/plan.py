@@ -87,12 +87,15 @@ def check_options(spec: TableSpec, choice: DataChoice) -> None:
             parse_options(registry.load("methods", entry.name).Options, options, f"method {entry.name!r}")
 
 
-def check_models(spec: TableSpec, choice: DataChoice, edge, foundation) -> None:
-    """Every entry against the table's source models (:meth:`Method.check_models`), before any compute; entries whose
-    options are derived from other units are checked when their unit is built."""
+def check_models(spec: TableSpec, choice: DataChoice, edge, foundation, task: str = "classification") -> None:
+    """Every entry against the table's source models (:meth:`Method.check_models`, the method's ``task`` set to the
+    dataset's), before any compute; entries whose options are derived from other units are checked when their unit is
+    built."""
     for entry in spec.methods:
         if entry.match_uploads_of is None:
-            registry.build_method(entry.name, entry_options(entry, choice)).check_models(edge, foundation)
+            method = registry.build_method(entry.name, entry_options(entry, choice))
+            method.task = task
+            method.check_models(edge, foundation)
 
 
 def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Task]:

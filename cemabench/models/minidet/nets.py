@@ -52,7 +52,7 @@ def decode(maps: torch.Tensor, k: int = TOP_K) -> list[dict[str, torch.Tensor]]:
     n, _, h, w = maps.shape
     heat = maps[:, :CLASSES].sigmoid()
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)
-    scores, where = peaks.reshape(n, -1).topk(min(k, CLASSES * h * w))
+    scores, where = peaks.reshape(n, CLASSES * h * w).topk(min(k, CLASSES * h * w))
     labels, cell = where // (h * w), where % (h * w)
     rows, cols = cell // w, cell % w
     geometry = maps[:, CLASSES:].reshape(n, 4, h * w).gather(2, cell[:, None].expand(n, 4, -1))

@@ -18,41 +18,11 @@ import torch
 from cemabench.datasets.minidet import canvases
 from cemabench.models.mini.train import _photometric
 from cemabench.models.minidet import WEIGHTS_DIR, nets
+from cemabench.models.minidet.objective import loss, targets
 from cemabench.protocol.tasks.detection import Detections, score
 
 SCHEDULE = {"edge": dict(epochs=12, robust=False), "cloud": dict(epochs=16, robust=True)}
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 3000, 300, 64
-
-
-def targets(doc: dict, count: int, grid: int = 64 // nets.STRIDE) -> torch.Tensor:
-    """Per image the CenterNet targets: CLASSES heatmaps, then width, height and the centre's offsets, then a mask
-    of the object cells (CLASSES + 5 channels, grid x grid)."""
-    out = torch.zeros(count, nets.CLASSES + 5, grid, grid)
-    ys, xs = torch.meshgrid(torch.arange(grid) + 0.5, torch.arange(grid) + 0.5, indexing="ij")
-    for a in doc["annotations"]:
-        i = a["image_id"] - 1
-        x, y, w, h = (v / nets.STRIDE for v in a["bbox"])
-        cx, cy = x + w / 2, y + h / 2
-        row, col = min(int(cy), grid - 1), min(int(cx), grid - 1)
-        sigma = max(0.5, min(w, h) / 6)
-        peak = torch.exp(-((xs - (col + 0.5)) ** 2 + (ys - (row + 0.5)) ** 2) / (2 * sigma ** 2))
-        c = a["category_id"] - 1
-        out[i, c] = torch.maximum(out[i, c], peak)
-        out[i, nets.CLASSES:nets.CLASSES + 5, row, col] = torch.tensor([w, h, cx - col - 0.5, cy - row - 0.5, 1.0])
-    return out
-
-
-def loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    c = nets.CLASSES
-    heat = maps[:, :c].sigmoid().clamp(1e-4, 1 - 1e-4)
-    truth, mask = target[:, :c], target[:, c + 4:c + 5]
-    positive = truth.eq(1).float()
-    focal = -(positive * (1 - heat) ** 2 * heat.log()
-              + (1 - positive) * (1 - truth) ** 4 * heat ** 2 * (1 - heat).log()).sum()
-    objects = positive.sum().clamp(min=1)
-    size = (mask * (maps[:, c:c + 2] - target[:, c:c + 2]).abs()).sum()
-    offset = (mask * (maps[:, c + 2:c + 4] - target[:, c + 2:c + 4]).abs()).sum()
-    return (focal + 0.1 * size + offset) / objects
 
 
 def train(kind: str, epochs_scale: float = 1.0, seed: int = 0) -> tuple[torch.nn.Module, dict]:
