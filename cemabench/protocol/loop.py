@@ -18,7 +18,7 @@ import dataclasses
 import random
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,10 +54,19 @@ class Models:
 
     edge: Callable[[], nn.Module]
     foundation: Callable[[], nn.Module]
+    _state: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def copies_of(cls, edge: nn.Module, foundation: nn.Module) -> Models:
         return cls(edge=lambda: copy.deepcopy(edge), foundation=lambda: copy.deepcopy(foundation))
+
+    def state_names(self) -> tuple[str, ...]:
+        """The names of the edge model's state entries, the names that cross the link uncharged
+        (:class:`~cemabench.protocol.link.Vocabulary`); built once (a build may draw random numbers: call it before
+        seeding)."""
+        if self._state is None:
+            self._state = tuple(self.edge().state_dict())
+        return self._state
 
 
 class HarnessReplaced(RuntimeError):
@@ -131,8 +140,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
     streams = [[b if isinstance(b, Block) else plain(b, seed) for b in s] for s in streams]
     names = list(dict.fromkeys(s.name for blocks in streams for b in blocks for s in b.sources))
-    state = tuple(models.edge().state_dict())  # the names that cross the link uncharged (before seeding: a build
-    # may draw random numbers)
+    state = models.state_names()
     seed_everything(derive_seed(seed, method.name, *names))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
