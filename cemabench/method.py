@@ -49,10 +49,14 @@ class EdgeDecision:
     same, each row entropy-coded losslessly by Zstandard and charged at its frame's length). ``tensors`` are
     per-batch (normalisation statistics, ...): they cross whole, but never one row per sample of the batch. Every
     byte is charged to the counters and the budget; nothing per-sample travels for a sample that is not uploaded.
+    What is not charged may carry nothing (:class:`cemabench.protocol.link.Vocabulary`): ``upload`` is in increasing
+    order; ``tensors`` are named after the edge model's state (``layer1.0.bn1.running_mean``, or a module's path and
+    a word of the method's own, at most 16 such words a run unit) and hold at least one value; ``payload`` is named
+    by such words.
     """
 
     logits: torch.Tensor | None  # the scored prediction; None only when every sample awaits the cloud's answer
-    upload: torch.Tensor | None = None  # indices into the batch of the samples to upload
+    upload: torch.Tensor | None = None  # indices into the batch of the samples to upload, in increasing order
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # per-batch named tensors to upload
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample tensors, rows aligned with upload
     send_input: bool = True  # whether each uploaded sample's raw input crosses (False: only its payload rows)

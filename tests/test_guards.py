@@ -19,7 +19,9 @@ from cemabench.errors import ForwardOnlyViolation
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
 from cemabench.models.mini import load_model
 from cemabench.protocol import Link, LinkCounters, Models, Protocol, encode, run_unit
+from cemabench.protocol.link import Vocabulary
 from cemabench.protocol.meter import ComputeMeter
+from cemabench.protocol.plain import NotPlain, plain_decision, plain_map
 from cemabench.protocol.stream import domain_order
 from conftest import TinyNet, tiny_dataset
 
@@ -143,6 +145,78 @@ def test_link_counts_an_upload_exactly():
     assert torch.equal(upload.samples, x[[1, 3]]) and upload.sample_ids.tolist() == [101, 103]
     assert link.counters == LinkCounters(uploaded=2, upload_bytes=2 * 192, upload_payload_bytes=2 * 5 * 2,
                                          upload_tensor_bytes=7 * 4)
+
+
+# ---- what is not charged carries nothing: names, empty shapes, the order of entries (issue 22) -------------------
+
+def _send(link, decision, x=None):
+    x = torch.zeros(4, 3, 8, 8) if x is None else x
+    return link.send_up(x, plain_decision(decision), sample_nbytes=3 * 8 * 8, batch_index=0)
+
+
+def test_names_that_cross_are_the_edge_models_or_a_few_words_of_the_units_own():
+    """The edge model's state names, a module path (or a state name) with one of its words, and at most 16 words of
+    the unit's own (BatchRenorm's ``initialized``, a method's ``fc.weight.scale``), each of at most 64 characters."""
+    state = list(load_model("edge").state_dict())
+    link = Link(None, 0, vocabulary=Vocabulary(state))
+    allowed = {state[0]: torch.zeros(1), "stem.1.initialized": torch.zeros(1), "fc.weight.scale": torch.zeros(1),
+               "layer1.0.bn1.weight": torch.zeros(1)}
+    link.send_down(plain_map(allowed, "the download"), 0)
+    own = [f"word{i}" for i in range(16 - 2)]
+    _send(link, EdgeDecision(torch.zeros(4, 2), tensors={w: torch.zeros(1) for w in own}))
+    assert sorted(link.vocabulary.own) == sorted(["initialized", "scale", *own])
+    assert link.counters.upload_tensor_bytes == 14 * 4
+    with pytest.raises(ValueError, match="a unit may use at most 16 words of its own, of at most 64 characters each "
+                                         r"\(it used scale, initialized, word0"):
+        link.send_down({"stem.1.one_too_many": torch.zeros(1)}, 1)
+    long = Link(None, 0, vocabulary=Vocabulary(state))
+    with pytest.raises(ValueError, match="names 'stem.aaaa.*' \\(of 70 characters\\), whose word 65 characters long"):
+        _send(long, EdgeDecision(torch.zeros(4, 2), tensors={"stem." + "a" * 65: torch.zeros(1)}))
+
+
+@pytest.mark.parametrize("name", ["a b", "1st", "fc..weight", "fc.weight.", "é", "x" * 201, ""])
+def test_a_name_is_a_dotted_identifier_of_at_most_200_characters(name):
+    with pytest.raises(NotPlain, match="keys must be names such as layer1.0.bn1.weight"):
+        plain_map({name: torch.zeros(1)}, "the download")
+
+
+def test_entries_cross_in_the_order_of_their_names_and_with_at_most_8_dimensions():
+    crossed = plain_map({"b": torch.zeros(1), "a": torch.zeros(1), "a.c": torch.zeros(1)}, "EdgeDecision.tensors")
+    assert list(crossed) == ["a", "a.c", "b"]
+    with pytest.raises(NotPlain, match=r"EdgeDecision.tensors\['a'\] has 9 dimensions; what crosses the link has at "
+                                       r"most 8"):
+        plain_map({"a": torch.zeros((1,) * 9)}, "EdgeDecision.tensors")
+
+
+@pytest.mark.parametrize("where", ["tensors", "download"])
+def test_an_empty_per_batch_tensor_or_download_entry_is_refused(where):
+    """Its shape (0, 10**6, ...) would cross uncharged; an entry that crosses costs at least a byte."""
+    link = Link(None, 0)
+    empty = {"stats": torch.zeros(0, 1000, 17)}
+    with pytest.raises(ValueError, match=r"\['stats'\] has no values \(shape \(0, 1000, 17\)\): the shape of an "
+                                         r"empty tensor is charged nothing"):
+        if where == "tensors":
+            _send(link, EdgeDecision(torch.zeros(4, 2), tensors=empty))
+        else:
+            link.send_down(empty, 0)
+
+
+def test_an_empty_payload_crosses_in_the_row_shape_and_dtype_its_name_last_crossed_with():
+    """Neither the row shape of no rows that the edge chose, nor that of rows the budget kept back, reaches the cloud;
+    rows of no values are refused."""
+    link = Link(None, 0, budget_bytes=3 * 4)
+    first = _send(link, EdgeDecision(torch.zeros(4, 2), upload=torch.tensor([2]), send_input=False,
+                                     payload={"f": torch.ones(1, 3)}))
+    assert first.payload["f"].shape == (1, 3)
+    chosen = _send(link, EdgeDecision(torch.zeros(4, 2), upload=torch.tensor([], dtype=torch.long), send_input=False,
+                                      payload={"f": torch.ones(0, 1000, 7, dtype=torch.int64)}))
+    assert chosen.payload["f"].shape == (0, 3) and chosen.payload["f"].dtype == torch.float32
+    kept_back = _send(link, EdgeDecision(torch.zeros(4, 2), upload=torch.tensor([0, 1]), send_input=False,
+                                         payload={"f": torch.ones(2, 99, 5)}))
+    assert len(kept_back) == 0 and kept_back.payload["f"].shape == (0, 3)
+    with pytest.raises(ValueError, match=r"EdgeDecision.payload\['f'\] has rows of no values \(shape \(1, 0, 9\)\)"):
+        _send(link, EdgeDecision(torch.zeros(4, 2), upload=torch.tensor([0]), send_input=False,
+                                 payload={"f": torch.ones(1, 0, 9)}))
 
 
 # ---- forward-only, enforced by what executes ---------------------------------------------------------------------
@@ -337,7 +411,7 @@ def test_after_downloads_the_seal_still_holds_for_sent_and_unsent_parameters(tin
 
 
 def test_a_receive_may_not_turn_a_named_parameter_into_a_buffer(tiny):
-    """A zero-byte download naming fc.weight must not license removing the parameter (and training the buffer that
+    """A one-value download naming fc.weight must not license removing the parameter (and training the buffer that
     replaces it, which no seal covers)."""
 
     class Edge(EdgeLogic):
@@ -348,7 +422,7 @@ def test_a_receive_may_not_turn_a_named_parameter_into_a_buffer(tiny):
             weight = model.fc._parameters.pop("weight")
             model.fc.register_buffer("weight", weight.detach().clone())
 
-    (result,) = _run(tiny, _with_edge(Edge, lambda upload: {"fc.weight": torch.empty(0)}))
+    (result,) = _run(tiny, _with_edge(Edge, lambda upload: {"fc.weight": torch.zeros(1, dtype=torch.bool)}))
     assert result.status == "error" and "removed" in result.message and "fc.weight" in result.message
 
 

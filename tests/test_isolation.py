@@ -115,6 +115,10 @@ def test_a_half_that_ends_its_process_fails_its_cells_and_the_run_goes_on(plugin
 @pytest.mark.parametrize("method, words", [
     ("two-faced", "EdgeLogic.step must return an EdgeDecision (not a subclass)"),
     ("exits-on-batch-3", "SystemExit: method code called sys.exit(0); a method must not end the process"),
+    # issue 22: what the link does not charge carries nothing (tests/plugins/channels.py, test_hostile.py)
+    ("names-smuggler", "a unit may use at most 16 words of its own, of at most 64 characters each"),
+    ("shape-smuggler", "has no values (shape (0, "),
+    ("order-smuggler", "EdgeDecision.upload must hold distinct indices in [0, 64) in increasing order"),
 ])
 def test_what_a_half_refuses_reads_as_in_process(plugins, tmp_path, method, words):
     inline = _cell(tmp_path / "inline", [method])[method]

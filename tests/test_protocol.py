@@ -143,6 +143,8 @@ def test_divergence_is_reported_and_the_rest_of_the_unit_is_skipped(tiny):
 @pytest.mark.parametrize("decision, message", [
     (lambda m, x: EdgeDecision(m(x)[:, :2]), "shape"),
     (lambda m, x: EdgeDecision(m(x), upload=torch.tensor([0, 0])), "distinct"),
+    (lambda m, x: EdgeDecision(m(x), upload=torch.tensor([1, 0])), "in increasing order (their order would cross "
+                                                                   "uncharged): sort them"),
     (lambda m, x: EdgeDecision(m(x), upload=torch.tensor([0.0])), "int64"),
 ])
 def test_malformed_edge_decisions_are_named(tiny, decision, message):

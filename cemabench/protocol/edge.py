@@ -282,10 +282,11 @@ def validate_decision(decision: EdgeDecision, batch: int, task: Task, checks: Ch
     if index is not None:
         if index.dtype != torch.long or index.dim() != 1:
             raise ValueError("EdgeDecision.upload must be a 1-D int64 tensor of batch indices")
-        if len(index):
-            ordered = index.sort().values
-            bad = (ordered[0] < 0) | (ordered[-1] >= batch) | (ordered[1:] == ordered[:-1]).any()
-            checks.add(bad, lambda _: ValueError(f"EdgeDecision.upload must hold distinct indices in [0, {batch})"))
+        if len(index):  # in increasing order: the order of indices is not charged, so it may carry nothing
+            bad = (index[0] < 0) | (index[-1] >= batch) | (index[1:] <= index[:-1]).any()
+            checks.add(bad, lambda _: ValueError(
+                f"EdgeDecision.upload must hold distinct indices in [0, {batch}) in increasing order (their order "
+                f"would cross uncharged): sort them (index.sort().values, torch.where(mask)[0])"))
         uploaded = len(index)
     if not predicts and uploaded != batch:
         raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")

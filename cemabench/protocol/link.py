@@ -24,6 +24,84 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+class Vocabulary:
+    """The names a unit's link lets cross, and the shapes of its empty payload. A name, an empty tensor's shape and
+    the order of entries are charged nothing, so they may carry next to nothing (issue 22: a hostile review sent the
+    miniature's whole batch up as names, and as the shapes of empty tensors, for 0 bytes).
+
+    A per-batch tensor or a download entry is named after the edge model's state: a name of its ``state_dict``, or a
+    prefix of one (a module's path, or a state name) and a word, one of the state's last parts (``weight``,
+    ``running_mean``, ...) or one of the unit's own words; a payload is named by one of the unit's own words. A unit's
+    own words are the first ``OWN_WORDS`` distinct others it uses (BatchRenorm's ``initialized``, ``feature``,
+    ``teacher_logits``), of at most ``WORD`` characters each. The edge model's names are those of the model the
+    table built (not the plugin's), which both halves know before the stream. A per-batch tensor or a download entry
+    holds at least one value, and so costs at least a byte; a payload row holds at least one value, and a payload of
+    no rows crosses in the row shape and dtype that its name last crossed with in the unit (README: *Not yet built*
+    says what these leave)."""
+
+    OWN_WORDS = 16
+    WORD = 64
+
+    def __init__(self, state_names=()):
+        self.state = frozenset(state_names)
+        parts = [n.split(".") for n in self.state]
+        self.paths = {".".join(p[:i]) for p in parts for i in range(1, len(p))} | self.state
+        self.words = {p[-1] for p in parts}
+        self.own: list[str] = []
+        self.rows: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # each payload's last row shape, dtype
+
+    def _own(self, word: str, where: str, name: str) -> None:
+        if word in self.own:
+            return
+        if len(word) > self.WORD or len(self.own) >= self.OWN_WORDS:
+            shown = name[:60] + ("..." if len(name) > 60 else "")
+            raise ValueError(f"{where} names {shown!r} (of {len(name)} characters), whose word {len(word)} "
+                             f"characters long is not one of the edge model's state: names are not charged, so a "
+                             f"unit may use at most {self.OWN_WORDS} words of its own, of at most {self.WORD} "
+                             f"characters each (it used {', '.join(self.own) or 'none'}); name tensors after the edge "
+                             f"model's state (layer1.0.bn1.weight), or with fewer words")
+        self.own.append(word)
+
+    def named(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Per-batch tensors or a download: state names, or a state prefix and a word; none empty."""
+        for name, t in tensors.items():
+            if name not in self.state:
+                tail = name
+                for i in range(len(name) - 1, 0, -1):  # the longest prefix of the name that is a path of the model
+                    if name[i] == "." and name[:i] in self.paths:
+                        tail = name[i + 1:]
+                        break
+                if tail not in self.words:
+                    self._own(tail, where, name)
+            if t.numel() == 0:
+                raise ValueError(f"{where}[{name!r}] has no values (shape {tuple(t.shape)}): the shape of an empty "
+                                 f"tensor is charged nothing, so an entry that crosses holds at least one value; leave "
+                                 f"it out")
+
+    def payload(self, payload: dict[str, torch.Tensor]) -> None:
+        """The edge's payload: named with the unit's own words, in rows of at least one value."""
+        for name, rows in payload.items():
+            self._own(name, "EdgeDecision.payload", name)
+            if math.prod(rows.shape[1:]) == 0:
+                raise ValueError(f"EdgeDecision.payload[{name!r}] has rows of no values (shape {tuple(rows.shape)}); "
+                                 f"a payload row holds at least one value")
+
+    def crossing(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The payload as it crosses, after the budget: where no row crosses, in the row shape and dtype that the
+        name last crossed with (an empty tensor's shape is charged nothing: neither the edge's choice of it nor the
+        rows the budget kept back tell the cloud anything), or as it is at the name's first crossing."""
+        out = {}
+        for name, rows in payload.items():
+            row = (tuple(rows.shape[1:]), rows.dtype)
+            last = self.rows.setdefault(name, row)
+            if len(rows):
+                self.rows[name] = row
+            elif row != last:
+                rows = rows.new_empty((0, *last[0]), dtype=last[1])
+            out[name] = rows
+        return out
+
+
 @dataclass
 class LinkCounters:
     uploaded: int = 0  # samples
@@ -106,8 +184,10 @@ class Link:
     answer that counts, the answer's arrival. Nothing here reads a clock: the numbers depend on counts only."""
 
     def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None,
-                 protocol: Protocol | None = None, clock: CloudClock | None = None):
+                 protocol: Protocol | None = None, clock: CloudClock | None = None,
+                 vocabulary: Vocabulary | None = None):
         self.budget, self.budget_bytes, self.delay = budget, budget_bytes, delay
+        self.vocabulary = vocabulary or Vocabulary()  # what is not charged: names, empty shapes
         self.protocol = protocol or Protocol()
         self._batch_up_bytes = 0  # what the current batch sent up: its answers and downloads wait for it to cross
         self.total_uploaded = 0
@@ -130,6 +210,8 @@ class Link:
 
     def send_up(self, x: torch.Tensor, decision: EdgeDecision, sample_nbytes: int, batch_index: int,
                 first_id: int = 0, capacity: int | None = None, device: int = 0) -> Upload:
+        self.vocabulary.named(decision.tensors, "EdgeDecision.tensors")
+        self.vocabulary.payload(decision.payload)
         index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long, device=x.device)
         if capacity is not None:  # the cloud's capacity left in this step: the rest does not cross
             self.counters.busy += max(0, len(index) - capacity)
@@ -160,6 +242,7 @@ class Link:
         if fit < len(index):
             self.counters.refused_bytes += int(spent[-1] - (spent[fit - 1] if fit else 0))
             index, payload = index[:fit], {k: v[:fit] for k, v in payload.items()}
+        payload = self.vocabulary.crossing(payload)
         sent = int(spent[fit - 1]) if fit else 0
         self.counters.refused += wanted - len(index)
         self.total_uploaded += len(index)
@@ -246,6 +329,7 @@ class Link:
             self._latencies += [latency] * count + [self._edge_seconds] * (max(0, samples - count) * edge_predicted)
 
     def send_down(self, download: Download, batch_index: int) -> None:
+        self.vocabulary.named(download, "the download")
         nbytes = _nbytes(download)
         self.counters.downloads += 1
         self.counters.download_bytes += nbytes

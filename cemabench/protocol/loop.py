@@ -18,7 +18,7 @@ import dataclasses
 import random
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
-from cemabench.protocol.link import CloudClock, Link
+from cemabench.protocol.link import CloudClock, Link, Vocabulary
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_reply
 from cemabench.protocol.scoring import Diverged, DomainResult, note
@@ -54,10 +54,19 @@ class Models:
 
     edge: Callable[[], nn.Module]
     foundation: Callable[[], nn.Module]
+    _state: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def copies_of(cls, edge: nn.Module, foundation: nn.Module) -> Models:
         return cls(edge=lambda: copy.deepcopy(edge), foundation=lambda: copy.deepcopy(foundation))
+
+    def state_names(self) -> tuple[str, ...]:
+        """The names of the edge model's state entries, the names that cross the link uncharged
+        (:class:`~cemabench.protocol.link.Vocabulary`); built once (a build may draw random numbers: call it before
+        seeding)."""
+        if self._state is None:
+            self._state = tuple(self.edge().state_dict())
+        return self._state
 
 
 class HarnessReplaced(RuntimeError):
@@ -131,6 +140,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
     streams = [[b if isinstance(b, Block) else plain(b, seed) for b in s] for s in streams]
     names = list(dict.fromkeys(s.name for blocks in streams for b in blocks for s in b.sources))
+    state = models.state_names()
     seed_everything(derive_seed(seed, method.name, *names))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -157,7 +167,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         for result in results.values():
             result.training = training
         out = _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution, task,
-                      depths, replicas)
+                      depths, replicas, state)
         left = isolation.finish(halves) if halves and all(r.status == "ok" for r in out) else []
         for result in out if left else ():  # in-process, run_unit checks the same of its own process
             result.status, result.message = "error", "method code " + "; ".join(left) + ", which could go on computing"
@@ -182,15 +192,17 @@ def _in_process(method: Method, models: Models, num_classes: int, clean: DomainD
 
 
 def _stream(method: Method, streams: list, results: dict, edges: list, clouds: list, cloud_meter, cloud_passes,
-            protocol: Protocol, execution: Execution, task: Task, depths: tuple, replicas: int) -> list[DomainResult]:
-    """The online stream of a unit whose halves are set up: every device's blocks, batch by batch."""
+            protocol: Protocol, execution: Execution, task: Task, depths: tuple, replicas: int,
+            state: tuple[str, ...] = ()) -> list[DomainResult]:
+    """The online stream of a unit whose halves are set up: every device's blocks, batch by batch; ``state`` names
+    the edge model's state entries (the names that cross the link, :class:`~cemabench.protocol.link.Vocabulary`)."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
     clock = CloudClock()  # the time model's: edges that share the cloud queue for it
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol,
-                            clock), device, task) for d, blocks in enumerate(streams)]
+                            clock, Vocabulary(state)), device, task) for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
     try:

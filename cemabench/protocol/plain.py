@@ -8,10 +8,16 @@ index and inputs, payload and per-batch tensors, answers, downloads) and the edg
 the meta device, which is copied, contiguous, before the other side sees it, and charged at the bytes of that copy.
 Decision and reply objects must be exactly :class:`~cemabench.method.EdgeDecision` /
 :class:`~cemabench.method.CloudReply` and are read once, field by field, into new harness-owned objects.
+
+What is not charged must not carry data either (issue 22: names, the shapes of empty tensors and the order of
+entries): a tensor's name is a dotted identifier of at most ``MAX_KEY`` characters, a tensor has at most ``MAX_DIMS``
+dimensions, and a map's entries cross in the order of their names, whatever order method code built them in. Which
+names a unit may use, and empty tensors, are the link's to bound (:class:`cemabench.protocol.link.Vocabulary`).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 
 import torch
@@ -24,6 +30,8 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int
 PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # exactly these: a subclass may answer len() and shape as it likes
 MAPS = (dict, OrderedDict)  # a state_dict() is an OrderedDict
 MAX_KEY = 200  # characters of a tensor's name (a parameter's, say)
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # a state_dict name: dotted identifiers and indices
+MAX_DIMS = 8  # dimensions of a tensor in a map that crosses (a shape of ones would carry its length uncharged)
 
 
 class NotPlain(TypeError):
@@ -50,11 +58,16 @@ def plain_map(tensors, what: str) -> dict[str, torch.Tensor]:
         raise NotPlain(f"{what} must be a dict of name -> tensor, got {type(tensors).__qualname__}")
     out = {}
     for name, t in tensors.items():
-        if type(name) is not str or len(name) > MAX_KEY:  # a key is not charged: it carries no data of its own
-            raise NotPlain(f"{what} keys must be str of at most {MAX_KEY} characters, got "
-                           f"{type(name).__qualname__} of length {len(name) if isinstance(name, str) else '-'}")
+        if type(name) is not str or len(name) > MAX_KEY or not NAME.fullmatch(name):  # a name is not charged
+            shown = repr(name[:40]) + ("..." if len(name) > 40 else "") if isinstance(name, str) else "-"
+            raise NotPlain(f"{what} keys must be names such as layer1.0.bn1.weight (letters, digits and _, dotted; "
+                           f"at most {MAX_KEY} characters), got {type(name).__qualname__} {shown} of length "
+                           f"{len(name) if isinstance(name, str) else '-'}")
         out[name] = plain(t, f"{what}[{name!r}]")
-    return out
+        if out[name].dim() > MAX_DIMS:
+            raise NotPlain(f"{what}[{name!r}] has {out[name].dim()} dimensions; what crosses the link has at most "
+                           f"{MAX_DIMS}")
+    return {name: out[name] for name in sorted(out)}  # the order of entries is not charged: it carries nothing
 
 
 DETECTION_KEYS = ("boxes", "scores", "labels")
