@@ -127,6 +127,28 @@ def test_torchvision_detectors_come_from_the_zoo_and_answer_per_image(arch):
         build_model(f"torchvision:{arch}@IMAGENET1K_V1")
 
 
+@pytest.mark.parametrize("arch", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_torchvision_detectors_answer_an_empty_batch(arch):
+    """A cloud step with no upload (every image of the batch stayed on the edge) asks the foundation detector about
+    no image: it answers with no detections instead of failing the cell (torchvision's transform cannot batch none)."""
+    from cemabench.registry import build_model
+
+    model = build_model(f"torchvision:{arch}@none")
+    with torch.no_grad():
+        assert model(torch.zeros(0, 3, 64, 64)) == []
+
+
+def test_a_router_that_offloads_nothing_runs_on_torchvision_detectors(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["run", "--method", "hard-example-offload", "--option", "threshold=0", "--dataset", "coco-c",
+                 "--data-root", str(_tree(tmp_path / "coco")), "--severity", "3", "--domains", "fog",
+                 "--dataset-option", "image_size=64", "--dataset-option", "workers=0",
+                 "--edge", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none",
+                 "--foundation", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none", "--out", str(out)]) == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["status"] == "ok" and cell["upload_percent"] == 0, cell["message"]
+
+
 def test_cloud_only_with_torchvision_detectors_on_coco_c(tmp_path):
     root = _tree(tmp_path / "coco")
     out = tmp_path / "run.json"
