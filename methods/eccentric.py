@@ -198,9 +198,9 @@ class ECCAdaptive(_ECC):
         return True
 
     def check_models(self, edge, foundation):
+        super().check_models(edge, foundation)  # on detection, a described family first: its reason is the real one
         check_edge_stage(edge, self.options.edge_stage)
         entry_before(foundation, self.options.cloud_stage)
-        super().check_models(edge, foundation)
 
     def train(self, resources):
         objectives = self.objectives(resources)

@@ -24,8 +24,8 @@ Where the paper is silent on detection we chose, and say so here:
 - A learned gate sees the image's :data:`GATE_SCORES` highest scores, sorted and padded with zeros, and its
   confidence.
 - The edge's answer for an image *stands* when its detections scoring at least :data:`SCORE_MIN` match the reference
-  one to one at IoU >= 0.5 with the same category (greedy, highest score first). The reference is the ground truth
-  (ECC-D's learned gate: the edge is "wrong") or the cloud's detections scoring at least :data:`SCORE_MIN` (the
+  one to one at IoU >= 0.5 with the same category (a perfect bipartite matching exists). The reference is the ground
+  truth (ECC-D's learned gate: the edge is "wrong") or the cloud's detections scoring at least :data:`SCORE_MIN` (the
   switcher: they "disagree").
 - The distillation has no temperature: ``temperature`` is refused on detection unless left at its default.
 """
@@ -35,6 +35,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_iou
 
@@ -50,8 +51,15 @@ IOU = 0.5
 
 def family(edge: nn.Module, foundation: nn.Module) -> DetectorTraining:
     """The training description both detectors share; one line when either has none or they differ."""
-    found = detector_training(edge)
-    if detector_training(foundation) is not found:
+    try:
+        found = detector_training(edge)
+        other = detector_training(foundation)
+    except UserError as error:
+        raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of a family that describes its "
+                        f"offline training; {error}. torchvision's detectors are not described: a Faster R-CNN's FPN "
+                        f"takes every stage of its body, so an adapter would have to produce several feature maps, "
+                        f"and COCO has no training split here") from None
+    if other is not found:
         raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of one family; the edge is a "
                         f"{type(edge).__name__} and the cloud a {type(foundation).__name__}")
     return found
@@ -68,22 +76,18 @@ def confidence(prediction: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 def stands(found: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor) -> bool:
     """Whether ``found``'s reported detections match the reference ``boxes`` (x1, y1, x2, y2) and ``labels`` one to
-    one at IoU >= 0.5, greedily in score order."""
+    one: a perfect matching in which every pair has the same category and IoU >= 0.5 (found as a maximum-weight
+    assignment, so that a box near two references cannot hide a valid matching, whatever the detections' order)."""
     keep = found["scores"] >= SCORE_MIN
     if int(keep.sum()) != len(boxes):
         return False
     if not len(boxes):
         return True
-    scores, mine = found["scores"][keep], found["boxes"][keep].float()
-    overlap = box_iou(mine, boxes.to(mine)) * (found["labels"][keep][:, None] == labels.to(mine.device)[None])
-    taken = torch.zeros(len(boxes), dtype=torch.bool, device=mine.device)
-    for i in scores.argsort(descending=True).tolist():
-        row = overlap[i].masked_fill(taken, -1)
-        best = row.argmax()
-        if row[best] < IOU:
-            return False
-        taken[best] = True
-    return True
+    mine = found["boxes"][keep].double().cpu()
+    overlap = torch.nan_to_num(box_iou(mine, boxes.double().cpu()), nan=0.0)  # two empty boxes: no overlap
+    valid = (overlap >= IOU) & (found["labels"][keep].cpu()[:, None] == labels.cpu()[None])
+    rows, cols = linear_sum_assignment(valid.numpy(), maximize=True)
+    return bool(valid.numpy()[rows, cols].all())
 
 
 def _xyxy(annotations: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

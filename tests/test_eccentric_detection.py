@@ -46,6 +46,11 @@ def test_an_images_confidence_is_the_mean_reported_score_and_zero_without_one():
     (_det([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [1, 1]), [[0, 0, 10, 10], [50, 50, 60, 60]], [1, 1],
      False),  # a duplicate cannot match the other object
     (_det([], [], []), [], [], True),
+    # the first box overlaps both objects, the second only the one the first overlaps most: a greedy match in score
+    # order fails, the one-to-one matching (first to the other object) exists
+    (_det([[2, 0, 12, 10], [4, 0, 14, 10]], [0.9, 0.8], [1, 1]), [[0, 0, 10, 10], [3, 0, 13, 10]], [1, 1], True),
+    (_det([[2, 0, 12, 10], [4, 0, 14, 10]], [0.8, 0.8], [1, 1]), [[0, 0, 10, 10], [3, 0, 13, 10]], [1, 1], True),
+    (_det([[5, 5, 5, 9]], [0.9], [1]), [[40, 40, 40, 50]], [2], False),  # two empty boxes do not overlap
 ])
 def test_an_answer_stands_when_its_reported_boxes_match_the_reference_one_to_one(found, boxes, labels, verdict):
     assert D.stands(found, torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
@@ -160,6 +165,35 @@ def test_a_learned_gate_learns_where_the_edge_is_wrong(data):
     dropped = [{k: v[1:] for k, v in d.items()} for d in perfect]
     assert objectives.wrong(dropped, order, None, None).all()
     assert (objectives.wrong(found, order, None, None).float().mean() < 0.5)  # the cloud is mostly right on clean
+
+
+def test_detection_training_is_the_same_twice(data, tmp_path, monkeypatch):
+    """The adapter, the distilled edge and the learned gate trained twice (two empty caches): identical tensors."""
+    states = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("CEMABENCH_CACHE", str(tmp_path / run))
+        method = _trained(data, build_method("ecc-dynamic", {**FAST, "gate": "learned", "gate_epochs": 1,
+                                                              "distill": True, "epochs": 1}))
+        states.append(method.artefacts)
+    assert states[0].keys() == states[1].keys() and any(k.startswith("gate.") for k in states[0])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_family_is_described_once():
+    """A plugin cannot replace how another family's detections are made or trained (what ECC's cells score)."""
+    from dataclasses import replace
+
+    from cemabench.models.layouts import register_detector_training, register_layout
+
+    model = load_model("edge")
+    described = detector_training(model)
+    register_detector_training("cemabench.models.minidet.nets", "MiniDetector", described)  # the same: fine
+    with pytest.raises(UserError, match="already described"):
+        register_detector_training("cemabench.models.minidet.nets", "MiniDetector",
+                                   replace(described, postprocess=lambda raw: []))
+    with pytest.raises(UserError, match="already described"):
+        register_layout("cemabench.models.minidet.nets", "MiniDetector", lambda net: [])
+    assert detector_training(model) is described
 
 
 def test_methods_on_detection_refuse_what_they_cannot_do_in_one_line(data):

@@ -26,8 +26,10 @@ _LAYOUTS: dict[tuple[str, str], Callable[[nn.Module], Stages]] = {}
 
 def register_layout(module: str, name: str, layout: Callable[[nn.Module], Stages]) -> None:
     """Describe how the class ``module.name`` (and its subclasses) is cut: ``layout(net)`` returns its ordered
-    stages, each a name and the network's own modules (plus parameter-free glue), the last one ``classifier``."""
-    _LAYOUTS[(module, name)] = layout
+    stages, each a name and the network's own modules (plus parameter-free glue), the last one ``classifier``. A
+    family is described once: describing it again with another function is refused (a plugin cannot re-cut another's
+    family)."""
+    _register(_LAYOUTS, module, name, layout, "layout")
 
 
 def _registered(net: nn.Module, table: dict) -> Callable | None:
@@ -81,8 +83,18 @@ _TRAINING: dict[tuple[str, str], DetectorTraining] = {}
 
 
 def register_detector_training(module: str, name: str, training: DetectorTraining) -> None:
-    """Describe how the detector class ``module.name`` (and its subclasses) is trained offline."""
-    _TRAINING[(module, name)] = training
+    """Describe how the detector class ``module.name`` (and its subclasses) is trained offline; once per family, as a
+    layout is."""
+    _register(_TRAINING, module, name, training, "offline training")
+
+
+def _register(table: dict, module: str, name: str, value, what: str) -> None:
+    known = table.get((module, name))
+    if known is not None and known != value:
+        raise UserError(f"the {what} of {module}.{name} is already described (by "
+                        f"{getattr(known, '__module__', type(known).__module__)}); a family is described once, by the "
+                        f"zoo that builds it")
+    table[(module, name)] = value
 
 
 def detector_training(net: nn.Module) -> DetectorTraining:
