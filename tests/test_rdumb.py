@@ -1,5 +1,5 @@
-"""RDumb (Press et al., NeurIPS 2023) against values derived by hand from the released algorithm (oripress/CCC), float64:
-the ETA step with the released weights, both filters as the released step applies them, and the reset every N
+"""RDumb (Press et al., NeurIPS 2023) against values derived by hand from the released algorithm (oripress/CCC),
+float64: the ETA step with the released weights, both filters as the released step applies them, and the reset every N
 batches, which restores the source state exactly."""
 import math
 

@@ -150,10 +150,10 @@ def _batch_statistics(net, x):
 
 def test_one_update_student_adam_step_teacher_ema_and_both_robust_statistics():
     """Memory 8 = update_every 8, 4 classes (share 2): 8 samples, two per class, all enter; the update follows the
-    8th, on the bank in class order with ages (8 - i) / 8. Student: one Adam step on mean_i w_i CE(softmax(teacher(x_i)),
-    student(aug(x_i))), aug drawn as the cloud draws it, both in training mode (robust statistics mixed with
-    alpha); teacher <- (1 - nu) teacher + nu student. What comes down: the teacher's affine parameters and
-    statistics."""
+    8th, on the bank in class order with ages (8 - i) / 8. Student: one Adam step on
+    mean_i w_i CE(softmax(teacher(x_i)), student(aug(x_i))), aug drawn as the cloud draws it, both in training mode
+    (robust statistics mixed with alpha); teacher <- (1 - nu) teacher + nu student. What comes down: the teacher's
+    affine parameters and statistics."""
     alpha, nu, lr = 0.3, 0.25, 0.01
     resources = cloud_resources()
     net = resources.edge_replica()
@@ -197,8 +197,9 @@ def test_one_update_student_adam_step_teacher_ema_and_both_robust_statistics():
 
 
 def test_updates_follow_every_update_every_samples_offered_across_and_within_batches(monkeypatch):
-    """update_every 5, batches of 3: updates after the 5th and 10th sample offered, i.e. within batches 2 and 4 (1-based),
-    on the bank as it stood then (5 and 10 samples in a bank of 16); a download only after a batch that updated."""
+    """update_every 5, batches of 3: updates after the 5th and 10th sample offered, i.e. within batches 2 and 4
+    (1-based), on the bank as it stood then (5 and 10 samples in a bank of 16); a download only after a batch that
+    updated."""
     cloud = build_method("rotta", {"memory_size": 16, "update_every": 5}).cloud(cloud_resources())
     seen = []
     monkeypatch.setattr(cloud, "_update", lambda: seen.append((cloud.offered, len(cloud.memory))))
