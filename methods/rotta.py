@@ -307,6 +307,10 @@ class RoTTA(Method):
     """
 
     name = "rotta"
+    task_reason = (
+        "it adapts a mean teacher by the cross-entropy between class probabilities and keeps a "
+        "class-balanced memory of pseudo-labels, which a detector's boxes do not give (no detection "
+        "version of it is built)")
     paper = "Yuan et al., CVPR 2023"
     mapping = CloudEdgeMapping(selection="none (the cloud's memory bank chooses)",
                                uploads="every sample, its pseudo-label and uncertainty",
