@@ -198,6 +198,7 @@ def _split_equals_whole(arch, stages):
         assert len({t.data_ptr() for t in crossed.values()}) == len(crossed)  # nothing crosses twice
 
 
+@pytest.mark.slow  # 9 s; the default tier's 5 minutes (the split is used by no method yet)
 def test_a_split_faster_rcnn_head_plus_tail_is_the_whole_detector_at_every_stage():
     _split_equals_whole("fasterrcnn_mobilenet_v3_large_320_fpn", None)
 

@@ -167,6 +167,7 @@ def test_a_learned_gate_learns_where_the_edge_is_wrong(data):
     assert (objectives.wrong(found, order, None, None).float().mean() < 0.5)  # the cloud is mostly right on clean
 
 
+@pytest.mark.slow  # 5 s of training; the eccentric-detection table's slow check also holds it to its numbers
 def test_detection_training_is_the_same_twice(data, tmp_path, monkeypatch):
     """The adapter, the distilled edge and the learned gate trained twice (two empty caches): identical tensors."""
     states = []
