@@ -70,6 +70,7 @@ def test_a_unit_past_its_time_limit_is_stopped_and_the_table_completes(plugins, 
     assert "timeout" in (tmp_path / "out" / "small.md").read_text()
 
 
+@pytest.mark.slow  # 8 s; kept out of the default tier's 5 minutes
 def test_half_a_message_to_the_parent_does_not_block_it(plugins, tmp_path):
     """A worker that writes the start of a message on its line to the parent and sleeps: the parent reads in a
     thread of its own, so the deadline still ends the unit."""

@@ -262,6 +262,7 @@ class TestZoo:
                      "--weights", str(tmp_path / "nowhere")])
         assert code == 2 and "weights folder" in capsys.readouterr().err
 
+    @pytest.mark.slow  # 8 s; kept out of the default tier's 5 minutes
     def test_timm_weights_load_offline_from_a_weights_folder_or_the_hugging_face_cache(self, tmp_path):
         import timm
         from safetensors.torch import save_file

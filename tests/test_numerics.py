@@ -28,6 +28,7 @@ def _native() -> str:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
 
 
+@pytest.mark.slow  # 7 s: fresh interpreters; kept out of the default tier's 5 minutes
 @pytest.mark.skipif(not X86, reason="the pin applies to x86-64 machines")
 def test_importing_cemabench_pins_the_cpu_kernels_to_avx2_and_native_leaves_them():
     native = _native()

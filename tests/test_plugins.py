@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from cemabench import registry
 from cemabench.datasets.miniature import splits
 from conftest import builtin_methods
@@ -62,6 +64,7 @@ def test_builtin_methods_come_through_the_entry_point_group():
                for n in builtin_methods())
 
 
+@pytest.mark.slow  # 12 s: pip builds and installs a distribution; kept out of the default tier's 5 minutes
 def test_a_separately_installed_distribution_is_listed_and_runs(tmp_path):
     src = tmp_path / "src"
     (src / "toy_plugin").mkdir(parents=True)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from cemabench.method import Method, TrainingResources
 from cemabench.protocol.training import training_key
 from cemabench.provenance import PROTOCOL_ROOT, closure, code_digest, family
@@ -137,6 +139,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 8 s; kept out of the default tier's 5 minutes
 def test_editing_split_or_the_solver_recomputes_and_retrains_what_they_compute(tmp_path):
     """In a scratch copy: an edit to cemabench/models/split.py changes the result keys and the artefact keys of
     the ECC units (and of no other); one to methods/pareto.py changes those of ECC-D (whose ``pareto = true`` entry

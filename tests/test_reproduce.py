@@ -109,6 +109,7 @@ def test_a_changed_option_never_reuses_a_stored_result(first_run, monkeypatch):
     assert sorted(set(ran)) == ["cema", "random"]  # source's units are unchanged and come from the store
 
 
+@pytest.mark.slow  # 6 s; kept out of the default tier's 5 minutes
 def test_a_different_seed_gives_a_different_stream_andnumbers(first_run, tmp_path):
     spec, _, doc = first_run
     other = runner.reproduce(spec, None, tmp_path / "seed1", seeds=(1,), progress=False)

@@ -97,6 +97,7 @@ def test_missing_package_names_the_install_command(robustbench_not_installed):
         build_model(R18)
 
 
+@pytest.mark.slow  # 6 s: a fresh interpreter; kept out of the default tier's 5 minutes
 def test_the_packaging_fixes_do_not_outlive_the_import():
     probe = ("import importlib.util, sys\n"
              "before = {m: importlib.util.find_spec(m) is not None for m in ('pkg_resources', 'autoattack')}\n"

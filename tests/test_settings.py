@@ -205,6 +205,7 @@ def test_meaningless_protocol_combinations_are_refused(fields, message):
         Protocol(**fields)
 
 
+@pytest.mark.slow  # 10 s; kept out of the default tier's 5 minutes
 def test_mixed_domain_and_multi_device_records_are_reused_from_the_store(tmp_path, capsys):
     spec = write_spec(tmp_path / "t.toml", ["source"], domains=("fog", "snow", "contrast"))
     for flags in (["--setting", "mixed-domains"], ["--setting", "continual", "--devices", "2"],
