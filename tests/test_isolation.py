@@ -128,6 +128,7 @@ def test_what_a_half_refuses_reads_as_in_process(plugins, tmp_path, method, word
     assert isolated["message"].splitlines()[0] == inline["message"].splitlines()[0]
 
 
+@pytest.mark.slow  # 11 s; kept out of the default tier's 5 minutes
 def test_a_plugin_that_poisons_another_methods_artefact_cannot_write_it_isolated(plugins, tmp_path, monkeypatch):
     """Issue 22, finding 7: a plugin's training stage computed ecc-independent's training key and wrote a corrupted
     artefact under it; in-process, ecc-independent then loaded it (``cached``), ok and wrong. Isolated, the cloud half

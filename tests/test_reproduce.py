@@ -149,6 +149,7 @@ def test_a_named_pair_replaces_the_models_and_is_recorded(first_run, tmp_path):
         runner.reproduce(spec, None, tmp_path / "out", pair="r18-vit", progress=False)
 
 
+@pytest.mark.slow  # 13 s; kept out of the default tier's 5 minutes
 def test_continual_runs_one_unit_over_all_domains(tmp_path):
     spec = _spec(tmp_path, setting="continual")
     doc = runner.reproduce(spec, None, tmp_path / "out", progress=False)

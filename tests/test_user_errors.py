@@ -49,6 +49,7 @@ def test_reproduce_checks_the_device_before_anything_runs(device, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 11 s: DataLoader worker processes; kept out of the default tier's 5 minutes
 def test_a_dataloader_worker_failure_names_the_image_first(tmp_path, capsys):
     folder = tmp_path / "imagenet-c" / "fog" / "5" / "n01440764"
     folder.mkdir(parents=True)
