@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
 from cemabench_methods.common import (
+    ENTROPY_ON_CLASSES,
     RedundancyFilter,
     entropy,
     entropy_threshold,
@@ -178,9 +179,7 @@ class CEMA(Method):
     """Selective entropy distillation; the module docstring lists what follows the released code."""
 
     name = "cema"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
-        "give (no detection version of it is built)")
+    task_reason = ENTROPY_ON_CLASSES
     paper = "Chen et al., ICLR 2024"
     mapping = CloudEdgeMapping(selection="edge: entropy bounds and redundancy", uploads="selected samples",
                                cloud="adapts the foundation model, distils it into an edge replica with replay",

@@ -34,6 +34,10 @@ def excludes(pattern: str, module_name: str) -> bool:
     return pattern in module_name or module_name == pattern.rstrip(".")
 
 
+# Why an entropy-minimising method is refused on detection (Method.task_reason): one sentence for all of them
+ENTROPY_ON_CLASSES = ("it adapts by minimising the entropy of each sample's class probabilities, which a detector's "
+                      "boxes do not give (no detection version of it is built)")
+
 # The module-name patterns of the last stage, whose normalisation layers SAR's and DeYO's released code leave frozen:
 # ResNet layer4, ViT-Base blocks 9-11 and the final norm (``"norm."`` also names a module called ``norm``).
 LAST_STAGES = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")

@@ -10,6 +10,7 @@ from torchvision.transforms import functional as TF
 
 from cemabench.method import CloudEdgeMapping, EdgeDecision, option
 from cemabench_methods.common import (
+    ENTROPY_ON_CLASSES,
     LAST_STAGES,
     BatchStatisticsEdge,
     FrozenPatternsMethod,
@@ -201,9 +202,7 @@ class DeYO(FrozenPatternsMethod):
     """
 
     name = "deyo"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
-        "give (no detection version of it is built)")
+    task_reason = ENTROPY_ON_CLASSES
     paper = "Lee et al., ICLR 2024"
     mapping = CloudEdgeMapping(selection="edge: entropy, then PLPD of a patch-shuffled forward",
                                uploads="selected samples and their weights",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cemabench.method import CloudEdgeMapping, Method, option
 from cemabench_methods.common import (
+    ENTROPY_ON_CLASSES,
     BatchStatisticsEdge,
     RedundancyFilter,
     ReplicaCloud,
@@ -65,9 +66,7 @@ class ETA(Method):
     """
 
     name = "eta"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
-        "give (no detection version of it is built)")
+    task_reason = ENTROPY_ON_CLASSES
     paper = "Niu et al., ICML 2022"
     mapping = CloudEdgeMapping(selection="edge: entropy and redundancy", uploads="selected samples",
                                cloud="adapts a replica of the edge", download="norm affine parameters")
@@ -97,9 +96,6 @@ class EATA(ETA):
     than that; all of them are used."""
 
     name = "eata"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
-        "give (no detection version of it is built)")
 
     @dataclass
     class Options(ETA.Options):

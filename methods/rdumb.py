@@ -9,6 +9,7 @@ import torch
 
 from cemabench.method import CloudEdgeMapping, Method, option
 from cemabench_methods.common import (
+    ENTROPY_ON_CLASSES,
     BatchStatisticsEdge,
     RedundancyFilter,
     ReplicaCloud,
@@ -113,9 +114,7 @@ class RDumb(Method):
     """
 
     name = "rdumb"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's "
-        "boxes do not give (no detection version of it is built)")
+    task_reason = ENTROPY_ON_CLASSES
     paper = "Press et al., NeurIPS 2023"
     mapping = CloudEdgeMapping(selection="edge: entropy and redundancy (as ETA)", uploads="selected samples",
                                cloud="ETA step on an edge replica; reset to the source every 1,000 batches",

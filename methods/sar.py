@@ -9,6 +9,7 @@ import torch
 
 from cemabench.method import CloudEdgeMapping, option
 from cemabench_methods.common import (
+    ENTROPY_ON_CLASSES,
     LAST_STAGES,
     BatchStatisticsEdge,
     FrozenPatternsMethod,
@@ -92,9 +93,7 @@ class SAR(FrozenPatternsMethod):
     """
 
     name = "sar"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
-        "give (no detection version of it is built)")
+    task_reason = ENTROPY_ON_CLASSES
     paper = "Niu et al., ICLR 2023"
     mapping = CloudEdgeMapping(selection="none (the cloud filters)", uploads="every sample",
                                cloud="sharpness-aware step on an edge replica, with recovery",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cemabench.method import CloudEdgeMapping, Method, option
-from cemabench_methods.common import BatchStatisticsEdge, ReplicaCloud, entropy
+from cemabench_methods.common import ENTROPY_ON_CLASSES, BatchStatisticsEdge, ReplicaCloud, entropy
 
 
 class _TentCloud(ReplicaCloud):
@@ -20,9 +20,7 @@ class Tent(Method):
     """
 
     name = "tent"
-    task_reason = (
-        "it adapts by minimising the entropy of each sample's class probabilities, which a detector's boxes do not "
-        "give (no detection version of it is built)")
+    task_reason = ENTROPY_ON_CLASSES
     paper = "Wang et al., ICLR 2021"
     mapping = CloudEdgeMapping(selection="none", uploads="every sample", cloud="adapts a replica of the edge",
                                download="norm affine parameters")

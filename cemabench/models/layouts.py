@@ -40,7 +40,7 @@ def _registered(net: nn.Module, table: dict) -> Callable | None:
     return None
 
 
-def _lookup(net: nn.Module, table: dict, what: str, how: str):
+def _lookup(net: nn.Module, table: dict, what: str, how: str, register: str):
     """``net``'s family's entry in ``table`` (its class's or a base class's). A family no loaded zoo has registered
     is looked for in every model plugin's module, each zoo registering its families when imported."""
     found = _registered(net, table)
@@ -52,14 +52,13 @@ def _lookup(net: nn.Module, table: dict, what: str, how: str):
     if found is None:
         known = ", ".join(f"{module}.{name}" for module, name in sorted(table)) or "no family"
         raise UserError(f"cannot {what} a {type(net).__module__}.{type(net).__name__}: {how} only for {known} (a "
-                        f"model plugin describes its own with cemabench.models.layouts.register_"
-                        f"{'layout' if table is _LAYOUTS else 'detector_training'})")
+                        f"model plugin describes its own with cemabench.models.layouts.{register})")
     return found
 
 
 def layout_of(net: nn.Module) -> Callable[[nn.Module], Stages]:
     """The registered layout of ``net``'s family (its class or a base class)."""
-    return _lookup(net, _LAYOUTS, "split", "stages are described")
+    return _lookup(net, _LAYOUTS, "split", "stages are described", "register_layout")
 
 
 @dataclass(frozen=True)
@@ -99,4 +98,5 @@ def _register(table: dict, module: str, name: str, value, what: str) -> None:
 
 def detector_training(net: nn.Module) -> DetectorTraining:
     """The registered training description of ``net``'s detector family."""
-    return _lookup(net, _TRAINING, "train", "offline training of a detector is described")
+    return _lookup(net, _TRAINING, "train", "offline training of a detector is described",
+                   "register_detector_training")
