@@ -21,6 +21,7 @@ PAPERS = {
     "DeYO": ("Entropy is not Enough for Test-Time Adaptation: From the Perspective of Disentangled Factors", "Lee",
              "ICLR 2024"),
     "RoTTA": ("Robust Test-Time Adaptation in Dynamic Scenarios", "Yuan", "CVPR 2023"),
+    "SimATTA": ("Active Test-Time Adaptation: Theoretical Analyses and An Algorithm", "Gui", "ICLR 2024"),
     "RDumb / CCC": ("RDumb: A simple approach that questions our progress in continual test-time adaptation", "Press",
                     "NeurIPS 2023"),
     "LAME": ("Parameter-free Online Test-time Adaptation", "Boudiaf", "CVPR 2022"),
