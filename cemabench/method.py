@@ -166,7 +166,9 @@ class CloudLogic:
         """Active test-time adaptation: the rows of ``upload`` (int64 positions, strictly increasing, each below
         ``len(upload)``) whose labels the cloud asks the harness's oracle annotator for, or None. Called before
         ``step(upload)``, only when the protocol grants a label budget; ``step`` then finds the labels in
-        ``upload.labels``. Asking beyond the budget, or for a row the upload lacks, fails the cell."""
+        ``upload.labels``. Asking beyond the budget, or for a row the upload lacks, fails the cell. The upload that
+        ``step`` gets may be another object with the same contents (with ``--isolate`` each call crosses a process
+        boundary): keep what this call computed for the step in the cloud's own state, not on the upload."""
         return None
 
 
