@@ -90,6 +90,10 @@ class Upload:
     payload: dict[str, torch.Tensor] = field(default_factory=dict)
     sample_ids: torch.Tensor | None = None
     device: int = 0  # the edge device that sent it (several edges may share one cloud)
+    # under an annotation budget: the rows of this upload whose labels the cloud asked for (``labels_wanted``), in
+    # increasing order, and their labels in the same order (empty when it asked for none; None without a budget)
+    labelled: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         """The number of uploaded samples."""
@@ -158,6 +162,15 @@ class CloudLogic:
         """Work on one batch's upload (possibly empty); return a download for the edge, answers, or None."""
         raise NotImplementedError
 
+    def labels_wanted(self, upload: Upload) -> torch.Tensor | None:
+        """Active test-time adaptation: the rows of ``upload`` (int64 positions, strictly increasing, each below
+        ``len(upload)``) whose labels the cloud asks the harness's oracle annotator for, or None. Called before
+        ``step(upload)``, only when the protocol grants a label budget; ``step`` then finds the labels in
+        ``upload.labels``. Asking beyond the budget, or for a row the upload lacks, fails the cell. The upload that
+        ``step`` gets may be another object with the same contents (with ``--isolate`` each call crosses a process
+        boundary): keep what this call computed for the step in the cloud's own state, not on the upload."""
+        return None
+
 
 CLOUD_REPLICAS = ("per-device", "shared")
 REFERENCES = ("edge", "cloud")  # a reference point: everything on the edge, or everything in the cloud
@@ -172,6 +185,20 @@ def check_declared(cls) -> None:
     if cls.reference is not None and cls.reference not in REFERENCES:
         raise UserError(f"method {name} declares reference = {cls.reference!r}; it must be None or "
                         f"{' or '.join(repr(r) for r in REFERENCES)}")
+
+
+def check_labels(method, protocol) -> None:
+    """A method that declares ``uses_labels`` runs only where the protocol grants the cloud a label budget: otherwise
+    one line that says which fields grant it, before any compute."""
+    cls = method if isinstance(method, type) else type(method)
+    if cls.uses_labels is True and not protocol.annotation:
+        name = getattr(cls, "name", None) or cls.__qualname__
+        raise UserError(f"method {name} asks the annotator for labels (active test-time adaptation), and this protocol "
+                        f"grants none: set label_budget (per batch) and/or label_budget_total (per run unit) in the "
+                        f"table's [protocol], an entry's link, or with --label-budget / --label-budget-total")
+    if not isinstance(cls.uses_labels, bool):
+        name = getattr(cls, "name", None) or cls.__qualname__
+        raise UserError(f"method {name} declares uses_labels = {cls.uses_labels!r}; it must be True or False")
 
 
 def check_task(method, task: str) -> None:
@@ -223,6 +250,9 @@ class Method:
     artefacts: dict[str, torch.Tensor] | None = None  # what ``train`` returned, set by the harness before edge/cloud
     # The tasks the method runs on (cemabench.protocol.tasks), and why not on others, as a clause completing "cannot
     # run on a detection dataset: ...". The harness sets ``task`` to the dataset's before building the halves.
+    # active test-time adaptation: the cloud asks the oracle annotator for labels (``CloudLogic.labels_wanted``), so
+    # the method runs only under a protocol that grants a label budget
+    uses_labels: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     task_reason: ClassVar[str] = ""
     task: str = "classification"

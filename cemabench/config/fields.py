@@ -64,6 +64,14 @@ class Protocol:
                                    low=0, above=True)
     answer_deadline: float | None = _field(None, "seconds after a batch's arrival within which an offloaded answer "
                                            "must be back", low=0, unset="no deadline")
+    # active test-time adaptation: the cloud may ask the harness's oracle annotator for the labels of chosen uploaded
+    # samples (``CloudLogic.labels_wanted``); with both unset no label is ever delivered
+    label_budget: int | None = _field(None, "labels the cloud may ask the annotator for per edge batch and device "
+                                      "(active TTA)", low=0, unset="no per-batch limit; no labels at all unless "
+                                      "label_budget_total is set")
+    label_budget_total: int | None = _field(None, "labels the cloud may ask the annotator for per run unit and device "
+                                            "(active TTA)", low=0, unset="no per-unit limit; no labels at all unless "
+                                            "label_budget is set")
     # many edges on one cloud: N devices in lockstep, each with its own stream, link and counters
     devices: int = _field(1, "edge devices sharing one cloud (needs a setting without reset)", low=1, stream=True)
     device_streams: str = _field("partition", "partition: each device its own domains; rotate: each its own domain "
@@ -100,6 +108,11 @@ class Protocol:
         if self.concentration != 0.1 and "correlated" not in modifiers:
             raise UserError(f"protocol concentration applies to the +correlated settings; setting {self.setting} has "
                             f"no correlated order (use {base}+correlated)")
+
+    @property
+    def annotation(self) -> bool:
+        """Whether the cloud may ask the oracle annotator for labels (either label budget set)."""
+        return self.label_budget is not None or self.label_budget_total is not None
 
     def transfer_seconds(self, nbytes: int) -> float:
         """How long ``nbytes`` take over the link: latency + bytes / bandwidth."""

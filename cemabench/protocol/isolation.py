@@ -58,7 +58,7 @@ from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
 from cemabench.protocol.execution import Execution, deterministic_threads
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
-from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
+from cemabench.protocol.plain import NotPlain, plain, plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.tasks import task_for
 from cemabench.protocol.training import run_training, train_here
@@ -384,6 +384,15 @@ class _CloudSide(_Side):
                                    self.device, self.memory_format, self.passes, self.meter)
         return {"has_cloud": self.clouds[0] is not None, "passes": [self.passes.with_grad, self.passes.without_grad]}
 
+    def wanted(self, index: int, upload: dict) -> dict:
+        """Active TTA: the rows whose labels the cloud asks for (the loop checks them against the budget)."""
+        ask = getattr(self.clouds[index], "labels_wanted", None)  # a CloudLogic's; duck-typed halves may lack it
+        with self.autocast(), self.meter:
+            rows = None if ask is None else ask(Upload(**upload))
+        hygiene.check_modes(self.depths, "the cloud's labels_wanted")
+        return {"rows": None if rows is None else plain(rows, "labels_wanted's rows"), "flops": self.meter.take(),
+                "passes": [self.passes.with_grad, self.passes.without_grad]}
+
     def step(self, index: int, upload: dict) -> dict:
         with self.autocast(), self.meter:
             reply = self.clouds[index].step(Upload(**upload))
@@ -488,6 +497,15 @@ class RemoteCloud:
 
     def __init__(self, half: Half, index: int, meter: ReportedMeter, passes: SimpleNamespace):
         self.half, self.index, self.reported, self.passes = half, index, meter, passes
+
+    def labels_wanted(self, upload: Upload):
+        reply = self.half.call("wanted", self.index, _fields(upload))
+        try:
+            self.reported.flops += _count(reply["flops"])
+            self.passes.with_grad, self.passes.without_grad = _counters(reply["passes"], self.passes)
+            return reply["rows"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise HalfFailed(f"NotPlain: the cloud half's reply is malformed ({error})") from None
 
     def step(self, upload: Upload):
         reply = self.half.call("step", self.index, _fields(upload))

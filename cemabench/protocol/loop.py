@@ -27,8 +27,9 @@ from torch import nn
 from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
-from cemabench.method import CloudLogic, Method, check_declared, check_task
+from cemabench.method import CloudLogic, Method, check_declared, check_labels, check_task
 from cemabench.protocol import hygiene, isolation
+from cemabench.protocol.annotation import Annotator
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
@@ -135,6 +136,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
     check_declared(method)
     check_task(method, task.name)
+    check_labels(method, protocol)
     method.task, method.protocol = task.name, dataclasses.replace(protocol)  # a copy: the link reads its own
     device = torch.device(execution.device)
     streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
@@ -202,7 +204,8 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
     clock = CloudClock()  # the time model's: edges that share the cloud queue for it
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol,
-                            clock, Vocabulary(state)), device, task) for d, blocks in enumerate(streams)]
+                            clock, Vocabulary(state)), device, task, Annotator(protocol, method.name))
+               for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
     try:
@@ -238,6 +241,13 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                     capacity -= len(upload)
                 if dev.cloud is not None:
                     passes = (cloud_passes.with_grad, cloud_passes.without_grad)
+                    ask = getattr(dev.cloud, "labels_wanted", None)  # a CloudLogic's; duck-typed halves may lack it
+                    if dev.annotator.on and ask is not None:  # active TTA: the labels it asks for, first
+                        with autocast(), cloud_meter:
+                            wanted = dev.cloud_time.run(ask, upload)
+                        hygiene.check_modes(depths, "the cloud's labels_wanted")
+                        rows = dev.annotator.rows(wanted, upload, batch_index)
+                        result.labels_used += dev.annotator.annotate(upload, rows, dev.block, dev.block_offset)
                     with autocast(), cloud_meter:
                         reply = dev.cloud_time.run(dev.cloud.step, upload)
                     hygiene.check_modes(depths, "the cloud step")
@@ -265,6 +275,7 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                 link.finish_batch(len(x), decision.logits is not None or decision.detections is not None)
                 dev.batch_index += 1
                 dev.stream_position += len(x)
+                dev.block_offset += len(x)
             if not active:
                 break
             step += 1
@@ -305,14 +316,16 @@ class _EdgeDevice:
     of blocks and where it is in it."""
 
     def __init__(self, index: int, edge: ForwardOnlyEdge, cloud: CloudLogic | None, blocks: list[Block], link: Link,
-                 device: torch.device, task: Task):
+                 device: torch.device, task: Task, annotator: Annotator):
         self.index, self.edge, self.cloud, self.link, self.device, self.task = index, edge, cloud, link, device, task
+        self.annotator = annotator  # active TTA's labels for this device's cloud, within its budget
         self.blocks = iter(blocks)
         self.block: Block | None = None
         self.result: DomainResult | None = None  # the current block's counts
         self.batches = iter(())
         self.batch_index = 0
         self.stream_position = 0
+        self.block_offset = 0  # where the next batch starts in the current block
         self.ran: dict[str, bool] = {}  # whether the cloud had anything to work on, per result
         self.predicted: list[torch.Tensor] = []
         self.sample_nbytes = 0
@@ -332,7 +345,7 @@ class _EdgeDevice:
             if self.block is None:
                 return None
             self.result = DomainResult(self.block.result, device=self.index)
-            self.predicted, self.cloud_ran = [], False
+            self.predicted, self.cloud_ran, self.block_offset = [], False, 0
             self.edge_before = self.edge.forwards.with_grad + self.edge.forwards.without_grad
             self.sample_nbytes = self.block.sample_nbytes
             self.batches = self.block.batches(batch_size, pin_memory=pin_memory)

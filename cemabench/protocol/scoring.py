@@ -46,9 +46,11 @@ class DomainResult:
     metrics: dict = field(default_factory=dict)  # a task's own scores (detection: map, map50, ar100); then no accuracy
     input_sizes: list | None = None  # under an input codec: each uploaded input's encoded length (None: raw pixels)
     latencies: list | None = None  # under the time model: each sample's modelled latency in seconds (None: off)
+    labels_used: int = 0  # labels the oracle annotator gave the cloud (active TTA, under a label budget)
 
     _SUMMED = ("seen", "correct", "unanswered", "edge_forward_samples", "cloud_forward_samples_grad",
-               "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds")
+               "cloud_forward_samples_nograd", "edge_flops", "cloud_flops", "edge_seconds", "cloud_seconds",
+               "labels_used")
 
     def add(self, part: DomainResult, block: Block) -> None:
         """Count a further stretch of the stream (a block) toward this result."""

@@ -84,6 +84,21 @@ class Block:
             out[mine] = np.asarray(source.labels())[self.order[mine]]
         return out
 
+    def labels_at(self, positions: np.ndarray) -> np.ndarray:
+        """The labels of the given positions of the block only, read from storage now (the annotator's: the labels
+        read beside them are dropped before it returns)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty(len(positions), dtype=np.int64)
+        if len(positions) == 0:
+            return out
+        index = self.order[positions]
+        which = np.zeros(len(positions), dtype=np.int64) if self.which is None else self.which[positions]
+        for s in np.unique(which):
+            every = np.asarray(self.sources[s].labels())
+            out[which == s] = every[index[which == s]]
+            del every
+        return out
+
     def domain_of(self) -> np.ndarray | None:
         """The domain name of every position, when the block mixes domains."""
         return None if self.which is None else np.array([s.name for s in self.sources])[self.which]

@@ -111,6 +111,7 @@ def pooled_over_devices(cells: list[dict]) -> list[dict]:
         first["seen"] += cell["seen"]
         first["correct"] += cell["correct"]
         first["link"] = {**first["link"], "uploaded": first["link"]["uploaded"] + cell["link"]["uploaded"]}
+        first["labels_used"] = first.get("labels_used", 0) + cell.get("labels_used", 0)
         first["note"] = first["note"] or cell["note"]
         first["status"] = min(first["status"], cell["status"], key=STATUS_RANK.index)  # the worst one shows
         ok = first["status"] == "ok" and first["seen"]
@@ -192,12 +193,14 @@ def cost_frame(doc: dict) -> pd.DataFrame:
     link = pd.json_normalize(cells["link"].tolist())
     cells = pd.concat([cells.drop(columns="link"), link], axis=1)
     rows = {}
+    labels = labelled(doc) and "labels_used" in cells
     for label in [m["label"] for m in doc["methods"]]:
         group = cells[cells["method"] == label]
         seen = group["seen"].sum()
 
         rows[label] = {
             "uploaded": f"{group['uploaded'].sum() / seeds:,.0f}",
+            **({"labels": f"{group['labels_used'].sum() / seeds:,.0f}"} if labels else {}),
             "upload MB": f"{group['upload_bytes'].sum() / seeds / 1e6:.2f}",
             "payload MB": f"{group['upload_payload_bytes'].sum() / seeds / 1e6:.2f}",
             "other upload kB": f"{group['upload_tensor_bytes'].sum() / seeds / 1e3:.1f}",
@@ -334,6 +337,17 @@ def terminal_summary(doc: dict) -> str:
     return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), "", *_failed_cells(doc)])
 
 
+def labelled(doc: dict) -> bool:
+    """Whether a table granted the cloud labels (active TTA): its protocol or an entry's link sets a label budget, or a
+    cell used labels."""
+    grants = [doc["provenance"]["protocol"], *(m.get("link") or {} for m in doc["methods"])]
+    return (any(g.get(k) is not None for g in grants for k in ("label_budget", "label_budget_total"))
+            or any(c.get("labels_used") for c in doc["cells"]))
+
+
+LABELS_TITLE = "Labels the cloud asked the oracle annotator for (active TTA; counts per domain)"
+
+
 def run_summary(doc: dict) -> str:
     """What `cemabench run` prints for its one method: on a miniature, that it is one; the method with its options,
     the data, severity, setting, protocol and models; each score per domain; and what each † in them means."""
@@ -349,6 +363,8 @@ def run_summary(doc: dict) -> str:
         lines += [f"{score.title}:", metric_frame(doc, score.key).T.to_markdown(), ""]
     lines += ["Bytes up per sample (inputs, payload and per-batch tensors, over every sample seen):",
               metric_frame(doc, "bytes_up_per_sample", "{:,.0f}").T.to_markdown(), ""]
+    if labelled(doc):
+        lines += [f"{LABELS_TITLE}:", metric_frame(doc, "labels_used", "{:,.0f}").T.to_markdown(), ""]
     if any("latency_p95" in c for c in doc["cells"]):  # the time model's per-sample latency
         for key, what in (("latency_p50", "median"), ("latency_p95", "95th percentile")):
             lines += [f"Modelled latency per sample (s), {what}:", metric_frame(doc, key, "{:.3g}").T.to_markdown(), ""]
@@ -486,6 +502,12 @@ def protocol_line(proto: dict) -> str:
             f"{proto['upload_budget'] or 'none'}")
     if proto.get("upload_budget_bytes") is not None:
         text += f", byte budget {proto['upload_budget_bytes']:,}"
+    if proto.get("label_budget") is not None or proto.get("label_budget_total") is not None:
+        limits = [f"{proto[k]:,} per {what}" for k, what in (("label_budget", "batch"),
+                                                             ("label_budget_total", "run unit"))
+                  if proto.get(k) is not None]
+        text += (f", label budget {' and '.join(limits)} (an oracle annotator's labels of uploaded samples, to the "
+                 f"cloud)")
     if proto.get("edge_flops_per_s") is not None or proto.get("cloud_flops_per_s") is not None:
         rates = [f"{proto[k]:g} FLOP/s" if proto[k] is not None else "no compute time"
                  for k in ("edge_flops_per_s", "cloud_flops_per_s")]
@@ -561,8 +583,10 @@ def render(doc: dict) -> str:
     lines += [""]
     for score in scores(doc):
         lines += [f"## {score.title}", "", metric_frame(doc, score.key).to_markdown(), ""]
-    lines += [f"## {UPLOADS.title}", "", metric_frame(doc, UPLOADS.key).to_markdown(),
-              "", *_breakdown_sections(doc),
+    lines += [f"## {UPLOADS.title}", "", metric_frame(doc, UPLOADS.key).to_markdown(), ""]
+    if labelled(doc):
+        lines += [f"## {LABELS_TITLE}", "", metric_frame(doc, "labels_used", "{:,.0f}").to_markdown(), ""]
+    lines += [*_breakdown_sections(doc),
               f"## {scores(doc)[0].name}, communication and computation per sample",
               "", ("Pooled over domains and seeds" if scores(doc)[0].key == "accuracy" else
                    f"{scores(doc)[0].name}: the mean over domains, each scored over its whole stream; the rest pooled "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from cemabench import registry
 from cemabench.config import with_link
 from cemabench.config.settings import device_domains, result_keys, unit_groups
-from cemabench.method import parse_options
+from cemabench.method import check_labels, parse_options
 from cemabench.tables.spec import DataChoice, MethodEntry, TableSpec
 
 UnitId = tuple[str, int, tuple[str, ...]]  # (label, seed, domains)
@@ -79,7 +79,9 @@ def check_options(spec: TableSpec, choice: DataChoice) -> None:
     options are fully validated, or (for entries whose options are derived from other units) checked for names and
     types."""
     for entry in spec.methods:
-        registry.load_method(entry.name).check_protocol(with_link(spec.protocol, entry.link))
+        protocol = with_link(spec.protocol, entry.link)
+        registry.load_method(entry.name).check_protocol(protocol)
+        check_labels(registry.load_method(entry.name), protocol)
         options = entry_options(entry, choice)
         if entry.match_uploads_of is None:
             registry.build_method(entry.name, options)

@@ -1,0 +1,140 @@
+"""Active test-time adaptation's annotation budget (issue 20): the cloud asks the harness's oracle annotator for the
+labels of uploaded samples it chooses; only those arrive, only within the budget, and cells count them. The methods
+are tests/plugins/annotated.py's: the cloud answers each labelled sample with its label and every other with class 0,
+so a cell's number of correct predictions says exactly which labels arrived."""
+import numpy as np
+import pytest
+import torch
+from test_guards import _integer_arrays_in_memory
+
+from cemabench.datasets import miniature
+from cemabench.errors import UserError
+from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
+from cemabench.models.mini import load_model
+from cemabench.protocol import Models, Protocol, run_unit
+from cemabench.protocol.stream import domain_order
+from cemabench.registry import build_method
+
+
+def _expected_correct(domain, batch_size: int, labelled: int) -> int:
+    """Correct predictions when the first ``labelled`` rows of every batch are answered with their labels and the
+    rest with class 0 (the labels read here, after the run)."""
+    labels = domain.labels()[domain_order(0, domain.name, len(domain))]
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        batch = labels[start:start + batch_size]
+        correct += min(labelled, len(batch)) + int((batch[labelled:] == 0).sum())
+    return correct
+
+
+def _run(tiny, protocol, isolate=False, **options):
+    dataset, models = tiny
+    return run_unit(build_method("asks-for-labels", options), dataset.domains[:1], models, 4, dataset.clean,
+                    protocol, seed=0, isolate=isolate)
+
+
+@pytest.mark.parametrize("budget", [{"label_budget": 3}, {"label_budget_total": 21}, {"label_budget": 3,
+                                                                                      "label_budget_total": 21}])
+def test_the_cloud_gets_exactly_the_labels_it_asked_for_and_the_cell_counts_them(plugins, tiny, budget):
+    (result,) = _run(tiny, Protocol(batch_size=16, **budget), count=3)
+    assert result.status == "ok", result.message
+    assert result.labels_used == 3 * 7  # 100 samples: 7 batches
+    assert result.correct == _expected_correct(tiny[0].domains[0], 16, 3)
+    assert result.to_dict()["labels_used"] == 21
+
+
+def test_isolated_halves_get_the_same_labels(plugins):
+    source = miniature.dataset(domains=["fog"])
+    models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
+    inline, isolated = (run_unit(build_method("asks-for-labels", {"count": 5}), source.domains, models, 10,
+                                 source.clean, Protocol(batch_size=64, label_budget=5), seed=0, isolate=isolate)[0]
+                        for isolate in (False, True))
+    assert inline.status == isolated.status == "ok", (inline.message, isolated.message)
+    assert inline.correct == isolated.correct == _expected_correct(source.domains[0], 64, 5)
+    assert inline.labels_used == isolated.labels_used == 5 * -(-len(source.domains[0]) // 64)
+
+
+@pytest.mark.parametrize("protocol, options, words", [
+    (Protocol(batch_size=16, label_budget=2), {"ask": "beyond", "count": 3}, "beyond its budget of label_budget = 2"),
+    (Protocol(batch_size=16, label_budget_total=5), {"count": 3}, "2 left of its budget of label_budget_total = 5"),
+    (Protocol(batch_size=16, label_budget=4), {"ask": "outside"}, "row 16 of an upload of 16 samples"),
+    (Protocol(batch_size=16, label_budget=4), {"ask": "repeat"}, "not strictly increasing"),
+    (Protocol(batch_size=16, label_budget=4), {"ask": "floats"}, "torch.float64 tensor"),
+])
+def test_a_request_beyond_the_budget_or_the_upload_fails_the_cell_naming_the_method(plugins, tiny, protocol, options,
+                                                                                    words):
+    (result,) = _run(tiny, protocol, **options)
+    assert result.status == "error"
+    assert "method asks-for-labels asked the annotator" in result.message and words in result.message
+
+
+def test_a_method_that_uses_labels_is_refused_without_a_budget_before_any_compute(plugins, tiny):
+    with pytest.raises(UserError, match="asks-for-labels asks the annotator for labels.*label_budget"):
+        _run(tiny, Protocol(batch_size=16))
+
+
+class _Hunting(CloudLogic):
+    """Asks for the labels of the first 5 uploads of each batch, and at batch 3 searches memory for label arrays."""
+
+    def __init__(self, found: list, n: int):
+        self.found, self.n, self.calls, self.seen = found, n, 0, []
+
+    def labels_wanted(self, upload):
+        self.calls += 1
+        return torch.arange(5)
+
+    def step(self, upload):
+        self.seen.append((upload.labels, upload.labelled))
+        if upload.batch_index == 3:
+            self.found.extend(_integer_arrays_in_memory(self.n))
+
+
+def _hunter(found: list, n: int, clouds: list):
+    class Edge(EdgeLogic):
+        def step(self, model, x):
+            return EdgeDecision(model(x), upload=torch.arange(len(x)))
+
+    class Hunter(Method):
+        name = "hunter"
+
+        def edge(self, num_classes):
+            return Edge()
+
+        def cloud(self, resources):
+            clouds.append(_Hunting(found, n))
+            return clouds[-1]
+
+    return Hunter()
+
+
+def test_under_a_budget_no_label_but_those_asked_for_is_in_memory_while_method_code_runs():
+    source = miniature.dataset(domains=["fog"])
+    domain, found, clouds = source.domains[0], [], []
+    models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
+    (result,) = run_unit(_hunter(found, len(domain), clouds), [domain], models, 10, source.clean,
+                         Protocol(batch_size=64, label_budget=5), seed=0)
+    assert result.status == "ok" and result.labels_used == 5 * len(clouds[0].seen)
+    assert found, "the search saw no integer array of the stream's length at all (the order is one)"
+    labels = miniature.stream_labels()  # read only now, after the run
+    stream = labels[domain_order(0, "fog", len(labels))]
+    assert not any(np.array_equal(a, labels) or np.array_equal(a, stream) for a in found)
+    for batch, (got, rows) in enumerate(clouds[0].seen):  # and the five asked for are the right ones
+        assert rows.tolist() == list(range(5)) and got.tolist() == stream[64 * batch:64 * batch + 5].tolist()
+
+
+def test_without_a_budget_the_cloud_is_not_asked_and_no_label_arrives():
+    source = miniature.dataset(domains=["fog"])
+    clouds = []
+    models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
+    (result,) = run_unit(_hunter([], 1, clouds), source.domains, models, 10, source.clean, Protocol(batch_size=64),
+                         seed=0)
+    assert result.status == "ok" and result.labels_used == 0 and clouds[0].calls == 0
+    assert clouds[0].seen and all(labels is None and rows is None for labels, rows in clouds[0].seen)
+
+
+def test_the_command_line_refuses_a_labelling_method_without_a_budget_in_one_line(plugins, capsys):
+    from cemabench.cli import main
+
+    assert main(["run", "--method", "asks-for-labels", "--domains", "fog"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--label-budget" in err[0] and "asks-for-labels" in err[0]
