@@ -271,12 +271,15 @@ class _SimATTACloud(CloudLogic):
         self.labels_used = 0
         self.pending = None  # what labels_wanted computed for the upload that step receives
 
-    def _allowed(self) -> int:
-        """Labels the protocol still grants on this batch."""
-        budget = getattr(self.protocol, "label_budget", None)
-        total = getattr(self.protocol, "label_budget_total", None)
-        allowed = budget if budget is not None else 0
-        return allowed if total is None else min(allowed, total - self.labels_used)
+    def _allowed(self, uploaded: int) -> int:
+        """Labels the protocol still grants on this batch of ``uploaded`` samples (none outside a budget)."""
+        p = self.protocol
+        if p is None or not p.annotation:
+            return 0
+        allowed = uploaded if p.label_budget is None else min(p.label_budget, uploaded)
+        if p.label_budget_total is not None:
+            allowed = max(min(allowed, p.label_budget_total - self.labels_used), 0)
+        return allowed
 
     def _random_state(self) -> int:
         """A seed per selection: the cell's torch seed (set by the harness) and the batch's number."""
@@ -292,7 +295,7 @@ class _SimATTACloud(CloudLogic):
         with torch.no_grad():
             feats, logits = self.student_tap(x)
         feats, ent = feats.detach().cpu(), entropy(logits.detach()).cpu()
-        allowed = max(self._allowed(), 0)
+        allowed = self._allowed(len(x))
         if o.select == "random" and o.random_count == "budget":
             chosen, sizes = self._random(len(x), allowed), None
         else:

@@ -23,10 +23,10 @@ def builtin_methods() -> list[str]:
 
 
 # Small values for options that only matter at scale, set wherever a method has them (not by method name), so that
-# every method runs on a few dozen samples: the cloud batch and replay threshold, a rate for rate-matched uploads, and
-# short offline training.
+# every method runs on a few dozen samples: the cloud batch and replay threshold, a rate for rate-matched uploads,
+# short offline training, and few training steps per batch.
 SMALL = {"cloud_batch": 8, "replay_min": 16, "upload_ratio": 0.5, "epochs": 1, "ka_epochs": 1, "ft_epochs": 1,
-         "gate_epochs": 1, "train_samples": 64}
+         "gate_epochs": 1, "train_samples": 64, "steps": 0}
 
 
 def small_options(name: str) -> dict:
@@ -35,6 +35,14 @@ def small_options(name: str) -> dict:
 
     fields = {f.name for f in dataclasses.fields(load_method(name).Options)}
     return {k: v for k, v in SMALL.items() if k in fields}
+
+
+def granted_labels(name: str) -> dict:
+    """A label budget for the registered method ``name`` when it declares ``uses_labels`` (active TTA methods run
+    only where the protocol grants one), else nothing: protocol fields for the roster's generic runs."""
+    from cemabench.registry import load_method
+
+    return {"label_budget": 4} if load_method(name).uses_labels else {}
 
 
 @pytest.fixture(scope="session", autouse=True)

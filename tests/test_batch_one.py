@@ -13,7 +13,7 @@ from cemabench.method import EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model, load_method
 from cemabench_methods.common import BatchRenorm2d, use_batch_statistics
-from conftest import builtin_methods, small_options, tiny_dataset, write_spec
+from conftest import builtin_methods, granted_labels, small_options, tiny_dataset, write_spec
 
 ROSTER = builtin_methods()  # the registry's built-in entry points: a new method is covered without editing a list
 REFUSAL = re.compile(r"method (\S+) cannot run at batch size 1: [^\n;]+; use batch size >= (\d+)")
@@ -37,7 +37,7 @@ def test_every_method_runs_at_batch_size_one_or_refuses_before_compute(name, siz
 
     torch.manual_seed(0)
     method = build_method(name, small_options(name))
-    protocol = Protocol(batch_size=1, setting="continual")
+    protocol = Protocol(batch_size=1, setting="continual", **granted_labels(name))
     if _refuses(name):
         with pytest.raises(UserError) as refused:
             run_unit(method, dataset.domains, Models(model, model), 4, dataset.clean, protocol, seed=0)

@@ -15,7 +15,7 @@ from cemabench_methods.common import entropy, use_batch_statistics
 from cemabench_methods.cotta import cotta_augment, symmetric_cross_entropy
 from cemabench_methods.lame import knn_affinity, laplacian_refinement
 from cemabench_methods.tent import Tent
-from conftest import TinyNet, builtin_methods, cloud_resources, small_options, tiny_dataset
+from conftest import TinyNet, builtin_methods, cloud_resources, granted_labels, small_options, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -39,7 +39,7 @@ def test_every_method_runs_under_the_forward_only_edge(name):
     # random 4-class miniature nets: they split at named stages, as the feature-offloading methods need
     models = Models.copies_of(build_model("tiny:edge@4").eval(), build_model("tiny:edge@4").eval())
     results = run_unit(build_method(name, small_options(name)), dataset.domains, models, 4, dataset.clean,
-                       Protocol(batch_size=16, setting="continual"), seed=0)
+                       Protocol(batch_size=16, setting="continual", **granted_labels(name)), seed=0)
     assert [r.status for r in results] == ["ok", "ok"], results[0].message
 
 

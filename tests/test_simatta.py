@@ -1,18 +1,25 @@
 """SimATTA (Gui et al., ICLR 2024) against values derived by hand from the released algorithm (divelab/ATTA), float64:
 the entropy selections, the incremental clustering's weight accumulation and new-cluster mask, alpha of the mixed
 loss, the stop rule, the training batches' sampling, and the cloud's selection within the label budget."""
-import types
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from cemabench.errors import UserError
 from cemabench.method import Upload
+from cemabench.protocol import Protocol
 from cemabench.registry import build_method
-from cemabench_methods.simatta import (FeatureTap, StopRule, high_entropy, highest_entropy, incremental_clusters,
-                                       lowest_entropy, mixed_alpha, replacement_batches, skip_loader_seeds)
+from cemabench_methods.simatta import (
+    FeatureTap,
+    StopRule,
+    high_entropy,
+    highest_entropy,
+    incremental_clusters,
+    lowest_entropy,
+    mixed_alpha,
+    replacement_batches,
+    skip_loader_seeds,
+)
 from conftest import cloud_resources
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -34,10 +41,10 @@ def _f(*values):
 
 def test_incremental_clustering_accumulates_anchor_weights_and_anchors_only_new_clusters():
     # anchors at 0 (weight 2) and 10 (weight 1); new samples near each and a new group at 20
-    found = incremental_clusters(_f(0.0, 10.0), torch.tensor([2.0, 1.0], dtype=torch.float32), _f(0.1, 0.2, 10.1, 20.0, 20.3, 20.4),
-                                 n_clusters=3, random_state=0)
+    found = incremental_clusters(_f(0.0, 10.0), torch.tensor([2.0, 1.0], dtype=torch.float32),
+                                 _f(0.1, 0.2, 10.1, 20.0, 20.3, 20.4), n_clusters=3, random_state=0)
     # clusters {0, 0.1, 0.2} (size 3, one anchor), {10, 10.1} (size 2, one anchor), {20, 20.3, 20.4} (new)
-    assert torch.allclose(found.anchor_weight, torch.tensor([2.0 + 3 / 1, 1.0 + 2 / 1]))
+    assert torch.allclose(found.anchor_weight.double(), torch.tensor([2.0 + 3 / 1, 1.0 + 2 / 1]))
     assert found.anchor_weight.dtype == torch.float32
     # the new cluster's centre is 20.2333...: its nearest point is 20.3, the new samples' position 4; weight 3
     assert found.closest.tolist() == [4]
@@ -109,8 +116,8 @@ class _Forever:
 
 
 def _cloud(budget=None, total=None, **options):
-    method = build_method("simatta", {"n_clusters": 3, "eh": 0.0, **options})
-    method.protocol = types.SimpleNamespace(label_budget=budget, label_budget_total=total)
+    method = build_method("simatta", {"n_clusters": 3, "eh": 0.0, "steps": 0, **options})
+    method.protocol = Protocol(label_budget=budget, label_budget_total=total)
     return method.cloud(cloud_resources(classes=4))
 
 
@@ -128,7 +135,7 @@ def _deliver(cloud, upload, labels):
 def test_the_cloud_asks_for_distinct_increasing_positions_within_the_budget_and_trains_on_them():
     torch.manual_seed(0)
     x, y = torch.rand(12, 3, 6, 6), torch.randint(0, 4, (12,))
-    cloud = _cloud(budget=2, total=3, steps=1)
+    cloud = _cloud(budget=2, total=3)
     asked, down = _deliver(cloud, _upload(x, 0), y)
     assert asked.dtype == torch.int64 and len(asked) == 2 and bool((asked[1:] > asked[:-1]).all())
     assert torch.equal(cloud.anchors.target.sort().values, y[asked].sort().values)
@@ -177,3 +184,45 @@ def test_labels_the_harness_did_not_deliver_for_the_asked_positions_are_refused(
     upload.labels = torch.zeros(len(asked) - 1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="other samples"):
         cloud.step(upload)
+
+
+def test_on_the_miniature_the_cloud_gets_the_labels_of_what_it_asked_for_within_the_budget_and_nothing_else():
+    from cemabench.data import ArrayDomain
+    from cemabench.datasets import miniature
+    from cemabench.models.mini import load_model
+    from cemabench.protocol import Models, run_unit
+    from cemabench.protocol.stream import domain_order
+
+    full = miniature.dataset(domains=["fog"]).domains[0]
+    n = 96
+    domain = ArrayDomain("fog", full.pixels[:n], lambda: full.labels()[:n])
+    method, seen = build_method("simatta", {"steps": 0}), []
+    building = method.cloud
+
+    def spied(resources):
+        cloud = building(resources)
+        asking, stepping = cloud.labels_wanted, cloud.step
+
+        def labels_wanted(upload):
+            asked = asking(upload)
+            seen.append([asked.tolist()])
+            return asked
+
+        def step(upload):
+            seen[-1] += [upload.labelled.tolist(), upload.sample_ids[upload.labelled].tolist(), upload.labels.tolist()]
+            return stepping(upload)
+
+        cloud.labels_wanted, cloud.step = labels_wanted, step
+        return cloud
+
+    method.cloud = spied
+    torch.set_default_dtype(torch.float32)
+    models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
+    (result,) = run_unit(method, [domain], models, 10, None, Protocol(batch_size=32, label_budget=3,
+                                                                      label_budget_total=7), seed=0)
+    assert result.status == "ok", result.message
+    assert len(seen) == 3 and all(len(asked) <= 3 for asked, *_ in seen)
+    assert result.labels_used == sum(len(asked) for asked, *_ in seen) <= 7 and result.labels_used > 0
+    stream = domain.labels()[domain_order(0, "fog", n)]  # read only now, after the run
+    for asked, labelled, ids, labels in seen:
+        assert labelled == asked and labels == stream[ids].tolist()
