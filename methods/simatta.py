@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.metrics import pairwise_distances_argmin_min
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from cemabench.errors import UserError
@@ -25,7 +26,8 @@ RANDOM_STATE_SPAN = 2 ** 32  # sklearn's random_state is a 32-bit seed
 @dataclass
 class Anchors:
     """Labelled samples the cloud trains on: images, labels (int64), features at selection time (refreshed after
-    every update for the target anchors) and clustering weights (float32; 0 for source-like anchors)."""
+    every update for the target anchors) and clustering weights (float32; 0 for source-like anchors). Held in host
+    memory, as released (the source anchors grow by up to 101 images a batch); batches move to the model's device."""
 
     data: torch.Tensor
     target: torch.Tensor
@@ -82,13 +84,15 @@ def incremental_clusters(anchor_feats: torch.Tensor, anchor_weight: torch.Tensor
     ``pairwise_distances_argmin_min``. A cluster holding a previous anchor is anchored: each anchor's weight grows by
     its cluster's size (anchors and new samples alike) divided by the number of anchors in it. Every other cluster
     is new and yields its nearest point as a new anchor, weighted by its size, unless that point is a previous anchor
-    (the released code drops it)."""
+    (the released code drops it). sklearn runs on one OpenMP and BLAS thread here (released: the machine's), since
+    its centres change in their last bits with the thread count (float64: 4e-16; float32: 4e-7)."""
     points = torch.cat([anchor_feats, feats]).detach().cpu()
     weights = torch.cat([anchor_weight, torch.ones(len(feats), dtype=torch.float)])
     k = min(n_clusters, len(points))
-    kmeans = KMeans(n_clusters=k, n_init=10, algorithm="elkan", random_state=random_state)
-    kmeans.fit(points.numpy(), sample_weight=weights.numpy())
-    nearest, _ = pairwise_distances_argmin_min(kmeans.cluster_centers_, points.numpy())
+    with threadpool_limits(limits=1):  # one thread, as the harness runs torch: the numbers then do not depend on
+        kmeans = KMeans(n_clusters=k, n_init=10, algorithm="elkan", random_state=random_state)  # the machine's cores
+        kmeans.fit(points.numpy(), sample_weight=weights.numpy())
+        nearest, _ = pairwise_distances_argmin_min(kmeans.cluster_centers_, points.numpy())
     labels = torch.as_tensor(kmeans.labels_, dtype=torch.long)
     sizes = torch.bincount(labels, minlength=k)
     n_anchors = len(anchor_feats)
@@ -189,7 +193,8 @@ def refresh_features(tap: FeatureTap, data: torch.Tensor, chunk: int = 32) -> to
     """The anchors' features under the current model, in eval mode, 32 at a time (as released)."""
     tap.model.eval()
     with torch.no_grad():
-        return torch.cat([tap(data[i:i + chunk])[0].detach().cpu() for i in range(0, len(data), chunk)])
+        device = next(tap.model.parameters()).device
+        return torch.cat([tap(data[i:i + chunk].to(device))[0].detach().cpu() for i in range(0, len(data), chunk)])
 
 
 def train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -360,7 +365,7 @@ class _SimATTACloud(CloudLogic):
         row = {int(p): i for i, p in enumerate(positions)}
         order = torch.as_tensor(chosen, dtype=torch.long)
         target = upload.labels[[row[int(p)] for p in chosen]].to(torch.long).cpu()
-        args = upload.samples[order].detach(), target, feats[order], sizes.float()
+        args = upload.samples[order].detach().cpu(), target, feats[order], sizes.float()
         if self.anchors is None:
             self.anchors = Anchors(*args)
         else:
@@ -373,7 +378,7 @@ class _SimATTACloud(CloudLogic):
         with torch.no_grad():
             feats, logits = self.teacher_tap(x)
         chosen = torch.as_tensor(lowest_entropy(entropy(logits), count, o.el), dtype=torch.long)
-        args = (x[chosen.to(x.device)].detach(), logits.argmax(1)[chosen.to(logits.device)].cpu(),
+        args = (x[chosen.to(x.device)].detach().cpu(), logits.argmax(1)[chosen.to(logits.device)].cpu(),
                 feats.detach().cpu()[chosen], torch.zeros(len(chosen), dtype=torch.float))
         if self.source_anchors is None:
             self.source_anchors = Anchors(*args)
