@@ -2,6 +2,8 @@
 labels of uploaded samples it chooses; only those arrive, only within the budget, and cells count them. The methods
 are tests/plugins/annotated.py's: the cloud answers each labelled sample with its label and every other with class 0,
 so a cell's number of correct predictions says exactly which labels arrived."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,27 @@ def test_the_command_line_refuses_a_labelling_method_without_a_budget_in_one_lin
     assert main(["run", "--method", "asks-for-labels", "--domains", "fog"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--label-budget" in err[0] and "asks-for-labels" in err[0]
+
+
+@pytest.mark.slow  # 5-12 s; kept out of the default tier's 5 minutes
+def test_a_table_that_grants_labels_shows_them_in_its_leaderboard_and_plots_accuracy_against_them(plugins, tmp_path):
+    from cemabench.report.leaderboard import efficiency_points, render, write_tradeoff_plot
+    from cemabench.run import runner
+    from cemabench.tables.spec import load_table
+
+    spec = tmp_path / "act.toml"
+    spec.write_text("\n".join([
+        'name = "act"', 'title = "labels"', "[protocol]", "batch_size = 64", "[data]", "severity = 5",
+        'domains = ["fog"]', "[data.miniature]", 'dataset = "miniature-digits-c"', 'edge = "mini:edge"',
+        'foundation = "mini:foundation"', "[data.real]", 'dataset = "imagenet-c"', 'edge = "mini:edge"',
+        'foundation = "mini:foundation"', "[[methods]]", 'name = "source"', "[[methods]]", 'label = "asks@3"',
+        'name = "asks-for-labels"', "options = {count = 3}", "link = {label_budget = 3}"]) + "\n")
+    doc = runner.reproduce(load_table(str(spec)), None, tmp_path / "out", jobs=1, progress=False)
+    batches = -(-len(miniature.dataset(domains=["fog"]).domains[0]) // 64)
+    assert [c["labels_used"] for c in doc["cells"]] == [0, 3 * batches]
+    text = render(doc)
+    assert "## Labels the cloud asked the oracle annotator for" in text
+    assert re.search(rf"\| asks@3 +\| +{3 * batches} +\| +{3 * batches} +\|", text)
+    points = efficiency_points(doc).set_index("method")
+    assert points.loc["asks@3", "labels_per_1000"] == pytest.approx(1000 * 3 * batches / doc["cells"][1]["seen"])
+    assert write_tradeoff_plot(doc, tmp_path / "act.png") and (tmp_path / "act.png").stat().st_size > 0

@@ -64,14 +64,6 @@ class Protocol:
                                    low=0, above=True)
     answer_deadline: float | None = _field(None, "seconds after a batch's arrival within which an offloaded answer "
                                            "must be back", low=0, unset="no deadline")
-    # active test-time adaptation: the cloud may ask the harness's oracle annotator for the labels of chosen uploaded
-    # samples (``CloudLogic.labels_wanted``); with both unset no label is ever delivered
-    label_budget: int | None = _field(None, "labels the cloud may ask the annotator for per edge batch and device "
-                                      "(active TTA)", low=0, unset="no per-batch limit; no labels at all unless "
-                                      "label_budget_total is set")
-    label_budget_total: int | None = _field(None, "labels the cloud may ask the annotator for per run unit and device "
-                                            "(active TTA)", low=0, unset="no per-unit limit; no labels at all unless "
-                                            "label_budget is set")
     # many edges on one cloud: N devices in lockstep, each with its own stream, link and counters
     devices: int = _field(1, "edge devices sharing one cloud (needs a setting without reset)", low=1, stream=True)
     device_streams: str = _field("partition", "partition: each device its own domains; rotate: each its own domain "
@@ -89,6 +81,14 @@ class Protocol:
                                              "this, one step at a time (edges sharing the cloud in the loop's "
                                              "device order; the time model)", low=0, above=True,
                                              unset="no compute time")
+    # active test-time adaptation: the cloud may ask the harness's oracle annotator for the labels of chosen uploaded
+    # samples (``CloudLogic.labels_wanted``); with both unset no label is ever delivered
+    label_budget: int | None = _field(None, "labels the cloud may ask the annotator for per edge batch and device "
+                                      "(active TTA)", low=0, unset="no per-batch limit; no labels at all unless "
+                                      "label_budget_total is set")
+    label_budget_total: int | None = _field(None, "labels the cloud may ask the annotator for per run unit and device "
+                                            "(active TTA)", low=0, unset="no per-unit limit; no labels at all unless "
+                                            "label_budget is set")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from cemabench.config.settings import describe
-from cemabench.report.plots import COMMUNICATION, COMPUTATION, LATENCY, Axis, non_dominated, plot_tradeoffs
+from cemabench.report.plots import COMMUNICATION, COMPUTATION, LABELS, LATENCY, Axis, non_dominated, plot_tradeoffs
+from cemabench.report.plots import UPLOADS as PLOTTED_UPLOADS
 from cemabench.run.document import current
 from cemabench.tables.metrics import UPLOAD_PERCENT
 
@@ -303,6 +304,7 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
                      "edge_gflops_per_sample": total["edge_flops"] / seen / 1e9,
                      "cloud_gflops_per_sample": total["cloud_flops"] / seen / 1e9,
                      "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9,
+                     "labels_per_1000": 1000 * sum(c.get("labels_used", 0) for c in cells) / seen,
                      # under the time model: the median over domains of each domain's median latency
                      **({"latency_p50": float(np.median([c["latency_p50"] for c in cells]))}
                         if all(c.get("latency_p50") is not None for c in cells) else {})})
@@ -435,8 +437,11 @@ def write_tradeoff_plot(doc: dict, path) -> bool:
     series, label = sweeps(list(points["method"]), list(points["family"]))
     score = scores(doc)[0]
     timed = "latency_p50" in points and points["latency_p50"].notna().all()  # the time model ran: a latency panel
+    panels = (COMMUNICATION, COMPUTATION, LATENCY) if timed else (COMMUNICATION, COMPUTATION)
+    if labelled(doc):  # active TTA: accuracy against the labels used and the samples uploaded first
+        panels = (LABELS, PLOTTED_UPLOADS, *panels)
     plot_tradeoffs(points.assign(method=series, label=label), path, title=title, accuracy=Axis(score.key, score.axis),
-                   panels=(COMMUNICATION, COMPUTATION, LATENCY) if timed else (COMMUNICATION, COMPUTATION))
+                   panels=panels)
     return True
 
 

@@ -54,6 +54,8 @@ class Axis:
 ACCURACY = Axis("accuracy", "top-1 accuracy (%)")
 COMMUNICATION = Axis("bytes_per_sample", "communication (KiB per sample, up + down)", divide=1024.0)
 COMPUTATION = Axis("gflops_per_sample", "computation (GFLOPs per sample, edge + cloud)")
+LABELS = Axis("labels_per_1000", "labels the cloud asked for (per 1,000 samples)")
+UPLOADS = Axis("upload_percent", "samples uploaded (%)")
 LATENCY = Axis("latency_p50", "modelled latency per sample, median over domains of each domain's median (s)")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "8")
 REFERENCE_MARKERS = ("*", "X", "d", "8")
