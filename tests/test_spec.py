@@ -32,7 +32,9 @@ ADDED_PROTOCOL_FIELDS = {"upload_budget_bytes": None, "bandwidth": None, "latenc
 # Added with many edges on one cloud (issue 11), at their defaults in specs recorded before.
 DEVICE_FIELDS = {"devices": 1, "device_streams": "partition", "cloud_capacity": None,
                  # and with input codecs and the time model on the link (issue 19)
-                 "input_codec": "raw", "edge_flops_per_s": None, "cloud_flops_per_s": None}
+                 "input_codec": "raw", "edge_flops_per_s": None, "cloud_flops_per_s": None,
+                 # and with periodic reset (issue 20)
+                 "reset_every": None}
 
 
 PRE_EXTENDS = ("table2", "imagenet-c-s3", "imagenet-r")  # recorded before any spec used ``extends``

@@ -81,6 +81,10 @@ class Protocol:
                                              "this, one step at a time (edges sharing the cloud in the loop's "
                                              "device order; the time model)", low=0, above=True,
                                              unset="no compute time")
+    # periodic reset: a property of the stream that one entry may set for itself (link = {...}; README: Periodic reset)
+    reset_every: int | None = _field(None, "restore the halves to their source state before every N-th batch of the "
+                                     "unit (each device's, multi-edge), the counts going on", low=1,
+                                     unset="no reset within a run unit", stream=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -107,8 +111,9 @@ class Protocol:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Protocol)}
-# what one method entry of a table may set for itself (``link = {...}``): how its traffic crosses and is timed, never
-# the stream that every entry of the table shares (its setting, devices, batch size)
+# what one method entry of a table may set for itself (``link = {...}``): how its traffic crosses and is timed, and
+# its periodic reset (reset_every); never the stream that every entry of the table shares (its setting, devices, batch
+# size)
 SHARED_FIELDS = ("batch_size", "setting", "rounds", "concentration", "devices", "device_streams", "cloud_capacity")
 LINK_FIELDS = tuple(name for name in FIELDS if name not in SHARED_FIELDS)
 

@@ -499,6 +499,9 @@ def protocol_line(proto: dict) -> str:
         text += (f"; link {bandwidth}, latency {proto['latency']:g} s, one batch every {proto['batch_interval']:g} s, "
                  f"answer deadline "
                  f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
+    if proto.get("reset_every") is not None:
+        text += (f"; **periodic reset every {proto['reset_every']:,} batches** (the halves rebuilt from source, the "
+                 f"counts going on)")
     if proto.get("devices", 1) > 1:
         streams = {"partition": "each its own domains", "rotate": "each all domains, in its own rotated order"}
         text += (f"; **{proto['devices']} edge devices on one cloud** ({streams[proto['device_streams']]}; in "
