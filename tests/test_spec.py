@@ -34,7 +34,7 @@ DEVICE_FIELDS = {"devices": 1, "device_streams": "partition", "cloud_capacity": 
                  # and with input codecs and the time model on the link (issue 19)
                  "input_codec": "raw", "edge_flops_per_s": None, "cloud_flops_per_s": None,
                  # and with periodic reset (issue 20)
-                 "reset_every": None}
+                 "reset_every": None, "ccc_difficulty": 40.0, "ccc_speed": 100, "ccc_length": 5000}
 
 
 PRE_EXTENDS = ("table2", "imagenet-c-s3", "imagenet-r")  # recorded before any spec used ``extends``

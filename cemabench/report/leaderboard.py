@@ -477,7 +477,7 @@ def options_text(options: dict) -> str:
 def setting_line(proto: dict) -> str:
     """The stream setting's definition (documents written before settings existed say ``reset`` instead)."""
     legacy = {"per_domain": "per-domain"}.get(proto.get("reset"), proto.get("reset"))
-    return describe(proto.get("setting", legacy), proto.get("rounds", 1), proto.get("concentration", 0.1))
+    return describe(proto.get("setting", legacy), proto.get("rounds", 1), proto.get("concentration", 0.1), proto)
 
 
 def protocol_line(proto: dict) -> str:
