@@ -10,7 +10,9 @@ from cemabench.data import Corruptor
 from cemabench.datasets import corruptions, miniature
 from cemabench.errors import UserError
 from cemabench.protocol import ccc
-from conftest import TinyNet
+from cemabench.run.context import TableContext
+from cemabench.tables.spec import load_table
+from conftest import TinyNet, tiny_dataset
 
 
 def test_the_walk_keeps_the_paths_mean_nearest_the_target():
@@ -85,3 +87,12 @@ def test_the_measured_difficulty_is_near_its_target():
         calibrated = float(np.average([s.expected for s in steps], weights=[s.count for s in steps]))
         assert abs(measured - target) <= 8, (seed, target, measured)
         assert abs(measured - calibrated) <= 4, (seed, target, measured, calibrated)
+
+
+def test_a_dataset_without_a_generator_is_refused_before_any_compute():
+    """ImageNet-C (with --data-root) offers no corruption generator: the ccc setting is one line, exit 2."""
+    context = TableContext(load_table("ccc"), None)
+    context.dataset = tiny_dataset()  # a dataset read from storage: no corruptor
+    with pytest.raises(UserError, match="setting ccc generates its stream with the dataset's own corruption generator, "
+                                        "and tiny has none"):
+        context.check_stream()
