@@ -114,6 +114,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def replaying(state: dict, device: torch.device, build):
+    """``build()`` in the random state ``state`` (halves built as at a unit's start); the state it found is put
+    back, so that what draws after it draws as it would have."""
+    now = rng_state(device)
+    set_rng_state(state, device)
+    try:
+        return build()
+    finally:
+        set_rng_state(now, device)
+
+
 def _fields(obj) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
@@ -520,8 +531,9 @@ class RemoteCloud:
 def start(method, models, num_classes: int, clean, seed: int, execution: Execution, task, count: int,
           replicas: int, halves: list):
     """The halves of a unit in processes of their own, set up in the in-process loop's order (the training stage,
-    the edges, the clouds): the training record, ``count`` edges and ``replicas`` clouds that stand in for them, and
-    the stand-ins of the cloud's meter and sample counter. Each half started is appended to ``halves``."""
+    the edges, the clouds): the training record, a builder of ``count`` edges and ``replicas`` clouds that stand in
+    for them (each call builds them from source in their halves), and the stand-ins of the cloud's meter and sample
+    counter. Each half started is appended to ``halves``."""
     device = torch.device(execution.device)
     options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     # what the halves build the method from
@@ -537,14 +549,17 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     cloud.call("adopt", method.artefacts)
     edge.call("edge", recipe, execution, models.edge(), count, num_classes,
               (task.name, task.num_classes, task.scored_classes), method.artefacts)
-    edge.call("build")
-    built = cloud.call("build", replicas)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
-    passes.with_grad, passes.without_grad = _counters(built["passes"], passes)  # building's own (EATA's Fisher)
-    edges = [RemoteEdge(edge, i) for i in range(count)]
-    clouds = ([RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
-              else [None] * replicas)
-    return training, edges, clouds, meter, passes
+
+    def build() -> tuple[list, list]:
+        edge.call("build")
+        built = cloud.call("build", replicas)
+        passes.with_grad, passes.without_grad = _counters(built["passes"], passes)  # building's own (EATA's Fisher)
+        return ([RemoteEdge(edge, i) for i in range(count)],
+                [RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
+                else [None] * replicas)
+
+    return training, build, meter, passes
 
 
 _SAID: set = set()
