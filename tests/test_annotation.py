@@ -210,7 +210,7 @@ def test_in_process_a_cloud_that_walks_the_stack_can_zero_its_label_count_and_bu
     assert result.correct == _expected_correct(tiny[0].domains[0], 16, 3)
 
 
-@pytest.mark.slow  # 9 s; kept out of the default tier's 5 minutes
+@pytest.mark.slow  # 15 s; kept out of the default tier's 5 minutes
 def test_isolated_a_cloud_that_exits_moves_the_index_forges_its_count_or_returns_a_subclass_is_held(plugins):
     source = miniature.dataset(domains=["fog"])
     models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
@@ -218,6 +218,8 @@ def test_isolated_a_cloud_that_exits_moves_the_index_forges_its_count_or_returns
             ({"ask": "exits"}, {"label_budget": 5}, "sys.exit(3)", 0),
             ({"ask": "subclass"}, {"label_budget": 5}, "labels_wanted's rows must be a plain torch.Tensor", 0),
             ({"index": "outside"}, {"label_budget": 5}, "EdgeDecision.upload must hold distinct indices", 0),
+            # not sent across whole: its first 65 rows say it asks for a row the upload lacks
+            ({"ask": "huge"}, {"label_budget": 5}, "for row 64 of an upload of 64 samples", 0),
             # its half holds no loop: the count and the budget stand, and the request at batch 1 is refused
             ({"ask": "forges-count", "count": 5}, {"label_budget_total": 5}, "0 left of its budget", 5)):
         (result,) = run_unit(build_method("asks-for-labels", options), source.domains, models, 10, source.clean,
@@ -228,7 +230,7 @@ def test_isolated_a_cloud_that_exits_moves_the_index_forges_its_count_or_returns
     assert result.status == "ok" and result.correct == _expected_correct(source.domains[0], 64, 5)
 
 
-@pytest.mark.slow  # 11 s; kept out of the default tier's 5 minutes
+@pytest.mark.slow  # 15 s; kept out of the default tier's 5 minutes
 def test_a_labels_wanted_that_runs_a_model_counts_the_same_in_process_and_isolated(plugins):
     source = miniature.dataset(domains=["fog"])
     models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
@@ -256,3 +258,12 @@ def test_a_method_that_asks_on_detection_without_declaring_uses_labels_is_refuse
     assert len(annotator.rows(torch.empty(0, dtype=torch.int64), 4, 0)) == 0  # asking for none is no request
     with pytest.raises(LabelRequestRefused, match="method quiet-asker asked the annotator at batch 1 .* detection"):
         annotator.rows(torch.tensor([0]), 4, 1)
+
+
+def test_a_request_longer_than_the_upload_is_cut_before_it_is_copied():
+    from cemabench.protocol.annotation import asked_rows
+
+    huge = torch.arange(1_000_000)
+    rows = asked_rows(huge, 16)
+    assert rows.tolist() == list(range(17)) and rows.untyped_storage().nbytes() == 17 * 8
+    assert asked_rows(torch.arange(3), 16).tolist() == [0, 1, 2]

@@ -16,7 +16,7 @@ import torch
 
 from cemabench.config import Protocol
 from cemabench.method import Upload
-from cemabench.protocol.plain import plain
+from cemabench.protocol.plain import PLAIN_TYPES, plain
 from cemabench.protocol.stream import Block
 
 _INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -24,6 +24,14 @@ _INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 class LabelRequestRefused(ValueError):
     """The cloud asked the annotator for labels it may not have: beyond a budget, or of samples it was not sent."""
+
+
+def asked_rows(wanted, uploaded: int) -> torch.Tensor:
+    """``labels_wanted``'s rows as a plain copy of at most ``uploaded + 1`` of them: a longer request cannot be valid
+    (no more than ``uploaded`` distinct rows exist), so it is neither copied whole nor, isolated, sent across."""
+    if type(wanted) in PLAIN_TYPES and wanted.layout is torch.strided and not wanted.is_nested and wanted.dim() == 1:
+        wanted = wanted[:uploaded + 1]
+    return plain(wanted, "labels_wanted's rows")
 
 
 class Annotator:
@@ -39,7 +47,7 @@ class Annotator:
         the budget or the upload does not allow is a :class:`LabelRequestRefused` naming the method."""
         if wanted is None:
             return np.empty(0, dtype=np.int64)
-        rows = plain(wanted, "labels_wanted's rows")
+        rows = asked_rows(wanted, uploaded)
         who = f"method {self.method} asked the annotator at batch {batch_index}"
         if self.task != "classification" and rows.numel():
             raise LabelRequestRefused(f"{who} for labels, and a {self.task} dataset has no class label per sample to "

@@ -8,11 +8,12 @@ rows, whatever the budget), ``outside`` (a row past the upload's end), ``repeat`
 float tensor), ``odd`` (the upload's odd rows, at most ``count``), ``least-sure`` (the ``count`` rows whose
 foundation-model prediction is least sure), ``moves-index`` (the first ``count`` rows, after shifting the upload's
 index onto the next batch's samples at batch 0, and shifting it back in the step), ``exits`` (sys.exit), ``subclass``
-(the first ``count`` rows as a tensor subclass), ``forges-count`` (the first ``count`` rows, and in its step it walks
-the stack to the loop's devices and zeroes their label count and what their annotators delivered). ``index`` chooses
-what the edge uploads: ``all`` (every sample), ``outside`` (every sample, at batch 0 the last under an index past the
-batch's end), ``repeat`` (every sample, at batch 0 row 0 under index 0 twice), or ``odd`` (only the odd rows of every
-batch, the edge predicting class 0 for the rest).
+(the first ``count`` rows as a tensor subclass), ``huge`` (ten million rows more than the upload has),
+``forges-count`` (the first ``count`` rows, and in its step it walks the stack to the loop's devices and zeroes their
+label count and what their annotators delivered). ``index`` chooses what the edge uploads: ``all`` (every sample),
+``outside`` (every sample, at batch 0 the last under an index past the batch's end), ``repeat`` (every sample, at
+batch 0 row 0 under index 0 twice), or ``odd`` (only the odd rows of every batch, the edge predicting class 0 for the
+rest).
 
 ``asks-for-box-labels`` is the same cloud on a detector: it answers with the foundation model's detections and asks
 for the label of the first uploaded sample, which a detection dataset does not have."""
@@ -66,6 +67,7 @@ class _AnswerWithLabels(CloudLogic):
         return {"first": lambda: torch.arange(min(self.count, n)),
                 "moves-index": lambda: torch.arange(min(self.count, n)),
                 "forges-count": lambda: torch.arange(min(self.count, n)),
+                "huge": lambda: torch.arange(n + 10_000_000),
                 "odd": lambda: torch.arange(1, n, 2)[:self.count],
                 "subclass": lambda: torch.arange(min(self.count, n)).as_subclass(_Subclass),
                 "beyond": lambda: torch.arange(min(self.count, n)),
@@ -99,7 +101,7 @@ class AsksForLabels(Method):
     @dataclass
     class Options:
         ask: str = option("first", choices=("first", "beyond", "outside", "repeat", "floats", "moves-index", "exits",
-                                            "subclass", "least-sure", "odd", "forges-count"))
+                                            "subclass", "least-sure", "odd", "forges-count", "huge"))
         count: int = option(2, low=0)
         index: str = option("all", choices=("all", "outside", "repeat", "odd"))
 
