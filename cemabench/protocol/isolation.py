@@ -53,12 +53,13 @@ from cemabench.config import Protocol
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, EdgeDecision, Upload
 from cemabench.protocol import hygiene, sandbox
+from cemabench.protocol.annotation import asked_rows
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
 from cemabench.protocol.execution import Execution, deterministic_threads
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
-from cemabench.protocol.plain import NotPlain, plain, plain_decision, plain_reply
+from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.tasks import task_for
 from cemabench.protocol.training import run_training, train_here
@@ -398,10 +399,11 @@ class _CloudSide(_Side):
     def wanted(self, index: int, upload: dict) -> dict:
         """Active TTA: the rows whose labels the cloud asks for (the loop checks them against the budget)."""
         ask = getattr(self.clouds[index], "labels_wanted", None)  # a CloudLogic's; duck-typed halves may lack it
+        uploaded = len(Upload(**upload))
         with self.autocast(), self.meter:
             rows = None if ask is None else ask(Upload(**upload))
         hygiene.check_modes(self.depths, "the cloud's labels_wanted")
-        return {"rows": None if rows is None else plain(rows, "labels_wanted's rows"), "flops": self.meter.take(),
+        return {"rows": None if rows is None else asked_rows(rows, uploaded), "flops": self.meter.take(),
                 "passes": [self.passes.with_grad, self.passes.without_grad]}
 
     def step(self, index: int, upload: dict) -> dict:

@@ -214,7 +214,7 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
     clock = CloudClock()  # the time model's: edges that share the cloud queue for it
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol,
-                            clock, Vocabulary(state)), device, task, Annotator(protocol, method.name))
+                            clock, Vocabulary(state)), device, task, Annotator(protocol, method.name, task.name))
                for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
@@ -257,11 +257,14 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                     passes = (cloud_passes.with_grad, cloud_passes.without_grad)
                     ask = getattr(dev.cloud, "labels_wanted", None)  # a CloudLogic's; duck-typed halves may lack it
                     if dev.annotator.on and ask is not None:  # active TTA: the labels it asks for, first
+                        index = upload.index.clone()  # the link's, which labels_wanted cannot write into
                         with autocast(), cloud_meter:
                             wanted = dev.cloud_time.run(ask, upload)
                         hygiene.check_modes(depths, "the cloud's labels_wanted")
-                        rows = dev.annotator.rows(wanted, upload, batch_index)
-                        result.labels_used += dev.annotator.annotate(upload, rows, dev.block, dev.block_offset)
+                        rows = dev.annotator.rows(wanted, len(index), batch_index)
+                        if len(rows):  # the index's own checks (range, order) come before any label of it is read
+                            checks.read()
+                        result.labels_used += dev.annotator.annotate(upload, rows, index, dev.block, dev.block_offset)
                     with autocast(), cloud_meter:
                         reply = dev.cloud_time.run(dev.cloud.step, upload)
                     hygiene.check_modes(depths, "the cloud step")
