@@ -78,6 +78,17 @@ class ArrayDomain:
     batches = sequential_batches
 
 
+@dataclass(frozen=True)
+class Corruptor:
+    """What a dataset that generates its own corruptions offers a generated stream (the ``ccc`` setting): its clean
+    test images (uint8, N x H x W x 3), their labels (read when called, as a domain's), and its generator
+    ``corrupt(images, corruption, severity, rng)``, severity from 0 (none) to 5 in any step."""
+
+    images: Callable[[], np.ndarray]
+    labels: Callable[[], np.ndarray]
+    corrupt: Callable[[np.ndarray, str, float, np.random.Generator], np.ndarray]
+
+
 @dataclass
 class DatasetSource:
     """What a dataset factory returns: the ordered test domains and the clean data the cloud may hold."""
@@ -93,3 +104,4 @@ class DatasetSource:
     # domain's sample order) and whose num_classes is its largest category id + 1
     task: str = "classification"
     provenance: dict[str, Any] = field(default_factory=dict)
+    corruptor: Corruptor | None = None  # where it generates its corruptions (the miniature): the ccc setting's source

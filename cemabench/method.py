@@ -213,6 +213,9 @@ def check_task(method, task: str) -> None:
         why = cls.task_reason or f"it declares tasks = {tasks!r}"
         raise UserError(f"method {name} cannot run on a {task} dataset: {why}. Methods for {task}: see `cemabench "
                         f"list methods`")
+    if cls.uses_labels is True and task != "classification":  # the annotator's labels are classes
+        raise UserError(f"method {name} asks the annotator for labels (active test-time adaptation), and a {task} "
+                        f"dataset has no class label per sample to give: run it on a classification dataset")
     if not isinstance(method, type):
         method.check_task_options(task)
 

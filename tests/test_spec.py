@@ -33,6 +33,8 @@ ADDED_PROTOCOL_FIELDS = {"upload_budget_bytes": None, "bandwidth": None, "latenc
 DEVICE_FIELDS = {"devices": 1, "device_streams": "partition", "cloud_capacity": None,
                  # and with input codecs and the time model on the link (issue 19)
                  "input_codec": "raw", "edge_flops_per_s": None, "cloud_flops_per_s": None,
+                 # and with periodic reset (issue 20)
+                 "reset_every": None, "ccc_difficulty": 40.0, "ccc_speed": 100, "ccc_length": 5000,
                  # and with the annotation budget of active TTA (issue 20)
                  "label_budget": None, "label_budget_total": None}
 

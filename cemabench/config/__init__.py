@@ -12,6 +12,7 @@ from cemabench.config.fields import (
 )
 from cemabench.config.settings import (
     BASES,
+    CCC,
     DEVICE_STREAMS,
     GRADUAL_SEVERITIES,
     MIXED,
@@ -24,7 +25,7 @@ from cemabench.config.settings import (
     unit_groups,
 )
 
-__all__ = ["BASES", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES",
+__all__ = ["BASES", "CCC", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES",
            "LINK_FIELDS", "MIXED",
            "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "describe", "device_domains", "parse_setting",
            "result_keys", "severities_needed", "unit_groups", "with_link"]

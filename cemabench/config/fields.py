@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cemabench.config.bounds import Bounds, coerce
 from cemabench.config.codecs import INPUT_CODECS, parse_input_codec
-from cemabench.config.settings import DEVICE_STREAMS, SETTINGS, parse_setting
+from cemabench.config.settings import CCC, DEVICE_STREAMS, SETTINGS, parse_setting
 from cemabench.errors import UserError
 
 DEFAULT_TOLERANCE = 0.5  # percentage points within which `check` and the slow tier hold a table's numbers
@@ -81,6 +81,16 @@ class Protocol:
                                              "this, one step at a time (edges sharing the cloud in the loop's "
                                              "device order; the time model)", low=0, above=True,
                                              unset="no compute time")
+    # periodic reset: a property of the stream that one entry may set for itself (link = {...}; README: Periodic reset)
+    reset_every: int | None = _field(None, "restore the halves to their source state before every N-th batch of the "
+                                     "unit (each device's, multi-edge), the counts going on", low=1,
+                                     unset="no reset within a run unit", stream=True)
+    # the ccc setting's stream (README: Stream settings): Press et al.'s published streams are 7,500,000 images at
+    # 1,000, 2,000 or 5,000 images a step, calibrated to 40, 20 or 0 % (CCC-Easy, -Medium, -Hard)
+    ccc_difficulty: float = _field(40.0, "ccc: the source edge model's target accuracy over the stream, percent",
+                                   low=0, stream=True)
+    ccc_speed: int = _field(100, "ccc: images per severity step of a transition", low=1, stream=True)
+    ccc_length: int = _field(5000, "ccc: images in the stream", low=1, stream=True)
     # active test-time adaptation: the cloud may ask the harness's oracle annotator for the labels of chosen uploaded
     # samples (``CloudLogic.labels_wanted``); with both unset no label is ever delivered
     label_budget: int | None = _field(None, "labels the cloud may ask the annotator for per edge batch and device "
@@ -105,6 +115,13 @@ class Protocol:
         if self.devices > 1 and base == "per-domain":
             raise UserError("protocol devices > 1 share one cloud over a stream without reset: use setting continual, "
                             "gradual or mixed-domains")
+        ccc = [f for f in ("ccc_difficulty", "ccc_speed", "ccc_length") if getattr(self, f) != FIELDS[f].default]
+        if ccc and base != CCC:
+            raise UserError(f"protocol {', '.join(ccc)} apply to setting ccc, not {self.setting}")
+        if base == CCC and (self.rounds > 1 or self.devices > 1 or self.ccc_difficulty > 100):
+            raise UserError(f"setting ccc is one generated stream on one device (rounds 1, devices 1; its length is "
+                            f"ccc_length) with ccc_difficulty at most 100 %, got rounds {self.rounds}, devices "
+                            f"{self.devices}, ccc_difficulty {self.ccc_difficulty:g}")
         if self.concentration != 0.1 and "correlated" not in modifiers:
             raise UserError(f"protocol concentration applies to the +correlated settings; setting {self.setting} has "
                             f"no correlated order (use {base}+correlated)")
@@ -120,9 +137,11 @@ class Protocol:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Protocol)}
-# what one method entry of a table may set for itself (``link = {...}``): how its traffic crosses and is timed, never
-# the stream that every entry of the table shares (its setting, devices, batch size)
-SHARED_FIELDS = ("batch_size", "setting", "rounds", "concentration", "devices", "device_streams", "cloud_capacity")
+# what one method entry of a table may set for itself (``link = {...}``): how its traffic crosses and is timed, and
+# its periodic reset (reset_every); never the stream that every entry of the table shares (its setting, devices, batch
+# size)
+SHARED_FIELDS = ("batch_size", "setting", "rounds", "concentration", "devices", "device_streams", "cloud_capacity",
+                 "ccc_difficulty", "ccc_speed", "ccc_length")
 LINK_FIELDS = tuple(name for name in FIELDS if name not in SHARED_FIELDS)
 
 

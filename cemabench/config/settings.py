@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 from cemabench.errors import UserError
 
-BASES = ("per-domain", "continual", "gradual", "mixed-domains")
+BASES = ("per-domain", "continual", "gradual", "mixed-domains", "ccc")
 MODIFIERS = ("correlated",)
-SETTINGS = BASES + tuple(f"{b}+{m}" for b in BASES for m in MODIFIERS)
+CCC = "ccc"  # Continually Changing Corruptions: a generated stream whose order is its own (no modifier)
+SETTINGS = BASES + tuple(f"{b}+{m}" for b in BASES if b != CCC for m in MODIFIERS)
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 MIXED = "mixed-domains"
 DEVICE_STREAMS = ("partition", "rotate")
@@ -22,13 +23,17 @@ _DEFINITIONS = {
     "continual": "all domains in order in one stream, no reset",
     "gradual": "all domains in order, no reset, each domain's severity stepping 1, 2, 3, 4, 5, 4, 3, 2, 1",
     "mixed-domains": "the samples of all domains shuffled into one stream, no reset (accuracy also per domain)",
+    CCC: "Continually Changing Corruptions (Press et al., NeurIPS 2023): one long stream of the clean test images "
+         "under two of the domains' corruptions at once, their severities drifting from the first to the second and "
+         "on to a new pair, on a path calibrated to the source edge model's target accuracy; no reset",
 }
 
 
 def parse_setting(setting: str) -> tuple[str, frozenset[str]]:
     """A setting name as (base, modifiers); a name outside the grammar is a one-line user error."""
     base, *modifiers = setting.split("+") if isinstance(setting, str) else [None]
-    if base not in BASES or any(m not in MODIFIERS for m in modifiers) or len(set(modifiers)) != len(modifiers):
+    if (base not in BASES or any(m not in MODIFIERS for m in modifiers) or len(set(modifiers)) != len(modifiers)
+            or (base == CCC and modifiers)):
         raise UserError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     return base, frozenset(modifiers)
 
@@ -62,13 +67,17 @@ def result_keys(protocol, domains: Sequence[str]) -> tuple[tuple[int, str], ...]
     base, _ = parse_setting(protocol.setting)
     streams = (device_domains(domains, protocol.devices, protocol.device_streams) if protocol.devices > 1
                else [list(domains)])
-    return tuple((d, name) for d, names in enumerate(streams) for name in ([MIXED] if base == MIXED else names))
+    return tuple((d, name) for d, names in enumerate(streams)
+                 for name in ([base] if base in (MIXED, CCC) else names))
 
 
-def describe(setting: str, rounds: int = 1, concentration: float = 0.1) -> str:
-    """The precise definition of a setting, for leaderboard headers."""
+def describe(setting: str, rounds: int = 1, concentration: float = 0.1, protocol: dict | None = None) -> str:
+    """The precise definition of a setting, for leaderboard headers (CCC's with its parameters from ``protocol``)."""
     base, modifiers = parse_setting(setting)
     text = f"`{setting}`: {_DEFINITIONS[base]}"
+    if base == CCC and protocol is not None:
+        text += (f" (target accuracy {protocol['ccc_difficulty']:g} %, {protocol['ccc_speed']:,} images per severity "
+                 f"step, {protocol['ccc_length']:,} images)")
     if rounds > 1:
         text += f", the stream repeated {rounds} times in the same order"
     if "correlated" in modifiers:

@@ -9,6 +9,7 @@ ice texture instead of the six frost photographs. Every draw comes from the ``nu
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -22,7 +23,25 @@ HENDRYCKS_ORDER = (
     "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
 
-Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
+Corruption = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+# snow's parameters at severity 0: no flake passes the threshold and the image is not greyed
+SNOW_ZERO = (0.1, 0.2, 1, 1.0, 8, 3, 1.0)
+
+
+def _at(table: tuple, severity: float, zero, inverse: bool = False):
+    """A corruption's parameters at ``severity``: the table's entry at an integer severity 1 to 5, and between two
+    integer severities the linear interpolation of their entries (CCC's finer severities), severity 0 standing for
+    ``zero``, parameters that leave an image (nearly) as it is; ``inverse`` interpolates reciprocals (shot noise's
+    photon count, infinite at severity 0)."""
+    if severity == int(severity):
+        return table[int(severity) - 1]
+    low, w = int(severity), severity - int(severity)
+    a, b = (zero if low == 0 else table[low - 1]), table[low]
+
+    def mix(u, v):
+        return 1 / ((1 - w) / u + w / v) if inverse else (1 - w) * u + w * v
+
+    return tuple(map(mix, a, b)) if isinstance(b, tuple) else mix(a, b)
 
 
 def _per_channel(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -34,17 +53,17 @@ def _gaussian(images: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def gaussian_noise(x, severity, rng):
-    c = (0.04, 0.06, 0.08, 0.09, 0.10)[severity - 1]
+    c = _at((0.04, 0.06, 0.08, 0.09, 0.10), severity, 0.0)
     return x + rng.normal(scale=c, size=x.shape)
 
 
 def shot_noise(x, severity, rng):
-    c = (500, 250, 100, 75, 50)[severity - 1]
+    c = _at((500, 250, 100, 75, 50), severity, math.inf, inverse=True)
     return rng.poisson(x * c) / c
 
 
 def impulse_noise(x, severity, rng):
-    amount = (0.01, 0.02, 0.03, 0.05, 0.07)[severity - 1]
+    amount = _at((0.01, 0.02, 0.03, 0.05, 0.07), severity, 0.0)
     u = rng.random(x.shape)
     out = x.copy()
     out[u < amount / 2] = 0.0
@@ -62,12 +81,14 @@ def _disk(radius: float, alias_blur: float) -> np.ndarray:
 
 
 def defocus_blur(x, severity, rng):
-    radius, alias_blur = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))[severity - 1]
+    radius, alias_blur = _at(((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)), severity, (0.0, 0.0))
     return _per_channel(x, _disk(radius, alias_blur))
 
 
 def glass_blur(x, severity, rng):
-    sigma, max_delta, iterations = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))[severity - 1]
+    sigma, max_delta, iterations = _at(((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)), severity,
+                                       (0.0, 1, 0))
+    max_delta, iterations = round(max_delta), round(iterations)  # whole pixels and passes between severities
     out = _gaussian(x, sigma)
     n, h, w, _ = out.shape
     images = np.arange(n)
@@ -103,7 +124,7 @@ def _motion(images: np.ndarray, length: float, sigma: float, angles: np.ndarray)
 
 
 def motion_blur(x, severity, rng):
-    length, sigma = ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3))[severity - 1]
+    length, sigma = _at(((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)), severity, (10, 0.0))
     return _motion(x, length, sigma, rng.uniform(-45, 45, size=len(x)))
 
 
@@ -119,7 +140,7 @@ def _zoom_center(x: np.ndarray, factor: float) -> np.ndarray:
 
 
 def zoom_blur(x, severity, rng):
-    stop = (1.06, 1.11, 1.16, 1.21, 1.26)[severity - 1]
+    stop = _at((1.06, 1.11, 1.16, 1.21, 1.26), severity, 1.0)
     factors = np.arange(1, stop, 0.01)
     out = x.copy()
     for factor in factors:
@@ -153,7 +174,7 @@ def _power_of_two(n: int) -> int:
 
 
 def fog(x, severity, rng):
-    strength, decay = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))[severity - 1]
+    strength, decay = _at(((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)), severity, (0.0, 3))
     n, h, w, _ = x.shape
     peak = x.max(axis=(1, 2, 3), keepdims=True)
     haze = _plasma(n, _power_of_two(max(h, w)), decay, rng)[:, :h, :w, None]
@@ -165,9 +186,9 @@ def _grey(x: np.ndarray) -> np.ndarray:
 
 
 def snow(x, severity, rng):
-    loc, scale, zoom, threshold, length, sigma, blend = (
+    loc, scale, zoom, threshold, length, sigma, blend = _at((
         (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))[severity - 1]
+        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)), severity, SNOW_ZERO)
     n, h, w, _ = x.shape
     flakes = rng.normal(loc, scale, size=(n, h, w, 1))
     flakes = _zoom_center(flakes, zoom)
@@ -178,7 +199,7 @@ def snow(x, severity, rng):
 
 
 def frost(x, severity, rng):
-    image_weight, frost_weight = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))[severity - 1]
+    image_weight, frost_weight = _at(((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)), severity, (1, 0))
     n, h, w, _ = x.shape
     crystals = _plasma(n, _power_of_two(max(h, w)), 1.5, rng)[:, :h, :w]
     needles = ndimage.gaussian_filter(rng.random((n, h, w)), sigma=(0, 0.5, 0.5)) > 0.55
@@ -188,21 +209,21 @@ def frost(x, severity, rng):
 
 def brightness(x, severity, rng):
     """Adds c to the HSV value channel: scaling RGB by (V + c) / V keeps hue and saturation."""
-    c = (0.05, 0.1, 0.15, 0.2, 0.3)[severity - 1]
+    c = _at((0.05, 0.1, 0.15, 0.2, 0.3), severity, 0.0)
     value = x.max(axis=-1, keepdims=True)
     new_value = np.clip(value + c, 0, 1)
     return np.where(value > 0, x * new_value / np.maximum(value, 1e-12), new_value)
 
 
 def contrast(x, severity, rng):
-    c = (0.75, 0.5, 0.4, 0.3, 0.15)[severity - 1]
+    c = _at((0.75, 0.5, 0.4, 0.3, 0.15), severity, 1.0)
     means = x.mean(axis=(1, 2, 3), keepdims=True)
     return (x - means) * c + means
 
 
 def elastic_transform(x, severity, rng):
-    alpha, sigma, affine = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
-                            (0.1, 0.03, 0.03))[severity - 1]
+    alpha, sigma, affine = _at(((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
+                                (0.1, 0.03, 0.03)), severity, (0.0, 0.0, 0.0))
     n, h, w, ch = x.shape
     alpha, sigma, affine = alpha * h, sigma * h, affine * h
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
@@ -227,14 +248,14 @@ def _through_pil(x: np.ndarray, convert: Callable[[Image.Image], Image.Image]) -
 
 
 def pixelate(x, severity, rng):
-    c = (0.95, 0.9, 0.85, 0.75, 0.65)[severity - 1]
+    c = _at((0.95, 0.9, 0.85, 0.75, 0.65), severity, 1.0)
     h, w = x.shape[1:3]
     small = (int(w * c), int(h * c))
     return _through_pil(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.BOX))
 
 
 def jpeg_compression(x, severity, rng):
-    quality = (80, 65, 58, 50, 40)[severity - 1]
+    quality = round(_at((80, 65, 58, 50, 40), severity, 100))
 
     def roundtrip(im: Image.Image) -> Image.Image:
         buffer = io.BytesIO()
@@ -247,11 +268,14 @@ def jpeg_compression(x, severity, rng):
 CORRUPTIONS: dict[str, Corruption] = {name: globals()[name] for name in HENDRYCKS_ORDER}
 
 
-def corrupt(images: np.ndarray, name: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Corrupt uint8 images of shape (N, H, W, 3); returns uint8 of the same shape."""
+def corrupt(images: np.ndarray, name: str, severity: float, rng: np.random.Generator) -> np.ndarray:
+    """Corrupt uint8 images of shape (N, H, W, 3); returns uint8 of the same shape. ``severity`` is 1 to 5, or any
+    value from 0 (the images as they are) to 5 between them (parameters interpolated: CCC's finer severities)."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(HENDRYCKS_ORDER)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be 1..5, got {severity}")
+    if not 0 <= severity <= 5:
+        raise ValueError(f"severity must be from 0 to 5, got {severity}")
+    if severity == 0:
+        return images.copy()
     out = CORRUPTIONS[name](images.astype(np.float64) / 255, severity, rng)
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cemabench.config.paths import cache_root
-from cemabench.data import ArrayDomain, DatasetSource
+from cemabench.data import ArrayDomain, Corruptor, DatasetSource
 from cemabench.datasets import corruptions
 from cemabench.errors import UserError
 
@@ -135,5 +135,6 @@ def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORD
         provenance={"dataset": "miniature-digits-c (EMBEDDED MINIATURE)", "severity": severity,
                     "images_per_domain": len(domains[0]) if domains else 0, "image_size": IMAGE_SIZE,
                     "generator": _generator_fingerprint()},
+        corruptor=Corruptor(clean_test_images, stream_labels, corruptions.corrupt),
     )
 

@@ -16,7 +16,7 @@ import torch
 
 from cemabench.config import Protocol
 from cemabench.method import Upload
-from cemabench.protocol.plain import plain
+from cemabench.protocol.plain import PLAIN_TYPES, plain
 from cemabench.protocol.stream import Block
 
 _INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -26,28 +26,39 @@ class LabelRequestRefused(ValueError):
     """The cloud asked the annotator for labels it may not have: beyond a budget, or of samples it was not sent."""
 
 
+def asked_rows(wanted, uploaded: int) -> torch.Tensor:
+    """``labels_wanted``'s rows as a plain copy of at most ``uploaded + 1`` of them: a longer request cannot be valid
+    (no more than ``uploaded`` distinct rows exist), so it is neither copied whole nor, isolated, sent across."""
+    if type(wanted) in PLAIN_TYPES and wanted.layout is torch.strided and not wanted.is_nested and wanted.dim() == 1:
+        wanted = wanted[:uploaded + 1]
+    return plain(wanted, "labels_wanted's rows")
+
+
 class Annotator:
     """One device's annotator in a run unit: its budgets, and the labels it delivered so far."""
 
-    def __init__(self, protocol: Protocol, method: str):
+    def __init__(self, protocol: Protocol, method: str, task: str = "classification"):
         self.per_batch, self.total, self.method = protocol.label_budget, protocol.label_budget_total, method
-        self.on = protocol.annotation
+        self.on, self.task = protocol.annotation, task
         self.used = 0
 
-    def rows(self, wanted, upload: Upload, batch_index: int) -> np.ndarray:
-        """The rows of ``upload`` that ``labels_wanted`` returned, as int64, checked; a request the budget or the
-        upload does not allow is a :class:`LabelRequestRefused` naming the method."""
+    def rows(self, wanted, uploaded: int, batch_index: int) -> np.ndarray:
+        """The rows of an upload of ``uploaded`` samples that ``labels_wanted`` returned, as int64, checked; a request
+        the budget or the upload does not allow is a :class:`LabelRequestRefused` naming the method."""
         if wanted is None:
             return np.empty(0, dtype=np.int64)
-        rows = plain(wanted, "labels_wanted's rows")
+        rows = asked_rows(wanted, uploaded)
         who = f"method {self.method} asked the annotator at batch {batch_index}"
+        if self.task != "classification" and rows.numel():
+            raise LabelRequestRefused(f"{who} for labels, and a {self.task} dataset has no class label per sample to "
+                                      f"give: the annotator labels classification samples only")
         if rows.dtype not in _INTEGERS or rows.dim() != 1:
             raise LabelRequestRefused(f"{who} with a {rows.dtype} tensor of shape {tuple(rows.shape)}: labels_wanted "
                                       f"returns a 1-D integer tensor of rows of the upload, or None")
         rows = rows.cpu().numpy().astype(np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(upload)):
-            raise LabelRequestRefused(f"{who} for row {int(rows.max() if rows.max() >= len(upload) else rows.min())} "
-                                      f"of an upload of {len(upload)} samples: only uploaded samples can be labelled")
+        if len(rows) and (rows.min() < 0 or rows.max() >= uploaded):
+            raise LabelRequestRefused(f"{who} for row {int(rows.max() if rows.max() >= uploaded else rows.min())} "
+                                      f"of an upload of {uploaded} samples: only uploaded samples can be labelled")
         if len(rows) > 1 and not (np.diff(rows) > 0).all():
             raise LabelRequestRefused(f"{who} for rows that are not strictly increasing: ask for each row once, in "
                                       f"increasing order")
@@ -59,10 +70,11 @@ class Annotator:
                                       f"of label_budget_total = {self.total} per run unit")
         return rows
 
-    def annotate(self, upload: Upload, rows: np.ndarray, block: Block, block_offset: int) -> int:
-        """Give ``upload`` the labels of ``rows`` (``block_offset``: where the batch starts in ``block``); returns how
-        many were delivered."""
-        batch_positions = upload.index.detach().cpu().numpy()[rows] if len(rows) else np.empty(0, dtype=np.int64)
+    def annotate(self, upload: Upload, rows: np.ndarray, index: torch.Tensor, block: Block, block_offset: int) -> int:
+        """Give ``upload`` the labels of ``rows`` of ``index`` (the upload's index as the link sent it, a copy method
+        code never held: ``labels_wanted`` may write into the upload's own); ``block_offset``: where the batch starts
+        in ``block``. Returns how many were delivered."""
+        batch_positions = index.cpu().numpy()[rows] if len(rows) else np.empty(0, dtype=np.int64)
         labels = block.labels_at(block_offset + batch_positions)
         upload.labelled = torch.from_numpy(rows.copy())
         upload.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(upload.samples.device)

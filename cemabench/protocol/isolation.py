@@ -53,12 +53,13 @@ from cemabench.config import Protocol
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, EdgeDecision, Upload
 from cemabench.protocol import hygiene, sandbox
+from cemabench.protocol.annotation import asked_rows
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
 from cemabench.protocol.execution import Execution, deterministic_threads
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
-from cemabench.protocol.plain import NotPlain, plain, plain_decision, plain_reply
+from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.tasks import task_for
 from cemabench.protocol.training import run_training, train_here
@@ -112,6 +113,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def replaying(state: dict, device: torch.device, build):
+    """``build()`` in the random state ``state`` (halves built as at a unit's start); the state it found is put
+    back, so that what draws after it draws as it would have."""
+    now = rng_state(device)
+    set_rng_state(state, device)
+    try:
+        return build()
+    finally:
+        set_rng_state(now, device)
 
 
 def _fields(obj) -> dict:
@@ -387,10 +399,11 @@ class _CloudSide(_Side):
     def wanted(self, index: int, upload: dict) -> dict:
         """Active TTA: the rows whose labels the cloud asks for (the loop checks them against the budget)."""
         ask = getattr(self.clouds[index], "labels_wanted", None)  # a CloudLogic's; duck-typed halves may lack it
+        uploaded = len(Upload(**upload))
         with self.autocast(), self.meter:
             rows = None if ask is None else ask(Upload(**upload))
         hygiene.check_modes(self.depths, "the cloud's labels_wanted")
-        return {"rows": None if rows is None else plain(rows, "labels_wanted's rows"), "flops": self.meter.take(),
+        return {"rows": None if rows is None else asked_rows(rows, uploaded), "flops": self.meter.take(),
                 "passes": [self.passes.with_grad, self.passes.without_grad]}
 
     def step(self, index: int, upload: dict) -> dict:
@@ -520,8 +533,9 @@ class RemoteCloud:
 def start(method, models, num_classes: int, clean, seed: int, execution: Execution, task, count: int,
           replicas: int, halves: list):
     """The halves of a unit in processes of their own, set up in the in-process loop's order (the training stage,
-    the edges, the clouds): the training record, ``count`` edges and ``replicas`` clouds that stand in for them, and
-    the stand-ins of the cloud's meter and sample counter. Each half started is appended to ``halves``."""
+    the edges, the clouds): the training record, a builder of ``count`` edges and ``replicas`` clouds that stand in
+    for them (each call builds them from source in their halves), and the stand-ins of the cloud's meter and sample
+    counter. Each half started is appended to ``halves``."""
     device = torch.device(execution.device)
     options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     # what the halves build the method from
@@ -537,14 +551,17 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     cloud.call("adopt", method.artefacts)
     edge.call("edge", recipe, execution, models.edge(), count, num_classes,
               (task.name, task.num_classes, task.scored_classes), method.artefacts)
-    edge.call("build")
-    built = cloud.call("build", replicas)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
-    passes.with_grad, passes.without_grad = _counters(built["passes"], passes)  # building's own (EATA's Fisher)
-    edges = [RemoteEdge(edge, i) for i in range(count)]
-    clouds = ([RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
-              else [None] * replicas)
-    return training, edges, clouds, meter, passes
+
+    def build() -> tuple[list, list]:
+        edge.call("build")
+        built = cloud.call("build", replicas)
+        passes.with_grad, passes.without_grad = _counters(built["passes"], passes)  # building's own (EATA's Fisher)
+        return ([RemoteEdge(edge, i) for i in range(count)],
+                [RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
+                else [None] * replicas)
+
+    return training, build, meter, passes
 
 
 _SAID: set = set()

@@ -344,6 +344,11 @@ class Link:
             out.append(self._in_flight.popleft()[1])
         return out
 
+    def drop_in_flight(self) -> None:
+        """Forget the downloads not yet delivered (a periodic reset: the edge they were sent to is gone); what they
+        cost stays counted."""
+        self._in_flight.clear()
+
     def next_domain(self) -> tuple[LinkCounters, list[int] | None, list[float] | None]:
         """This domain's counters; under an input codec each uploaded input's encoded length, and under the time
         model each sample's latency (each None when off)."""

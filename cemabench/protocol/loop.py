@@ -157,8 +157,10 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     try:
         try:
             setup = isolation.start if isolate else _in_process
-            training, edges, clouds, cloud_meter, cloud_passes = setup(
+            training, build, cloud_meter, cloud_passes = setup(
                 method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
+            source = isolation.rng_state(device)  # the random state the halves are built in: a reset's too
+            edges, clouds = build()
         except (UserError, KeyboardInterrupt):
             raise
         except BaseException as error:  # noqa: B036 - a plugin's sys.exit() must end its cell, not the table
@@ -169,7 +171,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         for result in results.values():
             result.training = training
         out = _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution, task,
-                      depths, replicas, state)
+                      depths, replicas, state, lambda: isolation.replaying(source, device, build))
         left = isolation.finish(halves) if halves and all(r.status == "ok" for r in out) else []
         for result in out if left else ():  # in-process, run_unit checks the same of its own process
             result.status, result.message = "error", "method code " + "; ".join(left) + ", which could go on computing"
@@ -180,31 +182,39 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
 
 def _in_process(method: Method, models: Models, num_classes: int, clean: DomainData | None, seed: int,
                 execution: Execution, task: Task, count: int, replicas: int, halves: list):
-    """The halves in this process: the training stage, ``count`` forward-only edges, ``replicas`` clouds, and the
-    cloud's meter and sample counter."""
+    """The halves in this process: the training stage's record, a builder of ``count`` forward-only edges and
+    ``replicas`` clouds from source (called at the unit's start and at each periodic reset), and the cloud's meter
+    and sample counter."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     cloud_passes, cloud_meter = SampleCounter(), ComputeMeter()
     training = run_training(method, training_resources(models.edge, models.foundation, num_classes, clean, seed,
                                                        device))
-    edges = build_edges(method, models.edge, num_classes, count, device, memory_format)
-    clouds = build_clouds(method, models.edge, models.foundation, clean, num_classes, replicas, device, memory_format,
-                          cloud_passes, cloud_meter)
-    return training, edges, clouds, cloud_meter, cloud_passes
+
+    def build() -> tuple[list, list]:
+        return (build_edges(method, models.edge, num_classes, count, device, memory_format),
+                build_clouds(method, models.edge, models.foundation, clean, num_classes, replicas, device,
+                             memory_format, cloud_passes, cloud_meter))
+
+    return training, build, cloud_meter, cloud_passes
 
 
 def _stream(method: Method, streams: list, results: dict, edges: list, clouds: list, cloud_meter, cloud_passes,
             protocol: Protocol, execution: Execution, task: Task, depths: tuple, replicas: int,
-            state: tuple[str, ...] = ()) -> list[DomainResult]:
+            state: tuple[str, ...] = (), rebuild: Callable[[], tuple[list, list]] | None = None
+            ) -> list[DomainResult]:
     """The online stream of a unit whose halves are set up: every device's blocks, batch by batch; ``state`` names
-    the edge model's state entries (the names that cross the link, :class:`~cemabench.protocol.link.Vocabulary`)."""
+    the edge model's state entries (the names that cross the link, :class:`~cemabench.protocol.link.Vocabulary`).
+    Under ``protocol.reset_every`` = N, before every N-th step (step t being batch t of every device) ``rebuild``
+    gives fresh halves, built as at the unit's start, which replace every device's; downloads in flight are
+    dropped, and the counts go on."""
     device = torch.device(execution.device)
     memory_format = torch.channels_last if execution.channels_last else torch.preserve_format
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if execution.amp else contextlib.nullcontext
     clock = CloudClock()  # the time model's: edges that share the cloud queue for it
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol,
-                            clock, Vocabulary(state)), device, task, Annotator(protocol, method.name))
+                            clock, Vocabulary(state)), device, task, Annotator(protocol, method.name, task.name))
                for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
@@ -217,6 +227,10 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                 x = dev.next_batch(protocol.batch_size, device.type == "cuda", results)
                 if x is None:
                     continue
+                if not active and step and protocol.reset_every and step % protocol.reset_every == 0:
+                    edges, clouds = rebuild()
+                    for each in devices:
+                        each.reset(edges[each.index], clouds[each.index % replicas])
                 active = True
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
                 result, link, batch_index = dev.result, dev.link, dev.batch_index
@@ -243,11 +257,14 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                     passes = (cloud_passes.with_grad, cloud_passes.without_grad)
                     ask = getattr(dev.cloud, "labels_wanted", None)  # a CloudLogic's; duck-typed halves may lack it
                     if dev.annotator.on and ask is not None:  # active TTA: the labels it asks for, first
+                        index = upload.index.clone()  # the link's, which labels_wanted cannot write into
                         with autocast(), cloud_meter:
                             wanted = dev.cloud_time.run(ask, upload)
                         hygiene.check_modes(depths, "the cloud's labels_wanted")
-                        rows = dev.annotator.rows(wanted, upload, batch_index)
-                        result.labels_used += dev.annotator.annotate(upload, rows, dev.block, dev.block_offset)
+                        rows = dev.annotator.rows(wanted, len(index), batch_index)
+                        if len(rows):  # the index's own checks (range, order) come before any label of it is read
+                            checks.read()
+                        result.labels_used += dev.annotator.annotate(upload, rows, index, dev.block, dev.block_offset)
                     with autocast(), cloud_meter:
                         reply = dev.cloud_time.run(dev.cloud.step, upload)
                     hygiene.check_modes(depths, "the cloud step")
@@ -333,6 +350,13 @@ class _EdgeDevice:
         self.edge_before = 0
         self.checks = Checks()  # the last batch's checks: read with the next batch, or at the block's end
         self.edge_time, self.cloud_time = Stopwatch(device), Stopwatch(device)
+
+    def reset(self, edge: ForwardOnlyEdge, cloud: CloudLogic | None) -> None:
+        """Go on with fresh halves (a periodic reset): what is in flight to the old edge is dropped, and the block's
+        count of edge forwards goes on from the old edge's."""
+        self.edge_before -= self.edge.forwards.with_grad + self.edge.forwards.without_grad
+        self.edge, self.cloud = edge, cloud
+        self.link.drop_in_flight()
 
     def next_batch(self, batch_size: int, pin_memory: bool, results: dict):
         """The next batch of this device's stream (finishing and starting blocks on the way); None at its end."""

@@ -498,7 +498,7 @@ def options_text(options: dict) -> str:
 def setting_line(proto: dict) -> str:
     """The stream setting's definition (documents written before settings existed say ``reset`` instead)."""
     legacy = {"per_domain": "per-domain"}.get(proto.get("reset"), proto.get("reset"))
-    return describe(proto.get("setting", legacy), proto.get("rounds", 1), proto.get("concentration", 0.1))
+    return describe(proto.get("setting", legacy), proto.get("rounds", 1), proto.get("concentration", 0.1), proto)
 
 
 def protocol_line(proto: dict) -> str:
@@ -526,6 +526,9 @@ def protocol_line(proto: dict) -> str:
         text += (f"; link {bandwidth}, latency {proto['latency']:g} s, one batch every {proto['batch_interval']:g} s, "
                  f"answer deadline "
                  f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
+    if proto.get("reset_every") is not None:
+        text += (f"; **periodic reset every {proto['reset_every']:,} batches** (the halves rebuilt from source, the "
+                 f"counts going on)")
     if proto.get("devices", 1) > 1:
         streams = {"partition": "each its own domains", "rotate": "each all domains, in its own rotated order"}
         text += (f"; **{proto['devices']} edge devices on one cloud** ({streams[proto['device_streams']]}; in "

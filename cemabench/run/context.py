@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from cemabench import registry
-from cemabench.config import device_domains, with_link
+from cemabench.config import CCC, device_domains, parse_setting, with_link
 from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
 from cemabench.models import zoo
 from cemabench.models.split import probing
-from cemabench.protocol import Execution, Models, native, run_unit
+from cemabench.protocol import Execution, Models, ccc, native, run_unit
 from cemabench.protocol.codecs import library_versions, payload_versions
-from cemabench.protocol.stream import DeviceStreams, build_blocks
+from cemabench.protocol.stream import Block, DeviceStreams, build_blocks
 from cemabench.protocol.tasks.detection import original_frame
 from cemabench.provenance import code_digest, fingerprint, versions
 from cemabench.tables.plan import Unit
@@ -51,6 +51,8 @@ class TableContext:
         self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
         self._code: dict[str, dict] = {}
         self._datasets: dict[int, object] = {}
+        self._ccc: dict[tuple, object] = {}  # the ccc setting's generated streams, by seed and stream fields
+        self._calibration = None
 
     @cached_property
     def dataset(self):
@@ -132,6 +134,25 @@ class TableContext:
         config = self.unit_config(unit)
         return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
+    def check_stream(self) -> None:
+        """The ccc setting generates its stream from the dataset's own corruptions: a dataset without a generator is
+        the user's error, before any compute."""
+        if parse_setting(self.spec.protocol.setting)[0] == CCC and self.dataset.corruptor is None:
+            raise UserError(f"setting ccc generates its stream with the dataset's own corruption generator, and "
+                            f"{self.dataset.name} has none (ImageNet's CCC from its validation images is not built "
+                            f"yet): leave out --data-root to run it on the embedded miniature")
+
+    def ccc_block(self, seed: int, protocol) -> Block:
+        """The ccc setting's stream for ``seed``: one block, in its generated order (built once per process)."""
+        key = (seed, protocol.ccc_difficulty, protocol.ccc_speed, protocol.ccc_length)
+        if key not in self._ccc:
+            if self._calibration is None:
+                self._calibration = ccc.Calibration(self.dataset.corruptor, self.prototypes["edge"])
+            domain, _ = ccc.build(self.dataset.corruptor, self.prototypes["edge"], self.spec.domains, seed,
+                                  protocol.ccc_difficulty, protocol.ccc_speed, protocol.ccc_length, self._calibration)
+            self._ccc[key] = Block(CCC, CCC, (domain,), np.arange(len(domain)))
+        return self._ccc[key]
+
     def check_classes(self) -> None:
         """Each model answers in the dataset's classes: as many outputs as it has classes, or, where only some classes
         are scored (ImageNet-R's 200 of ImageNet's 1000), an output for each scored class. One image of the first
@@ -203,8 +224,13 @@ class TableContext:
                                 at_severity=lambda s: [{d.name: d for d in self.dataset_at(s).domains}[n]
                                                        for n in names])
 
-        stream = (blocks(unit.domains) if p.devices == 1 else
-                  DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices, p.device_streams)]))
+        if parse_setting(p.setting)[0] == CCC:
+            stream = [self.ccc_block(unit.seed, p)]
+        elif p.devices == 1:
+            stream = blocks(unit.domains)
+        else:
+            stream = DeviceStreams([blocks(names) for names in device_domains(unit.domains, p.devices,
+                                                                              p.device_streams)])
         results = run_unit(method, stream, self.models, self.dataset.num_classes, self.dataset.clean, p, unit.seed,
                            self.execution, self.dataset.scored_classes, self.dataset.task,
                            None if self.predictions is None else self._writer(unit), isolate=self.isolate)

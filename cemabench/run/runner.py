@@ -64,6 +64,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
                    else registry.load_method(entry.name), context.dataset.task)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     context.check_classes()
+    context.check_stream()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"],
                  context.dataset.task)
     for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
