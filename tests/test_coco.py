@@ -138,6 +138,7 @@ def test_torchvision_detectors_answer_an_empty_batch(arch):
         assert model(torch.zeros(0, 3, 64, 64)) == []
 
 
+@pytest.mark.slow  # 10 s on a clean clone; kept out of the default tier's 5 minutes
 def test_a_router_that_offloads_nothing_runs_on_torchvision_detectors(tmp_path):
     out = tmp_path / "r.json"
     assert main(["run", "--method", "hard-example-offload", "--option", "threshold=0", "--dataset", "coco-c",
@@ -149,6 +150,7 @@ def test_a_router_that_offloads_nothing_runs_on_torchvision_detectors(tmp_path):
     assert cell["status"] == "ok" and cell["upload_percent"] == 0, cell["message"]
 
 
+@pytest.mark.slow  # 9 s on a clean clone; kept out of the default tier's 5 minutes
 def test_cloud_only_with_torchvision_detectors_on_coco_c(tmp_path):
     root = _tree(tmp_path / "coco")
     out = tmp_path / "run.json"

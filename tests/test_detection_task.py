@@ -284,6 +284,7 @@ def test_the_classification_router_is_sednas_cross_entropy():
     assert decision.upload.tolist() == expected and 0 < len(expected) < 64
 
 
+@pytest.mark.slow  # 9 s on a clean clone; kept out of the default tier's 5 minutes
 def test_hard_example_offload_runs_on_detection_between_edge_and_cloud(tmp_path):
     _, edge_only = _run(tmp_path, "source")
     _, cloud = _run(tmp_path, "cloud-only")
@@ -304,6 +305,7 @@ def test_a_router_for_the_other_task_is_one_line(tmp_path, capsys, router, datas
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 10 s on a clean clone; kept out of the default tier's 5 minutes
 def test_saved_predictions_score_the_same_with_pycocotools_and_a_stored_unit_writes_them_again(tmp_path):
     """--save-predictions: one COCO results JSON per cell, and each domain's ground truth beside them; scored with
     pycocotools against it they give the cell's mAP. A rerun into the same store with another folder recomputes

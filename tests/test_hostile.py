@@ -184,6 +184,7 @@ def plugins_for_workers(plugins, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")]))
 
 
+@pytest.mark.slow  # 33 s on a clean clone; kept out of the default tier's 5 minutes
 @pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist
 def test_a_plugin_that_kills_its_ray_worker_fails_only_its_cells(plugins_for_workers, local_ray, tmp_path):
     spec = write_spec(tmp_path / "small.toml", ["source", "kills-its-process"])

@@ -263,6 +263,7 @@ def _worker(tmp_path: Path, spec: Path, log: str, pause: float) -> subprocess.Po
 FOUR = ("fog", "contrast", "snow", "frost")
 
 
+@pytest.mark.slow  # 11 s on a clean clone; kept out of the default tier's 5 minutes
 def test_two_processes_share_the_units_and_compute_each_once(tmp_path):
     spec = write_spec(tmp_path, domains=FOUR)
     workers = [_worker(tmp_path, spec, f"log{i}", 1.5) for i in range(2)]
