@@ -59,6 +59,7 @@ def test_builtin_specs_parse_to_exactly_the_recorded_fields(name):
         entry.setdefault("reference", None)
         entry.setdefault("link", {})  # and with an entry's own link fields (issue 19)
     recorded.setdefault("limits", {"unit_timeout_s": None, "unit_memory_bytes": None})  # issue 22: [limits], no number
+    recorded.setdefault("report", {})  # issue 19: [report] (a hypervolume's reference point), no number
     # issue 23: the percentage of samples uploaded is called upload_percent (table documents of schema 3)
     recorded["check_metrics"] = [{"upload_ratio": "upload_percent"}.get(m, m) for m in recorded["check_metrics"]]
     assert _fields(load_table(name)) == json.dumps(recorded, indent=1) + "\n"

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cemabench.config.settings import describe
+from cemabench.report.hypervolume import hypervolume_frame
 from cemabench.report.plots import COMMUNICATION, COMPUTATION, LABELS, LATENCY, Axis, non_dominated, plot_tradeoffs
 from cemabench.report.plots import UPLOADS as PLOTTED_UPLOADS
 from cemabench.run.document import current
@@ -603,6 +604,7 @@ def render(doc: dict) -> str:
               "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "
               "Non-dominated: no other method is at least as accurate with no more bytes and no more FLOPs.", "",
               efficiency_frame(doc).to_markdown(), "",
+              *_hypervolume_section(doc),
               "## Link and cloud compute (totals over all domains)", "",
               "Upload: raw inputs (upload MB), per-sample payload rows such as features (payload MB) and per-batch "
               "tensors (other upload kB); their sum is what bytes up / sample counts.", "",
@@ -621,6 +623,24 @@ def render(doc: dict) -> str:
         lines += [f"- {NOTE_MARK} {c['method']} / {c['domain']} / seed {c['seed']}: {c['note']}" for c in noted]
         lines += [""]
     return "\n".join(lines + _failed_cells(doc))
+
+
+def _hypervolume_section(doc: dict) -> list[str]:
+    """Per sweep and cost axis, the trade-off hypervolume against the spec's reference point (none without one)."""
+    reference = (doc.get("report") or {}).get("hypervolume")
+    points = efficiency_points(doc) if reference else pd.DataFrame()
+    if points.empty:
+        return []
+    score = scores(doc)[0]
+    series, _ = sweeps(list(points["method"]), list(points["family"]))
+    name = score.name if score.key != "accuracy" else "accuracy"
+    return ["## Trade-off hypervolume", "",
+            f"Per sweep (one method's entries: a label up to its trailing \"@value\", or else the plugin), and for "
+            f"every entry together: the share (%) of the box from no cost to the reference cost and from {name} "
+            f"{reference['score']:g} % to 100 % that the sweep's points dominate, for each cost on its own (the "
+            f"two-objective hypervolume). 100 would be a perfect score at no cost; 0, no point inside the box. The "
+            f"reference point is the spec's `[report.hypervolume]`; entries with a failed cell are left out.", "",
+            hypervolume_frame(points, series, reference, score.key).to_markdown(), ""]
 
 
 def _failed_cells(doc: dict) -> list[str]:

@@ -292,6 +292,7 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
             "reference": {**spec.reference, "published_uploads": published_uploads(spec)},
             "check": {"tolerance": spec.tolerance, "metrics": list(spec.check_metrics)},
             "methods": methods, "cells": cells,
+            **({"report": spec.report} if spec.report else {}),  # what the leaderboard adds ([report])
             # every unit's method code ran apart from the loop (--isolate); absent when any ran in-process
             **({"isolated": True} if records and all(r.get("isolated") is True for r in records.values()) else {})}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol, with_link
 from cemabench.config.limits import Limits, parse_limits
+from cemabench.config.report import parse_report
 from cemabench.errors import UserError
 from cemabench.method import REFERENCES
 from cemabench.tables.metrics import DEFAULT_CHECK, check_metrics
@@ -59,6 +60,7 @@ class TableSpec:
     reference: dict = field(default_factory=dict)  # published numbers: uploads CSV and accuracies, with sources
     origin: object = None  # the folder (a path or package resource) that files named in the spec are relative to
     limits: Limits = Limits()  # bounds on each run unit's time and memory ([limits]); they change no number
+    report: dict = field(default_factory=dict)  # what the leaderboard adds ([report]: a hypervolume's reference)
 
 
 SWEEP_FOLDER = "sweeps"  # built-in sweep specs: reproduce/sweeps/NAME.toml, run with `cemabench sweep NAME`
@@ -248,7 +250,8 @@ def check_seeds(seeds, where: str) -> tuple[int, ...]:
 
 
 def parse(raw: dict, where: str) -> TableSpec:
-    _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference", "limits"},
+    _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference", "limits",
+                    "report"},
               where)
     proto = _take(raw, "protocol", dict, where)
     if "reset" in proto:
@@ -314,4 +317,5 @@ def parse(raw: dict, where: str) -> TableSpec:
         tolerance=float(_take(check, "tolerance", (int, float), f"{where} [check]", DEFAULT_TOLERANCE)),
         check_metrics=check_metrics(_take(check, "metrics", list, f"{where} [check]", list(DEFAULT_CHECK)),
                                     f"{where} [check]"),
-        reference=reference, limits=parse_limits(_take(raw, "limits", dict, where, {}), f"{where} [limits]"))
+        reference=reference, limits=parse_limits(_take(raw, "limits", dict, where, {}), f"{where} [limits]"),
+        report=parse_report(_take(raw, "report", dict, where, {}), f"{where} [report]"))

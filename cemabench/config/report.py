@@ -1,0 +1,58 @@
+"""A spec's ``[report]`` table: what the leaderboard adds that changes no number.
+
+``[report.hypervolume]`` declares the reference point of the trade-off hypervolume: ``score``, the worst primary
+score that counts (top-1 accuracy or mAP, in %), and for each cost axis to summarise, the highest cost that counts.
+Per cost axis, a sweep's hypervolume is the share of the reference box, costs from 0 to the reference cost times
+scores from the reference score to 100, that its points dominate (:mod:`cemabench.report.hypervolume`)."""
+from __future__ import annotations
+
+from cemabench.errors import UserError
+
+# the cost axes a hypervolume can be taken against: the efficiency points' columns, and how the leaderboard names them
+HYPERVOLUME_AXES = {
+    "bytes_per_sample": "bytes / sample (up + down)",
+    "bytes_up_per_sample": "bytes up / sample",
+    "gflops_per_sample": "GFLOPs / sample (edge + cloud)",
+    "edge_gflops_per_sample": "edge GFLOPs / sample",
+    "cloud_gflops_per_sample": "cloud GFLOPs / sample",
+    "latency_p50": "modelled latency p50 (s)",
+    "upload_percent": "upload %",
+    "labels_per_1000": "labels / 1,000 samples",
+}
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise UserError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def parse_report(table: dict, where: str) -> dict:
+    """The ``[report]`` table, checked: ``{"hypervolume": {"score": s, axis: cost, ...}}`` or ``{}``."""
+    extra = sorted(set(table) - {"hypervolume"})
+    if extra:
+        raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; valid: hypervolume")
+    if "hypervolume" not in table:
+        return {}
+    hv, w = table["hypervolume"], f"{where} hypervolume"
+    if not isinstance(hv, dict):
+        raise UserError(f"{w} must be a table such as {{ score = 50, bytes_per_sample = 4096 }}, got {hv!r}")
+    unknown = sorted(set(hv) - {"score", *HYPERVOLUME_AXES})
+    if unknown:
+        raise UserError(f"{w}: unknown key(s) {', '.join(unknown)}; valid: score, {', '.join(HYPERVOLUME_AXES)}")
+    if "score" not in hv:
+        raise UserError(f"{w} needs score, the worst score (%) that counts, e.g. score = 50")
+    score = _number(hv["score"], f"{w} score")
+    if not 0 <= score < 100:
+        raise UserError(f"{w} score must be at least 0 and below 100 (a score in %), got {hv['score']!r}")
+    axes = [k for k in HYPERVOLUME_AXES if k in hv]
+    if not axes:
+        raise UserError(f"{w} needs at least one cost axis with its highest cost that counts; valid: "
+                        f"{', '.join(HYPERVOLUME_AXES)}")
+    out = {"score": score}
+    for axis in axes:
+        cost = _number(hv[axis], f"{w} {axis}")
+        if cost <= 0:
+            raise UserError(f"{w} {axis} must be above 0 (the highest cost that counts), got {hv[axis]!r}")
+        out[axis] = cost
+    return {"hypervolume": out}

@@ -1,0 +1,79 @@
+"""The trade-off hypervolume (issue 19): the area a sweep dominates, by hand; the spec's reference point and its
+one-line errors; the leaderboard's section from a committed document."""
+import json
+from pathlib import Path
+
+import pytest
+
+from cemabench.config.report import parse_report
+from cemabench.errors import UserError
+from cemabench.report.hypervolume import EVERY_ENTRY, hypervolume_2d, hypervolume_frame
+from cemabench.report.leaderboard import efficiency_points, render, sweeps
+from cemabench.tables.spec import load_table
+
+LEADERBOARDS = Path(__file__).parent.parent / "leaderboards"
+
+
+def test_two_points_by_hand():
+    # box: costs 0..4, scores 50..100 (area 200). (1, 80) dominates [1, 4] x [50, 80] = 90; (2, 90) adds
+    # [2, 4] x [80, 90] = 20: 110 / 200
+    assert hypervolume_2d([1, 2], [80, 90], 4, 50) == pytest.approx(0.55, abs=1e-15)
+    assert hypervolume_2d([2, 1], [90, 80], 4, 50) == pytest.approx(0.55, abs=1e-15)  # order does not matter
+
+
+def test_dominated_and_outside_points_add_nothing():
+    base = hypervolume_2d([1, 2], [80, 90], 4, 50)
+    assert hypervolume_2d([1, 2, 3], [80, 90, 85], 4, 50) == base  # dominated by (2, 90)
+    assert hypervolume_2d([1, 2, 5], [80, 90, 99], 4, 50) == base  # costlier than the reference
+    assert hypervolume_2d([1, 2, 0.5], [80, 90, 40], 4, 50) == base  # worse than the reference score
+    assert hypervolume_2d([1, 2, 1], [80, 90, 80], 4, 50) == base  # a repeat
+
+
+def test_the_corners():
+    assert hypervolume_2d([0], [100], 4, 50) == 1.0  # a perfect score at no cost covers the box
+    assert hypervolume_2d([], [], 4, 50) == 0.0
+    assert hypervolume_2d([4], [100], 4, 50) == 0.0  # at the reference cost: a line, no area
+    assert hypervolume_2d([0], [75], 10, 50) == 0.5
+    with pytest.raises(ValueError, match="finite"):
+        hypervolume_2d([float("nan")], [80], 4, 50)
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"hypervolume": {"score": 50}}, "needs at least one cost axis"),
+    ({"hypervolume": {"bytes_per_sample": 10}}, "needs score"),
+    ({"hypervolume": {"score": 100, "bytes_per_sample": 10}}, "below 100"),
+    ({"hypervolume": {"score": 50, "bytes_per_sample": -1}}, "must be above 0"),
+    ({"hypervolume": {"score": 50, "bytes_per_sample": True}}, "must be a number"),
+    ({"hypervolume": {"score": 50, "bytez": 1}}, "unknown key.*bytez.*valid: score, bytes_per_sample"),
+    ({"hypervolume": 3}, "must be a table"),
+    ({"pareto": {}}, "unknown key.*pareto.*valid: hypervolume"),
+])
+def test_reference_errors_are_one_line(table, message):
+    with pytest.raises(UserError, match=message) as error:
+        parse_report(table, "spec x [report]")
+    assert "\n" not in str(error.value)
+
+
+def test_a_spec_declares_it_and_the_leaderboard_shows_it(tmp_path):
+    spec = tmp_path / "t.toml"
+    spec.write_text('extends = "link-codecs"\nname = "t"\n[report.hypervolume]\nscore = 50\nbytes_per_sample = 6144\n'
+                    'cloud_gflops_per_sample = 0.02\nlatency_p50 = 2.0\n')
+    report = load_table(str(spec)).report  # merged into the parent's reference point, axis by axis
+    assert report == {"hypervolume": {"score": 50.0, "bytes_per_sample": 6144.0, "gflops_per_sample": 0.06,
+                                      "cloud_gflops_per_sample": 0.02, "latency_p50": 2.0}}
+    doc = json.loads((LEADERBOARDS / "link-codecs.miniature.json").read_text())
+    assert doc["report"] == load_table("link-codecs").report
+    assert "## Trade-off hypervolume" not in render({**doc, "report": {}})  # nothing declared, nothing shown
+    doc["report"] = report
+    text = render(doc)
+    assert "## Trade-off hypervolume" in text
+    points = efficiency_points(doc)
+    series, _ = sweeps(list(points["method"]), list(points["family"]))
+    frame = hypervolume_frame(points, series, report["hypervolume"], "accuracy")
+    cloud = points[[s == "cloud-only" for s in series]]
+    expected = hypervolume_2d(cloud["bytes_per_sample"], cloud["accuracy"], 6144, 50)
+    assert frame.loc["cloud-only", "vs bytes / sample (up + down) (ref 6144)"] == f"{100 * expected:.1f}"
+    assert frame.loc["cloud-only", "points"] == len(cloud) > 1  # the codec entries are one sweep
+    every = hypervolume_2d(points["bytes_per_sample"], points["accuracy"], 6144, 50)
+    assert frame.loc[EVERY_ENTRY, "vs bytes / sample (up + down) (ref 6144)"] == f"{100 * every:.1f}"
+    assert every >= expected > 0
