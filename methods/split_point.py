@@ -53,7 +53,7 @@ def batch_latency(profile: dict[str, tuple[float, float, float]], cut: str, prot
     seconds = compute(edge_flops, protocol.edge_flops_per_s)
     if cut != "edge":  # the link's own transfer time (cemabench.config.Protocol.transfer_seconds)
         seconds += (protocol.transfer_seconds(batch * up) + compute(cloud_flops, protocol.cloud_flops_per_s)
-                    + protocol.transfer_seconds(answer_bytes))
+                    + protocol.transfer_seconds(answer_bytes, down=True))
     return seconds
 
 

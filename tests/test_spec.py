@@ -36,7 +36,9 @@ DEVICE_FIELDS = {"devices": 1, "device_streams": "partition", "cloud_capacity": 
                  # and with periodic reset (issue 20)
                  "reset_every": None, "ccc_difficulty": 40.0, "ccc_speed": 100, "ccc_length": 5000,
                  # and with the annotation budget of active TTA (issue 20)
-                 "label_budget": None, "label_budget_total": None}
+                 "label_budget": None, "label_budget_total": None,
+                 # and with a downlink of its own (issue 19)
+                 "bandwidth_down": None}
 
 
 PRE_EXTENDS = ("table2", "imagenet-c-s3", "imagenet-r")  # recorded before any spec used ``extends``

@@ -132,3 +132,25 @@ def test_samples_without_a_prediction_have_no_latency():
     assert link.answer(2, 4000) is False  # 4 s back: past the 1 s deadline
     link.finish_batch(4, False)  # an edge without a prediction of its own: nothing was predicted for these samples
     assert link.next_domain()[2] == []
+
+
+def test_each_direction_at_its_own_bandwidth():
+    """``bandwidth_down`` is the downlink's rate (answers, downloads); ``bandwidth`` stays the uplink's."""
+    both = Protocol(batch_size=4, bandwidth=1000.0, bandwidth_down=10000.0, latency=0.01, edge_flops_per_s=100.0,
+                    cloud_flops_per_s=1000.0, answer_deadline=1.0)
+    link = Link(None, 0, protocol=both)
+    # as in the hand computation above, to the cloud step's end at 0.91 s; 400 B of answers back at 10,000 B/s take
+    # 0.01 + 0.04 s: at 0.96 s (at the uplink's 1,000 B/s they would take 0.41 s and miss the deadline)
+    _upload(link, 0, 2, 20)
+    link.cloud_step(500)
+    assert link.answer(2, 400) is True
+    link.finish_batch(4, True)
+    assert link.next_domain()[2] == pytest.approx([0.96, 0.96, 0.2, 0.2], abs=1e-12)
+    assert both.transfer_seconds(1000) == pytest.approx(1.01) and both.transfer_seconds(1000, down=True) == 0.11
+    untimed = Protocol(batch_size=4, bandwidth_down=100.0)  # no uplink rate: uploads take no time, 40 B back 0.4 s
+    link = Link(None, 0, protocol=untimed)
+    _upload(link, 0, 2, 10**9)
+    assert link._round_trip(40) == pytest.approx(0.4)
+    with pytest.raises(UserError, match="bandwidth_down"):
+        Protocol(bandwidth_down=0.0)
+    assert Protocol(bandwidth_down=5.0, answer_deadline=1.0).answer_deadline == 1.0  # a downlink rate is a link model

@@ -57,7 +57,8 @@ class Protocol:
     upload_budget_bytes: int | None = _field(None, "most bytes up per run unit (inputs, payload, tensors)", low=0,
                                              unset="no limit")
     # the link model: unset bandwidth and zero latency make a link that only counts (transfers take no time)
-    bandwidth: float | None = _field(None, "link bandwidth, bytes per second, both directions", low=0, above=True,
+    bandwidth: float | None = _field(None, "link bandwidth, bytes per second: the uplink's, and the downlink's "
+                                     "unless bandwidth_down is set", low=0, above=True,
                                      unset="transfers take no time")
     latency: float = _field(0.0, "link latency in seconds per transfer, each direction", low=0)
     batch_interval: float = _field(1.0, "seconds between edge batches (how transfer time becomes batches of delay)",
@@ -99,13 +100,17 @@ class Protocol:
     label_budget_total: int | None = _field(None, "labels the cloud may ask the annotator for per run unit and device "
                                             "(active TTA)", low=0, unset="no per-unit limit; no labels at all unless "
                                             "label_budget is set")
+    # a link whose directions differ (cellular uplinks are a fraction of their downlinks): the downlink's own rate
+    bandwidth_down: float | None = _field(None, "downlink bandwidth, bytes per second (answers and downloads)", low=0,
+                                          above=True, unset="the same as bandwidth")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
         base, modifiers = parse_setting(self.setting)
         parse_input_codec(self.input_codec)
-        timed = self.bandwidth or self.latency or self.edge_flops_per_s or self.cloud_flops_per_s
+        timed = (self.bandwidth or self.bandwidth_down or self.latency or self.edge_flops_per_s
+                 or self.cloud_flops_per_s)
         if self.answer_deadline is not None and not timed:
             raise UserError("protocol answer_deadline needs time to pass: set a link model (bandwidth, latency) or the "
                             "time model (edge_flops_per_s, cloud_flops_per_s); without them every answer is instant")
@@ -131,9 +136,10 @@ class Protocol:
         """Whether the cloud may ask the oracle annotator for labels (either label budget set)."""
         return self.label_budget is not None or self.label_budget_total is not None
 
-    def transfer_seconds(self, nbytes: int) -> float:
-        """How long ``nbytes`` take over the link: latency + bytes / bandwidth."""
-        return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
+    def transfer_seconds(self, nbytes: int, down: bool = False) -> float:
+        """How long ``nbytes`` take over the link, up (or ``down``): latency + bytes / that direction's bandwidth."""
+        rate = self.bandwidth_down if down and self.bandwidth_down else self.bandwidth
+        return self.latency + (nbytes / rate if rate else 0.0)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Protocol)}

@@ -294,7 +294,7 @@ class Link:
 
     def _send(self, way: str, start: float, nbytes: int) -> float:
         """When ``nbytes`` that are ready at ``start`` have crossed: after what this direction is still sending."""
-        done = max(start, self._free[way]) + self.protocol.transfer_seconds(nbytes)
+        done = max(start, self._free[way]) + self.protocol.transfer_seconds(nbytes, down=way == "down")
         self._free[way] = done
         return done
 
@@ -314,7 +314,8 @@ class Link:
         """Seconds from the batch's arrival until ``down_bytes`` sent back for it reach the edge: the upload's and
         the download's transfers, and under the time model the edge step, the wait for the cloud and its step."""
         if not self.timed:
-            return self.protocol.transfer_seconds(self._batch_up_bytes) + self.protocol.transfer_seconds(down_bytes)
+            return (self.protocol.transfer_seconds(self._batch_up_bytes)
+                    + self.protocol.transfer_seconds(down_bytes, down=True))
         done = self._cloud_done
         if done is None:  # no cloud step on this batch
             done = self._send("up", self._arrival + self._edge_seconds, self._batch_up_bytes)

@@ -518,12 +518,14 @@ def protocol_line(proto: dict) -> str:
         rates = [f"{proto[k]:g} FLOP/s" if proto[k] is not None else "no compute time"
                  for k in ("edge_flops_per_s", "cloud_flops_per_s")]
         text += (f"; time model: edge {rates[0]}, cloud {rates[1]} (one step at a time; edges sharing it in the "
-                 f"loop's device order)" + ("" if proto.get("bandwidth") or proto.get("latency") else
+                 f"loop's device order)" + ("" if _link_model(proto) else
                                              f", one batch every {proto['batch_interval']:g} s"))
     if proto.get("input_codec", "raw") != "raw":
         text += f", inputs sent as {proto['input_codec']} (Pillow; charged at their encoded length)"
-    if proto.get("bandwidth") or proto.get("latency"):
+    if _link_model(proto):
         bandwidth = f"{proto['bandwidth']:g} bytes/s" if proto["bandwidth"] else "unlimited bandwidth"
+        if proto.get("bandwidth_down"):
+            bandwidth = f"{bandwidth} up, {proto['bandwidth_down']:g} bytes/s down"
         text += (f"; link {bandwidth}, latency {proto['latency']:g} s, one batch every {proto['batch_interval']:g} s, "
                  f"answer deadline "
                  f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
@@ -623,6 +625,11 @@ def render(doc: dict) -> str:
         lines += [f"- {NOTE_MARK} {c['method']} / {c['domain']} / seed {c['seed']}: {c['note']}" for c in noted]
         lines += [""]
     return "\n".join(lines + _failed_cells(doc))
+
+
+def _link_model(proto: dict) -> bool:
+    """Whether transfers take time (a bandwidth, either direction's, or a latency)."""
+    return bool(proto.get("bandwidth") or proto.get("bandwidth_down") or proto.get("latency"))
 
 
 def _hypervolume_section(doc: dict) -> list[str]:
