@@ -46,7 +46,7 @@ def test_the_corners():
     ({"hypervolume": {"score": 50, "bytes_per_sample": True}}, "must be a number"),
     ({"hypervolume": {"score": 50, "bytez": 1}}, "unknown key.*bytez.*valid: score, bytes_per_sample"),
     ({"hypervolume": 3}, "must be a table"),
-    ({"pareto": {}}, "unknown key.*pareto.*valid: hypervolume"),
+    ({"pareto": {}}, "unknown key.*pareto.*valid: energy, hypervolume"),
 ])
 def test_reference_errors_are_one_line(table, message):
     with pytest.raises(UserError, match=message) as error:
@@ -77,3 +77,30 @@ def test_a_spec_declares_it_and_the_leaderboard_shows_it(tmp_path):
     every = hypervolume_2d(points["bytes_per_sample"], points["accuracy"], 6144, 50)
     assert frame.loc[EVERY_ENTRY, "vs bytes / sample (up + down) (ref 6144)"] == f"{100 * every:.1f}"
     assert every >= expected > 0
+
+
+def test_energy_per_sample_from_the_counts_by_hand(tmp_path):
+    """[report.energy]: the edge's joules per sample are its counted FLOPs and bytes sent and received times their
+    rates, the cloud's its FLOPs; computed from the cells, so the committed cells give them without a rerun."""
+    doc = json.loads((LEADERBOARDS / "link-codecs.miniature.json").read_text())
+    energy = {"edge_joules_per_flop": 2e-10, "cloud_joules_per_flop": 5e-11, "edge_joules_per_byte_up": 1e-6,
+              "edge_joules_per_byte_down": 2e-7}
+    doc["report"] = {"energy": energy, "hypervolume": {"score": 50.0, "edge_joules_per_sample": 0.01}}
+    points = efficiency_points(doc).set_index("method")
+    cells = [c for c in doc["cells"] if c["method"] == "cloud-only jpeg:75"]
+    seen = sum(c["seen"] for c in cells)
+    up = sum(c["link"]["bytes_up"] for c in cells)
+    down = sum(c["link"]["bytes_down"] for c in cells)
+    edge = (sum(c["edge_flops"] for c in cells) * 2e-10 + up * 1e-6 + down * 2e-7) / seen
+    cloud = sum(c["cloud_flops"] for c in cells) * 5e-11 / seen
+    assert points.loc["cloud-only jpeg:75", "edge_joules_per_sample"] == pytest.approx(edge, rel=1e-12)
+    assert points.loc["cloud-only jpeg:75", "cloud_joules_per_sample"] == pytest.approx(cloud, rel=1e-12)
+    text = render(doc)
+    assert "edge mJ / sample" in text and "not a measurement" in text and "vs edge J / sample (ref 0.01)" in text
+    assert "mJ / sample" not in render({**doc, "report": {}})
+    with pytest.raises(UserError, match="an energy axis needs"):
+        parse_report({"hypervolume": {"score": 1, "edge_joules_per_sample": 1}}, "spec x [report]")
+    with pytest.raises(UserError, match="edge_joules_per_flop must be a finite number at least 0"):
+        parse_report({"energy": {"edge_joules_per_flop": -1}}, "spec x [report]")
+    with pytest.raises(UserError, match="unknown key.*joules_per_bit.*valid: edge_joules_per_flop"):
+        parse_report({"energy": {"joules_per_bit": 1}}, "spec x [report]")

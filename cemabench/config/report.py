@@ -1,5 +1,11 @@
 """A spec's ``[report]`` table: what the leaderboard adds that changes no number.
 
+``[report.energy]`` is a linear energy model of the two sides: ``edge_joules_per_flop``, ``cloud_joules_per_flop``,
+``edge_joules_per_byte_up`` (the edge's radio, sending) and ``edge_joules_per_byte_down`` (receiving), each at
+least 0, unset ones 0. The leaderboard then gives each entry's joules per sample on the edge (its counted FLOPs and
+the bytes it sent and received) and in the cloud (its counted FLOPs); they are computed from the cells' counts, so
+they change no number and no unit's key.
+
 ``[report.hypervolume]`` declares the reference point of the trade-off hypervolume: ``score``, the worst primary
 score that counts (top-1 accuracy or mAP, in %), and for each cost axis to summarise, the highest cost that counts.
 Per cost axis, a sweep's hypervolume is the share of the reference box, costs from 0 to the reference cost times
@@ -18,7 +24,11 @@ HYPERVOLUME_AXES = {
     "latency_p50": "modelled latency p50 (s)",
     "upload_percent": "upload %",
     "labels_per_1000": "labels / 1,000 samples",
+    "edge_joules_per_sample": "edge J / sample",
+    "cloud_joules_per_sample": "cloud J / sample",
+    "joules_per_sample": "J / sample (edge + cloud)",
 }
+ENERGY_KEYS = ("edge_joules_per_flop", "cloud_joules_per_flop", "edge_joules_per_byte_up", "edge_joules_per_byte_down")
 
 
 def _number(value, where: str) -> float:
@@ -28,13 +38,39 @@ def _number(value, where: str) -> float:
 
 
 def parse_report(table: dict, where: str) -> dict:
-    """The ``[report]`` table, checked: ``{"hypervolume": {"score": s, axis: cost, ...}}`` or ``{}``."""
-    extra = sorted(set(table) - {"hypervolume"})
+    """The ``[report]`` table, checked: ``{"energy": {...}, "hypervolume": {"score": s, axis: cost, ...}}``, each part
+    present when the spec declares it."""
+    extra = sorted(set(table) - {"energy", "hypervolume"})
     if extra:
-        raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; valid: hypervolume")
-    if "hypervolume" not in table:
-        return {}
-    hv, w = table["hypervolume"], f"{where} hypervolume"
+        raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; valid: energy, hypervolume")
+    out = {}
+    if "energy" in table:
+        out["energy"] = _energy(table["energy"], f"{where} energy")
+    if "hypervolume" in table:
+        out["hypervolume"] = _hypervolume(table["hypervolume"], f"{where} hypervolume")
+    if "energy" not in out and any(k.endswith("joules_per_sample") for k in out.get("hypervolume", {})):
+        raise UserError(f"{where} hypervolume: an energy axis needs [report.energy], the joules per FLOP and per byte")
+    return out
+
+
+def _energy(table, w: str) -> dict:
+    if not isinstance(table, dict):
+        raise UserError(f"{w} must be a table such as {{ edge_joules_per_flop = 1e-11 }}, got {table!r}")
+    unknown = sorted(set(table) - set(ENERGY_KEYS))
+    if unknown:
+        raise UserError(f"{w}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(ENERGY_KEYS)}")
+    if not table:
+        raise UserError(f"{w} needs at least one of {', '.join(ENERGY_KEYS)}")
+    out = {}
+    for key in ENERGY_KEYS:
+        value = _number(table.get(key, 0.0), f"{w} {key}")
+        if value < 0 or value == float("inf"):
+            raise UserError(f"{w} {key} must be a finite number at least 0, got {table[key]!r}")
+        out[key] = value
+    return out
+
+
+def _hypervolume(hv, w: str) -> dict:
     if not isinstance(hv, dict):
         raise UserError(f"{w} must be a table such as {{ score = 50, bytes_per_sample = 4096 }}, got {hv!r}")
     unknown = sorted(set(hv) - {"score", *HYPERVOLUME_AXES})
@@ -55,4 +91,4 @@ def parse_report(table: dict, where: str) -> dict:
         if cost <= 0:
             raise UserError(f"{w} {axis} must be above 0 (the highest cost that counts), got {hv[axis]!r}")
         out[axis] = cost
-    return {"hypervolume": out}
+    return out

@@ -285,6 +285,7 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
     score = scores(doc)[0].key
     plugin = {m["label"]: m["name"] for m in doc["methods"]}
     reference = {m["label"]: m.get("reference") for m in doc["methods"]}  # declared by the method or the spec
+    energy = (doc.get("report") or {}).get("energy")  # the spec's linear energy model, if any
     for label in plugin:
         cells = [c for c in doc["cells"] if c["method"] == label]
         if not cells or any(c["status"] != "ok" for c in cells):
@@ -306,6 +307,7 @@ def efficiency_points(doc: dict) -> pd.DataFrame:
                      "cloud_gflops_per_sample": total["cloud_flops"] / seen / 1e9,
                      "gflops_per_sample": (total["edge_flops"] + total["cloud_flops"]) / seen / 1e9,
                      "labels_per_1000": 1000 * sum(c.get("labels_used", 0) for c in cells) / seen,
+                     **_energy(energy, total, up, down, seen),
                      # under the time model: the median over domains of each domain's median latency
                      **({"latency_p50": float(np.median([c["latency_p50"] for c in cells]))}
                         if all(c.get("latency_p50") is not None for c in cells) else {})})
@@ -385,6 +387,17 @@ def _relative(value: float, reference: float | None) -> str:
     return "-" if reference is None or reference == 0 else f"{value / reference:.2f}"
 
 
+def _energy(energy: dict | None, total: dict, up: float, down: float, seen: int) -> dict:
+    """Joules per sample under the spec's linear energy model (``[report.energy]``): the edge's counted FLOPs and
+    the bytes it sent and received, the cloud's counted FLOPs; nothing without one."""
+    if not energy:
+        return {}
+    edge = (total["edge_flops"] * energy["edge_joules_per_flop"] + up * energy["edge_joules_per_byte_up"]
+            + down * energy["edge_joules_per_byte_down"]) / seen
+    cloud = total["cloud_flops"] * energy["cloud_joules_per_flop"] / seen
+    return {"edge_joules_per_sample": edge, "cloud_joules_per_sample": cloud, "joules_per_sample": edge + cloud}
+
+
 def efficiency_frame(doc: dict) -> pd.DataFrame:
     """Accuracy, communication and computation per sample side by side, and each relative to the cloud reference
     (the entry that declares ``reference = "cloud"``: everything in the cloud)."""
@@ -403,6 +416,9 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
             "bytes down / sample": f"{p['bytes_down_per_sample']:,.0f}",
             "edge GFLOPs / sample": f"{p['edge_gflops_per_sample']:.4f}",
             "cloud GFLOPs / sample": f"{p['cloud_gflops_per_sample']:.4f}",
+            **({"edge mJ / sample": f"{1e3 * p['edge_joules_per_sample']:.4g}",
+                "cloud mJ / sample": f"{1e3 * p['cloud_joules_per_sample']:.4g}"}
+               if "edge_joules_per_sample" in p else {}),
             f"{score.name.lower() if score.key == 'accuracy' else score.name} vs {versus}": _relative(
                 p[score.key], None if ref is None else ref[score.key]),
             f"bytes vs {versus}": _relative(p["bytes_per_sample"], None if ref is None else ref["bytes_per_sample"]),
@@ -605,6 +621,7 @@ def render(doc: dict) -> str:
               "edge = everything the edge step ran, cloud = forward and backward of everything the cloud step ran. "
               "Bytes are what crossed the link (inputs, payload, tensors up; parameters and answers down). "
               "Non-dominated: no other method is at least as accurate with no more bytes and no more FLOPs.", "",
+              *_energy_line(doc),
               efficiency_frame(doc).to_markdown(), "",
               *_hypervolume_section(doc),
               "## Link and cloud compute (totals over all domains)", "",
@@ -625,6 +642,17 @@ def render(doc: dict) -> str:
         lines += [f"- {NOTE_MARK} {c['method']} / {c['domain']} / seed {c['seed']}: {c['note']}" for c in noted]
         lines += [""]
     return "\n".join(lines + _failed_cells(doc))
+
+
+def _energy_line(doc: dict) -> list[str]:
+    """What the energy columns assume (the spec's ``[report.energy]``); nothing without it."""
+    energy = (doc.get("report") or {}).get("energy")
+    if not energy:
+        return []
+    return [f"Energy (mJ per sample) from the spec's linear model (`[report.energy]`), not a measurement: edge "
+            f"{energy['edge_joules_per_flop']:g} J per counted FLOP + {energy['edge_joules_per_byte_up']:g} J per byte "
+            f"sent + {energy['edge_joules_per_byte_down']:g} J per byte received; cloud "
+            f"{energy['cloud_joules_per_flop']:g} J per counted FLOP.", ""]
 
 
 def _link_model(proto: dict) -> bool:
