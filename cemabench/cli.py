@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
-from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics, override
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol import native
@@ -193,7 +193,7 @@ def _run_spec(args):
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
                          miniature=choice, methods=(MethodEntry(label, args.method, options),))
     given = _protocol_flags(args)
-    protocol = replace(protocol, **{k: v for k, v in given.items() if v is not None})
+    protocol = override(protocol, {k: v for k, v in given.items() if v is not None})
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
     spec = replace(spec, protocol=protocol, domains=tuple(args.domains or spec.domains),
@@ -273,7 +273,7 @@ def variant(spec, given: dict):
 
     if not any(v is not None for v in given.values()):
         return spec
-    protocol = replace(spec.protocol, **{k: v for k, v in given.items() if v is not None})
+    protocol = override(spec.protocol, {k: v for k, v in given.items() if v is not None})
     changed = [f"{k}-{getattr(protocol, k)}".replace(":", "-") for k in given
                if getattr(protocol, k) != getattr(spec.protocol, k)]
     return replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)

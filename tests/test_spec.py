@@ -38,7 +38,9 @@ DEVICE_FIELDS = {"devices": 1, "device_streams": "partition", "cloud_capacity": 
                  # and with the annotation budget of active TTA (issue 20)
                  "label_budget": None, "label_budget_total": None,
                  # and with a downlink of its own (issue 19)
-                 "bandwidth_down": None}
+                 "bandwidth_down": None,
+                 # and with the time model's named presets (issue 19)
+                 "regime": None, "edge_device": None, "cloud_device": None}
 
 
 PRE_EXTENDS = ("table2", "imagenet-c-s3", "imagenet-r")  # recorded before any spec used ``extends``

@@ -8,6 +8,7 @@ from cemabench.config.fields import (
     TASK_METRICS,
     Protocol,
     check_field,
+    override,
     with_link,
 )
 from cemabench.config.settings import (
@@ -27,5 +28,5 @@ from cemabench.config.settings import (
 
 __all__ = ["BASES", "CCC", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES",
            "LINK_FIELDS", "MIXED",
-           "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "describe", "device_domains", "parse_setting",
-           "result_keys", "severities_needed", "unit_groups", "with_link"]
+           "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "describe", "override", "device_domains",
+           "parse_setting", "result_keys", "severities_needed", "unit_groups", "with_link"]

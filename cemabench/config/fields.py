@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from cemabench.config.bounds import Bounds, coerce
 from cemabench.config.codecs import INPUT_CODECS, parse_input_codec
+from cemabench.config.presets import DEVICES, PRESETS, REGIMES, preset_values
 from cemabench.config.settings import CCC, DEVICE_STREAMS, SETTINGS, parse_setting
 from cemabench.errors import UserError
 
@@ -103,10 +104,28 @@ class Protocol:
     # a link whose directions differ (cellular uplinks are a fraction of their downlinks): the downlink's own rate
     bandwidth_down: float | None = _field(None, "downlink bandwidth, bytes per second (answers and downloads)", low=0,
                                           above=True, unset="the same as bandwidth")
+    # named presets of the time model with cited numbers (cemabench/config/presets.py): each stands for the numeric
+    # fields it sets, which then keep the preset's values
+    regime: str | None = _field(None, "a named link regime: sets bandwidth, bandwidth_down and latency from a cited "
+                                "source", choices=tuple(REGIMES), unset="the numbers given", stream=True)
+    edge_device: str | None = _field(None, "a named device profile for the edge: sets edge_flops_per_s (peak FP32) "
+                                     "from a cited source", choices=tuple(DEVICES), unset="the number given",
+                                     stream=True)
+    cloud_device: str | None = _field(None, "a named device profile for the cloud: sets cloud_flops_per_s (peak "
+                                      "FP32) from a cited source", choices=tuple(DEVICES), unset="the number given",
+                                      stream=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
+        for preset in PRESETS:  # a preset's numbers, in fields left at their defaults (or given as the same)
+            name = getattr(self, preset)
+            for target, value in ({} if name is None else preset_values(preset, name)).items():
+                given = getattr(self, target)
+                if given not in (FIELDS[target].default, value):
+                    raise UserError(f"protocol {preset} {name} sets {target} = {value:g}; give either {preset} or "
+                                    f"{target}, not both (got {target} = {given:g})")
+                object.__setattr__(self, target, value)
         base, modifiers = parse_setting(self.setting)
         parse_input_codec(self.input_codec)
         timed = (self.bandwidth or self.bandwidth_down or self.latency or self.edge_flops_per_s
@@ -151,6 +170,19 @@ SHARED_FIELDS = ("batch_size", "setting", "rounds", "concentration", "devices", 
 LINK_FIELDS = tuple(name for name in FIELDS if name not in SHARED_FIELDS)
 
 
+def override(protocol: Protocol, changes: dict) -> Protocol:
+    """``protocol`` with ``changes`` in place of its values; a preset given replaces the numbers it sets, and a number
+    given replaces the preset that set it (a table's regime under an entry's own bandwidth is no longer that
+    regime)."""
+    values = {f: getattr(protocol, f) for f in FIELDS}
+    for preset, (_, sets) in PRESETS.items():
+        if preset in changes:
+            values.update({target: FIELDS[target].default for target in sets})
+        elif any(target in changes for target in sets):
+            values[preset] = None
+    return Protocol(**{**values, **changes})
+
+
 def with_link(protocol: Protocol, link) -> Protocol:
     """``protocol`` with an entry's link fields (a dict or sorted pairs) in place of the table's; a field outside
     :data:`LINK_FIELDS` or a bad value is a one-line UserError."""
@@ -164,7 +196,7 @@ def with_link(protocol: Protocol, link) -> Protocol:
     unknown = sorted(set(link) - set(LINK_FIELDS))
     if unknown:
         raise UserError(f"link has no field {', '.join(unknown)}; it may set {', '.join(LINK_FIELDS)}")
-    return dataclasses.replace(protocol, **link)
+    return override(protocol, link)
 _HINTS = typing.get_type_hints(Protocol)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cemabench.config.presets import PRESETS, preset_values
+from cemabench.config.presets import source as preset_source
 from cemabench.config.settings import describe
 from cemabench.report.hypervolume import hypervolume_frame
 from cemabench.report.plots import COMMUNICATION, COMPUTATION, LABELS, LATENCY, Axis, non_dominated, plot_tradeoffs
@@ -545,6 +547,9 @@ def protocol_line(proto: dict) -> str:
         text += (f"; link {bandwidth}, latency {proto['latency']:g} s, one batch every {proto['batch_interval']:g} s, "
                  f"answer deadline "
                  f"{'none' if proto['answer_deadline'] is None else str(proto['answer_deadline']) + ' s'}")
+    presets = [f"{k.replace('_', ' ')} `{proto[k]}`" for k in ("regime", "edge_device", "cloud_device") if proto.get(k)]
+    if presets:
+        text += f" ({', '.join(presets)}: named presets, their sources under Presets)"
     if proto.get("reset_every") is not None:
         text += (f"; **periodic reset every {proto['reset_every']:,} batches** (the halves rebuilt from source, the "
                  f"counts going on)")
@@ -635,6 +640,7 @@ def render(doc: dict) -> str:
                              + (f"; its own link: {options_text(m['link'])}" if m.get("link") else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]
+    lines += _presets_section(doc)
     lines += _reference_sections(doc)
     noted = [c for c in doc["cells"] if c["status"] == "ok" and c["note"]]
     if noted:
@@ -653,6 +659,23 @@ def _energy_line(doc: dict) -> list[str]:
             f"{energy['edge_joules_per_flop']:g} J per counted FLOP + {energy['edge_joules_per_byte_up']:g} J per byte "
             f"sent + {energy['edge_joules_per_byte_down']:g} J per byte received; cloud "
             f"{energy['cloud_joules_per_flop']:g} J per counted FLOP.", ""]
+
+
+def _presets_section(doc: dict) -> list[str]:
+    """Each named preset that the table or an entry's own link used, with what it sets and its source."""
+    used = {}
+    for fields in (doc["provenance"]["protocol"], *(m.get("link", {}) for m in doc["methods"])):
+        for field in PRESETS:
+            if fields.get(field):
+                used[field, fields[field]] = None
+    lines = []
+    for field, name in used:
+        if name not in PRESETS[field][0]:  # a document from a cemabench with other presets
+            lines.append(f"- {field.replace('_', ' ')} `{name}`: not a preset of this cemabench")
+            continue
+        sets = ", ".join(f"{k} {v:g}" for k, v in preset_values(field, name).items())
+        lines.append(f"- {field.replace('_', ' ')} `{name}` ({sets}): {preset_source(field, name)}")
+    return ["## Presets", "", *lines, ""] if lines else []
 
 
 def _link_model(proto: dict) -> bool:

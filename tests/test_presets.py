@@ -1,0 +1,73 @@
+"""Named presets of the time model (issue 19): link regimes and device profiles with cited numbers, as protocol
+fields that stand for the numbers they set."""
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from cemabench.cli import main, variant
+from cemabench.config import Protocol, with_link
+from cemabench.config.presets import DEVICES, REGIMES
+from cemabench.errors import UserError
+from cemabench.report.leaderboard import render
+from cemabench.tables.spec import load_table
+
+LEADERBOARDS = Path(__file__).parent.parent / "leaderboards"
+
+
+def test_a_regime_sets_its_cited_numbers():
+    p = Protocol(regime="mobile-2020")  # 11.22 Mbit/s up, 35.96 down, 40 ms round trip
+    assert (p.bandwidth, p.bandwidth_down, p.latency) == (11.22e6 / 8, 35.96e6 / 8, 0.02)
+    assert p.transfer_seconds(140250) == pytest.approx(0.02 + 0.1)  # 140,250 B up at 1,402,500 B/s
+    assert Protocol(**asdict(p)) == p  # the numbers it set are its own
+    d = Protocol(edge_device="jetson-nano", cloud_device="a100")
+    assert (d.edge_flops_per_s, d.cloud_flops_per_s) == (128 * 2 * 921e6, 19.5e12)
+
+
+def test_every_preset_names_its_source():
+    for preset in [*REGIMES.values(), *DEVICES.values()]:
+        assert "http" in preset.source or ".pdf" in preset.source
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"regime": "lte"}, "regime must be one of mobile-2020, fixed-2020, 5g-2023"),
+    ({"regime": "5g-2023", "latency": 0.5}, "regime 5g-2023 sets latency = 0.022; give either regime or latency"),
+    ({"edge_device": "a100", "edge_flops_per_s": 1.0}, "give either edge_device or edge_flops_per_s"),
+    ({"cloud_device": "tpu"}, "cloud_device must be one of jetson-nano, jetson-orin-nano-super, a100"),
+])
+def test_bad_presets_are_one_line(values, message):
+    with pytest.raises(UserError, match=message) as error:
+        Protocol(**values)
+    assert "\n" not in str(error.value)
+
+
+def test_an_entrys_link_and_the_tables_presets():
+    table = Protocol(bandwidth=5.0, latency=0.3)
+    entry = with_link(table, {"regime": "fixed-2020"})  # the regime replaces the table's numbers
+    assert (entry.bandwidth, entry.bandwidth_down, entry.latency) == (45.74e6 / 8, 85.73e6 / 8, 0.0105)
+    own = with_link(Protocol(regime="5g-2023"), {"bandwidth": 1000.0})  # a number replaces the regime that set it
+    assert own.regime is None and own.bandwidth == 1000.0 and own.bandwidth_down == 207.42e6 / 8
+
+
+def test_reproduce_under_a_regime_is_another_table():
+    spec = variant(load_table("link-codecs"), {"regime": "5g-2023"})
+    assert spec.name == "link-codecs.regime-5g-2023"
+    assert spec.protocol.bandwidth == 19.90e6 / 8 and spec.protocol.edge_flops_per_s == 1e9  # the rest stays
+
+
+def test_the_leaderboard_names_the_presets_and_their_sources():
+    doc = json.loads((LEADERBOARDS / "link-codecs.miniature.json").read_text())
+    assert "## Presets" not in render(doc)
+    doc["provenance"]["protocol"].update(asdict(Protocol(**{**doc["provenance"]["protocol"], "bandwidth": None,
+                                                            "latency": 0.0, "regime": "5g-2023"})))
+    doc["methods"][0]["link"] = {"edge_device": "jetson-nano"}
+    text = render(doc)
+    assert "(regime `5g-2023`: named presets" in text
+    assert "## Presets" in text and REGIMES["5g-2023"].source in text and DEVICES["jetson-nano"].source in text
+
+
+def test_an_unknown_regime_on_the_command_line_is_exit_2(capsys):
+    assert main(["run", "--method", "source", "--regime", "lte"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "mobile-2020, fixed-2020, 5g-2023" in err
