@@ -10,7 +10,7 @@ from cemabench.cli import main, variant
 from cemabench.config import Protocol, with_link
 from cemabench.config.presets import DEVICES, REGIMES
 from cemabench.errors import UserError
-from cemabench.report.leaderboard import render
+from cemabench.report.leaderboard import render, sweeps
 from cemabench.tables.spec import load_table
 
 LEADERBOARDS = Path(__file__).parent.parent / "leaderboards"
@@ -71,3 +71,30 @@ def test_an_unknown_regime_on_the_command_line_is_exit_2(capsys):
     assert main(["run", "--method", "source", "--regime", "lte"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "mobile-2020, fixed-2020, 5g-2023" in err
+
+
+def test_a_table_with_regimes_runs_each_entry_under_each(tmp_path):
+    spec = load_table("link-regimes")
+    assert len(spec.methods) == 10 * 3 and spec.methods[0].label == "source [mobile-2020]"
+    assert [m.link.get("regime") for m in spec.methods[::10]] == ["mobile-2020", "5g-2023", "fixed-2020"]
+    assert spec.methods[12].link == {"input_codec": "png", "regime": "5g-2023"}
+    # the table has no link model of its own; its device presets replaced the parent's throughputs (extends)
+    assert (spec.protocol.bandwidth, spec.protocol.latency, spec.protocol.regime) == (None, 0.0, None)
+    assert spec.protocol.edge_flops_per_s == DEVICES["jetson-nano"].flops_per_s
+    path = tmp_path / "t.toml"
+    path.write_text('extends = "link-regimes"\nname = "t"\n[[methods]]\nname = "cloud-only"\n'
+                    'link = { bandwidth = 10.0 }\n')
+    with pytest.raises(UserError, match=r"#1 sets bandwidth in its link: a table with regimes sets the link model"):
+        load_table(str(path))
+    path.write_text('extends = "link-regimes"\nname = "t"\nregimes = ["lte"]\n')
+    with pytest.raises(UserError, match="regimes must be distinct names of link regimes; valid: mobile-2020"):
+        load_table(str(path))
+    path.write_text('extends = "link-regimes"\nname = "t"\nregimes = ["5g-2023"]\n[[methods]]\nname = "source"\n'
+                    '[[methods]]\nname = "cema"\nlabel = "c"\nmatch_uploads_of = "source"\n')
+    assert load_table(str(path)).methods[1].match_uploads_of == "source [5g-2023]"
+
+
+def test_a_regime_is_its_own_sweep_in_the_leaderboard():
+    labels = ["a@1 [x]", "a@2 [x]", "a@1 [y]", "b [y]", "c@3"]
+    series, points = sweeps(labels, ["fa", "fa", "fa", "fb", "fc"])
+    assert series == ["a [x]", "a [x]", "a [y]", "fb [y]", "c"] and points == ["@1", "@2", "@1", "b", "@3"]

@@ -434,9 +434,14 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
 def sweeps(labels: list[str], families: list[str]) -> tuple[list[str], list[str]]:
     """Each entry's sweep and its point label: one sweep per label without its trailing "@value" (a knob's
     values: ``hard-example-offload:ibt@0.5`` and ``@0.8``), or else per plugin; a point is labelled with what its
-    label adds to its sweep's name ("@0.5")."""
-    series = [re.sub(r"@[^@]*$", "", m) if "@" in m else f for m, f in zip(labels, families, strict=True)]
-    return series, [m[len(s):] if m.startswith(s) and m != s else m for m, s in zip(labels, series, strict=True)]
+    label adds to its sweep's name ("@0.5"). A label ending in `` [name]`` (a table's link regime) belongs to that
+    name's own sweep."""
+    groups = [re.search(r" \[[^\]]+\]$", m) for m in labels]  # a trailing " [regime]": its own group
+    group = [g.group(0) if g else "" for g in groups]
+    heads = [m[:len(m) - len(g)] for m, g in zip(labels, group, strict=True)]
+    series = [re.sub(r"@[^@]*$", "", m) if "@" in m else f for m, f in zip(heads, families, strict=True)]
+    points = [m[len(s):] if m.startswith(s) and m != s else m for m, s in zip(heads, series, strict=True)]
+    return [s + g for s, g in zip(series, group, strict=True)], points
 
 
 def write_tradeoff_plot(doc: dict, path) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol, with_link
 from cemabench.config.limits import Limits, parse_limits
+from cemabench.config.presets import PRESETS, REGIMES
 from cemabench.config.report import parse_report
 from cemabench.errors import UserError
 from cemabench.method import REFERENCES
@@ -155,10 +156,24 @@ def resolve(name_or_path: str, relative_to=None, chain: tuple[tuple[str, str], .
             raise UserError(f"table spec {shown}: add_methods must be a list of method tables ([[add_methods]])")
         raw["methods"] = [*parent.get("methods", []), *added]
     merged = merge(parent, raw)
+    _own_link_model_wins(merged, _table(raw, "protocol"))
     if "methods" in raw:
         _drop_inherited_method_options(merged, raw)
     inherits_uploads = "uploads" in _table(parent, "reference") and "uploads" not in _table(raw, "reference")
     return merged, parent_origin if inherits_uploads else origin
+
+
+def _own_link_model_wins(merged: dict, own: dict) -> None:
+    """A child's [protocol] preset replaces the parent's numbers that it sets, and a child's number the parent's
+    preset that set it, as an entry's link does (:func:`cemabench.config.override`)."""
+    protocol = _table(merged, "protocol")
+    for preset, (_, sets) in PRESETS.items():
+        if preset in own:
+            for target in sets:
+                if target not in own:
+                    protocol.pop(target, None)
+        elif any(target in own for target in sets):
+            protocol.pop(preset, None)
 
 
 def _drop_inherited_method_options(merged: dict, child: dict) -> None:
@@ -241,6 +256,34 @@ def _choice(table: dict, where: str) -> DataChoice:
                       pairs=_pairs(table, where))
 
 
+REGIME_FIELDS = ("regime", "bandwidth", "bandwidth_down", "latency")
+
+
+def _under_regimes(entries: list, regimes: list, where: str) -> list:
+    """Every method entry once under each named link regime (``regimes = [...]``), regime by regime: labelled
+    ``LABEL [REGIME]``, with the regime in its own link (a table's leaderboard then groups each sweep per regime)."""
+    if not regimes:
+        return entries
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown or len(set(regimes)) != len(regimes):
+        raise UserError(f"{where}: regimes must be distinct names of link regimes; valid: {', '.join(REGIMES)}, "
+                        f"got {regimes!r}")
+    out = []
+    for regime in regimes:
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise UserError(f"{where} [[methods]] #{i + 1} must be a table")
+            own = sorted(set(entry.get("link", {})) & set(REGIME_FIELDS))
+            if own:
+                raise UserError(f"{where} [[methods]] #{i + 1} sets {', '.join(own)} in its link: a table with "
+                                f"regimes sets the link model per regime")
+            label = entry.get("label", entry.get("name"))
+            match = entry.get("match_uploads_of")
+            out.append({**entry, "label": f"{label} [{regime}]", "link": {**entry.get("link", {}), "regime": regime},
+                        **({"match_uploads_of": f"{match} [{regime}]"} if isinstance(match, str) else {})})
+    return out
+
+
 def check_seeds(seeds, where: str) -> tuple[int, ...]:
     """Seeds are a non-empty list of distinct non-negative integers."""
     if (not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
@@ -251,13 +294,15 @@ def check_seeds(seeds, where: str) -> tuple[int, ...]:
 
 def parse(raw: dict, where: str) -> TableSpec:
     _no_extra(raw, {"name", "title", "source", "seeds", "protocol", "data", "methods", "check", "reference", "limits",
-                    "report"},
+                    "report", "regimes"},
               where)
     proto = _take(raw, "protocol", dict, where)
     if "reset" in proto:
         raise UserError(f"{where} [protocol]: reset was replaced by setting (reset = \"per_domain\" is setting = "
                         f"\"per-domain\", \"continual\" is \"continual\")")
     _no_extra(proto, set(FIELDS), f"{where} [protocol]")
+    if raw.get("regimes"):  # each entry's regime sets its link model: the table has none of its own
+        proto = {k: v for k, v in proto.items() if k not in REGIME_FIELDS}
     values = {**proto, "batch_size": _take(proto, "batch_size", object, f"{where} [protocol]")}  # required
     try:
         protocol = Protocol(**values)
@@ -272,7 +317,8 @@ def parse(raw: dict, where: str) -> TableSpec:
         raise UserError(f"{where} [data]: domains must be a non-empty list without repeats")
 
     methods, labels = [], {}
-    for i, entry in enumerate(_take(raw, "methods", list, where)):
+    entries = _under_regimes(_take(raw, "methods", list, where), _take(raw, "regimes", list, where, []), where)
+    for i, entry in enumerate(entries):
         w = f"{where} [[methods]] #{i + 1}"
         _no_extra(entry, {"name", "label", "options", "match_uploads_of", "reference", "link"}, w)
         name = _take(entry, "name", str, w)
