@@ -12,7 +12,7 @@ from cemabench.cli import main
 from cemabench.report.leaderboard import render
 from cemabench.run import runner
 from cemabench.tables.spec import load_table
-from conftest import builtin_methods, numbers, small_options, write_spec
+from conftest import builtin_methods, granted_labels, numbers, small_options, write_spec
 
 MINIATURE = ("miniature-digits-c", "mini:edge", "mini:foundation")
 
@@ -27,7 +27,9 @@ def _spec(folder, methods, domains=("fog",), protocol="", dataset=MINIATURE, bat
                   f'foundation = "{dataset[2]}"']
     for name in methods:
         options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in small_options(name).items())
-        lines += ["[[methods]]", f'name = "{name}"'] + ([f"options = {{ {options} }}"] if options else [])
+        labels = ", ".join(f"{k} = {v}" for k, v in granted_labels(name).items())  # active TTA: a label budget
+        lines += (["[[methods]]", f'name = "{name}"'] + ([f"options = {{ {options} }}"] if options else [])
+                  + ([f"link = {{ {labels} }}"] if labels else []))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "iso.toml").write_text("\n".join(lines) + "\n")
     return load_table(str(folder / "iso.toml"))
