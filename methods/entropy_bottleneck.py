@@ -90,7 +90,8 @@ class FactorizedPrior(nn.Module):
         target = math.log(2 / self.tail_mass - 1)
         shape = (self.channels, 1, 1)
         for i, goal in enumerate((-target, 0.0, target)):
-            low, high = torch.full(shape, -radius), torch.full(shape, radius)
+            device = self.quantiles.device
+            low, high = torch.full(shape, -radius, device=device), torch.full(shape, radius, device=device)
             while not torch.isclose(low, high, rtol=rtol, atol=atol).all():
                 mid = (low + high) / 2
                 below = self.logits_cumulative(mid) <= goal
@@ -104,19 +105,19 @@ class FactorizedPrior(nn.Module):
         below = torch.ceil(m - self.quantiles[:, 0]).clamp(0, MAX_WIDTH // 2 - 1).long()
         above = torch.ceil(self.quantiles[:, 2] - m).clamp(0, MAX_WIDTH // 2 - 1).long()
         width = int((below + above).max()) + 1
-        k = torch.arange(width)
+        k = torch.arange(width, device=m.device)
         bins = (k[None, :] - below[:, None]).float() + m[:, None]  # the bin centres y = symbol + m
         valid = k[None, :] <= (below + above)[:, None]
         lower = self.logits_cumulative(bins[:, None, :] - 0.5)[:, 0]
         upper = self.logits_cumulative(bins[:, None, :] + 0.5)[:, 0]
         pmf = (torch.sigmoid(upper) - torch.sigmoid(lower)).double()
-        first = torch.zeros(self.channels, dtype=torch.long)
+        first = torch.zeros(self.channels, dtype=torch.long, device=m.device)
         last = below + above
         tails = (torch.sigmoid(lower.gather(1, first[:, None])) + torch.sigmoid(-upper.gather(1, last[:, None])))[:, 0]
         scale = 2 ** PRECISION
-        frequencies = torch.where(valid, (pmf * scale).round().clamp_min(1).long(), torch.zeros((), dtype=torch.long))
+        frequencies = torch.where(valid, (pmf * scale).round().clamp_min(1).long(), 0)
         escape = (tails.double() * scale).round().clamp_min(1).long()
-        return EntropyTables(frequencies=frequencies, offsets=-below, escape=escape)
+        return EntropyTables(frequencies=frequencies.cpu(), offsets=-below.cpu(), escape=escape.cpu())
 
 
 class GDN(nn.Module):
