@@ -37,6 +37,24 @@ class CloudEdgeMapping:
 
 
 PAYLOAD_DTYPES = ("float32", "float16", "int8", "int8+zstd")  # the link: cemabench.protocol.link.encode
+# every payload encoding: the float ones, and ``entropy``: int32 symbols entropy-coded by the harness with the
+# method's tables (:class:`EntropyTables`, :mod:`cemabench.protocol.bottleneck`)
+PAYLOAD_ENCODINGS = (*PAYLOAD_DTYPES, "entropy")
+
+
+@dataclass(frozen=True)
+class EntropyTables:
+    """A learned bottleneck's entropy model as deployed: fixed after the offline training stage, held by both halves
+    (sent once, offline, with the model; never charged per sample), and handed to the harness, which entropy-codes
+    every ``payload_dtype="entropy"`` payload with it (:mod:`cemabench.protocol.bottleneck`).
+
+    Channel c of a payload row (n, C, ...) of int32 symbols is coded with row c: symbol value ``offsets[c] + k`` has
+    probability proportional to ``frequencies[c, k]``, and any other value (out of the table's range, or of frequency
+    0) is escaped: the escape symbol, of probability proportional to ``escape[c]``, then the value itself."""
+
+    frequencies: torch.Tensor  # int64 (C, K), >= 0
+    offsets: torch.Tensor  # int64 (C,): the value of column 0 in each channel
+    escape: torch.Tensor  # int64 (C,), >= 1
 
 
 @dataclass
@@ -46,7 +64,9 @@ class EdgeDecision:
     Per uploaded sample, the link carries its raw input (unless ``send_input`` is False) and one row of every
     ``payload`` tensor (rows aligned with ``upload``: intermediate features, teacher logits, ...), floating payload
     encoded as ``payload_dtype`` (``int8``: symmetric, one float32 scale per sample and tensor; ``int8+zstd``: the
-    same, each row entropy-coded losslessly by Zstandard and charged at its frame's length). ``tensors`` are
+    same, each row entropy-coded losslessly by Zstandard and charged at its frame's length; ``entropy``: int32
+    symbols, each row entropy-coded by the harness with the method's :class:`EntropyTables` and charged at the
+    length of that bitstream, the cloud getting what it decodes to). ``tensors`` are
     per-batch (normalisation statistics, ...): they cross whole, but never one row per sample of the batch. Every
     byte is charged to the counters and the budget; nothing per-sample travels for a sample that is not uploaded.
     What is not charged may carry nothing (:class:`cemabench.protocol.link.Vocabulary`): ``upload`` is in increasing
@@ -60,7 +80,9 @@ class EdgeDecision:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # per-batch named tensors to upload
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample tensors, rows aligned with upload
     send_input: bool = True  # whether each uploaded sample's raw input crosses (False: only its payload rows)
-    payload_dtype: str = "float32"  # link encoding of floating payload tensors: float32 | float16 | int8 | int8+zstd
+    # link encoding of floating payload tensors: float32 | float16 | int8 | int8+zstd; or "entropy": every payload
+    # tensor is int32 symbols, entropy-coded by the harness with the method's EntropyTables (Method.entropy_tables)
+    payload_dtype: str = "float32"
     await_answers: bool = False  # offloading: the cloud's answers replace the scored prediction of uploaded samples
     # detection datasets: the scored prediction instead of logits, one dict of boxes (n, 4: x1, y1, x2, y2 in input
     # pixels), scores (n,) and labels (n,: category ids) per image, as torchvision's detectors return them
@@ -318,6 +340,12 @@ class Method:
 
     def cloud(self, resources: CloudResources) -> CloudLogic | None:
         """The cloud half, or None for edge-only methods."""
+        return None
+
+    def entropy_tables(self) -> EntropyTables | None:
+        """The entropy model of a learned bottleneck (usually built from ``self.artefacts``), with which the harness
+        codes the edge's ``payload_dtype="entropy"`` payloads; read once per run unit, after the training stage and
+        before the stream, so that nothing online can change it. The default declares none."""
         return None
 
 

@@ -38,6 +38,10 @@ PAPERS = {
     "COCO-C / Pascal-C / Cityscapes-C": ("Benchmarking Robustness in Object Detection: Autonomous Driving when Winter "
                                          "is Coming", "Michaelis", "arXiv 1907.07484 (2019)"),
     "SC2": ("SC2 Benchmark: Supervised Compression for Split Computing", "Matsubara", "TMLR 2023"),
+    "Entropic Student": ("Supervised Compression for Resource-Constrained Edge Computing Systems", "Matsubara",
+                         "WACV 2022"),
+    # the entropy bottleneck's density (methods/entropy_bottleneck.py)
+    "Scale hyperprior": ("Variational image compression with a scale hyperprior", "Ballé", "ICLR 2018"),
     "Neurosurgeon": ("Neurosurgeon: Collaborative Intelligence Between the Cloud and Mobile Edge", "Kang",
                      "ASPLOS 2017"),
     # the time model's constant-speed stream (README: The time model)

@@ -29,6 +29,7 @@ import zstandard
 from PIL import Image, features
 
 from cemabench.config.codecs import parse_input_codec
+from cemabench.protocol import bottleneck
 
 _MODES = {1: "L", 3: "RGB"}
 ZSTD_LEVEL = 19
@@ -56,9 +57,10 @@ def unzstd_rows(frames: list[bytes], shape: tuple[int, ...]) -> tuple[torch.Tens
 
 
 def payload_versions() -> dict[str, str]:
-    """The entropy coder's versions, which the bytes of an ``int8+zstd`` payload depend on (part of every unit's key:
-    a method option, not the protocol, chooses the encoding)."""
-    return {"zstandard": zstandard.__version__, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION))}
+    """The entropy coders' versions, which the bytes of an ``int8+zstd`` or ``entropy`` payload depend on (part of
+    every unit's key: a method, not the protocol, chooses the encoding)."""
+    return {"zstandard": zstandard.__version__, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+            **bottleneck.versions()}
 
 
 def library_versions(codec: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cemabench.errors import ForwardOnlyViolation
-from cemabench.method import PAYLOAD_DTYPES, Download, EdgeDecision, EdgeLogic
+from cemabench.method import PAYLOAD_ENCODINGS, Download, EdgeDecision, EdgeLogic
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_decision
@@ -290,8 +290,8 @@ def validate_decision(decision: EdgeDecision, batch: int, task: Task, checks: Ch
         uploaded = len(index)
     if not predicts and uploaded != batch:
         raise ValueError(f"an edge without logits of its own must upload every sample ({uploaded} of {batch})")
-    if decision.payload_dtype is not None and decision.payload_dtype not in PAYLOAD_DTYPES:
-        raise ValueError(f"EdgeDecision.payload_dtype must be None or one of {', '.join(PAYLOAD_DTYPES)}, "
+    if decision.payload_dtype is not None and decision.payload_dtype not in PAYLOAD_ENCODINGS:
+        raise ValueError(f"EdgeDecision.payload_dtype must be None or one of {', '.join(PAYLOAD_ENCODINGS)}, "
                          f"got {decision.payload_dtype!r}")
     for name, rows in decision.payload.items():
         if not torch.is_tensor(rows) or rows.dim() == 0 or len(rows) != uploaded:

@@ -17,6 +17,7 @@ import torch
 
 from cemabench.config import Protocol
 from cemabench.method import Download, EdgeDecision, Upload
+from cemabench.protocol.bottleneck import EntropyCoder
 from cemabench.protocol.codecs import InputCodec, unzstd_rows, zstd_rows
 
 
@@ -185,8 +186,9 @@ class Link:
 
     def __init__(self, budget: int | None, delay: int, budget_bytes: int | None = None,
                  protocol: Protocol | None = None, clock: CloudClock | None = None,
-                 vocabulary: Vocabulary | None = None):
+                 vocabulary: Vocabulary | None = None, coder: EntropyCoder | None = None):
         self.budget, self.budget_bytes, self.delay = budget, budget_bytes, delay
+        self.coder = coder  # the method's entropy tables, for payload_dtype "entropy" (cemabench.protocol.bottleneck)
         self.vocabulary = vocabulary or Vocabulary()  # what is not charged: names, empty shapes
         self.protocol = protocol or Protocol()
         self._batch_up_bytes = 0  # what the current batch sent up: its answers and downloads wait for it to cross
@@ -228,7 +230,10 @@ class Link:
             index = index[:max(0, self.budget - self.total_uploaded)]
         payload, row_bytes = {}, np.zeros(len(index), dtype=np.int64)  # each uploaded sample's payload rows
         for name, rows in decision.payload.items():
-            payload[name], nbytes = encode(rows[:len(index)], decision.payload_dtype)
+            if decision.payload_dtype == "entropy":
+                payload[name], nbytes = self._entropy_coded(rows[:len(index)], name)
+            else:
+                payload[name], nbytes = encode(rows[:len(index)], decision.payload_dtype)
             row_bytes = row_bytes + nbytes
         # the index's values are checked on the device and read with the next batch's checks: until then they are
         # kept in range, so that an invalid one fails its cell instead of the device
@@ -267,6 +272,17 @@ class Link:
                    for k, v in payload.items()}
         return Upload(samples=samples, tensors=tensors, batch_index=batch_index, index=index, payload=payload,
                       sample_ids=index + first_id, device=device)
+
+    def _entropy_coded(self, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, np.ndarray]:
+        """Int32 symbols as the cloud gets them, decoded from the bitstreams the harness wrote with the method's
+        tables, and each row's bitstream length (:mod:`cemabench.protocol.bottleneck`)."""
+        what = f"EdgeDecision.payload[{name!r}]"
+        if self.coder is None:
+            raise ValueError(f"{what}: payload_dtype 'entropy' codes int32 symbols with the method's entropy tables "
+                             f"(Method.entropy_tables), and this method declares none")
+        streams = self.coder.encode_rows(rows, what)
+        decoded = self.coder.decode_rows(streams, tuple(rows.shape[1:]))
+        return decoded.to(rows.device), np.array([len(s) for s in streams], dtype=np.int64)
 
     def answer(self, count: int, nbytes: int) -> bool:
         """Charge ``count`` answers of ``nbytes`` in all (their encoding is the task's); whether they reach the edge

@@ -30,6 +30,7 @@ from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, descri
 from cemabench.method import CloudLogic, Method, check_declared, check_labels, check_task
 from cemabench.protocol import hygiene, isolation
 from cemabench.protocol.annotation import Annotator
+from cemabench.protocol.bottleneck import EntropyCoder, coder_for
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
@@ -160,6 +161,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
             training, build, cloud_meter, cloud_passes = setup(
                 method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
             source = isolation.rng_state(device)  # the random state the halves are built in: a reset's too
+            coder = coder_for(method)  # its entropy tables, read once, before the stream (protocol.bottleneck)
             edges, clouds = build()
         except (UserError, KeyboardInterrupt):
             raise
@@ -171,7 +173,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         for result in results.values():
             result.training = training
         out = _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution, task,
-                      depths, replicas, state, lambda: isolation.replaying(source, device, build))
+                      depths, replicas, state, lambda: isolation.replaying(source, device, build), coder)
         left = isolation.finish(halves) if halves and all(r.status == "ok" for r in out) else []
         for result in out if left else ():  # in-process, run_unit checks the same of its own process
             result.status, result.message = "error", "method code " + "; ".join(left) + ", which could go on computing"
@@ -201,8 +203,8 @@ def _in_process(method: Method, models: Models, num_classes: int, clean: DomainD
 
 def _stream(method: Method, streams: list, results: dict, edges: list, clouds: list, cloud_meter, cloud_passes,
             protocol: Protocol, execution: Execution, task: Task, depths: tuple, replicas: int,
-            state: tuple[str, ...] = (), rebuild: Callable[[], tuple[list, list]] | None = None
-            ) -> list[DomainResult]:
+            state: tuple[str, ...] = (), rebuild: Callable[[], tuple[list, list]] | None = None,
+            coder: EntropyCoder | None = None) -> list[DomainResult]:
     """The online stream of a unit whose halves are set up: every device's blocks, batch by batch; ``state`` names
     the edge model's state entries (the names that cross the link, :class:`~cemabench.protocol.link.Vocabulary`).
     Under ``protocol.reset_every`` = N, before every N-th step (step t being batch t of every device) ``rebuild``
@@ -214,7 +216,8 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
     clock = CloudClock()  # the time model's: edges that share the cloud queue for it
     devices = [_EdgeDevice(d, edges[d], clouds[d % replicas], blocks,
                        Link(protocol.upload_budget, protocol.delivery_delay, protocol.upload_budget_bytes, protocol,
-                            clock, Vocabulary(state)), device, task, Annotator(protocol, method.name, task.name))
+                            clock, Vocabulary(state), coder), device, task, Annotator(protocol, method.name,
+                                                                                      task.name))
                for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
     step, failed = 0, None
