@@ -294,6 +294,11 @@ class RMT(Method):
     reset (``RESET_AFTER_NUM_UPDATES``, 0 in the configurations) are not built; BatchNorm3d is adapted as the other
     layers (the released code leaves its statistics on). On ImageNet the replay set is held in memory: give
     ``source_samples``.
+    Side by side with the released code in float64 (the miniature, mini:edge, its clean training split as the source
+    data, a warm-up of 1,280 samples, then 6 batches of 64 of gaussian_noise, the replay crossing into a new epoch;
+    the released loader replaying this port's shuffles, the projector's initial weights copied): 0 difference in the
+    prototypes, the warmed-up student, teacher and SGD momentum, and at every step in the ensemble prediction (the
+    cloud's and the edge's after its downloads), the loss, and the student, teacher, projector and momentum after it.
 
     Cloud-edge mapping. The edge holds both halves of the ensemble, the student and the teacher: its scored
     prediction is the sum of their logits with batch statistics (forward only), as released. The step needs the
