@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cemabench.data import ArrayDomain
+from cemabench.datasets import miniature
 from cemabench.errors import UserError
 from cemabench.method import TrainingResources, Upload
+from cemabench.models.mini import load_model
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model
 from cemabench_methods.common import FeatureTap
@@ -311,3 +313,24 @@ def test_the_same_seed_gives_the_same_numbers_and_both_models_come_down():
     parameters = sum(p.numel() for p in model.parameters())
     assert cells[0]["upload_ratio"] == 100.0
     assert first[0].link.bytes_down == 3 * 2 * parameters * 4  # three batches of 16, student and teacher, float32
+
+
+@pytest.mark.slow  # 6 s here (machine shared); the tiny run above checks the same in the default tier
+def test_the_same_seed_gives_the_same_numbers_on_the_miniature():
+    """mini:edge and mini:foundation, the first 192 images of fog (three batches of 64), a warm-up of 640 samples on
+    the clean training split: two runs, the same numbers."""
+    torch.set_default_dtype(torch.float32)
+    source = miniature.dataset(domains=["fog"])
+    fog = source.domains[0]
+    first = ArrayDomain("fog", fog.pixels[:192], lambda: fog.labels()[:192])
+    models = Models(edge=lambda: load_model("edge"), foundation=lambda: load_model("foundation"))
+
+    def run(name, options):
+        (result,) = run_unit(build_method(name, options), [first], models, 10, source.clean,
+                             Protocol(batch_size=64), seed=0)
+        assert result.status == "ok", result.message
+        return result
+
+    runs = [run("rmt", {"warm_up_samples": 640}) for _ in range(2)]
+    assert [{k: r.to_dict()[k] for k in NUMBERS + ("correct",)} for r in runs[:1]] == \
+        [{k: r.to_dict()[k] for k in NUMBERS + ("correct",)} for r in runs[1:]]
