@@ -56,6 +56,36 @@ class FrozenPatternsMethod(Method):
                             f"model; its stages: {', '.join(n for n in names if n and '.' not in n)}")
 
 
+def last_linear(model: nn.Module, method: str, use: str) -> nn.Linear:
+    """The classifier whose input a method takes as the model's features: the model's last ``nn.Linear`` module
+    (refused in one line, with what the method ``use``s them for, when there is none)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{method} {use}, and {type(model).__name__} has no nn.Linear layer to take them from")
+    return linears[-1]
+
+
+class FeatureTap:
+    """A model's forward that also returns the features entering its last linear layer (the released codes' split
+    into an encoder and a linear classifier); a model whose output is not that layer's is refused."""
+
+    def __init__(self, model: nn.Module, method: str, use: str):
+        self.model, self.method, self.seen = model, method, None
+        last_linear(model, method, use).register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.seen = (args[0], output)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        feats, output = self.seen
+        self.seen = None
+        if output is not logits:
+            raise UserError(f"{self.method} needs a model whose output is its last linear layer's; "
+                            f"{type(self.model).__name__} computes something after it")
+        return feats, logits
+
+
 def train_norm_affine_only(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[nn.Parameter]:
     """Freeze everything but the affine parameters of normalisation layers whose module name contains none of
     ``exclude`` (a pattern ``"norm."`` also excludes a module named exactly ``norm``); returns those parameters."""

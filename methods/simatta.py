@@ -15,9 +15,10 @@ from sklearn.metrics import pairwise_distances_argmin_min
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
 from cemabench_methods.common import BATCH_NORM_TYPES, entropy
+from cemabench_methods.common import FeatureTap as Tap
+from cemabench_methods.common import last_linear as common_last_linear
 
 STOP_PATIENCE = 5  # the released stop rule ends training after more than 5 windows without a lower mean loss
 RANDOM_STATE_SPAN = 2 ** 32  # sklearn's random_state is a 32-bit seed
@@ -159,34 +160,20 @@ def skip_loader_seeds(count: int) -> None:
         torch.empty((), dtype=torch.int64).random_()
 
 
+FEATURES_USE = "clusters the features that enter the classifier"
+
+
 def last_linear(model: nn.Module) -> nn.Linear:
     """The classifier SimATTA's features enter: the model's last ``nn.Linear`` module."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UserError(f"simatta clusters the features that enter the classifier, and {type(model).__name__} has "
-                        f"no nn.Linear layer to take them from")
-    return linears[-1]
+    return common_last_linear(model, "simatta", FEATURES_USE)
 
 
-class FeatureTap:
-    """A model's forward that also returns the features entering its last linear layer (released: ``model[0](x)``,
-    with ``model[1]`` the linear classifier); a model whose output is not that layer's is refused."""
+class FeatureTap(Tap):
+    """:class:`cemabench_methods.common.FeatureTap`, refusing a model in SimATTA's words (released: ``model[0](x)``,
+    with ``model[1]`` the linear classifier)."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.seen = model, None
-        last_linear(model).register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output) -> None:
-        self.seen = (args[0], output)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        feats, output = self.seen
-        self.seen = None
-        if output is not logits:
-            raise UserError(f"simatta needs a model whose output is its last linear layer's; "
-                            f"{type(self.model).__name__} computes something after it")
-        return feats, logits
+        super().__init__(model, "simatta", FEATURES_USE)
 
 
 def refresh_features(tap: FeatureTap, data: torch.Tensor, chunk: int = 32) -> torch.Tensor:

@@ -26,7 +26,7 @@ def builtin_methods() -> list[str]:
 # every method runs on a few dozen samples: the cloud batch and replay threshold, a rate for rate-matched uploads,
 # short offline training, and few training steps per batch.
 SMALL = {"cloud_batch": 8, "replay_min": 16, "upload_ratio": 0.5, "epochs": 1, "ka_epochs": 1, "ft_epochs": 1,
-         "gate_epochs": 1, "train_samples": 64, "steps": 0}
+         "gate_epochs": 1, "train_samples": 64, "steps": 0, "warm_up_samples": 64}
 
 
 def small_options(name: str) -> dict:

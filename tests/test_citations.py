@@ -26,6 +26,7 @@ PAPERS = {
                     "NeurIPS 2023"),
     "ROID": ("Universal Test-time Adaptation through Weight Ensembling, Diversity Weighting, and Prior Correction",
              "Marsden", "WACV 2024"),
+    "RMT": ("Robust Mean Teacher for Continual and Gradual Test-Time Adaptation", "Döbler", "CVPR 2023"),
     "CMF": ("Continual Momentum Filtering on Parameter Space for Online Test-time Adaptation", "Lee",
             "ICLR 2024 (OpenReview BllUWdpIOA)"),
     "LAME": ("Parameter-free Online Test-time Adaptation", "Boudiaf", "CVPR 2022"),
