@@ -75,9 +75,9 @@ def test_an_unknown_regime_on_the_command_line_is_exit_2(capsys):
 
 def test_a_table_with_regimes_runs_each_entry_under_each(tmp_path):
     spec = load_table("link-regimes")
-    assert len(spec.methods) == 10 * 3 and spec.methods[0].label == "source [mobile-2020]"
-    assert [m.link.get("regime") for m in spec.methods[::10]] == ["mobile-2020", "5g-2023", "fixed-2020"]
-    assert spec.methods[12].link == {"input_codec": "png", "regime": "5g-2023"}
+    assert len(spec.methods) == 13 * 3 and spec.methods[0].label == "source [mobile-2020]"
+    assert [m.link.get("regime") for m in spec.methods[::13]] == ["mobile-2020", "5g-2023", "fixed-2020"]
+    assert spec.methods[15].link == {"input_codec": "png", "regime": "5g-2023"}
     # the table has no link model of its own; its device presets replaced the parent's throughputs (extends)
     assert (spec.protocol.bandwidth, spec.protocol.latency, spec.protocol.regime) == (None, 0.0, None)
     assert spec.protocol.edge_flops_per_s == DEVICES["jetson-nano"].flops_per_s
