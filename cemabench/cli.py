@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
-from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics, override
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics, override, with_link
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol import native
@@ -276,18 +276,26 @@ def variant(spec, given: dict):
     protocol = override(spec.protocol, {k: v for k, v in given.items() if v is not None})
     changed = [f"{k}-{getattr(protocol, k)}".replace(":", "-") for k in given
                if getattr(protocol, k) != getattr(spec.protocol, k)]
+    for k, v in given.items():  # a flag that every entry's own link overrides would only rename the table
+        alone = spec.protocol if v is None else override(spec.protocol, {k: v})
+        if alone != spec.protocol and spec.methods and all(
+                with_link(alone, m.link) == with_link(spec.protocol, m.link) for m in spec.methods):
+            raise UserError(f"--{k.replace('_', '-')} {v} changes no entry of {spec.name}: every entry sets its own "
+                            f"{k} in its link (a table with regimes = [...] gives each entry its regime); drop "
+                            f"--{k.replace('_', '-')}, or run a table whose entries take the table's {k}")
     return replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)
 
 
 def _reproduce_inputs(args):
 
     from cemabench.protocol import Execution
-    from cemabench.tables.spec import load_table
+    from cemabench.tables.spec import check_report_axes, load_table
 
     spec = load_table(args.table)
     if args.seed:
         check_seeds(args.seed, "--seed")
     spec = variant(spec, _protocol_flags(args))
+    check_report_axes(spec, args.table)
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
@@ -352,7 +360,7 @@ def cmd_reproduce(args) -> int:
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     if failed:
         print(f"the table is incomplete: {len(failed)} cell(s) did not finish ok (see 'Failed cells'); "
-              f"`cemabench status {args.table} --out {out}` lists them; rerunning recomputes them", file=sys.stderr)
+              f"`{_same_table(args, 'status')}` lists them; rerunning recomputes them", file=sys.stderr)
     return EXIT_INCOMPLETE if failed else 0
 
 
@@ -368,9 +376,18 @@ def cmd_status(args) -> int:
     counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "failed", "missing")}
     print(f"\n{spec.name}: {len(rows)} units: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     if not out.exists():
-        print(f"(--out {out} does not exist: nothing has run there yet; `cemabench reproduce {args.table} --out "
-              f"{out}` starts it)")
+        print(f"(--out {out} does not exist: nothing has run there yet; `{_same_table(args, 'reproduce')}` starts "
+              f"it)")
     return 0 if counts["done"] == len(rows) else EXIT_INCOMPLETE
+
+
+def _same_table(args, command: str) -> str:
+    """The command line that runs ``command`` (reproduce or status) on the table this one named, with the same
+    flags (a table under --regime or --input-codec is another table) and its --out."""
+    words = [w for w in args.argv[2:] if w != "--no-progress"]
+    if not any(w == "--out" or w.startswith("--out=") for w in words):
+        words += ["--out", str(args.out)]
+    return shlex.join(["cemabench", command, *words])
 
 
 def cmd_check(args) -> int:

@@ -434,9 +434,10 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
 def sweeps(labels: list[str], families: list[str]) -> tuple[list[str], list[str]]:
     """Each entry's sweep and its point label: one sweep per label without its trailing "@value" (a knob's
     values: ``hard-example-offload:ibt@0.5`` and ``@0.8``), or else per plugin; a point is labelled with what its
-    label adds to its sweep's name ("@0.5"). A label ending in `` [name]`` (a table's link regime) belongs to that
-    name's own sweep."""
-    groups = [re.search(r" \[[^\]]+\]$", m) for m in labels]  # a trailing " [regime]": its own group
+    label adds to its sweep's name ("@0.5"). A label ending in `` [REGIME]``, a link regime's name (a table's
+    ``regimes``), belongs to that regime's own sweep; other brackets are part of the label."""
+    regime = "|".join(map(re.escape, PRESETS["regime"][0]))  # a trailing " [REGIME]", a regime's name: its own group
+    groups = [re.search(rf" \[(?:{regime})\]$", m) for m in labels]
     group = [g.group(0) if g else "" for g in groups]
     heads = [m[:len(m) - len(g)] for m, g in zip(labels, group, strict=True)]
     series = [re.sub(r"@[^@]*$", "", m) if "@" in m else f for m, f in zip(heads, families, strict=True)]
