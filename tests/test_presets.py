@@ -113,6 +113,8 @@ def _spec(tmp_path, text: str, name: str = "t.toml") -> str:
 @pytest.mark.parametrize("text, message", [
     ('regimes = ["5g-2023"]\n[[methods]]\nname = "source"\nlink = "fast"\n', r"#1: 'link' must be a table"),
     ('regimes = [["5g-2023"]]\n', r"regimes must be distinct names of link regimes; valid: mobile-2020"),
+    ('regimes = ["5g-2023"]\n[[methods]]\nname = "source"\nlabel = "s [5g-2023]"\n',  # was "s [5g-2023] [5g-2023]"
+     r"#1: label 's \[5g-2023\]' ends in a regime's name; a table with regimes adds"),
     ('regimes = ["5g-2023"]\n[protocol]\nbandwidth = 1e3\n',
      r"\[protocol\] sets bandwidth, but the table has regimes = \['5g-2023'\], which set the link model per regime"),
 ])
@@ -174,3 +176,22 @@ def test_the_hints_name_the_command_with_its_flags():
     args = Namespace(argv=["cemabench", "reproduce", "my table.toml", "--no-progress", "--input-codec", "png"],
                      out="out")
     assert _same_table(args, "status") == "cemabench status 'my table.toml' --input-codec png --out out"
+
+
+def test_run_prints_the_presets_sources_its_protocol_line_points_to():
+    from cemabench.report.leaderboard import run_summary
+
+    doc = json.loads((LEADERBOARDS / "link-codecs.miniature.json").read_text())
+    doc["methods"] = doc["methods"][:1]
+    doc["cells"] = [c for c in doc["cells"] if c["method"] == doc["methods"][0]["label"]]
+    doc["provenance"]["protocol"].update(asdict(Protocol(**{**doc["provenance"]["protocol"], "bandwidth": None,
+                                                            "latency": 0.0, "regime": "5g-2023"})))
+    text = run_summary(doc)  # before: "their sources under Presets", and no such section
+    assert "their sources under Presets" in text and REGIMES["5g-2023"].source in text
+
+
+def test_the_protocol_line_of_a_regimes_table_names_its_regimes():
+    text = render(json.loads((LEADERBOARDS / "link-regimes.miniature.json").read_text()))
+    # before: the line gave the time model only, as if no link model were on
+    assert "; link: each entry under its own regime, mobile-2020, 5g-2023, fixed-2020 (its label ends in" in text
+    assert "link: each entry" not in render(json.loads((LEADERBOARDS / "link-codecs.miniature.json").read_text()))

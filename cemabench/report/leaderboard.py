@@ -379,6 +379,7 @@ def run_summary(doc: dict) -> str:
         for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
             lines += [f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:",
                       metric_frame(doc, key, "{:.0f}").T.to_markdown(), ""]
+    lines += _presets_section(doc)  # the protocol line sends the reader to the presets' sources
     several = len(doc["seeds"]) > 1
     lines += [f"{NOTE_MARK} {c['domain']}" + (f" / seed {c['seed']}" if several else "") + f": {c['note']}"
               for c in doc["cells"] if c["status"] == "ok" and c["note"]]
@@ -598,7 +599,7 @@ def render(doc: dict) -> str:
         f"- **Severity**: {severity_text(p)}; "
         f"**domains in order**: {', '.join(p['domains'])}",
         f"- **Setting**: {setting_line(proto)}",
-        f"- **Protocol**: {protocol_line(proto)}",
+        f"- **Protocol**: {protocol_line(proto)}{_regimes_note(doc)}",
         "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
         + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
         f"- **Seeds**: {', '.join(map(str, doc['seeds']))}"
@@ -665,6 +666,16 @@ def _energy_line(doc: dict) -> list[str]:
             f"{energy['edge_joules_per_flop']:g} J per counted FLOP + {energy['edge_joules_per_byte_up']:g} J per byte "
             f"sent + {energy['edge_joules_per_byte_down']:g} J per byte received; cloud "
             f"{energy['cloud_joules_per_flop']:g} J per counted FLOP.", ""]
+
+
+def _regimes_note(doc: dict) -> str:
+    """Where the link model is each entry's own regime (a spec's ``regimes``), the protocol line says so: the table's
+    own protocol then has none."""
+    regimes = [m.get("link", {}).get("regime") for m in doc["methods"]]
+    if not regimes or None in regimes or _link_model(doc["provenance"]["protocol"]):
+        return ""
+    return (f"; link: each entry under its own regime, {', '.join(dict.fromkeys(regimes))} (its label ends in "
+            f"[REGIME]; their numbers under Presets)")
 
 
 def _presets_section(doc: dict) -> list[str]:

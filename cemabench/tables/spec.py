@@ -295,6 +295,9 @@ def _under_regimes(entries: list, regimes: list, where: str) -> list:
                 raise UserError(f"{where} [[methods]] #{i + 1} sets {', '.join(own)} in its link: a table with "
                                 f"regimes sets the link model per regime")
             label = entry.get("label", entry.get("name"))
+            if isinstance(label, str) and any(label.endswith(f" [{r}]") for r in REGIMES):
+                raise UserError(f"{where} [[methods]] #{i + 1}: label {label!r} ends in a regime's name; a table with "
+                                f"regimes adds ' [REGIME]' to each label itself (valid: a label without it)")
             match = entry.get("match_uploads_of")
             out.append({**entry, "label": f"{label} [{regime}]", "link": {**entry.get("link", {}), "regime": regime},
                         **({"match_uploads_of": f"{match} [{regime}]"} if isinstance(match, str) else {})})
