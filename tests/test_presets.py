@@ -1,6 +1,7 @@
 """Named presets of the time model (issue 19): link regimes and device profiles with cited numbers, as protocol
 fields that stand for the numbers they set."""
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -195,3 +196,14 @@ def test_the_protocol_line_of_a_regimes_table_names_its_regimes():
     # before: the line gave the time model only, as if no link model were on
     assert "; link: each entry under its own regime, mobile-2020, 5g-2023, fixed-2020 (its label ends in" in text
     assert "link: each entry" not in render(json.loads((LEADERBOARDS / "link-codecs.miniature.json").read_text()))
+
+
+def test_a_number_at_its_default_beside_a_preset_is_not_taken_as_unset(tmp_path, capsys):
+    # latency = 0 beside regime 5g-2023 ran at the regime's 22 ms without a word (0 is latency's default)
+    message = "regime 5g-2023 sets latency = 0.022; give either regime or latency, not both (got latency = 0"
+    for text in ('[protocol]\nregime = "5g-2023"\nlatency = 0.0\n',
+                 '[[methods]]\nname = "source"\nlink = { regime = "5g-2023", latency = 0 }\n'):
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_table(_spec(tmp_path, f'extends = "link-codecs"\nname = "t"\n{text}'))
+    assert main(["run", "--method", "source", "--regime", "5g-2023", "--latency", "0"]) == 2
+    assert message in capsys.readouterr().err
