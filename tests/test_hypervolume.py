@@ -127,3 +127,16 @@ def test_a_latency_axis_needs_an_entry_under_the_time_model(tmp_path, capsys):
     from cemabench.tables.spec import check_report_axes
 
     check_report_axes(variant(load_table(str(path)), {"edge_device": "jetson-nano"}), "t")  # the command line's
+
+
+def test_a_sweep_that_lost_an_entry_to_a_failed_cell_says_so():
+    doc = json.loads((LEADERBOARDS / "link-regimes.miniature.json").read_text())
+    for c in doc["cells"]:  # one of the 5g cloud-only sweep's five points, and the whole of one source sweep
+        if c["method"] in ("cloud-only webp:75 [5g-2023]", "source [mobile-2020]"):
+            c["status"], c["message"] = "failed", "RuntimeError: boom"
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in render(doc).split(
+        "## Trade-off hypervolume")[1].split("\n## ")[0].splitlines() if line.startswith("| ")}
+    # before: "4" beside the other regimes' "5", and no source [mobile-2020] row at all
+    assert rows["cloud-only [5g-2023]"] == "4 (1 failed, left out)" and rows["cloud-only [fixed-2020]"] == "5"
+    assert rows["source [mobile-2020]"] == "0 (1 failed, left out)"
+    assert rows[EVERY_ENTRY] == "28 (2 failed, left out)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 from cemabench.config.presets import PRESETS, preset_values
 from cemabench.config.presets import source as preset_source
 from cemabench.config.settings import describe
-from cemabench.report.hypervolume import hypervolume_frame
+from cemabench.report.hypervolume import EVERY_ENTRY, hypervolume_frame
 from cemabench.report.plots import COMMUNICATION, COMPUTATION, LABELS, LATENCY, Axis, non_dominated, plot_tradeoffs
 from cemabench.report.plots import UPLOADS as PLOTTED_UPLOADS
 from cemabench.run.document import current
@@ -714,8 +715,27 @@ def _hypervolume_section(doc: dict) -> list[str]:
             f"every entry together: the share (%) of the box from no cost to the reference cost and from {name} "
             f"{reference['score']:g} % to 100 % that the sweep's points dominate, for each cost on its own (the "
             f"two-objective hypervolume). 100 would be a perfect score at no cost; 0, no point inside the box. The "
-            f"reference point is the spec's `[report.hypervolume]`; entries with a failed cell are left out.", "",
-            hypervolume_frame(points, series, reference, score.key).to_markdown(), ""]
+            f"reference point is the spec's `[report.hypervolume]`; entries with a failed cell are left out (and "
+            f"counted beside their sweep's points).", "",
+            _with_failed(hypervolume_frame(points, series, reference, score.key), doc, set(points["method"]))
+            .to_markdown(), ""]
+
+
+def _with_failed(frame: pd.DataFrame, doc: dict, kept: set) -> pd.DataFrame:
+    """The hypervolume frame with each sweep's entries left out for a failed cell counted beside its points (a sweep
+    that lost a point covers less), and a sweep that lost every entry as a row of its own."""
+    labels = [m["label"] for m in doc["methods"]]
+    every, _ = sweeps(labels, [m["name"] for m in doc["methods"]])
+    lost = Counter(s for s, label in zip(every, labels, strict=True) if label not in kept)
+    if not lost:
+        return frame
+    frame = frame.astype(object)
+    for name, n in [*lost.items(), (EVERY_ENTRY, sum(lost.values()))]:
+        if name not in frame.index:
+            frame.loc[name] = ["-"] * len(frame.columns)
+            frame.loc[name, "points"] = 0
+        frame.loc[name, "points"] = f"{frame.loc[name, 'points']} ({n} failed, left out)"
+    return frame.loc[[*dict.fromkeys([*every, EVERY_ENTRY])]]
 
 
 def _failed_cells(doc: dict) -> list[str]:
