@@ -207,3 +207,17 @@ def test_a_number_at_its_default_beside_a_preset_is_not_taken_as_unset(tmp_path,
             load_table(_spec(tmp_path, f'extends = "link-codecs"\nname = "t"\n{text}'))
     assert main(["run", "--method", "source", "--regime", "5g-2023", "--latency", "0"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_sweeps_report_prints_the_presets_sources_its_protocol_line_points_to():
+    from cemabench.report.sweep import render_sweep
+
+    table = json.loads((LEADERBOARDS / "link-regimes.miniature.json").read_text())
+    label = "cloud-only [5g-2023]"
+    table["methods"] = [m for m in table["methods"] if m["label"] == label]
+    table["cells"] = [c for c in table["cells"] if c["method"] == label]
+    doc = {"axis": "a", "fixed": {}, "grid": {"link.input_codec": ["png"]}, "method": label, "severities": [3],
+           "points": [{"label": label, "options": None}], "sweep": "s", "title": "t", "tables": {"3": table},
+           "written": {}}
+    text = render_sweep(doc)  # before: "their sources under Presets", and no such section
+    assert "their sources under Presets" in text and "## Presets" in text and REGIMES["5g-2023"].source in text

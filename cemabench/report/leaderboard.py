@@ -380,7 +380,7 @@ def run_summary(doc: dict) -> str:
         for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
             lines += [f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:",
                       metric_frame(doc, key, "{:.0f}").T.to_markdown(), ""]
-    lines += _presets_section(doc)  # the protocol line sends the reader to the presets' sources
+    lines += presets_section(doc)  # the protocol line sends the reader to the presets' sources
     several = len(doc["seeds"]) > 1
     lines += [f"{NOTE_MARK} {c['domain']}" + (f" / seed {c['seed']}" if several else "") + f": {c['note']}"
               for c in doc["cells"] if c["status"] == "ok" and c["note"]]
@@ -648,7 +648,7 @@ def render(doc: dict) -> str:
                              + (f"; its own link: {options_text(m['link'])}" if m.get("link") else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]
-    lines += _presets_section(doc)
+    lines += presets_section(doc)
     lines += _reference_sections(doc)
     noted = [c for c in doc["cells"] if c["status"] == "ok" and c["note"]]
     if noted:
@@ -679,7 +679,7 @@ def _regimes_note(doc: dict) -> str:
             f"[REGIME]; their numbers under Presets)")
 
 
-def _presets_section(doc: dict) -> list[str]:
+def presets_section(doc: dict) -> list[str]:
     """Each named preset that the table or an entry's own link used, with what it sets and its source."""
     used = {}
     for fields in (doc["provenance"]["protocol"], *(m.get("link", {}) for m in doc["methods"])):
