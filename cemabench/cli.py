@@ -194,6 +194,8 @@ def _run_spec(args):
                          miniature=choice, methods=(MethodEntry(label, args.method, options),))
     given = _protocol_flags(args)
     given_with_presets(given)
+    if args.table:  # a flag that the entry's own link overrides was printed in its protocol line, and not run
+        _flags_some_entry_takes(protocol, given, spec.methods[-1:], spec.name)
     protocol = override(protocol, {k: v for k, v in given.items() if v is not None})
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
@@ -267,6 +269,21 @@ def cmd_run(args) -> int:
     return EXIT_INCOMPLETE if failed else 0
 
 
+def _flags_some_entry_takes(protocol, given: dict, entries, table: str) -> None:
+    """A protocol flag that every entry's own link overrides would change nothing but the table's name (reproduce)
+    or the protocol line printed above the results (run --table): one line, exit 2."""
+    for k, v in given.items():
+        alone = protocol if v is None else override(protocol, {k: v})
+        if alone != protocol and entries and all(with_link(alone, m.link) == with_link(protocol, m.link)
+                                                 for m in entries):
+            which = (f"entry {entries[0].label!r} of {table}: its" if len(entries) == 1
+                     else f"entry of {table}: every entry's")
+            why = " (the table's regimes = [...] give each entry its regime)" if all(
+                "regime" in m.link for m in entries) else ""
+            raise UserError(f"--{k.replace('_', '-')} {v} changes no {which} own link overrides it{why}; drop "
+                            f"--{k.replace('_', '-')}, or run an entry that takes the table's {k}")
+
+
 def variant(spec, given: dict):
     """The table under the protocol values given on the command line, named after what they change
     (``table2.input_codec-jpeg-75``: no ':', which scp and rsync read as host:path and Windows refuses)."""
@@ -277,13 +294,7 @@ def variant(spec, given: dict):
     protocol = override(spec.protocol, {k: v for k, v in given.items() if v is not None})
     changed = [f"{k}-{getattr(protocol, k)}".replace(":", "-") for k in given
                if getattr(protocol, k) != getattr(spec.protocol, k)]
-    for k, v in given.items():  # a flag that every entry's own link overrides would only rename the table
-        alone = spec.protocol if v is None else override(spec.protocol, {k: v})
-        if alone != spec.protocol and spec.methods and all(
-                with_link(alone, m.link) == with_link(spec.protocol, m.link) for m in spec.methods):
-            raise UserError(f"--{k.replace('_', '-')} {v} changes no entry of {spec.name}: every entry sets its own "
-                            f"{k} in its link (a table with regimes = [...] gives each entry its regime); drop "
-                            f"--{k.replace('_', '-')}, or run a table whose entries take the table's {k}")
+    _flags_some_entry_takes(spec.protocol, given, spec.methods, spec.name)
     return replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)
 
 

@@ -150,7 +150,7 @@ def test_a_parents_method_options_follow_its_labels_into_each_regime(tmp_path):
 
 
 def test_a_flag_that_no_entry_takes_is_an_error():
-    with pytest.raises(UserError, match="--regime 5g-2023 changes no entry of link-regimes: every entry sets its own"):
+    with pytest.raises(UserError, match="--regime 5g-2023 changes no entry of link-regimes: every entry's own link"):
         variant(load_table("link-regimes"), {"regime": "5g-2023"})  # before: all three regimes, renamed
     spec = variant(load_table("link-regimes"), {"edge_device": "a100"})  # split-point's own 1 GFLOP/s edge stays
     assert spec.methods[0].link == {"regime": "mobile-2020"} and spec.protocol.edge_flops_per_s == 19.5e12
@@ -221,3 +221,11 @@ def test_a_sweeps_report_prints_the_presets_sources_its_protocol_line_points_to(
            "written": {}}
     text = render_sweep(doc)  # before: "their sources under Presets", and no such section
     assert "their sources under Presets" in text and "## Presets" in text and REGIMES["5g-2023"].source in text
+
+
+def test_run_refuses_a_flag_that_its_entrys_own_link_overrides(capsys):
+    # before: the protocol line printed "link 1000 bytes/s", and the entry ran at its regime's 5g numbers
+    assert main(["run", "--table", "link-regimes", "--method", "cloud-only [5g-2023]", "--bandwidth", "1e3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--bandwidth 1000.0 changes no entry 'cloud-only [5g-2023]' of link-regimes: its own link overrides" in err
