@@ -189,6 +189,9 @@ def test_run_prints_the_presets_sources_its_protocol_line_points_to():
                                                             "latency": 0.0, "regime": "5g-2023"})))
     text = run_summary(doc)  # before: "their sources under Presets", and no such section
     assert "their sources under Presets" in text and REGIMES["5g-2023"].source in text
+    doc["methods"][0]["link"] = {"regime": "fixed-2020"}  # run --table T --method LABEL: the entry's own link
+    text = run_summary(doc)  # before: only the table's protocol, as if the entry ran under it
+    assert "(defaults; its own link: regime=fixed-2020) on " in text and REGIMES["fixed-2020"].source in text
 
 
 def test_the_protocol_line_of_a_regimes_table_names_its_regimes():

@@ -364,7 +364,8 @@ def run_summary(doc: dict) -> str:
     (method,) = doc["methods"]
     lines = [f"# {miniature_words(doc)}: numbers for checking the code path, not for comparison", ""] \
         if p["miniature"] else []
-    lines += [f"{method['label']} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity "
+    own = f"; its own link: {options_text(method['link'])}" if method.get("link") else ""  # over the protocol below
+    lines += [f"{method['label']} ({options_text(method['options'])}{own}) on {p['dataset']['dataset']}, severity "
               f"{severity_text(p)}; {setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge "
               f"{p['models']['edge']['name']}, cloud {p['models']['foundation']['name']}", ""]
     for score in (*scores(doc), UPLOADS):
