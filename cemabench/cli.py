@@ -273,9 +273,13 @@ def _flags_some_entry_takes(protocol, given: dict, entries, table: str) -> None:
     """A protocol flag that every entry's own link overrides would change nothing but the table's name (reproduce)
     or the protocol line printed above the results (run --table): one line, exit 2."""
     for k, v in given.items():
-        alone = protocol if v is None else override(protocol, {k: v})
-        if alone != protocol and entries and all(with_link(alone, m.link) == with_link(protocol, m.link)
-                                                 for m in entries):
+        try:
+            alone = protocol if v is None else override(protocol, {k: v})
+            unchanged = alone != protocol and entries and all(
+                with_link(alone, m.link) == with_link(protocol, m.link) for m in entries)
+        except UserError:  # valid only with another flag (--devices 2 with --setting continual): checked together
+            continue
+        if unchanged:
             which = (f"entry {entries[0].label!r} of {table}: its" if len(entries) == 1
                      else f"entry of {table}: every entry's")
             why = " (the table's regimes = [...] give each entry its regime)" if all(

@@ -154,6 +154,8 @@ def test_a_flag_that_no_entry_takes_is_an_error():
         variant(load_table("link-regimes"), {"regime": "5g-2023"})  # before: all three regimes, renamed
     spec = variant(load_table("link-regimes"), {"edge_device": "a100"})  # split-point's own 1 GFLOP/s edge stays
     assert spec.methods[0].link == {"regime": "mobile-2020"} and spec.protocol.edge_flops_per_s == 19.5e12
+    # flags valid only together are checked together (--devices 2 alone is refused under per-domain)
+    assert variant(load_table("table2"), {"devices": 2, "setting": "continual"}).protocol.devices == 2
 
 
 def test_a_sweep_may_not_contradict_its_entrys_regime(tmp_path):
