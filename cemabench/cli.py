@@ -18,12 +18,12 @@ from pathlib import Path
 import pandas as pd
 
 from cemabench import registry
-from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics, override
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, numerics, override, with_link
 from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol import native
 from cemabench.protocol.execution import check_device
-from cemabench.tables.spec import check_seeds
+from cemabench.tables.spec import check_seeds, given_with_presets
 
 EXIT_CHECK_FAILED = 1  # check: a number out of tolerance
 EXIT_USER_ERROR = 2  # bad input, before any compute
@@ -193,6 +193,9 @@ def _run_spec(args):
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
                          miniature=choice, methods=(MethodEntry(label, args.method, options),))
     given = _protocol_flags(args)
+    given_with_presets(given)
+    if args.table:  # a flag that the entry's own link overrides was printed in its protocol line, and not run
+        _flags_some_entry_takes(protocol, given, spec.methods[-1:], spec.name)
     protocol = override(protocol, {k: v for k, v in given.items() if v is not None})
     if args.domains and len(set(args.domains)) != len(args.domains):
         raise UserError(f"--domains names a domain twice: {' '.join(args.domains)}")
@@ -266,6 +269,25 @@ def cmd_run(args) -> int:
     return EXIT_INCOMPLETE if failed else 0
 
 
+def _flags_some_entry_takes(protocol, given: dict, entries, table: str) -> None:
+    """A protocol flag that every entry's own link overrides would change nothing but the table's name (reproduce)
+    or the protocol line printed above the results (run --table): one line, exit 2."""
+    for k, v in given.items():
+        try:
+            alone = protocol if v is None else override(protocol, {k: v})
+            unchanged = alone != protocol and entries and all(
+                with_link(alone, m.link) == with_link(protocol, m.link) for m in entries)
+        except UserError:  # valid only with another flag (--devices 2 with --setting continual): checked together
+            continue
+        if unchanged:
+            which = (f"entry {entries[0].label!r} of {table}: its" if len(entries) == 1
+                     else f"entry of {table}: every entry's")
+            why = " (the table's regimes = [...] give each entry its regime)" if all(
+                "regime" in m.link for m in entries) else ""
+            raise UserError(f"--{k.replace('_', '-')} {v} changes no {which} own link overrides it{why}; drop "
+                            f"--{k.replace('_', '-')}, or run an entry that takes the table's {k}")
+
+
 def variant(spec, given: dict):
     """The table under the protocol values given on the command line, named after what they change
     (``table2.input_codec-jpeg-75``: no ':', which scp and rsync read as host:path and Windows refuses)."""
@@ -276,18 +298,20 @@ def variant(spec, given: dict):
     protocol = override(spec.protocol, {k: v for k, v in given.items() if v is not None})
     changed = [f"{k}-{getattr(protocol, k)}".replace(":", "-") for k in given
                if getattr(protocol, k) != getattr(spec.protocol, k)]
+    _flags_some_entry_takes(spec.protocol, given, spec.methods, spec.name)
     return replace(spec, protocol=protocol, name=".".join([spec.name, *changed]) if changed else spec.name)
 
 
 def _reproduce_inputs(args):
 
     from cemabench.protocol import Execution
-    from cemabench.tables.spec import load_table
+    from cemabench.tables.spec import check_report_axes, load_table
 
     spec = load_table(args.table)
     if args.seed:
         check_seeds(args.seed, "--seed")
     spec = variant(spec, _protocol_flags(args))
+    check_report_axes(spec, args.table)
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be at least 1")
     data_root = args.data_root or os.environ.get("CEMABENCH_DATA_ROOT")
@@ -352,7 +376,7 @@ def cmd_reproduce(args) -> int:
     failed = [c for c in doc["cells"] if c["status"] != "ok"]
     if failed:
         print(f"the table is incomplete: {len(failed)} cell(s) did not finish ok (see 'Failed cells'); "
-              f"`cemabench status {args.table} --out {out}` lists them; rerunning recomputes them", file=sys.stderr)
+              f"`{_same_table(args, 'status')}` lists them; rerunning recomputes them", file=sys.stderr)
     return EXIT_INCOMPLETE if failed else 0
 
 
@@ -368,9 +392,18 @@ def cmd_status(args) -> int:
     counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "failed", "missing")}
     print(f"\n{spec.name}: {len(rows)} units: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     if not out.exists():
-        print(f"(--out {out} does not exist: nothing has run there yet; `cemabench reproduce {args.table} --out "
-              f"{out}` starts it)")
+        print(f"(--out {out} does not exist: nothing has run there yet; `{_same_table(args, 'reproduce')}` starts "
+              f"it)")
     return 0 if counts["done"] == len(rows) else EXIT_INCOMPLETE
+
+
+def _same_table(args, command: str) -> str:
+    """The command line that runs ``command`` (reproduce or status) on the table this one named, with the same
+    flags (a table under --regime or --input-codec is another table) and its --out."""
+    words = [w for w in args.argv[2:] if w != "--no-progress"]
+    if not any(w == "--out" or w.startswith("--out=") for w in words):
+        words += ["--out", str(args.out)]
+    return shlex.join(["cemabench", command, *words])
 
 
 def cmd_check(args) -> int:

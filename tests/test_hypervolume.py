@@ -42,7 +42,10 @@ def test_the_corners():
     ({"hypervolume": {"score": 50}}, "needs at least one cost axis"),
     ({"hypervolume": {"bytes_per_sample": 10}}, "needs score"),
     ({"hypervolume": {"score": 100, "bytes_per_sample": 10}}, "below 100"),
-    ({"hypervolume": {"score": 50, "bytes_per_sample": -1}}, "must be above 0"),
+    ({"hypervolume": {"score": 50, "bytes_per_sample": -1}}, "must be a finite number above 0"),
+    ({"hypervolume": {"score": 50, "bytes_per_sample": float("inf")}}, "must be a finite number above 0"),
+    ({"energy": {"edge_joules_per_flop": 1e308}}, "edge_joules_per_flop must be a number from 0 to 1"),
+    ({"energy": {"cloud_joules_per_flop": float("inf")}}, "cloud_joules_per_flop must be a number from 0 to 1"),
     ({"hypervolume": {"score": 50, "bytes_per_sample": True}}, "must be a number"),
     ({"hypervolume": {"score": 50, "bytez": 1}}, "unknown key.*bytez.*valid: score, bytes_per_sample"),
     ({"hypervolume": 3}, "must be a table"),
@@ -100,7 +103,40 @@ def test_energy_per_sample_from_the_counts_by_hand(tmp_path):
     assert "mJ / sample" not in render({**doc, "report": {}})
     with pytest.raises(UserError, match="an energy axis needs"):
         parse_report({"hypervolume": {"score": 1, "edge_joules_per_sample": 1}}, "spec x [report]")
-    with pytest.raises(UserError, match="edge_joules_per_flop must be a finite number at least 0"):
+    with pytest.raises(UserError, match="edge_joules_per_flop must be a number from 0 to 1"):
         parse_report({"energy": {"edge_joules_per_flop": -1}}, "spec x [report]")
     with pytest.raises(UserError, match="unknown key.*joules_per_bit.*valid: edge_joules_per_flop"):
         parse_report({"energy": {"joules_per_bit": 1}}, "spec x [report]")
+
+
+def test_a_huge_reference_cost_does_not_overflow():
+    # box [0, 1e308] x [50, 100]: the point (2, 90) dominates (1e308 - 2) x 40 of 1e308 x 50 (the product overflowed
+    # to inf before, and the share came out nan)
+    assert hypervolume_2d([2], [90], 1e308, 50) == pytest.approx(0.8, rel=1e-15)
+
+
+def test_a_latency_axis_needs_an_entry_under_the_time_model(tmp_path, capsys):
+    from cemabench.cli import main
+
+    path = tmp_path / "t.toml"
+    path.write_text('extends = "eccentric"\nname = "t"\n[report.hypervolume]\nscore = 50\nlatency_p50 = 1\n')
+    assert main(["status", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "latency_p50: no entry runs under the time model" in err
+    from cemabench.cli import variant
+    from cemabench.tables.spec import check_report_axes
+
+    check_report_axes(variant(load_table(str(path)), {"edge_device": "jetson-nano"}), "t")  # the command line's
+
+
+def test_a_sweep_that_lost_an_entry_to_a_failed_cell_says_so():
+    doc = json.loads((LEADERBOARDS / "link-regimes.miniature.json").read_text())
+    for c in doc["cells"]:  # one of the 5g cloud-only sweep's five points, and the whole of one source sweep
+        if c["method"] in ("cloud-only webp:75 [5g-2023]", "source [mobile-2020]"):
+            c["status"], c["message"] = "failed", "RuntimeError: boom"
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in render(doc).split(
+        "## Trade-off hypervolume")[1].split("\n## ")[0].splitlines() if line.startswith("| ")}
+    # before: "4" beside the other regimes' "5", and no source [mobile-2020] row at all
+    assert rows["cloud-only [5g-2023]"] == "4 (1 failed, left out)" and rows["cloud-only [fixed-2020]"] == "5"
+    assert rows["source [mobile-2020]"] == "0 (1 failed, left out)"
+    assert rows[EVERY_ENTRY] == "28 (2 failed, left out)"

@@ -28,6 +28,7 @@ HYPERVOLUME_AXES = {
     "cloud_joules_per_sample": "cloud J / sample",
     "joules_per_sample": "J / sample (edge + cloud)",
 }
+MAX_JOULES = 1.0  # per FLOP or byte: far above any device, and a sample's joules stay finite below it
 ENERGY_KEYS = ("edge_joules_per_flop", "cloud_joules_per_flop", "edge_joules_per_byte_up", "edge_joules_per_byte_down")
 
 
@@ -64,8 +65,9 @@ def _energy(table, w: str) -> dict:
     out = {}
     for key in ENERGY_KEYS:
         value = _number(table.get(key, 0.0), f"{w} {key}")
-        if value < 0 or value == float("inf"):
-            raise UserError(f"{w} {key} must be a finite number at least 0, got {table[key]!r}")
+        if not 0 <= value <= MAX_JOULES:  # above it, a sample's joules can overflow to inf
+            raise UserError(f"{w} {key} must be a number from 0 to {MAX_JOULES:g} (joules per FLOP or byte), got "
+                            f"{table[key]!r}")
         out[key] = value
     return out
 
@@ -88,7 +90,8 @@ def _hypervolume(hv, w: str) -> dict:
     out = {"score": score}
     for axis in axes:
         cost = _number(hv[axis], f"{w} {axis}")
-        if cost <= 0:
-            raise UserError(f"{w} {axis} must be above 0 (the highest cost that counts), got {hv[axis]!r}")
+        if not 0 < cost < float("inf"):
+            raise UserError(f"{w} {axis} must be a finite number above 0 (the highest cost that counts), got "
+                            f"{hv[axis]!r}")
         out[axis] = cost
     return out

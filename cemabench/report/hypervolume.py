@@ -33,12 +33,13 @@ def hypervolume_2d(costs: Sequence[float], scores: Sequence[float], cost_ref: fl
         raise ValueError("the reference box is empty")
     inside = (c <= cost_ref) & (s > score_ref)
     c, s = np.maximum(c[inside], 0.0), np.minimum(s[inside], score_top)
-    area, best = 0.0, score_ref
+    share, best = 0.0, score_ref
     edges = np.append(np.unique(c), cost_ref)
     for left, right in zip(edges[:-1], edges[1:], strict=True):  # a step function: the best score at cost <= left
         best = max(best, s[c == left].max())
-        area += (right - left) * (best - score_ref)
-    return area / (cost_ref * (score_top - score_ref))
+        # each strip's share of the box, widths and heights as fractions first (a huge cost_ref cannot overflow)
+        share += (right / cost_ref - left / cost_ref) * ((best - score_ref) / (score_top - score_ref))
+    return share
 
 
 def hypervolume_frame(points: pd.DataFrame, series: list[str], reference: dict, score_key: str) -> pd.DataFrame:

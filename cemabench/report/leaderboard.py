@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 from cemabench.config.presets import PRESETS, preset_values
 from cemabench.config.presets import source as preset_source
 from cemabench.config.settings import describe
-from cemabench.report.hypervolume import hypervolume_frame
+from cemabench.report.hypervolume import EVERY_ENTRY, hypervolume_frame
 from cemabench.report.plots import COMMUNICATION, COMPUTATION, LABELS, LATENCY, Axis, non_dominated, plot_tradeoffs
 from cemabench.report.plots import UPLOADS as PLOTTED_UPLOADS
 from cemabench.run.document import current
@@ -363,7 +364,8 @@ def run_summary(doc: dict) -> str:
     (method,) = doc["methods"]
     lines = [f"# {miniature_words(doc)}: numbers for checking the code path, not for comparison", ""] \
         if p["miniature"] else []
-    lines += [f"{method['label']} ({options_text(method['options'])}) on {p['dataset']['dataset']}, severity "
+    own = f"; its own link: {options_text(method['link'])}" if method.get("link") else ""  # over the protocol below
+    lines += [f"{method['label']} ({options_text(method['options'])}{own}) on {p['dataset']['dataset']}, severity "
               f"{severity_text(p)}; {setting_line(p['protocol'])}; {protocol_line(p['protocol'])}; edge "
               f"{p['models']['edge']['name']}, cloud {p['models']['foundation']['name']}", ""]
     for score in (*scores(doc), UPLOADS):
@@ -379,6 +381,7 @@ def run_summary(doc: dict) -> str:
         for key, what in (("input_bytes_mean", "mean"), ("input_bytes_p95", "95th percentile")):
             lines += [f"Bytes per uploaded input as {p['protocol']['input_codec']}, {what}:",
                       metric_frame(doc, key, "{:.0f}").T.to_markdown(), ""]
+    lines += presets_section(doc)  # the protocol line sends the reader to the presets' sources
     several = len(doc["seeds"]) > 1
     lines += [f"{NOTE_MARK} {c['domain']}" + (f" / seed {c['seed']}" if several else "") + f": {c['note']}"
               for c in doc["cells"] if c["status"] == "ok" and c["note"]]
@@ -434,9 +437,10 @@ def efficiency_frame(doc: dict) -> pd.DataFrame:
 def sweeps(labels: list[str], families: list[str]) -> tuple[list[str], list[str]]:
     """Each entry's sweep and its point label: one sweep per label without its trailing "@value" (a knob's
     values: ``hard-example-offload:ibt@0.5`` and ``@0.8``), or else per plugin; a point is labelled with what its
-    label adds to its sweep's name ("@0.5"). A label ending in `` [name]`` (a table's link regime) belongs to that
-    name's own sweep."""
-    groups = [re.search(r" \[[^\]]+\]$", m) for m in labels]  # a trailing " [regime]": its own group
+    label adds to its sweep's name ("@0.5"). A label ending in `` [REGIME]``, a link regime's name (a table's
+    ``regimes``), belongs to that regime's own sweep; other brackets are part of the label."""
+    regime = "|".join(map(re.escape, PRESETS["regime"][0]))  # a trailing " [REGIME]", a regime's name: its own group
+    groups = [re.search(rf" \[(?:{regime})\]$", m) for m in labels]
     group = [g.group(0) if g else "" for g in groups]
     heads = [m[:len(m) - len(g)] for m, g in zip(labels, group, strict=True)]
     series = [re.sub(r"@[^@]*$", "", m) if "@" in m else f for m, f in zip(heads, families, strict=True)]
@@ -597,7 +601,7 @@ def render(doc: dict) -> str:
         f"- **Severity**: {severity_text(p)}; "
         f"**domains in order**: {', '.join(p['domains'])}",
         f"- **Setting**: {setting_line(proto)}",
-        f"- **Protocol**: {protocol_line(proto)}",
+        f"- **Protocol**: {protocol_line(proto)}{_regimes_note(doc)}",
         "- **Models**: " + (f"pair `{p['pair']}`: " if p.get("pair") else "")
         + ", ".join(f"{k} `{v['name']}` ({v['fingerprint']})" for k, v in p["models"].items()),
         f"- **Seeds**: {', '.join(map(str, doc['seeds']))}"
@@ -645,7 +649,7 @@ def render(doc: dict) -> str:
                              + (f"; its own link: {options_text(m['link'])}" if m.get("link") else "")}
                             for m in doc["methods"]]).set_index("method")
     lines += [methods.to_markdown(), ""]
-    lines += _presets_section(doc)
+    lines += presets_section(doc)
     lines += _reference_sections(doc)
     noted = [c for c in doc["cells"] if c["status"] == "ok" and c["note"]]
     if noted:
@@ -666,7 +670,17 @@ def _energy_line(doc: dict) -> list[str]:
             f"{energy['cloud_joules_per_flop']:g} J per counted FLOP.", ""]
 
 
-def _presets_section(doc: dict) -> list[str]:
+def _regimes_note(doc: dict) -> str:
+    """Where the link model is each entry's own regime (a spec's ``regimes``), the protocol line says so: the table's
+    own protocol then has none."""
+    regimes = [m.get("link", {}).get("regime") for m in doc["methods"]]
+    if not regimes or None in regimes or _link_model(doc["provenance"]["protocol"]):
+        return ""
+    return (f"; link: each entry under its own regime, {', '.join(dict.fromkeys(regimes))} (its label ends in "
+            f"[REGIME]; their numbers under Presets)")
+
+
+def presets_section(doc: dict) -> list[str]:
     """Each named preset that the table or an entry's own link used, with what it sets and its source."""
     used = {}
     for fields in (doc["provenance"]["protocol"], *(m.get("link", {}) for m in doc["methods"])):
@@ -702,8 +716,27 @@ def _hypervolume_section(doc: dict) -> list[str]:
             f"every entry together: the share (%) of the box from no cost to the reference cost and from {name} "
             f"{reference['score']:g} % to 100 % that the sweep's points dominate, for each cost on its own (the "
             f"two-objective hypervolume). 100 would be a perfect score at no cost; 0, no point inside the box. The "
-            f"reference point is the spec's `[report.hypervolume]`; entries with a failed cell are left out.", "",
-            hypervolume_frame(points, series, reference, score.key).to_markdown(), ""]
+            f"reference point is the spec's `[report.hypervolume]`; entries with a failed cell are left out (and "
+            f"counted beside their sweep's points).", "",
+            _with_failed(hypervolume_frame(points, series, reference, score.key), doc, set(points["method"]))
+            .to_markdown(), ""]
+
+
+def _with_failed(frame: pd.DataFrame, doc: dict, kept: set) -> pd.DataFrame:
+    """The hypervolume frame with each sweep's entries left out for a failed cell counted beside its points (a sweep
+    that lost a point covers less), and a sweep that lost every entry as a row of its own."""
+    labels = [m["label"] for m in doc["methods"]]
+    every, _ = sweeps(labels, [m["name"] for m in doc["methods"]])
+    lost = Counter(s for s, label in zip(every, labels, strict=True) if label not in kept)
+    if not lost:
+        return frame
+    frame = frame.astype(object)
+    for name, n in [*lost.items(), (EVERY_ENTRY, sum(lost.values()))]:
+        if name not in frame.index:
+            frame.loc[name] = ["-"] * len(frame.columns)
+            frame.loc[name, "points"] = 0
+        frame.loc[name, "points"] = f"{frame.loc[name, 'points']} ({n} failed, left out)"
+    return frame.loc[[*dict.fromkeys([*every, EVERY_ENTRY])]]
 
 
 def _failed_cells(doc: dict) -> list[str]:

@@ -11,6 +11,7 @@ from cemabench.report.leaderboard import (
     metric_frame,
     miniature_banner,
     miniature_words,
+    presets_section,
     protocol_line,
     setting_line,
 )
@@ -62,6 +63,7 @@ def render_sweep(doc: dict) -> str:
             frame = metric_frame(table, metric).rename(index=names)
             frame.index.name = ", ".join(doc["grid"])
             lines += [f"## Severity {severity}: {title}", "", frame.to_markdown(), ""]
+    lines += presets_section(first)  # the protocol line sends the reader to the presets' sources
     failed = [(s, c) for s, t in doc["tables"].items() for c in t["cells"] if c["status"] not in ("ok", "skipped")]
     if failed:
         lines += ["## Failed cells", ""]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol, with_link
 from cemabench.config.limits import Limits, parse_limits
-from cemabench.config.presets import PRESETS, REGIMES
+from cemabench.config.presets import PRESETS, REGIMES, preset_values
 from cemabench.config.report import parse_report
 from cemabench.errors import UserError
 from cemabench.method import REFERENCES
@@ -141,6 +141,7 @@ def resolve(name_or_path: str, relative_to=None, chain: tuple[tuple[str, str], .
         if "add_methods" in raw:
             raise UserError(f"table spec {shown}: add_methods appends to the methods of the spec it extends; "
                             f"add extends = \"TABLE\" or list them under [[methods]]")
+        _no_link_model_beside_regimes(raw, _table(raw, "protocol"), shown)
         return raw, origin
     parent_name = raw.pop("extends")
     if not isinstance(parent_name, str):
@@ -157,6 +158,7 @@ def resolve(name_or_path: str, relative_to=None, chain: tuple[tuple[str, str], .
         raw["methods"] = [*parent.get("methods", []), *added]
     merged = merge(parent, raw)
     _own_link_model_wins(merged, _table(raw, "protocol"))
+    _no_link_model_beside_regimes(merged, _table(raw, "protocol"), shown)
     if "methods" in raw:
         _drop_inherited_method_options(merged, raw)
     inherits_uploads = "uploads" in _table(parent, "reference") and "uploads" not in _table(raw, "reference")
@@ -173,7 +175,33 @@ def _own_link_model_wins(merged: dict, own: dict) -> None:
                 if target not in own:
                     protocol.pop(target, None)
         elif any(target in own for target in sets):
-            protocol.pop(preset, None)
+            name = protocol.pop(preset, None)
+            if isinstance(name, str) and name in PRESETS[preset][0]:  # the preset's other numbers stay
+                protocol.update({t: v for t, v in preset_values(preset, name).items() if t not in own})
+
+
+def given_with_presets(given: dict) -> None:
+    """A preset and a number it sets, both given (a spec's [protocol], an entry's link, the command line), must
+    agree, also where the number is its field's default (latency = 0 beside a regime was taken as "unset"). Here,
+    not in :mod:`cemabench.config.fields`: that module is part of every unit's key."""
+    for preset, (table, _) in PRESETS.items():
+        name = given.get(preset)
+        if not isinstance(name, str) or name not in table:
+            continue  # no preset, or an unknown one: Protocol says so
+        for target, value in preset_values(preset, name).items():
+            if target in given and given[target] != value:
+                raise UserError(f"protocol {preset} {name} sets {target} = {value:g}; give either {preset} or "
+                                f"{target}, not both (got {target} = {given[target]!r})")
+
+
+def _no_link_model_beside_regimes(merged: dict, own: dict, shown: str) -> None:
+    """A table with ``regimes`` sets the link model per regime: a link-model field in this spec's own [protocol]
+    would be dropped, so it is an error (an inherited one is replaced by each regime, as documented)."""
+    given = sorted(set(own) & set(REGIME_FIELDS))
+    if given and merged.get("regimes"):
+        raise UserError(f"table spec {shown} [protocol] sets {', '.join(given)}, but the table has regimes = "
+                        f"{merged['regimes']!r}, which set the link model per regime; drop {', '.join(given)}, or "
+                        f"set regimes = [] for one link model")
 
 
 def _drop_inherited_method_options(merged: dict, child: dict) -> None:
@@ -264,7 +292,7 @@ def _under_regimes(entries: list, regimes: list, where: str) -> list:
     ``LABEL [REGIME]``, with the regime in its own link (a table's leaderboard then groups each sweep per regime)."""
     if not regimes:
         return entries
-    unknown = [r for r in regimes if r not in REGIMES]
+    unknown = [r for r in regimes if not isinstance(r, str) or r not in REGIMES]
     if unknown or len(set(regimes)) != len(regimes):
         raise UserError(f"{where}: regimes must be distinct names of link regimes; valid: {', '.join(REGIMES)}, "
                         f"got {regimes!r}")
@@ -273,15 +301,33 @@ def _under_regimes(entries: list, regimes: list, where: str) -> list:
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise UserError(f"{where} [[methods]] #{i + 1} must be a table")
+            if not isinstance(entry.get("link", {}), dict):
+                raise UserError(f"{where} [[methods]] #{i + 1}: 'link' must be a table such as link = "
+                                f"{{ input_codec = \"png\" }}, got {entry['link']!r}")
             own = sorted(set(entry.get("link", {})) & set(REGIME_FIELDS))
             if own:
                 raise UserError(f"{where} [[methods]] #{i + 1} sets {', '.join(own)} in its link: a table with "
                                 f"regimes sets the link model per regime")
             label = entry.get("label", entry.get("name"))
+            if isinstance(label, str) and any(label.endswith(f" [{r}]") for r in REGIMES):
+                raise UserError(f"{where} [[methods]] #{i + 1}: label {label!r} ends in a regime's name; a table with "
+                                f"regimes adds ' [REGIME]' to each label itself (valid: a label without it)")
             match = entry.get("match_uploads_of")
             out.append({**entry, "label": f"{label} [{regime}]", "link": {**entry.get("link", {}), "regime": regime},
                         **({"match_uploads_of": f"{match} [{regime}]"} if isinstance(match, str) else {})})
     return out
+
+
+def check_report_axes(spec: TableSpec, where: str) -> None:
+    """A hypervolume against latency needs an entry under the time model: only there is a latency modelled (the
+    table's protocol as the command line left it, and each entry's own link)."""
+    if "latency_p50" not in spec.report.get("hypervolume", {}):
+        return
+    protocols = [with_link(spec.protocol, m.link) for m in spec.methods]
+    if not any(p.edge_flops_per_s is not None or p.cloud_flops_per_s is not None for p in protocols):
+        raise UserError(f"{where} [report.hypervolume] latency_p50: no entry runs under the time model, so none has "
+                        f"a modelled latency; set edge_flops_per_s and/or cloud_flops_per_s (or edge_device, "
+                        f"cloud_device) in [protocol] or on the command line, or drop latency_p50")
 
 
 def check_seeds(seeds, where: str) -> tuple[int, ...]:
@@ -305,6 +351,7 @@ def parse(raw: dict, where: str) -> TableSpec:
         proto = {k: v for k, v in proto.items() if k not in REGIME_FIELDS}
     values = {**proto, "batch_size": _take(proto, "batch_size", object, f"{where} [protocol]")}  # required
     try:
+        given_with_presets(values)
         protocol = Protocol(**values)
     except UserError as error:
         raise UserError(f"{where} [protocol]: {error}") from None
@@ -336,6 +383,7 @@ def parse(raw: dict, where: str) -> TableSpec:
             raise UserError(f"{w}: reference must be {' or '.join(map(repr, REFERENCES))}, got {reference!r}")
         link = _take(entry, "link", dict, w, {})
         try:
+            given_with_presets(link)
             with_link(protocol, link)
         except UserError as error:
             raise UserError(f"{w}: {error}") from None
@@ -348,6 +396,12 @@ def parse(raw: dict, where: str) -> TableSpec:
     miniature = None if mini is None else _choice(mini, f"{where} [data.miniature]")
     reference = _take(raw, "reference", dict, where, {})
     _no_extra(reference, {"uploads", "uploads_source", "accuracy"}, f"{where} [reference]")
+    regimes = raw.get("regimes") or []
+    if regimes:  # a label's method options are each of its regime entries' (a parent's, keyed by the plain label)
+        real, miniature = (None if c is None else replace(c, method_options={
+            k: o for key, options in c.method_options.items()
+            for k, o in ([(key, options)] if key in labels else [(f"{key} [{r}]", options) for r in regimes])})
+            for c in (real, miniature))
     for choice, section in ((real, "real"), (miniature, "miniature")):
         if choice is None:
             continue

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from cemabench.config import with_link
 from cemabench.errors import UserError
-from cemabench.tables.spec import MethodEntry, TableSpec, parse, resolve
+from cemabench.tables.spec import MethodEntry, TableSpec, check_report_axes, given_with_presets, parse, resolve
 
 LINK = "link."  # a grid key that names a link field of the swept entry instead of a method option
 
@@ -79,10 +79,14 @@ def load_sweep(name_or_path: str) -> Sweep:
             or not all(isinstance(v, list) and v and len(set(map(repr, v))) == len(v) for v in grid.values())):
         raise UserError(f"{where}: grid must map option names to non-empty lists of distinct values, got {grid!r}")
     for key, values in grid.items():  # link.FIELD: the swept entry's own link field (an input codec, say)
+        if key == f"{LINK}regime" and "regime" in entry.link:
+            raise UserError(f"{where}: grid {key}: {method!r} runs under regime {entry.link['regime']!r} (its own "
+                            f"link, or the table's regimes); sweep the regime of an entry without one")
         if key.startswith(LINK):
             for value in values:
                 try:
-                    with_link(table.protocol, {key.removeprefix(LINK): value})
+                    given_with_presets({**entry.link, key.removeprefix(LINK): value})
+                    with_link(table.protocol, {**entry.link, key.removeprefix(LINK): value})
                 except UserError as error:
                     raise UserError(f"{where}: grid {key}: {error}") from None
     fixed = config.get("fixed", {})
@@ -96,6 +100,7 @@ def load_sweep(name_or_path: str) -> Sweep:
     axis = config.get("axis", ", ".join(grid))
     if not isinstance(reference, bool) or not isinstance(axis, str):
         raise UserError(f"{where}: reference must be true or false and axis a string")
+    check_report_axes(table, str(name_or_path))
     return Sweep(name=table.name, title=table.title, method=method, grid={k: tuple(v) for k, v in grid.items()},
                  fixed=fixed, severities=tuple(severities), reference=reference, axis=axis, table=table)
 
