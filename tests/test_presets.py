@@ -130,7 +130,7 @@ def test_a_child_of_a_regimes_table_may_not_set_a_link_model(tmp_path):
         with pytest.raises(UserError, match="which set the link model per regime"):
             load_table(_spec(tmp_path, f'extends = "link-regimes"\nname = "t"\n[protocol]\n{own}\n'))
     own = load_table(_spec(tmp_path, 'extends = "link-regimes"\nname = "t"\nregimes = []\n'))
-    assert len(own.methods) == 10 and own.protocol.bandwidth == 1.25e6  # no regimes: the inherited link model
+    assert len(own.methods) == 13 and own.protocol.bandwidth == 1.25e6  # no regimes: the inherited link model
 
 
 def test_a_childs_number_keeps_the_rest_of_its_parents_preset(tmp_path):
