@@ -23,7 +23,7 @@ from cemabench.config.fields import kind
 from cemabench.errors import UserError
 from cemabench.protocol import native
 from cemabench.protocol.execution import check_device
-from cemabench.tables.spec import check_seeds, given_with_presets
+from cemabench.tables.spec import check_seeds
 
 EXIT_CHECK_FAILED = 1  # check: a number out of tolerance
 EXIT_USER_ERROR = 2  # bad input, before any compute
@@ -193,7 +193,6 @@ def _run_spec(args):
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,
                          miniature=choice, methods=(MethodEntry(label, args.method, options),))
     given = _protocol_flags(args)
-    given_with_presets(given)
     if args.table:  # a flag that the entry's own link overrides was printed in its protocol line, and not run
         _flags_some_entry_takes(protocol, given, spec.methods[-1:], spec.name)
     protocol = override(protocol, {k: v for k, v in given.items() if v is not None})

@@ -8,6 +8,7 @@ from cemabench.config.fields import (
     TASK_METRICS,
     Protocol,
     check_field,
+    check_presets_given,
     override,
     with_link,
 )
@@ -28,5 +29,5 @@ from cemabench.config.settings import (
 
 __all__ = ["BASES", "CCC", "DEFAULT_METRICS", "DEFAULT_TOLERANCE", "DEVICE_STREAMS", "FIELDS", "GRADUAL_SEVERITIES",
            "LINK_FIELDS", "MIXED",
-           "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "describe", "override", "device_domains",
-           "parse_setting", "result_keys", "severities_needed", "unit_groups", "with_link"]
+           "SETTINGS", "TASK_METRICS", "Protocol", "check_field", "check_presets_given", "describe", "override",
+           "device_domains", "parse_setting", "result_keys", "severities_needed", "unit_groups", "with_link"]

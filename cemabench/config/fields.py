@@ -170,10 +170,24 @@ SHARED_FIELDS = ("batch_size", "setting", "rounds", "concentration", "devices", 
 LINK_FIELDS = tuple(name for name in FIELDS if name not in SHARED_FIELDS)
 
 
+def check_presets_given(given: dict) -> None:
+    """A preset and a number it sets, both given (a spec's [protocol], an entry's link, the command line), must
+    agree, also where the number is its field's default (latency = 0 beside a regime is not "unset")."""
+    for preset, (table, _) in PRESETS.items():
+        name = given.get(preset)
+        if not isinstance(name, str) or name not in table:
+            continue  # no preset, or an unknown one: Protocol says so
+        for target, value in preset_values(preset, name).items():
+            if target in given and given[target] != value:
+                raise UserError(f"protocol {preset} {name} sets {target} = {value:g}; give either {preset} or "
+                                f"{target}, not both (got {target} = {given[target]!r})")
+
+
 def override(protocol: Protocol, changes: dict) -> Protocol:
     """``protocol`` with ``changes`` in place of its values; a preset given replaces the numbers it sets, and a number
     given replaces the preset that set it (a table's regime under an entry's own bandwidth is no longer that
     regime)."""
+    check_presets_given(changes)
     values = {f: getattr(protocol, f) for f in FIELDS}
     for preset, (_, sets) in PRESETS.items():
         if preset in changes:

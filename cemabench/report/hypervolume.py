@@ -5,8 +5,8 @@ covers (issue 19), against the reference point a spec declares in ``[report.hype
 For one cost axis, a point (cost c, score s) dominates every (c', s') with c <= c' <= C and R <= s' <= s, where
 (C, R) is the reference point: the highest cost and the worst score that count. A sweep's hypervolume is the area
 of the union of what its points dominate, as a share (%) of the box [0, C] x [R, 100]: 100 % would be a point scoring
-100 at no cost, 0 % a sweep with no point inside the box. It is the two-objective hypervolume indicator (Zitzler and
-Thiele's S metric) for each cost separately; a point outside the box on one axis adds nothing on that axis.
+100 at no cost, 0 % a sweep with no point inside the box. It is the two-objective hypervolume indicator (the S
+metric) for each cost separately; a point outside the box on one axis adds nothing on that axis.
 """
 from __future__ import annotations
 

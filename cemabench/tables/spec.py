@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol, with_link
+from cemabench.config import DEFAULT_TOLERANCE, FIELDS, Protocol, check_presets_given, with_link
 from cemabench.config.limits import Limits, parse_limits
 from cemabench.config.presets import PRESETS, REGIMES, preset_values
 from cemabench.config.report import parse_report
@@ -180,20 +180,6 @@ def _own_link_model_wins(merged: dict, own: dict) -> None:
                 protocol.update({t: v for t, v in preset_values(preset, name).items() if t not in own})
 
 
-def given_with_presets(given: dict) -> None:
-    """A preset and a number it sets, both given (a spec's [protocol], an entry's link, the command line), must
-    agree, also where the number is its field's default (latency = 0 beside a regime was taken as "unset"). Here,
-    not in :mod:`cemabench.config.fields`: that module is part of every unit's key."""
-    for preset, (table, _) in PRESETS.items():
-        name = given.get(preset)
-        if not isinstance(name, str) or name not in table:
-            continue  # no preset, or an unknown one: Protocol says so
-        for target, value in preset_values(preset, name).items():
-            if target in given and given[target] != value:
-                raise UserError(f"protocol {preset} {name} sets {target} = {value:g}; give either {preset} or "
-                                f"{target}, not both (got {target} = {given[target]!r})")
-
-
 def _no_link_model_beside_regimes(merged: dict, own: dict, shown: str) -> None:
     """A table with ``regimes`` sets the link model per regime: a link-model field in this spec's own [protocol]
     would be dropped, so it is an error (an inherited one is replaced by each regime, as documented)."""
@@ -351,7 +337,7 @@ def parse(raw: dict, where: str) -> TableSpec:
         proto = {k: v for k, v in proto.items() if k not in REGIME_FIELDS}
     values = {**proto, "batch_size": _take(proto, "batch_size", object, f"{where} [protocol]")}  # required
     try:
-        given_with_presets(values)
+        check_presets_given(values)
         protocol = Protocol(**values)
     except UserError as error:
         raise UserError(f"{where} [protocol]: {error}") from None
@@ -383,7 +369,6 @@ def parse(raw: dict, where: str) -> TableSpec:
             raise UserError(f"{w}: reference must be {' or '.join(map(repr, REFERENCES))}, got {reference!r}")
         link = _take(entry, "link", dict, w, {})
         try:
-            given_with_presets(link)
             with_link(protocol, link)
         except UserError as error:
             raise UserError(f"{w}: {error}") from None

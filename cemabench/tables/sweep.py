@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from cemabench.config import with_link
 from cemabench.errors import UserError
-from cemabench.tables.spec import MethodEntry, TableSpec, check_report_axes, given_with_presets, parse, resolve
+from cemabench.tables.spec import MethodEntry, TableSpec, check_report_axes, parse, resolve
 
 LINK = "link."  # a grid key that names a link field of the swept entry instead of a method option
 
@@ -85,7 +85,6 @@ def load_sweep(name_or_path: str) -> Sweep:
         if key.startswith(LINK):
             for value in values:
                 try:
-                    given_with_presets({**entry.link, key.removeprefix(LINK): value})
                     with_link(table.protocol, {**entry.link, key.removeprefix(LINK): value})
                 except UserError as error:
                     raise UserError(f"{where}: grid {key}: {error}") from None
