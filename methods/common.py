@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from cemabench.errors import UserError
 from cemabench.method import CloudLogic, EdgeDecision, EdgeLogic, Method
@@ -309,3 +311,32 @@ class ReplicaCloud(CloudLogic):
         loss.backward()
         self.optimizer.step()
         return norm_affine(self.model)
+
+
+def colour_jitter(x: torch.Tensor) -> torch.Tensor:
+    """The released ColorJitterPro: brightness [0.6, 1.4], contrast [0.7, 1.3], saturation [0.5, 1.5], hue [-0.06,
+    0.06] and gamma [0.7, 1.3], in the order of one torch.randperm(5), each factor drawn when its turn comes, gamma
+    after clamping to [1e-8, 1]; torchvision's (v1) functional adjustments, as released (v2's hue differs by ~1e-6)."""
+    steps = ((TF.adjust_brightness, 0.6, 1.4), (TF.adjust_contrast, 0.7, 1.3), (TF.adjust_saturation, 0.5, 1.5),
+             (TF.adjust_hue, -0.06, 0.06), (TF.adjust_gamma, 0.7, 1.3))
+    for index in torch.randperm(5).tolist():
+        adjust, low, high = steps[index]
+        factor = torch.tensor(1.0).uniform_(low, high).item()
+        x = adjust(x.clamp(1e-8, 1.0) if adjust is TF.adjust_gamma else x, factor)
+    return x
+
+
+def tta_augment(x: torch.Tensor, noise_std: float = 0.005) -> torch.Tensor:
+    """CoTTA's test-time augmentation (qinenergy/cotta's ``get_tta_transforms``, ImageNet's; RoTTA's student
+    augmentation and RMT's are the same): clip to [0, 1], colour jitter, edge
+    padding by half the side, a random affine map (rotation up to 15 degrees, translation up to 1/16, scale 0.9 to
+    1.1, bilinear), a 5 x 5 Gaussian blur (sigma 0.001 to 0.5), the centre crop back to size, a horizontal flip with
+    probability 0.5, Gaussian noise (std 0.005) and a clip; one draw per call, for the whole batch."""
+    side = x.shape[-1]
+    pipeline = T.Compose([T.Pad(side // 2, padding_mode="edge"),
+                          T.RandomAffine(degrees=(-15, 15), translate=(1 / 16, 1 / 16), scale=(0.9, 1.1),
+                                         interpolation=T.InterpolationMode.BILINEAR),
+                          T.GaussianBlur(kernel_size=5, sigma=(0.001, 0.5)), T.CenterCrop(side),
+                          T.RandomHorizontalFlip(0.5)])
+    x = pipeline(colour_jitter(x.clamp(0.0, 1.0)))
+    return (x + torch.randn(x.shape).to(x.device) * noise_std).clamp(0.0, 1.0)

@@ -5,40 +5,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as TF
 
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
-from cemabench_methods.common import sgd, use_batch_statistics
+from cemabench_methods.common import sgd, tta_augment, use_batch_statistics
 
 TEACHER_LOGITS = "teacher_logits"
-
-
-def color_jitter(x: torch.Tensor, brightness=(0.6, 1.4), contrast=(0.7, 1.3), saturation=(0.5, 1.5),
-                 hue=(-0.06, 0.06), gamma=(0.7, 1.3)) -> torch.Tensor:
-    """CoTTA's colour jitter: the five adjustments in random order, each factor drawn once for the whole batch."""
-    ranges = [(TF.adjust_brightness, brightness), (TF.adjust_contrast, contrast),
-              (TF.adjust_saturation, saturation), (TF.adjust_hue, hue), (TF.adjust_gamma, gamma)]
-    for index in torch.randperm(5).tolist():
-        adjust, (low, high) = ranges[index]
-        factor = torch.empty(()).uniform_(low, high).item()
-        if adjust is TF.adjust_gamma:
-            x = x.clamp(1e-8, 1.0)
-        x = adjust(x, factor)
-    return x
-
-
-def cotta_augment(x: torch.Tensor, noise_std: float = 0.005) -> torch.Tensor:
-    """CoTTA's ImageNet test-time augmentation on a batch in [0, 1]; one random draw per call, for the whole batch."""
-    size = x.shape[-1]
-    x = color_jitter(x.clamp(0, 1))
-    x = v2.Pad(size // 2, padding_mode="edge")(x)
-    x = v2.RandomAffine(degrees=(-15, 15), translate=(1 / 16, 1 / 16), scale=(0.9, 1.1),
-                        interpolation=InterpolationMode.BILINEAR)(x)
-    x = v2.GaussianBlur(kernel_size=5, sigma=(0.001, 0.5))(x)
-    x = v2.CenterCrop(size)(x)
-    x = v2.RandomHorizontalFlip(0.5)(x)
-    return (x + torch.randn_like(x) * noise_std).clamp(0, 1)
 
 
 def symmetric_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -62,7 +33,7 @@ class _CoTTAEdge(EdgeLogic):
     def step(self, model, x):
         logits = model(x)
         if self.anchor(x).softmax(1).max(1).values.mean() < self.options.augment_below:
-            logits = torch.stack([model(cotta_augment(x)) for _ in range(self.options.augmentations)]).mean(0)
+            logits = torch.stack([model(tta_augment(x)) for _ in range(self.options.augmentations)]).mean(0)
         return EdgeDecision(logits=logits, upload=torch.arange(len(x)), payload={TEACHER_LOGITS: logits})
 
 

@@ -13,10 +13,9 @@ from torch import nn
 
 from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
-from cemabench_methods.common import FeatureTap, last_linear
+from cemabench_methods.common import FeatureTap, last_linear, tta_augment
 from cemabench_methods.cotta import symmetric_cross_entropy
 from cemabench_methods.roid import roid_normalisation
-from cemabench_methods.rotta import strong_augment
 
 FEATURES_USE = "contrasts the features that enter the classifier with the source prototypes"
 TEACHER = "teacher"  # the teacher's copy of ``layer1.0.bn1.weight`` is ``layer1.0.bn1.teacher.weight``
@@ -227,7 +226,7 @@ class _RMTCloud(CloudLogic):
         """The released ``loss_calculation``: the loss and the ensemble prediction (student + teacher logits)."""
         o = self.options
         features, logits = self.tap(x)
-        features_aug, logits_aug = self.tap(strong_augment(x))
+        features_aug, logits_aug = self.tap(tta_augment(x))
         teacher = self.teacher(x)
         nearest = nearest_prototypes(self.prototypes, features)
         views = torch.stack([self.prototypes[nearest], features, features_aug], dim=1)
@@ -265,7 +264,7 @@ class RMT(Method):
     warm-up of 50,000 // 64 steps: the symmetric cross-entropy (0.5 / 0.5) between student and teacher on source
     batches, the learning rate rising linearly to its value, an EMA update after each step. Per test batch: the
     student's features and logits on the batch and on one CoTTA augmentation of it (``get_tta_transforms``:
-    :func:`cemabench_methods.rotta.strong_augment`, torchvision's v1 colour adjustments as released), the
+    :func:`cemabench_methods.common.tta_augment`, torchvision's v1 colour adjustments as released), the
     teacher's logits on the batch; each sample's nearest source prototype (cosine similarity of the features); the
     loss is lambda_ce_trg x the mean over samples of 0.5 SCE(student, teacher) + 0.5 SCE(augmented student, teacher)
     + lambda_cont x the supervised-contrastive loss (:func:`contrastive_loss`, temperature 0.1) on the three views

@@ -15,13 +15,13 @@ from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
 from cemabench_methods.common import (
     BATCH_NORM_TYPES,
+    colour_jitter,
     entropy,
     norm_affine,
     train_norm_affine_only,
     use_batch_statistics,
 )
 from cemabench_methods.cotta import symmetric_cross_entropy
-from cemabench_methods.rotta import _colour_jitter
 
 
 def soft_likelihood_ratio(logits: torch.Tensor, clip: float = 0.99, eps: float = 1e-5) -> torch.Tensor:
@@ -71,7 +71,7 @@ def roid_augment(x: torch.Tensor) -> torch.Tensor:
                           T.RandomAffine(degrees=(-15, 15), translate=(1 / 16, 1 / 16), scale=(0.9, 1.1),
                                          interpolation=T.InterpolationMode.BILINEAR, fill=0),
                           T.CenterCrop(side), T.RandomHorizontalFlip(0.5)])
-    return pipeline(_colour_jitter(x.clamp(0.0, 1.0))).clamp(0.0, 1.0)
+    return pipeline(colour_jitter(x.clamp(0.0, 1.0))).clamp(0.0, 1.0)
 
 
 def roid_normalisation(model: nn.Module) -> nn.Module:

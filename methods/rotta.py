@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from cemabench.errors import UserError
 from cemabench.method import CloudEdgeMapping, CloudLogic, EdgeDecision, EdgeLogic, Method, option
+from cemabench_methods.common import tta_augment
 
 PSEUDO_LABEL = "pseudo_label"  # per uploaded sample: the teacher's prediction (int32) ...
 UNCERTAINTY = "uncertainty"  # ... and the entropy of its probabilities (float), what CSTU ranks by
@@ -63,34 +62,6 @@ def use_robust_batch_norm(model: nn.Module, alpha: float) -> nn.Module:
             if isinstance(child, ROBUST_TYPES):
                 setattr(module, child_name, RobustBatchNorm(child, alpha))
     return model
-
-
-def _colour_jitter(x: torch.Tensor) -> torch.Tensor:
-    """The released ColorJitterPro: brightness [0.6, 1.4], contrast [0.7, 1.3], saturation [0.5, 1.5], hue [-0.06,
-    0.06] and gamma [0.7, 1.3], in the order of one torch.randperm(5), each factor drawn when its turn comes, gamma
-    after clamping to [1e-8, 1]; torchvision's (v1) functional adjustments, as released (v2's hue differs by ~1e-6)."""
-    steps = ((TF.adjust_brightness, 0.6, 1.4), (TF.adjust_contrast, 0.7, 1.3), (TF.adjust_saturation, 0.5, 1.5),
-             (TF.adjust_hue, -0.06, 0.06), (TF.adjust_gamma, 0.7, 1.3))
-    for index in torch.randperm(5).tolist():
-        adjust, low, high = steps[index]
-        factor = torch.tensor(1.0).uniform_(low, high).item()
-        x = adjust(x.clamp(1e-8, 1.0) if adjust is TF.adjust_gamma else x, factor)
-    return x
-
-
-def strong_augment(x: torch.Tensor, noise_std: float = 0.005) -> torch.Tensor:
-    """The released student augmentation (``get_tta_transforms``, CoTTA's): clip to [0, 1], colour jitter, edge
-    padding by half the side, a random affine map (rotation up to 15 degrees, translation up to 1/16, scale 0.9 to
-    1.1, bilinear), a 5 x 5 Gaussian blur (sigma 0.001 to 0.5), the centre crop back to size, a horizontal flip with
-    probability 0.5, Gaussian noise (std 0.005) and a clip; one draw per call, for the whole batch."""
-    side = x.shape[-1]
-    pipeline = T.Compose([T.Pad(side // 2, padding_mode="edge"),
-                          T.RandomAffine(degrees=(-15, 15), translate=(1 / 16, 1 / 16), scale=(0.9, 1.1),
-                                         interpolation=T.InterpolationMode.BILINEAR),
-                          T.GaussianBlur(kernel_size=5, sigma=(0.001, 0.5)), T.CenterCrop(side),
-                          T.RandomHorizontalFlip(0.5)])
-    x = pipeline(_colour_jitter(x.clamp(0.0, 1.0)))
-    return (x + torch.randn(x.shape).to(x.device) * noise_std).clamp(0.0, 1.0)
 
 
 def teacher_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -251,7 +222,7 @@ class _RoTTACloud(CloudLogic):
         samples, ages = self.memory.contents()
         if samples:
             x = torch.stack(samples)
-            strong = strong_augment(x)
+            strong = tta_augment(x)
             teacher_logits = self.teacher(x)
             student_logits = self.student(strong)
             weights = timeliness_weights(ages).to(student_logits.device)
@@ -277,7 +248,8 @@ class RoTTA(Method):
     eviction by lambda_t timeliness + lambda_u uncertainty, both 1). After every 64 samples offered (counted over
     the stream, so within a batch when the batch is not a multiple of 64) the student takes one Adam step (lr 0.001,
     betas (0.9, 0.999), no weight decay) on the bank: strong augmentation (CoTTA's, as released:
-    :func:`strong_augment`) for the student, the plain samples for the teacher, both in training mode, so both
+    :func:`~cemabench_methods.common.tta_augment`)
+    for the student, the plain samples for the teacher, both in training mode, so both
     models' robust statistics move; the loss weights each sample's cross-entropy to the teacher by
     exp(-a) / (1 + exp(-a)), a = age / 64 (computed in float32, as released). Then the teacher moves to
     0.999 teacher + 0.001 student. The scored prediction is the teacher's forward before the batch's updates, as

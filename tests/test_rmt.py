@@ -19,11 +19,10 @@ from cemabench.method import TrainingResources, Upload
 from cemabench.models.mini import load_model
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model
-from cemabench_methods.common import FeatureTap
+from cemabench_methods.common import FeatureTap, tta_augment
 from cemabench_methods.cotta import symmetric_cross_entropy
 from cemabench_methods.rmt import contrastive_loss, ema_update, nearest_prototypes, teacher_name
 from cemabench_methods.roid import roid_normalisation
-from cemabench_methods.rotta import strong_augment
 from conftest import TinyNet, cloud_resources, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -202,7 +201,7 @@ def test_one_cloud_step_is_the_released_loss_then_nesterov_sgd_then_the_ema():
     teacher = copy.deepcopy(student)
     tap = FeatureTap(student, "rmt", "test")
     torch.manual_seed(21)
-    augmented = strong_augment(x)
+    augmented = tta_augment(x)
     assert len(a["source.order"]) == 0  # no warm-up: the replay's first epoch is drawn after the augmentation
     chosen = torch.randperm(40)[:8]
     x_src, y_src = a["source.images"][chosen], a["source.labels"][chosen]

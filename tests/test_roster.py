@@ -11,8 +11,8 @@ from cemabench.method import CloudLogic, Upload
 from cemabench.protocol import Models, Protocol, SampleCounter, run_unit
 from cemabench.registry import available, build_method, build_model
 from cemabench.tables.spec import available_tables, load_table
-from cemabench_methods.common import entropy, use_batch_statistics
-from cemabench_methods.cotta import cotta_augment, symmetric_cross_entropy
+from cemabench_methods.common import entropy, tta_augment, use_batch_statistics
+from cemabench_methods.cotta import symmetric_cross_entropy
 from cemabench_methods.lame import knn_affinity, laplacian_refinement
 from cemabench_methods.tent import Tent
 from conftest import TinyNet, builtin_methods, cloud_resources, granted_labels, small_options, tiny_dataset
@@ -121,10 +121,27 @@ class TestCoTTA:
         assert counter.without_grad == forwards * 8
         assert torch.equal(decision.payload["teacher_logits"], decision.logits) and len(decision.upload) == 8
 
+    def test_teacher_averages_the_released_augmentation(self):
+        """The augmented passes take CoTTA's released transform (torchvision's v1 colour adjustments, as RoTTA's and
+        RMT's side-by-side runs matched): v2's adjust_hue, used before, differed by about 6e-7 per pixel."""
+        torch.set_default_dtype(torch.float64)
+        try:
+            edge = build_method("cotta", {"augment_below": 1.0, "augmentations": 3}).edge(4)
+            model = edge.configure(TinyNet())
+            x = torch.rand(8, 3, 6, 6)
+            torch.manual_seed(5)
+            with torch.no_grad():
+                got = edge.step(model, x).logits
+                torch.manual_seed(5)
+                expected = torch.stack([model(tta_augment(x)) for _ in range(3)]).mean(0)
+            assert torch.equal(got, expected)
+        finally:
+            torch.set_default_dtype(torch.float32)
+
     def test_augmentation_keeps_shape_and_range(self):
         torch.set_default_dtype(torch.float32)
         x = torch.rand(4, 3, 32, 32)
-        out = cotta_augment(x)
+        out = tta_augment(x)
         assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
 
 

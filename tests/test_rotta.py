@@ -10,7 +10,8 @@ from torch import nn
 
 from cemabench.method import Upload
 from cemabench.registry import build_method
-from cemabench_methods.rotta import CSTUMemory, RobustBatchNorm, strong_augment, timeliness_weights
+from cemabench_methods.common import tta_augment
+from cemabench_methods.rotta import CSTUMemory, RobustBatchNorm, timeliness_weights
 from conftest import cloud_resources
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -168,7 +169,7 @@ def test_one_update_student_adam_step_teacher_ema_and_both_robust_statistics():
     ages = [(8 - i) / 8 for i in order]
 
     torch.manual_seed(3)
-    strong = strong_augment(x[order])
+    strong = tta_augment(x[order])
     t_mean_b, t_var_b = _batch_statistics(net, x[order])
     t_mean, t_var = (1 - alpha) * m0 + alpha * t_mean_b, (1 - alpha) * v0 + alpha * t_var_b
     teacher_logits = _tiny_forward(net, x[order], t_mean, t_var, w0, b0)
