@@ -170,7 +170,8 @@ def _run_spec(args):
         label = entry.label
         spec = replace(spec, methods=tuple(reversed(chain)), **choices)
     else:
-        registry.build_method(args.method, options)
+        if not args.isolate:  # isolated, the runner asks the method's class in a planner process (never here)
+            registry.build_method(args.method, options)
         dataset = args.dataset or MINIATURE
         registry.load("datasets", dataset)  # an unknown dataset is named first
         if dataset != MINIATURE and args.data_root and Path(args.data_root).is_dir() and not (args.edge and

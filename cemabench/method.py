@@ -242,6 +242,39 @@ def check_task(method, task: str) -> None:
         method.check_task_options(task)
 
 
+@dataclass
+class MethodFacts:
+    """A built method as plain data: what the loop's process needs of it to run a unit isolated (``--isolate``), where
+    the halves build the method itself and the loop never imports its module. Read from the planner process's answer
+    (:mod:`cemabench.protocol.planner`), which checked the method's declarations, protocol, task and labels first.
+    ``task``, ``protocol`` and ``artefacts`` are set by the harness, as on a :class:`Method`."""
+
+    name: str
+    options: dict  # the parsed options, as ``dataclasses.asdict`` gives them
+    online_options: tuple[str, ...]
+    cloud_replicas: str
+    trains: bool  # whether the class overrides Method.train
+    training_code: dict  # the digest of the code its training depends on (cemabench.provenance.code_digest)
+    task: str = "classification"
+    protocol: Protocol | None = None
+    artefacts: dict | None = None
+
+    @classmethod
+    def read(cls, answer: dict) -> MethodFacts:
+        """The facts in a planner's answer, each of its type, or ValueError."""
+        try:
+            facts = cls(name=answer["name"], options=answer["options"], online_options=tuple(answer["online_options"]),
+                        cloud_replicas=answer["cloud_replicas"], trains=answer["trains"],
+                        training_code=answer["training_code"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"a planner's facts are malformed ({error})") from None
+        if not (type(facts.name) is str and type(facts.options) is dict and type(facts.trains) is bool
+                and all(type(o) is str for o in facts.online_options) and facts.cloud_replicas in CLOUD_REPLICAS
+                and type(facts.training_code) is dict):
+            raise ValueError("a planner's facts are malformed")
+        return facts
+
+
 class Method:
     """Base class of a method plugin: hyper-parameters in ``Options`` (a dataclass), and a factory for each half.
 

@@ -257,3 +257,62 @@ def test_isolated_halves_under_ray_give_the_in_process_numbers(tmp_path, local_r
     inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
     isolated = runner.reproduce(spec, None, tmp_path / "ray", executor="ray", progress=False, isolate=True)
     assert isolated["isolated"] is True and numbers(isolated) == numbers(inline)
+
+
+ISOLATED_LOOP = """
+import json, sys
+from pathlib import Path
+from cemabench.protocol import hygiene
+from cemabench.run import runner
+from cemabench.tables.spec import load_table
+spec = load_table(sys.argv[1])
+try:
+    doc = runner.reproduce(spec, None, Path(sys.argv[2]), jobs=1, progress=False, isolate=True)
+    outcome = [c["status"] for c in doc["cells"]]
+    (Path(sys.argv[2]) / "doc.json").write_text(json.dumps(doc))
+except Exception as error:
+    outcome = f"{type(error).__name__}: {error}"
+plugins = sorted(m for m in sys.modules if m.startswith("cemabench_methods") or m in ("patcher", "hostile"))
+print(json.dumps({"outcome": outcome, "plugins": plugins, "replaced": hygiene.replaced_harness_code()}))
+"""
+
+
+def _isolated_loop(spec_path, out, *paths) -> dict:
+    """Reproduce a table isolated in a fresh interpreter: what it gave, and the method modules its process imported."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", ISOLATED_LOOP, str(spec_path), str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_loops_process_imports_no_method_plugin_isolated(tmp_path):
+    """Issue 22, scope 4: isolated, the methods' classes are asked in planner processes of their own (options,
+    protocol, task, models, derived options, code digests) and a unit's halves build the method, so the process that
+    holds the labels, the link, scoring and the store never imports a method's module (here: tent's, and
+    random-upload's, whose options derive from tent's records at run time)."""
+    spec = _spec(tmp_path, ["tent"])
+    text = (tmp_path / "iso.toml").read_text() + '[[methods]]\nname = "random-upload"\nmatch_uploads_of = "tent"\n'
+    (tmp_path / "iso.toml").write_text(text)
+    report = _isolated_loop(tmp_path / "iso.toml", tmp_path / "out")
+    assert report == {"outcome": ["ok", "ok"], "plugins": [], "replaced": []}, report
+    inline = runner.reproduce(load_table(str(tmp_path / "iso.toml")), None, tmp_path / "inline", jobs=1,
+                              progress=False)
+    isolated = json.loads((tmp_path / "out" / "doc.json").read_text())
+    assert numbers(isolated) == numbers(inline)
+    assert isolated["methods"] == inline["methods"]  # papers, reference points and code digests, asked apart
+    assert spec.name == "iso"
+
+
+def test_a_plugin_that_patches_the_harness_at_import_never_runs_in_the_loops_process(tmp_path):
+    """Issue 22, finding 9, isolated: the plugin that switches the guard off when imported is imported only in its
+    planner process, which finds the harness's code replaced: the table is refused before any compute, naming the
+    method, and the loop's process is untouched (its harness code as imported, and no trace of the module)."""
+    spec_path = write_spec(tmp_path / "small.toml", ["source", "patches-the-guard"])
+    report = _isolated_loop(spec_path, tmp_path / "out", Path(__file__).parent / "plugins_patching")
+    assert report["plugins"] == [] and report["replaced"] == []
+    assert report["outcome"].startswith("UserError: method patches-the-guard could not be planned in its own process")
+    assert "replaced cemabench's own code" in report["outcome"] and "ForwardOnlyEdge._changed" in report["outcome"]

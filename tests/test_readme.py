@@ -67,7 +67,7 @@ def test_the_synopsis_names_every_flag_of_each_command():
 
 def test_the_extends_example_plans_as_written(tmp_path, capsys):
     """The README's `extends` block, saved as a file, is a valid table: `status` plans it (every method, label and
-    option resolves) and finds its 18 x 2 units missing, where an unknown method or a repeated label is exit 2."""
+    option resolves) and finds its 21 x 2 units missing, where an unknown method or a repeated label is exit 2."""
     from cemabench.cli import main
 
     (block,) = [body for language, body in _code_blocks(README) if language == "toml" and
@@ -75,7 +75,7 @@ def test_the_extends_example_plans_as_written(tmp_path, capsys):
     (tmp_path / "my-table.toml").write_text(block)
     assert main(["status", str(tmp_path / "my-table.toml"), "--out", str(tmp_path / "out")]) == 3
     out = capsys.readouterr().out
-    assert "tent-lr-1e-3" in out and "my-table: 36 units: 0 done, 0 running, 0 failed, 36 missing" in out
+    assert "tent-lr-1e-3" in out and "my-table: 42 units: 0 done, 0 running, 0 failed, 42 missing" in out
 
 
 # Why a README command is not run here, by what it asks for: each such command must still parse.

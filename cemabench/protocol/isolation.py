@@ -51,7 +51,7 @@ import torch
 from cemabench import registry
 from cemabench.config import Protocol
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
-from cemabench.method import CloudReply, EdgeDecision, Upload
+from cemabench.method import CloudReply, EdgeDecision, EntropyTables, MethodFacts, Upload
 from cemabench.protocol import hygiene, sandbox
 from cemabench.protocol.annotation import asked_rows
 from cemabench.protocol.checks import Checks
@@ -135,7 +135,7 @@ BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
         "from cemabench.protocol.isolation import zygote; zygote(int(sys.argv[2]))")
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
 # torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes
-PRELOAD = ("torch._dynamo", "torchvision", "timm")
+PRELOAD = ("torch._dynamo", "torchvision", "timm", "cemabench.protocol.planner")  # the planner: harness code
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
@@ -391,6 +391,15 @@ class _CloudSide(_Side):
         self.method.artefacts = artefacts
         return {}
 
+    def tables(self) -> dict:
+        """The method's entropy tables (a learned bottleneck's), read once after its training, as plain tensors."""
+        tables = self.method.entropy_tables()
+        if tables is None:
+            return {"tables": None}
+        if not isinstance(tables, EntropyTables):
+            raise TypeError(f"entropy_tables() returned {type(tables).__name__}, not EntropyTables or None")
+        return {"tables": {f.name: getattr(tables, f.name) for f in dataclasses.fields(EntropyTables)}}
+
     def build(self, replicas: int) -> dict:
         self.clouds = build_clouds(self.method, self._edge, self._foundation, self.clean, self.num_classes, replicas,
                                    self.device, self.memory_format, self.passes, self.meter)
@@ -537,7 +546,10 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     for them (each call builds them from source in their halves), and the stand-ins of the cloud's meter and sample
     counter. Each half started is appended to ``halves``."""
     device = torch.device(execution.device)
-    options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
+    if isinstance(method, MethodFacts):  # the planner's plain stand-in: this process never imported the method
+        options = method.options
+    else:
+        options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     # what the halves build the method from
     recipe = (method.name, options, method.task, dataclasses.asdict(method.protocol or Protocol()))
     cloud = Half("cloud", device)
@@ -549,6 +561,7 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
     training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
     cloud.call("adopt", method.artefacts)
+    tables = _tables(cloud.call("tables").get("tables"))  # the method's entropy tables, computed in its half
     edge.call("edge", recipe, execution, models.edge(), count, num_classes,
               (task.name, task.num_classes, task.scored_classes), method.artefacts)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
@@ -561,7 +574,18 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
                 [RemoteCloud(cloud, r, meter, passes) for r in range(replicas)] if built.get("has_cloud") is True
                 else [None] * replicas)
 
-    return training, build, meter, passes
+    return training, build, meter, passes, tables
+
+
+def _tables(fields) -> EntropyTables | None:
+    """The entropy tables the cloud half read from its method: None, or three plain tensors (checked, as in-process,
+    by the coder the loop builds from them)."""
+    if fields is None:
+        return None
+    if type(fields) is not dict or set(fields) != {"frequencies", "offsets", "escape"} or not all(
+            type(v) is torch.Tensor for v in fields.values()):
+        raise HalfFailed("NotPlain: the cloud half's entropy tables are malformed")
+    return EntropyTables(**fields)
 
 
 _SAID: set = set()

@@ -27,10 +27,10 @@ from torch import nn
 from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
-from cemabench.method import CloudLogic, Method, check_declared, check_labels, check_task
+from cemabench.method import CloudLogic, Method, MethodFacts, check_declared, check_labels, check_task
 from cemabench.protocol import hygiene, isolation
 from cemabench.protocol.annotation import Annotator
-from cemabench.protocol.bottleneck import EntropyCoder, coder_for
+from cemabench.protocol.bottleneck import EntropyCoder
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
@@ -134,10 +134,13 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     devices. One result per device and distinct
     ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
     labels, read only after their block ended, by the ``task`` (:mod:`cemabench.protocol.tasks`)."""
-    method.check_protocol(protocol)  # a protocol the method cannot run under is the user's error, before any compute
-    check_declared(method)
-    check_task(method, task.name)
-    check_labels(method, protocol)
+    if not isinstance(method, MethodFacts):  # facts come from a planner that checked all this in its own process
+        method.check_protocol(protocol)  # a protocol the method cannot run under: the user's error, before compute
+        check_declared(method)
+        check_task(method, task.name)
+        check_labels(method, protocol)
+    elif not isolate:
+        raise TypeError("a method given as MethodFacts runs only isolated (its halves build the method)")
     method.task, method.protocol = task.name, dataclasses.replace(protocol)  # a copy: the link reads its own
     device = torch.device(execution.device)
     streams = stream.streams if isinstance(stream, DeviceStreams) else [stream]
@@ -158,10 +161,10 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     try:
         try:
             setup = isolation.start if isolate else _in_process
-            training, build, cloud_meter, cloud_passes = setup(
+            training, build, cloud_meter, cloud_passes, tables = setup(
                 method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
             source = isolation.rng_state(device)  # the random state the halves are built in: a reset's too
-            coder = coder_for(method)  # its entropy tables, read once, before the stream (protocol.bottleneck)
+            coder = None if tables is None else EntropyCoder(tables)  # read once, before the stream (bottleneck)
             edges, clouds = build()
         except (UserError, KeyboardInterrupt):
             raise
@@ -198,7 +201,7 @@ def _in_process(method: Method, models: Models, num_classes: int, clean: DomainD
                 build_clouds(method, models.edge, models.foundation, clean, num_classes, replicas, device,
                              memory_format, cloud_passes, cloud_meter))
 
-    return training, build, cloud_meter, cloud_passes
+    return training, build, cloud_meter, cloud_passes, method.entropy_tables()
 
 
 def _stream(method: Method, streams: list, results: dict, edges: list, clouds: list, cloud_meter, cloud_passes,

@@ -28,23 +28,26 @@ import numpy as np
 import torch
 
 from cemabench.config.paths import cache_root
-from cemabench.method import Method, TrainingResources
+from cemabench.method import Method, MethodFacts, TrainingResources
 from cemabench.protocol.stream import derive_seed
 from cemabench.provenance import code_digest, data_fingerprint, fingerprint
 
 
-def trains(method: Method) -> bool:
+def trains(method: Method | MethodFacts) -> bool:
     """Whether the method has an offline training stage (overrides :meth:`Method.train`)."""
-    return type(method).train is not Method.train
+    return method.trains if isinstance(method, MethodFacts) else type(method).train is not Method.train
 
 
-def options_of(method: Method) -> dict:
+def options_of(method: Method | MethodFacts) -> dict:
     """The options that can change what ``train`` returns (all but the method's declared ``online_options``)."""
-    options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
+    if isinstance(method, MethodFacts):
+        options = method.options
+    else:
+        options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     return {k: v for k, v in options.items() if k not in method.online_options}
 
 
-def training_key(method: Method, resources: TrainingResources) -> str:
+def training_key(method: Method | MethodFacts, resources: TrainingResources) -> str:
     """The key of a method's trained artefacts: method name and options, the source models' weights, the clean
     split, the code that trains them (:func:`cemabench.provenance.code_digest`: the method's own code or its declared
     version, and every harness module the computation imports), the seed, torch's version and the device."""
@@ -52,7 +55,8 @@ def training_key(method: Method, resources: TrainingResources) -> str:
     config = {"method": method.name, "options": options_of(method),
               "edge": fingerprint(edge), "foundation": fingerprint(foundation),
               "data": data_fingerprint(resources.clean), "num_classes": resources.num_classes,
-              "code": code_digest(type(method), edge, foundation),
+              "code": method.training_code if isinstance(method, MethodFacts) else code_digest(type(method), edge,
+                                                                                                foundation),
               "seed": resources.seed, "torch": torch.__version__, "device": resources.device.type,
               # CPU numbers depend on the intra-op threads (run_unit pins one): artefacts trained otherwise are stale
               "cpu_threads": torch.get_num_threads() if resources.device.type == "cpu" else None}

@@ -21,9 +21,10 @@ from cemabench.models import zoo
 from cemabench.models.split import probing
 from cemabench.protocol import Execution, Models, ccc, native, run_unit
 from cemabench.protocol.codecs import library_versions, payload_versions
+from cemabench.protocol.planner import planner_for
 from cemabench.protocol.stream import Block, DeviceStreams, build_blocks
 from cemabench.protocol.tasks.detection import original_frame
-from cemabench.provenance import code_digest, fingerprint, versions
+from cemabench.provenance import fingerprint, versions
 from cemabench.tables.plan import Unit
 from cemabench.tables.spec import DataChoice, TableSpec
 
@@ -49,7 +50,7 @@ class TableContext:
         self.pair = pair
         overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
         self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
-        self._code: dict[str, dict] = {}
+        self._about: dict[str, dict] = {}
         self._datasets: dict[int, object] = {}
         self._ccc: dict[tuple, object] = {}  # the ccc setting's generated streams, by seed and stream fields
         self._calibration = None
@@ -107,15 +108,23 @@ class TableContext:
                          **library_versions(spec.protocol.input_codec)},
         }
 
+    @cached_property
+    def planner(self):
+        """Who asks the methods' classes (:mod:`cemabench.protocol.planner`): this process, or under ``--isolate`` a
+        planner process of its own, so that this one imports no method plugin."""
+        return planner_for(self.isolate)
+
+    def about(self, method: str) -> dict:
+        """A method's paper and reference point, and the digest of the code that computes its units here (once per
+        context): the method's own, and every harness and plugin module that the method, the protocol, the dataset's
+        factory and the models import (:func:`cemabench.provenance.code_digest`)."""
+        if method not in self._about:
+            zoos = [getattr(self.choice, k).partition(":")[0] for k in self.prototypes]
+            self._about[method] = self.planner.about(method, self.choice.dataset, list(self.prototypes.values()), zoos)
+        return self._about[method]
+
     def code(self, method: str) -> dict[str, str]:
-        """The digest of the code that computes a method's units here (computed once per context): the method's
-        own, and every harness and plugin module that the method, the protocol, the dataset's factory and the
-        models import (:func:`cemabench.provenance.code_digest`)."""
-        if method not in self._code:
-            loaders = [registry.load("models", getattr(self.choice, k).partition(":")[0]) for k in self.prototypes]
-            self._code[method] = code_digest(registry.load_method(method), registry.load("datasets",
-                                             self.choice.dataset), *self.prototypes.values(), *loaders)
-        return self._code[method]
+        return self.about(method)["code"]
 
     def unit_config(self, unit: Unit) -> dict:
         """Everything a unit's numbers depend on: the unit, data, models, protocol, versions, device and code."""
@@ -214,7 +223,11 @@ class TableContext:
         return write
 
     def run(self, unit: Unit) -> dict:
-        method = registry.build_method(unit.method, dict(unit.options))
+        if self.isolate:  # the planner's plain facts: the halves build the method, this process never imports it
+            method = self.planner.facts(unit.method, dict(unit.options), self.prototypes["edge"],
+                                        self.prototypes["foundation"])
+        else:
+            method = registry.build_method(unit.method, dict(unit.options))
         p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
 
         def blocks(names):
@@ -273,5 +286,7 @@ def context_for(recipe: ContextSpec) -> TableContext:
 
 
 def forget(recipe: ContextSpec) -> None:
-    """Drop this process's context for a recipe (the runner's own, once its table is done)."""
-    _CONTEXTS.pop(recipe.token, None)
+    """Drop this process's context for a recipe (the runner's own, once its table is done), and end its planner."""
+    context = _CONTEXTS.pop(recipe.token, None)
+    if context is not None and "planner" in context.__dict__:
+        context.planner.close()

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cemabench import registry
+from cemabench.config import with_link
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import MIXED, parse_setting, severities_needed
 from cemabench.errors import UserError
-from cemabench.method import check_task
 from cemabench.protocol import Execution
 from cemabench.run.context import ContextSpec, TableContext, context_for, forget
 from cemabench.run.document import DOC_SCHEMA, cell
@@ -51,7 +50,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     if predictions is not None and context.dataset.task != "detection":
         raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
                         f"{context.dataset.task} dataset")
-    check_options(spec, context.choice)
+    check_options(spec, context.choice, context.planner)
     base, modifiers = parse_setting(spec.protocol.setting)
     if context.dataset.task != "classification" and (base in ("gradual", MIXED) or spec.protocol.rounds > 1
                                                      or "correlated" in modifiers):
@@ -59,14 +58,13 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
                         f"no class label per sample to order it by; setting {spec.protocol.setting!r} with rounds = "
                         f"{spec.protocol.rounds} needs one of those: use per-domain, or continual with one round")
     for entry in spec.methods:  # a method on a task it does not declare, or options for another task: one line
-        built = entry.match_uploads_of is None
-        check_task(registry.build_method(entry.name, entry_options(entry, context.choice)) if built
-                   else registry.load_method(entry.name), context.dataset.task)
+        context.planner.check(entry.name, entry_options(entry, context.choice), with_link(spec.protocol, entry.link),
+                              context.dataset.task, entry.match_uploads_of is not None)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     context.check_classes()
     context.check_stream()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"],
-                 context.dataset.task)
+                 context.dataset.task, context.planner)
     for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
         context.dataset_at(severity)
     return recipe, context
@@ -99,7 +97,7 @@ class Scheduler:
         refs = [self.records[n] for n in task.needs]
         bad = [n for n, r in zip(task.needs, refs) if failed(r)]
         try:
-            unit = task.resolve(refs) if not bad else None
+            unit = task.resolve(refs, self.context.planner) if not bad else None
         except UserError as error:
             unit, bad = None, [f"options could not be derived: {error}"]
         if unit is None:
@@ -244,7 +242,7 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
                          "file": ""})
             continue
         try:
-            unit = task.resolve(refs)
+            unit = task.resolve(refs, context.planner)
         except UserError as error:
             rows.append({**row, "state": "failed", "detail": str(error), "file": ""})
             continue
@@ -277,13 +275,13 @@ def table_document(spec: TableSpec, context: TableContext, seeds: tuple[int, ...
     cells.sort(key=lambda c: (order[c["method"]], c["seed"], rank.get(c["domain"], len(rank))))
     methods = []
     for entry in spec.methods:
-        cls = registry.load("methods", entry.name)
-        methods.append({"label": entry.label, "name": entry.name, "paper": cls.paper,
+        about = context.about(entry.name)
+        methods.append({"label": entry.label, "name": entry.name, "paper": about["paper"],
                         # an entry with its own link (an input codec, say) is a variant, not the class's reference point
-                        "reference": entry.reference or (None if entry.link else cls.reference),
+                        "reference": entry.reference or (None if entry.link else about["reference"]),
                         "options": entry_options(entry, context.choice), "match_uploads_of": entry.match_uploads_of,
                         **({"link": entry.link} if entry.link else {}),
-                        "code": context.code(entry.name)})
+                        "code": about["code"]})
     ran = context.choice.dataset  # what ran, and on a miniature the real dataset it stands in for (none on real data)
     stands_for = spec.real.dataset if context.dataset.is_miniature and spec.real.dataset != ran else None
     return {"schema": DOC_SCHEMA, "table": spec.name, "title": spec.title, "source": spec.source,

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cemabench import registry
 from cemabench.config import with_link
 from cemabench.config.settings import device_domains, result_keys, unit_groups
-from cemabench.method import check_labels, parse_options
 from cemabench.tables.spec import DataChoice, MethodEntry, TableSpec
 
 UnitId = tuple[str, int, tuple[str, ...]]  # (label, seed, domains)
@@ -60,11 +58,12 @@ class Task:
     def id(self) -> UnitId:
         return self.label, self.seed, self.domains
 
-    def resolve(self, references: list[dict]) -> Unit:
-        """The unit, with options derived by the method's ``derive_options`` hook from its references' records."""
+    def resolve(self, references: list[dict], planner) -> Unit:
+        """The unit, with options derived by the method's ``derive_options`` hook from its references' records (asked
+        through ``planner``: :mod:`cemabench.protocol.planner`)."""
         options = dict(self.options)
         if self.needs:
-            options = registry.load("methods", self.method).derive_options(options, references)
+            options = planner.derive(self.method, options, references)
         return Unit(self.label, self.method, tuple(sorted(options.items())), self.seed, self.domains, self.results,
                     self.link)
 
@@ -74,30 +73,22 @@ def entry_options(entry: MethodEntry, choice: DataChoice) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
 
 
-def check_options(spec: TableSpec, choice: DataChoice) -> None:
+def check_options(spec: TableSpec, choice: DataChoice, planner) -> None:
     """Every entry's options and protocol, before any compute: the method runs under the table's protocol, and its
     options are fully validated, or (for entries whose options are derived from other units) checked for names and
-    types."""
+    types. ``planner`` asks each method's class (:mod:`cemabench.protocol.planner`)."""
     for entry in spec.methods:
-        protocol = with_link(spec.protocol, entry.link)
-        registry.load_method(entry.name).check_protocol(protocol)
-        check_labels(registry.load_method(entry.name), protocol)
-        options = entry_options(entry, choice)
-        if entry.match_uploads_of is None:
-            registry.build_method(entry.name, options)
-        else:
-            parse_options(registry.load("methods", entry.name).Options, options, f"method {entry.name!r}")
+        planner.check(entry.name, entry_options(entry, choice), with_link(spec.protocol, entry.link), None,
+                      entry.match_uploads_of is not None)
 
 
-def check_models(spec: TableSpec, choice: DataChoice, edge, foundation, task: str = "classification") -> None:
+def check_models(spec: TableSpec, choice: DataChoice, edge, foundation, task: str, planner) -> None:
     """Every entry against the table's source models (:meth:`Method.check_models`, the method's ``task`` set to the
     dataset's), before any compute; entries whose options are derived from other units are checked when their unit is
     built."""
     for entry in spec.methods:
         if entry.match_uploads_of is None:
-            method = registry.build_method(entry.name, entry_options(entry, choice))
-            method.task = task
-            method.check_models(edge, foundation)
+            planner.check_models(entry.name, entry_options(entry, choice), task, edge, foundation)
 
 
 def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Task]:
