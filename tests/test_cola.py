@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet
 from torch import nn
 
 from cemabench.data import ArrayDomain, DatasetSource
 from cemabench.errors import UserError
-from cemabench.method import Upload
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.stream import DeviceStreams, build_blocks
@@ -28,6 +26,7 @@ from cemabench_methods.cola import (
     statistics,
 )
 from cemabench_methods.common import use_batch_statistics
+from conftest import TinyNet
 
 
 def _replica(**options) -> CoLAReplica:
