@@ -371,6 +371,12 @@ class Method:
         raise NotImplementedError(f"{type(self).__qualname__} does not implement edge(num_classes) -> EdgeLogic, "
                                   f"which every method needs")
 
+    def edge_for(self, num_classes: int, device: int) -> EdgeLogic:
+        """The edge half of edge device ``device`` (0, 1, ... when several edges share one cloud), built anew for
+        every run unit. A method whose devices play different roles (some adapt through the cloud, others only
+        forward) overrides this; the default is ``edge(num_classes)`` for every device."""
+        return self.edge(num_classes)
+
     def cloud(self, resources: CloudResources) -> CloudLogic | None:
         """The cloud half, or None for edge-only methods."""
         return None

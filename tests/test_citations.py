@@ -29,6 +29,7 @@ PAPERS = {
     "RMT": ("Robust Mean Teacher for Continual and Gradual Test-Time Adaptation", "Döbler", "CVPR 2023"),
     "CMF": ("Continual Momentum Filtering on Parameter Space for Online Test-time Adaptation", "Lee",
             "ICLR 2024 (OpenReview BllUWdpIOA)"),
+    "CoLA": ("Cross-Device Collaborative Test-Time Adaptation", "Chen", "NeurIPS 2024"),
     "LAME": ("Parameter-free Online Test-time Adaptation", "Boudiaf", "CVPR 2022"),
     "BN adaptation": ("Improving robustness against common corruptions by covariate shift adaptation", "Schneider",
                       "NeurIPS 2020"),

@@ -37,9 +37,10 @@ def training_resources(edge: Builder, foundation: Builder, num_classes: int, cle
 
 def build_edges(method: Method, edge: Builder, num_classes: int, count: int, device: torch.device,
                 memory_format) -> list[ForwardOnlyEdge]:
-    """``count`` forward-only edges, each on a fresh edge model with the method's edge logic."""
-    return [ForwardOnlyEdge(edge().to(device, memory_format=memory_format), method.edge(num_classes))
-            for _ in range(count)]
+    """``count`` forward-only edges, each on a fresh edge model with the method's edge logic for its device
+    (``Method.edge_for``)."""
+    return [ForwardOnlyEdge(edge().to(device, memory_format=memory_format), method.edge_for(num_classes, index))
+            for index in range(count)]
 
 
 def build_clouds(method: Method, edge: Builder, foundation: Builder, clean, num_classes: int, replicas: int,
