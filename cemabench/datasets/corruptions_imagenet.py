@@ -1,6 +1,8 @@
 """The ImageNet-C severity table of the 15 corruptions, for images of any size from 32 px up (ImageNet's 224 px,
 COCO's 640 px): Hendrycks & Dietterich's ``make_imagenet_c.py`` parameters as bethgelab's ``imagecorruptions``
-(1.1.2, commit c959e659 on GitHub) applies them to arbitrary sizes, written anew here and checked against it.
+applies them to arbitrary sizes, written anew here and checked against it: release 1.1.2 on PyPI, whose plasma
+fractal is float64 and whose glass blur loops in Python (GitHub's master, c959e659, has since moved them to float32
+and numba).
 
 Each function corrupts one uint8 image (H, W, 3) and returns float values on the 0-255 scale, drawing from ``rng``
 in the same order and with the same calls as imagecorruptions draws from ``numpy.random`` (so a
