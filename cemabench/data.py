@@ -81,12 +81,17 @@ class ArrayDomain:
 @dataclass(frozen=True)
 class Corruptor:
     """What a dataset that generates its own corruptions offers a generated stream (the ``ccc`` setting): its clean
-    test images (uint8, N x H x W x 3), their labels (read when called, as a domain's), and its generator
-    ``corrupt(images, corruption, severity, rng)``, severity from 0 (none) to 5 in any step."""
+    test images (uint8, N x H x W x 3: an array, or where they are too many to hold, a view with ``len``, ``shape``
+    and indexing by an integer array that decodes them when indexed), their labels (read when called, as a
+    domain's), and its generator ``corrupt(images, corruption, severity, rng)``, severity from 0 (none) to 5 in any
+    step. ``lazy`` streams are generated when read, each image from a generator of its own; ``calibration_images`` is
+    the size of the subset that CCC's calibration measures the source model on."""
 
     images: Callable[[], np.ndarray]
     labels: Callable[[], np.ndarray]
     corrupt: Callable[[np.ndarray, str, float, np.random.Generator], np.ndarray]
+    lazy: bool = False
+    calibration_images: int = 100
 
 
 @dataclass

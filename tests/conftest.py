@@ -184,3 +184,12 @@ def local_ray(monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def reproduce_tiny(spec, root, out, *more: str) -> int:
+    """``cemabench reproduce SPEC`` on the real-layout tree ``root`` with the tiny 1000-class zoo models, no loader
+    workers and no progress bar, writing to ``out``; ``more`` are further arguments. Returns the exit code."""
+    from cemabench.cli import main
+
+    return main(["reproduce", str(spec), "--data-root", str(root), "--out", str(out), "--edge", "tiny:edge",
+                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress", *more])

@@ -220,3 +220,34 @@ def test_a_split_names_the_stages_a_detector_has():
         split_detector(model, "layer2")
     with pytest.raises(UserError, match="needs a torchvision Faster R-CNN"):
         split_detector(build_model("torchvision:ssdlite320_mobilenet_v3_large@none"), "0")
+
+
+def test_coco_c_generated_from_val_needs_no_coco_c_folder_and_is_seeded(tmp_path):
+    """source = generated: each val2017 image corrupted at its own size with the ImageNet-C table, from a generator
+    seeded by (seed, corruption, severity, file name), then letterboxed; any order, any loader, the same pixels."""
+    import shutil
+
+    from cemabench.datasets.corruptions import corrupt
+    from cemabench.protocol.stream import derive_seed
+
+    root = _tree(tmp_path / "coco")
+    shutil.rmtree(root / "coco-c")
+    data = coco_c(str(root), severity=3, domains=("clean", "fog", "gaussian_noise"), image_size=64,
+                  source="generated", seed=2)
+    clean, fog, noise = data.domains
+    whole = noise.images(np.arange(3))
+    assert torch.equal(noise.images(np.array([2, 0])), whole[[2, 0]])
+    name = "000000000285.jpg"  # 50 x 100 px: corrupted at that size, then letterboxed
+    pixels = np.asarray(Image.open(root / "val2017" / name).convert("RGB"))[None]
+    by_hand = corrupt(pixels, "gaussian_noise", 3, np.random.default_rng(
+        derive_seed("coco-c-generated", 2, "gaussian_noise", 3, name)), table="imagenet")[0]
+    assert torch.equal(whole[1], letterbox(torch.from_numpy(by_hand).permute(2, 0, 1), 64)[0])
+    assert not torch.equal(fog.images(np.arange(1)), clean.images(np.arange(1)))
+    again = coco_c(str(root), severity=3, domains=("fog",), image_size=64, source="generated", seed=2, workers=1)
+    assert torch.equal(torch.cat(list(again.domains[0].batches(np.arange(3), 2))), fog.images(np.arange(3)))
+    other = coco_c(str(root), severity=3, domains=("gaussian_noise",), image_size=64, source="generated", seed=3)
+    assert not torch.equal(other.domains[0].images(np.arange(3)), whole)
+    assert data.provenance["seed"] == 2 and data.provenance["source"] == "generated"
+    assert fog.ground_truth() == clean.ground_truth()
+    with pytest.raises(UserError, match="coco-c source must be one of disk, generated, got 'web'"):
+        coco_c(str(root), source="web")

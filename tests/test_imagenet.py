@@ -17,6 +17,7 @@ from cemabench.models.zoo import tiny_model, torchvision_model
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model
 from cemabench.tables.spec import available_tables, load_table
+from conftest import reproduce_tiny
 
 WNIDS = ["n01440764", "n01443537", "n09999999"][:2]
 R_WNIDS = ["n01443537", "n01484850", "n01494475"]
@@ -149,8 +150,7 @@ def test_reproduce_a_table2_excerpt_on_a_generated_tree_with_tiny_models(root, t
     spec.write_text('extends = "table2"\nname = "excerpt"\n[data]\ndomains = ["fog", "contrast"]\n'
                     '[[methods]]\nname = "source"\n[[methods]]\nname = "cema"\n[[methods]]\n'
                     'name = "random-upload"\nmatch_uploads_of = "cema"\n')
-    code = main(["reproduce", str(spec), "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
-                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress"])
+    code = reproduce_tiny(str(spec), root, tmp_path)
     _, err = capsys.readouterr()
     assert code == 0, err
     out = (tmp_path / "excerpt.md").read_text()  # stdout holds a summary; the full tables are in the file
@@ -169,8 +169,7 @@ def test_continual_and_multi_edge_excerpts_run_on_a_generated_tree(root, tmp_pat
     devices = 2 if table == "multi-edge" else 1
     spec.write_text(f'extends = "{table}"\nname = "excerpt"\n[protocol]\ndevices = {devices}\n'
                     '[data]\ndomains = ["fog", "contrast"]\n[[methods]]\nname = "source"\n[[methods]]\nname = "tent"\n')
-    code = main(["reproduce", str(spec), "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
-                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress", "--jobs", "1"])
+    code = reproduce_tiny(str(spec), root, tmp_path, "--jobs", "1")
     _, err = capsys.readouterr()
     assert code == 0, err
     out = (tmp_path / "excerpt.md").read_text()  # stdout holds a summary; the full tables are in the file
@@ -185,8 +184,7 @@ def test_gradual_on_a_tree_with_one_severity_names_the_missing_folder(root, tmp_
     spec = tmp_path / "g.toml"
     spec.write_text('extends = "table2"\nname = "g"\n[protocol]\nsetting = "gradual"\n[data]\ndomains = ["fog"]\n'
                     '[[methods]]\nname = "source"\n')
-    code = main(["reproduce", str(spec), "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
-                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress", "--jobs", "1"])
+    code = reproduce_tiny(str(spec), root, tmp_path, "--jobs", "1")
     err = capsys.readouterr().err
     assert code == 2 and "fog" in err and "1" in err, err
 
@@ -198,8 +196,7 @@ def test_reproduce_table2_on_a_generated_tree_with_tiny_models(root, tmp_path, c
     spec_path = tmp_path / "table2-3.toml"
     spec_path.write_text('extends = "table2"\nname = "table2-3"\n[data]\n'
                          'domains = ["gaussian_noise", "fog", "jpeg_compression"]\n')
-    code = main(["reproduce", str(spec_path), "--data-root", str(root), "--out", str(tmp_path), "--edge", "tiny:edge",
-                 "--foundation", "tiny:foundation", "--dataset-option", "workers=0", "--no-progress"])
+    code = reproduce_tiny(str(spec_path), root, tmp_path)
     _, err = capsys.readouterr()
     assert code == 0, err
     out = (tmp_path / "table2-3.md").read_text()  # stdout holds a summary; the full tables are in the file

@@ -4,14 +4,16 @@
     ROOT/annotations/instances_val2017.json              (its instances ground truth)
     ROOT/coco-c/<corruption>/<severity>/<file_name>      (COCO-C, as imagecorruptions writes it: the same file names)
 
+or, with the option ``source = "generated"``, COCO-C generated from val2017 when read, with cemabench's ImageNet-C
+table (:mod:`cemabench.datasets.corruptions_imagenet`, imagecorruptions' operations and parameters, which Michaelis et
+al. applied to COCO's images at their own size): each image is corrupted at its original size, from a generator
+seeded by (``seed``, corruption, severity, file name), then letterboxed; no coco-c folder is read.
+
 Every image is letterboxed to ``image_size`` x ``image_size`` (scaled to fit, aspect kept, bilinear with
 antialiasing, then padded with grey 114 at the right and bottom): that is what the edge sees and what an upload
 carries, so its bytes are ``3 * image_size ** 2``. The ground truth is moved into the same frame (scaled; the
 padding adds no offset), which leaves every IoU, and so COCO's mAP over all areas, as in the original frame; areas,
 and with them the small/medium/large breakdown, are those of the letterboxed image.
-
-COCO-C is read from disk only: cemabench's corruptions are calibrated for 32-pixel images (the miniature), not for
-COCO's, so it does not generate COCO-C.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cemabench.data import DatasetSource
-from cemabench.datasets.corruptions import HENDRYCKS_ORDER
-from cemabench.datasets.imagenet import DataError, ImageFiles, _from_worker, _root
+from cemabench.datasets.corruptions import HENDRYCKS_ORDER, corrupt
+from cemabench.datasets.imagenet import SOURCES, DataError, ImageFiles, _from_worker, _root
 from cemabench.errors import UserError
+from cemabench.protocol.stream import derive_seed
 
 CLEAN = "clean"
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
@@ -51,6 +54,14 @@ def letterbox(pixels: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
 
 def _letterboxed(pixels: torch.Tensor, path: Path, size: int) -> torch.Tensor:
     return letterbox(pixels, size)[0]
+
+
+def _corrupted(pixels: torch.Tensor, path: Path, size: int, corruption: str, severity: int, seed: int
+               ) -> torch.Tensor:
+    """COCO-C generated: the image at its own size under ``corruption`` (ImageNet-C table), then letterboxed."""
+    rng = np.random.default_rng(derive_seed("coco-c-generated", seed, corruption, severity, path.name))
+    image = corrupt(pixels.permute(1, 2, 0).numpy()[None], corruption, severity, rng, table="imagenet")[0]
+    return letterbox(torch.from_numpy(image).permute(2, 0, 1), size)[0]
 
 
 def read_annotations(path: Path) -> dict:
@@ -76,9 +87,12 @@ class CocoDomain:
     the annotations file when the harness scores (:meth:`ground_truth`)."""
 
     def __init__(self, name: str, files: list[Path], image_ids: list[int], annotations: Path, size: int,
-                 workers: int = 0):
+                 workers: int = 0, generated: tuple[int, int] | None = None):
         self.name, self.files, self.image_ids, self.annotations = name, files, image_ids, annotations
         self.size, self.workers = size, workers
+        # (severity, seed): the domain's corruption is generated from the clean files when read
+        self.transform = partial(_letterboxed, size=size) if generated is None else partial(
+            _corrupted, size=size, corruption=name, severity=generated[0], seed=generated[1])
 
     @property
     def sample_nbytes(self) -> int:
@@ -92,7 +106,7 @@ class CocoDomain:
 
     def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
         batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-        loader = iter(DataLoader(ImageFiles(self.files, partial(_letterboxed, size=self.size)),
+        loader = iter(DataLoader(ImageFiles(self.files, self.transform),
                                  batch_sampler=batches, num_workers=self.workers, pin_memory=pin_memory))
         while True:
             try:
@@ -125,16 +139,20 @@ class CocoDomain:
 
 
 def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_size: int = 640, n_images: int = 0,
-           workers: int = 0) -> DatasetSource:
+           workers: int = 0, source: str = "disk", seed: int = 0) -> DatasetSource:
     """Factory of ``coco-c``: COCO 2017 val (``clean``) and COCO-C's corruptions at a severity, letterboxed to
-    ``image_size``. ``n_images``: the first that many val images in file-name order (0: all 5,000)."""
+    ``image_size``. ``n_images``: the first that many val images in file-name order (0: all 5,000). ``source``:
+    ``disk`` reads coco-c/, ``generated`` corrupts val2017 when read (seeded by ``seed``)."""
     root = _root(data_root, "coco-c", LAYOUT)
+    if source not in SOURCES:
+        raise UserError(f"coco-c source must be one of {', '.join(SOURCES)}, got {source!r}")
     unknown = [d for d in domains if d not in HENDRYCKS_ORDER and d != CLEAN]
     if unknown:
         raise UserError(f"unknown COCO-C domain(s) {', '.join(unknown)}; valid: {', '.join(HENDRYCKS_ORDER)}, {CLEAN}")
     if severity not in (1, 2, 3, 4, 5):
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
-    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0)):
+    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0),
+                             ("seed", seed, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"coco-c option {name} must be an integer >= {low}, got {value!r}")
     if not (root / "val2017").is_dir():
@@ -151,17 +169,27 @@ def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_siz
     ids = [i["id"] for i in listed]
     out = []
     for d in domains:
+        if d != CLEAN and source == "generated":
+            files = [root / "val2017" / i["file_name"] for i in listed]
+            out.append(CocoDomain(d, files, ids, root / ANNOTATIONS, image_size, workers, (severity, seed)))
+            continue
         folder = root / "val2017" if d == CLEAN else root / "coco-c" / d / str(severity)
         if not folder.is_dir():
             raise UserError(f"{folder} not found: COCO-C is read as coco-c/<corruption>/<severity>/<file_name>, "
-                            f"the layout imagecorruptions writes; cemabench does not generate it")
+                            f"the layout imagecorruptions writes (or generated from val2017 with the dataset option "
+                            f"source=generated)")
         files = [folder / i["file_name"] for i in listed]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise UserError(f"{len(absent)} of {len(files)} images are missing from {folder} (first: {absent[0]})")
         out.append(CocoDomain(d, files, ids, root / ANNOTATIONS, image_size, workers))
+    generated = {"dataset": "COCO 2017 val / COCO-C generated", "source": source, "seed": seed,
+                 "generator": "cemabench's ImageNet-C table (corruptions_imagenet: imagecorruptions 1.1.2's "
+                              "operations and parameters) on each val2017 image at its own size, then the "
+                              "letterbox; not JPEG-encoded after corruption"}
     return DatasetSource(
         name="coco-c", num_classes=max(c["id"] for c in doc["categories"]) + 1, domains=out, clean=None,
         is_miniature=False, task="detection",
         provenance={"dataset": "COCO 2017 val / COCO-C", "severity": severity, "images_per_domain": len(ids),
-                    "image_size": image_size, "resize": f"letterbox to {image_size} px, grey padding"})
+                    "image_size": image_size, "resize": f"letterbox to {image_size} px, grey padding",
+                    **(generated if source == "generated" else {})})

@@ -1,10 +1,12 @@
-"""The 15 ImageNet-C corruption types, vectorised over a batch of small images.
+"""The 15 ImageNet-C corruption types under two severity tables, chosen by image size or by name (``TABLES``).
 
-Used only to build the embedded miniature; real ImageNet-C is read from disk, never generated here.
-Severity parameters follow Hendrycks & Dietterich's table for 32-pixel images (the CIFAR-10-C variant), because the
-ImageNet table is calibrated for 224-pixel images and would erase a 32-pixel digit. Two parts differ from the
-original by necessity: motion blur uses a Gaussian line kernel instead of ImageMagick's, and frost uses a procedural
-ice texture instead of the six frost photographs. Every draw comes from the ``numpy.random.Generator`` passed in.
+``cifar``, vectorised over a batch of small images, builds the embedded miniatures: severity parameters follow
+Hendrycks & Dietterich's table for 32-pixel images (the CIFAR-10-C variant), because the ImageNet table is calibrated
+for 224-pixel images and would erase a 32-pixel digit. Two parts differ from the original by necessity: motion blur
+uses a Gaussian line kernel instead of ImageMagick's, and frost uses a procedural ice texture instead of the six frost
+photographs. ``imagenet`` (:mod:`cemabench.datasets.corruptions_imagenet`) is the ImageNet-C table for images of any
+size, as imagecorruptions applies it (ImageNet's validation images for CCC, COCO for COCO-C). Every draw comes from
+the ``numpy.random.Generator`` passed in.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from cemabench.datasets.corruptions_imagenet import corrupt_each
+from cemabench.datasets.severity import at as _at
+
 HENDRYCKS_ORDER = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
     "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
@@ -26,22 +31,6 @@ HENDRYCKS_ORDER = (
 Corruption = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 # snow's parameters at severity 0: no flake passes the threshold and the image is not greyed
 SNOW_ZERO = (0.1, 0.2, 1, 1.0, 8, 3, 1.0)
-
-
-def _at(table: tuple, severity: float, zero, inverse: bool = False):
-    """A corruption's parameters at ``severity``: the table's entry at an integer severity 1 to 5, and between two
-    integer severities the linear interpolation of their entries (CCC's finer severities), severity 0 standing for
-    ``zero``, parameters that leave an image (nearly) as it is; ``inverse`` interpolates reciprocals (shot noise's
-    photon count, infinite at severity 0)."""
-    if severity == int(severity):
-        return table[int(severity) - 1]
-    low, w = int(severity), severity - int(severity)
-    a, b = (zero if low == 0 else table[low - 1]), table[low]
-
-    def mix(u, v):
-        return 1 / ((1 - w) / u + w / v) if inverse else (1 - w) * u + w * v
-
-    return tuple(map(mix, a, b)) if isinstance(b, tuple) else mix(a, b)
 
 
 def _per_channel(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -266,16 +255,33 @@ def jpeg_compression(x, severity, rng):
 
 
 CORRUPTIONS: dict[str, Corruption] = {name: globals()[name] for name in HENDRYCKS_ORDER}
+TABLES = ("cifar", "imagenet")
+SMALL = 64  # images no larger than this on either side take the 32 px table unless one is named
 
 
-def corrupt(images: np.ndarray, name: str, severity: float, rng: np.random.Generator) -> np.ndarray:
+def table_for(images: np.ndarray, table: str | None = None) -> str:
+    """The severity table for ``images`` (N, H, W, 3): ``table`` when given, else ``cifar`` for images of at most
+    ``SMALL`` px on each side (the miniatures' 32 and 64 px) and ``imagenet`` for larger ones."""
+    if table is None:
+        return "cifar" if max(images.shape[1:3]) <= SMALL else "imagenet"
+    if table not in TABLES:
+        raise ValueError(f"unknown corruption table {table!r}; valid: {', '.join(TABLES)}")
+    return table
+
+
+def corrupt(images: np.ndarray, name: str, severity: float, rng: np.random.Generator,
+            table: str | None = None) -> np.ndarray:
     """Corrupt uint8 images of shape (N, H, W, 3); returns uint8 of the same shape. ``severity`` is 1 to 5, or any
-    value from 0 (the images as they are) to 5 between them (parameters interpolated: CCC's finer severities)."""
+    value from 0 (the images as they are) to 5 between them (parameters interpolated: CCC's finer severities).
+    ``table`` names the severity table (``TABLES``); by default it follows the image size (``table_for``)."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(HENDRYCKS_ORDER)}")
     if not 0 <= severity <= 5:
         raise ValueError(f"severity must be from 0 to 5, got {severity}")
+    table = table_for(images, table)
     if severity == 0:
         return images.copy()
+    if table == "imagenet":
+        return corrupt_each(images, name, severity, rng)
     out = CORRUPTIONS[name](images.astype(np.float64) / 255, severity, rng)
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)

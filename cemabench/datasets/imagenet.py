@@ -1,16 +1,17 @@
-"""ImageNet-C and ImageNet-R, read from disk in their published folder layouts.
+"""ImageNet-C and ImageNet-R, read from disk in their published folder layouts, or ImageNet-C generated from the
+validation images with cemabench's ImageNet-C table (``source = "generated"``; the ``ccc`` setting's source).
 
     ROOT/imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG   (already 224 px: no resize, no crop)
     ROOT/imagenet-r/<wnid>/*.jpg                            (200 classes: resize 256, centre crop 224)
-    ROOT/imagenet/val/<wnid>/*.JPEG                         (optional clean images, e.g. for EATA's Fisher)
+    ROOT/imagenet/val/<wnid>/*.JPEG                         (clean images: EATA's Fisher; the generated source)
 
 Labels are indices into the 1000 ImageNet classes in sorted-wnid order (torchvision's and timm's order).
 """
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -20,13 +21,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from cemabench.data import DatasetSource
-from cemabench.datasets.corruptions import HENDRYCKS_ORDER
+from cemabench.data import Corruptor, DatasetSource, sequential_batches
+from cemabench.datasets.corruptions import HENDRYCKS_ORDER, corrupt
 from cemabench.errors import UserError
+from cemabench.protocol.stream import derive_seed
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SUBSETS = ("all", "robustbench-5000")
 SCORINGS = ("mask-200", "argmax-1000")
+SOURCES = ("disk", "generated")
+CCC_CALIBRATION = 100  # clean validation images the ccc setting's calibration measures the source model on
 RESIZE_CROP = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
 
 
@@ -116,6 +120,60 @@ class ImageFolderDomain:
         return np.asarray([self.label_of[f.parent.name] for f in self.files], dtype=np.int64)
 
 
+@dataclass
+class CleanImages:
+    """The clean validation images as uint8 (N, 224, 224, 3), decoded (resize 256, centre crop 224) only when
+    indexed with an integer array: 50,000 of them are never held at once."""
+
+    files: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 224, 224, 3)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        decode = ImageFiles(self.files, partial(_imagenet_pixels, resize=True))
+        picked = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(picked), 224, 224, 3), dtype=np.uint8)
+        for k, i in enumerate(picked.tolist()):
+            out[k] = decode[i].permute(1, 2, 0).numpy()
+        return out
+
+
+@dataclass
+class GeneratedDomain:
+    """ImageNet-C generated when read: clean image i under ``name`` at ``severity`` with cemabench's ImageNet-C table,
+    from a generator seeded by (``seed``, name, severity, i), so any batch in any order gives the same pixels."""
+
+    name: str
+    clean: CleanImages
+    severity: float
+    seed: int
+    label_source: Callable[[], np.ndarray] = field(repr=False)
+
+    sample_nbytes = 3 * 224 * 224
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def pixels_at(self, indices: np.ndarray) -> np.ndarray:
+        clean = self.clean[indices]
+        return np.concatenate([corrupt(clean[k:k + 1], self.name, self.severity, np.random.default_rng(
+            derive_seed("imagenet-c-generated", self.seed, self.name, self.severity, i)), table="imagenet")
+            for k, i in enumerate(np.asarray(indices).reshape(-1).tolist())]) if len(clean) else clean
+
+    def images(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.pixels_at(indices)).permute(0, 3, 1, 2).float().div_(255).contiguous()
+
+    batches = sequential_batches
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.label_source(), dtype=np.int64)
+
+
 def _from_worker(error: DataError) -> DataError:
     """A worker's DataError arrives as "Caught DataError in DataLoader worker process N." and the worker's traceback,
     whose last line is the message that names the file: that message comes first again."""
@@ -188,17 +246,28 @@ def _clean(root: Path, wnids: list[str], workers: int) -> ImageFolderDomain | No
 
 
 def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: str = "all",
-               subset_file: str | None = None, workers: int = 4) -> DatasetSource:
-    """Factory of the ``imagenet-c`` dataset (options: subset = all | robustbench-5000, subset_file, workers)."""
-    layout = "expected ROOT/imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG"
-    root = _root(data_root, "imagenet-c", "imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG")
+               subset_file: str | None = None, workers: int = 4, source: str = "disk", seed: int = 0,
+               ccc_calibration: int = CCC_CALIBRATION) -> DatasetSource:
+    """Factory of the ``imagenet-c`` dataset (options: subset = all | robustbench-5000, subset_file, workers, source
+    = disk | generated, and for generated: seed, ccc_calibration)."""
+    if source not in SOURCES:
+        raise UserError(f"imagenet-c source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "disk":
+        root = _root(data_root, "imagenet-c", "imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG")
+    else:
+        root = _root(data_root, "imagenet-c", "imagenet/val/<wnid>/*.JPEG (source = generated)")
     if subset not in SUBSETS:
         raise UserError(f"imagenet-c subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     unknown = [d for d in domains if d not in HENDRYCKS_ORDER]
     if unknown:
         raise UserError(f"unknown ImageNet-C corruption(s) {', '.join(unknown)}; valid: {', '.join(HENDRYCKS_ORDER)}")
+    if not (isinstance(ccc_calibration, int) and ccc_calibration >= 1):
+        raise UserError(f"imagenet-c ccc_calibration must be a whole number of images >= 1, got {ccc_calibration!r}")
     wnids = imagenet_wnids()
     keep = robustbench_subset(subset_file) if subset == "robustbench-5000" else None
+    if source == "generated":
+        return _generated(root, wnids, severity, domains, subset, keep, seed, ccc_calibration, workers)
+    layout = "expected ROOT/imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG"
     made = []
     for corruption in domains:
         classes = _class_folders(root / "imagenet-c" / corruption / str(severity), wnids, layout)
@@ -214,6 +283,35 @@ def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: st
         provenance={"dataset": "ImageNet-C", "severity": severity, "subset": subset,
                     "images_per_domain": {d.name: len(d) for d in made},
                     "preprocessing": "none (224 px as stored); each model normalises with its own mean/std"})
+
+
+def _generated(root: Path, wnids: list[str], severity: int, domains, subset: str, keep: set[str] | None, seed: int,
+               calibration: int, workers: int) -> DatasetSource:
+    """ImageNet-C generated from ROOT/imagenet/val: each domain lazily, and a lazy corruptor for the ccc setting."""
+    where = "expected ROOT/imagenet/val/<wnid>/*.JPEG (source = generated corrupts the validation images)"
+    classes = _class_folders(root / "imagenet" / "val", wnids, where)
+    files = _files(classes, where)
+    if keep is not None:
+        files = [f for f in files if f"{f.parent.name}/{f.name}" in keep]
+        if not files:
+            raise UserError(f"none of the images under {root / 'imagenet' / 'val'} is in the robustbench-5000 list")
+    label_of = _label_of(classes)
+    clean_images = CleanImages(files)
+    labels = ImageFolderDomain("imagenet-val", files, label_of, resize=True, workers=0).labels
+    made = [GeneratedDomain(name, clean_images, severity, seed, labels) for name in domains]
+    return DatasetSource(
+        name="imagenet-c", num_classes=1000, domains=made,
+        clean=ImageFolderDomain("imagenet-val", files, label_of, resize=True, workers=workers), is_miniature=False,
+        corruptor=Corruptor(lambda: clean_images, labels, partial(corrupt, table="imagenet"), lazy=True,
+                            calibration_images=calibration),
+        provenance={"dataset": "ImageNet-C generated from the ImageNet validation images", "severity": severity,
+                    "subset": subset, "images_per_domain": {d.name: len(d) for d in made},
+                    "generator": "cemabench's ImageNet-C table (corruptions_imagenet; imagecorruptions 1.1.2's "
+                                 "operations and make_imagenet_c.py's parameters), each image from its own seeded "
+                                 "generator, not JPEG-encoded after corruption",
+                    "seed": seed, "ccc_calibration_images": calibration,
+                    "preprocessing": "resize 256, centre crop 224, then corruption; each model normalises with its "
+                                     "own mean/std"})
 
 
 def imagenet_r(data_root, severity: int = 0, domains=("imagenet-r",), scoring: str = "mask-200",

@@ -17,9 +17,17 @@ Where this differs from the official code, for a miniature that is generated on 
 images the stream draws from (the official measured on a calibration set of its own), images are not cropped,
 flipped or JPEG-encoded before corruption (digits must not be flipped, and the miniature stores no JPEG), and the
 corruptions are the table's domains (the official drops some per difficulty, those that cannot reach its target).
+
+On ImageNet (imagenet-c with source = generated) the clean images are the validation images, resized to 256 and
+centre-cropped to 224 when read, and corrupted with the ImageNet-C table; the stream is a :class:`GeneratedStream`,
+each image generated when read from a generator of its own (the 7,500,000 images of a published stream cannot be
+held), on the same 0.5 grid, calibrated on ``calibration_images`` validation images (100 by default; the official
+generator reads a published matrix, ``ccc_accuracy_matrix.pickle``, measured on a calibration set it does not
+ship), and not cropped at random, flipped or JPEG-encoded (the official does all three).
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 
@@ -27,12 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cemabench.data import ArrayDomain, Corruptor
+from cemabench.data import ArrayDomain, Corruptor, sequential_batches
 from cemabench.protocol.execution import deterministic_threads
 from cemabench.protocol.stream import derive_seed
 
 LEVELS = tuple(float(s) for s in np.arange(0, 5.01, 0.5))  # the severity grid: 0 (none), 0.5, ..., 5
-CALIBRATION_IMAGES = 100
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,8 @@ class Calibration:
     (first, second) corruption pair at every point of the severity grid; a pair's matrix is measured when first
     needed."""
 
-    def __init__(self, corruptor: Corruptor, model: nn.Module, size: int = CALIBRATION_IMAGES):
-        images = corruptor.images()
+    def __init__(self, corruptor: Corruptor, model: nn.Module, size: int | None = None):
+        images, size = corruptor.images(), size or corruptor.calibration_images
         pick = np.random.default_rng(derive_seed("ccc-calibration")).permutation(len(images))[:size]
         self.images, self.labels = images[pick], np.asarray(corruptor.labels())[pick]
         self.corrupt, self.model = corruptor.corrupt, model
@@ -126,22 +133,70 @@ def _labels_at(labels, chosen: np.ndarray) -> np.ndarray:
     return np.asarray(labels())[chosen]
 
 
+@dataclass
+class GeneratedStream:
+    """A CCC stream generated when read (a lazy corruptor's: clean images too many to hold): the image at position p
+    is clean image ``chosen[p]`` under its step's two corruptions, drawn from a generator seeded by ``key`` and p, so
+    any batch, in any order, gives the same pixels."""
+
+    name: str
+    corruptor: Corruptor
+    steps: list[Step]
+    chosen: np.ndarray
+    key: tuple
+
+    def __post_init__(self):
+        self._starts = [s.start for s in self.steps]
+
+    @property
+    def sample_nbytes(self) -> int:
+        """Raw uint8 bytes of one sample (H * W * 3)."""
+        return int(np.prod(self.corruptor.images().shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def pixels_at(self, positions: np.ndarray) -> np.ndarray:
+        """The uint8 images (N, H, W, 3) at stream ``positions``."""
+        positions = np.asarray(positions, dtype=np.int64)
+        clean = self.corruptor.images()[self.chosen[positions]]
+        out = np.empty_like(clean)
+        for k, position in enumerate(positions.tolist()):
+            step = self.steps[bisect.bisect_right(self._starts, position) - 1]
+            rng = _rng(*self.key, position)
+            once = self.corruptor.corrupt(clean[k:k + 1], step.first, step.s1, rng)
+            out[k] = self.corruptor.corrupt(once, step.second, step.s2, rng)[0]
+        return out
+
+    def images(self, indices: np.ndarray) -> torch.Tensor:
+        """The images at ``indices`` as float (N, 3, H, W) in [0, 1]."""
+        return torch.from_numpy(self.pixels_at(indices)).permute(0, 3, 1, 2).float().div_(255).contiguous()
+
+    batches = sequential_batches
+
+    def labels(self) -> np.ndarray:
+        return _labels_at(self.corruptor.labels, self.chosen)
+
+
 def build(corruptor: Corruptor, model: nn.Module, corruptions: tuple[str, ...], seed: int, difficulty: float,
-          speed: int, length: int, calibration: Calibration | None = None) -> tuple[ArrayDomain, list[Step]]:
+          speed: int, length: int, calibration: Calibration | None = None
+          ) -> tuple[ArrayDomain | GeneratedStream, list[Step]]:
     """The CCC stream (a domain named ``ccc``, its images in stream order) and its walk, from ``seed``; labels are
-    read from the corruptor only when the domain's are."""
+    read from the corruptor only when the domain's are. A lazy corruptor's stream is a :class:`GeneratedStream`,
+    whose images are generated when read; the walk and the clean images drawn come from the same seed."""
     if len(corruptions) < 2:
         raise ValueError("the ccc setting needs at least two corruptions (the table's domains) to walk between")
     calibration = calibration or Calibration(corruptor, model)
     images = corruptor.images()
-    rng = _rng("ccc", seed, difficulty, speed, length, *corruptions)
+    key = ("ccc", seed, difficulty, speed, length, *corruptions)
+    rng = _rng(*key)
 
     def other(than: str) -> str:
         return str(rng.choice([c for c in corruptions if c != than]))
 
     first = str(rng.choice(corruptions))
     second = other(first)
-    pixels = np.empty((length, *images.shape[1:]), dtype=np.uint8)
+    pixels = None if corruptor.lazy else np.empty((length, *images.shape[1:]), dtype=np.uint8)
     chosen = np.empty(length, dtype=np.int64)
     steps: list[Step] = []
     position = 0
@@ -152,10 +207,13 @@ def build(corruptor: Corruptor, model: nn.Module, corruptions: tuple[str, ...], 
             if count == 0:
                 break
             pick = rng.choice(len(images), count, replace=count > len(images))
-            x = corruptor.corrupt(images[pick], first, LEVELS[i], rng)
-            pixels[position:position + count] = corruptor.corrupt(x, second, LEVELS[j], rng)
+            if pixels is not None:
+                x = corruptor.corrupt(images[pick], first, LEVELS[i], rng)
+                pixels[position:position + count] = corruptor.corrupt(x, second, LEVELS[j], rng)
             chosen[position:position + count] = pick
             steps.append(Step(first, LEVELS[i], second, LEVELS[j], position, count, float(matrix[i, j])))
             position += count
         first, second = second, other(second)
+    if pixels is None:
+        return GeneratedStream("ccc", corruptor, steps, chosen, (*key, "image")), steps
     return ArrayDomain("ccc", pixels, functools.partial(_labels_at, corruptor.labels, chosen)), steps

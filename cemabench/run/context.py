@@ -148,8 +148,9 @@ class TableContext:
         the user's error, before any compute."""
         if parse_setting(self.spec.protocol.setting)[0] == CCC and self.dataset.corruptor is None:
             raise UserError(f"setting ccc generates its stream with the dataset's own corruption generator, and "
-                            f"{self.dataset.name} has none (ImageNet's CCC from its validation images is not built "
-                            f"yet): leave out --data-root to run it on the embedded miniature")
+                            f"{self.dataset.name} has none here (imagenet-c has one with the dataset option source="
+                            f"generated, from ROOT/imagenet/val; the ccc table sets it): leave out --data-root to run "
+                            f"it on the embedded miniature")
 
     def ccc_block(self, seed: int, protocol) -> Block:
         """The ccc setting's stream for ``seed``: one block, in its generated order (built once per process)."""
