@@ -126,6 +126,8 @@ class FuseNorm(nn.Module):
             self.biases = torch.zeros_like(self.origin_bias)[None]
         self.epsilon_weight = nn.Parameter(torch.zeros_like(self.origin_weight)) if offsets else None
         self.epsilon_bias = nn.Parameter(torch.zeros_like(self.origin_bias)) if offsets else None
+        # a batch with one value per channel has no statistics: the source's, as use_batch_statistics does
+        self.source_statistics = (getattr(norm, "source_running_mean", None), getattr(norm, "source_running_var", None))
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weights is None:
@@ -141,6 +143,9 @@ class FuseNorm(nn.Module):
         weight, bias = self.fused()
         if self.layer:
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        mean, var = self.source_statistics
+        if x.dim() >= 2 and x.numel() == x.shape[1] and mean is not None and var is not None:
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cemabench.cli import main
+from cemabench.errors import UserError
 from cemabench.report.leaderboard import render
 from cemabench.run import runner
 from cemabench.tables.spec import load_table
@@ -259,60 +260,79 @@ def test_isolated_halves_under_ray_give_the_in_process_numbers(tmp_path, local_r
     assert isolated["isolated"] is True and numbers(isolated) == numbers(inline)
 
 
-ISOLATED_LOOP = """
-import json, sys
-from pathlib import Path
-from cemabench.protocol import hygiene
-from cemabench.run import runner
-from cemabench.tables.spec import load_table
-spec = load_table(sys.argv[1])
-try:
-    doc = runner.reproduce(spec, None, Path(sys.argv[2]), jobs=1, progress=False, isolate=True)
-    outcome = [c["status"] for c in doc["cells"]]
-    (Path(sys.argv[2]) / "doc.json").write_text(json.dumps(doc))
-except Exception as error:
-    outcome = f"{type(error).__name__}: {error}"
-plugins = sorted(m for m in sys.modules if m.startswith("cemabench_methods") or m in ("patcher", "hostile"))
-print(json.dumps({"outcome": outcome, "plugins": plugins, "replaced": hygiene.replaced_harness_code()}))
-"""
+
+@pytest.fixture
+def no_method_class_here(monkeypatch):
+    """Fails the test if this process (the loop's) asks the registry for a method's class or builds one: isolated,
+    the planner processes and the halves do that, in processes of their own."""
+    from cemabench import registry
+
+    asked = []
+    load, load_method, build_method = registry.load, registry.load_method, registry.build_method
+
+    def guarded_load(kind, name, *args, **kwargs):
+        if kind == "methods":
+            asked.append(name)
+        return load(kind, name, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "load", guarded_load)
+    monkeypatch.setattr(registry, "load_method", lambda name, *a, **k: asked.append(name) or load_method(name, *a, **k))
+    monkeypatch.setattr(registry, "build_method", lambda name, *a, **k: asked.append(name) or build_method(name, *a,
+                                                                                                           **k))
+    return asked
 
 
-def _isolated_loop(spec_path, out, *paths) -> dict:
-    """Reproduce a table isolated in a fresh interpreter: what it gave, and the method modules its process imported."""
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), *sys.path])}
-    done = subprocess.run([sys.executable, "-c", ISOLATED_LOOP, str(spec_path), str(out)], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_the_loops_process_imports_no_method_plugin_isolated(tmp_path):
+def test_the_loops_process_asks_no_method_class_isolated(tmp_path, no_method_class_here):
     """Issue 22, scope 4: isolated, the methods' classes are asked in planner processes of their own (options,
     protocol, task, models, derived options, code digests) and a unit's halves build the method, so the process that
-    holds the labels, the link, scoring and the store never imports a method's module (here: tent's, and
-    random-upload's, whose options derive from tent's records at run time)."""
+    holds the labels, the link, scoring and the store neither imports nor asks a method's class (here tent, and
+    random-upload, whose options derive from tent's records at run time). What the planners answer is what this
+    process's classes answer."""
     spec = _spec(tmp_path, ["tent"])
     text = (tmp_path / "iso.toml").read_text() + '[[methods]]\nname = "random-upload"\nmatch_uploads_of = "tent"\n'
     (tmp_path / "iso.toml").write_text(text)
-    report = _isolated_loop(tmp_path / "iso.toml", tmp_path / "out")
-    assert report == {"outcome": ["ok", "ok"], "plugins": [], "replaced": []}, report
-    inline = runner.reproduce(load_table(str(tmp_path / "iso.toml")), None, tmp_path / "inline", jobs=1,
-                              progress=False)
-    isolated = json.loads((tmp_path / "out" / "doc.json").read_text())
-    assert numbers(isolated) == numbers(inline)
-    assert isolated["methods"] == inline["methods"]  # papers, reference points and code digests, asked apart
-    assert spec.name == "iso"
+    spec = load_table(str(tmp_path / "iso.toml"))
+    no_method_class_here.clear()  # writing the spec asked for the test's small options
+    isolated = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    assert [c["status"] for c in isolated["cells"]] == ["ok", "ok"] and no_method_class_here == []
+    assert isolated["cells"][1]["upload_percent"] == isolated["cells"][0]["upload_percent"]  # derived, apart
+    recipe, context = runner.prepare(spec, None)  # the same questions, asked in this process
+    try:
+        assert [{k: m[k] for k in ("paper", "reference", "code")} for m in isolated["methods"]] == [
+            context.about(name) for name in ("tent", "random-upload")]
+    finally:
+        runner.forget(recipe)
 
 
-def test_a_plugin_that_patches_the_harness_at_import_never_runs_in_the_loops_process(tmp_path):
+def test_a_plugin_that_patches_the_harness_at_import_never_runs_in_the_loops_process(tmp_path, monkeypatch,
+                                                                                       no_method_class_here):
     """Issue 22, finding 9, isolated: the plugin that switches the guard off when imported is imported only in its
-    planner process, which finds the harness's code replaced: the table is refused before any compute, naming the
-    method, and the loop's process is untouched (its harness code as imported, and no trace of the module)."""
-    spec_path = write_spec(tmp_path / "small.toml", ["source", "patches-the-guard"])
-    report = _isolated_loop(spec_path, tmp_path / "out", Path(__file__).parent / "plugins_patching")
-    assert report["plugins"] == [] and report["replaced"] == []
-    assert report["outcome"].startswith("UserError: method patches-the-guard could not be planned in its own process")
-    assert "replaced cemabench's own code" in report["outcome"] and "ForwardOnlyEdge._changed" in report["outcome"]
+    planner process, which finds the harness's code replaced: the table is refused before any compute (exit 2),
+    naming the method, and the loop's process is untouched (its harness code as imported, and no trace of the
+    module)."""
+    import sys
+
+    from cemabench.protocol import hygiene
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins_patching"))
+    monkeypatch.delitem(sys.modules, "patcher", raising=False)
+    spec = write_spec(tmp_path / "small.toml", ["source", "patches-the-guard"])
+    with pytest.raises(UserError) as refused:
+        runner.reproduce(load_table(spec), None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    message = str(refused.value)
+    assert message.startswith("method patches-the-guard could not be planned in its own process (--isolate)")
+    assert "replaced cemabench's own code" in message and "ForwardOnlyEdge._changed" in message
+    assert "patcher" not in sys.modules and hygiene.replaced_harness_code() == [] and no_method_class_here == []
+    assert not (tmp_path / "out" / "cells").exists() or not list((tmp_path / "out" / "cells").rglob("*.json"))
+
+
+def test_a_class_hook_that_never_returns_ends_the_plan_isolated(plugins, tmp_path, monkeypatch):
+    """Issue 22: isolated, each question to a method's class has a time (planner.PLAN_TIMEOUT_S); a hook that never
+    returns is refused before any compute, naming the method, where in process it would hold the table."""
+    from cemabench.protocol import planner
+
+    monkeypatch.setattr(planner, "PLAN_TIMEOUT_S", 2.0)
+    spec = write_spec(tmp_path / "small.toml", ["source", "hangs-when-planned"])
+    with pytest.raises(UserError, match=r"^method hangs-when-planned could not be planned in its own process "
+                                        r"\(--isolate\): the planner half did not answer 'check_models' within 2 s"):
+        runner.reproduce(load_table(spec), None, tmp_path / "out", jobs=1, progress=False, isolate=True)

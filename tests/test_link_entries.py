@@ -58,10 +58,10 @@ def test_an_entrys_link_keys_its_units_apart_with_its_codecs_library(tmp_path):
     context = TableContext(spec, None)
     raw, coded = (task for task in plan(spec, spec.miniature, (0,)))
     assert coded.link == (("input_codec", "jpeg:75"),) and raw.link == ()
-    keys = [context.unit_key(task.resolve([])) for task in (raw, coded)]
+    keys = [context.unit_key(task.resolve([], context.planner)) for task in (raw, coded)]
     assert keys[0] != keys[1]
-    assert "libjpeg_turbo" in context.unit_config(coded.resolve([])) and \
-        "libjpeg_turbo" not in context.unit_config(raw.resolve([]))
+    assert "libjpeg_turbo" in context.unit_config(coded.resolve([], context.planner)) and \
+        "libjpeg_turbo" not in context.unit_config(raw.resolve([], context.planner))
 
 
 def test_a_sweep_grid_may_name_the_entrys_link_fields(tmp_path):

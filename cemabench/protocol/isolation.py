@@ -437,9 +437,11 @@ class Half:
         except (AttributeError, OSError):
             self.pidfd = None
 
-    def call(self, op: str, *args) -> dict:
+    def call(self, op: str, *args, timeout: float | None = None) -> dict:
         try:
             self.conn.send_bytes(pack((op, args, rng_state(self.device))))
+            if timeout is not None and not self.conn.poll(timeout):
+                raise HalfFailed(f"the {self.role} half did not answer {op!r} within {timeout:g} s")
             reply = unpack(self.conn.recv_bytes(MAX_MESSAGE), self.role)
         except (EOFError, OSError, BrokenPipeError):
             raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "

@@ -131,6 +131,9 @@ class _PlannerSide:
 SIDES["planner"] = _PlannerSide
 
 
+PLAN_TIMEOUT_S = 600.0  # what one question to a method's class may take (a hook that never returns ends the plan)
+
+
 class IsolatedPlanner:
     """Each method's class asked in a planner process of its own (``--isolate``): one per method, started on its
     first question and kept for the table, so that one plugin's import-time code reaches neither this process nor
@@ -149,11 +152,11 @@ class IsolatedPlanner:
         try:
             if name not in self.halves:
                 half = self.halves[name] = Half("planner", torch.device("cpu"))
-                half.call("planner")
+                half.call("planner", timeout=PLAN_TIMEOUT_S)
             half = self.halves[name]
             state = rng_state(half.device)  # an answer carries the planner's random state: the loop keeps its own
             try:
-                return half.call(op, *args)
+                return half.call(op, *args, timeout=PLAN_TIMEOUT_S)
             finally:
                 set_rng_state(state, half.device)
         except HalfFailed as error:  # a plugin that cannot be asked (it replaced the harness's code at import, say)

@@ -2,6 +2,7 @@
 that computes it (:func:`cemabench.provenance.code_digest`)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ class TableContext:
         overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
         self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
         self._about: dict[str, dict] = {}
+        self._facts: dict[tuple, object] = {}  # isolated: the planner's MethodFacts, by (method, options)
         self._datasets: dict[int, object] = {}
         self._ccc: dict[tuple, object] = {}  # the ccc setting's generated streams, by seed and stream fields
         self._calibration = None
@@ -225,8 +227,11 @@ class TableContext:
 
     def run(self, unit: Unit) -> dict:
         if self.isolate:  # the planner's plain facts: the halves build the method, this process never imports it
-            method = self.planner.facts(unit.method, dict(unit.options), self.prototypes["edge"],
-                                        self.prototypes["foundation"])
+            key = (unit.method, json.dumps(unit.options, default=str))
+            if key not in self._facts:  # asked once per method and options (the models cross to the planner)
+                self._facts[key] = self.planner.facts(unit.method, dict(unit.options), self.prototypes["edge"],
+                                                      self.prototypes["foundation"])
+            method = dataclasses.replace(self._facts[key])  # a unit's own copy: the loop sets task and artefacts
         else:
             method = registry.build_method(unit.method, dict(unit.options))
         p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
