@@ -188,6 +188,12 @@ def digest(sources: dict[str, bytes]) -> str:
     return h.hexdigest()[:16]
 
 
+def warm() -> None:
+    """Parse the harness's modules once, so that processes forked from this one (the zygote's planners) start with
+    the parse cache a code digest reads."""
+    closure([PROTOCOL_ROOT, f"{HARNESS}.datasets", f"{HARNESS}.models", f"{HARNESS}.registry"], family(HARNESS))
+
+
 def modules_of(obj) -> set[str]:
     """The modules whose code an object runs: a model's every submodule class, a function's or class's module, an
     instance's class."""

@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from cemabench import registry
+from cemabench import provenance, registry
 from cemabench.config import Protocol
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, EdgeDecision, EntropyTables, MethodFacts, Upload
@@ -216,6 +216,7 @@ def zygote(fd: int) -> None:
             warnings.simplefilter("ignore")  # their deprecation notices, once per zygote, say nothing about the run
             importlib.import_module(name)
     native.meter_module()
+    provenance.warm()  # the harness's sources, parsed once for every planner's code digests
     # glibc's malloc serves a block above its mmap threshold (128 KiB at first) with fresh pages, and raises the
     # threshold to the size of such a block when it is freed. A long-lived process has long raised it; a half forked
     # from a zygote that never freed one would fault in new pages for every activation (a third of a miniature
