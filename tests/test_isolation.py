@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cemabench.cli import main
+from cemabench.errors import UserError
 from cemabench.report.leaderboard import render
 from cemabench.run import runner
 from cemabench.tables.spec import load_table
@@ -316,3 +317,40 @@ def test_a_plugin_that_patches_the_harness_at_import_never_runs_in_the_loops_pro
     assert report["plugins"] == [] and report["replaced"] == []
     assert report["outcome"].startswith("UserError: method patches-the-guard could not be planned in its own process")
     assert "replaced cemabench's own code" in report["outcome"] and "ForwardOnlyEdge._changed" in report["outcome"]
+
+
+def test_a_planner_that_never_answers_is_stopped_naming_its_method(plugins, tmp_path, monkeypatch):
+    """A plugin whose class hangs when asked (here check_protocol) in its planner is stopped after PLANNER_S, and the
+    table is refused before any compute in one line that names it (no planner had a bound)."""
+    from cemabench.protocol import planner
+
+    monkeypatch.setattr(planner, "PLANNER_S", 1.0)
+    with pytest.raises(UserError, match=r"method planner-sleeps could not be planned in its own process \(--isolate\):"
+                                        r" it did not answer within 1 s"):
+        runner.reproduce(_spec(tmp_path, ["source", "planner-sleeps"]), None, tmp_path / "out", jobs=1,
+                         progress=False, isolate=True)
+    assert not (tmp_path / "out" / "cells").exists() or not any((tmp_path / "out" / "cells").rglob("*.json"))
+
+
+@pytest.mark.parametrize("method, words", [
+    ("forges-its-random-state", "method forges-its-random-state could not be planned in its own process (--isolate): "
+                                "NotPlain: the planner half sent a malformed random state"),
+    ("changes-its-reference", "method changes-its-reference's planner sent a malformed paper or reference point")])
+def test_a_planners_malformed_answer_is_one_line_before_compute(plugins, tmp_path, method, words):
+    """What a planner sends is checked as plain data of its kind: a forged random state (which the loop's own state
+    would have been set from) or a reference point that is no reference point refuses the table in one line, before
+    any compute, where they were a TypeError's traceback and a list in the table document."""
+    with pytest.raises(UserError) as refused:
+        runner.reproduce(_spec(tmp_path, ["source", method]), None, tmp_path / "out", jobs=1, progress=False,
+                         isolate=True)
+    assert str(refused.value).startswith(words) and "\n" not in str(refused.value)
+    assert not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_a_class_named_otherwise_than_its_entry_point_runs_isolated_as_in_process(plugins, tmp_path):
+    """The README: a method's name defaults to its entry point's. A class that names itself otherwise ran in-process
+    and failed isolated (its halves looked up its class's name among the entry points): the halves build what the
+    loop asked the planner about."""
+    inline, isolated = _both(_spec(tmp_path, ["named-otherwise"]), tmp_path)
+    assert [c["status"] for c in isolated["cells"]] == ["ok"]
+    assert numbers(isolated) == numbers(inline)

@@ -65,6 +65,9 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context.check_stream()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"],
                  context.dataset.task, context.planner)
+    if isolate:  # what a planner says of its method (paper, reference point, code) is checked before any compute too
+        for entry in spec.methods:
+            context.about(entry.name)
     for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
         context.dataset_at(severity)
     return recipe, context
