@@ -4,6 +4,7 @@ cell; what a hostile plugin reached in-process (the scheduler, the other half) i
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,26 @@ def test_a_class_named_otherwise_than_its_entry_point_runs_isolated_as_in_proces
     inline, isolated = _both(_spec(tmp_path, ["named-otherwise"]), tmp_path)
     assert [c["status"] for c in isolated["cells"]] == ["ok"]
     assert numbers(isolated) == numbers(inline)
+
+
+def test_a_workers_context_that_makes_room_ends_its_planners(tmp_path):
+    """A long-lived (Ray) worker keeps its latest tables' contexts only; one it drops ends its planner processes
+    (each holds a method's module imported), which were left running for the worker's life."""
+    from cemabench.run import context as contexts
+
+    spec = _spec(tmp_path, ["source"])
+    first = contexts.context_for(contexts.ContextSpec(spec, isolate=True))
+    first.planner.check("source", {}, spec.protocol, None, False)  # starts source's planner
+    pid = first.planner.halves["source"].pid
+    try:
+        for _ in range(contexts.KEEP_CONTEXTS):  # later tables' contexts push the first out
+            contexts.context_for(contexts.ContextSpec(spec, isolate=True))
+        assert first not in contexts._CONTEXTS.values()
+        for _ in range(100):  # the planner's process is gone (killed, then reaped by the system)
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists()
+    finally:
+        first.planner.close()
+        contexts._CONTEXTS.clear()

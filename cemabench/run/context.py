@@ -281,7 +281,7 @@ def context_for(recipe: ContextSpec) -> TableContext:
     """This process's context for a recipe, built on first use (dataset and models once per worker)."""
     if recipe.token not in _CONTEXTS:
         while len(_CONTEXTS) >= KEEP_CONTEXTS:  # a long-lived (Ray) worker keeps the latest tables' contexts only
-            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+            _close(_CONTEXTS.pop(next(iter(_CONTEXTS))))
         _CONTEXTS[recipe.token] = recipe.build()
     return _CONTEXTS[recipe.token]
 
@@ -289,5 +289,11 @@ def context_for(recipe: ContextSpec) -> TableContext:
 def forget(recipe: ContextSpec) -> None:
     """Drop this process's context for a recipe (the runner's own, once its table is done), and end its planner."""
     context = _CONTEXTS.pop(recipe.token, None)
-    if context is not None and "planner" in context.__dict__:
+    if context is not None:
+        _close(context)
+
+
+def _close(context: TableContext) -> None:
+    """End a context's planner processes (``--isolate``), if it started any."""
+    if "planner" in context.__dict__:
         context.planner.close()
