@@ -70,9 +70,16 @@ def about(name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> 
                                 *[registry.load("models", zoo) for zoo in zoos])}
 
 
-def facts(name: str, options: dict, edge: nn.Module, foundation: nn.Module) -> MethodFacts:
-    """The plain stand-in of a built method (:class:`MethodFacts`), with the digest of its training's code."""
+def facts(name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
+          ) -> MethodFacts:
+    """The plain stand-in of a built method (:class:`MethodFacts`), with the digest of its training's code, after the
+    checks that a unit makes of the method it runs in-process (:func:`cemabench.protocol.loop.run_unit`), in its
+    order: the built method's protocol (a method's own check may read its options), declarations, task and labels."""
     method = registry.build_method(name, options)
+    method.check_protocol(protocol)
+    check_declared(method)
+    check_task(method, task)
+    check_labels(method, protocol)
     cls = type(method)
     values = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     return MethodFacts(name=method.name, options=values, online_options=tuple(cls.online_options),
@@ -95,8 +102,9 @@ class LocalPlanner:
     def about(self, name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> dict:
         return about(name, dataset, models, zoos)
 
-    def facts(self, name: str, options: dict, edge: nn.Module, foundation: nn.Module) -> MethodFacts:
-        return facts(name, options, edge, foundation)
+    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
+              ) -> MethodFacts:
+        return facts(name, options, protocol, task, edge, foundation)
 
     def close(self) -> None:
         pass
@@ -125,8 +133,8 @@ class _PlannerSide:
     def about(self, name, dataset, models, zoos) -> dict:
         return about(name, dataset, models, zoos)
 
-    def facts(self, name, options, edge, foundation) -> dict:
-        return dataclasses.asdict(facts(name, options, edge, foundation))
+    def facts(self, name, options, protocol, task, edge, foundation) -> dict:
+        return dataclasses.asdict(facts(name, options, Protocol(**protocol), task, edge, foundation))
 
 
 SIDES["planner"] = _PlannerSide
@@ -207,9 +215,11 @@ class IsolatedPlanner:
             raise UserError(f"method {name}'s planner sent a malformed paper or reference point")
         return {"paper": paper, "reference": reference, "code": code}
 
-    def facts(self, name: str, options: dict, edge: nn.Module, foundation: nn.Module) -> MethodFacts:
+    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
+              ) -> MethodFacts:
         try:
-            facts = MethodFacts.read(self._call(name, "facts", name, options, edge, foundation))
+            facts = MethodFacts.read(self._call(name, "facts", name, options, dataclasses.asdict(protocol), task, edge,
+                                                foundation))
         except ValueError as error:
             raise UserError(f"method {name}: {error}") from None
         return dataclasses.replace(facts, entry=name)  # the halves build what was asked about, whatever it says

@@ -224,12 +224,12 @@ class TableContext:
         return write
 
     def run(self, unit: Unit) -> dict:
+        p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
         if self.isolate:  # the planner's plain facts: the halves build the method, this process never imports it
-            method = self.planner.facts(unit.method, dict(unit.options), self.prototypes["edge"],
-                                        self.prototypes["foundation"])
+            method = self.planner.facts(unit.method, dict(unit.options), p, self.dataset.task,
+                                        self.prototypes["edge"], self.prototypes["foundation"])
         else:
             method = registry.build_method(unit.method, dict(unit.options))
-        p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
 
         def blocks(names):
             by_name = {d.name: d for d in self.dataset.domains}
