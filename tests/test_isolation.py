@@ -391,3 +391,19 @@ def test_a_units_own_checks_of_its_built_method_fail_it_isolated_as_in_process(t
     words = "UserError: method cola: option 'principals' must be at most the protocol's devices (2), got 3"
     for doc in (inline, isolated):
         assert [(c["status"], (c["message"] or "").split("\n")[0]) for c in doc["cells"]] == [("error", words)] * 2
+
+
+
+def test_status_isolated_imports_no_method_plugin_and_reads_records_as_reproduce_does(tmp_path, monkeypatch):
+    """`status --isolate` (the command `reproduce --isolate` suggests for an incomplete table) asked the methods'
+    classes in its own process, importing every method plugin beside the results store; and it called done a record
+    computed in-process, which `reproduce --isolate` computes again."""
+    import sys
+
+    spec = _spec(tmp_path, ["source"])
+    runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False)  # in-process: a record not isolated
+    assert [r["state"] for r in runner.status(spec, None, tmp_path / "out")] == ["done"]
+    monkeypatch.delitem(sys.modules, "cemabench_methods.source")  # put back afterwards, as it was
+    rows = runner.status(spec, None, tmp_path / "out", isolate=True)
+    assert "cemabench_methods.source" not in sys.modules
+    assert [(r["state"], r["detail"]) for r in rows] == [("missing", "computed in-process: --isolate computes it again")]
