@@ -406,4 +406,5 @@ def test_status_isolated_imports_no_method_plugin_and_reads_records_as_reproduce
     monkeypatch.delitem(sys.modules, "cemabench_methods.source")  # put back afterwards, as it was
     rows = runner.status(spec, None, tmp_path / "out", isolate=True)
     assert "cemabench_methods.source" not in sys.modules
-    assert [(r["state"], r["detail"]) for r in rows] == [("missing", "computed in-process: --isolate computes it again")]
+    assert [(r["state"], r["detail"]) for r in rows] == [("missing",
+                                                          "computed in-process: --isolate computes it again")]
