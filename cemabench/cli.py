@@ -387,7 +387,7 @@ def cmd_status(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; status reads the folder that `cemabench reproduce --out` wrote")
-    rows = status(spec, data_root, out, tuple(args.seed) if args.seed else None, **options)
+    rows = status(spec, data_root, out, tuple(args.seed) if args.seed else None, isolate=args.isolate, **options)
     print(pd.DataFrame(rows).to_markdown(index=False))
     counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "failed", "missing")}
     print(f"\n{spec.name}: {len(rows)} units: " + ", ".join(f"{n} {state}" for state, n in counts.items()))

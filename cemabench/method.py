@@ -258,6 +258,8 @@ class MethodFacts:
     task: str = "classification"
     protocol: Protocol | None = None
     artefacts: dict | None = None
+    # the entry-point name that the halves build the method from, set by the loop (a class may name itself otherwise)
+    entry: str | None = None
 
     @classmethod
     def read(cls, answer: dict) -> MethodFacts:

@@ -4,6 +4,7 @@ cell; what a hostile plugin reached in-process (the scheduler, the other half) i
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -307,9 +308,8 @@ def test_the_loops_process_asks_no_method_class_isolated(tmp_path, no_method_cla
 def test_a_plugin_that_patches_the_harness_at_import_never_runs_in_the_loops_process(tmp_path, monkeypatch,
                                                                                        no_method_class_here):
     """Issue 22, finding 9, isolated: the plugin that switches the guard off when imported is imported only in its
-    planner process, which finds the harness's code replaced: the table is refused before any compute (exit 2),
-    naming the method, and the loop's process is untouched (its harness code as imported, and no trace of the
-    module)."""
+    planner process, which finds the harness's code replaced: the table is refused before any compute, naming the
+    method, and the loop's process is untouched (its harness code as imported, and no trace of the module)."""
     import sys
 
     from cemabench.protocol import hygiene
@@ -326,13 +326,91 @@ def test_a_plugin_that_patches_the_harness_at_import_never_runs_in_the_loops_pro
     assert not (tmp_path / "out" / "cells").exists() or not list((tmp_path / "out" / "cells").rglob("*.json"))
 
 
-def test_a_class_hook_that_never_returns_ends_the_plan_isolated(plugins, tmp_path, monkeypatch):
-    """Issue 22: isolated, each question to a method's class has a time (planner.PLAN_TIMEOUT_S); a hook that never
-    returns is refused before any compute, naming the method, where in process it would hold the table."""
+def test_a_planner_that_never_answers_is_stopped_naming_its_method(plugins, tmp_path, monkeypatch):
+    """A plugin whose class hangs when asked (here check_protocol) in its planner is stopped after PLANNER_S, and the
+    table is refused before any compute in one line that names it (no planner had a bound)."""
     from cemabench.protocol import planner
 
-    monkeypatch.setattr(planner, "PLAN_TIMEOUT_S", 2.0)
-    spec = write_spec(tmp_path / "small.toml", ["source", "hangs-when-planned"])
-    with pytest.raises(UserError, match=r"^method hangs-when-planned could not be planned in its own process "
-                                        r"\(--isolate\): the planner half did not answer 'check_models' within 2 s"):
-        runner.reproduce(load_table(spec), None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    monkeypatch.setattr(planner, "PLANNER_S", 1.0)
+    with pytest.raises(UserError, match=r"method planner-sleeps could not be planned in its own process \(--isolate\):"
+                                        r" it did not answer within 1 s"):
+        runner.reproduce(_spec(tmp_path, ["source", "planner-sleeps"]), None, tmp_path / "out", jobs=1,
+                         progress=False, isolate=True)
+    assert not (tmp_path / "out" / "cells").exists() or not any((tmp_path / "out" / "cells").rglob("*.json"))
+
+
+@pytest.mark.parametrize("method, words", [
+    ("forges-its-random-state", "method forges-its-random-state could not be planned in its own process (--isolate): "
+                                "NotPlain: the planner half sent a malformed random state"),
+    ("changes-its-reference", "method changes-its-reference's planner sent a malformed paper or reference point")])
+def test_a_planners_malformed_answer_is_one_line_before_compute(plugins, tmp_path, method, words):
+    """What a planner sends is checked as plain data of its kind: a forged random state (which the loop's own state
+    would have been set from) or a reference point that is no reference point refuses the table in one line, before
+    any compute, where they were a TypeError's traceback and a list in the table document."""
+    with pytest.raises(UserError) as refused:
+        runner.reproduce(_spec(tmp_path, ["source", method]), None, tmp_path / "out", jobs=1, progress=False,
+                         isolate=True)
+    assert str(refused.value).startswith(words) and "\n" not in str(refused.value)
+    assert not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_a_class_named_otherwise_than_its_entry_point_runs_isolated_as_in_process(plugins, tmp_path):
+    """The README: a method's name defaults to its entry point's. A class that names itself otherwise ran in-process
+    and failed isolated (its halves looked up its class's name among the entry points): the halves build what the
+    loop asked the planner about."""
+    inline, isolated = _both(_spec(tmp_path, ["named-otherwise"]), tmp_path)
+    assert [c["status"] for c in isolated["cells"]] == ["ok"]
+    assert numbers(isolated) == numbers(inline)
+
+
+def test_a_workers_context_that_makes_room_ends_its_planners(tmp_path):
+    """A long-lived (Ray) worker keeps its latest tables' contexts only; one it drops ends its planner processes
+    (each holds a method's module imported), which were left running for the worker's life."""
+    from cemabench.run import context as contexts
+
+    spec = _spec(tmp_path, ["source"])
+    first = contexts.context_for(contexts.ContextSpec(spec, isolate=True))
+    first.planner.check("source", {}, spec.protocol, None, False)  # starts source's planner
+    pid = first.planner.halves["source"].pid
+    try:
+        for _ in range(contexts.KEEP_CONTEXTS):  # later tables' contexts push the first out
+            contexts.context_for(contexts.ContextSpec(spec, isolate=True))
+        assert first not in contexts._CONTEXTS.values()
+        for _ in range(100):  # the planner's process is gone (killed, then reaped by the system)
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists()
+    finally:
+        first.planner.close()
+        contexts._CONTEXTS.clear()
+
+
+def test_a_units_own_checks_of_its_built_method_fail_it_isolated_as_in_process(tmp_path):
+    """A unit checks the method it runs (its protocol, with its options known: cola's principals within the devices)
+    before any compute. Isolated, the loop never built it, and the planner checked only the class: cola with more
+    principals than devices ran, clamped, and its cells read ok where in-process they failed."""
+    _spec(tmp_path, ["cola"], domains=("fog", "snow"), protocol='setting = "continual"\ndevices = 2')
+    text = (tmp_path / "iso.toml").read_text().replace('name = "cola"', 'name = "cola"\noptions = { principals = 3 }')
+    (tmp_path / "iso.toml").write_text(text)
+    inline, isolated = _both(load_table(str(tmp_path / "iso.toml")), tmp_path)
+    words = "UserError: method cola: option 'principals' must be at most the protocol's devices (2), got 3"
+    for doc in (inline, isolated):
+        assert [(c["status"], (c["message"] or "").split("\n")[0]) for c in doc["cells"]] == [("error", words)] * 2
+
+
+
+def test_status_isolated_imports_no_method_plugin_and_reads_records_as_reproduce_does(tmp_path, monkeypatch):
+    """`status --isolate` (the command `reproduce --isolate` suggests for an incomplete table) asked the methods'
+    classes in its own process, importing every method plugin beside the results store; and it called done a record
+    computed in-process, which `reproduce --isolate` computes again."""
+    import sys
+
+    spec = _spec(tmp_path, ["source"])
+    runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False)  # in-process: a record not isolated
+    assert [r["state"] for r in runner.status(spec, None, tmp_path / "out")] == ["done"]
+    monkeypatch.delitem(sys.modules, "cemabench_methods.source")  # put back afterwards, as it was
+    rows = runner.status(spec, None, tmp_path / "out", isolate=True)
+    assert "cemabench_methods.source" not in sys.modules
+    assert [(r["state"], r["detail"]) for r in rows] == [("missing",
+                                                          "computed in-process: --isolate computes it again")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cemabench.method import Method, TrainingResources
+from cemabench.method import Method, MethodFacts, TrainingResources
 from cemabench.protocol.training import training_key
 from cemabench.provenance import PROTOCOL_ROOT, closure, code_digest, family
 from cemabench.run.context import TableContext
@@ -161,3 +161,17 @@ def test_editing_split_or_the_solver_recomputes_and_retrains_what_they_compute(t
         assert split[label] == base[label] and pareto[label] == base[label], label
     assert leaderboard == pareto  # rendering computes no number
 
+
+
+def test_isolated_a_method_that_names_itself_as_another_keys_its_artefacts_apart():
+    """Isolated, a unit's halves build the entry point the loop asked the planner about, and the planner says the
+    method's name and code digest: a plugin ("forger") that says it is tent, with tent's options and digest, must not
+    get tent's training key, under which its own train() would be cached for tent's units (issue 22, finding 7)."""
+    context = TableContext(load_table("table2"), None)
+    resources = TrainingResources(num_classes=10, edge=context.models.edge, foundation=context.models.foundation,
+                                  clean=context.dataset.clean)
+    said = {"name": "tent", "options": {"lr": 0.001}, "online_options": (), "cloud_replicas": "per-device",
+            "trains": True, "training_code": {"method": "digest of tent"}}
+    honest = training_key(MethodFacts(**said, entry="tent"), resources)
+    assert training_key(MethodFacts(**said), resources) == honest  # a stand-in built otherwise: no entry to bind
+    assert training_key(MethodFacts(**said, entry="forger"), resources) != honest

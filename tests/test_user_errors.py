@@ -82,3 +82,28 @@ def test_an_unwritable_output_is_one_line_before_any_compute(command, capsys, mo
 def test_run_out_naming_a_folder_is_one_line(tmp_path, capsys):
     assert main(["run", "--method", "source", "--domains", "fog", "--out", str(tmp_path)]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+GENERATED = ["--data-root", "A_DIR", "--edge", "mini:edge", "--foundation", "mini:foundation", "--domains", "fog"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dataset", "imagenet-c", "--dataset-option", "source=generated", "--dataset-option", "seed=-1"],
+     "imagenet-c option seed must be an integer >= 0, got -1"),
+    (["--dataset", "imagenet-c", "--dataset-option", "source=generated", "--dataset-option", "seed=x"],
+     "imagenet-c option seed must be an integer >= 0, got 'x'"),
+    (["--dataset", "imagenet-c", "--dataset-option", "seed=3"],
+     "imagenet-c option seed=3 seeds the generated corruptions, and source = disk reads them from disk"),
+    (["--dataset", "coco-c", "--dataset-option", "seed=2"],
+     "coco-c option seed=2 seeds the generated corruptions, and source = disk reads them from disk"),
+    (["--dataset", "imagenet-c", "--dataset-option", "source=generated", "--dataset-option", "ccc_calibration=true"],
+     "imagenet-c ccc_calibration must be a whole number of images >= 1, got True"),
+], ids=["negative-seed", "text-seed", "seed-on-disk", "coco-seed-on-disk", "boolean-calibration"])
+def test_a_generators_options_are_checked_before_the_data_is_read(arguments, message, tmp_path, capsys):
+    """The generated corruptions' seed (and ccc_calibration) are checked as coco-c checks its own, in one line before
+    any data is read: a negative or non-integer seed, or a seed given where nothing is generated (it named other
+    data, keyed apart, and read the same images), was taken as it was."""
+    arguments = [str(tmp_path) if a == "A_DIR" else a for a in [*arguments, *GENERATED]]
+    assert main(["run", "--method", "source", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cemabench: error: ") and err.count("\n") == 1 and message in err, err

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from cemabench.data import DatasetSource
 from cemabench.datasets.corruptions import HENDRYCKS_ORDER, corrupt
-from cemabench.datasets.imagenet import SOURCES, DataError, ImageFiles, _from_worker, _root
+from cemabench.datasets.imagenet import SOURCES, DataError, ImageFiles, _from_worker, _root, generated_only
 from cemabench.errors import UserError
 from cemabench.protocol.stream import derive_seed
 
@@ -146,13 +146,13 @@ def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_siz
     root = _root(data_root, "coco-c", LAYOUT)
     if source not in SOURCES:
         raise UserError(f"coco-c source must be one of {', '.join(SOURCES)}, got {source!r}")
+    generated_only(seed, "coco-c", source)
     unknown = [d for d in domains if d not in HENDRYCKS_ORDER and d != CLEAN]
     if unknown:
         raise UserError(f"unknown COCO-C domain(s) {', '.join(unknown)}; valid: {', '.join(HENDRYCKS_ORDER)}, {CLEAN}")
     if severity not in (1, 2, 3, 4, 5):
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
-    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0),
-                             ("seed", seed, 0)):
+    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"coco-c option {name} must be an integer >= {low}, got {value!r}")
     if not (root / "val2017").is_dir():

@@ -245,6 +245,16 @@ def _clean(root: Path, wnids: list[str], workers: int) -> ImageFolderDomain | No
     return ImageFolderDomain("imagenet-val", files, _label_of(classes), resize=True, workers=workers)
 
 
+def generated_only(seed, dataset: str, source: str) -> None:
+    """The generator's ``seed``: an integer >= 0, and only where the corruptions are generated (read from disk,
+    another seed would name other data and read the same)."""
+    if type(seed) is not int or seed < 0:
+        raise UserError(f"{dataset} option seed must be an integer >= 0, got {seed!r}")
+    if seed != 0 and source != "generated":
+        raise UserError(f"{dataset} option seed={seed} seeds the generated corruptions, and source = {source} reads "
+                        f"them from disk: add source=generated, or leave seed out")
+
+
 def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: str = "all",
                subset_file: str | None = None, workers: int = 4, source: str = "disk", seed: int = 0,
                ccc_calibration: int = CCC_CALIBRATION) -> DatasetSource:
@@ -252,6 +262,7 @@ def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: st
     = disk | generated, and for generated: seed, ccc_calibration)."""
     if source not in SOURCES:
         raise UserError(f"imagenet-c source must be one of {', '.join(SOURCES)}, got {source!r}")
+    generated_only(seed, "imagenet-c", source)
     if source == "disk":
         root = _root(data_root, "imagenet-c", "imagenet-c/<corruption>/<severity>/<wnid>/*.JPEG")
     else:
@@ -261,7 +272,7 @@ def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: st
     unknown = [d for d in domains if d not in HENDRYCKS_ORDER]
     if unknown:
         raise UserError(f"unknown ImageNet-C corruption(s) {', '.join(unknown)}; valid: {', '.join(HENDRYCKS_ORDER)}")
-    if not (isinstance(ccc_calibration, int) and ccc_calibration >= 1):
+    if not (type(ccc_calibration) is int and ccc_calibration >= 1):
         raise UserError(f"imagenet-c ccc_calibration must be a whole number of images >= 1, got {ccc_calibration!r}")
     wnids = imagenet_wnids()
     keep = robustbench_subset(subset_file) if subset == "robustbench-5000" else None

@@ -431,6 +431,7 @@ class Half:
 
     def __init__(self, role: str, device: torch.device):
         self.role, self.device = role, device
+        self.max_message = MAX_MESSAGE  # the longest reply read (a planner's answers are far shorter)
         fd, self.pid = _fork_half()
         self.conn = Connection(fd)
         try:  # the half waits for this process's first message: its pid is still its own
@@ -438,12 +439,10 @@ class Half:
         except (AttributeError, OSError):
             self.pidfd = None
 
-    def call(self, op: str, *args, timeout: float | None = None) -> dict:
+    def call(self, op: str, *args) -> dict:
         try:
             self.conn.send_bytes(pack((op, args, rng_state(self.device))))
-            if timeout is not None and not self.conn.poll(timeout):
-                raise HalfFailed(f"the {self.role} half did not answer {op!r} within {timeout:g} s")
-            reply = unpack(self.conn.recv_bytes(MAX_MESSAGE), self.role)
+            reply = unpack(self.conn.recv_bytes(self.max_message), self.role)
         except (EOFError, OSError, BrokenPipeError):
             raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "
                              f"killed)") from None
@@ -456,16 +455,34 @@ class Half:
                 raise kinds[error["kind"]](error["message"])
             raise HalfFailed(str(error.get("described")), str(error.get("status")), str(error.get("tail", "")))
         if "rng" in reply:
-            set_rng_state(reply.pop("rng"), self.device)
+            try:
+                set_rng_state(reply.pop("rng"), self.device)
+            except Exception as error:  # noqa: BLE001 - whatever a forged state breaks, it is not the half's state
+                raise HalfFailed(f"NotPlain: the {self.role} half sent a malformed random state "
+                                 f"({type(error).__name__})") from None
         return reply
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.close()
+        self.kill()
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = None
+
+    def kill(self) -> None:
+        """End the half's process, and this end of its line (so that a read in progress ends, even where a process
+        the half forked still holds the other end)."""
+        with contextlib.suppress(OSError, ValueError):
+            line = socket.socket(fileno=os.dup(self.conn.fileno()))
+            try:
+                line.shutdown(socket.SHUT_RDWR)
+            finally:
+                line.close()
         with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
             if self.pidfd is not None:  # never another process that took over a reused pid
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-                os.close(self.pidfd)
             else:
                 os.kill(self.pid, signal.SIGKILL)
 
@@ -549,12 +566,13 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     for them (each call builds them from source in their halves), and the stand-ins of the cloud's meter and sample
     counter. Each half started is appended to ``halves``."""
     device = torch.device(execution.device)
+    entry = method.name
     if isinstance(method, MethodFacts):  # the planner's plain stand-in: this process never imported the method
-        options = method.options
+        options, entry = method.options, method.entry or method.name  # its entry point's name: the class's may differ
     else:
         options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     # what the halves build the method from
-    recipe = (method.name, options, method.task, dataclasses.asdict(method.protocol or Protocol()))
+    recipe = (entry, options, method.task, dataclasses.asdict(method.protocol or Protocol()))
     cloud = Half("cloud", device)
     halves.append(cloud)
     edge = Half("edge", device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from cemabench import registry
 from cemabench.config import Protocol
 from cemabench.errors import HalfFailed, UserError
-from cemabench.method import MethodFacts, check_declared, check_labels, check_task, parse_options
+from cemabench.method import REFERENCES, MethodFacts, check_declared, check_labels, check_task, parse_options
 from cemabench.protocol import hygiene
 from cemabench.protocol.isolation import SIDES, Half, rng_state, set_rng_state
 from cemabench.protocol.training import trains
@@ -69,9 +70,16 @@ def about(name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> 
                                 *[registry.load("models", zoo) for zoo in zoos])}
 
 
-def facts(name: str, options: dict, edge: nn.Module, foundation: nn.Module) -> MethodFacts:
-    """The plain stand-in of a built method (:class:`MethodFacts`), with the digest of its training's code."""
+def facts(name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
+          ) -> MethodFacts:
+    """The plain stand-in of a built method (:class:`MethodFacts`), with the digest of its training's code, after the
+    checks that a unit makes of the method it runs in-process (:func:`cemabench.protocol.loop.run_unit`), in its
+    order: the built method's protocol (a method's own check may read its options), declarations, task and labels."""
     method = registry.build_method(name, options)
+    method.check_protocol(protocol)
+    check_declared(method)
+    check_task(method, task)
+    check_labels(method, protocol)
     cls = type(method)
     values = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     return MethodFacts(name=method.name, options=values, online_options=tuple(cls.online_options),
@@ -94,8 +102,9 @@ class LocalPlanner:
     def about(self, name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> dict:
         return about(name, dataset, models, zoos)
 
-    def facts(self, name: str, options: dict, edge: nn.Module, foundation: nn.Module) -> MethodFacts:
-        return facts(name, options, edge, foundation)
+    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
+              ) -> MethodFacts:
+        return facts(name, options, protocol, task, edge, foundation)
 
     def close(self) -> None:
         pass
@@ -124,14 +133,13 @@ class _PlannerSide:
     def about(self, name, dataset, models, zoos) -> dict:
         return about(name, dataset, models, zoos)
 
-    def facts(self, name, options, edge, foundation) -> dict:
-        return dataclasses.asdict(facts(name, options, edge, foundation))
+    def facts(self, name, options, protocol, task, edge, foundation) -> dict:
+        return dataclasses.asdict(facts(name, options, Protocol(**protocol), task, edge, foundation))
 
 
 SIDES["planner"] = _PlannerSide
-
-
-PLAN_TIMEOUT_S = 600.0  # what one question to a method's class may take (a hook that never returns ends the plan)
+PLANNER_S = 300.0  # how long one question may take in a planner (importing the method's module included)
+PLANNER_MESSAGE = 1 << 26  # the longest answer read from a planner (64 MiB: a code digest is a few kB)
 
 
 class IsolatedPlanner:
@@ -149,19 +157,40 @@ class IsolatedPlanner:
                 with contextlib.suppress(OSError):
                     half.conn.close()
             self.halves, self.pid = {}, os.getpid()
+        late = threading.Event()
         try:
             if name not in self.halves:
                 half = self.halves[name] = Half("planner", torch.device("cpu"))
-                half.call("planner", timeout=PLAN_TIMEOUT_S)
+                half.max_message = PLANNER_MESSAGE
+                self._ask(half, late, "planner")
             half = self.halves[name]
             state = rng_state(half.device)  # an answer carries the planner's random state: the loop keeps its own
             try:
-                return half.call(op, *args, timeout=PLAN_TIMEOUT_S)
+                return self._ask(half, late, op, *args)
             finally:
                 set_rng_state(state, half.device)
         except HalfFailed as error:  # a plugin that cannot be asked (it replaced the harness's code at import, say)
             first = (str(error).splitlines() or [""])[0]
+            if late.is_set():
+                first = f"it did not answer within {PLANNER_S:g} s, and was stopped"
+            with contextlib.suppress(KeyError):  # a planner that failed once is asked nothing more
+                self.halves.pop(name).close()
             raise UserError(f"method {name} could not be planned in its own process (--isolate): {first}") from None
+
+    @staticmethod
+    def _ask(half: Half, late: threading.Event, op: str, *args) -> dict:
+        """One question, the planner stopped (and ``late`` set) when it takes longer than :data:`PLANNER_S`."""
+        def stop():
+            late.set()
+            half.kill()
+
+        timer = threading.Timer(PLANNER_S, stop)
+        timer.daemon = True
+        timer.start()
+        try:
+            return half.call(op, *args)
+        finally:
+            timer.cancel()
 
     def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
         self._call(name, "check", name, options, dataclasses.asdict(protocol), task, derived)
@@ -180,13 +209,20 @@ class IsolatedPlanner:
         code = answer.get("code")
         if type(code) is not dict or not all(type(k) is str and type(v) is str for k, v in code.items()):
             raise UserError(f"method {name}'s planner sent a malformed code digest")
-        return {"paper": str(answer.get("paper")), "reference": answer.get("reference"), "code": code}
+        paper, reference = answer.get("paper"), answer.get("reference")
+        plain = reference is None or type(reference) is str and reference in REFERENCES
+        if not (paper is None or type(paper) is str) or not plain:
+            raise UserError(f"method {name}'s planner sent a malformed paper or reference point")
+        return {"paper": paper, "reference": reference, "code": code}
 
-    def facts(self, name: str, options: dict, edge: nn.Module, foundation: nn.Module) -> MethodFacts:
+    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
+              ) -> MethodFacts:
         try:
-            return MethodFacts.read(self._call(name, "facts", name, options, edge, foundation))
+            facts = MethodFacts.read(self._call(name, "facts", name, options, dataclasses.asdict(protocol), task, edge,
+                                                foundation))
         except ValueError as error:
             raise UserError(f"method {name}: {error}") from None
+        return dataclasses.replace(facts, entry=name)  # the halves build what was asked about, whatever it says
 
     def close(self) -> None:
         while self.halves:

@@ -60,6 +60,10 @@ def training_key(method: Method | MethodFacts, resources: TrainingResources) -> 
               "seed": resources.seed, "torch": torch.__version__, "device": resources.device.type,
               # CPU numbers depend on the intra-op threads (run_unit pins one): artefacts trained otherwise are stale
               "cpu_threads": torch.get_num_threads() if resources.device.type == "cpu" else None}
+    if isinstance(method, MethodFacts) and method.entry not in (None, method.name):
+        # isolated, the name and the code digest are a planner's word, and the halves build the entry point asked
+        # about: a plugin that names itself as another method (and sends that one's digest) keys apart from it
+        config["entry"] = method.entry
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -226,15 +226,15 @@ class TableContext:
         return write
 
     def run(self, unit: Unit) -> dict:
+        p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
         if self.isolate:  # the planner's plain facts: the halves build the method, this process never imports it
-            key = (unit.method, json.dumps(unit.options, default=str))
-            if key not in self._facts:  # asked once per method and options (the models cross to the planner)
-                self._facts[key] = self.planner.facts(unit.method, dict(unit.options), self.prototypes["edge"],
-                                                      self.prototypes["foundation"])
+            key = (unit.method, json.dumps(unit.options, default=str), json.dumps(dataclasses.asdict(p), default=str))
+            if key not in self._facts:  # asked once per method, options and protocol (the models cross to it)
+                self._facts[key] = self.planner.facts(unit.method, dict(unit.options), p, self.dataset.task,
+                                                      self.prototypes["edge"], self.prototypes["foundation"])
             method = dataclasses.replace(self._facts[key])  # a unit's own copy: the loop sets task and artefacts
         else:
             method = registry.build_method(unit.method, dict(unit.options))
-        p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
 
         def blocks(names):
             by_name = {d.name: d for d in self.dataset.domains}
@@ -286,7 +286,7 @@ def context_for(recipe: ContextSpec) -> TableContext:
     """This process's context for a recipe, built on first use (dataset and models once per worker)."""
     if recipe.token not in _CONTEXTS:
         while len(_CONTEXTS) >= KEEP_CONTEXTS:  # a long-lived (Ray) worker keeps the latest tables' contexts only
-            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+            _close(_CONTEXTS.pop(next(iter(_CONTEXTS))))
         _CONTEXTS[recipe.token] = recipe.build()
     return _CONTEXTS[recipe.token]
 
@@ -294,5 +294,11 @@ def context_for(recipe: ContextSpec) -> TableContext:
 def forget(recipe: ContextSpec) -> None:
     """Drop this process's context for a recipe (the runner's own, once its table is done), and end its planner."""
     context = _CONTEXTS.pop(recipe.token, None)
-    if context is not None and "planner" in context.__dict__:
+    if context is not None:
+        _close(context)
+
+
+def _close(context: TableContext) -> None:
+    """End a context's planner processes (``--isolate``), if it started any."""
+    if "planner" in context.__dict__:
         context.planner.close()

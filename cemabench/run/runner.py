@@ -65,6 +65,9 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context.check_stream()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"],
                  context.dataset.task, context.planner)
+    if isolate:  # what a planner says of its method (paper, reference point, code) is checked before any compute too
+        for entry in spec.methods:
+            context.about(entry.name)
     for severity in severities_needed(spec.protocol.setting):  # the gradual setting's other severities, likewise
         context.dataset_at(severity)
     return recipe, context
@@ -226,11 +229,19 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
 
 def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, ...] | None = None,
            execution: Execution = Execution(), models: dict[str, str] | None = None,
-           dataset_options: dict | None = None, pair: str | None = None, weights: str | None = None) -> list[dict]:
+           dataset_options: dict | None = None, pair: str | None = None, weights: str | None = None,
+           isolate: bool = False) -> list[dict]:
     """Each unit of a table in ``out``: done, running (claimed by a live owner), failed (with its error's first
-    line) or missing; the keys are those ``reproduce`` with the same arguments would use."""
-    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights)
-    forget(recipe)
+    line) or missing; the keys are those ``reproduce`` with the same arguments would use. ``isolate``: the methods'
+    classes are asked in planner processes, as ``reproduce --isolate`` asks them (this process imports none)."""
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, isolate=isolate)
+    try:
+        return _status_rows(spec, context, out, seeds)
+    finally:
+        forget(recipe)
+
+
+def _status_rows(spec: TableSpec, context: TableContext, out: Path, seeds: tuple[int, ...] | None) -> list[dict]:
     store = ResultStore(store_for(out, spec).root, warn=lambda line: None)
     records: dict[UnitId, dict] = {}
     rows = []
@@ -258,6 +269,8 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
             message = (bad.get("message") or "").strip()
             first = message.splitlines()[0] if message else ""
             state, detail = "failed", f"{bad['domain']}: {bad.get('status')}: {first}"
+        elif context.isolate and record.get("isolated") is not True:  # as reproduce --isolate reads it
+            state, detail = "missing", "computed in-process: --isolate computes it again"
         else:
             state, detail = "done", ""
         if record is not None and state == "done":

@@ -86,19 +86,6 @@ class SleepsForever(Method):
         return _SleepsForever()
 
 
-class HangsWhenPlanned(Method):
-    """Issue 22: a class hook that never returns (here check_models) would hold the plan; isolated, its planner is
-    given a time, and the table is refused naming it."""
-
-    def check_models(self, edge, foundation):
-        import time
-
-        time.sleep(1e6)
-
-    def edge(self, num_classes):
-        return _Predict()
-
-
 class _HoldsTooMuch(EdgeLogic):
     def step(self, model, x):
         self.held = torch.ones(2 ** 31, dtype=torch.uint8)  # 2 GiB, written, so that it is really held
