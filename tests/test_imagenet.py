@@ -191,18 +191,26 @@ def test_gradual_on_a_tree_with_one_severity_names_the_missing_folder(root, tmp_
 
 @pytest.mark.slow  # every method of table2 on three corruptions (noise, weather, digital)
 def test_reproduce_table2_on_a_generated_tree_with_tiny_models(root, tmp_path, capsys):
-    """table2's every method through the real ImageNet-C path (JPEG tree, DataLoader, tiny 1000-class models), on
-    three of its corruptions: all fifteen took 170 s of the slow tier and exercise no other code."""
+    """table2's every method but rmt through the real ImageNet-C path (JPEG tree, DataLoader, tiny 1000-class
+    models), on three of its corruptions: all fifteen took 170 s of the slow tier and exercise no other code. rmt's
+    source prototypes need a clean sample of each of the 1000 classes, which the generated tree does not hold (it
+    refuses, naming the missing classes: tests/test_rmt.py)."""
+    entries = [e for e in load_table("table2").methods if e.name != "rmt"]
+    lines = ['extends = "table2"', 'name = "table2-3"', "[data]",
+             'domains = ["gaussian_noise", "fog", "jpeg_compression"]']
+    for e in entries:
+        lines += ["[[methods]]", f'name = "{e.name}"', f'label = "{e.label}"']
+        options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in e.options.items())
+        lines += [f"options = {{ {options} }}"] if options else []
+        lines += [f'match_uploads_of = "{e.match_uploads_of}"'] if e.match_uploads_of else []
     spec_path = tmp_path / "table2-3.toml"
-    spec_path.write_text('extends = "table2"\nname = "table2-3"\n[data]\n'
-                         'domains = ["gaussian_noise", "fog", "jpeg_compression"]\n')
+    spec_path.write_text("\n".join(lines) + "\n")
     code = reproduce_tiny(str(spec_path), root, tmp_path)
     _, err = capsys.readouterr()
     assert code == 0, err
     out = (tmp_path / "table2-3.md").read_text()  # stdout holds a summary; the full tables are in the file
     doc = json.loads((tmp_path / "table2-3.json").read_text())
-    spec = load_table("table2")
-    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == len(spec.methods) * 3
+    assert doc["provenance"]["miniature"] is False and len(doc["cells"]) == len(entries) * 3
     assert all(c["status"] == "ok" and c["seen"] == 6 for c in doc["cells"])
     for needle in ("ImageNet-C", "all 50,000 images per corruption", "224 px", "tiny:edge", "tiny:foundation",
                    "Seeds**: 0", "torch 2", "Uploads against the authors' published counts"):

@@ -333,3 +333,16 @@ def test_the_same_seed_gives_the_same_numbers_on_the_miniature():
     runs = [run("rmt", {"warm_up_samples": 640}) for _ in range(2)]
     assert [{k: r.to_dict()[k] for k in NUMBERS + ("correct",)} for r in runs[:1]] == \
         [{k: r.to_dict()[k] for k in NUMBERS + ("correct",)} for r in runs[1:]]
+
+
+def test_prototypes_refuse_a_clean_split_without_every_class():
+    """The source prototypes need a clean sample of each class: a split that lacks some (a small generated ImageNet
+    tree) is refused in one line naming them, not averaged over nothing."""
+    from cemabench_methods.rmt import SourceBatches, source_prototypes
+
+    torch.manual_seed(0)
+    student = TinyNet()
+    tap = FeatureTap(student, "rmt", "test")
+    batches = SourceBatches(torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1]), 4)
+    with pytest.raises(UserError, match=r"^rmt: the clean split holds no sample of class\(es\) 2, 3; its source "):
+        source_prototypes(tap, batches, 4)
