@@ -364,6 +364,7 @@ def test_a_dead_worker_process_fails_only_its_unit(baseline, tmp_path, monkeypat
     assert numbers({"cells": [by["contrast"]]}) == [n for n in numbers(doc) if n["domain"] == "contrast"]
 
 
+@pytest.mark.slow  # 13 s with Ray's start; the slow tier's Ray checks (isolated, hostile) are of the same kind
 @pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist
 def test_ray_gives_the_inline_numbers(baseline, tmp_path, local_ray):
     spec, _, doc = baseline
