@@ -27,7 +27,8 @@ def test_every_table_with_a_miniature_has_a_committed_leaderboard():
 # T` then `cemabench check` checks a whole table.
 SAMPLED = {
     "table2": ("gaussian_noise", "motion_blur", "snow", "pixelate"),
-    "imagenet-c-s3": ("shot_noise", "defocus_blur", "frost", "contrast"),
+    # table2's code at severity 3: two domains (ninth session: 20 methods, 204 s for four, `.ci/run` near its limit)
+    "imagenet-c-s3": ("shot_noise", "frost"),
 }
 
 
@@ -46,8 +47,15 @@ def _results(spec) -> int:
     return sum(len(result_keys(spec.protocol, g)) for g in unit_groups(spec.protocol.setting, spec.domains))
 
 
+# The two detection tables train the same ECC models: on one worker the second finds them in its cache (ninth
+# session, on two workers: 326 s and 253 s; on one, the second took 44 s)
+SHARE_TRAININGS = {"eccentric-detection": "detection-trainings", "eccentric-detection-clean": "detection-trainings"}
+TABLES = [pytest.param(path, marks=[pytest.mark.xdist_group(SHARE_TRAININGS[path.name.split(".")[0]])]
+                       if path.name.split(".")[0] in SHARE_TRAININGS else []) for path in COMMITTED]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name.split(".")[0])
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name.split(".")[0])
 def test_miniature_table_matches_the_committed_leaderboard(tmp_path, path):
     expected = json.loads(path.read_text())
     spec = load_table(expected["table"])
