@@ -242,6 +242,15 @@ def check_task(method, task: str) -> None:
         method.check_task_options(task)
 
 
+def check_runnable(method, protocol, task: str) -> None:
+    """What a run unit checks of the method it is given, before any compute, in this order: the built method's
+    protocol (a method's own check may read its options), its declarations, its task and its label use."""
+    method.check_protocol(protocol)
+    check_declared(method)
+    check_task(method, task)
+    check_labels(method, protocol)
+
+
 @dataclass
 class MethodFacts:
     """A built method as plain data: what the loop's process needs of it to run a unit isolated (``--isolate``), where

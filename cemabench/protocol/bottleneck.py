@@ -163,9 +163,3 @@ def check_tables(tables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if offsets.min() < _INT32[0] or offsets.max() + width - 1 > _INT32[1]:
         raise ValueError(f"{where}: every channel's range offsets[c] .. offsets[c] + K - 1 must be int32 values")
     return frequencies, offsets, escape
-
-
-def coder_for(method) -> EntropyCoder | None:
-    """The harness's coder for a method's declared tables (read once per run unit), or None where it declares none."""
-    tables = method.entropy_tables()
-    return None if tables is None else EntropyCoder(tables)

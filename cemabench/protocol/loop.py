@@ -27,7 +27,7 @@ from torch import nn
 from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
-from cemabench.method import CloudLogic, Method, MethodFacts, check_declared, check_labels, check_task
+from cemabench.method import CloudLogic, Method, MethodFacts, check_runnable
 from cemabench.protocol import hygiene, isolation
 from cemabench.protocol.annotation import Annotator
 from cemabench.protocol.bottleneck import EntropyCoder
@@ -134,11 +134,8 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     devices. One result per device and distinct
     ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
     labels, read only after their block ended, by the ``task`` (:mod:`cemabench.protocol.tasks`)."""
-    if not isinstance(method, MethodFacts):  # facts come from a planner that checked all this in its own process
-        method.check_protocol(protocol)  # a protocol the method cannot run under: the user's error, before compute
-        check_declared(method)
-        check_task(method, task.name)
-        check_labels(method, protocol)
+    if not isinstance(method, MethodFacts):  # facts come from a planner that made these checks in its own process
+        check_runnable(method, protocol, task.name)  # a protocol or task it cannot run on: the user's error
     elif not isolate:
         raise TypeError("a method given as MethodFacts runs only isolated (its halves build the method)")
     method.task, method.protocol = task.name, dataclasses.replace(protocol)  # a copy: the link reads its own

@@ -23,7 +23,15 @@ from torch import nn
 from cemabench import registry
 from cemabench.config import Protocol
 from cemabench.errors import HalfFailed, UserError
-from cemabench.method import REFERENCES, MethodFacts, check_declared, check_labels, check_task, parse_options
+from cemabench.method import (
+    REFERENCES,
+    MethodFacts,
+    check_declared,
+    check_labels,
+    check_runnable,
+    check_task,
+    parse_options,
+)
 from cemabench.protocol import hygiene
 from cemabench.protocol.isolation import SIDES, Half, rng_state, set_rng_state
 from cemabench.protocol.training import trains
@@ -76,10 +84,7 @@ def facts(name: str, options: dict, protocol: Protocol, task: str, edge: nn.Modu
     checks that a unit makes of the method it runs in-process (:func:`cemabench.protocol.loop.run_unit`), in its
     order: the built method's protocol (a method's own check may read its options), declarations, task and labels."""
     method = registry.build_method(name, options)
-    method.check_protocol(protocol)
-    check_declared(method)
-    check_task(method, task)
-    check_labels(method, protocol)
+    check_runnable(method, protocol, task)
     cls = type(method)
     values = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     return MethodFacts(name=method.name, options=values, online_options=tuple(cls.online_options),
@@ -88,23 +93,10 @@ def facts(name: str, options: dict, protocol: Protocol, task: str, edge: nn.Modu
 
 
 class LocalPlanner:
-    """The method's class asked in this process (the in-process mode)."""
+    """The method's class asked in this process (the in-process mode): the questions above, as they are."""
 
-    def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
-        check_entry(name, options, protocol, task, derived)
-
-    def check_models(self, name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module) -> None:
-        check_entry_models(name, options, task, edge, foundation)
-
-    def derive(self, name: str, options: dict, references: list[dict]) -> dict:
-        return derive(name, options, references)
-
-    def about(self, name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> dict:
-        return about(name, dataset, models, zoos)
-
-    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
-              ) -> MethodFacts:
-        return facts(name, options, protocol, task, edge, foundation)
+    check, check_models = staticmethod(check_entry), staticmethod(check_entry_models)
+    derive, about, facts = staticmethod(derive), staticmethod(about), staticmethod(facts)
 
     def close(self) -> None:
         pass
