@@ -386,17 +386,21 @@ def test_a_workers_context_that_makes_room_ends_its_planners(tmp_path):
         contexts._CONTEXTS.clear()
 
 
-def test_a_units_own_checks_of_its_built_method_fail_it_isolated_as_in_process(tmp_path):
-    """A unit checks the method it runs (its protocol, with its options known: cola's principals within the devices)
-    before any compute. Isolated, the loop never built it, and the planner checked only the class: cola with more
-    principals than devices ran, clamped, and its cells read ok where in-process they failed."""
+def test_a_built_methods_own_protocol_check_refuses_the_table_before_compute_in_both_modes(tmp_path):
+    """The plan checks the built method's protocol (with its options known: cola's principals within the devices),
+    so a table whose options the protocol cannot hold is refused in one line before any compute, in process and
+    isolated alike. Isolated, the planner once checked only the class: cola with more principals than devices ran,
+    clamped, and its cells read ok; in process its cells failed only once they ran."""
     _spec(tmp_path, ["cola"], domains=("fog", "snow"), protocol='setting = "continual"\ndevices = 2')
     text = (tmp_path / "iso.toml").read_text().replace('name = "cola"', 'name = "cola"\noptions = { principals = 3 }')
     (tmp_path / "iso.toml").write_text(text)
-    inline, isolated = _both(load_table(str(tmp_path / "iso.toml")), tmp_path)
-    words = "UserError: method cola: option 'principals' must be at most the protocol's devices (2), got 3"
-    for doc in (inline, isolated):
-        assert [(c["status"], (c["message"] or "").split("\n")[0]) for c in doc["cells"]] == [("error", words)] * 2
+    words = "method cola: option 'principals' must be at most the protocol's devices (2), got 3"
+    for isolate in (False, True):
+        with pytest.raises(UserError) as refused:
+            runner.reproduce(load_table(str(tmp_path / "iso.toml")), None, tmp_path / f"out{isolate}", jobs=1,
+                             progress=False, isolate=isolate)
+        assert words in str(refused.value)
+        assert not list((tmp_path / f"out{isolate}").rglob("*.json"))
 
 
 

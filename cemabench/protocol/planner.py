@@ -53,6 +53,7 @@ def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, 
             check_task(cls, task)
         return
     method = registry.build_method(name, options)
+    method.check_protocol(protocol)  # the built method's own check, which may read its options
     if task is not None:
         check_task(method, task)
 
