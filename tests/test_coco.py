@@ -187,6 +187,7 @@ def _split_equals_whole(arch, stages):
     torch.manual_seed(0)
     model = build_model(f"torchvision:{arch}@none")
     model.net.roi_heads.score_thresh = 0.0  # random weights: keep every box, so that the comparison has 100 each
+    model.net.transform.min_size, model.net.transform.max_size = (96,), 128  # the input's own size (not 800 px)
     x = torch.rand(2, 3, 96, 128)
     with torch.no_grad():
         whole = model(x)

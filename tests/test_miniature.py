@@ -57,3 +57,15 @@ def test_training_script_is_deterministic():
     assert acc_a == acc_b
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_the_images_option_keeps_each_domains_first_images_and_their_labels():
+    whole = miniature.dataset(domains=("fog", "clean"))
+    first = miniature.dataset(domains=("fog", "clean"), images=100)
+    for a, b in zip(whole.domains, first.domains, strict=True):
+        assert len(b) == 100 and np.array_equal(b.pixels, a.pixels[:100])
+        assert np.array_equal(b.labels(), a.labels()[:100])
+    assert first.provenance["images_per_domain"] == 100 and len(first.clean) == len(whole.clean)  # training: whole
+    import pickle
+
+    assert np.array_equal(pickle.loads(pickle.dumps(first.domains[0].label_source))(), whole.domains[0].labels()[:100])

@@ -6,6 +6,7 @@ works and how methods rank on a small shift; they are not ImageNet-C numbers, an
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -119,13 +120,24 @@ def check_choice(what: str, data_root, severity: int, domains) -> None:
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
 
 
-def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER) -> DatasetSource:
+def _first_labels(count: int | None) -> np.ndarray:
+    """The stream's labels, the first ``count`` of them (all for None): module-level, so that a domain pickles."""
+    return stream_labels()[:count]
+
+
+def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER,
+            images: int | None = None) -> DatasetSource:
     """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity, and ``clean``
-    (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them."""
+    (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them.
+    ``images``: each domain's first N images only (a quicker look; default: all of them)."""
     check_choice("miniature", data_root, severity, domains)
+    if images is not None and (type(images) is not int or images < 1):
+        raise UserError(f"the miniature's option images must be a whole number of at least 1 (got {images!r}); "
+                        f"leave it out for every image of each domain")
     train_images, _ = _train_split()
-    domains = [ArrayDomain(d, clean_test_images() if d == CLEAN else corrupted_test_images(d, severity), stream_labels)
-               for d in domains]
+    labels = stream_labels if images is None else functools.partial(_first_labels, images)
+    domains = [ArrayDomain(d, (clean_test_images() if d == CLEAN else corrupted_test_images(d, severity))[:images],
+                           labels) for d in domains]
     return DatasetSource(
         name="miniature-digits-c",
         num_classes=10,
