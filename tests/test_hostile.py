@@ -340,3 +340,28 @@ def test_swapping_a_guards_code_in_place_is_found(monkeypatch):
     assert hygiene.replaced_harness_code() == []
     monkeypatch.setattr(ComputeMeter.take, "__code__", (lambda self: 0).__code__)
     assert hygiene.replaced_harness_code() == ["cemabench.protocol.meter.ComputeMeter.take"]
+
+
+def test_a_harness_module_swapped_in_sys_modules_or_a_guard_deleted_is_found(monkeypatch):
+    """The seal looks each recorded function up where it was recorded: a module replaced in ``sys.modules`` (every
+    later lookup then finds the plugin's), a deleted method and a class replaced at module level are all found."""
+    import sys
+    import types
+
+    from cemabench.protocol import hygiene
+    from cemabench.protocol.edge import ForwardOnlyEdge
+
+    assert hygiene.replaced_harness_code() == []
+    fake = types.ModuleType("cemabench.protocol.meter")
+    monkeypatch.setitem(sys.modules, "cemabench.protocol.meter", fake)
+    replaced = hygiene.replaced_harness_code()
+    assert {"cemabench.protocol.meter.ComputeMeter", "cemabench.protocol.meter.ComputeMeter.take"} <= set(replaced)
+    monkeypatch.undo()
+    monkeypatch.delattr(ForwardOnlyEdge, "_changed")
+    assert hygiene.replaced_harness_code() == ["cemabench.protocol.edge.ForwardOnlyEdge._changed"]
+    monkeypatch.undo()
+    import cemabench.protocol.edge as edge_module
+    monkeypatch.setattr(edge_module, "ForwardOnlyEdge", type("ForwardOnlyEdge", (), {}))
+    assert "cemabench.protocol.edge.ForwardOnlyEdge._changed" in hygiene.replaced_harness_code()
+    monkeypatch.undo()
+    assert hygiene.replaced_harness_code() == []

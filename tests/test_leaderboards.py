@@ -1,5 +1,6 @@
 """The committed miniature leaderboards are what the code produces today, within each spec's tolerance."""
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +44,9 @@ SAMPLED_ENTRIES = {
     # the baselines, and SimATTA's two selections at one budget (214 s for all 8)
     "active": ("source", "tent", "simatta@20", "simatta-random@20"),
 }
+# link-codecs' sample under the three regimes (link-codecs trains the one learned bottleneck kept; 217 s whole, when
+# it trained two more), and split-point under a second edge
+SAMPLED_ENTRIES["link-regimes"] = (*SAMPLED_ENTRIES["link-codecs"], "split-point, 1 GFLOP/s edge")
 # the detection pair (the same entries, the same trainings): the baselines, the hard-example router, and ECC's
 # three architectures, one setting each (three of the six trainings; 410 s for both whole tables)
 SAMPLED_ENTRIES["eccentric-detection"] = SAMPLED_ENTRIES["eccentric-detection-clean"] = (
@@ -54,11 +58,12 @@ def _sample(spec, expected):
     sampled)."""
     domains = SAMPLED.get(spec.name, spec.domains)
     entries = SAMPLED_ENTRIES.get(spec.name)
-    if entries is not None:
-        assert set(entries) <= {m.label for m in spec.methods}, spec.name
-        assert all(m.match_uploads_of is None for m in spec.methods if m.label in entries), spec.name  # self-contained
-        spec = replace(spec, methods=tuple(m for m in spec.methods if m.label in entries))
-        expected = {**expected, "cells": [c for c in expected["cells"] if c["method"] in entries]}
+    if entries is not None:  # an entry under a link regime is labelled "LABEL [REGIME]"
+        kept = {m.label for m in spec.methods if re.sub(r" \[[a-z0-9-]+\]$", "", m.label) in entries}
+        assert set(entries) <= {re.sub(r" \[[a-z0-9-]+\]$", "", label) for label in kept}, spec.name
+        assert all(m.match_uploads_of is None for m in spec.methods if m.label in kept), spec.name  # self-contained
+        spec = replace(spec, methods=tuple(m for m in spec.methods if m.label in kept))
+        expected = {**expected, "cells": [c for c in expected["cells"] if c["method"] in kept]}
     if domains == spec.domains:  # the whole table: every cell, also those of a stream that is no single domain (ccc)
         return spec, expected
     assert set(domains) <= set(spec.domains) and spec.protocol.setting == "per-domain", spec.name  # one unit a domain
@@ -71,9 +76,12 @@ def _results(spec) -> int:
     return sum(len(result_keys(spec.protocol, g)) for g in unit_groups(spec.protocol.setting, spec.domains))
 
 
-# The two detection tables train the same ECC models: on one worker the second finds them in its cache (ninth
-# session, on two workers: 326 s and 253 s; on one, the second took 44 s)
-SHARE_TRAININGS = {"eccentric-detection": "detection-trainings", "eccentric-detection-clean": "detection-trainings"}
+# Tables that train the same models run on one worker, where the later ones find them in its cache (ninth session:
+# the two detection tables took 326 s and 253 s on two workers; on one, the second took 44 s)
+SHARE_TRAININGS = {"eccentric-detection": "detection-trainings", "eccentric-detection-clean": "detection-trainings",
+                   # likewise the classification ECC tables and the link tables' learned bottlenecks (tenth session:
+                   # link-regimes took 217 s, training what another worker had trained)
+                   **dict.fromkeys(("eccentric", "eccentric-clean", "link-codecs", "link-regimes"), "ecc-trainings")}
 TABLES = [pytest.param(path, marks=[pytest.mark.xdist_group(SHARE_TRAININGS[path.name.split(".")[0]])]
                        if path.name.split(".")[0] in SHARE_TRAININGS else []) for path in COMMITTED]
 

@@ -116,9 +116,9 @@ HARNESS_MODULES = ("cemabench.method", "cemabench.protocol")
 _SEALED: dict[str, object] = {}
 
 
-def _harness_code() -> dict[str, object]:
+def _harness_code() -> dict[str, tuple]:
     """Every function, class and method (and property, classmethod, staticmethod) defined in the harness modules,
-    by qualified name: what a unit must find unreplaced."""
+    by qualified name: where it is found (module, attribute, member) and what a unit must find there unreplaced."""
     found = {}
     for name, module in list(sys.modules.items()):
         if module is None or not any(name == m or name.startswith(m + ".") for m in HARNESS_MODULES):
@@ -126,15 +126,32 @@ def _harness_code() -> dict[str, object]:
         for attr, value in vars(module).items():
             if getattr(value, "__module__", None) != name or not (inspect.isfunction(value) or inspect.isclass(value)):
                 continue
-            found[f"{name}.{attr}"] = _identity(value)
+            found[f"{name}.{attr}"] = ((name, attr, None), _identity(value))
             if inspect.isclass(value):
                 for member, inner in vars(value).items():
                     if inspect.isfunction(inner) or isinstance(inner, (property, classmethod, staticmethod)):
-                        found[f"{name}.{attr}.{member}"] = _identity(inner)
+                        found[f"{name}.{attr}.{member}"] = ((name, attr, member), _identity(inner))
     for name, module in list(sys.modules.items()):  # the C++ meter's methods, as its extension defines them
         if name.startswith("cemabench_meter_") and hasattr(module, "Meter"):
-            found.update({f"{name}.Meter.{k}": (v,) for k, v in vars(module.Meter).items() if k[:2] != "__"})
+            found.update({f"{name}.Meter.{k}": ((name, "Meter", k), (v,)) for k, v in vars(module.Meter).items()
+                          if k[:2] != "__"})
     return found
+
+
+_MISSING = object()
+
+
+def _found_at(path: tuple) -> tuple:
+    """What is at ``path`` (module, attribute, member) now, as :func:`_identity` sees it; (_MISSING,) if nothing."""
+    module_name, attr, member = path
+    module = sys.modules.get(module_name)
+    value = _MISSING if module is None else vars(module).get(attr, _MISSING)
+    if member is not None:
+        try:
+            value = vars(value).get(member, _MISSING)
+        except TypeError:  # no longer a class
+            value = _MISSING
+    return (_MISSING,) if value is _MISSING else _identity(value)
 
 
 def _identity(obj) -> tuple:
@@ -163,9 +180,10 @@ def seal_harness() -> None:
 
 
 def replaced_harness_code() -> list[str]:
-    """The harness functions and methods that are no longer what was recorded (replaced or removed)."""
-    now = _harness_code()
-    return sorted(name for name, value in _SEALED.items() if name not in now or not _same(now[name], value))
+    """The harness functions and methods that are no longer what was recorded (replaced or removed): each looked up
+    where it was recorded (a module replaced in ``sys.modules`` replaces all of its code), not by walking every
+    module (an isolated half asks after every step: 0.3 ms, where the walk took 6 ms)."""
+    return sorted(name for name, (path, value) in _SEALED.items() if not _same(_found_at(path), value))
 
 
 def mode_depths() -> tuple[int, int]:

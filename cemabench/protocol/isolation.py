@@ -4,13 +4,16 @@ In the isolated mode the process that runs the loop (the stream, the labels, the
 method code while a unit runs: the edge half (the :class:`~cemabench.protocol.edge.ForwardOnlyEdge`, its guard and
 meter, the method's ``EdgeLogic``) runs in one process, and the cloud half (the offline training stage, the
 ``CloudLogic``, its meter) in another. Both are forked for the unit from a *zygote*: a process started fresh (not
-forked from the harness) that imported torch and cemabench's protocol and nothing else, so a half holds no object of
-the harness's: no labels, no scheduler, no store, not the other half.
+forked from the harness) that imported torch, the zoo's libraries and cemabench's own protocol, datasets and models
+(no plugin: :data:`PRELOAD`), so a half holds no object of the harness's: no labels, no scheduler, no store, not the
+other half.
 
-What crosses is bytes. To a half: pickles of what the loop hands it (the batch, the link's upload, the downloads that
-arrived, the models, the method's name and options, the random state); each half builds the method itself. Back to
-the loop: ``torch.save`` bytes of plain tensors, lists, numbers and strings, read with ``weights_only=True``, so that
-no object of a plugin's class is ever unpickled in the loop's process; the decision and the reply are then read into
+What crosses is bytes. Each batch's calls, both ways (the batch, the link's upload, the downloads that arrived, the
+decision, the reply, the random state), are wire messages (:mod:`cemabench.protocol.wire`: JSON and raw tensor
+bytes, no pickle). What a wire message cannot carry goes as pickles to a half (the models, the method's name and
+options; each half builds the method itself) and as ``torch.save`` bytes of plain tensors, lists, numbers and strings
+back to the loop (a training stage's state), read with ``weights_only=True``, so that no object of a plugin's class is
+ever unpickled in the loop's process; the decision and the reply are then read into
 plain copies and validated there as in-process. One random state (Python's, NumPy's, torch's, CUDA's) is threaded
 through the halves in the order the in-process loop uses it: each call carries the loop's state and brings the half's
 back, so a unit's numbers are bit for bit those of the in-process run.
@@ -26,6 +29,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import gc
 import importlib
 import io
 import json
@@ -52,7 +56,7 @@ from cemabench import provenance, registry
 from cemabench.config import Protocol
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, EdgeDecision, EntropyTables, MethodFacts, Upload
-from cemabench.protocol import hygiene, sandbox
+from cemabench.protocol import hygiene, sandbox, wire
 from cemabench.protocol.annotation import asked_rows
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
@@ -75,10 +79,23 @@ def pack(value) -> bytes:
 MAX_MESSAGE = 1 << 32  # bytes of one reply from a half (4 GiB: a batch of ImageNet feature maps fits many times)
 
 
-def unpack(data: bytes, role: str):
-    """What a half sent: plain tensors, lists, dicts, numbers and strings only (``weights_only``, without the classes
-    added to its list of allowed ones), in uncompressed records (no small message that expands in memory)."""
+def send(conn: Connection, value) -> None:
+    """``value`` as a wire message where it is plain (a step's: :mod:`cemabench.protocol.wire`), else as
+    ``torch.save`` bytes (set-up: the models, the method's recipe, a training stage's state)."""
     try:
+        data = wire.encode(value)
+    except NotPlain:
+        data = pack(value)
+    conn.send_bytes(data)
+
+
+def unpack(data: bytes, role: str):
+    """What a half sent: plain tensors, lists, dicts, numbers and strings only: a wire message, or ``torch.save``
+    bytes read with ``weights_only`` (without the classes added to its list of allowed ones), in uncompressed records
+    (no small message that expands in memory)."""
+    try:
+        if data[:len(wire.MAGIC)] == wire.MAGIC:
+            return wire.decode(data)
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             records = archive.infolist()
         if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > len(data):
@@ -134,8 +151,12 @@ def _fields(obj) -> dict:
 BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
         "from cemabench.protocol.isolation import zygote; zygote(int(sys.argv[2]))")
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
-# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes
-PRELOAD = ("torch._dynamo", "torchvision", "timm", "cemabench.protocol.planner")  # the planner: harness code
+# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the built-in datasets' modules hold
+# what a clean split unpickles to in the cloud half (each imports the corruptions, and SciPy: 0.2 s a half); all of
+# it harness code (the planner's too), none a plugin's
+PRELOAD = ("torch._dynamo", "torchvision", "timm", "cemabench.protocol.planner",
+           *(f"cemabench.datasets.{m}" for m in ("miniature", "minidet", "coco", "imagenet", "cifar")),
+           *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
@@ -223,6 +244,10 @@ def zygote(fd: int) -> None:
     # step's time). One 16 MiB block freed here raises it for every half.
     block = torch.empty(4 << 20)
     del block
+    # Every object imported so far into the permanent generation: the halves' collections never walk them (a full
+    # collection walked the zygote's whole heap, and wrote to every page it touched, each then copied from the zygote)
+    gc.collect()
+    gc.freeze()
 
     conn = Connection(fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
@@ -273,7 +298,9 @@ def _half(conn: Connection, path: list[str], environ: dict) -> None:
     side = None
     while True:
         try:
-            op, args, rng = torch.load(io.BytesIO(conn.recv_bytes()), weights_only=False)  # the harness's pickle
+            data = conn.recv_bytes()
+            op, args, rng = (wire.decode(data) if data[:len(wire.MAGIC)] == wire.MAGIC
+                             else torch.load(io.BytesIO(data), weights_only=False))  # the harness's own bytes
         except (EOFError, OSError):
             os._exit(0)
         try:
@@ -296,7 +323,7 @@ def _half(conn: Connection, path: list[str], environ: dict) -> None:
         except BaseException as error:  # noqa: BLE001 - method code's failure, sys.exit() included, goes to the loop
             reply = {"error": _error(error)}
         try:
-            conn.send_bytes(pack(reply))
+            send(conn, reply)
         except Exception as error:  # noqa: BLE001 - what cannot be packed fails the cell, by name
             conn.send_bytes(pack({"error": _error(NotPlain(f"its reply could not be sent: {error}"))}))
 
@@ -441,7 +468,7 @@ class Half:
 
     def call(self, op: str, *args) -> dict:
         try:
-            self.conn.send_bytes(pack((op, args, rng_state(self.device))))
+            send(self.conn, (op, args, rng_state(self.device)))
             reply = unpack(self.conn.recv_bytes(self.max_message), self.role)
         except (EOFError, OSError, BrokenPipeError):
             raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "

@@ -105,8 +105,9 @@ def bare(root, models, method_name):
     return len(torch.cat(predicted))
 
 
-def through_cemabench(root, models, method_name, store):
+def through_cemabench(root, models, method_name, store, isolate=False):
     options = [a for k, v in METHODS[method_name].items() for a in ("--option", f"{k}={v}")]
+    options += ["--isolate"] if isolate else []
     code = main(["run", "--method", method_name, *options, "--dataset", "imagenet-c", "--data-root", str(root),
                  "--domains", *DOMAINS, "--severity", "5", "--edge", f"torchvision:resnet18@{models['resnet18']}",
                  "--foundation", f"torchvision:resnet50@{models['resnet50']}", "--dataset-option",
@@ -125,11 +126,15 @@ def test_bare_loop(benchmark, tree, method):
         benchmark.extra_info["images_per_second"] = seen / benchmark.stats.stats.mean
 
 
+# --isolate: each unit's halves in processes of their own (what isolation costs at real size; the slow tier runs it
+# once, untimed: the zygote's start is seconds)
+@pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in-process", "isolated"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cemabench_run(benchmark, tree, method, tmp_path):
+def test_cemabench_run(benchmark, tree, method, tmp_path, isolate):
     root, models = tree
     benchmark.group = f"real size {method}"
     stores = iter(tmp_path / f"store{i}" for i in range(100))  # a fresh store per round: nothing is reused
-    seen = benchmark.pedantic(lambda: through_cemabench(root, models, method, next(stores)), rounds=1, iterations=1)
+    seen = benchmark.pedantic(lambda: through_cemabench(root, models, method, next(stores), isolate), rounds=1,
+                              iterations=1)
     if benchmark.stats:
         benchmark.extra_info["images_per_second"] = seen / benchmark.stats.stats.mean
