@@ -186,12 +186,14 @@ def _split_equals_whole(arch, stages):
 
     torch.manual_seed(0)
     model = build_model(f"torchvision:{arch}@none")
-    model.net.roi_heads.score_thresh = 0.0  # random weights: keep every box, so that the comparison has 100 each
-    model.net.transform.min_size, model.net.transform.max_size = (96,), 128  # the input's own size (not 800 px)
+    net = model.net
+    thresholds = net.roi_heads if hasattr(net, "roi_heads") else net  # Faster R-CNN's box head, or the detector
+    thresholds.score_thresh = 0.0  # random weights: keep every box, so that the comparison has the most each
+    net.transform.min_size, net.transform.max_size = (96,), 128  # the input's own size (not 800 px)
     x = torch.rand(2, 3, 96, 128)
     with torch.no_grad():
         whole = model(x)
-    assert all(len(d["boxes"]) == 100 for d in whole)
+    assert all(len(d["boxes"]) == thresholds.detections_per_img for d in whole)
     for stage in stages or detector_stages(model):
         head, tail = split_detector(model, stage)
         with torch.no_grad():
@@ -212,6 +214,14 @@ def test_a_split_resnet50_faster_rcnn_sends_every_fpn_input_that_crosses():
     _split_equals_whole("fasterrcnn_resnet50_fpn_v2", ["layer2", "layer3"])
 
 
+@pytest.mark.slow  # 2 x 4 s (ResNet-50 detectors, built at random)
+@pytest.mark.parametrize("arch", ["retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"])
+def test_a_split_one_stage_detector_head_plus_tail_is_the_whole_detector(arch):
+    """RetinaNet (9 anchors a location, an FPN with P6 and P7 from P5 or C5) and FCOS (one a location): cut in front of
+    an FPN input and behind one, the tail's head, anchors and decoding give the detector's own boxes."""
+    _split_equals_whole(arch, ["layer1", "layer3"])
+
+
 def test_a_split_names_the_stages_a_detector_has():
     from cemabench.models.detection_split import split_detector
     from cemabench.registry import build_model
@@ -219,7 +229,7 @@ def test_a_split_names_the_stages_a_detector_has():
     model = build_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none")
     with pytest.raises(UserError, match="the detector has no stage 'layer2' to cut at; valid: 0, 1, 2"):
         split_detector(model, "layer2")
-    with pytest.raises(UserError, match="needs a torchvision Faster R-CNN"):
+    with pytest.raises(UserError, match="needs a torchvision Faster R-CNN, RetinaNet or FCOS"):
         split_detector(build_model("torchvision:ssdlite320_mobilenet_v3_large@none"), "0")
 
 

@@ -1,9 +1,12 @@
-"""Split detectors: cut a torchvision Faster R-CNN (``torchvision:fasterrcnn_*``) at a stage of its backbone's body, in
-front of the FPN, as SC2 (Matsubara et al., SC2 Benchmark: Supervised Compression for Split Computing, TMLR 2023)
-splits Faster R-CNN at ``backbone.body``.
+"""Split detectors: cut a torchvision Faster R-CNN, RetinaNet or FCOS (``torchvision:fasterrcnn_*``, ``retinanet_*``,
+``fcos_*``) at a stage of its backbone's body, in front of the FPN, as SC2 (Matsubara et al., SC2 Benchmark: Supervised
+Compression for Split Computing, TMLR 2023) splits Faster R-CNN at ``backbone.body``. SSD and SSDlite have no body
+and FPN to cut in front of, and are refused.
 
 The head runs the detector's own resize-and-normalise transform and the body's stages up to the cut; the tail runs
-the rest of the body, the FPN, the region proposals, the box heads and the postprocessing. What crosses is every
+the rest of the body, the FPN, then the detector's own heads and postprocessing: a Faster R-CNN's region proposals
+and box heads, or a one-stage detector's head, anchors and per-level decoding, as torchvision's ``forward`` runs
+them in eval mode. What crosses is every
 tensor the tail needs (:func:`split_detector`): the activation at the cut, each body output the FPN takes that is
 already computed (a ResNet's ``layer1`` when the cut is at ``layer2``, say), and the image sizes before and after the
 transform, as int64. Its bytes are those of the resolution the transform made, the one that actually crosses.
@@ -21,19 +24,26 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet
 
 from cemabench.errors import UserError
 
 SIZES = ("image_sizes", "original_sizes", "batch_shape")  # the metadata that crosses beside the features
 
 
-def _net(model: nn.Module) -> GeneralizedRCNN:
+ONE_STAGE = (RetinaNet, FCOS)  # a head over every FPN level, anchors, and per-level decoding
+
+
+def _net(model: nn.Module) -> nn.Module:
     net = getattr(model, "net", model)  # cemabench.models.zoo.Detector wraps torchvision's detector
-    if not isinstance(net, GeneralizedRCNN) or not hasattr(net.backbone, "body"):
-        raise UserError(f"a detector split needs a torchvision Faster R-CNN with a backbone body and an FPN (the "
-                        f"fasterrcnn_* detectors of the zoo), got {type(net).__name__}")
+    if not isinstance(net, (GeneralizedRCNN, *ONE_STAGE)) or not hasattr(net.backbone, "body") or not hasattr(
+            net.backbone, "fpn"):
+        raise UserError(f"a detector split needs a torchvision Faster R-CNN, RetinaNet or FCOS with a backbone body "
+                        f"and an FPN (the zoo's fasterrcnn_*, retinanet_* and fcos_* detectors), got "
+                        f"{type(net).__name__}")
     return net
 
 
@@ -47,7 +57,7 @@ class DetectorHead(nn.Module):
     computed by then, ``x`` (the activation after the cut, unless it is one of those) and the image sizes
     (:data:`SIZES`)."""
 
-    def __init__(self, net: GeneralizedRCNN, stage: str):
+    def __init__(self, net: nn.Module, stage: str):
         super().__init__()
         self.transform, self.body, self.stage = net.transform, net.backbone.body, stage
 
@@ -73,7 +83,7 @@ class DetectorTail(nn.Module):
     """What crossed to the detector's output: one dict of boxes, scores and labels per image, in the pixels of the
     images the head was given."""
 
-    def __init__(self, net: GeneralizedRCNN, stage: str):
+    def __init__(self, net: nn.Module, stage: str):
         super().__init__()
         self.net, self.stage = net, stage
 
@@ -90,16 +100,32 @@ class DetectorTail(nn.Module):
                                     if all(k.isdigit() for k in features) else features)
         sizes = [tuple(s) for s in crossed["image_sizes"].tolist()]
         h, w = crossed["batch_shape"].tolist()
-        # the proposals' anchors need only the padded batch's shape, not its pixels
-        shape = x.new_empty(()).expand(len(sizes), 3, h, w)
-        proposals, _ = net.rpn(ImageList(shape, sizes), features)
-        detections, _ = net.roi_heads(features, proposals, sizes)
+        # the anchors need only the padded batch's shape, not its pixels
+        batch = ImageList(x.new_empty(()).expand(len(sizes), 3, h, w), sizes)
+        if isinstance(net, GeneralizedRCNN):
+            proposals, _ = net.rpn(batch, features)
+            detections, _ = net.roi_heads(features, proposals, sizes)
+        else:
+            detections = _one_stage(net, batch, list(features.values()))
         return net.transform.postprocess(detections, sizes, [tuple(s) for s in crossed["original_sizes"].tolist()])
 
 
+def _one_stage(net: nn.Module, batch: ImageList, levels: list[torch.Tensor]) -> list[dict]:
+    """A RetinaNet's or an FCOS's eval-mode detections from its FPN levels, as its ``forward`` computes them: the
+    head's outputs and the anchors split per level (A anchors per location: 9 for RetinaNet, 1 for FCOS), decoded by
+    the detector's own ``postprocess_detections``."""
+    outputs = net.head(levels)
+    anchors = net.anchor_generator(batch, levels)
+    locations = [level.size(2) * level.size(3) for level in levels]
+    per_location = outputs["cls_logits"].size(1) // sum(locations)
+    counts = [n * per_location for n in locations]
+    split = {k: list(v.split(counts, dim=1)) for k, v in outputs.items()}
+    return net.postprocess_detections(split, [list(a.split(counts)) for a in anchors], batch.image_sizes)
+
+
 def split_detector(model: nn.Module, stage: str) -> tuple[DetectorHead, DetectorTail]:
-    """Head and tail of a Faster R-CNN cut after ``stage`` of its backbone's body (one line naming the valid stages
-    when it has no such stage)."""
+    """Head and tail of a Faster R-CNN, RetinaNet or FCOS cut after ``stage`` of its backbone's body (one line naming
+    the valid stages when it has no such stage)."""
     net = _net(model)
     valid = detector_stages(model)
     if stage not in valid:
