@@ -27,7 +27,7 @@ def _spec(folder, methods, domains=("fog",), protocol="", dataset=MINIATURE, bat
              "domains = [" + ", ".join(f'"{d}"' for d in domains) + "]"]
     for section in ("miniature", "real"):
         lines += [f"[data.{section}]", f'dataset = "{dataset[0]}"', f'edge = "{dataset[1]}"',
-                  f'foundation = "{dataset[2]}"'] + ([f"options = {{ images = {images} }}"] if images else [])
+                  f'foundation = "{dataset[2]}"'] + ([f"options = {{ n_examples = {images} }}"] if images else [])
     for name in methods:
         options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in small_options(name).items())
         labels = ", ".join(f"{k} = {v}" for k, v in granted_labels(name).items())  # active TTA: a label budget

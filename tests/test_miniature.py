@@ -59,9 +59,9 @@ def test_training_script_is_deterministic():
         assert torch.equal(p, q), name
 
 
-def test_the_images_option_keeps_each_domains_first_images_and_their_labels():
+def test_n_examples_keeps_each_domains_first_images_and_their_labels():
     whole = miniature.dataset(domains=("fog", "clean"))
-    first = miniature.dataset(domains=("fog", "clean"), images=100)
+    first = miniature.dataset(domains=("fog", "clean"), n_examples=100)
     for a, b in zip(whole.domains, first.domains, strict=True):
         assert len(b) == 100 and np.array_equal(b.pixels, a.pixels[:100])
         assert np.array_equal(b.labels(), a.labels()[:100])

@@ -140,10 +140,10 @@ def test_an_address_without_the_ray_executor_is_refused_not_ignored(capsys, tmp_
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["run", "--method", "source", "--domains", "fog", "--dataset-option", "n_examples=100"],
-     "dataset 'miniature-digits-c' has no option 'n_examples'; valid options: (none)"),
-    (["reproduce", "table2", "--dataset-option", "n_examples=100"],
-     "dataset 'miniature-digits-c' has no option 'n_examples'; valid options: (none)"),
+    (["run", "--method", "source", "--domains", "fog", "--dataset-option", "subset=all"],
+     "dataset 'miniature-digits-c' has no option 'subset'; valid options: n_examples"),
+    (["reproduce", "table2", "--dataset-option", "n_example=100"],
+     "dataset 'miniature-digits-c' has no option 'n_example'; valid options: n_examples"),
     (["run", "--method", "source", "--dataset", "cifar10-c", "--data-root", "{root}", "--edge", "cifar:Standard",
       "--foundation", "cifar:Standard",
       "--dataset-option", "foo=1"], "dataset 'cifar10-c' has no option 'foo'; valid options: n_examples"),

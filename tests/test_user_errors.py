@@ -109,9 +109,10 @@ def test_a_generators_options_are_checked_before_the_data_is_read(arguments, mes
     assert err.startswith("cemabench: error: ") and err.count("\n") == 1 and message in err, err
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "x", "true", "2.5"])
-def test_the_miniatures_images_option_is_a_whole_number_of_at_least_one(value, capsys):
-    assert main(["run", "--method", "source", "--domains", "fog", "--dataset-option", f"images={value}"]) == 2
+@pytest.mark.parametrize("value", ["0", "-3", "x", "true", "2.5", "1080"])
+def test_the_miniatures_n_examples_is_a_whole_number_of_its_images(value, capsys):
+    assert main(["run", "--method", "source", "--domains", "fog", "--dataset-option", f"n_examples={value}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cemabench: error: the miniature's option images must be a whole number of at least 1")
+    assert err.startswith("cemabench: error: miniature-digits-c n_examples must be an integer from 1 to 1079 (the "
+                          "images per domain), got ")
     assert err.count("\n") == 1

@@ -94,7 +94,7 @@ def test_a_half_that_sends_a_forged_wire_message_fails_its_cell_as_not_plain():
 def test_each_batchs_calls_cross_as_wire_messages(monkeypatch):
     """The pickle path (torch.save, a weights_only load) is the set-up's; a step's calls and replies are wire
     messages (the speed of isolation, README: Isolation, measured)."""
-    data = dataset_factory("miniature-digits-c")(data_root=None, severity=5, domains=("fog",), images=192)
+    data = dataset_factory("miniature-digits-c")(data_root=None, severity=5, domains=("fog",), n_examples=192)
     models = Models.copies_of(build_model("mini:edge"), build_model("mini:foundation"))
     sent, received = [], []  # the first bytes of each message this process sends a half and reads from one
     real_send, real_receive = Connection.send_bytes, Connection.recv_bytes

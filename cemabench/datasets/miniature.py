@@ -126,17 +126,19 @@ def _first_labels(count: int | None) -> np.ndarray:
 
 
 def dataset(data_root=None, severity: int = 5, domains=corruptions.HENDRYCKS_ORDER,
-            images: int | None = None) -> DatasetSource:
+            n_examples: int | None = None) -> DatasetSource:
     """Factory of the ``miniature-digits-c`` dataset: one domain per corruption at the given severity, and ``clean``
     (the uncorrupted test split, the same at every severity) where a table wants the clean stream beside them.
-    ``images``: each domain's first N images only (a quicker look; default: all of them)."""
+    ``n_examples``: each domain's first N images only (a quicker look, as RobustBench's ``n_examples`` and the CIFAR
+    datasets' option; default: all of them)."""
     check_choice("miniature", data_root, severity, domains)
-    if images is not None and (type(images) is not int or images < 1):
-        raise UserError(f"the miniature's option images must be a whole number of at least 1 (got {images!r}); "
-                        f"leave it out for every image of each domain")
+    available = len(stream_labels())
+    if n_examples is not None and (type(n_examples) is not int or not 1 <= n_examples <= available):
+        raise UserError(f"miniature-digits-c n_examples must be an integer from 1 to {available} (the images per "
+                        f"domain), got {n_examples!r}")
     train_images, _ = _train_split()
-    labels = stream_labels if images is None else functools.partial(_first_labels, images)
-    domains = [ArrayDomain(d, (clean_test_images() if d == CLEAN else corrupted_test_images(d, severity))[:images],
+    labels = stream_labels if n_examples is None else functools.partial(_first_labels, n_examples)
+    domains = [ArrayDomain(d, (clean_test_images() if d == CLEAN else corrupted_test_images(d, severity))[:n_examples],
                            labels) for d in domains]
     return DatasetSource(
         name="miniature-digits-c",
