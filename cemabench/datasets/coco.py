@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from cemabench.data import DatasetSource
 from cemabench.datasets.corruptions import HENDRYCKS_ORDER, corrupt
-from cemabench.datasets.imagenet import SOURCES, DataError, ImageFiles, _from_worker, _root, generated_only
+from cemabench.datasets.imagenet import SOURCES, ImageFiles, _root, generated_only, loaded
 from cemabench.errors import UserError
 from cemabench.protocol.stream import derive_seed
 
@@ -106,15 +106,8 @@ class CocoDomain:
 
     def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
         batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-        loader = iter(DataLoader(ImageFiles(self.files, self.transform),
-                                 batch_sampler=batches, num_workers=self.workers, pin_memory=pin_memory))
-        while True:
-            try:
-                yield next(loader)
-            except StopIteration:
-                return
-            except DataError as error:
-                raise _from_worker(error) from error
+        yield from loaded(DataLoader(ImageFiles(self.files, self.transform), batch_sampler=batches,
+                                     num_workers=self.workers, pin_memory=pin_memory))
 
     def ground_truth(self) -> dict:
         """The domain's images (in sample order) and their annotations, in the letterboxed frame; each image says its

@@ -106,14 +106,7 @@ class ImageFolderDomain:
         return next(self.batches(np.asarray(indices), len(indices)))
 
     def batches(self, order: np.ndarray, batch_size: int, pin_memory: bool = False) -> Iterator[torch.Tensor]:
-        loader = iter(self._loader(order, batch_size, pin_memory))
-        while True:
-            try:
-                pixels = next(loader)
-            except StopIteration:
-                return
-            except DataError as error:
-                raise _from_worker(error) from error
+        for pixels in loaded(self._loader(order, batch_size, pin_memory)):
             yield pixels.float().div_(255)
 
     def labels(self) -> np.ndarray:
@@ -172,6 +165,26 @@ class GeneratedDomain:
 
     def labels(self) -> np.ndarray:
         return np.asarray(self.label_source(), dtype=np.int64)
+
+
+def loaded(loader: DataLoader) -> Iterator:
+    """A DataLoader's batches; a worker's DataError re-raised with the file's message first (:func:`_from_worker`).
+    However the iteration ends, the loader's workers and its queues' threads are ended with it: a failed batch's
+    traceback holds the iterator, and the unit's end checks that nothing it started still runs."""
+    iterator = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as error:
+                raise _from_worker(error) from error
+            yield batch
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator; idempotent
+        if shutdown is not None:
+            shutdown()
 
 
 def _from_worker(error: DataError) -> DataError:
