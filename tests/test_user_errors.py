@@ -109,7 +109,7 @@ def test_a_generators_options_are_checked_before_the_data_is_read(arguments, mes
     assert err.startswith("cemabench: error: ") and err.count("\n") == 1 and message in err, err
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "x", "true", "2.5", "1080"])
+@pytest.mark.parametrize("value", ["0", "true", "1080"])
 def test_the_miniatures_n_examples_is_a_whole_number_of_its_images(value, capsys):
     assert main(["run", "--method", "source", "--domains", "fog", "--dataset-option", f"n_examples={value}"]) == 2
     err = capsys.readouterr().err

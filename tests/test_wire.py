@@ -91,6 +91,7 @@ def test_a_half_that_sends_a_forged_wire_message_fails_its_cell_as_not_plain():
         isolation.unpack(forged, "edge")
 
 
+@pytest.mark.slow  # 8 s (a zygote and an isolated unit); kept out of the default tier's 5 minutes
 def test_each_batchs_calls_cross_as_wire_messages(monkeypatch):
     """The pickle path (torch.save, a weights_only load) is the set-up's; a step's calls and replies are wire
     messages (the speed of isolation, README: Isolation, measured)."""
