@@ -29,7 +29,6 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import gc
 import importlib
 import io
 import json
@@ -244,10 +243,6 @@ def zygote(fd: int) -> None:
     # step's time). One 16 MiB block freed here raises it for every half.
     block = torch.empty(4 << 20)
     del block
-    # Every object imported so far into the permanent generation: the halves' collections never walk them (a full
-    # collection walked the zygote's whole heap, and wrote to every page it touched, each then copied from the zygote)
-    gc.collect()
-    gc.freeze()
 
     conn = Connection(fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves

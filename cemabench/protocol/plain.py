@@ -40,6 +40,12 @@ class NotPlain(TypeError):
 
 def plain(t, what: str) -> torch.Tensor:
     """A contiguous copy of ``t`` that shares no storage with what method code holds, or :class:`NotPlain`."""
+    check_plain(t, what)
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def check_plain(t, what: str) -> None:
+    """:class:`NotPlain` unless ``t`` is an exact tensor, dense and strided, of one of :data:`DTYPES`."""
     if type(t) not in PLAIN_TYPES:
         raise NotPlain(f"{what} must be a plain torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
     if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta:
@@ -49,7 +55,6 @@ def plain(t, what: str) -> torch.Tensor:
     if t.dtype not in DTYPES:
         raise NotPlain(f"{what} has dtype {t.dtype}; what crosses the link is one of "
                        f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
-    return t.detach().clone(memory_format=torch.contiguous_format)
 
 
 def plain_map(tensors, what: str) -> dict[str, torch.Tensor]:

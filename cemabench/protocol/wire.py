@@ -18,9 +18,8 @@ import json
 import struct
 
 import torch
-from torch import nn
 
-from cemabench.protocol.plain import DTYPES, NotPlain
+from cemabench.protocol.plain import DTYPES, PLAIN_TYPES, NotPlain, check_plain
 
 MAGIC = b"CBW1"
 _LENGTH = struct.Struct("<Q")
@@ -60,11 +59,8 @@ def _tree(value, tensors: list, blobs: list, depth: int):
         tensors.append(["bytes", [len(value)], "", len(value)])
         blobs.append(value)
         return ["b", len(tensors) - 1]
-    if kind in (torch.Tensor, nn.Parameter):
-        if value.layout is not torch.strided or value.is_quantized or value.is_nested or value.is_meta:
-            raise NotPlain("a message carries dense strided tensors only")
-        if value.dtype not in _NAMES:
-            raise NotPlain(f"a message carries no {value.dtype} tensor")
+    if kind in PLAIN_TYPES:
+        check_plain(value, "a message's tensor")  # what the link takes, refused as the link refuses it
         t = value.detach().cpu()
         layout = ""
         if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
