@@ -147,8 +147,10 @@ class HardExampleOffload(Method):
         classification = self.options.router == "cross-entropy"
         if self.options.router != "auto" and classification != (task == "classification"):
             fits = "cross-entropy" if task == "classification" else "threshold or ibt"
-            raise UserError(f"hard-example-offload's router {self.options.router} does not fit a {task} dataset: "
-                            f"use router={fits}")
+            why = ("Sedna's cross-entropy filter reads one vector of class probabilities per image, which a "
+                   "detector's boxes do not give" if task == "detection" else "it reads box scores")
+            raise UserError(f"hard-example-offload's router {self.options.router} does not fit a {task} dataset "
+                            f"({why}): use router={fits}")
 
     def edge(self, num_classes):
         return HardExampleEdge(self.options)

@@ -145,12 +145,15 @@ def plugins(monkeypatch):
             del sys.modules[name]
 
 
-def write_spec(path, methods, domains=("fog",)) -> str:
-    """A small miniature table spec of ``methods`` over ``domains`` at ``path``; returns the path for the CLI."""
+def write_spec(path, methods, domains=("fog",), images=320) -> str:
+    """A small miniature table spec of ``methods`` over ``domains`` (their first ``images`` images: five batches, or
+    the whole domain with None) at ``path``; returns the path for the CLI."""
     lines = ['name = "small"', 'title = "a small table"', "[protocol]", "batch_size = 64", 'setting = "per-domain"',
              "[data]", "severity = 5", f"domains = {list(domains)!r}".replace("'", '"')]
-    for section, dataset in (("miniature", "miniature-digits-c"), ("real", "imagenet-c")):
-        lines += [f"[data.{section}]", f'dataset = "{dataset}"', 'edge = "mini:edge"', 'foundation = "mini:foundation"']
+    models = ['edge = "mini:edge"', 'foundation = "mini:foundation"']
+    lines += ["[data.miniature]", 'dataset = "miniature-digits-c"', *models]
+    lines += [f"options = {{ n_examples = {images} }}"] if images else []
+    lines += ["[data.real]", 'dataset = "imagenet-c"', *models]
     lines += [line for name in methods for line in ("[[methods]]", f'name = "{name}"')]
     path.write_text("\n".join(lines) + "\n")
     return str(path)

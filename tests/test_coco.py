@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from test_detection_task import _pycocotools, truth_as_detections
 
@@ -229,8 +230,22 @@ def test_a_split_names_the_stages_a_detector_has():
     model = build_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none")
     with pytest.raises(UserError, match="the detector has no stage 'layer2' to cut at; valid: 0, 1, 2"):
         split_detector(model, "layer2")
-    with pytest.raises(UserError, match="needs a torchvision Faster R-CNN, RetinaNet or FCOS"):
-        split_detector(build_model("torchvision:ssdlite320_mobilenet_v3_large@none"), "0")
+    ssdlite = build_model("torchvision:ssdlite320_mobilenet_v3_large@none")
+    with pytest.raises(UserError, match=r"no stage 'layer2' to cut at; valid: features\.0\.0, .*, features\.0\.13, "
+                                        r"features\.1\.0, .*, features\.1\.3, extra\.0, extra\.1, extra\.2$"):
+        split_detector(ssdlite, "layer2")
+
+
+@pytest.mark.slow  # 4 x 3 s (SSDlite at 320 px, every box kept), and SSD300 built at random to be refused
+def test_a_split_ssdlite_head_plus_tail_is_the_whole_detector():
+    """Cut inside its first features part (only the activation crosses), after it (its feature map crosses once), in
+    its second and in its extra layers (every feature map so far crosses), the tail's SSD heads, anchors and decoding
+    give the detector's own boxes. SSD300's VGG backbone is refused."""
+    from cemabench.models.detection_split import split_detector
+
+    _split_equals_whole("ssdlite320_mobilenet_v3_large", ["features.0.5", "features.0.13", "features.1.2", "extra.1"])
+    with pytest.raises(UserError, match="needs a torchvision Faster R-CNN, RetinaNet or FCOS .* or an SSDlite"):
+        split_detector(torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None), "0")
 
 
 def test_coco_c_generated_from_val_needs_no_coco_c_folder_and_is_seeded(tmp_path):

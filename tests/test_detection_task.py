@@ -294,8 +294,10 @@ def test_hard_example_offload_runs_on_detection_between_edge_and_cloud(tmp_path)
 
 
 @pytest.mark.parametrize("router, dataset, words", [
-    ("cross-entropy", DETECTION, "router cross-entropy does not fit a detection dataset: use router=threshold or ibt"),
-    ("ibt", [], "router ibt does not fit a classification dataset: use router=cross-entropy"),
+    ("cross-entropy", DETECTION, "router cross-entropy does not fit a detection dataset (Sedna's cross-entropy filter "
+                                 "reads one vector of class probabilities per image, which a detector's boxes do not "
+                                 "give): use router=threshold or ibt"),
+    ("ibt", [], "router ibt does not fit a classification dataset (it reads box scores): use router=cross-entropy"),
 ])
 def test_a_router_for_the_other_task_is_one_line(tmp_path, capsys, router, dataset, words):
     from cemabench.cli import main

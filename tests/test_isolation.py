@@ -19,7 +19,7 @@ from conftest import builtin_methods, granted_labels, numbers, small_options, wr
 MINIATURE = ("miniature-digits-c", "mini:edge", "mini:foundation")
 
 
-def _spec(folder, methods, domains=("fog",), protocol="", dataset=MINIATURE, batch_size=64, images=None):
+def _spec(folder, methods, domains=("fog",), protocol="", dataset=MINIATURE, batch_size=64, images=320):
     """A miniature table of ``methods`` (each with the test's small options) over ``domains`` (their first
     ``images`` images)."""
     lines = ['name = "iso"', 'title = "isolation"', "[protocol]", f"batch_size = {batch_size}",

@@ -34,6 +34,7 @@ foundation = "torchvision:resnet101"
 dataset = "miniature-digits-c"
 edge = "mini:edge"
 foundation = "mini:foundation"
+options = {{ n_examples = 320 }}
 
 [data.miniature.method_options.cema]
 redundancy_margin = 0.5

@@ -43,6 +43,7 @@ foundation = "torchvision:resnet101"
 dataset = "miniature-digits-c"
 edge = "mini:edge"
 foundation = "mini:foundation"
+options = {{ n_examples = 320 }}
 {methods}
 '''
 

@@ -1,7 +1,8 @@
 """Split detectors: cut a torchvision Faster R-CNN, RetinaNet or FCOS (``torchvision:fasterrcnn_*``, ``retinanet_*``,
 ``fcos_*``) at a stage of its backbone's body, in front of the FPN, as SC2 (Matsubara et al., SC2 Benchmark: Supervised
-Compression for Split Computing, TMLR 2023) splits Faster R-CNN at ``backbone.body``. SSD and SSDlite have no body
-and FPN to cut in front of, and are refused.
+Compression for Split Computing, TMLR 2023) splits Faster R-CNN at ``backbone.body``; cut an SSDlite
+(``ssdlite320_mobilenet_v3_large``) after a block of its MobileNetV3 features or extra layers, in front of the SSD
+heads. SSD300 (VGG) is refused.
 
 The head runs the detector's own resize-and-normalise transform and the body's stages up to the cut; the tail runs
 the rest of the body, the FPN, then the detector's own heads and postprocessing: a Faster R-CNN's region proposals
@@ -28,6 +29,8 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
 
 from cemabench.errors import UserError
 
@@ -39,27 +42,49 @@ ONE_STAGE = (RetinaNet, FCOS)  # a head over every FPN level, anchors, and per-l
 
 def _net(model: nn.Module) -> nn.Module:
     net = getattr(model, "net", model)  # cemabench.models.zoo.Detector wraps torchvision's detector
+    if isinstance(net, SSD) and isinstance(net.backbone, SSDLiteFeatureExtractorMobileNet):
+        return net  # (SSD300's VGG backbone rescales its first map apart from the blocks that follow: refused)
     if not isinstance(net, (GeneralizedRCNN, *ONE_STAGE)) or not hasattr(net.backbone, "body") or not hasattr(
             net.backbone, "fpn"):
         raise UserError(f"a detector split needs a torchvision Faster R-CNN, RetinaNet or FCOS with a backbone body "
-                        f"and an FPN (the zoo's fasterrcnn_*, retinanet_* and fcos_* detectors), got "
-                        f"{type(net).__name__}")
+                        f"and an FPN, or an SSDlite (the zoo's fasterrcnn_*, retinanet_*, fcos_* and ssdlite* "
+                        f"detectors), got {type(net).__name__}")
     return net
 
 
+def _stages(net: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
+    """The backbone's modules in the order it runs them: (stage name, module, the key of the feature map its output
+    is, or None). A body's stages are its children, whose outputs the FPN takes by ``return_layers``; an SSDlite's
+    are the blocks of its two ``features`` parts (``features.P.B``), each part's last block giving one of the heads'
+    feature maps, then its ``extra`` blocks (``extra.K``), each giving the next one."""
+    if isinstance(net, SSD):
+        blocks = [(f"features.{p}.{b}", block, b == len(part) - 1) for p, part in enumerate(net.backbone.features)
+                  for b, block in enumerate(part)]
+        blocks += [(f"extra.{k}", block, True) for k, block in enumerate(net.backbone.extra)]
+        levels = iter(range(len(blocks)))
+        return [(name, block, str(next(levels)) if level else None) for name, block, level in blocks]
+    body = net.backbone.body
+    return [(name, module, body.return_layers.get(name)) for name, module in body.items()]
+
+
 def detector_stages(model: nn.Module) -> list[str]:
-    """The stages of the backbone's body a detector can be cut after, in order (all but the last)."""
-    return list(_net(model).backbone.body.keys())[:-1]
+    """The stages of the backbone a detector can be cut after, in order (all but the last)."""
+    return [name for name, _, _ in _stages(_net(model))][:-1]
 
 
 class DetectorHead(nn.Module):
-    """Images in [0, 1] (N, 3, H, W) to what crosses: ``fpn:NAME`` for each body output the FPN takes that is
-    computed by then, ``x`` (the activation after the cut, unless it is one of those) and the image sizes
-    (:data:`SIZES`)."""
+    """Images in [0, 1] (N, 3, H, W) to what crosses: ``fpn:NAME`` (``level:I`` for an SSDlite) for each feature map
+    the rest of the detector takes that is computed by then, ``x`` (the activation after the cut, unless it is one
+    of those) and the image sizes (:data:`SIZES`)."""
 
     def __init__(self, net: nn.Module, stage: str):
         super().__init__()
-        self.transform, self.body, self.stage = net.transform, net.backbone.body, stage
+        self.transform, self.stage = net.transform, stage
+        self.prefix = "level:" if isinstance(net, SSD) else "fpn:"
+        stages = _stages(net)
+        cut = [name for name, _, _ in stages].index(stage)
+        self.names = [(name, tap) for name, _, tap in stages[:cut + 1]]
+        self.blocks = nn.ModuleList(module for _, module, _ in stages[:cut + 1])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         images = list(x.unbind(0))
@@ -68,13 +93,11 @@ class DetectorHead(nn.Module):
         out = {"original_sizes": original, "image_sizes": torch.tensor(batch.image_sizes, dtype=torch.int64),
                "batch_shape": torch.tensor(list(batch.tensors.shape[-2:]), dtype=torch.int64)}
         x = batch.tensors
-        for name, module in self.body.items():
+        for (_, tap), module in zip(self.names, self.blocks):
             x = module(x)
-            if name in self.body.return_layers:
-                out[f"fpn:{self.body.return_layers[name]}"] = x
-            if name == self.stage:
-                break
-        if self.stage not in self.body.return_layers:  # else the activation at the cut crosses once, as an FPN input
+            if tap is not None:
+                out[self.prefix + tap] = x
+        if self.names[-1][1] is None:  # else the activation at the cut crosses once, as a feature map
             out["x"] = x
         return out
 
@@ -88,20 +111,27 @@ class DetectorTail(nn.Module):
         self.net, self.stage = net, stage
 
     def forward(self, crossed: dict[str, torch.Tensor]):
-        net, body = self.net, self.net.backbone.body
-        x = crossed["x"] if "x" in crossed else crossed[f"fpn:{body.return_layers[self.stage]}"]
-        features = OrderedDict((k[4:], v) for k, v in crossed.items() if k.startswith("fpn:"))
-        names = list(body.keys())
-        for name in names[names.index(self.stage) + 1:]:
-            x = body[name](x)
-            if name in body.return_layers:
-                features[body.return_layers[name]] = x
-        features = net.backbone.fpn(OrderedDict(sorted(features.items(), key=lambda kv: int(kv[0])))
-                                    if all(k.isdigit() for k in features) else features)
+        net = self.net
+        stages = _stages(net)
+        names = [name for name, _, _ in stages]
+        prefix = "level:" if isinstance(net, SSD) else "fpn:"
+        tap = stages[names.index(self.stage)][2]
+        x = crossed["x"] if tap is None else crossed[prefix + tap]
+        features = OrderedDict((k[len(prefix):], v) for k, v in crossed.items() if k.startswith(prefix))
+        for _, module, tap in stages[names.index(self.stage) + 1:]:
+            x = module(x)
+            if tap is not None:
+                features[tap] = x
         sizes = [tuple(s) for s in crossed["image_sizes"].tolist()]
         h, w = crossed["batch_shape"].tolist()
         # the anchors need only the padded batch's shape, not its pixels
         batch = ImageList(x.new_empty(()).expand(len(sizes), 3, h, w), sizes)
+        if isinstance(net, SSD):  # its heads take the feature maps in order, without an FPN
+            levels = [features[k] for k in sorted(features, key=int)]
+            detections = net.postprocess_detections(net.head(levels), net.anchor_generator(batch, levels), sizes)
+            return net.transform.postprocess(detections, sizes, [tuple(s) for s in crossed["original_sizes"].tolist()])
+        features = net.backbone.fpn(OrderedDict(sorted(features.items(), key=lambda kv: int(kv[0])))
+                                    if all(k.isdigit() for k in features) else features)
         if isinstance(net, GeneralizedRCNN):
             proposals, _ = net.rpn(batch, features)
             detections, _ = net.roi_heads(features, proposals, sizes)
@@ -124,8 +154,8 @@ def _one_stage(net: nn.Module, batch: ImageList, levels: list[torch.Tensor]) -> 
 
 
 def split_detector(model: nn.Module, stage: str) -> tuple[DetectorHead, DetectorTail]:
-    """Head and tail of a Faster R-CNN, RetinaNet or FCOS cut after ``stage`` of its backbone's body (one line naming
-    the valid stages when it has no such stage)."""
+    """Head and tail of a Faster R-CNN, RetinaNet or FCOS cut after ``stage`` of its backbone's body, or of an
+    SSDlite cut after one of its backbone's blocks (one line naming the valid stages when it has no such stage)."""
     net = _net(model)
     valid = detector_stages(model)
     if stage not in valid:

@@ -17,7 +17,7 @@
 // crosses into Python. A refusal raises the Python exception class given at construction, with the same message as
 // the Python meter's, and is counted: the counts and messages can only grow, so code that catches the exception is
 // still refused when its step ends.
-#include <torch/extension.h>
+#include <torch/python.h>
 #include <torch/csrc/autograd/node.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <ATen/record_function.h>
