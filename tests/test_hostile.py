@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cemabench.cli import main
@@ -311,6 +312,21 @@ def test_rewritten_label_files_change_no_score(plugins, tmp_path):
     assert main(["reproduce", alone, "--out", str(tmp_path / "alone"), "--no-progress", "--jobs", "1"]) == 0
     (clean,) = json.loads((tmp_path / "alone" / "small.json").read_text())["cells"]
     assert cells["source"]["correct"] == clean["correct"]
+
+
+def test_the_labels_the_harness_scores_with_are_no_array_a_plugin_was_handed():
+    """The miniature's labels are derived once per process and kept as immutable bytes: every array handed out is a
+    copy, so writing into one (or into the split's indices) changes no later score."""
+    from cemabench.datasets import miniature
+
+    handed = miniature.stream_labels()
+    truth = handed.copy()
+    handed[:] = 0
+    for array in miniature._split():
+        array[:] = 0
+    assert np.array_equal(miniature.stream_labels(), truth) and (truth != 0).any()
+    with pytest.raises(ValueError):
+        np.frombuffer(miniature._split_bytes()[0], dtype=np.int64)[0] = 1  # read-only: the bytes are immutable
 
 
 def test_a_plugin_that_replaces_the_guard_at_import_runs_no_unit(tmp_path, monkeypatch):
