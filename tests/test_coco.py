@@ -17,11 +17,12 @@ from cemabench.protocol.tasks import detection
 SIZES = {"000000000139.jpg": (80, 60), "000000000285.jpg": (50, 100), "000000000632.jpg": (64, 64)}  # (w, h)
 
 
-def _tree(root, corruptions=("fog",), severity=3):
+def _tree(root, corruptions=("fog",), severity=3, train=0, categories=(1, 18)):
+    """val2017 with SIZES' three images (and coco-c's corruptions of them), and ``train`` train2017 images."""
     rng = np.random.default_rng(0)
     (root / "val2017").mkdir(parents=True)
     (root / "annotations").mkdir()
-    doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]}
+    doc = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"class {c}"} for c in categories]}
     for k, (name, (w, h)) in enumerate(SIZES.items()):
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "val2017" / name, quality=95)
@@ -30,11 +31,61 @@ def _tree(root, corruptions=("fog",), severity=3):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(255 - pixels).save(folder / name, quality=95)
         doc["images"].append({"id": int(name[:-4]), "file_name": name, "width": w, "height": h})
-        doc["annotations"].append({"id": k + 1, "image_id": int(name[:-4]), "category_id": 18 if k else 1,
+        doc["annotations"].append({"id": k + 1, "image_id": int(name[:-4]), "category_id": categories[k > 0],
                                    "bbox": [5.0, 6.0, 20.0, 30.0], "area": 600.0, "iscrowd": 0,
                                    "segmentation": [[5, 6, 25, 6, 25, 36]]})
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    if train:
+        (root / "train2017").mkdir()
+        listed = {"images": [], "annotations": [], "categories": doc["categories"]}
+        for k in range(train):  # listed in reverse file-name order: the split takes the first by name
+            name, image_id = f"{900000 - k:012d}.jpg", 900000 - k
+            Image.fromarray(rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)).save(root / "train2017" / name)
+            listed["images"].append({"id": image_id, "file_name": name, "width": 80, "height": 40})
+            listed["annotations"].append({"id": 100 + k, "image_id": image_id, "category_id": categories[k % 2],
+                                          "bbox": [10.0, 4.0, 16.0, 12.0], "area": 192.0, "iscrowd": 0})
+        (root / "annotations" / "instances_train2017.json").write_text(json.dumps(listed))
     return root
+
+
+def test_train_images_reads_the_first_of_coco_train_as_the_clean_training_split(tmp_path):
+    data = coco_c(str(_tree(tmp_path, train=5)), severity=3, domains=("clean",), image_size=64, train_images=3)
+    clean = data.clean
+    assert clean.name == "clean-train" and len(clean) == 3 and data.provenance["train_images"] == 3
+    assert [f.name for f in clean.files] == [f"{i:012d}.jpg" for i in (899996, 899997, 899998)]
+    assert clean.images(np.arange(3)).shape == (3, 3, 64, 64)
+    truth = clean.ground_truth()
+    assert [i["id"] for i in truth["images"]] == [899996, 899997, 899998] and len(truth["annotations"]) == 3
+    assert truth["annotations"][0]["bbox"] == pytest.approx([8.0, 3.2, 12.8, 9.6])  # 80 px wide -> 64: x 0.8
+    assert coco_c(str(tmp_path), severity=3, domains=("clean",), image_size=64).clean is None  # 0: no split
+
+
+@pytest.mark.parametrize("train, option, words", [
+    (0, 2, "train2017 not found: the option train_images reads COCO 2017 train as train2017/*.jpg and "
+           "annotations/instances_train2017.json; leave it out (0) to run without a training split"),
+    (2, 3, "train_images = 3, and "),
+    (2, -1, "coco-c option train_images must be an integer >= 0, got -1"),
+])
+def test_a_training_split_that_is_not_there_is_one_line(tmp_path, capsys, train, option, words):
+    root = _tree(tmp_path / "coco", train=train)
+    code = main(["run", "--method", "source", "--dataset", "coco-c", "--data-root", str(root), "--severity", "3",
+                 "--domains", "clean", "--dataset-option", f"train_images={option}", "--edge", "minidet:edge",
+                 "--foundation", "minidet:cloud"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_ecc_independent_trains_on_coco_train_and_runs_on_coco_c(tmp_path):
+    """The offline stage reads COCO 2017 train (its instances as the detection loss's targets) and the cells run on
+    COCO-C from disk: the detection miniature's detectors on a generated tree, categories within theirs."""
+    root = _tree(tmp_path / "coco", train=6, categories=(1, 2))
+    out = tmp_path / "run.json"
+    assert main(["run", "--method", "ecc-independent", "--option", "epochs=1", "--option", "train_samples=6",
+                 "--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "fog",
+                 "--dataset-option", "image_size=64", "--dataset-option", "train_images=6", "--edge", "minidet:edge",
+                 "--foundation", "minidet:cloud", "--out", str(out)]) == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert (cell["status"], cell["seen"]) == ("ok", 3) and cell["map"] is not None
 
 
 def test_letterbox_keeps_the_aspect_and_pads_right_and_bottom():

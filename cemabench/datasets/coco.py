@@ -3,6 +3,8 @@
     ROOT/val2017/*.jpg                                   (COCO 2017 val: the clean domain, "clean")
     ROOT/annotations/instances_val2017.json              (its instances ground truth)
     ROOT/coco-c/<corruption>/<severity>/<file_name>      (COCO-C, as imagecorruptions writes it: the same file names)
+    ROOT/train2017/*.jpg                                 (COCO 2017 train: the clean training split, read only with
+    ROOT/annotations/instances_train2017.json             the option train_images = N, its first N images)
 
 or, with the option ``source = "generated"``, COCO-C generated from val2017 when read, with cemabench's ImageNet-C
 table (:mod:`cemabench.datasets.corruptions_imagenet`, imagecorruptions' operations and parameters, which Michaelis et
@@ -35,6 +37,7 @@ from cemabench.protocol.stream import derive_seed
 
 CLEAN = "clean"
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
+TRAIN_ANNOTATIONS = Path("annotations") / "instances_train2017.json"
 LAYOUT = "val2017/*.jpg and annotations/instances_val2017.json (COCO 2017 val), and coco-c/<corruption>/<severity>/"
 PAD = 114 / 255
 
@@ -71,7 +74,7 @@ def read_annotations(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not JSON ({error}); it should be COCO's instances_val2017.json") from None
+        raise UserError(f"{path} is not JSON ({error}); it should be COCO's {path.name}") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
             raise UserError(f"{path} is not a COCO instances file: it has no {key!r} list")
@@ -131,11 +134,41 @@ class CocoDomain:
         raise ValueError(f"{self.name} is a detection domain: its ground truth is ground_truth(), not labels()")
 
 
+def _listed(root: Path, folder: str, annotations: Path, count: int) -> tuple[dict, list[dict]]:
+    """The instances document and its first ``count`` images (all for 0) in file-name order, each on disk."""
+    doc = read_annotations(root / annotations)
+    listed = sorted(doc["images"], key=lambda i: i.get("file_name", ""))
+    if not listed:
+        raise UserError(f"{root / annotations} lists no images")
+    listed = listed[:count] if count else listed
+    missing = [i["file_name"] for i in listed if not (root / folder / i["file_name"]).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {root / annotations} are not in {root / folder} "
+                        f"(first: {missing[0]}): is the folder complete?")
+    return doc, listed
+
+
+def _train_split(root: Path, count: int, image_size: int, workers: int) -> CocoDomain | None:
+    """COCO 2017 train's first ``count`` images (file-name order) and their instances, letterboxed as the stream is:
+    the clean training split of methods with an offline stage (None for 0)."""
+    if not count:
+        return None
+    if not (root / "train2017").is_dir():
+        raise UserError(f"{root / 'train2017'} not found: the option train_images reads COCO 2017 train as "
+                        f"train2017/*.jpg and {TRAIN_ANNOTATIONS}; leave it out (0) to run without a training split")
+    _, listed = _listed(root, "train2017", TRAIN_ANNOTATIONS, count)
+    if len(listed) < count:
+        raise UserError(f"train_images = {count}, and {root / TRAIN_ANNOTATIONS} lists {len(listed)} images")
+    return CocoDomain("clean-train", [root / "train2017" / i["file_name"] for i in listed], [i["id"] for i in listed],
+                      root / TRAIN_ANNOTATIONS, image_size, workers)
+
+
 def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_size: int = 640, n_images: int = 0,
-           workers: int = 0, source: str = "disk", seed: int = 0) -> DatasetSource:
+           workers: int = 0, source: str = "disk", seed: int = 0, train_images: int = 0) -> DatasetSource:
     """Factory of ``coco-c``: COCO 2017 val (``clean``) and COCO-C's corruptions at a severity, letterboxed to
     ``image_size``. ``n_images``: the first that many val images in file-name order (0: all 5,000). ``source``:
-    ``disk`` reads coco-c/, ``generated`` corrupts val2017 when read (seeded by ``seed``)."""
+    ``disk`` reads coco-c/, ``generated`` corrupts val2017 when read (seeded by ``seed``). ``train_images``: the first
+    that many COCO 2017 train images are the clean training split (0: none)."""
     root = _root(data_root, "coco-c", LAYOUT)
     if source not in SOURCES:
         raise UserError(f"coco-c source must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -145,20 +178,13 @@ def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_siz
         raise UserError(f"unknown COCO-C domain(s) {', '.join(unknown)}; valid: {', '.join(HENDRYCKS_ORDER)}, {CLEAN}")
     if severity not in (1, 2, 3, 4, 5):
         raise UserError(f"severity must be one of 1, 2, 3, 4, 5 (got {severity})")
-    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0)):
+    for name, value, low in (("image_size", image_size, 32), ("n_images", n_images, 0), ("workers", workers, 0),
+                             ("train_images", train_images, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"coco-c option {name} must be an integer >= {low}, got {value!r}")
     if not (root / "val2017").is_dir():
         raise UserError(f"{root / 'val2017'} not found: the COCO layout is {LAYOUT}")
-    doc = read_annotations(root / ANNOTATIONS)
-    listed = sorted(doc["images"], key=lambda i: i.get("file_name", ""))
-    if not listed:
-        raise UserError(f"{root / ANNOTATIONS} lists no images")
-    listed = listed[:n_images] if n_images else listed
-    missing = [i["file_name"] for i in listed if not (root / "val2017" / i["file_name"]).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} image(s) listed in {root / ANNOTATIONS} are not in {root / 'val2017'} "
-                        f"(first: {missing[0]}): is the folder complete?")
+    doc, listed = _listed(root, "val2017", ANNOTATIONS, n_images)
     ids = [i["id"] for i in listed]
     out = []
     for d in domains:
@@ -181,8 +207,10 @@ def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_siz
                               "operations and parameters) on each val2017 image at its own size, then the "
                               "letterbox; not JPEG-encoded after corruption"}
     return DatasetSource(
-        name="coco-c", num_classes=max(c["id"] for c in doc["categories"]) + 1, domains=out, clean=None,
+        name="coco-c", num_classes=max(c["id"] for c in doc["categories"]) + 1, domains=out,
+        clean=_train_split(root, train_images, image_size, workers),
         is_miniature=False, task="detection",
         provenance={"dataset": "COCO 2017 val / COCO-C", "severity": severity, "images_per_domain": len(ids),
                     "image_size": image_size, "resize": f"letterbox to {image_size} px, grey padding",
+                    **({"train_images": train_images} if train_images else {}),
                     **(generated if source == "generated" else {})})
