@@ -268,6 +268,26 @@ def test_reproduce_prints_a_summary_that_fits_a_terminal_and_keeps_the_full_tabl
     assert all(m["label"] in shown for m in doc["methods"])
 
 
+def test_the_summarys_worst_domain_reads_noted_and_several_seed_cells():
+    """A cell with a note (†) or a spread over seeds (mean ± std) still has a worst domain, and a † is explained."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from cemabench.report.leaderboard import terminal_summary
+
+    doc = json.loads((Path(__file__).parents[1] / "leaderboards" / "multi-edge.miniature.json").read_text())
+    rows = {line.split("|")[1].strip(): line for line in terminal_summary(doc).splitlines() if line.startswith("| ")}
+    assert "| 68.2† (contrast) " in rows["tent"] and "| 72.3 (contrast) " in rows["cema"]  # noted, and not
+    assert "† its cell has a note (the notes are listed at the end of the Markdown file)" in terminal_summary(doc)
+    seeds = copy.deepcopy(doc)
+    later = [{**c, "seed": 1, "accuracy": c["accuracy"] + 1.0} for c in seeds["cells"] if c["status"] == "ok"]
+    seeds["cells"] += later
+    seeds["seeds"] = [0, 1]
+    rows = {line.split("|")[1].strip(): line for line in terminal_summary(seeds).splitlines() if line.startswith("| ")}
+    assert "| 68.7† (contrast) " in rows["tent"] and "| 72.8 (contrast) " in rows["cema"]  # the seeds' mean
+
+
 def test_option_types_are_checked_item_by_item_and_floats_stored_as_floats():
     @dataclass
     class Typed:

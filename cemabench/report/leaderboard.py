@@ -332,8 +332,10 @@ def terminal_summary(doc: dict) -> str:
     points = points.set_index("method") if len(points) else points
     rows = {}
     for label in accuracy.index:
-        values = pd.to_numeric(accuracy.loc[label].drop("mean"), errors="coerce")
-        worst = f"{values.min():.1f} ({values.idxmin()})" if values.notna().any() else "-"
+        shown = accuracy.loc[label].drop("mean")
+        values = shown.map(_leading_number)
+        worst = (f"{values.min():.1f}{NOTE_MARK if NOTE_MARK in shown[values.idxmin()] else ''} ({values.idxmin()})"
+                 if values.notna().any() else "-")
         point = points.loc[label] if label in points.index else None
         rows[label] = {score.short: accuracy.loc[label, "mean"], "upload %": uploads.loc[label, "mean"],
                        "worst domain": worst,
@@ -342,7 +344,15 @@ def terminal_summary(doc: dict) -> str:
     lines = [f"{doc['table']}: {doc['title']}"]
     if doc["provenance"]["miniature"]:
         lines += [f"{miniature_words(doc)}: never compare with published numbers"]
-    return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), "", *_failed_cells(doc)])
+    legend = ([f"{NOTE_MARK} its cell has a note (the notes are listed at the end of the Markdown file)", ""]
+              if any(c.get("note") for c in doc["cells"]) else [])
+    return "\n".join([*lines, "", pd.DataFrame.from_dict(rows, orient="index").to_markdown(), "", *legend,
+                      *_failed_cells(doc)])
+
+
+def _leading_number(shown: str) -> float:
+    """A rendered cell's value (the seeds' mean, without its spread or note mark); NaN for a status or '-'."""
+    return pd.to_numeric(str(shown).replace(NOTE_MARK, "").split(" ± ")[0], errors="coerce")
 
 
 def labelled(doc: dict) -> bool:
