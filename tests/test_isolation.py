@@ -64,7 +64,7 @@ def test_several_edges_on_one_cloud_give_the_in_process_numbers(tmp_path):
 
 @pytest.mark.slow
 def test_detection_gives_the_in_process_numbers_isolated(tmp_path):
-    detection = _spec(tmp_path, ["cloud-only", "hard-example-offload"], batch_size=16,
+    detection = _spec(tmp_path, ["cloud-only", "hard-example-offload"], batch_size=16, images=None,
                       dataset=("miniature-digits-det-c", "minidet:edge", "minidet:cloud"))
     inline, isolated = _both(detection, tmp_path)
     assert all(c["status"] == "ok" for c in inline["cells"])
