@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
-from sklearn.metrics import pairwise_distances_argmin_min
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -87,6 +85,9 @@ def incremental_clusters(anchor_feats: torch.Tensor, anchor_weight: torch.Tensor
     is new and yields its nearest point as a new anchor, weighted by its size, unless that point is a previous anchor
     (the released code drops it). sklearn runs on one OpenMP and BLAS thread here (released: the machine's), since
     its centres change in their last bits with the thread count (float64: 4e-16; float32: 4e-7)."""
+    from sklearn.cluster import KMeans  # imported when first used (1.2 s: every process that lists methods paid it)
+    from sklearn.metrics import pairwise_distances_argmin_min
+
     points = torch.cat([anchor_feats, feats]).detach().cpu()
     weights = torch.cat([anchor_weight, torch.ones(len(feats), dtype=torch.float)])
     k = min(n_clusters, len(points))

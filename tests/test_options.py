@@ -179,7 +179,7 @@ def test_a_closed_stdout_ends_quietly_with_141():
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-m", "cemabench.cli", "list", "methods"], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-m", "cemabench.cli", "list", "tables"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     child.stdout.close()
     err = child.stderr.read().decode()

@@ -1,6 +1,6 @@
 """What ``--isolate`` costs a run unit, side by side with the same unit in-process (issue 22, scope 4):
 
-    pytest tests/benchmarks/test_isolation_cost.py --benchmark-enable -n 0
+    pytest -m "slow or not slow" tests/benchmarks/test_isolation_cost.py --benchmark-enable -n 0
 
 One Tent unit over 512 images of the miniature's fog domain (8 batches of 64): the isolated unit forks its two halves
 from the zygote, sets them up (the method, the models and the clean split cross as pickles) and sends every batch,
@@ -25,7 +25,8 @@ def unit():
     return domain, models, data
 
 
-@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolated"])
+# the isolated unit is the slow tier's (a plain isolated Tent unit is in the default tier: tests/test_isolation.py)
+@pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in-process", "isolated"])
 def test_a_tent_unit(benchmark, unit, isolate):
     domain, models, data = unit
 

@@ -2,18 +2,17 @@
 that does the same work (torchvision's ImageFolder and a DataLoader with the same workers, the same forwards and
 backwards), side by side in one run.
 
-    CEMABENCH_BENCH_IMAGES_PER_DOMAIN=1000 pytest tests/benchmarks/test_real_size.py --benchmark-enable \\
-        --benchmark-group-by=param:method
+    CEMABENCH_BENCH_IMAGES_PER_DOMAIN=1000 pytest -m "slow or not slow" tests/benchmarks/test_real_size.py \\
+        --benchmark-enable --benchmark-group-by=param:method
 
-Three domains of ``CEMABENCH_BENCH_IMAGES_PER_DOMAIN`` images (default 4, which is what the default tier runs once,
-untimed), torchvision ResNet-18 (edge) and ResNet-50 (foundation) with seeded random weights saved as checkpoints,
-batch 64, ``CEMABENCH_BENCH_WORKERS`` DataLoader workers (default 0), one intra-op thread on CPU (what run_unit
-uses), ``CEMABENCH_BENCH_DEVICE`` (default cpu). Both sides build each model once from its checkpoint, inside the
-timed call, and give every domain a fresh copy, as the per-domain protocol does. The bare loop of a method with a
-cloud wires the method's own halves without the protocol: edge step, the uploaded rows, cloud step, the download
-applied. ``cema`` runs with
-``entropy_max = 1`` (random weights put every sample near the maximum entropy, so the released threshold would upload
-nothing and leave the cloud idle).
+Three domains of ``CEMABENCH_BENCH_IMAGES_PER_DOMAIN`` images (default 4, which is what the tiers run once, untimed:
+source in the default tier, tent and cema in the slow one), torchvision ResNet-18 (edge) and ResNet-50 (foundation) with
+seeded random weights saved as checkpoints, batch 64, ``CEMABENCH_BENCH_WORKERS`` DataLoader workers (default 0), one
+intra-op thread on CPU (what run_unit uses), ``CEMABENCH_BENCH_DEVICE`` (default cpu). Both sides build each model once
+from its checkpoint, inside the timed call, and give every domain a fresh copy, as the per-domain protocol does. The
+bare loop of a method with a cloud wires the method's own halves without the protocol: edge step, the uploaded rows,
+cloud step, the download applied. ``cema`` runs with ``entropy_max = 1`` (random weights put every sample near the
+maximum entropy, so the released threshold would upload nothing and leave the cloud idle).
 """
 import copy
 import os
@@ -116,7 +115,11 @@ def through_cemabench(root, models, method_name, store, isolate=False):
     return IMAGES * len(DOMAINS)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# source runs in the default tier (once, untimed); tent and cema at real size are the slow tier's (20 s as plain checks)
+SIZED = [m if m == "source" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
+
+
+@pytest.mark.parametrize("method", SIZED)
 def test_bare_loop(benchmark, tree, method):
     root, models = tree
     benchmark.group = f"real size {method}"
@@ -129,7 +132,7 @@ def test_bare_loop(benchmark, tree, method):
 # --isolate: each unit's halves in processes of their own (what isolation costs at real size; the slow tier runs it
 # once, untimed: the zygote's start is seconds)
 @pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in-process", "isolated"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", SIZED)
 def test_cemabench_run(benchmark, tree, method, tmp_path, isolate):
     root, models = tree
     benchmark.group = f"real size {method}"
