@@ -67,6 +67,11 @@ def _stages(net: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
     return [(name, module, body.return_layers.get(name)) for name, module in body.items()]
 
 
+def _prefix(net: nn.Module) -> str:
+    """How the feature maps that cross are named: an FPN's inputs, or an SSDlite's heads' levels."""
+    return "level:" if isinstance(net, SSD) else "fpn:"
+
+
 def detector_stages(model: nn.Module) -> list[str]:
     """The stages of the backbone a detector can be cut after, in order (all but the last)."""
     return [name for name, _, _ in _stages(_net(model))][:-1]
@@ -79,8 +84,7 @@ class DetectorHead(nn.Module):
 
     def __init__(self, net: nn.Module, stage: str):
         super().__init__()
-        self.transform, self.stage = net.transform, stage
-        self.prefix = "level:" if isinstance(net, SSD) else "fpn:"
+        self.transform, self.stage, self.prefix = net.transform, stage, _prefix(net)
         stages = _stages(net)
         cut = [name for name, _, _ in stages].index(stage)
         self.names = [(name, tap) for name, _, tap in stages[:cut + 1]]
@@ -111,10 +115,9 @@ class DetectorTail(nn.Module):
         self.net, self.stage = net, stage
 
     def forward(self, crossed: dict[str, torch.Tensor]):
-        net = self.net
+        net, prefix = self.net, _prefix(self.net)
         stages = _stages(net)
         names = [name for name, _, _ in stages]
-        prefix = "level:" if isinstance(net, SSD) else "fpn:"
         tap = stages[names.index(self.stage)][2]
         x = crossed["x"] if tap is None else crossed[prefix + tap]
         features = OrderedDict((k[len(prefix):], v) for k, v in crossed.items() if k.startswith(prefix))
@@ -123,13 +126,14 @@ class DetectorTail(nn.Module):
             if tap is not None:
                 features[tap] = x
         sizes = [tuple(s) for s in crossed["image_sizes"].tolist()]
+        original = [tuple(s) for s in crossed["original_sizes"].tolist()]
         h, w = crossed["batch_shape"].tolist()
         # the anchors need only the padded batch's shape, not its pixels
         batch = ImageList(x.new_empty(()).expand(len(sizes), 3, h, w), sizes)
         if isinstance(net, SSD):  # its heads take the feature maps in order, without an FPN
             levels = [features[k] for k in sorted(features, key=int)]
             detections = net.postprocess_detections(net.head(levels), net.anchor_generator(batch, levels), sizes)
-            return net.transform.postprocess(detections, sizes, [tuple(s) for s in crossed["original_sizes"].tolist()])
+            return net.transform.postprocess(detections, sizes, original)
         features = net.backbone.fpn(OrderedDict(sorted(features.items(), key=lambda kv: int(kv[0])))
                                     if all(k.isdigit() for k in features) else features)
         if isinstance(net, GeneralizedRCNN):
@@ -137,7 +141,7 @@ class DetectorTail(nn.Module):
             detections, _ = net.roi_heads(features, proposals, sizes)
         else:
             detections = _one_stage(net, batch, list(features.values()))
-        return net.transform.postprocess(detections, sizes, [tuple(s) for s in crossed["original_sizes"].tolist()])
+        return net.transform.postprocess(detections, sizes, original)
 
 
 def _one_stage(net: nn.Module, batch: ImageList, levels: list[torch.Tensor]) -> list[dict]:
