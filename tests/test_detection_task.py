@@ -200,6 +200,7 @@ def test_source_and_cloud_only_are_scored_by_coco_map_and_the_cloud_is_better(tm
     assert cloud_cell["link"]["answer_bytes"] == 300 * (4 + 20 * 22)
 
 
+@pytest.mark.slow  # 4 s; the default tier checks detection's determinism with ECC-I (tests/test_eccentric_detection.py)
 def test_a_detection_cell_is_the_same_twice(tmp_path):
     _, first = _run(tmp_path / "a", "source")
     _, second = _run(tmp_path / "b", "source")

@@ -138,10 +138,11 @@ def test_dynamic_pays_int8_feature_maps_up_and_wire_bytes_down_for_the_images_it
     assert result.seen == 300 and 0 < result.metrics["map"] < 100
 
 
-@pytest.mark.parametrize("name, options", [
+@pytest.mark.parametrize("name, options", [  # ECC-D and the switcher: the slow tier (the detection tables run them)
     ("ecc-independent", {"epochs": 1, "train_samples": 96, "threshold": 0.6}),
-    ("ecc-dynamic", {**FAST, "gate": "learned", "gate_epochs": 1, "threshold": 0.5}),
-    ("learned-switcher", {"train_samples": 96, "gate_epochs": 1}),
+    pytest.param("ecc-dynamic", {**FAST, "gate": "learned", "gate_epochs": 1, "threshold": 0.5},
+                 marks=pytest.mark.slow),
+    pytest.param("learned-switcher", {"train_samples": 96, "gate_epochs": 1}, marks=pytest.mark.slow),
 ])
 def test_the_gated_methods_run_on_detection_and_are_the_same_twice(data, cache, name, options):
     first, second = _unit(data, name, options), _unit(data, name, options)

@@ -105,7 +105,9 @@ def _readme_commands() -> list[str]:
 # The README's shell commands that are not cemabench's, by what each needs; none is run here.
 OTHER_COMMANDS = {"pip install": "needs the network: a package index (PyPI, or torch's CPU-only index "
                                  "https://download.pytorch.org/whl/cpu, which the test machines do not reach)",
-                  "python -m pytest": "the test suite this test is part of (.ci/run runs it)"}
+                  "python -m pytest": "the test suite this test is part of (.ci/run runs it)",
+                  "python -c \"from cemabench.protocol.native import kind": "the C++ meter's build (the metered "
+                  "checks here build it too, tests/test_meter.py; .ci/run runs it as an install step)"}
 
 
 def test_every_readme_shell_command_is_cemabench_or_marked_by_what_it_needs():
