@@ -110,3 +110,12 @@ class DatasetSource:
     task: str = "classification"
     provenance: dict[str, Any] = field(default_factory=dict)
     corruptor: Corruptor | None = None  # where it generates its corruptions (the miniature): the ccc setting's source
+    # how the dataset gets a clean split when it has none (a layout, an option), for the line that refuses a method
+    # needing one
+    clean_hint: str = ""
+
+    def clean_missing(self) -> str | None:
+        """None when the dataset has a clean split; otherwise the clause that says so, and how it gets one."""
+        if self.clean is not None:
+            return None
+        return f"dataset {self.name} has none" + (f": {self.clean_hint}" if self.clean_hint else "")

@@ -242,12 +242,25 @@ def check_task(method, task: str) -> None:
         method.check_task_options(task)
 
 
-def check_runnable(method, protocol, task: str) -> None:
+def check_clean(method, missing: str | None) -> None:
+    """A method that needs the dataset's labelled clean split (:meth:`Method.needs_clean_split`) on a dataset without
+    one (``missing``: :meth:`cemabench.data.DatasetSource.clean_missing`, None when it has one): one line that says
+    what for and how the dataset gets one, before any compute."""
+    why = method.needs_clean_split()
+    if type(why) is not str:
+        raise UserError(f"method {method.name}'s needs_clean_split() returned {type(why).__name__}, not a str")
+    if why and missing is not None:
+        raise UserError(f"method {method.name} needs the dataset's labelled clean split ({why}), and {missing}")
+
+
+def check_runnable(method, protocol, task: str, clean_missing: str | None = None) -> None:
     """What a run unit checks of the method it is given, before any compute, in this order: the built method's
-    protocol (a method's own check may read its options), its declarations, its task and its label use."""
+    protocol (a method's own check may read its options), its declarations, its task and its label use, and its need
+    of a clean split the dataset lacks (``clean_missing``, as :func:`check_clean` reads it)."""
     method.check_protocol(protocol)
     check_declared(method)
     check_task(method, task)
+    check_clean(method, clean_missing)
     check_labels(method, protocol)
 
 
@@ -367,6 +380,12 @@ class Method:
     def validate(self) -> None:
         """Raise :class:`UserError` for option values that are invalid together (one option's bounds are declared
         with :func:`option`)."""
+
+    def needs_clean_split(self) -> str:
+        """What the method, with its options, does with the dataset's labelled clean split (``TrainingResources.clean``,
+        ``CloudResources.clean_images``), as a clause ("distils the edge from the cloud on it"); "" when it runs
+        without one. The harness refuses it before any compute on a dataset that has none. The default: ""."""
+        return ""
 
     def check_task_options(self, task: str) -> None:
         """Raise :class:`UserError` (one line) when an option does not fit the dataset's task (a router defined for

@@ -85,6 +85,9 @@ class ETA(Method):
     def edge(self, num_classes):
         return _EATAEdge(entropy_threshold(self.options.entropy_margin, num_classes), self.options.redundancy_margin)
 
+    def needs_clean_split(self):
+        return "its Fisher regulariser is estimated on clean images" if self.options.fisher_alpha else ""
+
     def cloud(self, resources):
         margin = entropy_threshold(self.options.entropy_margin, resources.num_classes)
         return _EATACloud(resources.edge_replica(), self.options, margin, resources.clean_images)

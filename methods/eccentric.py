@@ -158,6 +158,9 @@ class ECCIndependent(_ECC):
     def _trains_between(self):
         return self.options.distill and self.options.epochs > 0
 
+    def needs_clean_split(self):
+        return "it distils the edge from the cloud on it" if self._trains_between() else ""
+
     def train(self, resources):
         if not self._trains_between():
             return None
@@ -196,6 +199,9 @@ class ECCAdaptive(_ECC):
 
     def _trains_between(self):
         return True
+
+    def needs_clean_split(self):
+        return "it trains its adapter on it"
 
     def check_models(self, edge, foundation):
         super().check_models(edge, foundation)  # on detection, a described family first: its reason is the real one
@@ -277,6 +283,9 @@ class LearnedSwitcher(_ECC):
         threshold: float = option(0.5, low=0, high=1)
         gate_epochs: int = option(3, low=0)
         train_samples: int = option(1024, low=1)
+
+    def needs_clean_split(self):
+        return "it trains its gate on it"
 
     def train(self, resources):
         objectives = self.objectives()

@@ -163,6 +163,9 @@ class EntropicStudent(Method):
 
     # ---- offline training ----------------------------------------------------------------------------------------
 
+    def needs_clean_split(self):
+        return "it trains its encoder, bottleneck and decoder on it"
+
     def train(self, resources: TrainingResources) -> dict:
         o = self.options
         objectives = Classification()

@@ -340,12 +340,12 @@ class RMT(Method):
     def check_models(self, edge, foundation):
         last_linear(edge, "rmt", FEATURES_USE)
 
+    def needs_clean_split(self):
+        return "its prototypes, warm-up and replay set come from it"
+
     def train(self, resources):
         """The prototypes and the warm-up on the labelled clean split, and the replay set for the cloud."""
         o, clean = self.options, resources.clean
-        if clean is None:
-            raise UserError("rmt needs labelled source data (prototypes, warm-up, replay): the dataset has no clean "
-                            "split (for ImageNet: ROOT/imagenet/val/<wnid>/*.JPEG)")
         chosen = np.arange(len(clean))
         if o.source_samples is not None and o.source_samples < len(clean):
             chosen = torch.randperm(len(clean))[:o.source_samples].sort().values.numpy()

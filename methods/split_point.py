@@ -137,11 +137,11 @@ class SplitPoint(Method):
             raise UserError(f"method {self.name!r}: option cut={self.options.cut!r} is not a cut of the edge network; "
                             f"valid: {', '.join(valid)}")
 
+    def needs_clean_split(self):
+        return "it profiles the edge network on a clean image"
+
     def train(self, resources):
         """The profile: per stage of the edge network, its FLOPs on one clean image and its output's size."""
-        if resources.clean is None:
-            raise UserError(f"method {self.name!r} profiles the edge network on a clean image, and the dataset has "
-                            f"no clean split")
         model = resources.edge().eval()
         x = resources.clean.images(np.arange(1)).to(resources.device)
         flops, values = [], [float(x[0].numel())]

@@ -75,6 +75,22 @@ def test_a_training_split_that_is_not_there_is_one_line(tmp_path, capsys, train,
     assert code == 2 and words in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("isolate", [[], ["--isolate"]])
+def test_a_method_that_trains_on_a_clean_split_coco_c_lacks_is_refused_before_compute(tmp_path, capsys, isolate):
+    """Without train_images, coco-c has no clean split: a method that trains on one is refused in one line that says
+    what for and how to give it one, before any compute, in both modes (the planner asks the method in its own
+    process under --isolate); a method that needs none runs."""
+    root = _tree(tmp_path / "coco", train=2)
+    common = ["--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "clean",
+              "--dataset-option", "image_size=64", "--edge", "minidet:edge", "--foundation", "minidet:cloud", *isolate]
+    assert main(["run", "--method", "ecc-adaptive", *common]) == 2
+    err = capsys.readouterr().err
+    assert err == ("cemabench: error: method ecc-adaptive needs the dataset's labelled clean split (it trains its "
+                   "adapter on it), and dataset coco-c has none: the option train_images = N reads the first N images "
+                   "of COCO 2017 train (ROOT/train2017/, ROOT/annotations/instances_train2017.json)\n"), err
+    assert main(["run", "--method", "ecc-independent", "--option", "distill=false", *common]) == 0
+
+
 def test_ecc_independent_trains_on_coco_train_and_runs_on_coco_c(tmp_path):
     """The offline stage reads COCO 2017 train (its instances as the detection loss's targets) and the cells run on
     COCO-C from disk: the detection miniature's detectors on a generated tree, categories within theirs."""

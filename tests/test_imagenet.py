@@ -162,6 +162,24 @@ def test_reproduce_a_table2_excerpt_on_a_generated_tree_with_tiny_models(root, t
         assert needle in out
 
 
+def test_eata_without_imagenet_val_is_refused_before_compute_and_eta_runs(root, tmp_path, capsys):
+    """EATA's Fisher regulariser reads clean images: on a tree without ROOT/imagenet/val it is refused in one line
+    that names the folder, before any compute; ETA (EATA without the regulariser) needs none and runs."""
+    bare = tmp_path / "bare"
+    (bare / "imagenet-c").mkdir(parents=True)
+    (bare / "imagenet-c" / "fog").symlink_to(root / "imagenet-c" / "fog")
+    spec = tmp_path / "e.toml"
+    spec.write_text('extends = "table2"\nname = "e"\n[data]\ndomains = ["fog"]\n[[methods]]\nname = "eata"\n'
+                    '[[methods]]\nname = "eta"\n')
+    assert reproduce_tiny(str(spec), bare, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (
+        "cemabench: error: method eata needs the dataset's labelled clean split (its Fisher regulariser is "
+        "estimated on clean images), and dataset imagenet-c has none: it reads ImageNet's validation images from "
+        "ROOT/imagenet/val/<wnid>/*.JPEG\n")
+    spec.write_text(spec.read_text().replace('name = "eata"', 'name = "eata"\noptions = { fisher_alpha = 0.0 }'))
+    assert reproduce_tiny(str(spec), bare, tmp_path / "out") == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("table", ["continual", "multi-edge"])
 def test_continual_and_multi_edge_excerpts_run_on_a_generated_tree(root, tmp_path, capsys, table):
     """The real-data versions of the continual and multi-edge tables, cut to two corruptions and two methods."""

@@ -15,7 +15,7 @@ from torch import nn
 from cemabench.data import ArrayDomain
 from cemabench.datasets import miniature
 from cemabench.errors import UserError
-from cemabench.method import TrainingResources, Upload
+from cemabench.method import TrainingResources, Upload, check_clean
 from cemabench.models.mini import load_model
 from cemabench.protocol import Models, Protocol, run_unit
 from cemabench.registry import build_method, build_model
@@ -278,8 +278,9 @@ def test_what_rmt_cannot_run_on_is_refused_in_one_line():
     method = build_method("rmt")
     with pytest.raises(UserError, match="rmt contrasts the features .* no nn.Linear"):
         method.check_models(nn.Conv2d(3, 3, 1), None)
-    with pytest.raises(UserError, match="the dataset has no clean split"):
-        method.train(TrainingResources(4, TinyNet, TinyNet, None))
+    with pytest.raises(UserError, match=r"^method rmt needs the dataset's labelled clean split \(its prototypes, "
+                                        r"warm-up and replay set come from it\), and the dataset has none$"):
+        check_clean(method, "the dataset has none")
     labels = np.zeros(12, dtype=np.int64)
     one_class = ArrayDomain("clean", np.zeros((12, 6, 6, 3), dtype=np.uint8), lambda: labels)
     with pytest.raises(UserError, match=r"no sample of class\(es\) 1, 2, 3"):

@@ -136,6 +136,7 @@ def corrupted(layout: Layout, data_root, severity: int = 5, domains=HENDRYCKS_OR
     return DatasetSource(
         name=name, num_classes=layout.num_classes, domains=made, clean=_split(Path(data_root), layout, "train", False),
         is_miniature=False,
+        clean_hint=f"it reads the training batches from ROOT/{layout.clean}/{{{', '.join(layout.train_files)}}}",
         provenance={"dataset": f"{layout.name}-C", "severity": severity, "images_per_domain": n,
                     "rows": f"{start}:{start + n} of each <corruption>.npy (RobustBench's rows, not shuffled)",
                     "preprocessing": "none (32 px as stored); each model normalises with its own mean/std"})
@@ -235,6 +236,7 @@ def clean(layout: Layout, data_root, severity: int = 0, domains=("test",), n_exa
     return DatasetSource(
         name=name, num_classes=layout.num_classes, domains=[domain], clean=_split(root, layout, "train", False),
         is_miniature=False,
+        clean_hint=f"it reads the training batches from ROOT/{layout.clean}/{{{', '.join(layout.train_files)}}}",
         provenance={"dataset": f"{layout.name} test set", "images_per_domain": n,
                     "rows": f"the first {n} test images in file order (RobustBench's load_{name}, not shuffled)",
                     "preprocessing": "none (32 px as stored); each model normalises with its own mean/std"})

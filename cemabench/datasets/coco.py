@@ -210,6 +210,8 @@ def coco_c(data_root=None, severity: int = 5, domains=HENDRYCKS_ORDER, image_siz
         name="coco-c", num_classes=max(c["id"] for c in doc["categories"]) + 1, domains=out,
         clean=_train_split(root, train_images, image_size, workers),
         is_miniature=False, task="detection",
+        clean_hint="the option train_images = N reads the first N images of COCO 2017 train (ROOT/train2017/, "
+                   f"ROOT/{TRAIN_ANNOTATIONS})",
         provenance={"dataset": "COCO 2017 val / COCO-C", "severity": severity, "images_per_domain": len(ids),
                     "image_size": image_size, "resize": f"letterbox to {image_size} px, grey padding",
                     **({"train_images": train_images} if train_images else {}),

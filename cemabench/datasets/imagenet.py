@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SUBSETS = ("all", "robustbench-5000")
 SCORINGS = ("mask-200", "argmax-1000")
 SOURCES = ("disk", "generated")
+CLEAN_HINT = "it reads ImageNet's validation images from ROOT/imagenet/val/<wnid>/*.JPEG"
 CCC_CALIBRATION = 100  # clean validation images the ccc setting's calibration measures the source model on
 RESIZE_CROP = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
 
@@ -304,6 +305,7 @@ def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: st
         made.append(ImageFolderDomain(corruption, files, _label_of(classes), resize=False, workers=workers))
     return DatasetSource(
         name="imagenet-c", num_classes=1000, domains=made, clean=_clean(root, wnids, workers), is_miniature=False,
+        clean_hint=CLEAN_HINT,
         provenance={"dataset": "ImageNet-C", "severity": severity, "subset": subset,
                     "images_per_domain": {d.name: len(d) for d in made},
                     "preprocessing": "none (224 px as stored); each model normalises with its own mean/std"})
@@ -354,7 +356,7 @@ def imagenet_r(data_root, severity: int = 0, domains=("imagenet-r",), scoring: s
     domain = ImageFolderDomain("imagenet-r", _files(classes, layout), _label_of(classes), resize=True, workers=workers)
     return DatasetSource(
         name="imagenet-r", num_classes=1000, domains=[domain], clean=_clean(Path(data_root), wnids, workers),
-        is_miniature=False, scored_classes=scored,
+        is_miniature=False, scored_classes=scored, clean_hint=CLEAN_HINT,
         provenance={"dataset": "ImageNet-R", "classes": len(classes), "scoring": scoring,
                     "images_per_domain": {"imagenet-r": len(domain)},
                     "preprocessing": "resize 256, centre crop 224; each model normalises with its own mean/std"})

@@ -135,7 +135,8 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
     ``Block.result``, in the order they first appear. Predictions are recorded at arrival and scored against the
     labels, read only after their block ended, by the ``task`` (:mod:`cemabench.protocol.tasks`)."""
     if not isinstance(method, MethodFacts):  # facts come from a planner that made these checks in its own process
-        check_runnable(method, protocol, task.name)  # a protocol or task it cannot run on: the user's error
+        # a protocol or task it cannot run on, or a clean split it needs and lacks: the user's error
+        check_runnable(method, protocol, task.name, None if clean is not None else "the dataset has none")
     elif not isolate:
         raise TypeError("a method given as MethodFacts runs only isolated (its halves build the method)")
     method.task, method.protocol = task.name, dataclasses.replace(protocol)  # a copy: the link reads its own

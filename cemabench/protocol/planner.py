@@ -26,6 +26,7 @@ from cemabench.errors import HalfFailed, UserError
 from cemabench.method import (
     REFERENCES,
     MethodFacts,
+    check_clean,
     check_declared,
     check_labels,
     check_runnable,
@@ -39,10 +40,11 @@ from cemabench.provenance import code_digest
 
 
 # -- the questions, answered where the method's class is imported -------------------------------------------------
-def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
-    """An entry's method under a protocol (and, given, a dataset's task), before any compute: its declarations, its
-    protocol, its label use, its task, and its options (fully validated, or for options derived from other units at
-    run time, checked for names and types)."""
+def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, derived: bool,
+                clean_missing: str | None = None) -> None:
+    """An entry's method under a protocol (and, given, a dataset's task and whether it lacks a clean split), before
+    any compute: its declarations, its protocol, its label use, its task, its need of a clean split, and its options
+    (fully validated, or for options derived from other units at run time, checked for names and types)."""
     cls = registry.load_method(name)
     cls.check_protocol(protocol)
     check_declared(cls)
@@ -56,6 +58,7 @@ def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, 
     method.check_protocol(protocol)  # the built method's own check, which may read its options
     if task is not None:
         check_task(method, task)
+    check_clean(method, clean_missing)
 
 
 def check_entry_models(name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module) -> None:
@@ -112,8 +115,8 @@ class _PlannerSide:
     def __init__(self):
         self.replaced = hygiene.replaced_harness_code()
 
-    def check(self, name, options, protocol, task, derived) -> dict:
-        check_entry(name, options, Protocol(**protocol), task, derived)
+    def check(self, name, options, protocol, task, derived, clean_missing) -> dict:
+        check_entry(name, options, Protocol(**protocol), task, derived, clean_missing)
         return {}
 
     def check_models(self, name, options, task, edge, foundation) -> dict:
@@ -185,8 +188,9 @@ class IsolatedPlanner:
         finally:
             timer.cancel()
 
-    def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
-        self._call(name, "check", name, options, dataclasses.asdict(protocol), task, derived)
+    def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool,
+              clean_missing: str | None = None) -> None:
+        self._call(name, "check", name, options, dataclasses.asdict(protocol), task, derived, clean_missing)
 
     def check_models(self, name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module) -> None:
         self._call(name, "check_models", name, options, task, edge, foundation)

@@ -59,7 +59,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
                         f"{spec.protocol.rounds} needs one of those: use per-domain, or continual with one round")
     for entry in spec.methods:  # a method on a task it does not declare, or options for another task: one line
         context.planner.check(entry.name, entry_options(entry, context.choice), with_link(spec.protocol, entry.link),
-                              context.dataset.task, entry.match_uploads_of is not None)
+                              context.dataset.task, entry.match_uploads_of is not None, context.dataset.clean_missing())
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     context.check_classes()
     context.check_stream()
