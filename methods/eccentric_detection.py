@@ -57,8 +57,8 @@ def family(edge: nn.Module, foundation: nn.Module) -> DetectorTraining:
     except UserError as error:
         raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of a family that describes its "
                         f"offline training; {error}. torchvision's detectors are not described: a Faster R-CNN's FPN "
-                        f"takes every stage of its body, so an adapter would have to produce several feature maps, "
-                        f"and COCO has no training split here") from None
+                        f"takes every stage of its body, so an adapter would have to produce several feature maps "
+                        f"(not built); ECC-I without distillation (distill=false) runs on them") from None
     if other is not found:
         raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of one family; the edge is a "
                         f"{type(edge).__name__} and the cloud a {type(foundation).__name__}")

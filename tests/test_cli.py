@@ -110,6 +110,26 @@ def test_run_says_what_each_dagger_means():
     assert "† gaussian_noise: cloud at capacity: 512 samples could not be uploaded" in text.splitlines()
 
 
+def test_run_prints_what_each_domain_cost_on_the_link_and_in_flops():
+    """run printed bytes up only; a collaborative method's bytes down and the FLOPs on each side are what it trades
+    against accuracy, so they are printed too, per domain and on average."""
+    from cemabench.report.leaderboard import run_summary
+
+    doc = json.loads((Path(__file__).parents[1] / "leaderboards" / "table2.miniature.json").read_text())
+    doc.update(methods=[m for m in doc["methods"] if m["label"] == "cema"],
+               cells=[c for c in doc["cells"] if c["method"] == "cema"])
+    lines = run_summary(doc).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Cost per sample"))
+    assert [c.strip() for c in lines[header + 1].split("|")[1:-1]] == [
+        "", "bytes up", "bytes down", "edge GFLOPs", "cloud GFLOPs"]
+    fog = next(c for c in doc["cells"] if c["domain"] == "fog")
+    row = next(line for line in lines[header:] if line.startswith("| fog "))
+    assert [c.strip() for c in row.split("|")[1:-1]] == [
+        "fog", f"{fog['bytes_up_per_sample']:,.0f}", f"{fog['bytes_down_per_sample']:,.0f}",
+        f"{fog['edge_gflops_per_sample']:.4g}", f"{fog['cloud_gflops_per_sample']:.4g}"]
+    assert fog["bytes_down_per_sample"] > 0 and fog["cloud_gflops_per_sample"] > 0  # a download; the cloud trains
+
+
 def _doc(accuracy):
     return {"provenance": {"miniature": True}, "check": {"tolerance": 0.5, "metrics": ["accuracy"]},
             "cells": [{"method": "cema", "domain": "fog", "seed": 0, "status": "ok", "message": "",

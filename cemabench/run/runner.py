@@ -3,6 +3,7 @@
 shares the store; a code change recomputes what it affects."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -86,6 +87,7 @@ class Scheduler:
         self.waiting: set[UnitId] = set()
         self.running: set[UnitId] = set()
         self.before: dict[UnitId, int | None] = {}  # a waited-for unit's file when the wait began
+        self.first: dict[str, UnitId] = {}  # per group of units that share a training stage, the first one submitted
 
     def _finish(self, unit: Unit, record: dict, store: bool = True) -> None:
         if store:
@@ -131,7 +133,24 @@ class Scheduler:
         """Claim and submit queued units while the executor has free slots (claiming only what can run now leaves
         the rest to other processes sharing the store)."""
         while self.queue and self.executor.pending < self.executor.capacity:
-            self._take(self.queue.pop(0))
+            self._take(self._next())
+
+    @staticmethod
+    def _group(unit: Unit) -> str:
+        """The units that share one offline training stage, if their method has one (its key is the method, its
+        options and the seed, with the table's data and models)."""
+        return json.dumps([unit.method, unit.options, unit.seed], default=str)
+
+    def _next(self) -> Unit:
+        """The first queued unit that would not wait for a running one: while the first unit of a group runs (and
+        trains its method, where the method has a training stage, under the artefact cache's lock), the others of
+        the group would only wait on that lock, so units of other groups go first where there are any. Only the
+        order changes: every unit's numbers depend on its own seed alone."""
+        for i, unit in enumerate(self.queue):
+            first = self.first.setdefault(self._group(unit), unit.id)
+            if first == unit.id or first not in self.running:
+                return self.queue.pop(i)
+        return self.queue.pop(0)
 
     def _take(self, unit: Unit) -> None:
         key = self.keys[unit.id]
