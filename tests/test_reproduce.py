@@ -191,17 +191,19 @@ def test_the_units_of_a_group_wait_for_its_first_only_where_nothing_else_can_run
     under the artefact cache's lock, a second worker took the group's next unit and waited on that lock (RMT's
     warm-up: 51 s of one core idle in a cold table2). Units of other groups go first now; where only the group's
     units are left, they run as before."""
-    def unit(method, domain, seed=0):
-        return runner.Unit(method, method, (("lr", 0.1),), seed, (domain,))
+    def unit(method, domain, seed=0, threshold=0.5):
+        return runner.Unit(f"{method}@{threshold}", method, (("threshold", threshold),), seed, (domain,))
 
     scheduler = runner.Scheduler(None, None, None, None)
-    scheduler.queue = [unit("rmt", "fog"), unit("rmt", "snow"), unit("rmt", "fog", seed=1), unit("tent", "fog"),
-                       unit("tent", "snow")]
+    scheduler.queue = [unit("rmt", "fog"), unit("rmt", "snow"), unit("rmt", "fog", threshold=0.7),
+                       unit("rmt", "fog", seed=1), unit("tent", "fog"), unit("tent", "snow")]
     taken = []
-    for _ in range(5):
+    for _ in range(6):
         taken.append(scheduler._next())
         scheduler.running.add(taken[-1].id)
         if len(taken) == 3:  # the first rmt unit finishes: its group's units are free to run side by side
             scheduler.running.discard(taken[0].id)
-    assert [(u.method, u.domains[0], u.seed) for u in taken] == [
-        ("rmt", "fog", 0), ("rmt", "fog", 1), ("tent", "fog", 0), ("rmt", "snow", 0), ("tent", "snow", 0)]
+    assert [u.label for u in taken[:2]] == ["rmt@0.5", "rmt@0.5"] and taken[1].seed == 1
+    assert [(u.method, u.domains[0], u.seed) for u in taken[2:]] == [
+        ("tent", "fog", 0), ("rmt", "snow", 0), ("rmt", "fog", 0), ("tent", "snow", 0)]
+    assert taken[4].label == "rmt@0.7"  # an entry with other online options may share the training: it waited too

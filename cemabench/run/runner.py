@@ -3,7 +3,6 @@
 shares the store; a code change recomputes what it affects."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -87,7 +86,7 @@ class Scheduler:
         self.waiting: set[UnitId] = set()
         self.running: set[UnitId] = set()
         self.before: dict[UnitId, int | None] = {}  # a waited-for unit's file when the wait began
-        self.first: dict[str, UnitId] = {}  # per group of units that share a training stage, the first one submitted
+        self.first: dict[tuple, UnitId] = {}  # per group of units that may share a training stage, the first submitted
 
     def _finish(self, unit: Unit, record: dict, store: bool = True) -> None:
         if store:
@@ -136,10 +135,12 @@ class Scheduler:
             self._take(self._next())
 
     @staticmethod
-    def _group(unit: Unit) -> str:
-        """The units that share one offline training stage, if their method has one (its key is the method, its
-        options and the seed, with the table's data and models)."""
-        return json.dumps([unit.method, unit.options, unit.seed], default=str)
+    def _group(unit: Unit) -> tuple[str, int]:
+        """The units that may share one offline training stage, if their method has one: its key is the method, the
+        options that training reads and the seed (with the table's data and models). Entries of one method that
+        differ only in online options (ECC-I at two thresholds) share it, and this process cannot tell the options
+        apart without importing the method, so a group is a method and a seed."""
+        return unit.method, unit.seed
 
     def _next(self) -> Unit:
         """The first queued unit that would not wait for a running one: while the first unit of a group runs (and
