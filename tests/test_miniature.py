@@ -22,6 +22,17 @@ def test_splits_are_fixed_disjoint_and_stratified():
     assert not {x.tobytes() for x in train_x[:200]} & {x.tobytes() for x in test_x}
 
 
+def test_the_shipped_labels_and_split_are_scikit_learns():
+    """The package ships the digits' labels and the split (a process that only scores imports no scikit-learn); they
+    are what scikit-learn derives, and the labels are those of the images the miniature generates."""
+    shipped = miniature._split()
+    derived = miniature.derive_split()
+    assert all(np.array_equal(a, b) for a, b in zip(shipped, derived))
+    from sklearn.datasets import load_digits
+
+    assert np.array_equal(miniature.stream_labels(), load_digits().target[derived[2]])
+
+
 def test_cached_domain_equals_a_fresh_generation(tmp_path, monkeypatch):
     first = miniature.corrupted_test_images("snow", 2)
     monkeypatch.setenv("CEMABENCH_CACHE", str(tmp_path))
