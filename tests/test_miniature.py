@@ -33,6 +33,22 @@ def test_the_shipped_labels_and_split_are_scikit_learns():
     assert np.array_equal(miniature.stream_labels(), load_digits().target[derived[2]])
 
 
+def test_a_rewritten_split_file_is_refused_not_read(tmp_path, monkeypatch):
+    """Issue 22, finding 1, for the shipped file: code running as the user can rewrite it, and the labels in it are
+    what every miniature cell is scored against. Its digest is in the source; a file that differs is not read."""
+    labels, train, test = miniature._split()
+    forged = tmp_path / "miniature_split.npz"
+    np.savez(forged, labels=np.zeros_like(labels, dtype=np.uint8), train=train.astype(np.int16),
+             test=test.astype(np.int16))
+    monkeypatch.setattr(miniature, "SPLIT_FILE", forged)
+    miniature._split_bytes.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="is not the file cemabench shipped"):
+            miniature.stream_labels()
+    finally:
+        miniature._split_bytes.cache_clear()
+
+
 def test_cached_domain_equals_a_fresh_generation(tmp_path, monkeypatch):
     first = miniature.corrupted_test_images("snow", 2)
     monkeypatch.setenv("CEMABENCH_CACHE", str(tmp_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import os
 from pathlib import Path
 
@@ -27,6 +28,9 @@ SPLIT_SEED = 0
 
 
 SPLIT_FILE = Path(__file__).with_name("miniature_split.npz")  # what derive_split gives, shipped with the package
+# its digest: the labels are what the miniature is scored against, and a file can be rewritten by any code that runs
+# as the user (issue 22, finding 1); a changed file is refused, not read
+SPLIT_SHA256 = "43445ab11e9b2f149e7f3aad867376e5220b080e5bbff2fbec7a4f58338e2897"
 
 
 def derive_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,7 +49,7 @@ def derive_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def write_split() -> None:
     """Write :data:`SPLIT_FILE` from :func:`derive_split` (``python -c "from cemabench.datasets.miniature import
-    write_split; write_split()"``)."""
+    write_split; write_split()"``); then set :data:`SPLIT_SHA256` to its digest."""
     labels, train_idx, test_idx = derive_split()
     np.savez(SPLIT_FILE, labels=labels.astype(np.uint8), train=train_idx.astype(np.int16),
              test=test_idx.astype(np.int16))
@@ -53,9 +57,13 @@ def write_split() -> None:
 
 @functools.lru_cache(maxsize=1)
 def _split_bytes() -> tuple[bytes, bytes, bytes]:
-    """The labels and the split, read once per process from :data:`SPLIT_FILE` and kept as immutable bytes, which no
-    array handed out can write into."""
-    with np.load(SPLIT_FILE) as shipped:
+    """The labels and the split, read once per process from :data:`SPLIT_FILE` (checked against
+    :data:`SPLIT_SHA256`) and kept as immutable bytes, which no array handed out can write into."""
+    data = SPLIT_FILE.read_bytes()
+    if hashlib.sha256(data).hexdigest() != SPLIT_SHA256:
+        raise RuntimeError(f"{SPLIT_FILE} is not the file cemabench shipped (its digest differs): the miniature's "
+                           f"labels would be wrong; reinstall cemabench")
+    with np.load(io.BytesIO(data)) as shipped:
         return tuple(shipped[k].astype(np.int64).tobytes() for k in ("labels", "train", "test"))
 
 
