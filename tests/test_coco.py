@@ -218,6 +218,23 @@ def test_a_router_that_offloads_nothing_runs_on_torchvision_detectors(tmp_path):
     assert cell["status"] == "ok" and cell["upload_percent"] == 0, cell["message"]
 
 
+@pytest.mark.slow  # about 10 s; kept out of the default tier's 5 minutes
+def test_ecc_independent_without_distillation_runs_on_torchvision_detectors(tmp_path, capsys):
+    """What the refusal of ECC's training on torchvision's detectors offers instead: ECC-I's gate on an undistilled
+    edge runs on them (random weights: every image is unsure, and goes up)."""
+    root = _tree(tmp_path / "coco", train=2)
+    common = ["--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "fog",
+              "--dataset-option", "image_size=64", "--dataset-option", "workers=0", "--dataset-option",
+              "train_images=2", "--edge", "torchvision:ssdlite320_mobilenet_v3_large@none",
+              "--foundation", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none"]
+    assert main(["run", "--method", "ecc-independent", *common]) == 2
+    assert "torchvision's detectors are not described" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    assert main(["run", "--method", "ecc-independent", "--option", "distill=false", *common, "--out", str(out)]) == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["status"] == "ok" and cell["upload_percent"] == 100 and cell["cloud_flops"] > 0, cell["message"]
+
+
 @pytest.mark.slow  # 9 s on a clean clone; kept out of the default tier's 5 minutes
 def test_cloud_only_with_torchvision_detectors_on_coco_c(tmp_path):
     root = _tree(tmp_path / "coco")
