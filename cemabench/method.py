@@ -247,8 +247,9 @@ def check_clean(method, missing: str | None) -> None:
     one (``missing``: :meth:`cemabench.data.DatasetSource.clean_missing`, None when it has one): one line that says
     what for and how the dataset gets one, before any compute."""
     why = method.needs_clean_split()
-    if type(why) is not str:
-        raise UserError(f"method {method.name}'s needs_clean_split() returned {type(why).__name__}, not a str")
+    if type(why) is not str or "\n" in why:
+        raise UserError(f"method {method.name}'s needs_clean_split() must return a one-line str, got "
+                        f"{type(why).__name__}{' with a line break' if isinstance(why, str) else ''}")
     if why and missing is not None:
         raise UserError(f"method {method.name} needs the dataset's labelled clean split ({why}), and {missing}")
 

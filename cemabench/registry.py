@@ -23,18 +23,33 @@ GROUPS = {"methods": "cemabench.methods", "datasets": "cemabench.datasets", "mod
 _SCANNED: dict[str, tuple[tuple, tuple[EntryPoint, ...]]] = {}  # group -> (the import path's state, its entry points)
 
 
-def _changed(path: str) -> int | None:
+def _state(path: str) -> tuple:
+    """What an import-path entry's entry points depend on: its own modification time (a zip archive, a folder that
+    gained or lost a distribution), and the size and modification time of every ``entry_points.txt`` of the
+    distributions in it (rewritten in place by an editable or legacy develop install)."""
     try:
-        return os.stat(path or ".").st_mtime_ns
-    except OSError:
-        return None
+        info = [os.stat(path or ".").st_mtime_ns]
+        with os.scandir(path or ".") as entries:
+            for entry in entries:
+                if entry.name.endswith((".dist-info", ".egg-info")):
+                    try:
+                        found = os.stat(os.path.join(entry.path, "entry_points.txt"))
+                        info.append((entry.name, found.st_mtime_ns, found.st_size))
+                    except OSError:
+                        info.append((entry.name,))
+        return tuple(info)
+    except OSError:  # absent, or a file (a zip archive): its time alone
+        try:
+            return (os.stat(path).st_mtime_ns,)
+        except OSError:
+            return ()
 
 
 def _group(group: str) -> tuple[EntryPoint, ...]:
-    """A group's entry points, scanned again only when the import path or one of its folders changed (a distribution
-    installed, removed or reinstalled adds or removes a ``.dist-info`` folder there): scanning every installed
-    distribution takes about 10 ms, and a table asks hundreds of times."""
-    state = (tuple(sys.path), tuple(_changed(p) for p in sys.path))
+    """A group's entry points, read again only when the import path or what it holds changed (:func:`_state`: about
+    1 ms; reading every installed distribution's entry points takes about 7 ms, and a table asks hundreds of
+    times)."""
+    state = tuple((p, _state(p)) for p in sys.path)
     known = _SCANNED.get(group)
     if known is None or known[0] != state:
         known = _SCANNED[group] = (state, tuple(entry_points(group=group)))

@@ -125,7 +125,7 @@ def test_run_prints_what_each_domain_cost_on_the_link_and_in_flops():
     fog = next(c for c in doc["cells"] if c["domain"] == "fog")
     row = next(line for line in lines[header:] if line.startswith("| fog "))
     assert [c.strip() for c in row.split("|")[1:-1]] == [
-        "fog", f"{fog['bytes_up_per_sample']:,.0f}", f"{fog['bytes_down_per_sample']:,.0f}",
+        "fog", f"{fog['bytes_up_per_sample']:,.1f}", f"{fog['bytes_down_per_sample']:,.1f}",
         f"{fog['edge_gflops_per_sample']:.4g}", f"{fog['cloud_gflops_per_sample']:.4g}"]
     assert fog["bytes_down_per_sample"] > 0 and fog["cloud_gflops_per_sample"] > 0  # a download; the cloud trains
 

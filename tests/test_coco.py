@@ -222,10 +222,10 @@ def test_a_router_that_offloads_nothing_runs_on_torchvision_detectors(tmp_path):
 def test_ecc_independent_without_distillation_runs_on_torchvision_detectors(tmp_path, capsys):
     """What the refusal of ECC's training on torchvision's detectors offers instead: ECC-I's gate on an undistilled
     edge runs on them (random weights: every image is unsure, and goes up)."""
-    root = _tree(tmp_path / "coco", train=2)
+    root = _tree(tmp_path / "coco")  # no training split: what the detectors cannot do is said first
     common = ["--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "fog",
-              "--dataset-option", "image_size=64", "--dataset-option", "workers=0", "--dataset-option",
-              "train_images=2", "--edge", "torchvision:ssdlite320_mobilenet_v3_large@none",
+              "--dataset-option", "image_size=64", "--dataset-option", "workers=0",
+              "--edge", "torchvision:ssdlite320_mobilenet_v3_large@none",
               "--foundation", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none"]
     assert main(["run", "--method", "ecc-independent", *common]) == 2
     assert "torchvision's detectors are not described" in capsys.readouterr().err

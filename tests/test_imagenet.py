@@ -180,6 +180,26 @@ def test_eata_without_imagenet_val_is_refused_before_compute_and_eta_runs(root, 
     assert reproduce_tiny(str(spec), bare, tmp_path / "out") == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("isolate", [(), ("--isolate",)])
+def test_a_derived_entry_that_needs_the_clean_split_fails_its_cells_with_the_hint(root, tmp_path, capsys, isolate):
+    """An entry whose options are derived from other units is built, and checked, when its unit is: RMT matched to
+    source's uploads fails its cell in one line that names what it needs and how the dataset gets it, in both modes
+    (isolated, it crashed in its cloud half); the other entry's cells are computed."""
+    bare = tmp_path / "bare"
+    (bare / "imagenet-c").mkdir(parents=True)
+    (bare / "imagenet-c" / "fog").symlink_to(root / "imagenet-c" / "fog")
+    spec = tmp_path / "d.toml"
+    spec.write_text('extends = "table2"\nname = "d"\n[data]\ndomains = ["fog"]\n[[methods]]\nname = "source"\n'
+                    '[[methods]]\nname = "rmt"\nmatch_uploads_of = "source"\n')
+    assert reproduce_tiny(str(spec), bare, tmp_path / "out", *isolate) == 3
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "d.json").read_text())["cells"]}
+    assert cells["source"]["status"] == "ok"
+    assert cells["rmt"]["status"] == "error" and cells["rmt"]["message"].splitlines()[0].endswith(
+        "method rmt needs the dataset's labelled clean split (its prototypes, warm-up and replay set come from it), "
+        "and dataset imagenet-c has none: it reads ImageNet's validation images from ROOT/imagenet/val/<wnid>/*.JPEG"
+    ), cells["rmt"]["message"]
+
+
 @pytest.mark.parametrize("table", ["continual", "multi-edge"])
 def test_continual_and_multi_edge_excerpts_run_on_a_generated_tree(root, tmp_path, capsys, table):
     """The real-data versions of the continual and multi-edge tables, cut to two corruptions and two methods."""

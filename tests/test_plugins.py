@@ -86,3 +86,19 @@ def test_a_separately_installed_distribution_is_listed_and_runs(tmp_path):
     assert run.returncode == 0, run.stderr
     threes = (splits()["test"][1] == 3).mean() * 100
     assert f"| fog  | {threes:10.1f} |" in run.stdout
+
+
+def test_the_entry_points_are_read_again_when_a_distribution_changes_in_place(tmp_path, monkeypatch):
+    """The registry keeps a group's entry points while the import path holds the same distributions; a distribution
+    installed beside the others, or an ``entry_points.txt`` rewritten in place (an editable or legacy develop
+    install), is seen at the next lookup, as a fresh process would see it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "cache-probe" not in registry.available("methods")
+    info = tmp_path / "probe-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: probe\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[cemabench.methods]\ncache-probe = probe:One\n")
+    assert registry.available("methods")["cache-probe"].value == "probe:One"
+    (info / "entry_points.txt").write_text("[cemabench.methods]\ncache-probe = probe:Two\nprobe-2 = probe:Two\n")
+    found = registry.available("methods")
+    assert found["cache-probe"].value == "probe:Two" and "probe-2" in found

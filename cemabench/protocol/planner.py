@@ -40,11 +40,10 @@ from cemabench.provenance import code_digest
 
 
 # -- the questions, answered where the method's class is imported -------------------------------------------------
-def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, derived: bool,
-                clean_missing: str | None = None) -> None:
-    """An entry's method under a protocol (and, given, a dataset's task and whether it lacks a clean split), before
-    any compute: its declarations, its protocol, its label use, its task, its need of a clean split, and its options
-    (fully validated, or for options derived from other units at run time, checked for names and types)."""
+def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
+    """An entry's method under a protocol (and, given, a dataset's task), before any compute: its declarations, its
+    protocol, its label use, its task, and its options (fully validated, or for options derived from other units at
+    run time, checked for names and types)."""
     cls = registry.load_method(name)
     cls.check_protocol(protocol)
     check_declared(cls)
@@ -58,14 +57,17 @@ def check_entry(name: str, options: dict, protocol: Protocol, task: str | None, 
     method.check_protocol(protocol)  # the built method's own check, which may read its options
     if task is not None:
         check_task(method, task)
-    check_clean(method, clean_missing)
 
 
-def check_entry_models(name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module) -> None:
-    """:meth:`Method.check_models` against the table's source models, the method's ``task`` set to the dataset's."""
+def check_entry_models(name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module,
+                       clean_missing: str | None = None) -> None:
+    """:meth:`Method.check_models` against the table's source models, the method's ``task`` set to the dataset's,
+    then its need of the clean split the dataset lacks (``clean_missing``, as :func:`check_clean` reads it): what the
+    models cannot do is said first, before the user is sent to fetch a training split."""
     method = registry.build_method(name, options)
     method.task = task
     method.check_models(edge, foundation)
+    check_clean(method, clean_missing)
 
 
 def derive(name: str, options: dict, references: list[dict]) -> dict:
@@ -82,13 +84,14 @@ def about(name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> 
                                 *[registry.load("models", zoo) for zoo in zoos])}
 
 
-def facts(name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
-          ) -> MethodFacts:
+def facts(name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module,
+          clean_missing: str | None = None) -> MethodFacts:
     """The plain stand-in of a built method (:class:`MethodFacts`), with the digest of its training's code, after the
     checks that a unit makes of the method it runs in-process (:func:`cemabench.protocol.loop.run_unit`), in its
-    order: the built method's protocol (a method's own check may read its options), declarations, task and labels."""
+    order: the built method's protocol (a method's own check may read its options), declarations, task, labels and
+    its need of a clean split."""
     method = registry.build_method(name, options)
-    check_runnable(method, protocol, task)
+    check_runnable(method, protocol, task, clean_missing)
     cls = type(method)
     values = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     return MethodFacts(name=method.name, options=values, online_options=tuple(cls.online_options),
@@ -115,12 +118,12 @@ class _PlannerSide:
     def __init__(self):
         self.replaced = hygiene.replaced_harness_code()
 
-    def check(self, name, options, protocol, task, derived, clean_missing) -> dict:
-        check_entry(name, options, Protocol(**protocol), task, derived, clean_missing)
+    def check(self, name, options, protocol, task, derived) -> dict:
+        check_entry(name, options, Protocol(**protocol), task, derived)
         return {}
 
-    def check_models(self, name, options, task, edge, foundation) -> dict:
-        check_entry_models(name, options, task, edge, foundation)
+    def check_models(self, name, options, task, edge, foundation, clean_missing) -> dict:
+        check_entry_models(name, options, task, edge, foundation, clean_missing)
         return {}
 
     def derive(self, name, options, references) -> dict:
@@ -129,8 +132,8 @@ class _PlannerSide:
     def about(self, name, dataset, models, zoos) -> dict:
         return about(name, dataset, models, zoos)
 
-    def facts(self, name, options, protocol, task, edge, foundation) -> dict:
-        return dataclasses.asdict(facts(name, options, Protocol(**protocol), task, edge, foundation))
+    def facts(self, name, options, protocol, task, edge, foundation, clean_missing) -> dict:
+        return dataclasses.asdict(facts(name, options, Protocol(**protocol), task, edge, foundation, clean_missing))
 
 
 SIDES["planner"] = _PlannerSide
@@ -188,12 +191,12 @@ class IsolatedPlanner:
         finally:
             timer.cancel()
 
-    def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool,
-              clean_missing: str | None = None) -> None:
-        self._call(name, "check", name, options, dataclasses.asdict(protocol), task, derived, clean_missing)
+    def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
+        self._call(name, "check", name, options, dataclasses.asdict(protocol), task, derived)
 
-    def check_models(self, name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module) -> None:
-        self._call(name, "check_models", name, options, task, edge, foundation)
+    def check_models(self, name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module,
+                     clean_missing: str | None = None) -> None:
+        self._call(name, "check_models", name, options, task, edge, foundation, clean_missing)
 
     def derive(self, name: str, options: dict, references: list[dict]) -> dict:
         options = self._call(name, "derive", name, options, references).get("options")
@@ -212,11 +215,11 @@ class IsolatedPlanner:
             raise UserError(f"method {name}'s planner sent a malformed paper or reference point")
         return {"paper": paper, "reference": reference, "code": code}
 
-    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module
-              ) -> MethodFacts:
+    def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module,
+              clean_missing: str | None = None) -> MethodFacts:
         try:
             facts = MethodFacts.read(self._call(name, "facts", name, options, dataclasses.asdict(protocol), task, edge,
-                                                foundation))
+                                                foundation, clean_missing))
         except ValueError as error:
             raise UserError(f"method {name}: {error}") from None
         return dataclasses.replace(facts, entry=name)  # the halves build what was asked about, whatever it says

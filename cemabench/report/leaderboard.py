@@ -366,7 +366,7 @@ def labelled(doc: dict) -> bool:
 LABELS_TITLE = "Labels the cloud asked the oracle annotator for (active TTA; counts per domain)"
 
 
-RUN_COSTS = (("bytes_up_per_sample", "bytes up", "{:,.0f}"), ("bytes_down_per_sample", "bytes down", "{:,.0f}"),
+RUN_COSTS = (("bytes_up_per_sample", "bytes up", "{:,.1f}"), ("bytes_down_per_sample", "bytes down", "{:,.1f}"),
              ("edge_gflops_per_sample", "edge GFLOPs", "{:.4g}"), ("cloud_gflops_per_sample", "cloud GFLOPs", "{:.4g}"))
 
 
@@ -386,7 +386,8 @@ def run_summary(doc: dict) -> str:
         lines += [f"{score.title}:", metric_frame(doc, score.key).T.to_markdown(), ""]
     costs = pd.concat([metric_frame(doc, key, fmt).set_axis([name]) for key, name, fmt in RUN_COSTS])
     lines += ["Cost per sample, over every sample seen (bytes up: inputs, payload and per-batch tensors; bytes down: "
-              "downloads and answers; the FLOPs counted on each side):", costs.T.to_markdown(), ""]
+              "downloads and answers; the FLOPs counted on each side; mean: over the domains):", costs.T.to_markdown(),
+              ""]
     if labelled(doc):
         lines += [f"{LABELS_TITLE}:", metric_frame(doc, "labels_used", "{:,.0f}").T.to_markdown(), ""]
     if any("latency_p95" in c for c in doc["cells"]):  # the time model's per-sample latency

@@ -18,6 +18,7 @@ from cemabench import registry
 from cemabench.config import CCC, device_domains, parse_setting, with_link
 from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
+from cemabench.method import check_clean
 from cemabench.models import zoo
 from cemabench.models.split import probing
 from cemabench.protocol import Execution, Models, ccc, native, run_unit
@@ -231,10 +232,12 @@ class TableContext:
             key = (unit.method, json.dumps(unit.options, default=str), json.dumps(dataclasses.asdict(p), default=str))
             if key not in self._facts:  # asked once per method, options and protocol (the models cross to it)
                 self._facts[key] = self.planner.facts(unit.method, dict(unit.options), p, self.dataset.task,
-                                                      self.prototypes["edge"], self.prototypes["foundation"])
+                                                      self.prototypes["edge"], self.prototypes["foundation"],
+                                                      self.dataset.clean_missing())
             method = dataclasses.replace(self._facts[key])  # a unit's own copy: the loop sets task and artefacts
         else:
             method = registry.build_method(unit.method, dict(unit.options))
+            check_clean(method, self.dataset.clean_missing())  # a derived entry's is checked here, with the hint
 
         def blocks(names):
             by_name = {d.name: d for d in self.dataset.domains}

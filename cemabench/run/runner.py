@@ -59,12 +59,12 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
                         f"{spec.protocol.rounds} needs one of those: use per-domain, or continual with one round")
     for entry in spec.methods:  # a method on a task it does not declare, or options for another task: one line
         context.planner.check(entry.name, entry_options(entry, context.choice), with_link(spec.protocol, entry.link),
-                              context.dataset.task, entry.match_uploads_of is not None, context.dataset.clean_missing())
+                              context.dataset.task, entry.match_uploads_of is not None)
     _ = context.provenance  # builds dataset and models up front, so that data and model errors come before any run
     context.check_classes()
     context.check_stream()
     check_models(spec, context.choice, context.prototypes["edge"], context.prototypes["foundation"],
-                 context.dataset.task, context.planner)
+                 context.dataset.task, context.planner, context.dataset.clean_missing())
     if isolate:  # what a planner says of its method (paper, reference point, code) is checked before any compute too
         for entry in spec.methods:
             context.about(entry.name)

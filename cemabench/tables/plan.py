@@ -82,13 +82,14 @@ def check_options(spec: TableSpec, choice: DataChoice, planner) -> None:
                       entry.match_uploads_of is not None)
 
 
-def check_models(spec: TableSpec, choice: DataChoice, edge, foundation, task: str, planner) -> None:
+def check_models(spec: TableSpec, choice: DataChoice, edge, foundation, task: str, planner,
+                 clean_missing: str | None = None) -> None:
     """Every entry against the table's source models (:meth:`Method.check_models`, the method's ``task`` set to the
-    dataset's), before any compute; entries whose options are derived from other units are checked when their unit is
-    built."""
+    dataset's) and, where the dataset has no clean split (``clean_missing``), its need of one, before any compute;
+    entries whose options are derived from other units are checked when their unit is built."""
     for entry in spec.methods:
         if entry.match_uploads_of is None:
-            planner.check_models(entry.name, entry_options(entry, choice), task, edge, foundation)
+            planner.check_models(entry.name, entry_options(entry, choice), task, edge, foundation, clean_missing)
 
 
 def plan(spec: TableSpec, choice: DataChoice, seeds: tuple[int, ...]) -> list[Task]:
