@@ -162,12 +162,18 @@ def test_reproduce_a_table2_excerpt_on_a_generated_tree_with_tiny_models(root, t
         assert needle in out
 
 
-def test_eata_without_imagenet_val_is_refused_before_compute_and_eta_runs(root, tmp_path, capsys):
-    """EATA's Fisher regulariser reads clean images: on a tree without ROOT/imagenet/val it is refused in one line
-    that names the folder, before any compute; ETA (EATA without the regulariser) needs none and runs."""
+def _without_val(root, tmp_path):
+    """ROOT/imagenet-c/fog of ``root``, and no ROOT/imagenet/val: a dataset without a clean split."""
     bare = tmp_path / "bare"
     (bare / "imagenet-c").mkdir(parents=True)
     (bare / "imagenet-c" / "fog").symlink_to(root / "imagenet-c" / "fog")
+    return bare
+
+
+def test_eata_without_imagenet_val_is_refused_before_compute_and_eta_runs(root, tmp_path, capsys):
+    """EATA's Fisher regulariser reads clean images: on a tree without ROOT/imagenet/val it is refused in one line
+    that names the folder, before any compute; ETA (EATA without the regulariser) needs none and runs."""
+    bare = _without_val(root, tmp_path)
     spec = tmp_path / "e.toml"
     spec.write_text('extends = "table2"\nname = "e"\n[data]\ndomains = ["fog"]\n[[methods]]\nname = "eata"\n'
                     '[[methods]]\nname = "eta"\n')
@@ -185,9 +191,7 @@ def test_a_derived_entry_that_needs_the_clean_split_fails_its_cells_with_the_hin
     """An entry whose options are derived from other units is built, and checked, when its unit is: RMT matched to
     source's uploads fails its cell in one line that names what it needs and how the dataset gets it, in both modes
     (isolated, it crashed in its cloud half); the other entry's cells are computed."""
-    bare = tmp_path / "bare"
-    (bare / "imagenet-c").mkdir(parents=True)
-    (bare / "imagenet-c" / "fog").symlink_to(root / "imagenet-c" / "fog")
+    bare = _without_val(root, tmp_path)
     spec = tmp_path / "d.toml"
     spec.write_text('extends = "table2"\nname = "d"\n[data]\ndomains = ["fog"]\n[[methods]]\nname = "source"\n'
                     '[[methods]]\nname = "rmt"\nmatch_uploads_of = "source"\n')
