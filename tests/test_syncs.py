@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cemabench.method import CloudEdgeMapping, CloudLogic, CloudReply, EdgeDecision, EdgeLogic, Method
 from cemabench.protocol import Models, Protocol, hygiene, run_unit
+from cemabench.protocol import checks as device_checks
 from cemabench.protocol.checks import Checks
 from conftest import TinyNet, tiny_dataset
 
@@ -83,6 +84,9 @@ def _run(method, setting="per-domain", monkeypatch=None):
         return real(self)
 
     monkeypatch.setattr(Checks, "read", counted)
+    # the CPU compares the seal and reads the flags on the host (torch.equal, a read per flag: on a GPU each would
+    # wait for the device); here it takes the GPU's way, so that what is counted is what a GPU would do
+    monkeypatch.setattr(device_checks, "ON_HOST", ())
     monkeypatch.setattr(hygiene, "_SEALED", hygiene._harness_code())  # wrapped on purpose: what the units must find
     counter = SyncCounter()
     with counter:
@@ -123,18 +127,24 @@ def test_the_read_still_refuses_what_it_checks(monkeypatch):
     assert results[1].status == "skipped" and syncing == []
 
 
-def test_both_ways_of_reading_the_seal_name_exactly_the_changed_parameters():
-    """The GPU's way (one concatenation, one comparison, a segmented reduction per group) and the CPU's (one
-    comparison per parameter) flag the same parameters, here both run on the CPU."""
-    from cemabench.protocol.edge import ForwardOnlyEdge
+def test_both_ways_of_reading_the_seal_name_exactly_the_changed_parameters(monkeypatch):
+    """The GPU's way (one concatenation, one comparison, a segmented reduction per group) and the CPU's (torch.equal
+    on the host, of the group as one copy or per parameter) flag the same parameters, here all run on the CPU; the
+    CPU's is the default there."""
+    from cemabench.protocol import edge as edge_module
     from cemabench.registry import build_method
 
-    edge = ForwardOnlyEdge(TinyNet().eval(), build_method("source").edge(4))
+    assert device_checks.ON_HOST == ("cpu",)
+    edge = edge_module.ForwardOnlyEdge(TinyNet().eval(), build_method("source").edge(4))
     params = edge._parameters()
-    for batched in (False, True):
-        assert [b for _, flags in edge._value_flags(params, batched) for b in flags.tolist()] == [False] * len(params)
+    ways = [(None, edge_module.SEAL_COPY_ELEMENTS), (True, edge_module.SEAL_COPY_ELEMENTS), (True, 0), (False, 0)]
+    for on_host, copy_limit in ways:
+        monkeypatch.setattr(edge_module, "SEAL_COPY_ELEMENTS", copy_limit)
+        assert [b for _, flags in edge._value_flags(params, on_host) for b in flags.tolist()] == [False] * len(params)
     params["bn.weight"].detach().numpy()[1] += 1.0  # behind torch's back
     params["fc.bias"].detach().numpy()[0] = float("nan")
-    for batched in (False, True):
-        flagged = [n for names, flags in edge._value_flags(params, batched) for n, b in zip(names, flags.tolist()) if b]
-        assert flagged == ["bn.weight", "fc.bias"], (batched, flagged)
+    for on_host, copy_limit in ways:
+        monkeypatch.setattr(edge_module, "SEAL_COPY_ELEMENTS", copy_limit)
+        flagged = [n for names, flags in edge._value_flags(params, on_host) for n, b in zip(names, flags.tolist())
+                   if b]
+        assert flagged == ["bn.weight", "fc.bias"], (on_host, copy_limit, flagged)

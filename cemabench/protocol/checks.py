@@ -11,6 +11,10 @@ from collections.abc import Callable
 
 import torch
 
+# device types whose values are read where Python runs, each check on its own: reading a CPU tensor stalls no queue.
+# The flags on any other device are read together, in one transfer per device.
+ON_HOST = ("cpu",)
+
 
 class Checks:
     """Flags (boolean tensors, True meaning a problem) and the error each one stands for."""
@@ -35,7 +39,11 @@ class Checks:
         for i, (flag, _) in enumerate(pending):
             by_device.setdefault(flag.device, []).append(i)
         values: list[list[bool]] = [[] for _ in pending]
-        for positions in by_device.values():
+        for device, positions in by_device.items():
+            if device.type in ON_HOST:  # no queue to wait for: each flag read where it is, without a concatenation
+                for i in positions:
+                    values[i] = pending[i][0].reshape(-1).to(torch.bool).tolist()
+                continue
             flat = torch.cat([pending[i][0].reshape(-1).to(torch.bool) for i in positions]).tolist()
             start = 0
             for i in positions:

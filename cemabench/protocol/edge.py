@@ -13,12 +13,14 @@ from torch import nn
 
 from cemabench.errors import ForwardOnlyViolation
 from cemabench.method import PAYLOAD_ENCODINGS, Download, EdgeDecision, EdgeLogic
+from cemabench.protocol import checks as device_checks
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import plain_decision
 from cemabench.protocol.tasks import Classification, Task
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+SEAL_COPY_ELEMENTS = 1 << 18  # a group up to this size is compared on the host as one copy, larger ones in place
 
 
 def _identity(p: torch.Tensor) -> tuple:
@@ -34,6 +36,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(_SAME_SIZE_INT.get(t.element_size(), torch.int64))
 
 
+def _modules(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` in its order, each module once, with its name and a trailing dot after ``prefix``
+    (``""`` for the model itself): without a generator per module, as the seal walks the modules at every step."""
+    out, seen, stack = [], set(), [(prefix, model)]
+    while stack:
+        name, module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        out.append((name, module))
+        stack.extend((f"{name}{child_name}.", child) for child_name, child in reversed(module._modules.items())
+                     if child is not None)
+    return out
+
+
 class ForwardOnlyEdge:
     """The edge device: runs the method's edge logic in inference mode under a guarding :class:`ComputeMeter`
     (no backward kernel, no optimizer kernel, no write into an edge parameter, whatever issued it), and checks
@@ -47,23 +64,41 @@ class ForwardOnlyEdge:
         self.extras = {name: m for name, m in vars(logic).items() if isinstance(m, nn.Module) and m is not self.model}
         self.forwards = SampleCounter()
         self.meter = ComputeMeter(guard=True)
+        # whether the buffers are snapshot after each step, for :meth:`check_untouched` after a cloud step (the loop
+        # clears it where the method has no cloud)
+        self.watch_buffers = True
         for m in (self.model, *self.extras.values()):
             m.requires_grad_(False)
             self.forwards.attach(m)
         self._seal()
 
+    def _named(self) -> tuple[dict, dict]:
+        """Every edge parameter and every edge buffer (BatchNorm statistics, say) by name, in one walk of the modules:
+        the model's, and those of the modules the edge logic keeps beside it (named ``attribute.parameter``), as
+        ``named_parameters`` and ``named_buffers`` name them. A parameter name held twice would hide one of the two
+        from the seal: refused."""
+        params, buffers, twice = {}, {}, set()
+        for root, model in (("", self.model), *((prefix + ".", m) for prefix, m in self.extras.items())):
+            seen_p, seen_b = set(), set()  # per model, as named_parameters() and named_buffers() remove duplicates
+            for prefix, module in _modules(model, root):  # (by id: a tensor's __hash__ is a Python call)
+                for name, p in module._parameters.items():
+                    if p is not None and id(p) not in seen_p:
+                        seen_p.add(id(p))
+                        if prefix + name in params:
+                            twice.add(prefix + name)
+                        params[prefix + name] = p
+                for name, b in module._buffers.items():
+                    if b is not None and id(b) not in seen_b:
+                        seen_b.add(id(b))
+                        buffers[prefix + name] = b
+        if twice:
+            raise ForwardOnlyViolation(f"two edge parameters are named {', '.join(sorted(twice)[:3])}: a module the "
+                                       f"edge logic keeps is named like a part of the model; rename the attribute")
+        return params, buffers
+
     def _parameters(self) -> dict:
-        """Every edge parameter by name: the model's, and those of the modules the edge logic keeps beside it
-        (named ``attribute.parameter``). A name held twice would hide one of the two from the seal: refused."""
-        named = list(self.model.named_parameters())
-        for prefix, m in self.extras.items():
-            named += [(f"{prefix}.{n}", p) for n, p in m.named_parameters()]
-        params = dict(named)
-        if len(params) != len(named):
-            twice = sorted({n for n, _ in named if sum(1 for k, _ in named if k == n) > 1})
-            raise ForwardOnlyViolation(f"two edge parameters are named {', '.join(twice[:3])}: a module the edge "
-                                       f"logic keeps is named like a part of the model; rename the attribute")
-        return params
+        """Every edge parameter by name (:meth:`_named`)."""
+        return self._named()[0]
 
     def _seal(self, changed=None) -> None:
         """Seal the edge parameters as they are now. ``changed``: the only names whose values may differ from the
@@ -105,15 +140,22 @@ class ForwardOnlyEdge:
     def _current(self, name: str, p: torch.Tensor) -> torch.Tensor:
         return _bits(p) if self._views[name] is None else self._views[name]
 
-    def _value_flags(self, params: dict, batched: bool | None = None) -> list[tuple[list[str], torch.Tensor]]:
-        """Per group, its parameters' names and one flag each on their device, read later with the batch's other
-        checks (no synchronisation now): whether any of its bits differs from the seal. On a GPU a few kernels per
-        group (one concatenation, one comparison, one cumulative sum); on the CPU one comparison per parameter
-        (no copy); ``batched`` chooses the GPU's way (or the CPU's) on any device."""
+    def _value_flags(self, params: dict, on_host: bool | None = None) -> list[tuple[list[str], torch.Tensor]]:
+        """Per group, its parameters' names and one flag each, read later with the batch's other checks: whether any
+        of its bits differs from the seal. Where the group's device has no queue to stall
+        (:data:`cemabench.protocol.checks.ON_HOST`: the CPU), ``torch.equal`` on the host: of the group's bits as one
+        copy while they are few (:data:`SEAL_COPY_ELEMENTS`), else per parameter (no copy), and per parameter again
+        to name those that differ; on a GPU a few kernels per group (one concatenation, one comparison, one
+        cumulative sum) and no synchronisation. ``on_host`` chooses either way on any device."""
         out = []
         for group, names in self._groups.items():
-            if not (group[0].type != "cpu" if batched is None else batched):
-                flags = torch.stack([torch.ne(self._current(n, params[n]), self._values[n]).any() for n in names])
+            if group[0].type in device_checks.ON_HOST if on_host is None else on_host:
+                current = [self._current(n, params[n]) for n in names]
+                if len(names) > 1 and self._values[group].numel() <= SEAL_COPY_ELEMENTS and torch.equal(
+                        torch.cat(current), self._values[group]):  # a small group, unchanged: one comparison
+                    flags = torch.zeros(len(names), dtype=torch.bool)
+                else:
+                    flags = torch.tensor([not torch.equal(c, self._values[n]) for c, n in zip(current, names)])
             else:  # differing bits counted up to each parameter's end, minus those up to its start: no host sync
                 differs = torch.ne(torch.cat([self._current(n, params[n]) for n in names]), self._values[group])
                 counted = F.pad(differs.cumsum(0), (1, 0))
@@ -159,7 +201,7 @@ class ForwardOnlyEdge:
                 raise ForwardOnlyViolation(
                     f"the edge is forward-only, but {self.meter.refusal(refusals)}. Train a replica in the method's "
                     f"CloudLogic and send the new parameters down instead.")
-        params = self._parameters()
+        params, buffers = self._named()
         changed = self._changed(values=False, params=params)
         if changed:
             raise ForwardOnlyViolation(self._outside_download(changed))
@@ -168,26 +210,30 @@ class ForwardOnlyEdge:
                 self._outside_download([n for n, b in zip(names, bad) if b])))
         decision = plain_decision(decision)  # read once, into plain copies: what is validated is what is used
         validate_decision(decision, len(x), Classification(task) if isinstance(task, int) else task, checks)
-        self._buffers_now = self._buffer_state()
+        if self.watch_buffers:
+            self._buffers_now = self._buffer_state(buffers)
         return decision
 
     def _buffers(self) -> dict:
-        """Every edge buffer by name (BatchNorm statistics, say): the model's, and those of the modules kept beside
-        it."""
-        named = list(self.model.named_buffers())
-        for prefix, m in self.extras.items():
-            named += [(f"{prefix}.{n}", b) for n, b in m.named_buffers()]
-        return dict(named)
+        """Every edge buffer by name (:meth:`_named`)."""
+        return self._named()[1]
 
-    def _buffer_state(self) -> tuple[dict, dict]:
+    def _buffer_state(self, buffers: dict) -> tuple[dict, dict]:
         """The buffers' identities (the tensor, and where its data is), and per group (device, element size) their
-        names and bits in one flat copy."""
-        buffers = self._buffers()
+        names and bits in one flat copy. A contiguous buffer's bits are read through a view kept while the buffer
+        keeps its identity (:func:`_identity`)."""
+        views, kept = {}, getattr(self, "_buffer_views", {})
         groups: dict = {}
         for n, b in buffers.items():
+            identity = _identity(b)
+            view = kept.get(n)
+            views[n] = view if view is not None and view[0] == identity else (identity, _bits(b) if
+                                                                               b.is_contiguous() else None)
             groups.setdefault((b.device, b.element_size()), []).append(n)
+        self._buffer_views = views
         return ({n: (id(b), b.data_ptr()) for n, b in buffers.items()},
-                {g: (names, torch.cat([_bits(buffers[n]) for n in names])) for g, names in groups.items()})
+                {g: (names, torch.cat([_bits(buffers[n]) if views[n][1] is None else views[n][1] for n in names]))
+                 for g, names in groups.items()})
 
     def check_untouched(self, checks: Checks, by: str) -> None:
         """Between edge steps only a download changes the edge. After ``by`` (the cloud step: its code can reach the
@@ -203,10 +249,13 @@ class ForwardOnlyEdge:
         swapped += [n for n in buffers if n not in identities]
         if swapped:
             raise ForwardOnlyViolation(self._reached(swapped, by))
+        views = self._buffer_views
         for names, before in groups.values():
-            sizes = torch.tensor([_bits(buffers[n]).numel() for n in names], device=before.device)
+            now = [views[n][1] if views[n][1] is not None and views[n][0] == _identity(buffers[n]) else
+                   _bits(buffers[n]) for n in names]
+            sizes = torch.tensor([v.numel() for v in now], device=before.device)
             ends = sizes.cumsum(0)
-            counted = F.pad(torch.ne(torch.cat([_bits(buffers[n]) for n in names]), before).cumsum(0), (1, 0))
+            counted = F.pad(torch.ne(torch.cat(now), before).cumsum(0), (1, 0))
             flags = counted[ends] > counted[ends - sizes]  # differing bits up to each buffer's end, minus its start
             checks.add(flags, lambda bad, names=names: ForwardOnlyViolation(
                 self._reached([n for n, b in zip(names, bad) if b], by)))

@@ -141,32 +141,26 @@ def _harness_code() -> dict[str, tuple]:
 _MISSING = object()
 
 
-def _found_at(path: tuple) -> tuple:
-    """What is at ``path`` (module, attribute, member) now, as :func:`_identity` sees it; (_MISSING,) if nothing."""
-    module_name, attr, member = path
-    module = sys.modules.get(module_name)
-    value = _MISSING if module is None else vars(module).get(attr, _MISSING)
-    if member is not None:
-        try:
-            value = vars(value).get(member, _MISSING)
-        except TypeError:  # no longer a class
-            value = _MISSING
-    return (_MISSING,) if value is _MISSING else _identity(value)
-
-
 def _identity(obj) -> tuple:
     """The object, and for a function its code, defaults and closure cells' contents (a plugin can swap
     ``f.__code__`` in place and keep the function object)."""
     function = getattr(obj, "__func__", obj)
     if not inspect.isfunction(function):
         return (obj,)
+    return obj, function.__code__, function.__defaults__, *_cells(function)
+
+
+def _cells(function) -> tuple:
+    """The contents of a function's closure cells (None for an empty one)."""
+    if not function.__closure__:
+        return ()
     cells = []
-    for cell in function.__closure__ or ():
+    for cell in function.__closure__:
         try:
             cells.append(cell.cell_contents)
         except ValueError:  # an empty cell
             cells.append(None)
-    return obj, function.__code__, function.__defaults__, *cells
+    return tuple(cells)
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -182,8 +176,25 @@ def seal_harness() -> None:
 def replaced_harness_code() -> list[str]:
     """The harness functions and methods that are no longer what was recorded (replaced or removed): each looked up
     where it was recorded (a module replaced in ``sys.modules`` replaces all of its code), not by walking every
-    module (an isolated half asks after every step: 0.3 ms, where the walk took 6 ms)."""
-    return sorted(name for name, (path, value) in _SEALED.items() if not _same(_found_at(path), value))
+    module (an isolated half asks after every step, and a unit before and after it). What :func:`_identity` records
+    is compared in place: the object found, then a function's code, defaults and closure cells' contents."""
+    replaced, modules = [], sys.modules
+    for name, ((module_name, attr, member), value) in _SEALED.items():
+        module = modules.get(module_name)
+        found = _MISSING if module is None else vars(module).get(attr, _MISSING)
+        if member is not None and found is not _MISSING:
+            try:
+                found = vars(found).get(member, _MISSING)
+            except TypeError:  # no longer a class
+                found = _MISSING
+        if found is not value[0]:
+            replaced.append(name)
+        elif len(value) > 1:  # a function (or a class or static method's): its code, defaults and cells in place
+            function = getattr(found, "__func__", found)
+            if (function.__code__ is not value[1] or function.__defaults__ is not value[2]
+                    or not _same(_cells(function), value[3:])):
+                replaced.append(name)
+    return sorted(replaced)
 
 
 def mode_depths() -> tuple[int, int]:

@@ -375,6 +375,8 @@ class _EdgeSide(_Side):
     def build(self) -> dict:
         self.edges = build_edges(self.method, lambda: copy.deepcopy(self.prototype), self.num_classes, self.count,
                                  self.device, self.memory_format)
+        for edge in self.edges:  # the cloud's code runs in another process: it cannot reach this edge's buffers
+            edge.watch_buffers = False
         return {}
 
     def step(self, index: int, x: torch.Tensor, downloads: list) -> dict:

@@ -214,6 +214,13 @@ class Link:
                 first_id: int = 0, capacity: int | None = None, device: int = 0) -> Upload:
         self.vocabulary.named(decision.tensors, "EdgeDecision.tensors")
         self.vocabulary.payload(decision.payload)
+        if (not decision.tensors and not decision.payload and (decision.upload is None or not len(decision.upload))
+                and not (decision.send_input and self.codec is not None)):
+            # nothing crosses (an edge that keeps its batch): what the general path below computes for it, cheaply
+            self._batch_up_bytes = 0
+            index = torch.empty(0, dtype=torch.long, device=x.device)
+            return Upload(samples=x.new_empty((0, *x.shape[1:])), tensors={}, batch_index=batch_index, index=index,
+                          payload={}, sample_ids=index + first_id, device=device)
         index = decision.upload if decision.upload is not None else torch.empty(0, dtype=torch.long, device=x.device)
         if capacity is not None:  # the cloud's capacity left in this step: the rest does not cross
             self.counters.busy += max(0, len(index) - capacity)

@@ -354,12 +354,14 @@ class _EdgeDevice:
         self.edge_before = 0
         self.checks = Checks()  # the last batch's checks: read with the next batch, or at the block's end
         self.edge_time, self.cloud_time = Stopwatch(device), Stopwatch(device)
+        edge.watch_buffers = cloud is not None  # only a cloud step is checked for writes into the edge's buffers
 
     def reset(self, edge: ForwardOnlyEdge, cloud: CloudLogic | None) -> None:
         """Go on with fresh halves (a periodic reset): what is in flight to the old edge is dropped, and the block's
         count of edge forwards goes on from the old edge's."""
         self.edge_before -= self.edge.forwards.with_grad + self.edge.forwards.without_grad
         self.edge, self.cloud = edge, cloud
+        edge.watch_buffers = cloud is not None
         self.link.drop_in_flight()
 
     def next_batch(self, batch_size: int, pin_memory: bool, results: dict):
