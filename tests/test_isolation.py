@@ -424,10 +424,10 @@ def test_status_isolated_imports_no_method_plugin_and_reads_records_as_reproduce
 
 
 def test_the_zygote_preloads_harness_code_and_libraries_only():
-    """What the zygote imports before it forks is in every half: torch, the zoo's libraries and cemabench's own
-    modules, never a method's (cemabench_methods is a plugin distribution's door like any other)."""
+    """What the zygote imports before it forks is in every half: torch, the zoo's libraries, SciPy's optimisers and
+    cemabench's own modules, never a method's (cemabench_methods is a plugin distribution's door like any other)."""
     from cemabench.protocol import isolation
 
     for name in isolation.PRELOAD:
-        assert name.split(".")[0] in ("torch", "torchvision", "timm", "cemabench"), name
+        assert name.split(".")[0] in ("torch", "torchvision", "timm", "scipy", "cemabench"), name
         assert not name.startswith(("cemabench.tables", "cemabench.run", "cemabench.report")), name
