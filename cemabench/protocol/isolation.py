@@ -75,6 +75,34 @@ def pack(value) -> bytes:
     return buffer.getvalue()
 
 
+class _Pickled:
+    """An object as the ``torch.save`` bytes it was once made into, sent as those bytes again and unpickled in the
+    half as the object: the models and the clean split go to every unit's halves, and are pickled once per run."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        return _unpickled, (self.data,)
+
+
+def _unpickled(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)  # in a half: the harness's own bytes
+
+
+def _set_up(models, clean) -> tuple:
+    """(edge, foundation, clean split) for the halves' set-up. Where ``models`` gives copies of the same models
+    (``Models.copies_of``, as every run does), pickled once and kept with them; otherwise built anew."""
+    if not models._copies:
+        return models.edge(), models.foundation(), clean
+    kept = models._pickled
+    if "edge" not in kept:
+        kept["edge"], kept["foundation"] = _Pickled(pack(models.edge())), _Pickled(pack(models.foundation()))
+    if clean is not None and kept.get("clean", (None,))[0] is not clean:  # the object is kept: its id stays its own
+        kept["clean"] = (clean, _Pickled(pack(clean)))
+    return kept["edge"], kept["foundation"], None if clean is None else kept["clean"][1]
+
+
 MAX_MESSAGE = 1 << 32  # bytes of one reply from a half (4 GiB: a batch of ImageNet feature maps fits many times)
 
 
@@ -602,13 +630,14 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     halves.append(cloud)
     edge = Half("edge", device)
     halves.append(edge)
-    confined = cloud.call("cloud", recipe, execution, models.edge(), models.foundation(), clean, num_classes, seed)
+    edge_model, foundation, clean_split = _set_up(models, clean)
+    confined = cloud.call("cloud", recipe, execution, edge_model, foundation, clean_split, num_classes, seed)
     _say_once(str(confined.get("sandbox", "")))
     resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
     training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
     cloud.call("adopt", method.artefacts)
     tables = _tables(cloud.call("tables").get("tables"))  # the method's entropy tables, computed in its half
-    edge.call("edge", recipe, execution, models.edge(), count, num_classes,
+    edge.call("edge", recipe, execution, edge_model if models._copies else models.edge(), count, num_classes,
               (task.name, task.num_classes, task.scored_classes), method.artefacts)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
 

@@ -57,10 +57,14 @@ class Models:
     edge: Callable[[], nn.Module]
     foundation: Callable[[], nn.Module]
     _state: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    # built by copies_of: every call gives an equal model, so an isolated unit's halves can get the pickles made for
+    # the first unit (kept here by cemabench.protocol.isolation)
+    _copies: bool = field(default=False, repr=False, compare=False)
+    _pickled: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def copies_of(cls, edge: nn.Module, foundation: nn.Module) -> Models:
-        return cls(edge=lambda: copy.deepcopy(edge), foundation=lambda: copy.deepcopy(foundation))
+        return cls(edge=lambda: copy.deepcopy(edge), foundation=lambda: copy.deepcopy(foundation), _copies=True)
 
     def state_names(self) -> tuple[str, ...]:
         """The names of the edge model's state entries, the names that cross the link uncharged
