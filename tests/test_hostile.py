@@ -2,6 +2,7 @@
 success, a wrong diagnosis or a lost table."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +358,26 @@ def test_swapping_a_guards_code_in_place_is_found(monkeypatch):
     assert hygiene.replaced_harness_code() == []
     monkeypatch.setattr(ComputeMeter.take, "__code__", (lambda self: 0).__code__)
     assert hygiene.replaced_harness_code() == ["cemabench.protocol.meter.ComputeMeter.take"]
+
+
+def test_a_closure_cell_or_a_static_method_of_the_harness_replaced_is_found(monkeypatch):
+    """The check of the harness's code runs in C loops while nothing differs; what it records is still compared in
+    full: a closure cell's contents swapped in place and a static method replaced in its class are found."""
+    from cemabench.protocol import hygiene
+
+    assert hygiene.replaced_harness_code() == []
+    with_cells = next(name for name, (_, value) in hygiene._SEALED.items() if len(value) > 3)
+    function = getattr(hygiene._SEALED[with_cells][1][0], "__func__", hygiene._SEALED[with_cells][1][0])
+    monkeypatch.setattr(function.__closure__[0], "cell_contents", object())
+    assert hygiene.replaced_harness_code() == [with_cells]
+    monkeypatch.undo()
+    static = next(name for name, ((module, cls, member), value) in hygiene._SEALED.items()
+                  if member and isinstance(value[0], staticmethod))
+    (module, cls, member), _ = hygiene._SEALED[static]
+    monkeypatch.setattr(vars(sys.modules[module])[cls], member, staticmethod(lambda *args: None))
+    assert hygiene.replaced_harness_code() == [static]
+    monkeypatch.undo()
+    assert hygiene.replaced_harness_code() == []
 
 
 def test_a_harness_module_swapped_in_sys_modules_or_a_guard_deleted_is_found(monkeypatch):
