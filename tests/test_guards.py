@@ -895,3 +895,139 @@ def test_complex128_parameters_and_buffers_are_sealed_whole():
         edge.model.w.numpy()[3] = 2  # behind torch's back, in the upper half of the tensor's words
     with pytest.raises(ForwardOnlyViolation, match="w"):
         edge.step(x, 2)
+
+
+# ---- reviewer's findings on the seal's faster walk (2026-12-06) ------------------------------------------------------
+class _Predict(EdgeLogic):
+    def step(self, model, x):
+        return EdgeDecision(model(x))
+
+
+class _ReachDeviceZero(CloudLogic):
+    """Device 1's cloud moves device 0's edge BatchNorm statistics (found through gc)."""
+
+    def step(self, upload):
+        for edge in [o for o in gc.get_objects() if type(o).__name__ == "ForwardOnlyEdge"]:
+            if getattr(edge.logic, "device", None) == 0:
+                with torch.no_grad():
+                    edge.model.bn.running_mean.add_(0.5)
+
+
+class _CloudOnDeviceOne(Method):
+    name = "cloud-on-device-one"
+    paper = "-"
+
+    def __init__(self):
+        self.clouds = 0
+
+    def edge(self, num_classes):
+        return _Predict()
+
+    def edge_for(self, num_classes, device):
+        logic = _Predict()
+        logic.device = device
+        return logic
+
+    def cloud(self, resources):  # one replica per device: none for device 0, a cloud for device 1
+        self.clouds += 1
+        return None if self.clouds == 1 else _ReachDeviceZero()
+
+
+def test_an_edge_without_a_cloud_of_its_own_is_checked_after_another_devices_cloud_step():
+    """Every edge's buffers are checked after any cloud step, the edges of devices whose replica has no cloud too."""
+    from cemabench.protocol.stream import DeviceStreams, build_blocks
+
+    torch.manual_seed(0)
+    dataset = tiny_dataset()
+    models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
+    by = {d.name: d for d in dataset.domains}
+    streams = DeviceStreams([build_blocks("continual", [by[n]], seed=0) for n in ("a", "b")])
+    results = run_unit(_CloudOnDeviceOne(), streams, models, 4, dataset.clean,
+                       Protocol(batch_size=16, setting="continual", devices=2), seed=0)
+    assert [r.status for r in results] == ["skipped", "error"], [(r.status, r.message) for r in results]
+    assert "changed the edge's bn.running_mean outside a download" in results[1].message
+
+
+class _Shadow(EdgeLogic):
+    """Keeps a parameter-free module named like the model's BatchNorm: its buffers would take the model's names."""
+
+    def __init__(self):
+        self.bn = nn.BatchNorm2d(4, affine=False)
+
+    def step(self, model, x):
+        return EdgeDecision(model(x))
+
+
+class _Same(nn.Linear):
+    """Modules that compare equal: torch's named_modules() keeps the first of them only."""
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Same)
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.a, self.b = base, _Same(4, 4), _Same(4, 4)
+
+    def forward(self, x):
+        return self.base(x) + self.b(self.base(x)) * 0
+
+
+class _Hebbian(EdgeLogic):
+    def configure(self, model):
+        return _TwoHeads(model)
+
+    def step(self, model, x):
+        model.b.weight.add_(0.1)  # an in-place update of an edge parameter, outside any download
+        return EdgeDecision(model(x))
+
+
+@pytest.mark.parametrize("logic, words", [(_Shadow, "two edge buffers are named bn.num_batches_tracked"),
+                                          (_Hebbian, "wrote into the edge parameter b.weight")])
+def test_no_edge_tensor_hides_behind_a_shared_name_or_an_equal_module(logic, words):
+    class Hiding(Method):
+        name = "hiding"
+        paper = "-"
+
+        def edge(self, num_classes):
+            return logic()
+
+        def cloud(self, resources):
+            return None
+
+    torch.manual_seed(0)
+    dataset = tiny_dataset()
+    models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
+    (result, *_) = run_unit(Hiding(), dataset.domains[:1], models, 4, dataset.clean, Protocol(batch_size=16), seed=0)
+    assert result.status == "error" and words in result.message, result.message
+
+
+def test_a_static_method_of_the_harness_re_initialised_with_a_look_alike_is_found(monkeypatch):
+    """``staticmethod.__init__`` called again on the recorded object, with a callable that copies the original's
+    code, defaults and closure: the function the method holds is recorded and compared by identity."""
+    import functools
+
+    from cemabench.protocol import hygiene
+    from cemabench.protocol.codecs import InputCodec
+
+    wrapper = vars(InputCodec)["decode"]
+    original = wrapper.__func__
+
+    class LookAlike:
+        def __init__(self):
+            self.__code__, self.__defaults__, self.__closure__ = original.__code__, original.__defaults__, None
+
+        def __call__(self, *args, **kwargs):
+            return original(*args, **kwargs)
+
+    try:
+        for replacement in (LookAlike(), functools.partial(original)):
+            wrapper.__init__(replacement)
+            assert hygiene.replaced_harness_code() == ["cemabench.protocol.codecs.InputCodec.decode"]
+    finally:
+        wrapper.__init__(original)
+    assert hygiene.replaced_harness_code() == []

@@ -36,18 +36,19 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(_SAME_SIZE_INT.get(t.element_size(), torch.int64))
 
 
-def _modules(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    """``model.named_modules()`` in its order, each module once, with its name and a trailing dot after ``prefix``
-    (``""`` for the model itself): without a generator per module, as the seal walks the modules at every step."""
-    out, seen, stack = [], set(), [(prefix, model)]
+def _modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()``: each module once, in its order, named as torch names it; without a generator per
+    module, as the seal walks the modules at every step. A module is told apart by ``id`` (torch's walk uses ``==``,
+    which a module class can redefine to hide itself and its parameters)."""
+    out, seen, stack = [], set(), [("", model)]
     while stack:
         name, module = stack.pop()
-        if module in seen:
+        if id(module) in seen:
             continue
-        seen.add(module)
+        seen.add(id(module))
         out.append((name, module))
-        stack.extend((f"{name}{child_name}.", child) for child_name, child in reversed(module._modules.items())
-                     if child is not None)
+        stack.extend((f"{name}.{child_name}" if name else child_name, child)
+                     for child_name, child in reversed(module._modules.items()) if child is not None)
     return out
 
 
@@ -75,25 +76,29 @@ class ForwardOnlyEdge:
     def _named(self) -> tuple[dict, dict]:
         """Every edge parameter and every edge buffer (BatchNorm statistics, say) by name, in one walk of the modules:
         the model's, and those of the modules the edge logic keeps beside it (named ``attribute.parameter``), as
-        ``named_parameters`` and ``named_buffers`` name them. A parameter name held twice would hide one of the two
-        from the seal: refused."""
-        params, buffers, twice = {}, {}, set()
+        ``named_parameters`` and ``named_buffers`` name them. A name held twice would hide one of the two from the seal
+        (a parameter) or from the check after a cloud step (a buffer): refused."""
+        params, buffers, twice = {}, {}, {"parameters": set(), "buffers": set()}
         for root, model in (("", self.model), *((prefix + ".", m) for prefix, m in self.extras.items())):
             seen_p, seen_b = set(), set()  # per model, as named_parameters() and named_buffers() remove duplicates
-            for prefix, module in _modules(model, root):  # (by id: a tensor's __hash__ is a Python call)
+            for prefix, module in _modules(model):  # (by id: a tensor's __hash__ is a Python call)
+                dotted = f"{root}{prefix}." if prefix else root
                 for name, p in module._parameters.items():
                     if p is not None and id(p) not in seen_p:
                         seen_p.add(id(p))
-                        if prefix + name in params:
-                            twice.add(prefix + name)
-                        params[prefix + name] = p
+                        if dotted + name in params:
+                            twice["parameters"].add(dotted + name)
+                        params[dotted + name] = p
                 for name, b in module._buffers.items():
                     if b is not None and id(b) not in seen_b:
                         seen_b.add(id(b))
-                        buffers[prefix + name] = b
-        if twice:
-            raise ForwardOnlyViolation(f"two edge parameters are named {', '.join(sorted(twice)[:3])}: a module the "
-                                       f"edge logic keeps is named like a part of the model; rename the attribute")
+                        if dotted + name in buffers:
+                            twice["buffers"].add(dotted + name)
+                        buffers[dotted + name] = b
+        for kind, names in twice.items():
+            if names:
+                raise ForwardOnlyViolation(f"two edge {kind} are named {', '.join(sorted(names)[:3])}: a module the "
+                                           f"edge logic keeps is named like a part of the model; rename the attribute")
         return params, buffers
 
     def _parameters(self) -> dict:

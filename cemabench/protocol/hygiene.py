@@ -134,7 +134,7 @@ def _harness_code() -> dict[str, tuple]:
                         found[f"{name}.{attr}.{member}"] = ((name, attr, member), _identity(inner))
     for name, module in list(sys.modules.items()):  # the C++ meter's methods, as its extension defines them
         if name.startswith("cemabench_meter_") and hasattr(module, "Meter"):
-            found.update({f"{name}.Meter.{k}": ((name, "Meter", k), (v,)) for k, v in vars(module.Meter).items()
+            found.update({f"{name}.Meter.{k}": ((name, "Meter", k), _identity(v)) for k, v in vars(module.Meter).items()
                           if k[:2] != "__"})
     return found
 
@@ -143,20 +143,29 @@ _MISSING = object()
 
 
 def _identity(obj) -> tuple:
-    """The object, and for a function its code, defaults and closure cells' contents (a plugin can swap
-    ``f.__code__`` in place and keep the function object)."""
+    """The object, and what a plugin can swap inside it while keeping the object: for a function (or the function of
+    a static or class method) the function object, its code, defaults, keyword defaults and closure cells' contents;
+    for a property each accessor (and a function accessor's parts). ``staticmethod.__init__`` and
+    ``property.__init__`` can be called again on the recorded object."""
+    if isinstance(obj, property):
+        parts: list = [obj]
+        for accessor in (obj.fget, obj.fset, obj.fdel):
+            parts += _function_parts(accessor) if inspect.isfunction(accessor) else (accessor,)
+        return tuple(parts)
     function = getattr(obj, "__func__", obj)
     if not inspect.isfunction(function):
         return (obj,)
-    return obj, function.__code__, function.__defaults__, *_cells(function)
+    return (obj, *_function_parts(function))
+
+
+def _function_parts(function) -> tuple:
+    return (function, function.__code__, function.__defaults__, function.__kwdefaults__, *_cells(function))
 
 
 def _cells(function) -> tuple:
     """The contents of a function's closure cells (None for an empty one)."""
-    if not function.__closure__:
-        return ()
     cells = []
-    for cell in function.__closure__:
+    for cell in function.__closure__ or ():
         try:
             cells.append(cell.cell_contents)
         except ValueError:  # an empty cell
@@ -176,76 +185,93 @@ def seal_harness() -> None:
 
 def _entry_replaced(path: tuple, value: tuple) -> bool:
     """Whether what is at ``path`` (module, attribute, member) is no longer the recorded ``value`` (its
-    :func:`_identity`): each looked up where it was recorded (a module replaced in ``sys.modules`` replaces all of
-    its code)."""
+    :func:`_identity`): looked up where it was recorded (a module replaced in ``sys.modules`` replaces all of its
+    code). Whatever a replacement raises when it is looked at counts as replaced."""
     module_name, attr, member = path
-    module = sys.modules.get(module_name)
-    found = _MISSING if module is None else vars(module).get(attr, _MISSING)
-    if member is not None and found is not _MISSING:
-        try:
+    try:
+        module = sys.modules.get(module_name)
+        found = _MISSING if module is None else vars(module).get(attr, _MISSING)
+        if member is not None and found is not _MISSING:
             found = vars(found).get(member, _MISSING)
-        except TypeError:  # no longer a class
-            found = _MISSING
-    return found is not value[0] or (len(value) > 1 and not _same(_identity(found), value))
+        return found is not value[0] or not _same(_identity(found), value)
+    except Exception:  # noqa: BLE001 - no longer a class, an accessor that raises: not what was recorded
+        return True
 
 
-_PLAN: list = []  # [(the _SEALED it was made from, its length), holders, functions] (see _plan)
+def _watched(value: tuple) -> list[tuple[object, str, object]]:
+    """(object, attribute, recorded value) for what :func:`_identity` recorded inside a recorded object, read from
+    the record (never from the object as it is now)."""
+    obj, out = value[0], []
+    if len(value) == 1:  # recorded as the object alone
+        return out
+
+    def function(at: int) -> int:  # the parts of the function recorded at value[at]; the position after them
+        f, code, defaults, kwdefaults = value[at:at + 4]
+        cells = value[at + 4:at + 4 + len(f.__closure__ or ())]
+        out.extend([(f, "__code__", code), (f, "__defaults__", defaults), (f, "__kwdefaults__", kwdefaults),
+                    *((cell, "cell_contents", c) for cell, c in zip(f.__closure__ or (), cells))])
+        return at + 4 + len(cells)
+
+    if isinstance(obj, property):
+        at = 1
+        for name in ("fget", "fset", "fdel"):
+            out.append((obj, name, value[at]))
+            at = function(at) if inspect.isfunction(value[at]) else at + 1
+    elif len(value) > 1:
+        if value[1] is not obj:  # a static or class method's function
+            out.append((obj, "__func__", value[1]))
+        function(1)
+    return out
+
+
+_PLAN: list = []  # [(the _SEALED it was made from, its length), holders, watched] (see _plan)
 
 
 def _plan() -> tuple:
-    """The recorded entries arranged for checking in C loops (operator.itemgetter, map): per holder (a module's
-    namespace, or a class's) the names recorded in it and the objects recorded; and every recorded function with its
-    code, defaults and closure cells. Remade when the record changes."""
+    """The record arranged for checking in C loops (``operator.itemgetter``, ``map``): per holder (a module's
+    namespace, or a class's) the names recorded in it and the objects recorded there; and per attribute, the
+    recorded objects that have it and what it was (:func:`_watched`). Remade when the record changes."""
     if _PLAN and _PLAN[0][0] is _SEALED and _PLAN[0][1] == len(_SEALED):
         return _PLAN[1], _PLAN[2]
     holders: dict[tuple, list] = {}
-    functions: list = []
-    for name, ((module_name, attr, member), value) in _SEALED.items():
+    watched: dict[str, tuple[list, list]] = {}
+    for (module_name, attr, member), value in _SEALED.values():
         holder, key = ((module_name, None), attr) if member is None else ((module_name, attr), member)
-        holders.setdefault(holder, []).append((name, key, value))
-        if len(value) > 1:
-            functions.append((name, getattr(value[0], "__func__", value[0]), value))
-    arranged = [(holder, operator.itemgetter(*[k for _, k, _ in entries]), [v[0] for _, _, v in entries],
-                 entries) for holder, entries in holders.items()]
-    cells = [(cell, expected) for _, function, value in functions
-             for cell, expected in zip(function.__closure__ or (), value[3:])]
-    checked = ([f for _, f, _ in functions], [v[1] for _, _, v in functions], [v[2] for _, _, v in functions],
-               [c for c, _ in cells], [e for _, e in cells], functions)
-    _PLAN[:] = [(_SEALED, len(_SEALED)), arranged, checked]
-    return arranged, checked
+        holders.setdefault(holder, []).append((key, value[0]))
+        for obj, name, recorded in _watched(value):
+            objects, values = watched.setdefault(name, ([], []))
+            objects.append(obj)
+            values.append(recorded)
+    arranged = [(holder, operator.itemgetter(*[k for k, _ in entries]), [o for _, o in entries])
+                for holder, entries in holders.items()]
+    attributes = [(operator.attrgetter(name), objects, values) for name, (objects, values) in watched.items()]
+    _PLAN[:] = [(_SEALED, len(_SEALED)), arranged, attributes]
+    return arranged, attributes
+
+
+def _holds(module_name: str, cls: str | None, getter, objects: list) -> bool:
+    """Whether a module's namespace (or one of its classes') holds the recorded objects under their names."""
+    namespace = vars(sys.modules[module_name])
+    found = getter(namespace if cls is None else vars(namespace[cls]))
+    return all(map(operator.is_, found if len(objects) > 1 else (found,), objects))
 
 
 def replaced_harness_code() -> list[str]:
     """The harness functions and methods that are no longer what was recorded (replaced or removed), each looked
     up where it was recorded (:func:`_entry_replaced`). An isolated half asks after every step and a unit before and
-    after it, so the common case, nothing replaced, is checked in C loops (about 0.1 ms for the 400-odd entries); a
-    holder or a function that differs is looked at entry by entry."""
-    holders, (functions, codes, defaults, cells, contents, recorded) = _plan()
-    replaced = []
-    for (module_name, cls), getter, objects, entries in holders:
-        try:
-            namespace = vars(sys.modules[module_name])
-            found = getter(namespace if cls is None else vars(namespace[cls]))
-            same = all(map(operator.is_, found if len(objects) > 1 else (found,), objects))
-        except (KeyError, TypeError):
-            same = False
-        if not same:
-            paths = [((module_name, key, None) if cls is None else (module_name, cls, key)) for _, key, _ in entries]
-            replaced += [name for (name, _, value), path in zip(entries, paths) if _entry_replaced(path, value)]
+    after it, so the common case, nothing replaced, is checked in C loops (about 0.2 ms for the 400-odd entries:
+    every recorded object where it was recorded, then what was recorded inside it); when anything differs, every
+    entry is looked at on its own."""
+    holders, attributes = _plan()
     try:
-        same = (all(map(operator.is_, map(_CODE, functions), codes))
-                and all(map(operator.is_, map(_DEFAULTS, functions), defaults))
-                and all(map(operator.is_, map(_CONTENTS, cells), contents)))
-    except ValueError:  # an empty cell
+        same = all(_holds(module_name, cls, getter, objects) for (module_name, cls), getter, objects in holders)
+        same = same and all(all(map(operator.is_, map(getter, objects), values))
+                            for getter, objects, values in attributes)
+    except Exception:  # noqa: BLE001 - a module or class gone, an empty cell, an accessor that raises
         same = False
-    if not same:
-        replaced += [name for name, function, value in recorded
-                     if (function.__code__ is not value[1] or function.__defaults__ is not value[2]
-                         or not _same(_cells(function), value[3:]))]
-    return sorted(set(replaced))
-
-
-_CODE, _DEFAULTS, _CONTENTS = (operator.attrgetter(a) for a in ("__code__", "__defaults__", "cell_contents"))
+    if same:
+        return []
+    return sorted(name for name, (path, value) in _SEALED.items() if _entry_replaced(path, value))
 
 
 def mode_depths() -> tuple[int, int]:

@@ -225,6 +225,7 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                                                                                       task.name))
                for d, blocks in enumerate(streams)]
     has_cloud = clouds[0] is not None
+    _watch_buffers(devices, clouds)
     step, failed = 0, None
     try:
         while True:
@@ -239,6 +240,7 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
                     edges, clouds = rebuild()
                     for each in devices:
                         each.reset(edges[each.index], clouds[each.index % replicas])
+                    _watch_buffers(devices, clouds)
                 active = True
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
                 result, link, batch_index = dev.result, dev.link, dev.batch_index
@@ -336,6 +338,15 @@ def _stream(method: Method, streams: list, results: dict, edges: list, clouds: l
     return list(results.values())
 
 
+def _watch_buffers(devices: list, clouds: list) -> None:
+    """Every edge's buffers are checked after each cloud step (any device's cloud can reach any edge in this
+    process), so each edge snapshots them after its steps where any replica has a cloud; where none has, nothing is
+    checked against them."""
+    watch = any(cloud is not None for cloud in clouds)
+    for dev in devices:
+        dev.edge.watch_buffers = watch
+
+
 class _EdgeDevice:
     """One edge device of a run unit: its forward-only edge, its link, its cloud (or its share of one), its stream
     of blocks and where it is in it."""
@@ -358,14 +369,12 @@ class _EdgeDevice:
         self.edge_before = 0
         self.checks = Checks()  # the last batch's checks: read with the next batch, or at the block's end
         self.edge_time, self.cloud_time = Stopwatch(device), Stopwatch(device)
-        edge.watch_buffers = cloud is not None  # only a cloud step is checked for writes into the edge's buffers
 
     def reset(self, edge: ForwardOnlyEdge, cloud: CloudLogic | None) -> None:
         """Go on with fresh halves (a periodic reset): what is in flight to the old edge is dropped, and the block's
         count of edge forwards goes on from the old edge's."""
         self.edge_before -= self.edge.forwards.with_grad + self.edge.forwards.without_grad
         self.edge, self.cloud = edge, cloud
-        edge.watch_buffers = cloud is not None
         self.link.drop_in_flight()
 
     def next_batch(self, batch_size: int, pin_memory: bool, results: dict):
