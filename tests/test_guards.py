@@ -26,12 +26,13 @@ from cemabench.protocol.stream import domain_order
 from conftest import TinyNet, tiny_dataset
 
 
-def plugin(edge_step, cloud_step=None, receive=None) -> Method:
-    """A method whose halves are the given functions (the cloud half only when ``cloud_step`` is given)."""
+def plugin(edge_step, cloud_step=None, receive=None, logic: type | None = None) -> Method:
+    """A method whose halves are the given functions (the cloud half only when ``cloud_step`` is given), or whose
+    edge logic is the class ``logic``."""
 
-    class Edge(EdgeLogic):
+    class Edge(logic or EdgeLogic):
         def step(self, model, x):
-            return edge_step(self, model, x)
+            return edge_step(self, model, x) if logic is None else super().step(model, x)
 
     if receive is not None:
         Edge.receive = lambda self, model, download: receive(model, download)
@@ -988,21 +989,8 @@ class _Hebbian(EdgeLogic):
 
 @pytest.mark.parametrize("logic, words", [(_Shadow, "two edge buffers are named bn.num_batches_tracked"),
                                           (_Hebbian, "wrote into the edge parameter b.weight")])
-def test_no_edge_tensor_hides_behind_a_shared_name_or_an_equal_module(logic, words):
-    class Hiding(Method):
-        name = "hiding"
-        paper = "-"
-
-        def edge(self, num_classes):
-            return logic()
-
-        def cloud(self, resources):
-            return None
-
-    torch.manual_seed(0)
-    dataset = tiny_dataset()
-    models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
-    (result, *_) = run_unit(Hiding(), dataset.domains[:1], models, 4, dataset.clean, Protocol(batch_size=16), seed=0)
+def test_no_edge_tensor_hides_behind_a_shared_name_or_an_equal_module(tiny, logic, words):
+    (result, *_) = _run(tiny, plugin(None, logic=logic))
     assert result.status == "error" and words in result.message, result.message
 
 
