@@ -78,27 +78,24 @@ class ForwardOnlyEdge:
         the model's, and those of the modules the edge logic keeps beside it (named ``attribute.parameter``), as
         ``named_parameters`` and ``named_buffers`` name them. A name held twice would hide one of the two from the seal
         (a parameter) or from the check after a cloud step (a buffer): refused."""
-        params, buffers, twice = {}, {}, {"parameters": set(), "buffers": set()}
+        found = {"parameters": {}, "buffers": {}}
+        twice = {"parameters": set(), "buffers": set()}
         for root, model in (("", self.model), *((prefix + ".", m) for prefix, m in self.extras.items())):
-            seen_p, seen_b = set(), set()  # per model, as named_parameters() and named_buffers() remove duplicates
+            seen = {"parameters": set(), "buffers": set()}  # per model, as named_parameters() and named_buffers() do
             for prefix, module in _modules(model):  # (by id: a tensor's __hash__ is a Python call)
                 dotted = f"{root}{prefix}." if prefix else root
-                for name, p in module._parameters.items():
-                    if p is not None and id(p) not in seen_p:
-                        seen_p.add(id(p))
-                        if dotted + name in params:
-                            twice["parameters"].add(dotted + name)
-                        params[dotted + name] = p
-                for name, b in module._buffers.items():
-                    if b is not None and id(b) not in seen_b:
-                        seen_b.add(id(b))
-                        if dotted + name in buffers:
-                            twice["buffers"].add(dotted + name)
-                        buffers[dotted + name] = b
+                for kind, tensors in (("parameters", module._parameters), ("buffers", module._buffers)):
+                    for name, t in tensors.items():
+                        if t is not None and id(t) not in seen[kind]:
+                            seen[kind].add(id(t))
+                            if dotted + name in found[kind]:
+                                twice[kind].add(dotted + name)
+                            found[kind][dotted + name] = t
         for kind, names in twice.items():
             if names:
                 raise ForwardOnlyViolation(f"two edge {kind} are named {', '.join(sorted(names)[:3])}: a module the "
                                            f"edge logic keeps is named like a part of the model; rename the attribute")
+        params, buffers = found["parameters"], found["buffers"]
         return params, buffers
 
     def _parameters(self) -> dict:
