@@ -58,13 +58,12 @@ from cemabench_methods.eccentric_blocks import (
     entry_before,
     gate_features,
     kd_loss,
-    load_adapter,
     load_edge,
     load_gate,
     train_adapter,
     train_gate,
 )
-from cemabench_methods.eccentric_detection import Detection, family
+from cemabench_methods.eccentric_detection import Detection, adapts_between_torchvision, family
 from cemabench_methods.offload import AnswerCloud
 
 PAPER = "ECCENTRIC: Edge-Cloud Collaboration Framework for Distributed Inference Using Knowledge Adaptation"
@@ -125,11 +124,17 @@ class _ECC(Method):
                             f"is distilled without one (leave temperature at {default.default})")
 
     def check_models(self, edge, foundation):
-        if self.task == "detection" and self._trains_between():
+        if self.task != "detection":
+            return
+        if self._distils() or (self._adapts() and not adapts_between_torchvision(edge, foundation)):
             family(edge, foundation)
 
-    def _trains_between(self) -> bool:
-        """Whether the training stage distils or adapts between the edge and the cloud model."""
+    def _distils(self) -> bool:
+        """Whether the training stage distils the edge from the cloud model."""
+        return False
+
+    def _adapts(self) -> bool:
+        """Whether the training stage trains an adapter from the edge into the cloud model."""
         return False
 
     def _data(self, resources: TrainingResources, objectives: Objectives) -> TrainingData:
@@ -155,14 +160,14 @@ class ECCIndependent(_ECC):
         temperature: float = option(2.0, low=0, above=True)
         train_samples: int = option(1024, low=1)
 
-    def _trains_between(self):
+    def _distils(self):
         return self.options.distill and self.options.epochs > 0
 
     def needs_clean_split(self):
-        return "it distils the edge from the cloud on it" if self._trains_between() else ""
+        return "it distils the edge from the cloud on it" if self._distils() else ""
 
     def train(self, resources):
-        if not self._trains_between():
+        if not self._distils():
             return None
         objectives = self.objectives(resources)
         return distill_edge(resources, self._data(resources, objectives), self.options.epochs, objectives)
@@ -197,7 +202,7 @@ class ECCAdaptive(_ECC):
         pareto: bool = False
         train_samples: int = option(1024, low=1)
 
-    def _trains_between(self):
+    def _adapts(self):
         return True
 
     def needs_clean_split(self):
@@ -217,9 +222,8 @@ class ECCAdaptive(_ECC):
         return FeatureEdge(self.options.edge_stage, self.options.payload_dtype)
 
     def cloud(self, resources):
-        return AdaptedCloud(resources.foundation(), self.options.cloud_stage,
-                            load_adapter(self.artefacts, self.options.adapter_depth), resources.num_classes,
-                            self.objectives())
+        return AdaptedCloud(resources.foundation(), self.options.cloud_stage, self.artefacts,
+                            self.options.adapter_depth, resources.num_classes, self.objectives())
 
 
 class ECCDynamic(ECCAdaptive):
@@ -244,6 +248,9 @@ class ECCDynamic(ECCAdaptive):
         epochs: int = option(2, low=0)
         gate_epochs: int = option(3, low=0)
 
+    def _distils(self):
+        return self.options.distill and self.options.epochs > 0
+
     def validate(self):
         if self.options.pareto and self.options.gate == "learned" and self.options.comm_weight == 0:
             raise UserError(f"{self.name}: pareto with the learned gate needs comm_weight > 0 (a zero objective's "
@@ -253,7 +260,7 @@ class ECCDynamic(ECCAdaptive):
         o = self.options
         objectives = self.objectives(resources)
         data = self._data(resources, objectives)
-        state = distill_edge(resources, data, o.epochs, objectives) if o.distill and o.epochs else {}
+        state = distill_edge(resources, data, o.epochs, objectives) if self._distils() else {}
         edge = load_edge(resources.edge(), state)
         state.update(train_adapter(resources, data, edge, o, objectives))
         if o.gate == "learned":

@@ -1,10 +1,7 @@
-"""The building blocks ECCENTRIC's architectures share on every task (:mod:`.eccentric` for classification,
-:mod:`.eccentric_detection` for detection): the adapter, the gates, the training perturbation, the optimiser step
-(summed or min-norm objectives) and the artefacts' naming. See :mod:`.eccentric` for what the paper says and what we
-chose."""
+"""The training stages and halves ECCENTRIC's architectures share on every task (:mod:`.eccentric` for classification,
+:mod:`.eccentric_detection` for detection), made of :mod:`.eccentric_parts`; on torchvision's detectors the adapted
+path is :mod:`.eccentric_fpn`'s. See :mod:`.eccentric` for what the paper says and what we chose."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -14,86 +11,32 @@ from torch import nn
 from cemabench.errors import UserError
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, TrainingResources
 from cemabench.models.split import feature_shapes, head_to, split, stage_names
-from cemabench_methods.pareto import min_norm_backward
-
-BATCH = 64
-LR = 1e-3
-
-
-class Adapter(nn.Module):
-    """Maps an edge feature map (C_e, H_e, W_e) to the cloud's entry shape (C_c, H_c, W_c): resampling, then
-    ``depth`` x (3x3 conv, BatchNorm, ReLU)."""
-
-    def __init__(self, in_channels: int, shape: tuple[int, int, int], depth: int):
-        super().__init__()
-        self.size = tuple(shape[1:])
-        layers, cin = [], in_channels
-        for _ in range(depth):
-            layers += [nn.Conv2d(cin, shape[0], 3, 1, 1, bias=False), nn.BatchNorm2d(shape[0]), nn.ReLU()]
-            cin = shape[0]
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.size:
-            down = x.shape[-2] >= self.size[0] and x.shape[-1] >= self.size[1]
-            x = F.adaptive_avg_pool2d(x, self.size) if down else F.interpolate(x, self.size, mode="bilinear",
-                                                                                 align_corners=False)
-        return self.layers(x)
+from cemabench_methods import eccentric_fpn as fpn
+from cemabench_methods.eccentric_parts import (  # noqa: F401 (gate_features, kd_loss: the methods' too)
+    BATCH,
+    LR,
+    Adapter,
+    adapt_knowledge,
+    frozen,
+    gate_features,
+    kd_loss,
+    make_gate,
+    optimise,
+    perturb,
+    prefixed,
+    training_shift,
+    unprefixed,
+)
 
 
-def gate_features(logits: torch.Tensor) -> torch.Tensor:
-    """What a learned gate sees: the sorted softmax probabilities and the entropy divided by ln C."""
-    probs = logits.float().softmax(1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1, keepdim=True) / math.log(logits.shape[1])
-    return torch.cat([probs.sort(1, descending=True).values, entropy], 1)
-
-
-def make_gate(num_classes: int) -> nn.Module:
-    """A small MLP whose output is the logit of "the edge's answer does not stand" (wrong / disagrees)."""
-    return nn.Sequential(nn.Linear(num_classes + 1, 32), nn.ReLU(), nn.Linear(32, 1))
-
-
-def perturb(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The gates' (and ``augment``'s) training perturbation: per sample, contrast scaled by U(0.2, 1), then Gaussian
-    noise of std U(0, 0.3)."""
-    n = len(x)
-    contrast = torch.empty(n, 1, 1, 1).uniform_(0.2, 1.0, generator=generator).to(x)
-    sigma = torch.empty(n, 1, 1, 1).uniform_(0.0, 0.3, generator=generator).to(x)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    noise = torch.randn(x.shape, generator=generator).to(x)
-    return ((x - mean) * contrast + mean + sigma * noise).clamp(0, 1)
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton distillation: T^2 KL(softmax(teacher / T) || softmax(student / T))."""
-    return F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
-
-
-def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    return model.eval().requires_grad_(False)
-
-
-def optimise(optimizer, losses: list[torch.Tensor], params, pareto: bool) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    if pareto and len(losses) > 1:
-        min_norm_backward(losses, params)
-    else:
-        sum(losses).backward()
-    optimizer.step()
+def cut_points(model: nn.Module) -> list[str]:
+    """The stages a model can be cut after: a torchvision detector's (:mod:`.eccentric_fpn`), or its family's."""
+    return fpn.cut_points(model) if fpn.fits(model) else stage_names(model)
 
 
 def entry_before(cloud: nn.Module, cloud_stage: str) -> str:
     """The cut stage whose output the adapter stands in for: the stage just before ``cloud_stage``."""
-    names = stage_names(cloud)
+    names = cut_points(cloud)
     entries = names[1:]
     if cloud_stage not in entries:
         raise UserError(f"ecc: the cloud model has no entry stage {cloud_stage!r}; valid cloud_stage: "
@@ -102,7 +45,7 @@ def entry_before(cloud: nn.Module, cloud_stage: str) -> str:
 
 
 def check_edge_stage(edge: nn.Module, edge_stage: str) -> None:
-    names = stage_names(edge)
+    names = cut_points(edge)
     if edge_stage not in names:
         raise UserError(f"ecc: the edge model has no stage {edge_stage!r}; valid edge_stage: {', '.join(names)}")
 
@@ -113,7 +56,10 @@ def load_gate(state: dict, num_classes: int) -> nn.Module:
     return gate.eval()
 
 
-def load_adapter(state: dict, depth: int) -> Adapter:
+def load_adapter(state: dict, depth: int, cloud: nn.Module | None = None, before: str = "") -> nn.Module:
+    """The trained adapter; into a torchvision detector (``cloud``, entered after ``before``), its maps' adapter."""
+    if cloud is not None and fpn.fits(cloud):
+        return fpn.load_adapter(state, depth, cloud, before)
     cin, *shape = (int(v) for v in state["adapter_shape"])
     adapter = Adapter(cin, tuple(shape), depth)
     adapter.load_state_dict(unprefixed("adapter", state))
@@ -235,10 +181,13 @@ def distill_edge(resources: TrainingResources, data: TrainingData, epochs: int, 
 def train_adapter(resources: TrainingResources, data: TrainingData, edge: nn.Module, o,
                   objectives: Objectives) -> dict:
     """Knowledge adaptation (MSE to the cloud's own entry feature), then fine-tuning through the frozen cloud tail
-    (the task's supervised and distillation objectives, the cloud's own output the teacher)."""
+    (the task's supervised and distillation objectives, the cloud's own output the teacher); into a torchvision
+    detector, :func:`.eccentric_fpn.train_adapter`."""
     check_edge_stage(edge, o.edge_stage)
     cloud = frozen(resources.foundation())
     before = entry_before(cloud, o.cloud_stage)
+    if fpn.fits(cloud):
+        return fpn.train_adapter(cloud, data, edge, o, before, objectives.annotations)
     edge_head = head_to(frozen(edge), o.edge_stage)
     cloud_head, cloud_tail = split(cloud, before)
     sample = data.clean.images(data.indices[:1]).to(data.device)
@@ -246,14 +195,8 @@ def train_adapter(resources: TrainingResources, data: TrainingData, edge: nn.Mod
     entry = feature_shapes(cloud, tuple(sample.shape[-2:]))[before]
     adapter = Adapter(edge_shape[0], entry, o.adapter_depth).to(data.device).train()
     optimizer = torch.optim.Adam(adapter.parameters(), lr=LR)
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
-    shift = (lambda x: perturb(x, generator)) if o.augment else (lambda x: x)
-    for _ in range(o.ka_epochs):
-        for _, x, _ in data.batches():
-            x = shift(x)
-            with torch.no_grad():
-                source, target = edge_head(x), cloud_head(x)
-            optimise(optimizer, [F.mse_loss(adapter(source), target)], None, False)
+    shift = training_shift(o.augment)
+    adapt_knowledge(adapter, optimizer, data, o.ka_epochs, shift, edge_head, cloud_head, F.mse_loss)
     for _ in range(o.ft_epochs):
         for _, x, y in data.batches():
             x = shift(x)
@@ -324,7 +267,7 @@ class FeatureEdge(EdgeLogic):
 
     def configure(self, model):
         check_edge_stage(model, self.stage)
-        return head_to(model.eval(), self.stage)
+        return fpn.EdgeHead(model.eval(), self.stage) if fpn.fits(model) else head_to(model.eval(), self.stage)
 
     def step(self, head, x):
         return EdgeDecision(logits=None, upload=torch.arange(len(x), device=x.device), payload={"feature": head(x)},
@@ -344,7 +287,7 @@ class DynamicEdge(EdgeLogic):
             self.gate.to(next(model.parameters()).device)
         model = load_edge(model, self.artefacts)
         self.family = model
-        return SplitEdge(model, self.o.edge_stage)
+        return fpn.EdgeSplit(model, self.o.edge_stage) if fpn.fits(model) else SplitEdge(model, self.o.edge_stage)
 
     def step(self, model, x):
         feature, out = model(x)
@@ -359,10 +302,12 @@ class AdaptedCloud(CloudLogic):
     """The cloud of ECC-A/D: the adapter, then the foundation model from ``cloud_stage`` on; answers with its
     prediction."""
 
-    def __init__(self, foundation: nn.Module, cloud_stage: str, adapter: Adapter, num_classes: int,
+    def __init__(self, foundation: nn.Module, cloud_stage: str, artefacts: dict, depth: int, num_classes: int,
                  objectives: Objectives):
         self.foundation = foundation.eval()
-        self.tail = split(foundation, entry_before(foundation, cloud_stage))[1]
+        before = entry_before(foundation, cloud_stage)
+        self.tail = fpn.tail(foundation, before) if fpn.fits(foundation) else split(foundation, before)[1]
+        adapter = load_adapter(artefacts, depth, foundation, before)
         self.adapter = adapter.to(next(foundation.parameters()).device)
         self.num_classes, self.objectives = num_classes, objectives
 

@@ -3,8 +3,8 @@ changes in them), the paper's headline setting (a YOLOv5 edge and cloud on COCO)
 
 They run on a detector family that describes its cut points and its offline training
 (:func:`cemabench.models.layouts.register_layout` and :func:`~cemabench.models.layouts.register_detector_training`):
-the detection miniature's (``minidet:``). torchvision's detectors are not described: a Faster R-CNN's FPN takes
-every stage of its body, so one adapter into a later stage would have to produce several feature maps; not built.
+the detection miniature's (``minidet:``). On torchvision's detectors, ECC-A's and ECC-D's adapter produces every map
+the cloud's FPN takes at its entry (:mod:`.eccentric_fpn`); distilling a torchvision detector is not built.
 
 - **ECC-I**: the edge detector, distilled from the cloud detector on the clean split (the family's own loss on the
   split's boxes, plus the family's response distillation towards the cloud's raw outputs), offloads the raw images
@@ -43,6 +43,7 @@ from cemabench.errors import UserError
 from cemabench.models.layouts import DetectorTraining, detector_training
 from cemabench.models.split import split, stage_names
 from cemabench_methods.eccentric_blocks import Objectives
+from cemabench_methods.eccentric_fpn import boxes_of, check_cloud, fits
 
 SCORE_MIN = 0.3  # a detection the deployment reports (Sedna's box threshold in its examples)
 GATE_SCORES = 20
@@ -55,14 +56,23 @@ def family(edge: nn.Module, foundation: nn.Module) -> DetectorTraining:
         found = detector_training(edge)
         other = detector_training(foundation)
     except UserError as error:
-        raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of a family that describes its "
-                        f"offline training; {error}. torchvision's detectors are not described: a Faster R-CNN's FPN "
-                        f"takes every stage of its body, so an adapter would have to produce several feature maps "
-                        f"(not built); ECC-I without distillation (distill=false) runs on them") from None
+        raise UserError(f"ECCENTRIC on detection distils between detectors of a family that describes its offline "
+                        f"training; {error}. Distilling a torchvision detector is not built: on torchvision's "
+                        f"detectors, ECC-A and ECC-D without distill train their adapter, and ECC-I without "
+                        f"distillation (distill=false) runs") from None
     if other is not found:
         raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of one family; the edge is a "
                         f"{type(edge).__name__} and the cloud a {type(foundation).__name__}")
     return found
+
+
+def adapts_between_torchvision(edge: nn.Module, foundation: nn.Module) -> bool:
+    """Whether an adapter from ``edge`` into ``foundation`` takes :mod:`.eccentric_fpn`'s path (both torchvision
+    detectors; the cloud one whose training losses are computed, else one line)."""
+    if not (fits(edge) and fits(foundation)):
+        return False
+    check_cloud(foundation)
+    return True
 
 
 def confidence(prediction: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -90,18 +100,14 @@ def stands(found: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Te
     return bool(valid.numpy()[rows, cols].all())
 
 
-def _xyxy(annotations: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float64).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    return boxes, torch.tensor([a["category_id"] for a in annotations], dtype=torch.long)
-
-
 class Detection(Objectives):
     """ECCENTRIC's objectives on detection (the module's docstring). ``models``: the training stage's
     :class:`~cemabench.method.TrainingResources`, whose detectors' family gives the loss and the targets."""
 
     def __init__(self, resources=None):
-        self.family = None if resources is None else family(resources.edge(), resources.foundation())
+        self.family = None
+        if resources is not None and not adapts_between_torchvision(resources.edge(), resources.foundation()):
+            self.family = family(resources.edge(), resources.foundation())
         self.annotations: list[list[dict]] = []
 
     def gate_width(self, num_classes):
@@ -122,6 +128,8 @@ class Detection(Objectives):
         return nn.Sequential(head, tail)
 
     def predict(self, model, out):
+        if fits(model):  # a split torchvision detector's tail gives its detections
+            return out
         return detector_training(model).postprocess(out)
 
     def losses(self, out, target, teacher):
@@ -137,7 +145,7 @@ class Detection(Objectives):
 
     def wrong(self, prediction, order, target, reference):
         if reference is None:
-            truth = [_xyxy(self.annotations[int(k)]) for k in order]
+            truth = [boxes_of(self.annotations[int(k)]) for k in order]
         else:
             truth = [(d["boxes"][d["scores"] >= SCORE_MIN], d["labels"][d["scores"] >= SCORE_MIN]) for d in reference]
         verdicts = [not stands(found, boxes, labels) for found, (boxes, labels) in zip(prediction, truth, strict=True)]

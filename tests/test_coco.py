@@ -228,7 +228,7 @@ def test_ecc_independent_without_distillation_runs_on_torchvision_detectors(tmp_
               "--edge", "torchvision:ssdlite320_mobilenet_v3_large@none",
               "--foundation", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none"]
     assert main(["run", "--method", "ecc-independent", *common]) == 2
-    assert "torchvision's detectors are not described" in capsys.readouterr().err
+    assert "Distilling a torchvision detector is not built" in capsys.readouterr().err
     out = tmp_path / "r.json"
     assert main(["run", "--method", "ecc-independent", "--option", "distill=false", *common, "--out", str(out)]) == 0
     (cell,) = json.loads(out.read_text())["cells"]

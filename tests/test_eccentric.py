@@ -11,6 +11,7 @@ from cemabench.protocol import ForwardOnlyEdge, Link, Models, Protocol, run_unit
 from cemabench.protocol.training import run_training, training_key
 from cemabench.registry import build_method
 from cemabench_methods import eccentric
+from cemabench_methods.eccentric_blocks import load_adapter
 from conftest import tiny_dataset
 
 FAST = {"train_samples": 64, "ka_epochs": 1, "ft_epochs": 1}
@@ -78,7 +79,7 @@ def test_adaptive_cloud_answers_are_the_cloud_tail_of_the_adapted_edge_head(setu
     with torch.no_grad():
         head = head_to(models.edge().eval(), "layer1")
         tail = tail_from(models.foundation().eval(), "layer1")  # entering at layer2 = after layer1
-        expected = tail(eccentric.load_adapter(method.artefacts, 2)(head(x)))
+        expected = tail(load_adapter(method.artefacts, 2)(head(x)))
     assert decision.logits is None and not decision.send_input and len(upload.samples) == 0
     torch.testing.assert_close(reply.answers, expected, rtol=0, atol=1e-6)
 

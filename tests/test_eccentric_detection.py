@@ -16,6 +16,7 @@ from cemabench.protocol.training import run_training
 from cemabench.registry import build_method
 from cemabench_methods import eccentric_detection as D
 from cemabench_methods.eccentric_blocks import load_adapter
+from cemabench_methods.eccentric_fpn import boxes_of
 
 FAST = {"train_samples": 96, "ka_epochs": 1, "ft_epochs": 1}
 FEATURE = 16 * 16 * 16  # the edge detector's layer1 output on a 64-px canvas: 16 channels, 16 x 16
@@ -159,8 +160,8 @@ def test_a_learned_gate_learns_where_the_edge_is_wrong(data):
     objectives.targets(source.clean, chosen)
     with torch.no_grad():
         found = models.foundation().eval()(source.clean.images(chosen))
-    perfect = [{"boxes": D._xyxy(a)[0].float(), "scores": torch.ones(len(a)),
-                "labels": D._xyxy(a)[1]} for a in objectives.annotations]
+    perfect = [{"boxes": boxes_of(a)[0].float(), "scores": torch.ones(len(a)),
+                "labels": boxes_of(a)[1]} for a in objectives.annotations]
     order = torch.arange(40)
     assert not objectives.wrong(perfect, order, None, None).any()
     dropped = [{k: v[1:] for k, v in d.items()} for d in perfect]

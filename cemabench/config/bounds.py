@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 def coerce(value, kind: type):
     """``value`` as a ``kind`` (``int``, ``float``, ``str``, ``bool`` or ``NoneType``), or a ValueError: a bool is not a
-    number, an int is a float when a float is wanted (and one too large for a float is refused)."""
+    number, an int is a float when a float is wanted (and one too large for a float is refused), and an int is its
+    digits when a str is wanted (a stage named ``1``, as ``--option cloud_stage=1`` reads it)."""
     if kind is type(None):
         if value is None:
             return None
@@ -22,6 +23,8 @@ def coerce(value, kind: type):
                 return float(value)
             except OverflowError:
                 pass
+    elif kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise ValueError(f"{value!r} is not a {kind.__name__}")

@@ -38,7 +38,7 @@ from torchvision.models.resnet import BasicBlock
 from cemabench.errors import UserError
 from cemabench.models.layers import Normalized
 from cemabench.models.layouts import CLASSIFIER, Stages, register_layout
-from cemabench.models.zoo import hub_checkpoint, is_path, load_checkpoint, load_state, published_file
+from cemabench.models.zoo import hub_checkpoint, is_path, load_checkpoint, load_state, published_file, seeded
 
 
 @dataclass(frozen=True)
@@ -158,12 +158,8 @@ def cifar_model(name: str) -> nn.Module:
                         f"cifar:{arch}@{dataset}:/path/to/weights.pth (torchvision parameter names), or "
                         f"cifar:{arch}@{dataset}:none for random weights")
     data = DATASETS[dataset]
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's random state untouched
-        torch.manual_seed(0)
-        if arch in BLOCKS:
-            net = CifarResNet(BLOCKS[arch], data.num_classes)
-        else:
-            net = torchvision_cifar_resnet(arch, data.num_classes)
+    net = seeded(lambda: CifarResNet(BLOCKS[arch], data.num_classes) if arch in BLOCKS
+                 else torchvision_cifar_resnet(arch, data.num_classes))
     if source == "published":
         _published(net, arch, dataset, spec)
     elif source != "none":

@@ -15,12 +15,13 @@ transform, as int64. Its bytes are those of the resolution the transform made, t
 Head and tail hold the detector's own modules, so head then tail computes exactly what the detector computes (the
 same operations in the same order; ``tests/test_coco.py`` checks the boxes, scores and labels are equal).
 
-Not used by a method yet: ECC-A and ECC-D on detection run on the detection miniature's detectors, whose layout
-(:mod:`cemabench.models.minidet`) has one feature map at each cut; a Faster R-CNN's FPN takes every stage of the body,
-so an adapter into one of its later stages would have to produce several feature maps (README, Detection).
+A method that adapts one detector's features into another runs the edge's head, then the cloud's tail on its own
+maps in place of what the cloud's head would give, and trains them through the frozen cloud with
+:meth:`DetectorTail.losses`, the detector's own training losses.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -31,6 +32,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
+from torchvision.models.detection.transform import resize_boxes
 
 from cemabench.errors import UserError
 
@@ -105,6 +107,11 @@ class DetectorHead(nn.Module):
             out["x"] = x
         return out
 
+    def activation(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The activation at the cut, of what :meth:`forward` returned."""
+        tap = self.names[-1][1]
+        return out["x"] if tap is None else out[self.prefix + tap]
+
 
 class DetectorTail(nn.Module):
     """What crossed to the detector's output: one dict of boxes, scores and labels per image, in the pixels of the
@@ -115,6 +122,24 @@ class DetectorTail(nn.Module):
         self.net, self.stage = net, stage
 
     def forward(self, crossed: dict[str, torch.Tensor]):
+        net = self.net
+        features, batch, original = self.features(crossed)
+        sizes = batch.image_sizes
+        if isinstance(net, SSD):  # its heads take the feature maps in order, without an FPN
+            levels = list(features.values())
+            detections = net.postprocess_detections(net.head(levels), net.anchor_generator(batch, levels), sizes)
+            return net.transform.postprocess(detections, sizes, original)
+        if isinstance(net, GeneralizedRCNN):
+            proposals, _ = net.rpn(batch, features)
+            detections, _ = net.roi_heads(features, proposals, sizes)
+        else:
+            detections = _one_stage(net, batch, list(features.values()))
+        return net.transform.postprocess(detections, sizes, original)
+
+    def features(self, crossed: dict[str, torch.Tensor]) -> tuple[OrderedDict, ImageList, list[tuple[int, int]]]:
+        """What the detector's heads take: the FPN's outputs (an SSDlite's feature maps, in order), the batch's
+        geometry (its pixels are not needed: the anchors take only its shape), and the images' sizes before the
+        transform."""
         net, prefix = self.net, _prefix(self.net)
         stages = _stages(net)
         names = [name for name, _, _ in stages]
@@ -128,20 +153,64 @@ class DetectorTail(nn.Module):
         sizes = [tuple(s) for s in crossed["image_sizes"].tolist()]
         original = [tuple(s) for s in crossed["original_sizes"].tolist()]
         h, w = crossed["batch_shape"].tolist()
-        # the anchors need only the padded batch's shape, not its pixels
         batch = ImageList(x.new_empty(()).expand(len(sizes), 3, h, w), sizes)
-        if isinstance(net, SSD):  # its heads take the feature maps in order, without an FPN
-            levels = [features[k] for k in sorted(features, key=int)]
-            detections = net.postprocess_detections(net.head(levels), net.anchor_generator(batch, levels), sizes)
-            return net.transform.postprocess(detections, sizes, original)
+        if isinstance(net, SSD):
+            return OrderedDict((k, features[k]) for k in sorted(features, key=int)), batch, original
         features = net.backbone.fpn(OrderedDict(sorted(features.items(), key=lambda kv: int(kv[0])))
                                     if all(k.isdigit() for k in features) else features)
+        return features, batch, original
+
+    def losses(self, features: OrderedDict, batch: ImageList, original: list[tuple[int, int]],
+               targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The detector's own training losses on what :meth:`features` gave, computed by its own code as its
+        ``forward`` does in training mode (a Faster R-CNN's RPN and box-head losses, a RetinaNet's or an FCOS's head
+        losses), while every module stays in eval mode (only the RPN's and the box heads' own flags are set for the
+        call, so that no BatchNorm statistic moves). ``targets``: per image, ``boxes`` (x1, y1, x2, y2, in the pixels
+        of the images the head was given) and ``labels`` (int64)."""
+        net = self.net
+        if not trains(net):
+            raise UserError(f"the training losses of a split {type(net).__name__} are not computed (a Faster R-CNN, "
+                            f"RetinaNet or FCOS has them)")
+        dtype = next(iter(features.values())).dtype
+        targets = [{"boxes": resize_boxes(t["boxes"].to(dtype), o, s), "labels": t["labels"]}
+                   for t, o, s in zip(targets, original, batch.image_sizes, strict=True)]
         if isinstance(net, GeneralizedRCNN):
-            proposals, _ = net.rpn(batch, features)
-            detections, _ = net.roi_heads(features, proposals, sizes)
-        else:
-            detections = _one_stage(net, batch, list(features.values()))
-        return net.transform.postprocess(detections, sizes, original)
+            with _training(net.rpn, net.roi_heads):
+                proposals, rpn = net.rpn(batch, features, targets)
+                _, heads = net.roi_heads(features, proposals, batch.image_sizes, targets)
+            return {**rpn, **heads}
+        levels = list(features.values())
+        outputs, anchors = net.head(levels), net.anchor_generator(batch, levels)
+        if isinstance(net, FCOS):
+            return net.compute_loss(targets, outputs, anchors, [level.size(2) * level.size(3) for level in levels])
+        return net.compute_loss(targets, outputs, anchors)
+
+
+def trains(model: nn.Module) -> bool:
+    """Whether :meth:`DetectorTail.losses` computes the detector's training losses (not an SSDlite's)."""
+    return isinstance(getattr(model, "net", model), (GeneralizedRCNN, *ONE_STAGE))
+
+
+def splits(model: nn.Module) -> bool:
+    """Whether ``model`` is a detector :func:`split_detector` cuts."""
+    try:
+        _net(model)
+    except UserError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _training(*modules: nn.Module):
+    """The modules' own training flags set (their children's left as they are), put back afterwards."""
+    before = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = True
+        yield
+    finally:
+        for m, flag in zip(modules, before):
+            m.training = flag
 
 
 def _one_stage(net: nn.Module, batch: ImageList, levels: list[torch.Tensor]) -> list[dict]:

@@ -119,6 +119,14 @@ class Detector(nn.Module):
         return self.net(list(x.unbind(0)))
 
 
+def seeded(build):
+    """``build()`` with torch's random state seeded to 0, the caller's left untouched: ``@none`` gives the same random
+    weights on every build, so that a run on them is reproducible (the cifar zoo's ``@none`` does the same)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
 def torchvision_detector(arch: str, weights: str, spec: str) -> nn.Module:
     """ARCH[@COCO_V1 (default) | other weights name | none | checkpoint path]; ``none`` builds no backbone weights
     either, so nothing is downloaded."""
@@ -126,7 +134,7 @@ def torchvision_detector(arch: str, weights: str, spec: str) -> nn.Module:
 
     weights = weights or "COCO_V1"
     if weights == "none" or is_path(weights):
-        net = models.get_model(arch, weights=None, weights_backbone=None)
+        net = seeded(lambda: models.get_model(arch, weights=None, weights_backbone=None))
         if weights != "none":
             load_checkpoint(net, weights, spec)
         return Detector(net).eval()
@@ -158,7 +166,7 @@ def torchvision_model(name: str) -> nn.Module:
     if arch not in models.list_models():
         raise UserError(f"torchvision has no model {arch!r} (see torchvision.models.list_models())")
     if weights == "none" or is_path(weights):
-        net = models.get_model(arch, weights=None)
+        net = seeded(lambda: models.get_model(arch, weights=None))
         if weights != "none":
             load_checkpoint(net, weights, spec)
         return Normalized(net, IMAGENET_MEAN, IMAGENET_STD).eval()

@@ -1,0 +1,212 @@
+"""ECC-A and ECC-D on torchvision's detectors (issue 18, cemabench_methods.eccentric_fpn): the adapter makes every map
+the cloud's FPN takes at its entry, in the frame the cloud's own head gives; the fine-tuning losses are torchvision's
+own; knowledge adaptation trains; the methods run, charged the edge activation's exact bytes. Detectors are built at
+random (``@none``): nothing is downloaded, so only the mechanics are checked here, not the quality."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from test_coco import _tree
+
+from cemabench.cli import EXIT_INCOMPLETE, main
+from cemabench.datasets.coco import coco_c
+from cemabench.errors import UserError
+from cemabench.method import TrainingResources
+from cemabench.models.detection_split import split_detector
+from cemabench.models.zoo import Detector
+from cemabench.registry import build_method, build_model
+from cemabench_methods import eccentric_fpn as fpn
+
+EDGE, CLOUD = "torchvision:ssdlite320_mobilenet_v3_large@none", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none"
+
+
+def _built(spec: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(spec).eval()
+
+
+def _detections_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(g[key], w[key]), key
+
+
+def test_the_adapter_gives_the_clouds_tail_its_own_frame_and_map_shapes():
+    """Entering a Faster R-CNN (MobileNetV3 body) after block 14: the FPN's input from block 13 and the activation
+    after block 14 are the entry maps. The adapter's maps have the shapes of the cloud's own, and its frame is the
+    cloud head's; with the cloud's own maps in place of the adapter's, the tail gives the whole detector's
+    detections, exactly."""
+    cloud, edge = _built(CLOUD), _built(EDGE, 1)
+    cloud.net.roi_heads.score_thresh = 0.0  # random weights: keep every detection, so that there are some to compare
+    entry = fpn.Entry(cloud, "14")
+    assert entry.names == ["fpn:0", "x"]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        own, feature = entry.head(x), fpn.EdgeHead(edge, "features.0.3")(x)
+        adapter = fpn.MapsAdapter(feature.shape[1:], entry.names, [tuple(own[k].shape[1:]) for k in entry.names],
+                                  [bool((own[k] >= 0).all()) for k in entry.names], fpn._frame(own), 2).eval()
+        adapted = adapter(feature)
+        assert [bool(b.layers[-1].__class__ is torch.nn.ReLU) for b in adapter.branches] == [False, False]
+        for k in entry.names:
+            assert adapted[k].shape == own[k].shape, k
+        for k in ("image_sizes", "original_sizes", "batch_shape"):
+            assert torch.equal(adapted[k], own[k]), k
+        whole = cloud(x)
+        assert sum(len(d["boxes"]) for d in whole) > 0
+        _detections_equal(entry.tail({**adapted, **{k: own[k] for k in entry.names}}), whole)
+        with pytest.raises(ValueError, match="trained on edge features of shape"):
+            adapter(feature[..., :-1])
+
+
+def _torchvision_losses(net, images, targets, draws):
+    """The detector's losses as its own training-mode ``forward`` computes them, with every module but the loss
+    computations' containers in eval mode (as cemabench's fine-tuning keeps them). ``draws``: the random numbers its
+    transform draws in training (one per image: its choice of size), drawn here too."""
+    flags = [(m, m.training) for m in (net, net.transform, getattr(net, "rpn", net), getattr(net, "roi_heads", net))]
+    try:
+        for m, _ in flags:
+            m.training = True
+        torch.manual_seed(0)
+        return net(list(images), targets)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn_v2",
+                                  "fcos_resnet50_fpn"])
+def test_the_fine_tuning_losses_are_the_detectors_own(arch):
+    """The losses through a split detector's tail (cut after its first stage) equal those its own training-mode
+    forward computes on the same images and boxes: the same proposals' sampling (the same random numbers), the
+    same matching, the same values."""
+    torch.manual_seed(0)
+    kwargs = {} if arch.startswith("fasterrcnn") else {"min_size": 128, "max_size": 128}
+    net = torchvision.models.get_model(arch, weights=None, weights_backbone=None, **kwargs).eval()
+    x = torch.rand(2, 3, 96, 96)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([3])},
+               {"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0], [50.0, 40.0, 90.0, 95.0]]),
+                "labels": torch.tensor([1, 18])}]
+    head, tail = split_detector(net, "layer1" if "resnet" in arch else "0")
+    want = _torchvision_losses(net, x, [dict(t) for t in targets], len(x))
+    torch.manual_seed(0)
+    for _ in range(len(x)):  # the random numbers the transform drew in training, one per image
+        torch.empty(1).uniform_()
+    got = tail.losses(*tail.features(head(x)), targets)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert all(not m.training for m in net.modules())
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = _tree(tmp_path_factory.mktemp("coco"), train=6)
+    return root, coco_c(str(root), severity=3, domains=("fog",), image_size=64, train_images=6, workers=0)
+
+
+def _small_cloud() -> torch.nn.Module:
+    """A Faster R-CNN with a ResNet-50 body at 64 px, at random (its maps are not vanishingly small, as a MobileNetV3's
+    are at random)."""
+    torch.manual_seed(0)
+    net = torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None, min_size=64,
+                                       max_size=64)
+    return Detector(net).eval()
+
+
+def _entry_error(method, data) -> float:
+    """Over the clean split's images, the trained adapter's MSE to the cloud's own maps, relative to their mean
+    square, summed over the maps."""
+    adapter = fpn.load_adapter(method.artefacts, method.options.adapter_depth, _small_cloud(), "layer2")
+    entry, head = fpn.Entry(_small_cloud(), "layer2"), fpn.EdgeHead(_built(EDGE, 1), "features.0.3")
+    x = data.clean.images(np.arange(len(data.clean)))
+    with torch.no_grad():
+        adapted, own = adapter(head(x)), entry.head(x)
+    return sum(float(torch.nn.functional.mse_loss(adapted[k], own[k]) / own[k].square().mean()) for k in entry.names)
+
+
+def test_knowledge_adaptation_brings_the_adapters_maps_to_the_clouds(coco):
+    """Entering a ResNet-50 Faster R-CNN at layer3: the adapter makes layer1's and layer2's outputs, which the FPN
+    takes."""
+    _, data = coco
+    errors = []
+    for epochs in (0, 12):
+        method = build_method("ecc-adaptive", {"edge_stage": "features.0.3", "cloud_stage": "layer3",
+                                               "ka_epochs": epochs, "ft_epochs": 0, "train_samples": 6})
+        method.task = "detection"
+        torch.manual_seed(0)
+        method.artefacts = method.train(TrainingResources(91, lambda: _built(EDGE, 1), _small_cloud, data.clean))
+        assert method.artefacts["adapter_fpn_maps"].tolist() == [[256, 16, 16, 1], [512, 8, 8, 1]]  # strides 4, 8
+        errors.append(_entry_error(method, data))
+    assert errors[1] < 0.98 * errors[0], errors  # 12 Adam steps at lr 1e-3 from random maps: a few per cent
+
+
+def test_what_cannot_be_done_on_torchvision_detectors_is_one_line(coco, capsys):
+    root, _ = coco
+    common = ["--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "fog",
+              "--dataset-option", "image_size=64", "--dataset-option", "train_images=6", "--dataset-option",
+              "workers=0", "--option", "edge_stage=features.0.3"]
+    cases = [
+        (["--method", "ecc-adaptive", "--edge", EDGE, "--foundation", "torchvision:ssdlite320_mobilenet_v3_large@none"],
+         "so the cloud is a Faster R-CNN, RetinaNet or FCOS"),
+        (["--method", "ecc-dynamic", "--option", "distill=true", "--edge", EDGE, "--foundation", CLOUD],
+         "Distilling a torchvision detector is not built"),
+        (["--method", "ecc-adaptive", "--option", "cloud_stage=16", "--edge", EDGE, "--foundation", CLOUD],
+         "no entry stage '16'; valid cloud_stage: 1, 2,"),
+        (["--method", "ecc-adaptive", "--edge", "minidet:edge", "--foundation", CLOUD],
+         "distils between detectors of a family"),
+    ]
+    for args, words in cases:
+        assert main(["run", *args, *common]) == 2, words
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
+def _run(root, tmp_path, method, *options):
+    out = tmp_path / f"{method}.json"
+    assert main(["run", "--method", method, "--option", "ka_epochs=1", "--option", "ft_epochs=1", "--option",
+                 "train_samples=6", *options, "--dataset", "coco-c", "--data-root", str(root), "--severity", "3",
+                 "--domains", "fog", "--dataset-option", "image_size=64", "--dataset-option", "train_images=6",
+                 "--dataset-option", "workers=0", "--edge", EDGE, "--foundation", CLOUD, "--out", str(out)]) == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    return cell
+
+
+@pytest.mark.slow  # about 25 s: two trainings and runs, one of them twice
+def test_ecc_adaptive_and_dynamic_run_on_torchvision_detectors_charged_the_edge_activations_bytes(coco, tmp_path):
+    root, _ = coco
+    feature = 24 * 80 * 80  # SSDlite's block features.0.3 at 320 px (its transform resizes 64 px to 320)
+    cell = _run(root, tmp_path, "ecc-adaptive", "--option", "edge_stage=features.0.3", "--option", "cloud_stage=15")
+    assert cell["status"] == "ok", cell["message"]
+    assert cell["upload_percent"] == 100 and cell["bytes_up_per_sample"] == feature * 4
+    assert cell["cloud_flops"] > 0 and cell["edge_flops"] > 0
+    again = _run(root, tmp_path / "again", "ecc-adaptive", "--option", "edge_stage=features.0.3", "--option",
+                 "cloud_stage=15")
+    assert {k: again[k] for k in ("map", "bytes_up_per_sample", "cloud_flops")} == {
+        k: cell[k] for k in ("map", "bytes_up_per_sample", "cloud_flops")}
+    dynamic = _run(root, tmp_path, "ecc-dynamic", "--option", "edge_stage=features.0.3", "--option",
+                   "cloud_stage=15", "--option", "threshold=1", "--option", "payload_dtype=int8")
+    assert dynamic["status"] == "ok", dynamic["message"]
+    assert dynamic["upload_percent"] == 100 and dynamic["bytes_up_per_sample"] == feature + 4  # int8, a float scale
+
+
+def test_an_adapter_for_another_number_of_maps_is_refused():
+    state = {"adapter_fpn_maps": torch.tensor([[16, 8, 8, 1]]), "adapter_fpn_edge": torch.tensor([24, 80, 80]),
+             "adapter_fpn_frame": torch.tensor([[320, 320], [64, 64], [320, 320]])}
+    with pytest.raises(UserError, match="trained for 1 entry maps, and the cloud takes 2 after 14"):
+        fpn.load_adapter(state, 1, _built(CLOUD), "14")
+
+
+@pytest.mark.slow  # about 12 s: every entry checked against torchvision's detectors, built at random
+def test_the_eccentric_detection_tables_real_variant_is_accepted_on_torchvision_detectors(tmp_path, capsys):
+    """The table's COCO variant sets ECC's knobs for its torchvision detectors ([data.real.method_options]): every
+    entry is accepted before any compute (a generated COCO tree, the detectors at random; ``status`` exits 3 while
+    units are missing, 2 where an entry is refused)."""
+    root = _tree(tmp_path / "coco", corruptions=("gaussian_noise", "defocus_blur", "fog", "jpeg_compression"), train=6)
+    assert main(["status", "eccentric-detection", "--data-root", str(root), "--edge",
+                 "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@none", "--foundation",
+                 "torchvision:fasterrcnn_resnet50_fpn_v2@none", "--dataset-option", "image_size=64", "--dataset-option",
+                 "train_images=6", "--dataset-option", "workers=0", "--out", str(tmp_path / "out")]) == EXIT_INCOMPLETE
+    assert "60 units: 0 done, 0 running, 0 failed, 60 missing" in capsys.readouterr().out
