@@ -63,7 +63,8 @@ from cemabench_methods.eccentric_blocks import (
     train_adapter,
     train_gate,
 )
-from cemabench_methods.eccentric_detection import Detection, adapts_between_torchvision, family
+from cemabench_methods.eccentric_detection import Detection, family, torchvision_pair
+from cemabench_methods.eccentric_fpn import check_cloud
 from cemabench_methods.offload import AnswerCloud
 
 PAPER = "ECCENTRIC: Edge-Cloud Collaboration Framework for Distributed Inference Using Knowledge Adaptation"
@@ -126,8 +127,12 @@ class _ECC(Method):
     def check_models(self, edge, foundation):
         if self.task != "detection":
             return
-        if self._distils() or (self._adapts() and not adapts_between_torchvision(edge, foundation)):
+        if not (self._distils() or self._adapts()):
+            return
+        if not torchvision_pair(edge, foundation):
             family(edge, foundation)
+        elif self._adapts():
+            check_cloud(foundation)
 
     def _distils(self) -> bool:
         """Whether the training stage distils the edge from the cloud model."""

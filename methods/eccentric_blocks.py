@@ -164,9 +164,13 @@ class TrainingData:
 
 def distill_edge(resources: TrainingResources, data: TrainingData, epochs: int, objectives: Objectives) -> dict:
     """Knowledge distillation of the edge from the cloud on the clean split (the task's supervised and distillation
-    objectives); every edge weight trains."""
-    teacher = objectives.raw(frozen(resources.foundation()))
-    model = resources.edge().train().requires_grad_(True)
+    objectives); every edge weight trains. Between torchvision detectors, :func:`.eccentric_fpn.distill_edge`."""
+    cloud = frozen(resources.foundation())
+    model = resources.edge()
+    if fpn.fits(model) and fpn.fits(cloud):
+        return fpn.distill_edge(model, cloud, data, epochs, objectives.annotations, objectives.reported)
+    teacher = objectives.raw(cloud)
+    model = model.train().requires_grad_(True)
     student = objectives.raw(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     for _ in range(epochs):

@@ -3,8 +3,8 @@ changes in them), the paper's headline setting (a YOLOv5 edge and cloud on COCO)
 
 They run on a detector family that describes its cut points and its offline training
 (:func:`cemabench.models.layouts.register_layout` and :func:`~cemabench.models.layouts.register_detector_training`):
-the detection miniature's (``minidet:``). On torchvision's detectors, ECC-A's and ECC-D's adapter produces every map
-the cloud's FPN takes at its entry (:mod:`.eccentric_fpn`); distilling a torchvision detector is not built.
+the detection miniature's (``minidet:``); or between two torchvision detectors (:mod:`.eccentric_fpn`: the adapter
+makes every map the cloud's FPN takes at its entry, and the edge is distilled with the cloud's detections as targets).
 
 - **ECC-I**: the edge detector, distilled from the cloud detector on the clean split (the family's own loss on the
   split's boxes, plus the family's response distillation towards the cloud's raw outputs), offloads the raw images
@@ -43,7 +43,7 @@ from cemabench.errors import UserError
 from cemabench.models.layouts import DetectorTraining, detector_training
 from cemabench.models.split import split, stage_names
 from cemabench_methods.eccentric_blocks import Objectives
-from cemabench_methods.eccentric_fpn import boxes_of, check_cloud, fits
+from cemabench_methods.eccentric_fpn import boxes_of, fits
 
 SCORE_MIN = 0.3  # a detection the deployment reports (Sedna's box threshold in its examples)
 GATE_SCORES = 20
@@ -56,23 +56,18 @@ def family(edge: nn.Module, foundation: nn.Module) -> DetectorTraining:
         found = detector_training(edge)
         other = detector_training(foundation)
     except UserError as error:
-        raise UserError(f"ECCENTRIC on detection distils between detectors of a family that describes its offline "
-                        f"training; {error}. Distilling a torchvision detector is not built: on torchvision's "
-                        f"detectors, ECC-A and ECC-D without distill train their adapter, and ECC-I without "
-                        f"distillation (distill=false) runs") from None
+        raise UserError(f"ECCENTRIC on detection trains between two torchvision detectors, or between detectors of a "
+                        f"family that describes its offline training; {error}") from None
     if other is not found:
         raise UserError(f"ECCENTRIC on detection distils and adapts between detectors of one family; the edge is a "
                         f"{type(edge).__name__} and the cloud a {type(foundation).__name__}")
     return found
 
 
-def adapts_between_torchvision(edge: nn.Module, foundation: nn.Module) -> bool:
-    """Whether an adapter from ``edge`` into ``foundation`` takes :mod:`.eccentric_fpn`'s path (both torchvision
-    detectors; the cloud one whose training losses are computed, else one line)."""
-    if not (fits(edge) and fits(foundation)):
-        return False
-    check_cloud(foundation)
-    return True
+def torchvision_pair(edge: nn.Module, foundation: nn.Module) -> bool:
+    """Whether training between ``edge`` and ``foundation`` takes :mod:`.eccentric_fpn`'s path: both are torchvision
+    detectors."""
+    return fits(edge) and fits(foundation)
 
 
 def confidence(prediction: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -106,7 +101,7 @@ class Detection(Objectives):
 
     def __init__(self, resources=None):
         self.family = None
-        if resources is not None and not adapts_between_torchvision(resources.edge(), resources.foundation()):
+        if resources is not None and not torchvision_pair(resources.edge(), resources.foundation()):
             self.family = family(resources.edge(), resources.foundation())
         self.annotations: list[list[dict]] = []
 
@@ -144,12 +139,15 @@ class Detection(Objectives):
         return torch.cat([torch.stack(top), confidence(prediction)[:, None]], 1)
 
     def wrong(self, prediction, order, target, reference):
-        if reference is None:
-            truth = [boxes_of(self.annotations[int(k)]) for k in order]
-        else:
-            truth = [(d["boxes"][d["scores"] >= SCORE_MIN], d["labels"][d["scores"] >= SCORE_MIN]) for d in reference]
+        truth = ([boxes_of(self.annotations[int(k)]) for k in order] if reference is None
+                 else self.reported(reference))
         verdicts = [not stands(found, boxes, labels) for found, (boxes, labels) in zip(prediction, truth, strict=True)]
         return torch.tensor(verdicts, device=prediction[0]["scores"].device)
+
+    def reported(self, prediction) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, the boxes and categories of the detections the deployment reports (scoring at least
+        :data:`SCORE_MIN`)."""
+        return [(d["boxes"][d["scores"] >= SCORE_MIN], d["labels"][d["scores"] >= SCORE_MIN]) for d in prediction]
 
     def no_answers(self, count, num_classes):
         empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}

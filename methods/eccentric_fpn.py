@@ -1,6 +1,6 @@
-"""ECC-A's and ECC-D's adapted path on torchvision's detectors (:mod:`.eccentric` has the methods): the edge is any
+"""ECCENTRIC's training and adapted path on torchvision's detectors (:mod:`.eccentric` has the methods): the edge is any
 detector :mod:`cemabench.models.detection_split` cuts (a Faster R-CNN, RetinaNet or FCOS at a stage of its backbone's
-body, an SSDlite after a block), the cloud a Faster R-CNN, RetinaNet or FCOS.
+body, an SSDlite after a block); the cloud of ECC-A and ECC-D is a Faster R-CNN, RetinaNet or FCOS.
 
 What is particular to them, and what we chose where the paper (whose detectors are YOLOv5) is silent:
 
@@ -22,7 +22,11 @@ What is particular to them, and what we chose where the paper (whose detectors a
   (:meth:`~cemabench.models.detection_split.DetectorTail.losses`), plus distillation: the MSE of the FPN's outputs
   to those the cloud computes from its own entry maps (torchvision computes its losses inside ``forward``, and a
   Faster R-CNN's raw outputs are sampled proposals, so the teacher's response is taken at the FPN).
-- Distilling a whole torchvision detector (ECC-I's and ECC-D's ``distill``) is not built.
+- **Distilling the edge** (ECC-I's, and ECC-D's ``distill``): the edge detector's own training losses on the clean
+  split's boxes, plus the same losses on the cloud's reported detections (scoring at least the gates' 0.3) as targets:
+  the teacher's response as hard pseudo-labels, which needs nothing in common between the two detectors but their
+  categories (their raw outputs differ in kind: a Faster R-CNN's are sampled proposals). Every BatchNorm keeps its
+  statistics, as torchvision's detection training keeps them frozen.
 """
 from __future__ import annotations
 
@@ -160,6 +164,39 @@ def tail(cloud: nn.Module, before: str) -> DetectorTail:
     return Entry(cloud, before).tail
 
 
+def _targets(annotations: list[list[dict]], order: torch.Tensor, device) -> list[dict[str, torch.Tensor]]:
+    """The training targets of the clean split's images at batch positions ``order``, as torchvision takes them."""
+    targets = []
+    for k in order.tolist():
+        boxes, labels = boxes_of(annotations[k])
+        targets.append({"boxes": boxes.float().to(device), "labels": labels.to(device)})
+    return targets
+
+
+def distill_edge(model: nn.Module, cloud: nn.Module, data, epochs: int, annotations: list[list[dict]],
+                 reported) -> dict:
+    """ECC-I's (and ECC-D's ``distill``) distillation of a torchvision edge detector from the cloud detector on the
+    clean split: every edge weight trains on two objectives, the edge detector's own training losses (computed by its
+    own training-mode ``forward``) on the split's boxes, and the same losses on the cloud's reported detections
+    (``reported``: per image, their boxes and categories), the teacher's response as targets. Every BatchNorm keeps
+    its statistics, as torchvision's detection training keeps them frozen."""
+    net = getattr(model, "net", model)
+    model.train().requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    for _ in range(epochs):
+        for order, x, _ in data.batches():
+            with torch.no_grad():
+                taught = reported(cloud(x))
+            images = list(x.unbind(0))
+            truth = _targets(annotations, order, x.device)
+            pseudo = [{"boxes": boxes.float(), "labels": labels} for boxes, labels in taught]
+            optimise(optimizer, [sum(net(images, truth).values()), sum(net(images, pseudo).values())], None, False)
+    return prefixed("edge", model.eval())
+
+
 def train_adapter(cloud: nn.Module, data, edge: nn.Module, o, before: str, annotations: list[list[dict]]) -> dict:
     """Knowledge adaptation, then fine-tuning through the frozen cloud (the module's docstring), on ``data``'s
     batches of the clean split (``annotations``: each of its chosen images' boxes, by position)."""
@@ -185,11 +222,7 @@ def train_adapter(cloud: nn.Module, data, edge: nn.Module, o, before: str, annot
                 source = edge_head(x)
                 teacher, _, _ = entry.tail.features(entry.head(x))
             features, batch, original = entry.tail.features(adapter(source))
-            targets = []
-            for k in order.tolist():
-                boxes, labels = boxes_of(annotations[k])
-                targets.append({"boxes": boxes.to(x.device), "labels": labels.to(x.device)})
-            losses = entry.tail.losses(features, batch, original, targets)
+            losses = entry.tail.losses(features, batch, original, _targets(annotations, order, x.device))
             distill = sum(F.mse_loss(features[k], teacher[k]) for k in teacher)
             optimise(optimizer, [sum(losses.values()), distill], params, o.pareto)
     return adapter.artefacts()

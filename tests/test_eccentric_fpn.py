@@ -127,6 +127,7 @@ def _entry_error(method, data) -> float:
     return sum(float(torch.nn.functional.mse_loss(adapted[k], own[k]) / own[k].square().mean()) for k in entry.names)
 
 
+@pytest.mark.slow  # 6 s alone, 24 s beside the default tier's other worker
 def test_knowledge_adaptation_brings_the_adapters_maps_to_the_clouds(coco):
     """Entering a ResNet-50 Faster R-CNN at layer3: the adapter makes layer1's and layer2's outputs, which the FPN
     takes."""
@@ -143,25 +144,45 @@ def test_knowledge_adaptation_brings_the_adapters_maps_to_the_clouds(coco):
     assert errors[1] < 0.98 * errors[0], errors  # 12 Adam steps at lr 1e-3 from random maps: a few per cent
 
 
-def test_what_cannot_be_done_on_torchvision_detectors_is_one_line(coco, capsys):
+@pytest.mark.slow  # 7 s alone (four detectors built, two training passes and a teacher pass)
+def test_ecc_i_distils_a_torchvision_edge_on_the_splits_boxes_and_the_clouds_detections(coco):
+    """Every edge weight trains (on two objectives: the split's boxes, the cloud's reported detections), and every
+    BatchNorm keeps its statistics; the distilled edge is what the edge half deploys."""
+    _, data = coco
+    method = build_method("ecc-independent", {"epochs": 1, "train_samples": 2})
+    method.task = "detection"
+    torch.manual_seed(0)
+    method.artefacts = method.train(TrainingResources(91, lambda: _built(CLOUD, 1), lambda: _built(CLOUD), data.clean))
+    source = _built(CLOUD, 1).state_dict()
+    trained = {k[len("edge."):]: v for k, v in method.artefacts.items()}
+    assert trained.keys() == source.keys()
+    statistics = [k for k in source if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(trained[k], source[k]) for k in statistics)
+    learnt = [k for k in source if k not in statistics and not torch.equal(trained[k], source[k])]
+    assert len(learnt) > 0.9 * (len(source) - len(statistics)), len(learnt)
+    edge = method.edge(91).configure(_built(CLOUD, 1))
+    assert all(torch.equal(edge.state_dict()[k], trained[k]) for k in trained)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "ecc-adaptive", "--option", "edge_stage=features.0.3", "--option", "cloud_stage=16", "--edge", EDGE,
+      "--foundation", CLOUD],
+     "no entry stage '16'; valid cloud_stage: 1, 2,"),
+    (["--method", "ecc-adaptive", "--edge", "minidet:edge", "--foundation", CLOUD],
+     "trains between two torchvision detectors, or between detectors of a family"),
+    pytest.param(["--method", "ecc-independent", "--edge", EDGE, "--foundation", "minidet:cloud"],
+                 "trains between two torchvision detectors, or between detectors of a family", marks=pytest.mark.slow),
+    pytest.param(["--method", "ecc-adaptive", "--option", "edge_stage=features.0.3", "--edge", EDGE, "--foundation",
+                  "torchvision:ssdlite320_mobilenet_v3_large@none"],
+                 "so the cloud is a Faster R-CNN, RetinaNet or FCOS", marks=pytest.mark.slow),
+])
+def test_what_cannot_be_done_on_torchvision_detectors_is_one_line(coco, capsys, args, words):
     root, _ = coco
-    common = ["--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "fog",
-              "--dataset-option", "image_size=64", "--dataset-option", "train_images=6", "--dataset-option",
-              "workers=0", "--option", "edge_stage=features.0.3"]
-    cases = [
-        (["--method", "ecc-adaptive", "--edge", EDGE, "--foundation", "torchvision:ssdlite320_mobilenet_v3_large@none"],
-         "so the cloud is a Faster R-CNN, RetinaNet or FCOS"),
-        (["--method", "ecc-dynamic", "--option", "distill=true", "--edge", EDGE, "--foundation", CLOUD],
-         "Distilling a torchvision detector is not built"),
-        (["--method", "ecc-adaptive", "--option", "cloud_stage=16", "--edge", EDGE, "--foundation", CLOUD],
-         "no entry stage '16'; valid cloud_stage: 1, 2,"),
-        (["--method", "ecc-adaptive", "--edge", "minidet:edge", "--foundation", CLOUD],
-         "distils between detectors of a family"),
-    ]
-    for args, words in cases:
-        assert main(["run", *args, *common]) == 2, words
-        err = capsys.readouterr().err
-        assert words in err and err.count("\n") == 1, err
+    assert main(["run", *args, "--dataset", "coco-c", "--data-root", str(root), "--severity", "3", "--domains", "fog",
+                 "--dataset-option", "image_size=64", "--dataset-option", "train_images=6", "--dataset-option",
+                 "workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
 
 
 def _run(root, tmp_path, method, *options):

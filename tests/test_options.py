@@ -298,7 +298,9 @@ def test_option_types_are_checked_item_by_item_and_floats_stored_as_floats():
 
     assert parse_options(Typed, {"rates": [1], "names": ["a"], "lr": 1}, "p") == Typed((1,), (1.0,), ("a",), 1.0)
     assert isinstance(parse_options(Typed, {"lr": 1}, "p").lr, float)
-    for values, words in [({"counts": [True]}, "must be a list of int"), ({"names": [1]}, "a list of str or null"),
+    assert parse_options(Typed, {"names": [1]}, "p").names == ("1",)  # a name given as digits (a stage called 1)
+    for values, words in [({"counts": [True]}, "must be a list of int"), ({"names": [1.5]}, "a list of str or null"),
+                          ({"names": [True]}, "a list of str or null"),
                           ({"lr": 10**400}, "option 'lr' must be float")]:
         with pytest.raises(UserError, match=words):
             parse_options(Typed, values, "p")
