@@ -224,7 +224,7 @@ class ECCAdaptive(_ECC):
                              objectives)
 
     def edge(self, num_classes):
-        return FeatureEdge(self.options.edge_stage, self.options.payload_dtype)
+        return FeatureEdge(self.options.edge_stage, self.options.payload_dtype, self.artefacts)
 
     def cloud(self, resources):
         return AdaptedCloud(resources.foundation(), self.options.cloud_stage, self.artefacts,

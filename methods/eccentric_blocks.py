@@ -36,7 +36,7 @@ def cut_points(model: nn.Module) -> list[str]:
 
 def entry_before(cloud: nn.Module, cloud_stage: str) -> str:
     """The cut stage whose output the adapter stands in for: the stage just before ``cloud_stage``."""
-    names = cut_points(cloud)
+    names = fpn.cut_points(cloud, last=True) if fpn.fits(cloud) else stage_names(cloud)
     entries = names[1:]
     if cloud_stage not in entries:
         raise UserError(f"ecc: the cloud model has no entry stage {cloud_stage!r}; valid cloud_stage: "
@@ -266,12 +266,14 @@ class GatedEdge(EdgeLogic):
 class FeatureEdge(EdgeLogic):
     """ECC-A's edge: only the head up to ``stage`` runs; every sample's feature map goes up, nothing else."""
 
-    def __init__(self, stage: str, dtype: str):
-        self.stage, self.dtype = stage, dtype
+    def __init__(self, stage: str, dtype: str, artefacts: dict | None = None):
+        self.stage, self.dtype, self.artefacts = stage, dtype, artefacts
 
     def configure(self, model):
         check_edge_stage(model, self.stage)
-        return fpn.EdgeHead(model.eval(), self.stage) if fpn.fits(model) else head_to(model.eval(), self.stage)
+        if fpn.fits(model):
+            return fpn.EdgeHead(model.eval(), self.stage, fpn.input_frame(self.artefacts))
+        return head_to(model.eval(), self.stage)
 
     def step(self, head, x):
         return EdgeDecision(logits=None, upload=torch.arange(len(x), device=x.device), payload={"feature": head(x)},
@@ -291,7 +293,9 @@ class DynamicEdge(EdgeLogic):
             self.gate.to(next(model.parameters()).device)
         model = load_edge(model, self.artefacts)
         self.family = model
-        return fpn.EdgeSplit(model, self.o.edge_stage) if fpn.fits(model) else SplitEdge(model, self.o.edge_stage)
+        if fpn.fits(model):
+            return fpn.EdgeSplit(model, self.o.edge_stage, fpn.input_frame(self.artefacts))
+        return SplitEdge(model, self.o.edge_stage)
 
     def step(self, model, x):
         feature, out = model(x)

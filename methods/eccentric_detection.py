@@ -139,8 +139,8 @@ class Detection(Objectives):
         return torch.cat([torch.stack(top), confidence(prediction)[:, None]], 1)
 
     def wrong(self, prediction, order, target, reference):
-        truth = ([boxes_of(self.annotations[int(k)]) for k in order] if reference is None
-                 else self.reported(reference))
+        truth = ([boxes_of([a for a in self.annotations[int(k)] if not a.get("iscrowd", 0)]) for k in order]
+                 if reference is None else self.reported(reference))  # (a crowd region is no object to find)
         verdicts = [not stands(found, boxes, labels) for found, (boxes, labels) in zip(prediction, truth, strict=True)]
         return torch.tensor(verdicts, device=prediction[0]["scores"].device)
 

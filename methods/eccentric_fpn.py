@@ -26,7 +26,10 @@ What is particular to them, and what we chose where the paper (whose detectors a
   split's boxes, plus the same losses on the cloud's reported detections (scoring at least the gates' 0.3) as targets:
   the teacher's response as hard pseudo-labels, which needs nothing in common between the two detectors but their
   categories (their raw outputs differ in kind: a Faster R-CNN's are sampled proposals). Every BatchNorm keeps its
-  statistics, as torchvision's detection training keeps them frozen.
+  statistics: torchvision freezes them in its first detectors' pretrained backbones (``FrozenBatchNorm2d``) but not in
+  the v2 detectors or those built at random; we keep them all, so that a distillation on a thousand images does not
+  move them. The split's targets leave out crowd regions and boxes of no area, as torchvision's reference training
+  does, and a loss that is not finite fails the training rather than writing NaN into every weight.
 """
 from __future__ import annotations
 
@@ -50,9 +53,34 @@ from cemabench_methods.eccentric_parts import (
 fits = splits  # whether a model takes this path
 
 
-def cut_points(model: nn.Module) -> list[str]:
-    """The stages a torchvision detector can be cut after, in order."""
-    return detector_stages(model)
+MAX_SIDE = 1 << 14  # pixels: the largest image side an adapter's recorded frame may name
+
+
+def cut_points(model: nn.Module, last: bool = False) -> list[str]:
+    """The stages a torchvision detector can be cut after, in order (with ``last``, every stage of its body: a
+    cloud may be entered at the last one)."""
+    return detector_stages(model, last)
+
+
+def input_frame(artefacts: dict | None) -> tuple[int, int] | None:
+    """The (height, width) of the images the adapter was trained on, where the artefacts hold an adapter into a
+    torchvision detector."""
+    frame = (artefacts or {}).get("adapter_fpn_frame")
+    return None if frame is None else tuple(int(v) for v in frame[1].tolist())
+
+
+class _InFrame(nn.Module):
+    """Refuses a batch of images of another size than the adapter's frame (the cloud answers in that frame: boxes in
+    the wrong pixels otherwise, where an edge resizes every input to one size and its feature does not tell)."""
+
+    def __init__(self, frame: tuple[int, int] | None):
+        super().__init__()
+        self.frame = frame
+
+    def check(self, x: torch.Tensor) -> None:
+        if self.frame is not None and tuple(x.shape[-2:]) != self.frame:
+            raise ValueError(f"ecc: the adapter was trained on {self.frame[0]}x{self.frame[1]} images (the clean "
+                             f"split's frame), and the stream's are {x.shape[-2]}x{x.shape[-1]}")
 
 
 def check_cloud(cloud: nn.Module) -> None:
@@ -69,26 +97,29 @@ def boxes_of(annotations: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return boxes, torch.tensor([a["category_id"] for a in annotations], dtype=torch.long)
 
 
-class EdgeHead(nn.Module):
-    """Images to the edge detector's activation at ``stage`` (what ECC-A's edge sends)."""
+class EdgeHead(_InFrame):
+    """Images (of the adapter's ``frame``, where one is given) to the edge detector's activation at ``stage`` (what
+    ECC-A's edge sends)."""
 
-    def __init__(self, model: nn.Module, stage: str):
-        super().__init__()
+    def __init__(self, model: nn.Module, stage: str, frame: tuple[int, int] | None = None):
+        super().__init__(frame)
         self.head = DetectorHead(getattr(model, "net", model), stage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         return self.head.activation(self.head(x))
 
 
-class EdgeSplit(nn.Module):
+class EdgeSplit(_InFrame):
     """Images to (the activation at ``stage``, the edge detector's detections), in one pass (ECC-D's edge)."""
 
-    def __init__(self, model: nn.Module, stage: str):
-        super().__init__()
+    def __init__(self, model: nn.Module, stage: str, frame: tuple[int, int] | None = None):
+        super().__init__(frame)
         net = getattr(model, "net", model)
         self.head, self.tail = DetectorHead(net, stage), DetectorTail(net, stage)
 
     def forward(self, x: torch.Tensor):
+        self.check(x)
         out = self.head(x)
         return self.head.activation(out), self.tail(out)
 
@@ -140,21 +171,30 @@ class MapsAdapter(nn.Module):
 
 
 def _frame(own: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The frame of a batch the cloud's head saw (:class:`MapsAdapter`); one line where its images differ in size."""
-    if len({tuple(s) for s in own["image_sizes"].tolist()}) != 1:
-        raise UserError("ecc: an adapter into a torchvision detector is trained in one frame, and the clean split's "
-                        "images differ in size")
+    """The frame of a batch the cloud's head saw (:class:`MapsAdapter`; a batch is one tensor, so one frame)."""
     return torch.stack([own["image_sizes"][0], own["original_sizes"][0], own["batch_shape"]]).to(torch.int64).cpu()
 
 
 def load_adapter(state: dict, depth: int, cloud: nn.Module, before: str) -> MapsAdapter:
+    """The trained adapter, its recorded shapes checked: the frame's sizes are sizes, and each map's shape is the one
+    the cloud's own head gives in that frame (so that no artefact makes the cloud allocate what its head would not)."""
     entry = Entry(cloud, before)
-    maps = state["adapter_fpn_maps"].tolist()
-    if len(maps) != len(entry.names):
+    frame, maps, edge = state["adapter_fpn_frame"], state["adapter_fpn_maps"], state["adapter_fpn_edge"]
+    if frame.shape != (3, 2) or not bool(((frame >= 1) & (frame <= MAX_SIDE)).all()):
+        raise ValueError(f"ecc: the adapter's frame is not three sizes of at most {MAX_SIDE} px: {frame.tolist()}")
+    if maps.dim() != 2 or len(maps) != len(entry.names):
         raise UserError(f"ecc: the adapter was trained for {len(maps)} entry maps, and the cloud takes "
                         f"{len(entry.names)} after {before}")
-    adapter = MapsAdapter(state["adapter_fpn_edge"].tolist(), entry.names, [tuple(m[:3]) for m in maps],
-                          [bool(m[3]) for m in maps], state["adapter_fpn_frame"].clone(), depth)
+    with torch.no_grad():
+        reference = next(iter(cloud.parameters()))
+        own = entry.head(torch.zeros(1, 3, *frame[1].tolist(), dtype=reference.dtype, device=reference.device))
+    expected = [list(own[k].shape[1:]) for k in entry.names]
+    if [m[:3] for m in maps.tolist()] != expected or not set(maps[:, 3].tolist()) <= {0, 1}:
+        raise ValueError(f"ecc: the adapter's maps {maps.tolist()} are not the cloud's own in its frame ({expected})")
+    if edge.shape != (3,) or not bool((edge >= 1).all()):
+        raise ValueError(f"ecc: the adapter's edge feature shape is not a shape: {edge.tolist()}")
+    adapter = MapsAdapter(edge.tolist(), entry.names, [tuple(m[:3]) for m in maps.tolist()],
+                          [bool(m[3]) for m in maps.tolist()], frame.clone(), depth)
     adapter.load_state_dict(unprefixed("adapter", state))
     return adapter.eval()
 
@@ -164,13 +204,26 @@ def tail(cloud: nn.Module, before: str) -> DetectorTail:
     return Entry(cloud, before).tail
 
 
+def _finite(losses: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """The losses, or a ValueError where one is not finite (a step would write NaN into every weight it trains)."""
+    if not all(bool(torch.isfinite(loss)) for loss in losses):
+        raise ValueError(f"ecc: {what} has a loss that is not finite ({[float(loss) for loss in losses]})")
+    return losses
+
+
+def _target(boxes: torch.Tensor, labels: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """One image's training target as torchvision's detectors take it, without the boxes of no area (torchvision
+    refuses them), as torchvision's reference detection training drops them (``references/detection/coco_utils.py``,
+    ``ConvertCocoPolysToMask``)."""
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[keep].float().to(device), "labels": labels[keep].to(device)}
+
+
 def _targets(annotations: list[list[dict]], order: torch.Tensor, device) -> list[dict[str, torch.Tensor]]:
-    """The training targets of the clean split's images at batch positions ``order``, as torchvision takes them."""
-    targets = []
-    for k in order.tolist():
-        boxes, labels = boxes_of(annotations[k])
-        targets.append({"boxes": boxes.float().to(device), "labels": labels.to(device)})
-    return targets
+    """The training targets of the clean split's images at batch positions ``order``: their boxes but crowd regions
+    (which torchvision's reference training drops too) and boxes of no area."""
+    return [_target(*boxes_of([a for a in annotations[k] if not a.get("iscrowd", 0)]), device)
+            for k in order.tolist()]
 
 
 def distill_edge(model: nn.Module, cloud: nn.Module, data, epochs: int, annotations: list[list[dict]],
@@ -179,7 +232,7 @@ def distill_edge(model: nn.Module, cloud: nn.Module, data, epochs: int, annotati
     clean split: every edge weight trains on two objectives, the edge detector's own training losses (computed by its
     own training-mode ``forward``) on the split's boxes, and the same losses on the cloud's reported detections
     (``reported``: per image, their boxes and categories), the teacher's response as targets. Every BatchNorm keeps
-    its statistics, as torchvision's detection training keeps them frozen."""
+    its statistics (the module's docstring)."""
     net = getattr(model, "net", model)
     model.train().requires_grad_(True)
     for module in model.modules():
@@ -192,8 +245,9 @@ def distill_edge(model: nn.Module, cloud: nn.Module, data, epochs: int, annotati
                 taught = reported(cloud(x))
             images = list(x.unbind(0))
             truth = _targets(annotations, order, x.device)
-            pseudo = [{"boxes": boxes.float(), "labels": labels} for boxes, labels in taught]
-            optimise(optimizer, [sum(net(images, truth).values()), sum(net(images, pseudo).values())], None, False)
+            pseudo = [_target(boxes, labels, x.device) for boxes, labels in taught]
+            losses = [sum(net(images, truth).values()), sum(net(images, pseudo).values())]
+            optimise(optimizer, _finite(losses, "the edge's distillation"), None, False)
     return prefixed("edge", model.eval())
 
 
@@ -224,6 +278,6 @@ def train_adapter(cloud: nn.Module, data, edge: nn.Module, o, before: str, annot
             features, batch, original = entry.tail.features(adapter(source))
             losses = entry.tail.losses(features, batch, original, _targets(annotations, order, x.device))
             distill = sum(F.mse_loss(features[k], teacher[k]) for k in teacher)
-            optimise(optimizer, [sum(losses.values()), distill], params, o.pareto)
+            optimise(optimizer, _finite([sum(losses.values()), distill], "the adapter's fine-tuning"), params, o.pareto)
     return adapter.artefacts()
 

@@ -165,9 +165,9 @@ def test_ecc_i_distils_a_torchvision_edge_on_the_splits_boxes_and_the_clouds_det
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--method", "ecc-adaptive", "--option", "edge_stage=features.0.3", "--option", "cloud_stage=16", "--edge", EDGE,
+    (["--method", "ecc-adaptive", "--option", "edge_stage=features.0.3", "--option", "cloud_stage=17", "--edge", EDGE,
       "--foundation", CLOUD],
-     "no entry stage '16'; valid cloud_stage: 1, 2,"),
+     "no entry stage '17'; valid cloud_stage: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16\n"),
     (["--method", "ecc-adaptive", "--edge", "minidet:edge", "--foundation", CLOUD],
      "trains between two torchvision detectors, or between detectors of a family"),
     pytest.param(["--method", "ecc-independent", "--edge", EDGE, "--foundation", "minidet:cloud"],
@@ -183,6 +183,18 @@ def test_what_cannot_be_done_on_torchvision_detectors_is_one_line(coco, capsys, 
                  "workers=0"]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+def test_an_edge_refuses_images_of_another_size_than_its_adapters_frame():
+    """The cloud answers in the frame the adapter was trained in; an SSDlite resizes every input to 320 px, so its
+    feature would not tell a 128-px stream from a 64-px one: the edge refuses it."""
+    head = fpn.EdgeHead(_built(EDGE, 1), "features.0.3", (64, 64))
+    with torch.no_grad():
+        assert head(torch.rand(1, 3, 64, 64)).shape == (1, 24, 80, 80)
+        with pytest.raises(ValueError, match="trained on 64x64 images .* and the stream's are 128x128"):
+            head(torch.rand(1, 3, 128, 128))
+        with pytest.raises(ValueError, match="trained on 64x64 images"):
+            fpn.EdgeSplit(_built(EDGE, 1), "features.0.3", (64, 64))(torch.rand(1, 3, 128, 128))
 
 
 def _run(root, tmp_path, method, *options):
@@ -231,3 +243,115 @@ def test_the_eccentric_detection_tables_real_variant_is_accepted_on_torchvision_
                  "torchvision:fasterrcnn_resnet50_fpn_v2@none", "--dataset-option", "image_size=64", "--dataset-option",
                  "train_images=6", "--dataset-option", "workers=0", "--out", str(tmp_path / "out")]) == EXIT_INCOMPLETE
     assert "60 units: 0 done, 0 running, 0 failed, 60 missing" in capsys.readouterr().out
+
+
+def test_the_training_targets_leave_out_crowd_regions_and_boxes_of_no_area():
+    """torchvision refuses a box of no area in training (and its reference training drops them, and crowd regions):
+    a COCO annotation of zero height (they exist) must not make the fine-tuning's losses infinite."""
+    annotations = [[{"bbox": [10.0, 12.0, 5.5, 0.0], "category_id": 1, "iscrowd": 0},
+                    {"bbox": [20.0, 20.0, 30.0, 30.0], "category_id": 2, "iscrowd": 1},
+                    {"bbox": [1.0, 2.0, 3.0, 4.0], "category_id": 3}]]
+    (target,) = fpn._targets(annotations, torch.tensor([0]), "cpu")
+    assert target["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0]] and target["labels"].tolist() == [3]
+    assert target["boxes"].dtype == torch.float32
+
+
+def _trained_adapter(data, **options) -> dict:
+    method = build_method("ecc-adaptive", {"edge_stage": "features.0.3", "cloud_stage": "15", "ka_epochs": 1,
+                                           "train_samples": 6, **options})
+    method.task = "detection"
+    torch.manual_seed(0)
+    return method.train(_resources(data))
+
+
+def _resources(data):
+    return TrainingResources(91, lambda: _built(EDGE, 1), lambda: _built(CLOUD), data.clean)
+
+
+@pytest.mark.slow  # about 15 s: three trainings
+def test_fine_tuning_moves_the_adapter_and_training_is_the_same_twice(coco):
+    """Fine-tuning steps move every weight of the adapter; it gives the cloud's RPN the split's boxes (by position, in
+    the frame of the cloud's transform: 64 px to 320, x5); two trainings from one seed are bit-identical."""
+    _, data = coco
+    seen = []
+
+    def cloud():
+        model = _built(CLOUD)
+        model.net.rpn.register_forward_pre_hook(lambda m, args: seen.append(args[2]) if len(args) > 2 else None)
+        return model
+
+    torch.manual_seed(0)
+    method = build_method("ecc-adaptive", {"edge_stage": "features.0.3", "cloud_stage": "15", "ka_epochs": 1,
+                                           "ft_epochs": 1, "train_samples": 6})
+    method.task = "detection"
+    tuned = method.train(TrainingResources(91, lambda: _built(EDGE, 1), cloud, data.clean))
+    (targets,) = seen
+    ground = data.clean.ground_truth()
+    for target, image in zip(targets, ground["images"], strict=True):
+        boxes, labels = fpn.boxes_of([a for a in ground["annotations"] if a["image_id"] == image["id"]])
+        assert torch.equal(target["labels"], labels)
+        torch.testing.assert_close(target["boxes"], boxes.float() * 5)
+    again, untuned = _trained_adapter(data, ft_epochs=1), _trained_adapter(data, ft_epochs=0)
+    assert tuned.keys() == again.keys() == untuned.keys()
+    assert all(torch.equal(tuned[k], again[k]) for k in tuned)
+    weights = [k for k in tuned if k.endswith("weight")]
+    assert all(bool(torch.isfinite(tuned[k]).all()) for k in weights)
+    assert all(not torch.equal(tuned[k], untuned[k]) for k in weights), "the fine-tuning's step moved no weight"
+
+
+def test_an_adapters_recorded_shapes_are_checked_against_the_clouds_own_when_loaded(coco):
+    _, data = coco
+    state = _trained_adapter(data, ka_epochs=0, ft_epochs=0)
+    cloud = _built(CLOUD)
+    assert isinstance(fpn.load_adapter(state, 1, cloud, "14"), fpn.MapsAdapter)
+    for key, value, words in [
+        ("adapter_fpn_frame", torch.tensor([[320, 320], [64, 1 << 20], [320, 320]]), "three sizes of at most"),
+        ("adapter_fpn_frame", torch.tensor([320, 320]), "three sizes of at most"),
+        ("adapter_fpn_maps", torch.tensor([[160, 10, 10, 0], [112, 100000, 100000, 0]]), "not the cloud's own"),
+        ("adapter_fpn_maps", torch.tensor([[160, 10, 10, 2], [112, 10, 10, 0]]), "not the cloud's own"),
+        ("adapter_fpn_edge", torch.tensor([24, 0, 80]), "not a shape"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            fpn.load_adapter({**state, key: value}, 1, cloud, "14")
+
+
+def _few_classes(seed: int) -> torch.nn.Module:
+    """A Faster R-CNN (MobileNetV3, 320 px) for two categories at random: its scores are near 1/3, so that it reports
+    detections at 0.3 (a 91-category one at random reports none)."""
+    torch.manual_seed(seed)
+    return Detector(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3)).eval()
+
+
+@pytest.mark.slow  # about 10 s
+def test_the_distillations_second_objective_has_the_clouds_reported_detections_as_targets(tmp_path):
+    """The edge's training forward is called twice a step: with the split's boxes, then with the cloud's reported
+    detections (each image's, in the frame of the images the edge is given)."""
+    from cemabench_methods.eccentric_detection import Detection
+
+    data = coco_c(str(_tree(tmp_path, train=6, categories=(1, 2))), severity=3, domains=("fog",), image_size=64,
+                  train_images=6, workers=0)
+    seen = []
+
+
+    def edge():
+        model = _few_classes(1)
+        model.net.register_forward_pre_hook(lambda module, args: seen.append([dict(t) for t in args[1]]))
+        return model
+
+    method = build_method("ecc-independent", {"epochs": 1, "train_samples": 6})
+    method.task = "detection"
+    torch.manual_seed(0)
+    method.train(TrainingResources(3, edge, lambda: _few_classes(0), data.clean))
+    x = data.clean.images(np.arange(6))
+    with torch.no_grad():
+        reported = Detection().reported(_few_classes(0)(x))
+    truth, pseudo = seen
+    assert sum(len(t["boxes"]) for t in pseudo) > 0
+    for target, (boxes, labels) in zip(pseudo, reported, strict=True):
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        assert torch.equal(target["boxes"], boxes[keep]) and torch.equal(target["labels"], labels[keep])
+    ground = data.clean.ground_truth()
+    expected = [[a["category_id"] for a in ground["annotations"] if a["image_id"] == image["id"]]
+                for image in ground["images"]]
+    assert [t["labels"].tolist() for t in truth] == expected and len(set(map(tuple, expected))) == 2

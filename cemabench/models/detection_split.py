@@ -74,9 +74,10 @@ def _prefix(net: nn.Module) -> str:
     return "level:" if isinstance(net, SSD) else "fpn:"
 
 
-def detector_stages(model: nn.Module) -> list[str]:
-    """The stages of the backbone a detector can be cut after, in order (all but the last)."""
-    return [name for name, _, _ in _stages(_net(model))][:-1]
+def detector_stages(model: nn.Module, last: bool = False) -> list[str]:
+    """The stages of the backbone a detector can be cut after, in order (all but the last, unless ``last``)."""
+    names = [name for name, _, _ in _stages(_net(model))]
+    return names if last else names[:-1]
 
 
 class DetectorHead(nn.Module):
@@ -172,6 +173,9 @@ class DetectorTail(nn.Module):
             raise UserError(f"the training losses of a split {type(net).__name__} are not computed (a Faster R-CNN, "
                             f"RetinaNet or FCOS has them)")
         dtype = next(iter(features.values())).dtype
+        for t in targets:  # torchvision's own forward asserts this; the losses of a box of no area are not finite
+            if len(t["boxes"]) and not bool((t["boxes"][:, 2:] > t["boxes"][:, :2]).all()):
+                raise ValueError("a training target has a box of no area (x2 <= x1 or y2 <= y1); leave it out")
         targets = [{"boxes": resize_boxes(t["boxes"].to(dtype), o, s), "labels": t["labels"]}
                    for t, o, s in zip(targets, original, batch.image_sizes, strict=True)]
         if isinstance(net, GeneralizedRCNN):
