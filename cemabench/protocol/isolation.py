@@ -77,7 +77,9 @@ def pack(value) -> bytes:
 
 class _Pickled:
     """An object as the ``torch.save`` bytes it was once made into, sent as those bytes again and unpickled in the
-    half as the object: the models and the clean split go to every unit's halves, and are pickled once per run."""
+    half as the object (:func:`_loaded`): the models and the clean split go to every unit's halves, and are pickled
+    once per run. The bytes cross in a wire message, not inside another ``torch.save`` (which copied and parsed the
+    megabytes of a clean split twice more: 40 ms of a miniature unit's set-up)."""
 
     def __init__(self, data: bytes):
         self.data = data
@@ -88,6 +90,21 @@ class _Pickled:
 
 def _unpickled(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)  # in a half: the harness's own bytes
+
+
+def _crossing(value):
+    """What crosses for a set-up value: a :class:`_Pickled` object's bytes (a wire message carries bytes), an
+    :class:`Execution` as its fields, anything else as it is."""
+    if isinstance(value, _Pickled):
+        return value.data
+    if isinstance(value, Execution):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _loaded(value):
+    """In a half, a set-up value as the object it stands for (:func:`_crossing`)."""
+    return _unpickled(value) if type(value) is bytes else value
 
 
 def _set_up(models, clean) -> tuple:
@@ -267,6 +284,8 @@ def zygote(fd: int) -> None:
             warnings.simplefilter("ignore")  # their deprecation notices, once per zygote, say nothing about the run
             importlib.import_module(name)
     native.meter_module()
+    for kind in registry.GROUPS:  # the plugins' entry points (names and modules: nothing imported), read once here
+        registry.available(kind)  # rather than in every half (10 ms a half)
     provenance.warm()  # the harness's sources, parsed once for every planner's code digests
     # glibc's malloc serves a block above its mmap threshold (128 KiB at first) with fresh pages, and raises the
     # threshold to the size of such a block when it is freed. A long-lived process has long raised it; a half forked
@@ -373,8 +392,9 @@ SIDES: dict = {}  # set-up op -> the side it builds
 class _Side:
     """What both halves share: the device, the threads and numerics of a unit, the harness's code as imported."""
 
-    def __init__(self, method: tuple, execution: Execution):
+    def __init__(self, method: tuple, execution: Execution | dict):
         name, options, task, protocol = method  # built here: the loop's process never pickles a plugin's object
+        execution = Execution(**execution) if type(execution) is dict else execution
         self.method = registry.build_method(name, options)
         self.method.task, self.method.protocol = task, Protocol(**protocol)
         self.device = torch.device(execution.device)
@@ -397,6 +417,7 @@ class _Side:
 
 class _EdgeSide(_Side):
     def __init__(self, method, execution, prototype, count, num_classes, task, artefacts):
+        prototype = _loaded(prototype)  # before the method's module is imported, as a pickled argument was
         super().__init__(method, execution)
         self.method.artefacts = artefacts
         self.task = task_for(*task)
@@ -425,6 +446,7 @@ class _EdgeSide(_Side):
 
 class _CloudSide(_Side):
     def __init__(self, method, execution, edge, foundation, clean, num_classes, seed):
+        edge, foundation, clean = _loaded(edge), _loaded(foundation), _loaded(clean)  # (as the edge side's)
         super().__init__(method, execution)
         self.edge_prototype, self.foundation_prototype, self.clean = edge, foundation, clean
         self.num_classes, self.seed = num_classes, seed
@@ -633,14 +655,15 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     edge = Half("edge", device)
     halves.append(edge)
     edge_model, foundation, clean_split = _set_up(models, clean)
-    confined = cloud.call("cloud", recipe, execution, edge_model, foundation, clean_split, num_classes, seed)
+    confined = cloud.call("cloud", *map(_crossing, (recipe, execution, edge_model, foundation, clean_split)),
+                          num_classes, seed)
     _say_once(str(confined.get("sandbox", "")))
     resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
     training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
     cloud.call("adopt", method.artefacts)
     tables = _tables(cloud.call("tables").get("tables"))  # the method's entropy tables, computed in its half
-    edge.call("edge", recipe, execution, edge_model if models._copies else models.edge(), count, num_classes,
-              (task.name, task.num_classes, task.scored_classes), method.artefacts)
+    edge.call("edge", recipe, _crossing(execution), _crossing(edge_model if models._copies else models.edge()),
+              count, num_classes, (task.name, task.num_classes, task.scored_classes), method.artefacts)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
 
     def build() -> tuple[list, list]:
