@@ -25,6 +25,7 @@ from cemabench.datasets import miniature
 from cemabench.method import CloudEdgeMapping, EdgeDecision, EdgeLogic, Method
 from cemabench.models.mini import load_model
 from cemabench.protocol import Execution, Models, Protocol, run_unit
+from cemabench.protocol.execution import warm_allocator
 from cemabench.protocol.stream import domain_order
 from cemabench.registry import build_method
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--domain", default="fog")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    warm_allocator()  # the bare loop's allocator as the unit's (cemabench.protocol.execution)
     domain = miniature.dataset(domains=[args.domain]).domains[0]
     model = load_model("edge").eval()
     order = domain_order(0, domain.name, len(domain))

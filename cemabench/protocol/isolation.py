@@ -59,7 +59,7 @@ from cemabench.protocol import hygiene, sandbox, wire
 from cemabench.protocol.annotation import asked_rows
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
-from cemabench.protocol.execution import Execution, deterministic_threads
+from cemabench.protocol.execution import Execution, deterministic_threads, warm_allocator
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
 from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
@@ -287,12 +287,7 @@ def zygote(fd: int) -> None:
     for kind in registry.GROUPS:  # the plugins' entry points (names and modules: nothing imported), read once here
         registry.available(kind)  # rather than in every half (10 ms a half)
     provenance.warm()  # the harness's sources, parsed once for every planner's code digests
-    # glibc's malloc serves a block above its mmap threshold (128 KiB at first) with fresh pages, and raises the
-    # threshold to the size of such a block when it is freed. A long-lived process has long raised it; a half forked
-    # from a zygote that never freed one would fault in new pages for every activation (a third of a miniature
-    # step's time). One 16 MiB block freed here raises it for every half.
-    block = torch.empty(4 << 20)
-    del block
+    warm_allocator()  # for every half forked from here
 
     conn = Connection(fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves

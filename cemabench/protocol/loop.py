@@ -33,7 +33,7 @@ from cemabench.protocol.annotation import Annotator
 from cemabench.protocol.bottleneck import EntropyCoder
 from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
-from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory
+from cemabench.protocol.execution import Execution, Stopwatch, deterministic_threads, peak_memory, warm_allocator
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
 from cemabench.protocol.link import CloudClock, Link, Vocabulary
 from cemabench.protocol.meter import ComputeMeter, SampleCounter
@@ -92,6 +92,7 @@ def run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStream
     if torch.is_inference_mode_enabled():
         raise HarnessReplaced("this process is in inference mode (left entered by earlier method code?); no unit runs "
                               "here until it is restarted")
+    warm_allocator()
     replaced = hygiene.replaced_harness_code()
     if replaced:
         raise HarnessReplaced(f"cemabench's own code was replaced in this process (by a plugin?): "

@@ -18,6 +18,7 @@ from cemabench.data import ArrayDomain
 from cemabench.datasets import miniature
 from cemabench.models.mini import load_model
 from cemabench.protocol import Execution, Models, Protocol, run_unit
+from cemabench.protocol.execution import warm_allocator
 from cemabench.protocol.stream import domain_order
 from cemabench.registry import build_method, build_model
 
@@ -47,7 +48,9 @@ def case(request):
 
 
 def _bare(domain, model, seed=0):
-    """What a user would write: the same order, batches of 64, eval-mode forward, argmax, scored afterwards."""
+    """What a user would write: the same order, batches of 64, eval-mode forward, argmax, scored afterwards; with
+    the allocator the harness sets (an allocator setting, as the thread count)."""
+    warm_allocator()
     order = domain_order(seed, domain.name, len(domain))
     predicted = []
     with torch.inference_mode():

@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 from cemabench.cli import main
 from cemabench.datasets.imagenet import imagenet_wnids
 from cemabench.method import CloudReply, CloudResources, Upload
+from cemabench.protocol.execution import warm_allocator
 from cemabench.protocol.stream import domain_order
 from cemabench.registry import build_method, build_model
 
@@ -75,6 +76,7 @@ def _loader(root, domain):
 def bare(root, models, method_name):
     """The models built once from their checkpoints, a fresh copy per domain (as the per-domain protocol gives each
     unit), and the method's work, nothing more."""
+    warm_allocator()  # the allocator the harness sets (an allocator setting, as the thread count)
     prototypes = {arch: build_model(f"torchvision:{arch}@{path}").to(DEVICE) for arch, path in models.items()}
     predicted = []
     for domain in DOMAINS:
