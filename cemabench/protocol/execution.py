@@ -27,10 +27,11 @@ _WARMED: list[bool] = []
 def warm_allocator() -> None:
     """Raise glibc malloc's mmap threshold, once per process. A block above the threshold (128 KiB at first) is served
     with fresh pages from the system and unmapped when freed, so on the CPU every activation above it page-faults
-    anew on every step: about half of a miniature edge step (30 ms against 14 ms, ``benchmarks/unit_overhead.py``).
-    Freeing one 16 MiB block raises the threshold to that size (glibc's dynamic threshold), so later blocks up to it
-    are reused from the heap. Memory only: no number changes. The bare loops that cemabench is measured against do
-    the same (an allocator setting, like the thread count)."""
+    anew on every step until the process frees a large block (about half of a miniature edge step in a process that
+    had not: 30 ms against 14 ms). Freeing one 16 MiB block raises the threshold to that size (glibc's dynamic
+    threshold), so later blocks up to it are reused from the heap, whatever the process did before. Memory only: no
+    number changes. The bare loops that cemabench is measured against do the same (an allocator setting, like the
+    thread count)."""
     if not _WARMED:
         _WARMED.append(True)
         block = torch.empty(4 << 20)
