@@ -10,6 +10,7 @@ from torch import nn
 
 from cemabench.errors import UserError
 from cemabench.method import CloudLogic, CloudReply, EdgeDecision, EdgeLogic, TrainingResources
+from cemabench.models.detection_split import detector_stages
 from cemabench.models.split import feature_shapes, head_to, split, stage_names
 from cemabench_methods import eccentric_fpn as fpn
 from cemabench_methods.eccentric_parts import (  # noqa: F401 (gate_features, kd_loss: the methods' too)
@@ -31,12 +32,12 @@ from cemabench_methods.eccentric_parts import (  # noqa: F401 (gate_features, kd
 
 def cut_points(model: nn.Module) -> list[str]:
     """The stages a model can be cut after: a torchvision detector's (:mod:`.eccentric_fpn`), or its family's."""
-    return fpn.cut_points(model) if fpn.fits(model) else stage_names(model)
+    return detector_stages(model) if fpn.fits(model) else stage_names(model)
 
 
 def entry_before(cloud: nn.Module, cloud_stage: str) -> str:
     """The cut stage whose output the adapter stands in for: the stage just before ``cloud_stage``."""
-    names = fpn.cut_points(cloud, last=True) if fpn.fits(cloud) else stage_names(cloud)
+    names = detector_stages(cloud, last=True) if fpn.fits(cloud) else stage_names(cloud)
     entries = names[1:]
     if cloud_stage not in entries:
         raise UserError(f"ecc: the cloud model has no entry stage {cloud_stage!r}; valid cloud_stage: "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cemabench.errors import UserError
-from cemabench.models.detection_split import DetectorHead, DetectorTail, detector_stages, splits, trains
+from cemabench.models.detection_split import DetectorHead, DetectorTail, splits, trains
 from cemabench_methods.eccentric_parts import (
     LR,
     Adapter,
@@ -54,12 +54,6 @@ fits = splits  # whether a model takes this path
 
 
 MAX_SIDE = 1 << 14  # pixels: the largest image side an adapter's recorded frame may name
-
-
-def cut_points(model: nn.Module, last: bool = False) -> list[str]:
-    """The stages a torchvision detector can be cut after, in order (with ``last``, every stage of its body: a
-    cloud may be entered at the last one)."""
-    return detector_stages(model, last)
 
 
 def input_frame(artefacts: dict | None) -> tuple[int, int] | None:

@@ -75,48 +75,28 @@ def pack(value) -> bytes:
     return buffer.getvalue()
 
 
-class _Pickled:
-    """An object as the ``torch.save`` bytes it was once made into, sent as those bytes again and unpickled in the
-    half as the object (:func:`_loaded`): the models and the clean split go to every unit's halves, and are pickled
-    once per run. The bytes cross in a wire message, not inside another ``torch.save`` (which copied and parsed the
-    megabytes of a clean split twice more: 40 ms of a miniature unit's set-up)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def __reduce__(self):
-        return _unpickled, (self.data,)
-
-
 def _unpickled(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)  # in a half: the harness's own bytes
 
 
-def _crossing(value):
-    """What crosses for a set-up value: a :class:`_Pickled` object's bytes (a wire message carries bytes), an
-    :class:`Execution` as its fields, anything else as it is."""
-    if isinstance(value, _Pickled):
-        return value.data
-    if isinstance(value, Execution):
-        return dataclasses.asdict(value)
-    return value
-
-
 def _loaded(value):
-    """In a half, a set-up value as the object it stands for (:func:`_crossing`)."""
+    """In a half, a set-up value: the object the ``torch.save`` bytes of :func:`_set_up` stand for (``None``
+    stays ``None``)."""
     return _unpickled(value) if type(value) is bytes else value
 
 
 def _set_up(models, clean) -> tuple:
-    """(edge, foundation, clean split) for the halves' set-up. Where ``models`` gives copies of the same models
-    (``Models.copies_of``, as every run does), pickled once and kept with them; otherwise built anew."""
+    """(edge, foundation, clean split) for the halves' set-up, as ``torch.save`` bytes, which cross inside a wire
+    message as bytes and are unpickled in the half (not inside another ``torch.save``, which copied and parsed the
+    megabytes of a clean split twice more: 40 ms of a miniature unit's set-up). Where ``models`` gives copies of the
+    same models (``Models.copies_of``, as every run does), pickled once and kept with them; otherwise built anew."""
     if not models._copies:
-        return models.edge(), models.foundation(), clean
+        return pack(models.edge()), pack(models.foundation()), None if clean is None else pack(clean)
     kept = models._pickled
     if "edge" not in kept:
-        kept["edge"], kept["foundation"] = _Pickled(pack(models.edge())), _Pickled(pack(models.foundation()))
+        kept["edge"], kept["foundation"] = pack(models.edge()), pack(models.foundation())
     if clean is not None and kept.get("clean", (None,))[0] is not clean:  # the object is kept: its id stays its own
-        kept["clean"] = (clean, _Pickled(pack(clean)))
+        kept["clean"] = (clean, pack(clean))
     return kept["edge"], kept["foundation"], None if clean is None else kept["clean"][1]
 
 
@@ -387,9 +367,9 @@ SIDES: dict = {}  # set-up op -> the side it builds
 class _Side:
     """What both halves share: the device, the threads and numerics of a unit, the harness's code as imported."""
 
-    def __init__(self, method: tuple, execution: Execution | dict):
+    def __init__(self, method: tuple, execution: dict):
         name, options, task, protocol = method  # built here: the loop's process never pickles a plugin's object
-        execution = Execution(**execution) if type(execution) is dict else execution
+        execution = Execution(**execution)
         self.method = registry.build_method(name, options)
         self.method.task, self.method.protocol = task, Protocol(**protocol)
         self.device = torch.device(execution.device)
@@ -650,15 +630,15 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     edge = Half("edge", device)
     halves.append(edge)
     edge_model, foundation, clean_split = _set_up(models, clean)
-    confined = cloud.call("cloud", *map(_crossing, (recipe, execution, edge_model, foundation, clean_split)),
-                          num_classes, seed)
+    fields = dataclasses.asdict(execution)
+    confined = cloud.call("cloud", recipe, fields, edge_model, foundation, clean_split, num_classes, seed)
     _say_once(str(confined.get("sandbox", "")))
     resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
     training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
     cloud.call("adopt", method.artefacts)
     tables = _tables(cloud.call("tables").get("tables"))  # the method's entropy tables, computed in its half
-    edge.call("edge", recipe, _crossing(execution), _crossing(edge_model if models._copies else models.edge()),
-              count, num_classes, (task.name, task.num_classes, task.scored_classes), method.artefacts)
+    edge.call("edge", recipe, fields, edge_model if models._copies else pack(models.edge()), count, num_classes,
+              (task.name, task.num_classes, task.scored_classes), method.artefacts)
     meter, passes = ReportedMeter(), SimpleNamespace(with_grad=0, without_grad=0)
 
     def build() -> tuple[list, list]:
