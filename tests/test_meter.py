@@ -138,6 +138,55 @@ def test_each_cheat_from_a_thread_is_refused_by_the_cpp_meter(cheat, meter_kind)
     assert meter.refusals >= 1 and cheat in meter.refusal(0) and "on a thread" in meter.refusal(0)
 
 
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+@pytest.mark.parametrize("cheat", list(CHEATS))
+def test_a_thread_started_without_threading_is_guarded_from_its_second_op(cheat, meter_kind):
+    """The callback that sees every thread's ops asks for no arguments (boxing them cost every op on every thread): a
+    thread it finds outside the meter is refused a backward or optimizer kernel by name at once, and from then on
+    its ops pass the meter's fallback with their arguments. ``_thread.start_new_thread`` escapes the hook that adopts
+    a ``threading.Thread`` before its first op; its first op adopts it."""
+    import _thread
+
+    meter, run = _guarded(cheat)
+    done = threading.Event()
+
+    def body():
+        try:
+            torch.zeros(1)  # the first op: the callback adopts the thread
+            run()
+        except ForwardOnlyViolation:
+            pass
+        finally:
+            done.set()
+
+    with torch.inference_mode(), meter:
+        _thread.start_new_thread(body, ())
+        assert done.wait(30)
+    assert meter.refusals >= 1 and cheat in meter.refusal(0) and "on a thread" in meter.refusal(0)
+
+
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+def test_the_guard_puts_back_the_threads_profile_hook(meter_kind):
+    """The guard adopts a ``threading.Thread`` through ``threading.setprofile`` while it is entered, and puts back
+    what was there; a thread started after it is not adopted."""
+    def hook(*args):
+        return None
+
+    threading.setprofile(hook)
+    try:
+        meter = ComputeMeter(guard=True)
+        with torch.inference_mode(), meter:
+            assert threading.getprofile() is not hook
+        assert threading.getprofile() is hook
+    finally:
+        threading.setprofile(None)
+    with torch.inference_mode(False):
+        worker = threading.Thread(target=lambda: torch.zeros(2).add_(1))  # no meter entered: nothing to refuse
+        worker.start()
+        worker.join()
+    assert meter.refusals == 0
+
+
 @pytest.mark.parametrize("guard", [True, False])
 def test_a_dispatch_mode_the_method_enters_does_not_hide_the_ops_it_runs(guard, meter_kind):
     """Python code behind __torch_dispatch__ runs below the C++ meter's key, unseen: that meter refuses the step
@@ -291,6 +340,36 @@ def test_a_kernel_registered_for_the_meters_key_is_refused(meter_kind):
         library._destroy()
     with ComputeMeter():
         torch.rand(4, 4) @ torch.rand(4, 4)
+
+
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+def test_a_kernel_put_in_place_of_the_meters_own_fallthrough_is_refused(meter_kind):
+    """The C++ meter lets PyTorch's composite ops (conv2d, ...) fall through its key, since it sees the ops they are
+    made of. Those fallthroughs are registrations on its key too: a plugin's kernel in place of one is found as a
+    foreign kernel would be, and once it is gone the meter's own is back and counts as before."""
+    from cemabench.protocol import hygiene
+
+    assert "aten::conv2d" in native.meter_module().own_kernels()
+    assert hygiene.kernels_for_the_meters_key() == []
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.rand(1, 3, 8, 8)
+
+    def flops():
+        meter = ComputeMeter()
+        with torch.inference_mode(), meter:
+            conv(x)
+        return meter.take()
+
+    counted = flops()
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("conv2d", lambda *args: torch.zeros(1, 4, 6, 6), "TESTING_ONLY_GenericMode")
+    try:
+        assert hygiene.kernels_for_the_meters_key() == ["aten::conv2d"]
+        with pytest.raises(MeterBlind, match="aten::conv2d"):
+            ComputeMeter()
+    finally:
+        library._destroy()
+    assert hygiene.kernels_for_the_meters_key() == [] and flops() == counted > 0
 
 
 @pytest.mark.parametrize("meter_kind", ["native"], indirect=True)

@@ -3,8 +3,9 @@ samples counted through model forwards (:class:`SampleCounter`).
 
 A :class:`ComputeMeter` is a ``TorchDispatchMode``: every aten op that runs inside it passes through it, whichever
 module, function or copy issued it (the autograd engine carries the mode into backward, also on its own threads). A
-thread that plugin code starts does not inherit it; the edge's seal catches such a thread's writes into edge
-parameters (:mod:`cemabench.protocol.edge`). FLOPs come from
+thread that plugin code starts does not inherit it: the C++ meter adopts a ``threading.Thread`` started inside a guard
+before its first op, and any other thread at its first op (``native_meter.cpp``); the Python meter leaves threads to
+the edge's seal, which catches their writes into edge parameters (:mod:`cemabench.protocol.edge`). FLOPs come from
 PyTorch's own formulas (``torch.utils.flop_counter.flop_registry``, the table behind ``FlopCounterMode``), with
 the same rule as ``FlopCounterMode`` for ops without a formula: run their composite decomposition under the mode,
 so that the convolution or matmul inside is counted. Only matmul- and convolution-like ops carry FLOPs, as there.
@@ -27,6 +28,7 @@ argument shapes and layouts.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -158,6 +160,13 @@ def _count_native(name: str, overload: str, arguments: list, outputs: list) -> i
     return int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
 
 
+def _adopt(frame, event, arg) -> None:
+    """A ``threading.Thread`` started while the C++ guard is entered runs this before its target: from then on its
+    ops pass the meter's fallback, with their arguments (``native_meter.cpp``: ``adopted``)."""
+    sys.setprofile(None)
+    meter_module().adopt()
+
+
 class ComputeMeter:
     """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
     do. Enter it once per step (``with meter:``); :meth:`take` returns the FLOPs since the last ``take``.
@@ -196,12 +205,17 @@ class ComputeMeter:
     def __enter__(self):
         if self.guard:
             self._threads = set(threading.enumerate())
+            if self.kind == "native":  # a thread started inside is guarded at every op, its first included
+                self._profile = threading.getprofile()
+                threading.setprofile(_adopt)
         self._blinds = self._meter.blinds
         self._meter.enter()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._meter.exit()
+        if self.guard and self.kind == "native":
+            threading.setprofile(self._profile)
         if self._meter.blinds != self._blinds and exc_info[0] is None:
             raise MeterBlind(f"{self.phase} ran {self._meter.last_blind} behind a Python __torch_dispatch__ (a "
                              f"dispatch mode or a tensor subclass), under a torch.func transform or with forward-mode "

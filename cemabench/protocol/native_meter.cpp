@@ -7,7 +7,8 @@
 // threads). That key sits above Autograd, so it sees composite ops before they decompose; it keeps seeing the ops a
 // composite op is made of (PyTorch's CompositeImplicitAutograd kernels, and ops outside the aten namespace, run
 // with the key still included) and runs every other aten op below itself with the key excluded. It therefore sees
-// the ops a Python dispatch mode sees after decomposing composite ops, which is what the Python meter counts.
+// the ops a Python dispatch mode sees after decomposing composite ops, which is what the Python meter counts. Most of
+// PyTorch's composite ops fall through the key without reaching the fallback at all (`pass_composites`).
 //
 // Per op: with a guard (any entered meter that guards), refuse a backward kernel (an autograd node is running, or an
 // op named *_backward*), an optimizer kernel (_foreach_*_ and _fused_*) and an in-place write into a protected
@@ -147,6 +148,17 @@ const std::string* protected_name(const MeterPtr& m, const at::Tensor& t) {
   return nullptr;
 }
 
+// The guard's refusal for an op that writes into this tensor, or "".
+std::string write_refusal(const MeterPtr& m, const OpInfo& i, const at::Tensor& t, const char* where) {
+  if (!t.defined()) return "";
+  if (const std::string* hit = protected_name(m, t))
+    return i.name + where + " wrote into the edge parameter " + *hit + " during " + m->phase;
+  if (t.is_leaf() && t.grad().defined())
+    return i.name + where + " updated a parameter from its gradient (an optimizer step, on a model kept beside the "
+           "edge?) during " + m->phase;
+  return "";
+}
+
 // The guard's refusal for an op with these arguments, or "" (``where`` follows the op's name: "" or " on a thread").
 std::string guard_refusal(const MeterPtr& m, const OpInfo& i, c10::ArrayRef<c10::IValue> arguments,
                           const char* where) {
@@ -156,17 +168,14 @@ std::string guard_refusal(const MeterPtr& m, const OpInfo& i, c10::ArrayRef<c10:
   for (size_t a : i.written) {
     if (a >= arguments.size()) continue;
     const auto& v = arguments[a];
-    std::vector<at::Tensor> targets;
-    if (v.isTensor()) targets.push_back(v.toTensor());
-    if (v.isTensorList()) targets = v.toTensorList().vec();
-    for (const at::Tensor& t : targets) {
-      if (!t.defined()) continue;
-      if (const std::string* hit = protected_name(m, t))
-        return i.name + where + " wrote into the edge parameter " + *hit + " during " + m->phase;
-      if (t.is_leaf() && t.grad().defined())
-        return i.name + where + " updated a parameter from its gradient (an optimizer step, on a model kept beside "
-               "the edge?) during " + m->phase;
+    std::string refusal;
+    if (v.isTensor()) refusal = write_refusal(m, i, v.toTensor(), where);
+    if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList()) {
+        if (refusal.empty()) refusal = write_refusal(m, i, t, where);
+      }
     }
+    if (!refusal.empty()) return refusal;
   }
   return "";
 }
@@ -178,23 +187,93 @@ MeterPtr guarding(const Active& meters) {
   return nullptr;
 }
 
+// PyTorch's composite ops (CompositeImplicitAutograd: conv2d, batch_norm, linear, ...) are made of the ops they
+// call, which the meter sees with the key still included; so the meter need not see the composite itself (the Python
+// meter never does: a dispatch mode sees ops after they decompose). A fallthrough kernel on the meter's key for each
+// of them skips the fallback and the boxing of its arguments (a third of the guarded edge's cost per op). Not for
+// those the meter must see at the op: a formula op, one named as a backward or optimizer kernel, one that writes into
+// an argument. Registered once, when the formulas are set; a kernel a plugin puts in place of one is found by
+// `foreign_kernels` (cemabench.protocol.hygiene).
+std::vector<std::pair<std::string, c10::OperatorHandle>> passed;
+std::unordered_set<std::string> passed_names;
+
+std::string full_name(const c10::OperatorName& name) {
+  return name.name + (name.overload_name.empty() ? "" : "." + name.overload_name);
+}
+
+void pass_composites() {
+  static torch::Library* passing = new torch::Library(torch::Library::IMPL, "aten", kKey, __FILE__, __LINE__);
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const auto& name : dispatcher.getAllOpNames()) {
+    if (name.name.rfind("aten::", 0) != 0) continue;
+    auto op = dispatcher.findOp(name);
+    if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) continue;
+    const OpInfo& i = info(*op);
+    if (i.formula || i.backward || i.optimizer || !i.written.empty()) continue;
+    std::string registered = full_name(name);
+    passing->impl(registered.substr(6).c_str(), torch::CppFunction::makeFallthrough());
+    passed_names.insert(registered);
+    passed.emplace_back(std::move(registered), *op);
+  }
+}
+
 // A thread the method's code started does not carry the meter's key, and code can exclude the key on its own
-// thread: while a guarding meter is entered, every op on every thread passes this RecordFunction callback, which
-// refuses there what the fallback refuses where it sees the op. Exceptions thrown from such a callback are dropped by
-// PyTorch, so the refusal is counted, and the meter's owner raises it when the step ends.
-std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
-  bool seen = c10::impl::tls_is_dispatch_key_included(kKey) && !c10::impl::tls_is_dispatch_key_excluded(kKey);
-  if (seen) return nullptr;
+// thread: while a guarding meter is entered, every op on every thread passes this RecordFunction callback. It
+// refuses there, by the op's name, what needs no argument: a backward or an optimizer kernel. Exceptions thrown from
+// such a callback are dropped by PyTorch, so the refusal is counted, and the meter's owner raises it when the step
+// ends. The callback asks for no inputs (boxing every op's inputs on every thread, the metered one included, cost the
+// guarded edge about 5 us an op): instead, a thread found running ops outside the meter is adopted, its key included
+// from then on, so that its later ops pass the fallback with their arguments (`adopted`; a threading.Thread started
+// while the guard is entered is adopted before its first op, see ComputeMeter). A write in the first op of another
+// thread, or below the meter, is not seen at the op; one into an edge parameter is caught by the edge's seal when
+// the step ends (cemabench.protocol.edge).
+thread_local bool adopted = false;
+
+void adopt() {
+  c10::impl::tls_set_dispatch_key_included(kKey, true);
+  adopted = true;
+}
+
+// The op an event of the callback is about, found by the address of its name (the schema's own string: one per op
+// and overload, for as long as the op is registered) and checked against the names, so that a name that now lives
+// where a removed op's did is looked up again. nullptr: not an op (a user's scope, an autograd node's event).
+std::mutex events_mutex;
+struct Event {
+  std::string name, overload;
+  const OpInfo* info;
+};
+std::unordered_map<const char*, Event> events;
+
+const OpInfo* event_info(const at::RecordFunction& fn) {
+  if (fn.scope() != at::RecordScope::FUNCTION) return nullptr;
+  const char* key = fn.name();
+  {
+    std::lock_guard<std::mutex> lock(events_mutex);
+    auto found = events.find(key);
+    if (found != events.end() && found->second.name == key && found->second.overload == fn.overload_name())
+      return found->second.info;
+  }
   auto name = fn.operator_name();
   if (!name) return nullptr;
   auto op = c10::Dispatcher::singleton().findOp(*name);
   if (!op) return nullptr;
+  const OpInfo* i = &info(*op);
+  std::lock_guard<std::mutex> lock(events_mutex);
+  events[key] = {name->name, name->overload_name, i};
+  return i;
+}
+
+std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
+  bool included = c10::impl::tls_is_dispatch_key_included(kKey);
+  if (included && !c10::impl::tls_is_dispatch_key_excluded(kKey)) return nullptr;
+  if (!included) adopt();
+  const OpInfo* i = event_info(fn);
+  if (i == nullptr || !(i->backward || i->optimizer || torch::autograd::get_current_node() != nullptr))
+    return nullptr;  // nothing to refuse without the op's arguments
   Active meters = active_meters();
   MeterPtr guard = guarding(meters);
   if (guard == nullptr) return nullptr;
-  const char* where = c10::impl::tls_is_dispatch_key_included(kKey) ? " below the meter" : " on a thread";
-  std::string refusal = guard_refusal(guard, info(*op), fn.inputs(), where);
-  if (!refusal.empty()) remember(meters, refusal);
+  remember(meters, guard_refusal(guard, *i, {}, included ? " below the meter" : " on a thread"));
   return nullptr;
 }
 at::CallbackHandle thread_callback = 0;
@@ -309,7 +388,7 @@ thread_local int inside_formula = 0;  // formula ops running below this thread's
 // Run a formula op below the meter and add its FLOPs to every entered meter.
 void count(const Active& meters, const c10::OperatorHandle& op, torch::jit::Stack* stack, const OpInfo& i,
            c10::DispatchKeySet below, bool nested) {
-  std::vector<c10::IValue> arguments(stack->end() - i.arguments, stack->end());
+  c10::SmallVector<c10::IValue, 16> arguments(stack->end() - i.arguments, stack->end());  // no allocation per op
   if (nested) {
     struct Depth {
       Depth() { ++inside_formula; }
@@ -321,7 +400,9 @@ void count(const Active& meters, const c10::OperatorHandle& op, torch::jit::Stac
   }
   const auto& schema = op.schema();
   size_t returns = schema.returns().size();
-  std::vector<int64_t> key{reinterpret_cast<int64_t>(&schema)};
+  thread_local std::vector<int64_t> key;  // its capacity kept from op to op
+  key.clear();
+  key.push_back(reinterpret_cast<int64_t>(&schema));
   bool cacheable = i.cacheable;
   for (const auto& v : arguments) cacheable = cacheable && add_key(key, v);
   for (size_t r = stack->size() - returns; r < stack->size(); ++r) cacheable = cacheable && add_key(key, (*stack)[r]);
@@ -332,6 +413,7 @@ void count(const Active& meters, const c10::OperatorHandle& op, torch::jit::Stac
     if (found != counted.end()) flops = found->second;
   }
   if (flops < 0) {
+    std::vector<int64_t> mine(key);  // the formula's Python may run ops that count on this thread
     py::gil_scoped_acquire gil;
     py::list args, outs;
     for (const auto& v : arguments) args.append(torch::jit::toPyObject(v));
@@ -339,7 +421,7 @@ void count(const Active& meters, const c10::OperatorHandle& op, torch::jit::Stac
     flops = meters.back()->count(schema.operator_name().name, schema.overload_name(), args, outs).cast<int64_t>();
     if (cacheable) {
       std::lock_guard<std::mutex> lock(counted_mutex);
-      counted.emplace(std::move(key), flops);
+      counted.emplace(std::move(mine), flops);
     }
   }
   for (const auto& m : meters) {
@@ -356,13 +438,23 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::ji
     op.redispatchBoxed(below, stack);
     return;
   }
+  // A thread method code started, while a guard is entered: guarded at every op it runs, counted by no meter (the
+  // Python meter does not see it). Otherwise (an engine's thread that runs a counted backward later) as any thread.
+  MeterPtr guard = guarding(meters);
+  if (adopted && guard) {
+    std::string refusal = guard_refusal(guard, i, c10::ArrayRef<c10::IValue>(*stack).slice(stack->size() - i.arguments),
+                                        " on a thread");
+    if (!refusal.empty()) refuse(meters, guard, refusal);
+    op.redispatchBoxed(below, stack);
+    return;
+  }
   bool python = keys.has(c10::DispatchKey::Python) &&
                 hidden_python(meters.front()->entry_modes, stack, i.arguments);
   if (python || !(keys & hidden_keys).empty() || (i.formula && has_tangent(stack, i.arguments))) {
     blind(meters, i.name + " (dispatch keys " + c10::toString(keys & (hidden_keys | c10::DispatchKeySet(
                                                                          c10::DispatchKey::Python))) + ")");
   }
-  if (MeterPtr guard = guarding(meters)) {
+  if (guard) {
     std::string refusal = guard_refusal(guard, i, c10::ArrayRef<c10::IValue>(*stack).slice(stack->size() - i.arguments),
                                         "");
     if (!refusal.empty()) refuse(meters, guard, refusal);
@@ -406,10 +498,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     bool set = false;
     std::call_once(formulas_set, [&] {
       formula_names = std::unordered_set<std::string>(names.begin(), names.end());
+      pass_composites();
       set = true;
     });
     TORCH_CHECK(set, "cemabench: the meter's formulas are set once, when it is loaded");
   });
+  module.def("own_kernels", [] {  // the composite ops the meter lets fall through its key
+    std::vector<std::string> out;
+    for (const auto& p : passed) out.push_back(p.first);
+    return out;
+  });
+  module.def("foreign_kernels", [] {  // kernels on the key other than the meter's own fallthroughs, or in their place
+    std::vector<std::string> out;
+    for (const auto& p : passed) {
+      if (!p.second.hasKernelForDispatchKey(kKey) || !p.second.isKernelFallthroughKernel(kKey)) out.push_back(p.first);
+    }
+    for (const auto& name : c10::Dispatcher::singleton().getRegistrationsForDispatchKey(kKey)) {
+      std::string registered = full_name(name);
+      if (!passed_names.count(registered)) out.push_back(std::move(registered));
+    }
+    return out;
+  });
+  module.def("adopt", &adopt);  // this thread's ops pass the fallback, as a thread started by metered code
   module.def("depth", [] {
     std::lock_guard<std::mutex> lock(stack_mutex);
     return entered.size();
@@ -465,7 +575,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         entered.emplace_back(m, c10::impl::tls_is_dispatch_key_included(kKey));
         c10::impl::tls_set_dispatch_key_included(kKey, true);
         if (m->guard && thread_callback == 0)
-          thread_callback = at::addGlobalCallback(at::RecordFunctionCallback(&on_any_thread).needsInputs(true));
+          thread_callback = at::addGlobalCallback(at::RecordFunctionCallback(&on_any_thread));
       })
       .def("exit", [](const MeterPtr& m) {
         std::lock_guard<std::mutex> lock(stack_mutex);
