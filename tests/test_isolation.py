@@ -219,6 +219,18 @@ def test_a_thread_left_running_in_a_half_fails_the_unit(plugins, tmp_path):
     assert "left 1 thread(s) running in its half (saboteur)" in cells["leaves-a-thread"]["message"]
 
 
+def test_an_edge_thread_that_trains_between_the_steps_is_refused_isolated(plugins, tmp_path):
+    """A thread the edge's ``configure`` started trains a hidden model while the cloud step runs, when no guard is
+    entered, and the edge predicts with it. In-process its backward passes are not seen (README: what a plugin can
+    still do in-process); in an isolated edge half no backward or optimizer kernel may run at any time, on any thread,
+    and the next step fails the cell."""
+    inline = _cell(tmp_path / "inline", ["trains-between-steps"])["trains-between-steps"]
+    assert inline["status"] == "ok"  # the hole, in-process
+    cell = _cell(tmp_path / "isolated", ["trains-between-steps"], "--isolate")["trains-between-steps"]
+    assert cell["status"] == "error" and "a backward kernel (aten::" in cell["message"]
+    assert "during the life of the edge's half" in cell["message"]
+
+
 def test_method_code_in_a_worker_cannot_jam_the_parents_zygote(plugins, tmp_path, monkeypatch):
     """A worker forked from a process that had started a zygote held a copy of its line: `half-a-message` wrote a
     header there whose body never came, and the zygote waited for it while every later isolated unit of the process

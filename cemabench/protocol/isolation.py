@@ -61,7 +61,7 @@ from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge, validate_decision
 from cemabench.protocol.execution import Execution, deterministic_threads, warm_allocator
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
-from cemabench.protocol.meter import ComputeMeter, SampleCounter
+from cemabench.protocol.meter import ComputeMeter, SampleCounter, guard_process
 from cemabench.protocol.plain import NotPlain, plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.tasks import task_for
@@ -393,20 +393,44 @@ class _Side:
 class _EdgeSide(_Side):
     def __init__(self, method, execution, prototype, count, num_classes, task, artefacts):
         prototype = _loaded(prototype)  # before the method's module is imported, as a pickled argument was
+        # from here on no backward or optimizer kernel may run in this process, on any thread, in a step or between
+        # steps (a thread the method's code started, training a hidden model while the cloud step runs)
+        self.outside, self.seen = guard_process(), 0
         super().__init__(method, execution)
         self.method.artefacts = artefacts
         self.task = task_for(*task)
         self.prototype, self.count, self.num_classes = prototype, count, num_classes
         self.edges: list[ForwardOnlyEdge] = []
 
+    def refused(self) -> str | None:
+        """What the process guard refused since it was last asked, or None."""
+        if self.outside is None or self.outside.refusals == self.seen:
+            return None
+        message, self.seen = self.outside.refusal(self.seen), self.outside.refusals
+        return (f"the edge is forward-only, but {message} (a thread its code started, or its code outside the "
+                f"edge step?). Train a replica in the method's CloudLogic and send the new parameters down instead.")
+
+    def _check(self) -> None:
+        refused = self.refused()
+        if refused:
+            raise ForwardOnlyViolation(refused)
+
     def build(self) -> dict:
+        self._check()
         self.edges = build_edges(self.method, lambda: copy.deepcopy(self.prototype), self.num_classes, self.count,
                                  self.device, self.memory_format)
         for edge in self.edges:  # the cloud's code runs in another process: it cannot reach this edge's buffers
             edge.watch_buffers = False
+        self._check()
         return {}
 
+    def finish(self) -> dict:
+        reply = super().finish()
+        refused = self.refused()
+        return {"left": reply["left"] + [refused]} if refused else reply
+
     def step(self, index: int, x: torch.Tensor, downloads: list) -> dict:
+        self._check()
         edge = self.edges[index]
         for download in downloads:
             edge.receive(download)
@@ -415,6 +439,7 @@ class _EdgeSide(_Side):
             decision = edge.step(x.to(self.device, memory_format=self.memory_format), self.task, checks)
         hygiene.check_modes(self.depths, "the edge step")
         checks.read()
+        self._check()
         return {"decision": _fields(decision), "flops": edge.meter.take(),
                 "forwards": [edge.forwards.with_grad, edge.forwards.without_grad]}
 

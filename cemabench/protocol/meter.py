@@ -3,9 +3,9 @@ samples counted through model forwards (:class:`SampleCounter`).
 
 A :class:`ComputeMeter` is a ``TorchDispatchMode``: every aten op that runs inside it passes through it, whichever
 module, function or copy issued it (the autograd engine carries the mode into backward, also on its own threads). A
-thread that plugin code starts does not inherit it: the C++ meter adopts a ``threading.Thread`` started inside a guard
-before its first op, and any other thread at its first op (``native_meter.cpp``); the Python meter leaves threads to
-the edge's seal, which catches their writes into edge parameters (:mod:`cemabench.protocol.edge`). FLOPs come from
+thread that plugin code starts does not inherit it: the C++ meter's guard sees every thread's ops through a callback
+(``native_meter.cpp``); the Python meter leaves threads to the edge's seal, which catches their writes into edge
+parameters (:mod:`cemabench.protocol.edge`). FLOPs come from
 PyTorch's own formulas (``torch.utils.flop_counter.flop_registry``, the table behind ``FlopCounterMode``), with
 the same rule as ``FlopCounterMode`` for ops without a formula: run their composite decomposition under the mode,
 so that the convolution or matmul inside is counted. Only matmul- and convolution-like ops carry FLOPs, as there.
@@ -28,7 +28,6 @@ argument shapes and layouts.
 """
 from __future__ import annotations
 
-import sys
 import threading
 
 import torch
@@ -160,13 +159,6 @@ def _count_native(name: str, overload: str, arguments: list, outputs: list) -> i
     return int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
 
 
-def _adopt(frame, event, arg) -> None:
-    """A ``threading.Thread`` started while the C++ guard is entered runs this before its target: from then on its
-    ops pass the meter's fallback, with their arguments (``native_meter.cpp``: ``adopted``)."""
-    sys.setprofile(None)
-    meter_module().adopt()
-
-
 class ComputeMeter:
     """Counts FLOPs of every op run inside it; with ``guard=True``, also refuses what a forward-only device cannot
     do. Enter it once per step (``with meter:``); :meth:`take` returns the FLOPs since the last ``take``.
@@ -205,17 +197,12 @@ class ComputeMeter:
     def __enter__(self):
         if self.guard:
             self._threads = set(threading.enumerate())
-            if self.kind == "native":  # a thread started inside is guarded at every op, its first included
-                self._profile = threading.getprofile()
-                threading.setprofile(_adopt)
         self._blinds = self._meter.blinds
         self._meter.enter()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._meter.exit()
-        if self.guard and self.kind == "native":
-            threading.setprofile(self._profile)
         if self._meter.blinds != self._blinds and exc_info[0] is None:
             raise MeterBlind(f"{self.phase} ran {self._meter.last_blind} behind a Python __torch_dispatch__ (a "
                              f"dispatch mode or a tensor subclass), under a torch.func transform or with forward-mode "
@@ -232,6 +219,19 @@ class ComputeMeter:
         total = self._meter.flops
         flops, self._taken = total - self._taken, total
         return flops
+
+
+def guard_process() -> ComputeMeter | None:
+    """For an isolated edge half (:mod:`cemabench.protocol.isolation`): a meter whose refusals count every backward or
+    optimizer kernel that runs in this process from now on, on any thread, in a step or between steps. None under the
+    Python meter, which sees only the ops of the thread that entered it."""
+    native = meter_module()
+    if native is None:
+        return None
+    meter = ComputeMeter(guard=True)
+    meter.phase = "the life of the edge's half"
+    native.guard_process(meter._meter)
+    return meter
 
 
 class _DispatchMeter(TorchDispatchMode):

@@ -7,8 +7,7 @@
 // threads). That key sits above Autograd, so it sees composite ops before they decompose; it keeps seeing the ops a
 // composite op is made of (PyTorch's CompositeImplicitAutograd kernels, and ops outside the aten namespace, run
 // with the key still included) and runs every other aten op below itself with the key excluded. It therefore sees
-// the ops a Python dispatch mode sees after decomposing composite ops, which is what the Python meter counts. Most of
-// PyTorch's composite ops fall through the key without reaching the fallback at all (`pass_composites`).
+// the ops a Python dispatch mode sees after decomposing composite ops, which is what the Python meter counts.
 //
 // Per op: with a guard (any entered meter that guards), refuse a backward kernel (an autograd node is running, or an
 // op named *_backward*), an optimizer kernel (_foreach_*_ and _fused_*) and an in-place write into a protected
@@ -187,53 +186,6 @@ MeterPtr guarding(const Active& meters) {
   return nullptr;
 }
 
-// PyTorch's composite ops (CompositeImplicitAutograd: conv2d, batch_norm, linear, ...) are made of the ops they
-// call, which the meter sees with the key still included; so the meter need not see the composite itself (the Python
-// meter never does: a dispatch mode sees ops after they decompose). A fallthrough kernel on the meter's key for each
-// of them skips the fallback and the boxing of its arguments (a third of the guarded edge's cost per op). Not for
-// those the meter must see at the op: a formula op, one named as a backward or optimizer kernel, one that writes into
-// an argument. Registered once, when the formulas are set; a kernel a plugin puts in place of one is found by
-// `foreign_kernels` (cemabench.protocol.hygiene).
-std::vector<std::pair<std::string, c10::OperatorHandle>> passed;
-std::unordered_set<std::string> passed_names;
-
-std::string full_name(const c10::OperatorName& name) {
-  return name.name + (name.overload_name.empty() ? "" : "." + name.overload_name);
-}
-
-void pass_composites() {
-  static torch::Library* passing = new torch::Library(torch::Library::IMPL, "aten", kKey, __FILE__, __LINE__);
-  auto& dispatcher = c10::Dispatcher::singleton();
-  for (const auto& name : dispatcher.getAllOpNames()) {
-    if (name.name.rfind("aten::", 0) != 0) continue;
-    auto op = dispatcher.findOp(name);
-    if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) continue;
-    const OpInfo& i = info(*op);
-    if (i.formula || i.backward || i.optimizer || !i.written.empty()) continue;
-    std::string registered = full_name(name);
-    passing->impl(registered.substr(6).c_str(), torch::CppFunction::makeFallthrough());
-    passed_names.insert(registered);
-    passed.emplace_back(std::move(registered), *op);
-  }
-}
-
-// A thread the method's code started does not carry the meter's key, and code can exclude the key on its own
-// thread: while a guarding meter is entered, every op on every thread passes this RecordFunction callback. It
-// refuses there, by the op's name, what needs no argument: a backward or an optimizer kernel. Exceptions thrown from
-// such a callback are dropped by PyTorch, so the refusal is counted, and the meter's owner raises it when the step
-// ends. The callback asks for no inputs (boxing every op's inputs on every thread, the metered one included, cost the
-// guarded edge about 5 us an op): instead, a thread found running ops outside the meter is adopted, its key included
-// from then on, so that its later ops pass the fallback with their arguments (`adopted`; a threading.Thread started
-// while the guard is entered is adopted before its first op, see ComputeMeter). A write in the first op of another
-// thread, or below the meter, is not seen at the op; one into an edge parameter is caught by the edge's seal when
-// the step ends (cemabench.protocol.edge).
-thread_local bool adopted = false;
-
-void adopt() {
-  c10::impl::tls_set_dispatch_key_included(kKey, true);
-  adopted = true;
-}
-
 // The op an event of the callback is about, found by the address of its name (the schema's own string: one per op
 // and overload, for as long as the op is registered) and checked against the names, so that a name that now lives
 // where a removed op's did is looked up again. nullptr: not an op (a user's scope, an autograd node's event).
@@ -263,20 +215,61 @@ const OpInfo* event_info(const at::RecordFunction& fn) {
   return i;
 }
 
+// A thread the method's code started does not carry the meter's key, and code can exclude the key on its own
+// thread: while a guarding meter is entered, every op on every thread passes this RecordFunction callback, which
+// refuses there what the fallback refuses where it sees the op. Exceptions thrown from such a callback are dropped by
+// PyTorch, so the refusal is counted, and the meter's owner raises it when the step ends. It needs the op's inputs
+// (a write into an edge parameter, or into one that holds a gradient), so PyTorch boxes every op's inputs while it is
+// registered, the guarded thread's own included; that thread's ops return at once.
+//
+// On a thread that entered a meter, the key is off only where the fallback took it off to run an op below itself
+// (`below_depth`), or where Python code behind a dispatch mode or tensor subclass runs (the fallback marks those
+// blind, or they are the caller's own instrument's). Anywhere else the step's code took it off itself, and its ops
+// would count no FLOPs: refused.
+thread_local int entered_depth = 0;  // meters this thread entered and has not left
+thread_local int below_depth = 0;  // ops the fallback is running below itself on this thread
+
+struct Below {
+  explicit Below(bool on) : on(on) { below_depth += on; }
+  ~Below() { below_depth -= on; }
+  bool on;
+};
+
 std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
   bool included = c10::impl::tls_is_dispatch_key_included(kKey);
   if (included && !c10::impl::tls_is_dispatch_key_excluded(kKey)) return nullptr;
-  if (!included) adopt();
   const OpInfo* i = event_info(fn);
-  if (i == nullptr || !(i->backward || i->optimizer || torch::autograd::get_current_node() != nullptr))
-    return nullptr;  // nothing to refuse without the op's arguments
+  if (i == nullptr) return nullptr;
   Active meters = active_meters();
   MeterPtr guard = guarding(meters);
   if (guard == nullptr) return nullptr;
-  remember(meters, guard_refusal(guard, *i, {}, included ? " below the meter" : " on a thread"));
+  if (entered_depth > 0 && below_depth == 0) {
+    remember(meters, i->name + " ran with the meter's dispatch key " + (included ? "excluded" : "switched off") +
+                         " on the thread of " + guard->phase + ", where no FLOP is counted");
+    return nullptr;
+  }
+  std::string refusal = guard_refusal(guard, *i, fn.inputs(), included ? " below the meter" : " on a thread");
+  if (!refusal.empty()) remember(meters, refusal);
   return nullptr;
 }
 at::CallbackHandle thread_callback = 0;
+
+// An isolated edge half (cemabench.protocol.isolation) is the edge for its whole life: no backward or optimizer kernel
+// may run in it at any time, on any thread, also between the edge's steps (while the cloud step runs, say), where no
+// guard is entered. This callback, registered for the process's life, counts such a kernel (by the op's name) as a
+// refusal of `process_guard`, which the half reads after each call.
+MeterPtr process_guard;
+
+std::unique_ptr<at::ObserverContext> on_edge_process(const at::RecordFunction& fn) {
+  if (c10::impl::tls_is_dispatch_key_included(kKey) && !c10::impl::tls_is_dispatch_key_excluded(kKey))
+    return nullptr;  // a guarded step's own op: the fallback refuses it there
+  const OpInfo* i = event_info(fn);
+  if (i == nullptr || !(i->backward || i->optimizer || torch::autograd::get_current_node() != nullptr)) return nullptr;
+  std::string refusal = guard_refusal(process_guard, *i, {}, "");
+  std::lock_guard<std::mutex> lock(process_guard->mutex);
+  note(*process_guard, refusal);
+  return nullptr;
+}
 
 // Where the ops that code runs pass below this key or more than once: Python code behind __torch_dispatch__ (a
 // dispatch mode, a tensor subclass) runs with every key above Python excluded, torch.func's transforms redispatch
@@ -438,16 +431,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::ji
     op.redispatchBoxed(below, stack);
     return;
   }
-  // A thread method code started, while a guard is entered: guarded at every op it runs, counted by no meter (the
-  // Python meter does not see it). Otherwise (an engine's thread that runs a counted backward later) as any thread.
   MeterPtr guard = guarding(meters);
-  if (adopted && guard) {
-    std::string refusal = guard_refusal(guard, i, c10::ArrayRef<c10::IValue>(*stack).slice(stack->size() - i.arguments),
-                                        " on a thread");
-    if (!refusal.empty()) refuse(meters, guard, refusal);
-    op.redispatchBoxed(below, stack);
-    return;
-  }
   bool python = keys.has(c10::DispatchKey::Python) &&
                 hidden_python(meters.front()->entry_modes, stack, i.arguments);
   if (python || !(keys & hidden_keys).empty() || (i.formula && has_tangent(stack, i.arguments))) {
@@ -463,6 +447,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::ji
   // visible, and a formula op's count is its own, not also that of the formula ops it runs inside (the outermost
   // counts, as in the Python meter).
   if (i.transparent || keys.has(c10::DispatchKey::Python)) {
+    Below python(keys.has(c10::DispatchKey::Python));  // a handler in Python runs with the key excluded
     if (!i.formula || inside_formula > 0) {
       op.redispatchBoxed(below, stack);
       return;
@@ -471,6 +456,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::ji
     return;
   }
   c10::impl::ExcludeDispatchKeyGuard hide(kKey);
+  Below hidden(true);
   if (!i.formula || inside_formula > 0) {
     op.redispatchBoxed(below, stack);
     return;
@@ -498,28 +484,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     bool set = false;
     std::call_once(formulas_set, [&] {
       formula_names = std::unordered_set<std::string>(names.begin(), names.end());
-      pass_composites();
       set = true;
     });
     TORCH_CHECK(set, "cemabench: the meter's formulas are set once, when it is loaded");
   });
-  module.def("own_kernels", [] {  // the composite ops the meter lets fall through its key
-    std::vector<std::string> out;
-    for (const auto& p : passed) out.push_back(p.first);
-    return out;
+  module.def("guard_process", [](const MeterPtr& m) {  // once, in an edge half, before any method code is imported
+    TORCH_CHECK(!process_guard, "cemabench: a process is guarded once");
+    process_guard = m;
+    at::addGlobalCallback(at::RecordFunctionCallback(&on_edge_process));
   });
-  module.def("foreign_kernels", [] {  // kernels on the key other than the meter's own fallthroughs, or in their place
-    std::vector<std::string> out;
-    for (const auto& p : passed) {
-      if (!p.second.hasKernelForDispatchKey(kKey) || !p.second.isKernelFallthroughKernel(kKey)) out.push_back(p.first);
-    }
-    for (const auto& name : c10::Dispatcher::singleton().getRegistrationsForDispatchKey(kKey)) {
-      std::string registered = full_name(name);
-      if (!passed_names.count(registered)) out.push_back(std::move(registered));
-    }
-    return out;
-  });
-  module.def("adopt", &adopt);  // this thread's ops pass the fallback, as a thread started by metered code
   module.def("depth", [] {
     std::lock_guard<std::mutex> lock(stack_mutex);
     return entered.size();
@@ -527,6 +500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("reset", [] {  // after a unit whose code left meters entered: none stays, on any thread
     std::lock_guard<std::mutex> lock(stack_mutex);
     entered.clear();
+    entered_depth = 0;
     c10::impl::tls_set_dispatch_key_included(kKey, false);
     if (thread_callback != 0) {
       at::removeCallback(thread_callback);
@@ -574,8 +548,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         m->entry_modes = c10::impl::TorchDispatchModeTLS::stack_len();
         entered.emplace_back(m, c10::impl::tls_is_dispatch_key_included(kKey));
         c10::impl::tls_set_dispatch_key_included(kKey, true);
+        ++entered_depth;
         if (m->guard && thread_callback == 0)
-          thread_callback = at::addGlobalCallback(at::RecordFunctionCallback(&on_any_thread));
+          thread_callback = at::addGlobalCallback(at::RecordFunctionCallback(&on_any_thread).needsInputs(true));
       })
       .def("exit", [](const MeterPtr& m) {
         std::lock_guard<std::mutex> lock(stack_mutex);
@@ -583,6 +558,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                     "cemabench: meters must be left in the order they were entered");
         c10::impl::tls_set_dispatch_key_included(kKey, entered.back().second);
         entered.pop_back();
+        entered_depth -= entered_depth > 0;
         bool guards = false;
         for (const auto& e : entered) guards = guards || e.first->guard;
         if (thread_callback != 0 && !guards) {

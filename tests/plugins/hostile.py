@@ -180,3 +180,56 @@ class LeavesAThread(Method):
 
     def cloud(self, resources):
         return _LeavesAThread()
+
+
+class _TrainsBetweenSteps(EdgeLogic):
+    """Starts a thread in ``configure`` that trains a hidden copy of the edge model (kept in a closure, out of the
+    seal's reach) on each batch while the edge's guard is not entered, and predicts with that copy."""
+
+    def configure(self, model):
+        import copy
+        import queue
+        import threading
+        import time
+
+        with torch.inference_mode(False):
+            hidden = copy.deepcopy(model).requires_grad_(True)
+            optimizer = torch.optim.SGD(hidden.parameters(), lr=0.01)
+        self.batches = queue.Queue()
+
+        def train():
+            while True:
+                try:  # ends once no batch came for a second: within the grace a unit's threads get to finish
+                    x = self.batches.get(timeout=1.0)
+                except queue.Empty:
+                    return
+                time.sleep(0.05)  # once the step has returned
+                with torch.inference_mode(False), torch.enable_grad():
+                    optimizer.zero_grad()
+                    (-hidden(x.clone()).softmax(1).max(1).values.mean()).backward()
+                    optimizer.step()
+
+        threading.Thread(target=train, daemon=True, name="trainer").start()
+        self.predict = lambda x: hidden(x)
+        return model
+
+    def step(self, model, x):
+        self.batches.put(x)  # trained on while the cloud step runs
+        return EdgeDecision(self.predict(x), upload=torch.tensor([0]))
+
+
+class _WaitsForTheTrainer(CloudLogic):
+    def step(self, upload):
+        import time
+
+        time.sleep(0.3)  # long enough for the edge's thread to train on the batch (a cloud step's own time, isolated)
+
+
+class TrainsBetweenSteps(Method):
+    """A forward-only edge that trains a hidden model between its steps, in a thread its ``configure`` started."""
+
+    def edge(self, num_classes):
+        return _TrainsBetweenSteps()
+
+    def cloud(self, resources):
+        return _WaitsForTheTrainer()
