@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cemabench.cli import main
-from cemabench.errors import UserError
+from cemabench.errors import HalfFailed, UserError
 from cemabench.report.leaderboard import render
 from cemabench.run import runner
 from cemabench.tables.spec import load_table
@@ -192,10 +193,16 @@ def _landlock(version: int) -> None:
     ("signal", 6, "Operation not permitted"),  # the zygote, the loop, any process outside the half
     ("tcp", 4, "Permission denied"),  # a Ray head, a local service
     ("terminal", 1, "No such device or address"),  # a session of its own has no terminal to type into
+    ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder
+    ("read-cache", 1, "Permission denied"),  # the corrupted images, the training artefacts
 ])
-def test_a_half_reaches_nothing_outside_itself(plugins, tmp_path, how, version, words):
+def test_a_half_reaches_nothing_outside_itself(plugins, tmp_path, monkeypatch, how, version, words):
     """A hostile review of --isolate: each way out, refused by the kernel, fails the cell; the run goes on."""
     _landlock(version)
+    secret = tmp_path / "data" / "labels.txt"  # as a data root is: outside the code and Python's folders
+    secret.parent.mkdir()
+    secret.write_text("n01440764\n")
+    monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret))
     spec = Path(write_spec(tmp_path / "base.toml", []))
     spec.write_text(spec.read_text() + f'[[methods]]\nname = "escapes"\noptions = {{ how = "{how}" }}\n')
     main(["reproduce", str(spec), "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", "--isolate"])
@@ -445,9 +452,10 @@ def test_the_zygote_preloads_harness_code_and_libraries_only():
         assert not name.startswith(("cemabench.tables", "cemabench.run", "cemabench.report")), name
 
 
-def test_the_models_and_clean_split_are_pickled_once_per_run_for_the_halves():
-    """Every unit's halves get the same models and clean split: where Models gives copies of one pair (as every run
-    builds it), they are pickled for the first unit and the bytes are sent again; other builders are called anew."""
+def test_the_models_are_pickled_once_per_run_for_the_halves_and_the_clean_split_never():
+    """Every unit's halves get the same models: where Models gives copies of one pair (as every run builds it), they
+    are pickled for the first unit and the bytes are sent again; other builders are called anew. Of the clean split
+    the cloud half gets its name and sizes only (it asks the loop for images and labels)."""
 
     import torch
 
@@ -458,9 +466,9 @@ def test_the_models_and_clean_split_are_pickled_once_per_run_for_the_halves():
     clean = miniature.dataset(domains=["fog"]).clean
     models = Models.copies_of(TinyNet().eval(), TinyNet().eval())
     first = isolation._set_up(models, clean)
-    assert all(a is b for a, b in zip(isolation._set_up(models, clean), first, strict=True))  # the same pickles
-    other = miniature.dataset(domains=["fog"]).clean
-    assert isolation._set_up(models, other)[2] is not first[2] and isolation._set_up(models, None)[2] is None
+    assert all(a is b for a, b in zip(isolation._set_up(models, clean)[:2], first[:2], strict=True))  # the same
+    assert first[2] == {"name": clean.name, "length": len(clean), "sample_nbytes": clean.sample_nbytes}
+    assert isolation._set_up(models, None)[2] is None
     edge = isolation._loaded(first[0])  # what a half unpickles
     assert type(edge) is TinyNet and all(torch.equal(a, b) for a, b in zip(edge.state_dict().values(),
                                                                             models.edge().state_dict().values()))
@@ -469,3 +477,29 @@ def test_the_models_and_clean_split_are_pickled_once_per_run_for_the_halves():
     isolation._set_up(built, None)
     isolation._set_up(built, None)
     assert calls == ["edge", "f", "edge", "f"]
+
+
+def test_the_loop_serves_a_cloud_half_the_clean_split_and_nothing_else():
+    """The cloud half reads no dataset file: it asks the loop for the clean split's images and labels. A request
+    for anything else, out of range, or from a half without a clean split fails its cell by name."""
+    import numpy as np
+
+    from cemabench.datasets import miniature
+    from cemabench.protocol.isolation import ASK_CLEAN, serve_clean
+
+    clean = miniature.dataset(domains=["fog"]).clean
+    indices = torch.tensor([3, 0, 7])
+    assert torch.equal(serve_clean(clean, {ASK_CLEAN: "images", "indices": indices}, "cloud"),
+                       clean.images(np.array([3, 0, 7])))
+    assert np.array_equal(serve_clean(clean, {ASK_CLEAN: "labels"}, "cloud").numpy(), clean.labels())
+    for request in ({ASK_CLEAN: "images", "indices": torch.tensor([len(clean)])},
+                    {ASK_CLEAN: "images", "indices": torch.tensor([-1])},
+                    {ASK_CLEAN: "images", "indices": torch.tensor([[0]])},
+                    {ASK_CLEAN: "images", "indices": torch.tensor([0.0])},
+                    {ASK_CLEAN: "images", "indices": [0]},
+                    {ASK_CLEAN: "test-labels"},
+                    {ASK_CLEAN: "labels", "domain": "fog"}):
+        with pytest.raises(HalfFailed, match="request for the clean split is malformed"):
+            serve_clean(clean, request, "cloud")
+    with pytest.raises(HalfFailed, match="asked for a clean split it was not given"):
+        serve_clean(None, {ASK_CLEAN: "labels"}, "edge")

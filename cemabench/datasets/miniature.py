@@ -137,8 +137,7 @@ def _train_split() -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_labels() -> np.ndarray:
-    """The clean training split's labels (a module-level function, so that the split pickles: ``--isolate`` sends
-    it to the cloud half)."""
+    """The clean training split's labels (a module-level function, so that the split pickles)."""
     return _train_split()[1]
 
 

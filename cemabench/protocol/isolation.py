@@ -30,6 +30,7 @@ import copy
 import ctypes
 import dataclasses
 import importlib
+import importlib.machinery
 import io
 import json
 import os
@@ -53,6 +54,8 @@ import torch
 
 from cemabench import provenance, registry
 from cemabench.config import Protocol
+from cemabench.config.paths import cache_root
+from cemabench.data import sequential_batches
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudReply, EdgeDecision, EntropyTables, MethodFacts, Upload
 from cemabench.protocol import hygiene, sandbox, wire
@@ -86,18 +89,19 @@ def _loaded(value):
 
 
 def _set_up(models, clean) -> tuple:
-    """(edge, foundation, clean split) for the halves' set-up, as ``torch.save`` bytes, which cross inside a wire
-    message as bytes and are unpickled in the half (not inside another ``torch.save``, which copied and parsed the
-    megabytes of a clean split twice more: 40 ms of a miniature unit's set-up). Where ``models`` gives copies of the
-    same models (``Models.copies_of``, as every run does), pickled once and kept with them; otherwise built anew."""
+    """(edge, foundation, clean split) for the halves' set-up: the models as ``torch.save`` bytes, which cross inside a
+    wire message as bytes and are unpickled in the half (not inside another ``torch.save``, which copies and parses
+    them twice more), and what the cloud half's stand-in for the clean split needs to know (:class:`_AskedClean`).
+    Where ``models`` gives copies of the same models (``Models.copies_of``, as every run does), pickled once and kept
+    with them; otherwise built anew."""
+    facts = None if clean is None else {"name": str(clean.name), "length": len(clean),
+                                        "sample_nbytes": int(clean.sample_nbytes)}
     if not models._copies:
-        return pack(models.edge()), pack(models.foundation()), None if clean is None else pack(clean)
+        return pack(models.edge()), pack(models.foundation()), facts
     kept = models._pickled
     if "edge" not in kept:
         kept["edge"], kept["foundation"] = pack(models.edge()), pack(models.foundation())
-    if clean is not None and kept.get("clean", (None,))[0] is not clean:  # the object is kept: its id stays its own
-        kept["clean"] = (clean, pack(clean))
-    return kept["edge"], kept["foundation"], None if clean is None else kept["clean"][1]
+    return kept["edge"], kept["foundation"], facts
 
 
 MAX_MESSAGE = 1 << 32  # bytes of one reply from a half (4 GiB: a batch of ImageNet feature maps fits many times)
@@ -177,18 +181,26 @@ def _fields(obj) -> dict:
 BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
         "from cemabench.protocol.isolation import zygote; zygote(int(sys.argv[2]))")
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
-# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the built-in datasets' modules hold
-# what a clean split unpickles to in the cloud half (each imports the corruptions, and SciPy: 0.2 s a half); all of
-# it harness code (the planner's too), none a plugin's; and SciPy's optimisers, which ECCENTRIC's and Entropic
-# Student's modules import (0.2 s in each half of each of their units: a library, not a plugin)
+# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the planner's module and the built-in
+# models' (harness code, none a plugin's); and SciPy's optimisers, which ECCENTRIC's and Entropic Student's modules
+# import (0.2 s in each half of each of their units: a library, not a plugin). No dataset's: a half reads no data
+# (the cloud half asks the loop for the clean split's images, :class:`_AskedClean`)
 PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.protocol.planner",
-           *(f"cemabench.datasets.{m}" for m in ("miniature", "minidet", "coco", "imagenet", "cifar")),
            *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
+# what the halves forked from now on may not read, should it lie where they read (an import path folder, say): the
+# data roots and results folders this process uses (:func:`hide`); the cache root always
+HIDDEN: set[str] = set()
 # the pid that started it -> (process, connection, lock): a worker forked from that process starts its own
 _ZYGOTES: dict[int, tuple] = {}
+
+
+def hide(path) -> None:
+    """Keep ``path`` (a data root, a results folder) from every half forked from now on, wherever it lies."""
+    if path is not None:
+        HIDDEN.add(os.path.abspath(path))
 
 
 def drop_inherited() -> None:
@@ -238,7 +250,7 @@ def _fork_half() -> tuple[int, int]:
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), dict(os.environ)))
+                conn.send((list(sys.path), dict(os.environ), sorted(HIDDEN)))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"
@@ -273,7 +285,7 @@ def zygote(fd: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
     while True:
         try:
-            path, environ = conn.recv()
+            path, environ, hidden = conn.recv()
         except (EOFError, OSError):
             os._exit(0)
         ours, theirs = socket.socketpair()
@@ -281,7 +293,7 @@ def zygote(fd: int) -> None:
         if pid == 0:
             conn.close()
             ours.close()
-            _half(Connection(theirs.detach()), path, environ)
+            _half(Connection(theirs.detach()), path, environ, hidden)
         theirs.close()
         reduction.send_handle(conn, ours.fileno(), pid)
         conn.send(pid)
@@ -293,11 +305,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _half(conn: Connection, path: list[str], environ: dict) -> None:
+def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, no capabilities, confined by
     Landlock) before any method code is imported, set up from the harness's requests, then answering its steps;
     never returns."""
     global SANDBOX
+    _LINE[:] = [conn]
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
@@ -305,16 +318,18 @@ def _half(conn: Connection, path: list[str], environ: dict) -> None:
     os.close(null)
     with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
         sandbox.drop_capabilities()
-    try:
-        SANDBOX = sandbox.confine([os.devnull, *DEVICES])
-    except OSError as error:
-        SANDBOX = f"none (refused: {error})"
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
     sys.path[:] = path
     os.environ.clear()
     os.environ.update(environ)
     importlib.invalidate_caches()
+    # each import path folder's listing read now: one that holds a hidden folder can no longer be listed
+    importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
+    try:
+        SANDBOX = sandbox.confine([os.devnull, *DEVICES], sandbox.readable(path, [str(cache_root()), *hidden]))
+    except OSError as error:
+        SANDBOX = f"none (refused: {error})"
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _die_with_parent()
     side = None
     while True:
         try:
@@ -446,9 +461,10 @@ class _EdgeSide(_Side):
 
 class _CloudSide(_Side):
     def __init__(self, method, execution, edge, foundation, clean, num_classes, seed):
-        edge, foundation, clean = _loaded(edge), _loaded(foundation), _loaded(clean)  # (as the edge side's)
+        edge, foundation = _loaded(edge), _loaded(foundation)  # (as the edge side's)
         super().__init__(method, execution)
-        self.edge_prototype, self.foundation_prototype, self.clean = edge, foundation, clean
+        self.edge_prototype, self.foundation_prototype = edge, foundation
+        self.clean = None if clean is None else _AskedClean(**clean)
         self.num_classes, self.seed = num_classes, seed
         self.passes, self.meter = SampleCounter(), ComputeMeter()
         self.clouds: list = []
@@ -502,12 +518,60 @@ class _CloudSide(_Side):
                 "passes": [self.passes.with_grad, self.passes.without_grad]}
 
 
+class _AskedClean:
+    """The clean split in the cloud half (a :class:`~cemabench.data.DomainData`): its images and labels are read by
+    the loop's process, which holds the dataset, and cross as bytes when the method asks for them. So the half reads
+    no dataset file (its sandbox lets it read none) and runs no dataset plugin's code."""
+
+    def __init__(self, name: str, length: int, sample_nbytes: int):
+        self.name, self.length, self.sample_nbytes = name, length, sample_nbytes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def images(self, indices) -> torch.Tensor:
+        return self._ask({ASK_CLEAN: "images", "indices": torch.as_tensor(np.asarray(indices), dtype=torch.int64)})
+
+    def labels(self) -> np.ndarray:
+        return self._ask({ASK_CLEAN: "labels"}).numpy()
+
+    def batches(self, order, batch_size: int, pin_memory: bool = False):
+        return sequential_batches(self, order, batch_size, pin_memory)
+
+    @staticmethod
+    def _ask(request: dict):
+        send(_LINE[0], request)
+        data = _LINE[0].recv_bytes()
+        return (wire.decode(data) if data[:len(wire.MAGIC)] == wire.MAGIC else _unpickled(data))["value"]
+
+
+ASK_CLEAN = "ask-clean"  # the key of a cloud half's request for the clean split, in place of its reply
+_LINE: list = []  # in a half: its line to the loop
+
+
+def serve_clean(clean, request: dict, role: str) -> torch.Tensor:
+    """What a half's request for the clean split asks: its images at plain, in-range int64 indices, or its labels;
+    anything else, or a half that has no clean split, is refused."""
+    kind = request.get(ASK_CLEAN)
+    if clean is None:
+        raise HalfFailed(f"NotPlain: the {role} half asked for a clean split it was not given")
+    if kind == "labels" and set(request) == {ASK_CLEAN}:
+        return torch.as_tensor(np.asarray(clean.labels()))
+    indices = request.get("indices")
+    if kind == "images" and set(request) == {ASK_CLEAN, "indices"} and type(indices) is torch.Tensor and (
+            indices.dtype == torch.int64 and indices.dim() == 1 and (
+            len(indices) == 0 or (int(indices.min()) >= 0 and int(indices.max()) < len(clean)))):
+        return clean.images(indices.numpy())
+    raise HalfFailed(f"NotPlain: the {role} half's request for the clean split is malformed")
+
+
 # -- the harness's side ---------------------------------------------------------------------------------------------
 class Half:
     """The loop's handle on one half's process."""
 
-    def __init__(self, role: str, device: torch.device):
+    def __init__(self, role: str, device: torch.device, clean=None):
         self.role, self.device = role, device
+        self.clean = clean  # the clean split, whose images and labels the half may ask for while it answers a call
         self.max_message = MAX_MESSAGE  # the longest reply read (a planner's answers are far shorter)
         fd, self.pid = _fork_half()
         self.conn = Connection(fd)
@@ -520,6 +584,9 @@ class Half:
         try:
             send(self.conn, (op, args, rng_state(self.device)))
             reply = unpack(self.conn.recv_bytes(self.max_message), self.role)
+            while isinstance(reply, dict) and ASK_CLEAN in reply:
+                send(self.conn, {"value": serve_clean(self.clean, reply, self.role)})
+                reply = unpack(self.conn.recv_bytes(self.max_message), self.role)
         except (EOFError, OSError, BrokenPipeError):
             raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "
                              f"killed)") from None
@@ -650,7 +717,7 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
         options = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
     # what the halves build the method from
     recipe = (entry, options, method.task, dataclasses.asdict(method.protocol or Protocol()))
-    cloud = Half("cloud", device)
+    cloud = Half("cloud", device, clean)
     halves.append(cloud)
     edge = Half("edge", device)
     halves.append(edge)

@@ -1,10 +1,13 @@
-"""A half's process (``--isolate``) confined with Linux Landlock: what it may change on disk, whom it may reach.
+"""A half's process (``--isolate``) confined with Linux Landlock: what it may read and change on disk, whom it may
+reach.
 
-A process of the same OS user can write every file the harness can: the results store, the training-artefact cache,
-the dataset caches. Landlock (Linux 5.13 and later, unprivileged) lets a process give up rights for itself and
-everything it starts: :func:`confine` leaves reading and executing as they were and forbids creating, writing,
-truncating, renaming, linking or removing any file but those it is given, TCP, and signals and abstract sockets
-beyond the process's own children. The rules are the kernel's; no code in the process can lift them afterwards.
+A process of the same OS user can read and write every file the harness can: the datasets and their labels, the
+results store, the training-artefact cache, the dataset caches. Landlock (Linux 5.13 and later, unprivileged) lets a
+process give up rights for itself and everything it starts: :func:`confine` forbids creating, writing, truncating,
+renaming, linking or removing any file but those it is given, reading any file or listing any folder but those beneath
+the folders it is given (:func:`readable`: the system's, Python's and the importable code's), TCP, and signals and
+abstract sockets beyond the process's own children. The rules are the kernel's; no code in the process can lift them
+afterwards.
 
 The syscalls are called through ctypes (numbers 444-446 on every architecture Linux gives them); the ruleset's
 fields are those of ``linux/landlock.h``.
@@ -15,20 +18,22 @@ import ctypes
 import os
 import platform
 import struct
+import sys
 
 CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1 << 0
 RULE_PATH_BENEATH = 1
 PR_SET_NO_NEW_PRIVS = 38
 
-WRITE_FILE = 1 << 1
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+READ = READ_FILE | READ_DIR
 REMOVE_DIR, REMOVE_FILE = 1 << 4, 1 << 5
 # making a character device, a folder, a file, a socket, a fifo, a block device, a symbolic link
 MAKE = (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)
 REFER = 1 << 13  # ABI 2: link or rename across folders
 TRUNCATE = 1 << 14  # ABI 3
 IOCTL_DEV = 1 << 15  # ABI 5
-FILE_RIGHTS = WRITE_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a file (not a folder) may allow
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a file (not a folder) may allow
 TCP = (1 << 0) | (1 << 1)  # ABI 4: bind, connect
 SCOPES = (1 << 0) | (1 << 1)  # ABI 6: abstract Unix sockets, signals
 CAPABILITY_SYSCALLS = {"x86_64": (125, 126), "aarch64": (90, 91)}  # capget, capset
@@ -58,17 +63,18 @@ def _call(libc, number: int, *args) -> int:
     return int(result)
 
 
-def confine(writable: list[str]) -> str:
+def confine(writable: list[str], readable: list[str] | None = None) -> str:
     """Forbid this process and its children to change any file but ``writable`` (device files such as /dev/null, or
-    folders with everything beneath them), to use a device's ioctls but those of ``writable`` (ABI 5), to bind or
-    connect TCP sockets (ABI 4), and to signal or reach the abstract Unix sockets of processes outside this one and
-    its children (ABI 6). Returns what was applied, e.g. ``landlock ABI 7``, or ``none (...)`` saying why nothing
-    was."""
+    folders with everything beneath them), to read any file or list any folder but those beneath ``readable`` (and
+    ``writable``; None leaves reading as it was), to use a device's ioctls but those of ``writable`` (ABI 5), to bind
+    or connect TCP sockets (ABI 4), and to signal or reach the abstract Unix sockets of processes outside this one and
+    its children (ABI 6). Returns what was applied, e.g. ``landlock ABI 7, reads confined``, or ``none (...)`` saying
+    why nothing was."""
     version = abi()
     if version < 1:
         return "none (this kernel has no Landlock: Linux 5.13 or later enables it)"
     handled = WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE | (REFER if version >= 2 else 0) | (
-        TRUNCATE if version >= 3 else 0) | (IOCTL_DEV if version >= 5 else 0)
+        TRUNCATE if version >= 3 else 0) | (IOCTL_DEV if version >= 5 else 0) | (READ if readable is not None else 0)
     net = TCP if version >= 4 else 0
     scoped = SCOPES if version >= 6 else 0
     libc = _libc()
@@ -77,21 +83,64 @@ def confine(writable: list[str]) -> str:
     attr = ctypes.create_string_buffer(struct.pack(f"={len(fields)}Q", *fields))
     ruleset = _call(libc, CREATE_RULESET, attr, ctypes.c_size_t(8 * len(fields)), ctypes.c_uint32(0))
     try:
-        for path in writable:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:  # struct landlock_path_beneath_attr { __u64 allowed_access; __s32 parent_fd; } (packed)
-                rights = handled if os.path.isdir(path) else handled & FILE_RIGHTS
-                beneath = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))
-                _call(libc, ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(RULE_PATH_BENEATH), beneath,
-                      ctypes.c_uint32(0))
-            finally:
-                os.close(fd)
+        for paths, rights in ((writable, handled), (readable or [], handled & READ)):
+            for path in paths:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                try:  # struct landlock_path_beneath_attr { __u64 allowed_access; __s32 parent_fd; } (packed)
+                    allowed = rights if os.path.isdir(path) else rights & FILE_RIGHTS
+                    beneath = ctypes.create_string_buffer(struct.pack("=Qi", allowed, fd))
+                    _call(libc, ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(RULE_PATH_BENEATH), beneath,
+                          ctypes.c_uint32(0))
+                finally:
+                    os.close(fd)
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
         _call(libc, RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
-    return f"landlock ABI {version}"
+    return f"landlock ABI {version}" + (", reads confined" if readable is not None else "")
+
+
+# the system's programs, libraries, settings and kernel files: what torch, NumPy and a GPU's driver read at run time
+SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev")
+
+
+def _beneath(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def readable(path: list[str], hidden: list[str]) -> list[str]:
+    """What a half may read: the system's files (:data:`SYSTEM`), Python's own, every entry of the import path
+    ``path``, the folders of the modules loaded and those that a meta path finder maps (an editable install's), less
+    everything beneath ``hidden`` (a data root, the results folder, the caches, should one lie in such a folder): a
+    folder that holds one is replaced by its entries, recursively, so that it can no longer be listed either. All as
+    real paths (a rule holds the folder a link leads to)."""
+    roots = {*SYSTEM, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *path}
+    roots.update(os.path.dirname(f) for f in (getattr(m, "__file__", None) for m in list(sys.modules.values())) if f)
+    for finder in sys.meta_path:  # setuptools' editable finder: a module global MAPPING, top-level name -> folder
+        mapping = getattr(sys.modules.get(getattr(finder, "__module__", "")), "MAPPING", None)
+        roots.update(v for v in mapping.values() if isinstance(v, str)) if isinstance(mapping, dict) else None
+    hidden = sorted({os.path.realpath(h) for h in hidden})
+    real = sorted({os.path.realpath(r or ".") for r in roots if os.path.exists(r or ".")})
+    kept: list[str] = []
+    for root in real:  # each once: a folder beneath one kept is covered by it
+        if not any(_beneath(root, k) for k in kept):
+            kept.append(root)
+    seen: set[str] = set()
+    return [p for root in kept for p in _split(root, hidden, seen)]
+
+
+def _split(root: str, hidden: list[str], seen: set[str]) -> list[str]:
+    if root in seen or any(_beneath(root, h) for h in hidden):
+        return []
+    seen.add(root)
+    if not any(_beneath(h, root) for h in hidden):
+        return [root]
+    out = []
+    with os.scandir(root) as entries:  # (a link back up is seen already)
+        for entry in entries:
+            out += _split(os.path.realpath(entry.path), hidden, seen)
+    return out
 
 
 def drop_capabilities() -> bool:

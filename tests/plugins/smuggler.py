@@ -381,6 +381,13 @@ class _Escapes(EdgeLogic):
         elif self.how == "terminal":  # type into the user's shell
             with open("/dev/tty", "rb"):
                 pass
+        elif self.how == "read-file":  # a dataset's labels, the results folder: any file of this user's
+            with open(os.environ["CEMABENCH_TEST_SECRET"], "rb") as f:
+                f.read()
+        elif self.how == "read-cache":  # the corrupted images and the training artefacts
+            from cemabench.config.paths import cache_root
+
+            os.listdir(cache_root())
         return EdgeDecision(logits=model(x))
 
 
