@@ -340,6 +340,55 @@ def test_taking_the_meters_key_off_the_steps_own_thread_is_refused(how, meter_ki
 
 
 @pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+@pytest.mark.parametrize("where", ["at an op", "when the step ends"])
+def test_switching_record_function_off_on_the_steps_thread_is_refused(where, meter_kind):
+    """The callback that sees ops run with the meter's key taken off runs only where PyTorch's RecordFunction is on,
+    a thread's own switch: the step's code that switches it off is refused at the next op the meter sees, or when the
+    step ends; a unit that leaves it off is told so, and it is put back (hygiene)."""
+    from cemabench.protocol import hygiene
+
+    key = torch._C.DispatchKeySet(torch._C._dispatch_key_parse("TESTING_ONLY_GenericMode"))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.rand(1, 3, 8, 8)
+    meter = ComputeMeter(guard=True)
+    before = hygiene.snapshot()
+    try:
+        with torch.inference_mode(), meter:
+            torch.autograd._enable_record_function(False)
+            with torch._C._ExcludeDispatchKeyGuard(key):
+                model(x)  # no FLOP counted, and the callback does not run
+            if where == "at an op":
+                with pytest.raises(ForwardOnlyViolation, match="aten::conv2d ran with PyTorch's RecordFunction swi"):
+                    model(x)
+            assert meter.refusals == (where == "at an op")
+        assert "RecordFunction switched off on the thread of" in meter.refusal(meter.refusals - 1)
+        assert hygiene.restore(before) == ["record function False (was True)"]
+        assert hygiene.snapshot()["record function"] is True
+    finally:
+        torch.autograd._enable_record_function(True)
+
+
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+def test_record_function_switched_off_and_on_around_unmetered_ops_is_not_seen(meter_kind):
+    """The limit of the callback (README: what the guard does not see): code that switches RecordFunction off, takes
+    the meter's key off, runs ops and puts both back before the next metered op leaves no trace; those ops count no
+    FLOPs. A separate process with the key and the callback off limits (an OS sandbox) is what would close it."""
+    key = torch._C.DispatchKeySet(torch._C._dispatch_key_parse("TESTING_ONLY_GenericMode"))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    meter = ComputeMeter(guard=True)
+    x = torch.rand(1, 3, 8, 8)
+    try:
+        with torch.inference_mode(), meter:
+            torch.autograd._enable_record_function(False)
+            with torch._C._ExcludeDispatchKeyGuard(key):
+                model(x)
+            torch.autograd._enable_record_function(True)
+    finally:
+        torch.autograd._enable_record_function(True)
+    assert meter.refusals == 0 and meter.take() == 0
+
+
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
 def test_excluding_the_meters_key_on_its_own_thread_does_not_escape_the_guard(meter_kind):
     hidden = _hidden()
     meter = ComputeMeter(guard=True)

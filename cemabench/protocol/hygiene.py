@@ -24,8 +24,22 @@ _HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backwar
           "_global_parameter_registration_hooks", "_global_forward_hooks_always_called",
           "_global_forward_hooks_with_kwargs")
 
+
+def _native():
+    """The C++ meter's module where it is loaded, else None."""
+    native = sys.modules.get("cemabench.protocol.native")
+    return native._loaded.get("module") if native is not None else None
+
+
+def _record_function() -> bool:
+    """Whether PyTorch's RecordFunction is on on this thread (the guard's callback runs only there); True where the C++
+    meter is not loaded (nothing reads it)."""
+    return _native().record_function_enabled() if _native() is not None else True
+
+
 _FLAGS = {  # name: (read, write)
     "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "record function": (_record_function, torch.autograd._enable_record_function),
     "anomaly detection": (torch.is_anomaly_enabled, torch.set_anomaly_enabled),
     "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
     "deterministic algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
@@ -56,9 +70,7 @@ def kernels_for_the_meters_key() -> list[str]:
 
 def _meters_entered() -> int:
     """How many C++ meters are entered (none outside a step); 0 where it is not loaded."""
-    native = sys.modules.get("cemabench.protocol.native")
-    built = native._loaded.get("module") if native is not None else None
-    return built.depth() if built is not None else 0
+    return _native().depth() if _native() is not None else 0
 
 
 def snapshot() -> dict:
@@ -96,7 +108,7 @@ def restore(before: dict) -> list[str]:
                        f"removed from outside: no later unit runs in this process)")
     if after["meters entered"] != before["meters entered"]:
         changed.append(f"{after['meters entered'] - before['meters entered']} meter(s) left entered")
-        sys.modules["cemabench.protocol.native"]._loaded["module"].reset()
+        _native().reset()
     if after["inference mode"] != before["inference mode"]:
         changed.append(f"inference mode {after['inference mode']} (was {before['inference mode']}; cannot be undone "
                        f"from outside its context)")

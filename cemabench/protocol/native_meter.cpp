@@ -226,6 +226,11 @@ const OpInfo* event_info(const at::RecordFunction& fn) {
 // (`below_depth`), or where Python code behind a dispatch mode or tensor subclass runs (the fallback marks those
 // blind, or they are the caller's own instrument's). Anywhere else the step's code took it off itself, and its ops
 // would count no FLOPs: refused.
+// The callback runs only where PyTorch's RecordFunction is on, a thread's own switch: code that switches it off on the
+// step's thread (torch.autograd._enable_record_function) is refused where the meter sees that, at an op or when the
+// step ends. Code that switches it off, takes the key off, runs ops and puts both back between two metered ops is not
+// seen (README: what the guard does not see).
+const std::string record_function_off = " ran with PyTorch's RecordFunction switched off on the thread of ";
 thread_local int entered_depth = 0;  // meters this thread entered and has not left
 thread_local int below_depth = 0;  // ops the fallback is running below itself on this thread
 
@@ -442,6 +447,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::ji
     std::string refusal = guard_refusal(guard, i, c10::ArrayRef<c10::IValue>(*stack).slice(stack->size() - i.arguments),
                                         "");
     if (!refusal.empty()) refuse(meters, guard, refusal);
+    if (!at::isRecordFunctionEnabled()) refuse(meters, guard, i.name + record_function_off + guard->phase);
   }
   // A composite op, an op outside aten, or any op while Python code can run inside it: the ops it issues stay
   // visible, and a formula op's count is its own, not also that of the formula ops it runs inside (the outermost
@@ -493,6 +499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     process_guard = m;
     at::addGlobalCallback(at::RecordFunctionCallback(&on_edge_process));
   });
+  module.def("record_function_enabled", [] { return at::isRecordFunctionEnabled(); });
   module.def("depth", [] {
     std::lock_guard<std::mutex> lock(stack_mutex);
     return entered.size();
@@ -558,6 +565,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                     "cemabench: meters must be left in the order they were entered");
         c10::impl::tls_set_dispatch_key_included(kKey, entered.back().second);
         entered.pop_back();
+        if (m->guard && !at::isRecordFunctionEnabled()) {
+          std::lock_guard<std::mutex> lock(m->mutex);
+          note(*m, "the step" + record_function_off + m->phase);
+        }
         entered_depth -= entered_depth > 0;
         bool guards = false;
         for (const auto& e : entered) guards = guards || e.first->guard;
