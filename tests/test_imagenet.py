@@ -60,6 +60,18 @@ def test_imagenet_c_reads_the_published_layout(root):
     assert source.clean is not None and source.clean.images(np.arange(2)).shape == (2, 3, 224, 224)
 
 
+def test_the_labels_of_imagenet_cs_clean_split_are_withheld(root):
+    """ImageNet-C's clean split is ImageNet's validation set, the very images ImageNet-C corrupts: its labels are the
+    test stream's, so no method may read them (its images stay: EATA's Fisher reads them, with no label, as the
+    official code does). ImageNet-R's images are others: the same clean split keeps its labels there."""
+    for source in (imagenet_c(root, severity=5, domains=["fog"], workers=0),
+                   imagenet_c(root, severity=5, domains=["fog"], workers=0, source="generated")):
+        assert source.clean.images(np.arange(1)).shape == (1, 3, 224, 224)
+        with pytest.raises(LookupError, match="labels of ImageNet-C's clean split are withheld"):
+            source.clean.labels()
+    assert len(imagenet_r(root, workers=0).clean.labels()) == len(imagenet_r(root, workers=0).clean)
+
+
 def test_batches_follow_the_given_order_with_workers(root):
     fog = imagenet_c(root, domains=["fog"], workers=2).domains[0]
     order = np.array([5, 0, 3, 1, 4, 2])

@@ -4,6 +4,7 @@ cell; what a hostile plugin reached in-process (the scheduler, the other half) i
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -485,6 +486,7 @@ def test_the_loop_serves_a_cloud_half_the_clean_split_and_nothing_else():
     import numpy as np
 
     from cemabench.datasets import miniature
+    from cemabench.protocol import isolation
     from cemabench.protocol.isolation import ASK_CLEAN, serve_clean
 
     clean = miniature.dataset(domains=["fog"]).clean
@@ -497,9 +499,31 @@ def test_the_loop_serves_a_cloud_half_the_clean_split_and_nothing_else():
                     {ASK_CLEAN: "images", "indices": torch.tensor([[0]])},
                     {ASK_CLEAN: "images", "indices": torch.tensor([0.0])},
                     {ASK_CLEAN: "images", "indices": [0]},
+                    {ASK_CLEAN: "images", "indices": torch.zeros(1, dtype=torch.int64).expand(10 ** 9)},  # 8 bytes
+                    {ASK_CLEAN: "images", "indices": torch.arange(4)[1:]},
                     {ASK_CLEAN: "test-labels"},
                     {ASK_CLEAN: "labels", "domain": "fog"}):
         with pytest.raises(HalfFailed, match="request for the clean split is malformed"):
             serve_clean(clean, request, "cloud")
+    most = isolation.CLEAN_REQUEST_BYTES // (4 * clean.sample_nbytes)  # what the loop holds for one request is bounded
+    with pytest.raises(HalfFailed, match=f"asked for {most + 1} images of the clean split at once; at most {most} "):
+        serve_clean(clean, {ASK_CLEAN: "images", "indices": torch.zeros(most + 1, dtype=torch.int64)}, "cloud")
     with pytest.raises(HalfFailed, match="asked for a clean split it was not given"):
         serve_clean(None, {ASK_CLEAN: "labels"}, "edge")
+
+
+def test_a_plugin_whose_folder_joins_the_import_path_after_the_zygote_started_runs_isolated(tmp_path, monkeypatch):
+    """A half reads only the code of an import path folder that is not Python's own (tests/plugins here), so it
+    cannot list the folder: it reads the folder's modules and entry points before it is confined (found when the
+    default tier's worker had started its zygote before a test added the plugins' folder: every method unknown)."""
+    from conftest import PLUGINS
+
+    assert _cell(tmp_path / "before", ["source"], "--isolate")["source"]["status"] == "ok"  # the zygote is up
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    try:
+        cell = _cell(tmp_path / "after", ["readme-example"], "--isolate")["readme-example"]
+    finally:
+        for name, module in list(sys.modules.items()):
+            if PLUGINS in Path(getattr(module, "__file__", None) or "/").parents:
+                del sys.modules[name]
+    assert cell["status"] == "ok", cell["message"]

@@ -21,26 +21,37 @@ def _layout(tmp_path):
     code = tmp_path / "code"  # a folder on the import path (a project's root, run with python -m)
     (code / "sandbox_probe").mkdir(parents=True)
     (code / "sandbox_probe" / "__init__.py").write_text("ANSWER = 42\n")
-    (code / "notes.txt").write_text("readable\n")
-    (code / "data" / "val").mkdir(parents=True)  # a data root inside it, hidden
-    (code / "data" / "val" / "labels.txt").write_text("secret\n")
-    (code / "back").symlink_to(code)  # a link back up: walked once
-    (code / "shortcut").symlink_to(code / "data")  # a link into the hidden folder: not followed into a rule
+    (code / "sandbox_helper.py").write_text("HELP = 7\n")
+    (code / "notes.txt").write_text("beside the code: not code\n")
+    (code / "results").mkdir()  # a folder beside the code that is no package
+    (code / "results" / "table.json").write_text("{}\n")
+    (code / "sandbox_probe" / "data" / "val").mkdir(parents=True)  # a data root inside a package, hidden
+    (code / "sandbox_probe" / "data" / "val" / "labels.txt").write_text("secret\n")
+    (code / "sandbox_probe" / "back").symlink_to(code)  # a link back up
+    (code / "sandbox_probe" / "everything").symlink_to("/")  # a link out: never a rule of its own
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "secret.txt").write_text("secret\n")
     return code
 
 
-def test_what_is_readable_holds_no_hidden_folder_nor_one_that_contains_it(tmp_path):
+def test_what_is_readable_holds_no_hidden_folder_nor_one_that_contains_it(tmp_path, monkeypatch):
     code = _layout(tmp_path)
-    hidden = str(code / "data")
+    hidden = str(code / "sandbox_probe" / "data")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # torch.ops's __file__ is relative: not the working directory
     rules = sandbox.readable([*sys.path, str(code)], [hidden])
-    assert str(code / "sandbox_probe") in rules and str(code / "notes.txt") in rules
+    assert str(code / "sandbox_helper.py") in rules and str(code / "sandbox_probe" / "__init__.py") in rules
     for path in rules:
         assert not _beneath(path, hidden) and not _beneath(hidden, path), path
-    assert not any(_beneath(str(tmp_path / "elsewhere"), path) for path in rules)
-    assert any(_beneath(sys.base_prefix, os.path.realpath(path)) or _beneath(os.path.realpath(sys.base_prefix), path)
-               for path in rules)
+        assert not _beneath(str(tmp_path / "elsewhere"), path), path
+        assert path not in ("/", "/root", "/tmp", str(code), str(code / "notes.txt"), str(code / "results")), path
+    assert any(_beneath(os.path.realpath(sys.base_prefix), path) for path in rules)
+
+
+def test_a_hidden_folder_that_holds_python_keeps_python_readable(tmp_path):
+    """``--out`` on a folder that holds the environment (a results folder above the venv): Python stays readable."""
+    prefix = os.path.realpath(sys.prefix)
+    rules = sandbox.readable(sys.path, [os.path.dirname(prefix)])
+    assert any(_beneath(prefix, path) for path in rules)
 
 
 def _in_a_confined_child(code, hidden: str) -> dict:
@@ -55,11 +66,14 @@ def _in_a_confined_child(code, hidden: str) -> dict:
             importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
             out["sandbox"] = sandbox.confine([os.devnull], sandbox.readable(sys.path, [hidden]))
             out["import"] = importlib.import_module("sandbox_probe").ANSWER
+            out["import a module"] = importlib.import_module("sandbox_helper").HELP
             for name, act in (("notes", lambda: (code / "notes.txt").read_text()),
-                              ("labels", lambda: (code / "data" / "val" / "labels.txt").read_text()),
-                              ("through a link", lambda: (code / "shortcut" / "val" / "labels.txt").read_text()),
+                              ("results", lambda: (code / "results" / "table.json").read_text()),
+                              ("labels", lambda: (code / "sandbox_probe" / "data" / "val" / "labels.txt").read_text()),
+                              ("through a link", lambda: (code / "sandbox_probe" / "back" / "notes.txt").read_text()),
+                              ("out through a link", lambda: os.listdir(code / "sandbox_probe" / "everything" / "tmp")),
                               ("list the root", lambda: os.listdir(code)),
-                              ("list the data", lambda: os.listdir(code / "data")),
+                              ("list the data", lambda: os.listdir(code / "sandbox_probe" / "data")),
                               ("elsewhere", lambda: (code.parent / "elsewhere" / "secret.txt").read_text())):
                 try:
                     act()
@@ -77,13 +91,14 @@ def _in_a_confined_child(code, hidden: str) -> dict:
     return said
 
 
-def test_a_confined_process_reads_the_code_and_nothing_hidden_or_elsewhere(tmp_path):
+def test_a_confined_process_reads_the_code_and_nothing_beside_it_hidden_or_elsewhere(tmp_path):
     if sandbox.abi() < 1:
         pytest.skip("this kernel has no Landlock")
     code = _layout(tmp_path)
-    said = _in_a_confined_child(code, str(code / "data"))
+    said = _in_a_confined_child(code, str(code / "sandbox_probe" / "data"))
     assert "error" not in said, said
     assert said["sandbox"].endswith("reads confined")
-    assert said["import"] == 42 and said["notes"] == "read"  # a module of the folder, listed before confining
-    for name in ("labels", "through a link", "list the root", "list the data", "elsewhere"):
+    assert said["import"] == 42 and said["import a module"] == 7  # the folder's listing was read before confining
+    for name in ("notes", "results", "labels", "through a link", "out through a link", "list the root",
+                 "list the data", "elsewhere"):
         assert said[name] == "PermissionError", (name, said)

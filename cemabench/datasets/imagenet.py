@@ -31,6 +31,11 @@ SUBSETS = ("all", "robustbench-5000")
 SCORINGS = ("mask-200", "argmax-1000")
 SOURCES = ("disk", "generated")
 CLEAN_HINT = "it reads ImageNet's validation images from ROOT/imagenet/val/<wnid>/*.JPEG"
+# ImageNet-C's clean split: the validation images, which ImageNet-C corrupts (EATA's official Fisher reads them, with
+# no label); their labels are the test stream's
+WITHHELD = ("the labels of ImageNet-C's clean split are withheld: it is ImageNet's validation set, the very images "
+            "ImageNet-C corrupts, so its labels are the test stream's; a method that trains on labelled source data "
+            "needs ImageNet's training split, which cemabench does not read yet")
 CCC_CALIBRATION = 100  # clean validation images the ccc setting's calibration measures the source model on
 RESIZE_CROP = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
 
@@ -85,13 +90,15 @@ def _imagenet_pixels(pixels: torch.Tensor, path: Path, resize: bool) -> torch.Te
 @dataclass
 class ImageFolderDomain:
     """A domain of image files; batches are decoded by a DataLoader with ``workers`` processes. A file's label is
-    its class folder's index in ``label_of``, looked up only when the harness scores (``labels()``)."""
+    its class folder's index in ``label_of``, looked up only when the harness scores (``labels()``); ``withheld``
+    says why no one may read them (a clean split made of the test stream's images)."""
 
     name: str
     files: list[Path]
     label_of: dict[str, int]
     resize: bool
     workers: int = 0
+    withheld: str = ""
 
     sample_nbytes = 3 * 224 * 224
 
@@ -111,6 +118,8 @@ class ImageFolderDomain:
             yield pixels.float().div_(255)
 
     def labels(self) -> np.ndarray:
+        if self.withheld:
+            raise LookupError(self.withheld)
         return np.asarray([self.label_of[f.parent.name] for f in self.files], dtype=np.int64)
 
 
@@ -250,13 +259,14 @@ def _root(data_root, dataset: str, layout: str) -> Path:
     return Path(data_root)
 
 
-def _clean(root: Path, wnids: list[str], workers: int) -> ImageFolderDomain | None:
+def _clean(root: Path, wnids: list[str], workers: int, withheld: str = "") -> ImageFolderDomain | None:
     val = root / "imagenet" / "val"
     if not val.is_dir():
         return None
     classes = _class_folders(val, wnids, "expected ROOT/imagenet/val/<wnid>/*.JPEG")
     files = _files(classes, "expected ROOT/imagenet/val/<wnid>/*.JPEG")
-    return ImageFolderDomain("imagenet-val", files, _label_of(classes), resize=True, workers=workers)
+    return ImageFolderDomain("imagenet-val", files, _label_of(classes), resize=True, workers=workers,
+                             withheld=withheld)
 
 
 def generated_only(seed, dataset: str, source: str) -> None:
@@ -304,7 +314,8 @@ def imagenet_c(data_root, severity: int = 5, domains=HENDRYCKS_ORDER, subset: st
                                 f"in the robustbench-5000 list")
         made.append(ImageFolderDomain(corruption, files, _label_of(classes), resize=False, workers=workers))
     return DatasetSource(
-        name="imagenet-c", num_classes=1000, domains=made, clean=_clean(root, wnids, workers), is_miniature=False,
+        name="imagenet-c", num_classes=1000, domains=made, clean=_clean(root, wnids, workers, WITHHELD),
+        is_miniature=False,
         clean_hint=CLEAN_HINT,
         provenance={"dataset": "ImageNet-C", "severity": severity, "subset": subset,
                     "images_per_domain": {d.name: len(d) for d in made},
@@ -327,7 +338,8 @@ def _generated(root: Path, wnids: list[str], severity: int, domains, subset: str
     made = [GeneratedDomain(name, clean_images, severity, seed, labels) for name in domains]
     return DatasetSource(
         name="imagenet-c", num_classes=1000, domains=made,
-        clean=ImageFolderDomain("imagenet-val", files, label_of, resize=True, workers=workers), is_miniature=False,
+        clean=ImageFolderDomain("imagenet-val", files, label_of, resize=True, workers=workers, withheld=WITHHELD),
+        is_miniature=False,
         corruptor=Corruptor(lambda: clean_images, labels, partial(corrupt, table="imagenet"), lazy=True,
                             calibration_images=calibration),
         provenance={"dataset": "ImageNet-C generated from the ImageNet validation images", "severity": severity,

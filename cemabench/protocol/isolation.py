@@ -322,8 +322,10 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     os.environ.clear()
     os.environ.update(environ)
     importlib.invalidate_caches()
-    # each import path folder's listing read now: one that holds a hidden folder can no longer be listed
+    # each import path folder's listing read now, for its modules and its distributions' entry points (importlib's
+    # caches, kept while the folder is unchanged): of a folder that is not Python's own only the code stays readable
     importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
+    registry.entry_points_of_all()
     try:
         SANDBOX = sandbox.confine([os.devnull, *DEVICES], sandbox.readable(path, [str(cache_root()), *hidden]))
     except OSError as error:
@@ -549,9 +551,13 @@ ASK_CLEAN = "ask-clean"  # the key of a cloud half's request for the clean split
 _LINE: list = []  # in a half: its line to the loop
 
 
+CLEAN_REQUEST_BYTES = 1 << 31  # the most float32 image bytes one request for the clean split may ask of the loop
+
+
 def serve_clean(clean, request: dict, role: str) -> torch.Tensor:
-    """What a half's request for the clean split asks: its images at plain, in-range int64 indices, or its labels;
-    anything else, or a half that has no clean split, is refused."""
+    """What a half's request for the clean split asks: its images at in-range int64 indices (a tensor that owns its
+    values: not a stride-0 view that a few bytes make look long), at most :data:`CLEAN_REQUEST_BYTES` of them at a
+    time (the loop holds them), or its labels; anything else, or a half that has no clean split, is refused."""
     kind = request.get(ASK_CLEAN)
     if clean is None:
         raise HalfFailed(f"NotPlain: the {role} half asked for a clean split it was not given")
@@ -559,9 +565,14 @@ def serve_clean(clean, request: dict, role: str) -> torch.Tensor:
         return torch.as_tensor(np.asarray(clean.labels()))
     indices = request.get("indices")
     if kind == "images" and set(request) == {ASK_CLEAN, "indices"} and type(indices) is torch.Tensor and (
-            indices.dtype == torch.int64 and indices.dim() == 1 and (
-            len(indices) == 0 or (int(indices.min()) >= 0 and int(indices.max()) < len(clean)))):
-        return clean.images(indices.numpy())
+            indices.dtype == torch.int64 and indices.dim() == 1 and indices.is_contiguous()
+            and indices.storage_offset() == 0 and indices.untyped_storage().nbytes() == 8 * len(indices)):
+        most = max(1, CLEAN_REQUEST_BYTES // (4 * max(1, clean.sample_nbytes)))
+        if len(indices) > most:
+            raise HalfFailed(f"the {role} half asked for {len(indices)} images of the clean split at once; at most "
+                             f"{most} a request ({CLEAN_REQUEST_BYTES >> 30} GiB of float32 images): ask in parts")
+        if len(indices) == 0 or (int(indices.min()) >= 0 and int(indices.max()) < len(clean)):
+            return clean.images(indices.numpy())
     raise HalfFailed(f"NotPlain: the {role} half's request for the clean split is malformed")
 
 

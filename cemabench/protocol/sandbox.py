@@ -109,37 +109,73 @@ def _beneath(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+CODE = (".py", ".pyc", ".so", ".pyd", ".pth", ".zip", ".egg")  # what an import path folder's code is made of
+
+
 def readable(path: list[str], hidden: list[str]) -> list[str]:
-    """What a half may read: the system's files (:data:`SYSTEM`), Python's own, every entry of the import path
-    ``path``, the folders of the modules loaded and those that a meta path finder maps (an editable install's), less
+    """What a half may read, as real paths: the system's files (:data:`SYSTEM`) and Python's own folders whole (its
+    library, the environment's site-packages); of the other import path entries (a project's source folder, a
+    script's folder, the working directory under ``python -m``) only the code: modules, packages and distribution
+    metadata (:func:`_code_in`), not the data or results beside it; the folders of the packages loaded (an editable
+    install's, say), the files of the modules loaded on their own, and the folders a meta path finder maps. Less
     everything beneath ``hidden`` (a data root, the results folder, the caches, should one lie in such a folder): a
-    folder that holds one is replaced by its entries, recursively, so that it can no longer be listed either. All as
-    real paths (a rule holds the folder a link leads to)."""
-    roots = {*SYSTEM, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *path}
-    roots.update(os.path.dirname(f) for f in (getattr(m, "__file__", None) for m in list(sys.modules.values())) if f)
+    folder that holds one is replaced by its entries, recursively, links left out, so that it can no longer be listed
+    either."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    whole, code = {*SYSTEM, *prefixes}, set()
+    for entry in path:
+        real = os.path.realpath(entry or os.getcwd())  # "" is the working directory to the import system
+        if any(_beneath(real, p) for p in prefixes):
+            whole.add(real)
+        elif os.path.isdir(real):
+            code.update(_code_in(real))
+        elif os.path.isfile(real):  # a zip archive of modules
+            code.add(real)
+    for name, module in list(sys.modules.items()):
+        top = sys.modules.get(name.partition(".")[0])
+        folders = getattr(top, "__path__", None)  # a package: its folders; a module on its own: its file
+        files = [getattr(module, "__file__", None)] if folders is None else list(folders)
+        whole.update(f for f in files if isinstance(f, str) and os.path.isabs(f))  # (torch.ops's is '_ops.py')
     for finder in sys.meta_path:  # setuptools' editable finder: a module global MAPPING, top-level name -> folder
         mapping = getattr(sys.modules.get(getattr(finder, "__module__", "")), "MAPPING", None)
-        roots.update(v for v in mapping.values() if isinstance(v, str)) if isinstance(mapping, dict) else None
+        whole.update(v for v in mapping.values() if isinstance(v, str)) if isinstance(mapping, dict) else None
     hidden = sorted({os.path.realpath(h) for h in hidden})
-    real = sorted({os.path.realpath(r or ".") for r in roots if os.path.exists(r or ".")})
+    real = sorted({os.path.realpath(r) for r in whole | code if os.path.exists(r)})
     kept: list[str] = []
-    for root in real:  # each once: a folder beneath one kept is covered by it
+    for root in real:  # each once: a path beneath a folder kept is covered by it
         if not any(_beneath(root, k) for k in kept):
             kept.append(root)
     seen: set[str] = set()
     return [p for root in kept for p in _split(root, hidden, seen)]
 
 
+def _code_in(folder: str) -> list[str]:
+    """An import path folder's code: its modules (:data:`CODE`), its packages (folders with an ``__init__.py``), its
+    distributions' metadata (``*.dist-info``, ``*.egg-info``: a plugin's entry points) and its ``__pycache__``."""
+    def is_code(entry: os.DirEntry) -> bool:
+        if entry.is_dir():
+            return (os.path.isfile(os.path.join(entry.path, "__init__.py")) or entry.name == "__pycache__"
+                    or entry.name.endswith((".dist-info", ".egg-info", ".egg")))
+        return entry.is_file() and entry.name.endswith(CODE)
+
+    with os.scandir(folder) as entries:
+        return [entry.path for entry in entries if is_code(entry)]
+
+
 def _split(root: str, hidden: list[str], seen: set[str]) -> list[str]:
-    if root in seen or any(_beneath(root, h) for h in hidden):
+    """``root``, or where it holds a hidden path, its entries but the hidden ones, recursively; a link among them is
+    left out (a rule holds the folder a link leads to, which may lie anywhere). A root beneath a hidden path is
+    kept: it is code or Python's own (a results folder that holds the environment, say)."""
+    if root in seen or any(root == h for h in hidden):
         return []
     seen.add(root)
-    if not any(_beneath(h, root) for h in hidden):
+    if not any(_beneath(h, root) and h != root for h in hidden):
         return [root]
     out = []
-    with os.scandir(root) as entries:  # (a link back up is seen already)
+    with os.scandir(root) as entries:
         for entry in entries:
-            out += _split(os.path.realpath(entry.path), hidden, seen)
+            if not entry.is_symlink():
+                out += _split(entry.path, hidden, seen)
     return out
 
 
