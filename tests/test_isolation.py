@@ -172,6 +172,29 @@ def test_a_half_cannot_write_files(plugins, tmp_path):
     assert "Permission denied" in cells["rewrites-labels"]["message"]
 
 
+def test_a_half_cannot_tell_which_files_exist_under_a_hidden_folder(plugins, tmp_path, monkeypatch):
+    """Landlock does not confine ``stat``: a half that reads no file of the data root could still test which file
+    names exist there (an ImageNet-C folder's class of each image). A half sees the data root, the results folder and
+    the caches as empty folders (a mount namespace of its own), where the kernel lets it have one."""
+    from cemabench.protocol import isolation
+
+    secret = tmp_path / "isolated" / "out" / "records" / "n01440764" / "ILSVRC2012_val_00000293.json"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("{}\n")
+    monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret))
+    cells = {}
+    for mode, flags in (("inline", []), ("isolated", ["--isolate"])):
+        (tmp_path / mode).mkdir(exist_ok=True)
+        spec = Path(write_spec(tmp_path / mode / "base.toml", []))
+        spec.write_text(spec.read_text() + '[[methods]]\nname = "escapes"\noptions = { how = "stat" }\n')
+        main(["reproduce", str(spec), "--out", str(tmp_path / mode / "out"), "--no-progress", "--jobs", "1", *flags])
+        (cells[mode],) = json.loads((tmp_path / mode / "out" / "small.json").read_text())["cells"]
+    assert cells["inline"]["status"] == "error" and "found" in cells["inline"]["message"]  # in-process: no boundary
+    if "names not hidden" in isolation.LAST_SANDBOX[0]:
+        pytest.skip(f"this kernel gives no mount namespace here: {isolation.LAST_SANDBOX[0]}")
+    assert cells["isolated"]["status"] == "ok", cells["isolated"]["message"]
+
+
 def test_a_half_that_replaces_the_meter_in_its_process_fails_its_cell(plugins, tmp_path):
     """The meter and the guard run in the half, beside the method's code: the record of the harness's code is read
     after every step there, and a replaced function fails the cell (the half ends with the unit, the patch with it)."""

@@ -102,3 +102,33 @@ def test_a_confined_process_reads_the_code_and_nothing_beside_it_hidden_or_elsew
     for name in ("notes", "results", "labels", "through a link", "out through a link", "list the root",
                  "list the data", "elsewhere"):
         assert said[name] == "PermissionError", (name, said)
+
+
+def test_a_hidden_folder_is_empty_to_the_process_that_hid_it_and_only_to_it(tmp_path):
+    """Landlock does not confine ``stat``; in a mount namespace of its own a process sees a hidden folder empty
+    (no name under it exists), while every other process sees it as it is."""
+    secret = tmp_path / "data" / "n01440764" / "ILSVRC2012_val_00000293.JPEG"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"\xff\xd8")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            said = {"hide": sandbox.hide([str(tmp_path / "data"), str(tmp_path / "absent"), str(tmp_path)],
+                                         [str(tmp_path / "code")]),  # not tmp_path, which holds code
+                    "exists": os.path.exists(secret), "listed": os.listdir(tmp_path / "data"),
+                    "beside": os.path.isdir(tmp_path)}
+        except OSError as error:
+            said = {"refused": str(error)}
+        os.write(write, json.dumps(said).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    if "refused" in said:
+        pytest.skip(f"this kernel gives no mount namespace here: {said['refused']}")
+    assert said == {"hide": "1 folder(s) hidden", "exists": False, "listed": [], "beside": True}
+    assert secret.exists()  # this process, and the namespace it is in, are untouched
+    with open("/proc/self/mountinfo") as mounts:
+        assert str(tmp_path) not in mounts.read()

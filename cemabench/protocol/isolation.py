@@ -316,8 +316,6 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
         os.dup2(null, fd)
     os.close(null)
-    with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
-        sandbox.drop_capabilities()
     sys.path[:] = path
     os.environ.clear()
     os.environ.update(environ)
@@ -326,8 +324,16 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     # caches, kept while the folder is unchanged): of a folder that is not Python's own only the code stays readable
     importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
     registry.entry_points_of_all()
+    hidden = [str(cache_root()), *hidden]
+    readable = sandbox.readable(path, hidden)
+    try:  # (as root, before the capabilities go)
+        names = sandbox.hide(hidden, readable)
+    except OSError as error:
+        names = f"names not hidden ({error})"
+    with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
+        sandbox.drop_capabilities()
     try:
-        SANDBOX = sandbox.confine([os.devnull, *DEVICES], sandbox.readable(path, [str(cache_root()), *hidden]))
+        SANDBOX = f"{sandbox.confine([os.devnull, *DEVICES], readable)}; {names}"
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -735,7 +741,8 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     edge_model, foundation, clean_split = _set_up(models, clean)
     fields = dataclasses.asdict(execution)
     confined = cloud.call("cloud", recipe, fields, edge_model, foundation, clean_split, num_classes, seed)
-    _say_once(str(confined.get("sandbox", "")))
+    LAST_SANDBOX[:] = [str(confined.get("sandbox", ""))]
+    _say_once(LAST_SANDBOX[0])
     resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
     training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
     cloud.call("adopt", method.artefacts)
@@ -767,13 +774,20 @@ def _tables(fields) -> EntropyTables | None:
 
 
 _SAID: set = set()
+LAST_SANDBOX: list[str] = []  # what confined the halves of this process's last isolated unit (sandbox's words)
 
 
 def _say_once(sandboxed: str) -> None:
-    if sandboxed.startswith("none") and sandboxed not in _SAID:
-        _SAID.add(sandboxed)
-        print(f"cemabench: warning: --isolate: the halves' writes are not confined: {sandboxed}; a half can write "
+    if sandboxed in _SAID:
+        return
+    _SAID.add(sandboxed)
+    if sandboxed.startswith("none"):
+        print(f"cemabench: warning: --isolate: the halves are not confined: {sandboxed}; a half can read and write "
               f"any file this user can (README: Method code apart from the harness)", file=sys.stderr, flush=True)
+    elif "names not hidden" in sandboxed:
+        print(f"cemabench: warning: --isolate: {sandboxed.partition('; ')[2]}: a half can tell which files exist "
+              f"under the data root, the results folder and the caches, though it reads none (README: Method code "
+              f"apart from the harness)", file=sys.stderr, flush=True)
 
 
 def finish(halves: list) -> list[str]:

@@ -388,6 +388,8 @@ class _Escapes(EdgeLogic):
             from cemabench.config.paths import cache_root
 
             os.listdir(cache_root())
+        elif self.how == "stat" and os.path.exists(os.environ["CEMABENCH_TEST_SECRET"]):  # which files exist: an
+            raise FileExistsError(f"found {os.environ['CEMABENCH_TEST_SECRET']}")  # ImageNet file's class folder
         return EdgeDecision(logits=model(x))
 
 
