@@ -54,34 +54,16 @@ def test_a_hidden_folder_that_holds_python_keeps_python_readable(tmp_path):
     assert any(_beneath(prefix, path) for path in rules)
 
 
-def _in_a_confined_child(code, hidden: str) -> dict:
-    """Fork, confine the child as a half is (its import path listed first), and say what it could do."""
+def _in_a_child(act) -> dict:
+    """Fork, run ``act`` in the child (confinement lasts a process's life) and return the dict it made, or what it
+    raised."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        out = {}
         try:
-            sys.path.insert(0, str(code))
-            importlib.invalidate_caches()
-            importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
-            out["sandbox"] = sandbox.confine([os.devnull], sandbox.readable(sys.path, [hidden]))
-            out["import"] = importlib.import_module("sandbox_probe").ANSWER
-            out["import a module"] = importlib.import_module("sandbox_helper").HELP
-            for name, act in (("notes", lambda: (code / "notes.txt").read_text()),
-                              ("results", lambda: (code / "results" / "table.json").read_text()),
-                              ("labels", lambda: (code / "sandbox_probe" / "data" / "val" / "labels.txt").read_text()),
-                              ("through a link", lambda: (code / "sandbox_probe" / "back" / "notes.txt").read_text()),
-                              ("out through a link", lambda: os.listdir(code / "sandbox_probe" / "everything" / "tmp")),
-                              ("list the root", lambda: os.listdir(code)),
-                              ("list the data", lambda: os.listdir(code / "sandbox_probe" / "data")),
-                              ("elsewhere", lambda: (code.parent / "elsewhere" / "secret.txt").read_text())):
-                try:
-                    act()
-                    out[name] = "read"
-                except OSError as error:
-                    out[name] = type(error).__name__
+            out = act()
         except BaseException as error:  # noqa: BLE001 - said to the parent
-            out["error"] = repr(error)
+            out = {"error": repr(error)}
         os.write(write, json.dumps(out).encode())
         os._exit(0)
     os.close(write)
@@ -91,11 +73,36 @@ def _in_a_confined_child(code, hidden: str) -> dict:
     return said
 
 
+def _confined(code, hidden: str) -> dict:
+    """Confine this process as a half is (its import path listed first), and say what it could do."""
+    out = {}
+    sys.path.insert(0, str(code))
+    importlib.invalidate_caches()
+    importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
+    out["sandbox"] = sandbox.confine([os.devnull], sandbox.readable(sys.path, [hidden]))
+    out["import"] = importlib.import_module("sandbox_probe").ANSWER
+    out["import a module"] = importlib.import_module("sandbox_helper").HELP
+    for name, act in (("notes", lambda: (code / "notes.txt").read_text()),
+                      ("results", lambda: (code / "results" / "table.json").read_text()),
+                      ("labels", lambda: (code / "sandbox_probe" / "data" / "val" / "labels.txt").read_text()),
+                      ("through a link", lambda: (code / "sandbox_probe" / "back" / "notes.txt").read_text()),
+                      ("out through a link", lambda: os.listdir(code / "sandbox_probe" / "everything" / "tmp")),
+                      ("list the root", lambda: os.listdir(code)),
+                      ("list the data", lambda: os.listdir(code / "sandbox_probe" / "data")),
+                      ("elsewhere", lambda: (code.parent / "elsewhere" / "secret.txt").read_text())):
+        try:
+            act()
+            out[name] = "read"
+        except OSError as error:
+            out[name] = type(error).__name__
+    return out
+
+
 def test_a_confined_process_reads_the_code_and_nothing_beside_it_hidden_or_elsewhere(tmp_path):
     if sandbox.abi() < 1:
         pytest.skip("this kernel has no Landlock")
     code = _layout(tmp_path)
-    said = _in_a_confined_child(code, str(code / "sandbox_probe" / "data"))
+    said = _in_a_child(lambda: _confined(code, str(code / "sandbox_probe" / "data")))
     assert "error" not in said, said
     assert said["sandbox"].endswith("reads confined")
     assert said["import"] == 42 and said["import a module"] == 7  # the folder's listing was read before confining
@@ -110,24 +117,15 @@ def test_a_hidden_folder_is_empty_to_the_process_that_hid_it_and_only_to_it(tmp_
     secret = tmp_path / "data" / "n01440764" / "ILSVRC2012_val_00000293.JPEG"
     secret.parent.mkdir(parents=True)
     secret.write_bytes(b"\xff\xd8")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            said = {"hide": sandbox.hide([str(tmp_path / "data"), str(tmp_path / "absent"), str(tmp_path)],
-                                         [str(tmp_path / "code")]),  # not tmp_path, which holds code
-                    "exists": os.path.exists(secret), "listed": os.listdir(tmp_path / "data"),
-                    "beside": os.path.isdir(tmp_path)}
-        except OSError as error:
-            said = {"refused": str(error)}
-        os.write(write, json.dumps(said).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        said = json.loads(pipe.read())
-    os.waitpid(pid, 0)
-    if "refused" in said:
-        pytest.skip(f"this kernel gives no mount namespace here: {said['refused']}")
+    def try_hiding() -> dict:
+        hid = sandbox.hide([str(tmp_path / "data"), str(tmp_path / "absent"), str(tmp_path)],
+                           [str(tmp_path / "code")])  # not tmp_path, which holds code
+        return {"hide": hid, "exists": os.path.exists(secret), "listed": os.listdir(tmp_path / "data"),
+                "beside": os.path.isdir(tmp_path)}
+
+    said = _in_a_child(try_hiding)
+    if "error" in said:
+        pytest.skip(f"this kernel gives no mount namespace here: {said['error']}")
     assert said == {"hide": "1 folder(s) hidden", "exists": False, "listed": [], "beside": True}
     assert secret.exists()  # this process, and the namespace it is in, are untouched
     with open("/proc/self/mountinfo") as mounts:
