@@ -216,7 +216,7 @@ def _landlock(version: int) -> None:
     ("shared-memory", 1, "Permission denied"),  # no side channel to the other half or the next unit
     ("signal", 6, "Operation not permitted"),  # the zygote, the loop, any process outside the half
     ("tcp", 4, "Permission denied"),  # a Ray head, a local service
-    ("terminal", 1, "No such device or address"),  # a session of its own has no terminal to type into
+    ("terminal", 1, "Permission denied"),  # no device but null, zero, random and the GPU's (and no terminal)
     ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder
     ("read-cache", 1, "Permission denied"),  # the corrupted images, the training artefacts
 ])

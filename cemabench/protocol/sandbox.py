@@ -102,7 +102,9 @@ def confine(writable: list[str], readable: list[str] | None = None) -> str:
 
 
 # the system's programs, libraries, settings and kernel files: what torch, NumPy and a GPU's driver read at run time
-SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev")
+SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/proc", "/sys",
+          "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",  # of /dev no disk (root could read one)
+          "/dev/nvidia-caps")  # and a MIG GPU's capabilities (its device nodes are the halves' writable files)
 
 
 def _beneath(path: str, folder: str) -> bool:
