@@ -172,18 +172,26 @@ def test_a_half_cannot_write_files(plugins, tmp_path):
     assert "Permission denied" in cells["rewrites-labels"]["message"]
 
 
-def test_a_half_cannot_tell_which_files_exist_under_a_hidden_folder(plugins, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["absolute", "relative"])
+def test_a_half_cannot_tell_which_files_exist_under_a_hidden_folder(plugins, tmp_path, monkeypatch, path):
     """Landlock does not confine ``stat``: a half that reads no file of the data root could still test which file
     names exist there (an ImageNet-C folder's class of each image). A half sees the data root, the results folder and
-    the caches as empty folders (a mount namespace of its own), where the kernel lets it have one."""
+    the caches as empty folders (a mount namespace of its own), where the kernel lets it have one; and its working
+    directory is /, not the folder the run started in (a hostile review: run from inside --out, relative names still
+    reached the folder under the tmpfs)."""
     from cemabench.protocol import isolation
 
     secret = tmp_path / "isolated" / "out" / "records" / "n01440764" / "ILSVRC2012_val_00000293.json"
     secret.parent.mkdir(parents=True)
     secret.write_text("{}\n")
-    monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret))
+    if path == "relative":  # the halves' zygote starts there too, as a run's first isolated unit starts it
+        monkeypatch.chdir(tmp_path / "isolated" / "out")
+        if os.getpid() in isolation._ZYGOTES:
+            isolation._stop_zygote()
+    monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret.relative_to(tmp_path / "isolated" / "out"))
+                       if path == "relative" else str(secret))
     cells = {}
-    for mode, flags in (("inline", []), ("isolated", ["--isolate"])):
+    for mode, flags in (("isolated", ["--isolate"]), ("inline", [])):
         (tmp_path / mode).mkdir(exist_ok=True)
         spec = Path(write_spec(tmp_path / mode / "base.toml", []))
         spec.write_text(spec.read_text() + '[[methods]]\nname = "escapes"\noptions = { how = "stat" }\n')

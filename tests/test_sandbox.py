@@ -31,6 +31,11 @@ def _layout(tmp_path):
     (code / "sandbox_probe" / "everything").symlink_to("/")  # a link out: never a rule of its own
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "secret.txt").write_text("secret\n")
+    (code / "zz.dist-info").symlink_to(code / "sandbox_probe" / "data")  # links named like code (a hostile review)
+    (code / "zz_labels.py").symlink_to(tmp_path / "elsewhere" / "secret.txt")
+    (code / "zz_pkg").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "__init__.py").write_text("")
+    (code / "val_labels.zip").write_bytes(b"PK")  # an archive beside the code is code only as a path entry itself
     return code
 
 
@@ -43,7 +48,8 @@ def test_what_is_readable_holds_no_hidden_folder_nor_one_that_contains_it(tmp_pa
     for path in rules:
         assert not _beneath(path, hidden) and not _beneath(hidden, path), path
         assert not _beneath(str(tmp_path / "elsewhere"), path), path
-        assert path not in ("/", "/root", "/tmp", str(code), str(code / "notes.txt"), str(code / "results")), path
+        assert path not in ("/", "/root", "/tmp", str(code), str(code / "notes.txt"), str(code / "results"),
+                            str(code / "val_labels.zip")), path
     assert any(_beneath(os.path.realpath(sys.base_prefix), path) for path in rules)
 
 
@@ -89,7 +95,11 @@ def _confined(code, hidden: str) -> dict:
                       ("out through a link", lambda: os.listdir(code / "sandbox_probe" / "everything" / "tmp")),
                       ("list the root", lambda: os.listdir(code)),
                       ("list the data", lambda: os.listdir(code / "sandbox_probe" / "data")),
-                      ("elsewhere", lambda: (code.parent / "elsewhere" / "secret.txt").read_text())):
+                      ("elsewhere", lambda: (code.parent / "elsewhere" / "secret.txt").read_text()),
+                      ("a link named like metadata", lambda: os.listdir(code / "zz.dist-info")),
+                      ("a link named like a module", lambda: (code / "zz_labels.py").read_text()),
+                      ("a link named like a package", lambda: (code / "zz_pkg" / "secret.txt").read_text()),
+                      ("an archive beside the code", lambda: (code / "val_labels.zip").read_bytes())):
         try:
             act()
             out[name] = "read"
@@ -107,7 +117,8 @@ def test_a_confined_process_reads_the_code_and_nothing_beside_it_hidden_or_elsew
     assert said["sandbox"].endswith("reads confined")
     assert said["import"] == 42 and said["import a module"] == 7  # the folder's listing was read before confining
     for name in ("notes", "results", "labels", "through a link", "out through a link", "list the root",
-                 "list the data", "elsewhere"):
+                 "list the data", "elsewhere", "a link named like metadata", "a link named like a module",
+                 "a link named like a package", "an archive beside the code"):
         assert said[name] == "PermissionError", (name, said)
 
 

@@ -279,6 +279,7 @@ def zygote(fd: int) -> None:
     for kind in registry.GROUPS:  # the plugins' entry points (names and modules: nothing imported), read once here
         registry.available(kind)  # rather than in every half (10 ms a half)
     provenance.warm()  # the harness's sources, parsed once for every planner's code digests
+    sandbox.readable(sys.path, [])  # what the modules loaded here make readable, known once to every half
     warm_allocator()  # for every half forked from here
 
     conn = Connection(fd)
@@ -316,7 +317,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
         os.dup2(null, fd)
     os.close(null)
-    sys.path[:] = path
+    sys.path[:] = [entry or os.getcwd() for entry in path]  # "" is the working directory, which is left below
     os.environ.clear()
     os.environ.update(environ)
     importlib.invalidate_caches()
@@ -325,11 +326,12 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
     registry.entry_points_of_all()
     hidden = [str(cache_root()), *hidden]
-    readable = sandbox.readable(path, hidden)
+    readable = sandbox.readable(sys.path, hidden)
     try:  # (as root, before the capabilities go)
         names = sandbox.hide(hidden, readable)
     except OSError as error:
         names = f"names not hidden ({error})"
+    os.chdir("/")  # a working directory inside a hidden folder would still show its names (relative to it)
     with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
         sandbox.drop_capabilities()
     try:

@@ -111,7 +111,7 @@ def _beneath(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-CODE = (".py", ".pyc", ".so", ".pyd", ".pth", ".zip", ".egg")  # what an import path folder's code is made of
+CODE = (".py", ".pyc", ".so", ".pyd")  # an import path folder's modules (an archive is code only as an entry itself)
 
 
 def readable(path: list[str], hidden: list[str]) -> list[str]:
@@ -133,31 +133,54 @@ def readable(path: list[str], hidden: list[str]) -> list[str]:
             code.update(_code_in(real))
         elif os.path.isfile(real):  # a zip archive of modules
             code.add(real)
+    loaded = set()
     for name, module in list(sys.modules.items()):
-        top = sys.modules.get(name.partition(".")[0])
-        folders = getattr(top, "__path__", None)  # a package: its folders; a module on its own: its file
-        files = [getattr(module, "__file__", None)] if folders is None else list(folders)
-        whole.update(f for f in files if isinstance(f, str) and os.path.isabs(f))  # (torch.ops's is '_ops.py')
+        known = _LOADED.get(name)
+        if known is None or known[0] is not module:  # (the zygote's modules are known to the halves it forks)
+            top = sys.modules.get(name.partition(".")[0])
+            folders = getattr(top, "__path__", None)  # a package: its folders; a module on its own: its file
+            files = [getattr(module, "__file__", None)] if folders is None else list(folders)
+            known = _LOADED[name] = (module, tuple(os.path.realpath(f) for f in files  # (torch.ops's is '_ops.py')
+                                                   if isinstance(f, str) and os.path.isabs(f)))
+        loaded.update(known[1])
     for finder in sys.meta_path:  # setuptools' editable finder: a module global MAPPING, top-level name -> folder
         mapping = getattr(sys.modules.get(getattr(finder, "__module__", "")), "MAPPING", None)
         whole.update(v for v in mapping.values() if isinstance(v, str)) if isinstance(mapping, dict) else None
     hidden = sorted({os.path.realpath(h) for h in hidden})
-    real = sorted({os.path.realpath(r) for r in whole | code if os.path.exists(r)})
-    kept: list[str] = []
-    for root in real:  # each once: a path beneath a folder kept is covered by it
-        if not any(_beneath(root, k) for k in kept):
-            kept.append(root)
+    trusted = {os.path.realpath(r) for r in whole} | loaded  # Python's, the system's, what was imported
+    code = {os.path.realpath(r) for r in code}
+    code = {c for c in code if not any(_beneath(c, h) for h in hidden)}  # (what lies in a hidden folder stays there)
+    kept: set[str] = set()
+    for root in sorted(trusted | code, key=len):  # each once: a path beneath a folder kept (shorter) is covered by it
+        if os.path.exists(root) and not any(parent in kept for parent in _and_above(root)):
+            kept.add(root)
     seen: set[str] = set()
-    return [p for root in kept for p in _split(root, hidden, seen)]
+    return [p for root in sorted(kept) for p in _split(root, hidden, seen)]
+
+
+_LOADED: dict[str, tuple] = {}  # module name -> (the module, the real paths it makes readable)
+
+
+def _and_above(path: str):
+    """``path`` and every folder above it."""
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
 
 
 def _code_in(folder: str) -> list[str]:
     """An import path folder's code: its modules (:data:`CODE`), its packages (folders with an ``__init__.py``), its
-    distributions' metadata (``*.dist-info``, ``*.egg-info``: a plugin's entry points) and its ``__pycache__``."""
-    def is_code(entry: os.DirEntry) -> bool:
+    distributions' metadata (``*.dist-info``, ``*.egg-info``: a plugin's entry points) and its ``__pycache__``; no
+    link, whatever its name."""
+    def is_code(entry: os.DirEntry) -> bool:  # by name, so never a link (a "x.dist-info" link to a data root)
+        if entry.is_symlink():
+            return False
         if entry.is_dir():
             return (os.path.isfile(os.path.join(entry.path, "__init__.py")) or entry.name == "__pycache__"
-                    or entry.name.endswith((".dist-info", ".egg-info", ".egg")))
+                    or entry.name.endswith((".dist-info", ".egg-info")))
         return entry.is_file() and entry.name.endswith(CODE)
 
     with os.scandir(folder) as entries:
@@ -167,7 +190,7 @@ def _code_in(folder: str) -> list[str]:
 def _split(root: str, hidden: list[str], seen: set[str]) -> list[str]:
     """``root``, or where it holds a hidden path, its entries but the hidden ones, recursively; a link among them is
     left out (a rule holds the folder a link leads to, which may lie anywhere). A root beneath a hidden path is
-    kept: it is code or Python's own (a results folder that holds the environment, say)."""
+    kept: it is Python's own or a package loaded (a results folder that holds the environment, say)."""
     if root in seen or any(root == h for h in hidden):
         return []
     seen.add(root)
