@@ -53,6 +53,13 @@ def test_what_is_readable_holds_no_hidden_folder_nor_one_that_contains_it(tmp_pa
     assert any(_beneath(os.path.realpath(sys.base_prefix), path) for path in rules)
 
 
+def test_a_folder_that_cannot_be_listed_gives_nothing_and_fails_nothing(tmp_path):
+    """An import path entry this user cannot list (or that is gone) is no code, as Python finds none in it; a half's
+    set-up must not fail on it before it is confined."""
+    assert sandbox._code_in(str(tmp_path / "gone")) == []
+    assert sandbox._split(str(tmp_path / "gone"), [str(tmp_path / "gone" / "data")], set()) == []
+
+
 def test_a_hidden_folder_that_holds_python_keeps_python_readable(tmp_path):
     """``--out`` on a folder that holds the environment (a results folder above the venv): Python stays readable."""
     prefix = os.path.realpath(sys.prefix)

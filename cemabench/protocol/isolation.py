@@ -307,9 +307,9 @@ def _die_with_parent() -> None:
 
 
 def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -> None:
-    """A half's process: cut off (its own session, no terminal, its output discarded, no capabilities, confined by
-    Landlock) before any method code is imported, set up from the harness's requests, then answering its steps;
-    never returns."""
+    """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
+    hidden folders are empty, its working directory /, no capabilities, confined by Landlock) before any method code
+    is imported, set up from the harness's requests, then answering its steps; never returns."""
     global SANDBOX
     _LINE[:] = [conn]
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own

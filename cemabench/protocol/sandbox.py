@@ -183,8 +183,11 @@ def _code_in(folder: str) -> list[str]:
                     or entry.name.endswith((".dist-info", ".egg-info")))
         return entry.is_file() and entry.name.endswith(CODE)
 
-    with os.scandir(folder) as entries:
-        return [entry.path for entry in entries if is_code(entry)]
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.path for entry in entries if is_code(entry)]
+    except OSError:  # a folder this user cannot list: Python finds nothing in it either
+        return []
 
 
 def _split(root: str, hidden: list[str], seen: set[str]) -> list[str]:
@@ -197,10 +200,13 @@ def _split(root: str, hidden: list[str], seen: set[str]) -> list[str]:
     if not any(_beneath(h, root) and h != root for h in hidden):
         return [root]
     out = []
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if not entry.is_symlink():
-                out += _split(entry.path, hidden, seen)
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if not entry.is_symlink():
+                    out += _split(entry.path, hidden, seen)
+    except OSError:  # a folder this user cannot list: nothing of it is readable
+        return []
     return out
 
 
