@@ -34,7 +34,8 @@ def _native():
 def _record_function() -> bool:
     """Whether PyTorch's RecordFunction is on on this thread (the guard's callback runs only there); True where the C++
     meter is not loaded (nothing reads it)."""
-    return _native().record_function_enabled() if _native() is not None else True
+    native = _native()
+    return native.record_function_enabled() if native is not None else True
 
 
 _FLAGS = {  # name: (read, write)
@@ -70,7 +71,8 @@ def kernels_for_the_meters_key() -> list[str]:
 
 def _meters_entered() -> int:
     """How many C++ meters are entered (none outside a step); 0 where it is not loaded."""
-    return _native().depth() if _native() is not None else 0
+    native = _native()
+    return native.depth() if native is not None else 0
 
 
 def snapshot() -> dict:

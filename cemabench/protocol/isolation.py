@@ -82,6 +82,11 @@ def _unpickled(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)  # in a half: the harness's own bytes
 
 
+def _from_loop(data: bytes):
+    """In a half, a message from the loop: a wire message, or the harness's own ``torch.save`` bytes."""
+    return wire.decode(data) if data[:len(wire.MAGIC)] == wire.MAGIC else _unpickled(data)
+
+
 def _loaded(value):
     """In a half, a set-up value: the object the ``torch.save`` bytes of :func:`_set_up` stand for (``None``
     stays ``None``)."""
@@ -344,8 +349,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     while True:
         try:
             data = conn.recv_bytes()
-            op, args, rng = (wire.decode(data) if data[:len(wire.MAGIC)] == wire.MAGIC
-                             else torch.load(io.BytesIO(data), weights_only=False))  # the harness's own bytes
+            op, args, rng = _from_loop(data)
         except (EOFError, OSError):
             os._exit(0)
         try:
@@ -552,7 +556,7 @@ class _AskedClean:
     def _ask(request: dict):
         send(_LINE[0], request)
         data = _LINE[0].recv_bytes()
-        return (wire.decode(data) if data[:len(wire.MAGIC)] == wire.MAGIC else _unpickled(data))["value"]
+        return _from_loop(data)["value"]
 
 
 ASK_CLEAN = "ask-clean"  # the key of a cloud half's request for the clean split, in place of its reply
