@@ -179,15 +179,15 @@ def test_a_half_cannot_tell_which_files_exist_under_a_hidden_folder(plugins, tmp
     the caches as empty folders (a mount namespace of its own), where the kernel lets it have one; and its working
     directory is /, not the folder the run started in (a hostile review: run from inside --out, relative names still
     reached the folder under the tmpfs)."""
-    from cemabench.protocol import isolation
+    from cemabench.protocol import isolation, zygote
 
     secret = tmp_path / "isolated" / "out" / "records" / "n01440764" / "ILSVRC2012_val_00000293.json"
     secret.parent.mkdir(parents=True)
     secret.write_text("{}\n")
     if path == "relative":  # the halves' zygote starts there too, as a run's first isolated unit starts it
         monkeypatch.chdir(tmp_path / "isolated" / "out")
-        if os.getpid() in isolation._ZYGOTES:
-            isolation._stop_zygote()
+        if os.getpid() in zygote._ZYGOTES:
+            zygote._stop_zygote()
     monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret.relative_to(tmp_path / "isolated" / "out"))
                        if path == "relative" else str(secret))
     cells = {}
@@ -275,14 +275,14 @@ def test_method_code_in_a_worker_cannot_jam_the_parents_zygote(plugins, tmp_path
     header there whose body never came, and the zygote waited for it while every later isolated unit of the process
     waited for the zygote (found by the default tier, which hung). A worker now closes that copy first; a zygote that
     does not answer is replaced."""
-    from cemabench.protocol import isolation
+    from cemabench.protocol import zygote as zygotes
 
-    zygote = isolation._zygote_connection()[0]
+    zygote = zygotes._zygote_connection()[0]
     spec = write_spec(tmp_path / "small.toml", ["half-a-message", "source"])
     main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", "--unit-timeout", "4s"])
-    monkeypatch.setattr(isolation, "HANDSHAKE_S", 20.0)
-    fd, pid = isolation._fork_half()  # answered by the same zygote, not a replacement
-    assert isolation._zygote_connection()[0] is zygote and pid > 0
+    monkeypatch.setattr(zygotes, "HANDSHAKE_S", 20.0)
+    fd, pid = zygotes.fork_half()  # answered by the same zygote, not a replacement
+    assert zygotes._zygote_connection()[0] is zygote and pid > 0
     os.close(fd)
     os.kill(pid, signal.SIGKILL)
 
@@ -477,9 +477,9 @@ def test_status_isolated_imports_no_method_plugin_and_reads_records_as_reproduce
 def test_the_zygote_preloads_harness_code_and_libraries_only():
     """What the zygote imports before it forks is in every half: torch, the zoo's libraries, SciPy's optimisers and
     cemabench's own modules, never a method's (cemabench_methods is a plugin distribution's door like any other)."""
-    from cemabench.protocol import isolation
+    from cemabench.protocol import zygote
 
-    for name in isolation.PRELOAD:
+    for name in zygote.PRELOAD:
         assert name.split(".")[0] in ("torch", "torchvision", "timm", "scipy", "cemabench"), name
         assert not name.startswith(("cemabench.tables", "cemabench.run", "cemabench.report")), name
 
@@ -492,7 +492,7 @@ def test_the_models_are_pickled_once_per_run_for_the_halves_and_the_clean_split_
     import torch
 
     from cemabench.datasets import miniature
-    from cemabench.protocol import Models, isolation
+    from cemabench.protocol import Models, isolation, sides
     from conftest import TinyNet
 
     clean = miniature.dataset(domains=["fog"]).clean
@@ -501,7 +501,7 @@ def test_the_models_are_pickled_once_per_run_for_the_halves_and_the_clean_split_
     assert all(a is b for a, b in zip(isolation._set_up(models, clean)[:2], first[:2], strict=True))  # the same
     assert first[2] == {"name": clean.name, "length": len(clean), "sample_nbytes": clean.sample_nbytes}
     assert isolation._set_up(models, None)[2] is None
-    edge = isolation._loaded(first[0])  # what a half unpickles
+    edge = sides.loaded(first[0])  # what a half unpickles
     assert type(edge) is TinyNet and all(torch.equal(a, b) for a, b in zip(edge.state_dict().values(),
                                                                             models.edge().state_dict().values()))
     calls = []
@@ -518,7 +518,8 @@ def test_the_loop_serves_a_cloud_half_the_clean_split_and_nothing_else():
 
     from cemabench.datasets import miniature
     from cemabench.protocol import isolation
-    from cemabench.protocol.isolation import ASK_CLEAN, serve_clean
+    from cemabench.protocol.isolation import serve_clean
+    from cemabench.protocol.messages import ASK_CLEAN
 
     clean = miniature.dataset(domains=["fog"]).clean
     indices = torch.tensor([3, 0, 7])

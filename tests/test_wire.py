@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cemabench.protocol import Execution, Models, Protocol, isolation, run_unit, wire
+from cemabench.protocol import Execution, Models, Protocol, messages, run_unit, wire
 from cemabench.protocol.plain import DTYPES, NotPlain
 from cemabench.registry import build_method, build_model, dataset_factory
 
@@ -34,7 +34,7 @@ def test_plain_values_and_every_dtype_round_trip_exactly():
         "channels_last": torch.rand(2, 3, 4, 5).to(memory_format=torch.channels_last),
         "empty": torch.empty(0, 3), "scalar": torch.tensor(2.5), "parameter": nn.Parameter(torch.ones(2)),
         "numbers": [0, -1, 2 ** 70, 1.5, float("inf"), float("nan"), -0.0, True, None, "é"], "pair": (1, (2, 3)),
-        7: b"\x00bytes", "rng": isolation.rng_state(torch.device("cpu")), "nested": {"a": [{"b": ()}]},
+        7: b"\x00bytes", "rng": messages.rng_state(torch.device("cpu")), "nested": {"a": [{"b": ()}]},
     }
     back = wire.decode(wire.encode(value))
     expected = {**value, "parameter": value["parameter"].detach()}
@@ -88,7 +88,7 @@ def test_a_message_that_does_not_hold_exactly_what_it_says_is_refused(data):
 def test_a_half_that_sends_a_forged_wire_message_fails_its_cell_as_not_plain():
     forged = _message({"v": ["d", "decision", ["T", 0]], "t": [["float32", [0], "", 400]]}, bytes(400))
     with pytest.raises(Exception, match="NotPlain: the edge half sent what is not plain data"):
-        isolation.unpack(forged, "edge")
+        messages.unpack(forged, "edge")
 
 
 @pytest.mark.slow  # 8 s (a zygote and an isolated unit); kept out of the default tier's 5 minutes

@@ -28,7 +28,7 @@ from cemabench.config import Protocol
 from cemabench.data import DomainData
 from cemabench.errors import ForwardOnlyViolation, HalfFailed, UserError, describe, failure_status
 from cemabench.method import CloudLogic, Method, MethodFacts, check_runnable
-from cemabench.protocol import hygiene, isolation
+from cemabench.protocol import hygiene, isolation, messages
 from cemabench.protocol.annotation import Annotator
 from cemabench.protocol.bottleneck import EntropyCoder
 from cemabench.protocol.checks import Checks
@@ -166,7 +166,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
             setup = isolation.start if isolate else _in_process
             training, build, cloud_meter, cloud_passes, tables = setup(
                 method, models, num_classes, clean, seed, execution, task, len(streams), replicas, halves)
-            source = isolation.rng_state(device)  # the random state the halves are built in: a reset's too
+            source = messages.rng_state(device)  # the random state the halves are built in: a reset's too
             coder = None if tables is None else EntropyCoder(tables)  # read once, before the stream (bottleneck)
             edges, clouds = build()
         except (UserError, KeyboardInterrupt):
@@ -179,7 +179,7 @@ def _run_unit(method: Method, stream: Sequence[DomainData | Block] | DeviceStrea
         for result in results.values():
             result.training = training
         out = _stream(method, streams, results, edges, clouds, cloud_meter, cloud_passes, protocol, execution, task,
-                      depths, replicas, state, lambda: isolation.replaying(source, device, build), coder)
+                      depths, replicas, state, lambda: messages.replaying(source, device, build), coder)
         left = isolation.finish(halves) if halves and all(r.status == "ok" for r in out) else []
         for result in out if left else ():  # in-process, run_unit checks the same of its own process
             result.status, result.message = "error", "method code " + "; ".join(left) + ", which could go on computing"

@@ -34,7 +34,9 @@ from cemabench.method import (
     parse_options,
 )
 from cemabench.protocol import hygiene
-from cemabench.protocol.isolation import SIDES, Half, rng_state, set_rng_state
+from cemabench.protocol.isolation import Half
+from cemabench.protocol.messages import rng_state, set_rng_state
+from cemabench.protocol.sides import SIDES
 from cemabench.protocol.training import trains
 from cemabench.provenance import code_digest
 

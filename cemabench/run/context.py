@@ -21,7 +21,7 @@ from cemabench.errors import UserError
 from cemabench.method import check_clean
 from cemabench.models import zoo
 from cemabench.models.split import probing
-from cemabench.protocol import Execution, Models, ccc, isolation, native, run_unit
+from cemabench.protocol import Execution, Models, ccc, native, run_unit, zygote
 from cemabench.protocol.codecs import library_versions, payload_versions
 from cemabench.protocol.planner import planner_for
 from cemabench.protocol.stream import Block, DeviceStreams, build_blocks
@@ -41,7 +41,7 @@ class TableContext:
                  weights: str | None = None, predictions: str | None = None, isolate: bool = False):
         self.spec, self.data_root, self.execution, self.weights = spec, data_root, execution, weights
         self.isolate = isolate  # each unit's halves in processes of their own (no part of a unit's key)
-        isolation.hide(data_root)  # from the halves, wherever it lies
+        zygote.hide(data_root)  # from the halves, wherever it lies
         self.predictions = predictions  # where units write their predictions (detection: COCO results JSON)
         choice = spec.real if data_root else spec.miniature
         if choice is None:

@@ -23,7 +23,7 @@ import torch
 
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.errors import UserError, out_of_memory
-from cemabench.protocol import DomainResult, hygiene, isolation
+from cemabench.protocol import DomainResult, hygiene, zygote
 from cemabench.run.context import ContextSpec, context_for
 from cemabench.tables.plan import Unit
 
@@ -100,7 +100,7 @@ def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None) -> None:
     """A worker process, in a session (process group) of its own: run the units it is sent, one at a time, and send
     each record back. After a unit that left method code running (a thread, say), the worker ends: it is not clean."""
     os.setsid()  # the parent ends the whole group: processes that method code forks go with the worker
-    isolation.drop_inherited()  # the parent's line to its zygote is not this worker's (nor its method code's)
+    zygote.drop_inherited()  # the parent's line to its zygote is not this worker's (nor its method code's)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     torch.set_num_threads(threads)
     _limit_memory(memory)

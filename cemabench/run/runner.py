@@ -14,7 +14,7 @@ from cemabench.config import with_link
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import MIXED, parse_setting, severities_needed
 from cemabench.errors import UserError
-from cemabench.protocol import Execution, isolation
+from cemabench.protocol import Execution, zygote
 from cemabench.run.context import ContextSpec, TableContext, context_for, forget
 from cemabench.run.document import DOC_SCHEMA, cell
 from cemabench.run.executors import Executor, error_record, make_executor
@@ -232,7 +232,7 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
     seeds = tuple(seeds or spec.seeds)
     tasks = plan(spec, context.choice, seeds)
     store = store_for(out, spec)
-    isolation.hide(out)  # the results folder, from the halves, wherever it lies
+    zygote.hide(out)  # the results folder, from the halves, wherever it lies
     desc = f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})"
     try:
         with make_executor(recipe, executor, min(jobs, len(tasks)), address, limits.over(spec.limits)) as pool, \

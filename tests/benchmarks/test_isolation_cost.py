@@ -9,7 +9,7 @@ upload, download and reply across as bytes. The zygote itself starts once per pr
 import pytest
 
 from cemabench.protocol import Execution, Models, Protocol, run_unit
-from cemabench.protocol.isolation import _zygote_connection
+from cemabench.protocol.zygote import _zygote_connection
 from cemabench.registry import build_method, build_model, dataset_factory
 
 IMAGES = 512

@@ -14,9 +14,9 @@ class _Predict(EdgeLogic):
 
 
 def _in_a_planner() -> bool:
-    from cemabench.protocol import isolation
+    from cemabench.protocol import zygote
 
-    return isolation.SANDBOX != ""  # set in a half's process (a planner is one) before any method code is imported
+    return zygote.SANDBOX != ""  # set in a half's process (a planner is one) before any method code is imported
 
 
 class _Source(Method):
@@ -43,7 +43,7 @@ class ForgesItsRandomState(_Source):
     @classmethod
     def check_protocol(cls, protocol):
         if _in_a_planner():
-            from cemabench.protocol.isolation import pack
+            from cemabench.protocol.messages import pack
 
             line = next(o for o in gc.get_objects() if isinstance(o, Connection) and not o.closed)
             line.send_bytes(pack({"rng": {"python": 1}}))

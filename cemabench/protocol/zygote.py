@@ -1,0 +1,228 @@
+"""The processes of the isolated mode (:mod:`cemabench.protocol.isolation`): a *zygote*, started fresh (not forked from
+the harness), that imported torch, the zoo's libraries and cemabench's own protocol and models (no plugin:
+:data:`PRELOAD`), and forks each half; and a half's main loop, which cuts it off before any method code is imported
+and then answers the loop's calls (:mod:`cemabench.protocol.sides`).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import importlib.machinery
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from cemabench import provenance, registry
+from cemabench.config.paths import cache_root
+from cemabench.errors import HalfFailed
+from cemabench.protocol import hygiene, sandbox
+from cemabench.protocol.execution import warm_allocator
+from cemabench.protocol.messages import pack, rng_state, send, set_rng_state
+from cemabench.protocol.plain import NotPlain
+from cemabench.protocol.sides import LINE, SIDES, error_reply, from_loop
+
+# -- the zygote: a clean process that forks the halves ---------------------------------------------------------------
+BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+        "from cemabench.protocol.zygote import zygote; zygote(int(sys.argv[2]))")
+# imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
+# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the planner's module and the built-in
+# models' (harness code, none a plugin's); and SciPy's optimisers, which ECCENTRIC's and Entropic Student's modules
+# import (0.2 s in each half of each of their units: a library, not a plugin). No dataset's: a half reads no data
+# (the cloud half asks the loop for the clean split's images, :class:`_AskedClean`)
+PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.protocol.planner",
+           *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")))
+SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
+# the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
+DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
+# what the halves forked from now on may not read, should it lie where they read (an import path folder, say): the
+# data roots and results folders this process uses (:func:`hide`); the cache root always
+HIDDEN: set[str] = set()
+# the pid that started it -> (process, connection, lock): a worker forked from that process starts its own
+_ZYGOTES: dict[int, tuple] = {}
+
+
+def hide(path) -> None:
+    """Keep ``path`` (a data root, a results folder) from every half forked from now on, wherever it lies."""
+    if path is not None:
+        HIDDEN.add(os.path.abspath(path))
+
+
+def drop_inherited() -> None:
+    """In a process forked from one that started a zygote (a local worker): close this copy of that zygote's line, so
+    that method code run here cannot write into it (and leave the zygote reading a message that never ends)."""
+    for pid in [p for p in _ZYGOTES if p != os.getpid()]:
+        with contextlib.suppress(OSError):
+            _ZYGOTES.pop(pid)[1].close()
+
+
+def _zygote_connection() -> tuple:
+    entry = _ZYGOTES.get(os.getpid())
+    if entry is not None and entry[0].poll() is None:
+        return entry
+    drop_inherited()
+    if entry is not None:
+        _stop_zygote()
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(sys.path), str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    entry = _ZYGOTES[os.getpid()] = (process, Connection(ours.detach()), threading.Lock())
+    return entry
+
+
+def _stop_zygote() -> None:
+    process, conn, _ = _ZYGOTES.pop(os.getpid())
+    with contextlib.suppress(OSError):
+        conn.close()
+    process.kill()
+    process.wait()
+
+
+def _limited() -> bool:
+    """Whether this process runs under a data-size limit (``--unit-memory``)."""
+    return resource.getrlimit(resource.RLIMIT_DATA)[0] != resource.RLIM_INFINITY
+
+
+HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
+
+
+def fork_half() -> tuple[int, int]:
+    """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
+    replaced once."""
+    why = ""
+    for _ in range(2):
+        process, conn, lock = _zygote_connection()
+        with lock:
+            try:
+                conn.send((list(sys.path), dict(os.environ), sorted(HIDDEN)))
+                if conn.poll(HANDSHAKE_S):
+                    return reduction.recv_handle(conn), conn.recv()
+                why = f"did not answer within {HANDSHAKE_S:g} s"
+            except (EOFError, OSError) as error:
+                try:
+                    code = process.wait(5)
+                except subprocess.TimeoutExpired:
+                    why = f"broke its line to this process ({error})"
+                else:
+                    ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    why = f"ended before it answered ({ended}; under --unit-memory it may have had too little memory)"
+        _stop_zygote()
+    raise HalfFailed(f"the zygote that forks the halves {why}, twice",
+                     "out-of-memory" if "ended" in why and _limited() else "error")
+
+
+def zygote(fd: int) -> None:
+    """The zygote's main loop: for each request, fork a half and hand the harness its end of a fresh socket."""
+    from cemabench.protocol import native
+
+    for name in PRELOAD:  # what the first unit of every half would otherwise import for itself (no plugin code)
+        with contextlib.suppress(ImportError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # their deprecation notices, once per zygote, say nothing about the run
+            importlib.import_module(name)
+    native.meter_module()
+    for kind in registry.GROUPS:  # the plugins' entry points (names and modules: nothing imported), read once here
+        registry.available(kind)  # rather than in every half (10 ms a half)
+    provenance.warm()  # the harness's sources, parsed once for every planner's code digests
+    sandbox.readable(sys.path, [])  # what the modules loaded here make readable, known once to every half
+    warm_allocator()  # for every half forked from here
+
+    conn = Connection(fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
+    while True:
+        try:
+            path, environ, hidden = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            ours.close()
+            _half(Connection(theirs.detach()), path, environ, hidden)
+        theirs.close()
+        reduction.send_handle(conn, ours.fileno(), pid)
+        conn.send(pid)
+        ours.close()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):  # Linux: the half ends when the zygote does
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -> None:
+    """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
+    hidden folders are empty, its working directory /, no capabilities, confined by Landlock) before any method code
+    is imported, set up from the harness's requests, then answering its steps; never returns."""
+    global SANDBOX
+    LINE[:] = [conn]
+    os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
+        os.dup2(null, fd)
+    os.close(null)
+    sys.path[:] = [entry or os.getcwd() for entry in path]  # "" is the working directory, which is left below
+    os.environ.clear()
+    os.environ.update(environ)
+    importlib.invalidate_caches()
+    # each import path folder's listing read now, for its modules and its distributions' entry points (importlib's
+    # caches, kept while the folder is unchanged): of a folder that is not Python's own only the code stays readable
+    importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
+    registry.entry_points_of_all()
+    hidden = [str(cache_root()), *hidden]
+    readable = sandbox.readable(sys.path, hidden)
+    try:  # (as root, before the capabilities go)
+        names = sandbox.hide(hidden, readable)
+    except OSError as error:
+        names = f"names not hidden ({error})"
+    os.chdir("/")  # a working directory inside a hidden folder would still show its names (relative to it)
+    with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
+        sandbox.drop_capabilities()
+    try:
+        SANDBOX = f"{sandbox.confine([os.devnull, *DEVICES], readable)}; {names}"
+    except OSError as error:
+        SANDBOX = f"none (refused: {error})"
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _die_with_parent()
+    side = None
+    while True:
+        try:
+            data = conn.recv_bytes()
+            op, args, rng = from_loop(data)
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            if op in SIDES:  # set-up: the method's module is imported here (no random state crosses back)
+                side = SIDES[op](*args)
+                if side.replaced:
+                    raise RuntimeError(f"cemabench's own code was replaced in this process (by a plugin, at "
+                                       f"import?): {', '.join(side.replaced[:5])}")
+                reply = {"sandbox": SANDBOX}
+            else:
+                set_rng_state(rng, side.device)
+                reply = getattr(side, op)(*args)
+                replaced = hygiene.replaced_harness_code()  # the meter and the guard run beside the method's code
+                if replaced:
+                    raise RuntimeError(f"method code replaced cemabench's own code in its half: "
+                                       f"{', '.join(replaced[:5])}")
+                reply["rng"] = rng_state(side.device)
+        except KeyboardInterrupt:
+            os._exit(1)
+        except BaseException as error:  # noqa: BLE001 - method code's failure, sys.exit() included, goes to the loop
+            reply = {"error": error_reply(error)}
+        try:
+            send(conn, reply)
+        except Exception as error:  # noqa: BLE001 - what cannot be packed fails the cell, by name
+            conn.send_bytes(pack({"error": error_reply(NotPlain(f"its reply could not be sent: {error}"))}))
+
+
