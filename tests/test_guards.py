@@ -254,6 +254,26 @@ def test_an_optimizer_step_on_a_hidden_copy_without_backward_is_caught(tiny):
     assert result.status == "error" and "updated a parameter from its gradient" in result.message
 
 
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+def test_a_kernel_registered_for_the_meters_key_for_one_step_is_caught(tiny, meter_kind):
+    """The edge's code registers a kernel for the C++ meter's key, runs the model's linear layer through it (the
+    kernel redispatches below the key: no FLOP counted, nothing guarded) and removes it before the step returns, so
+    that the unit's checks before and after it find no registration."""
+    def cheat(self, model, x):
+        library = torch.library.Library("aten", "IMPL")
+        below = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+        library.impl("addmm", lambda *args, **kwargs: torch.ops.aten.addmm.default.redispatch(below, *args, **kwargs),
+                     "TESTING_ONLY_GenericMode")
+        try:
+            return EdgeDecision(model(x))
+        finally:
+            library._destroy()
+
+    (result,) = _run(tiny, plugin(cheat))
+    assert result.status == "error" and "forward-only" in result.message, result.message
+    assert "aten::addmm ran through a kernel registered for the meter's dispatch key" in result.message
+
+
 def test_writing_an_edge_parameter_through_data_is_caught(tiny):
     def cheat(self, model, x):
         model.fc.weight.data.mul_(0.5)

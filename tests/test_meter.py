@@ -318,6 +318,30 @@ def test_a_kernel_registered_for_the_meters_key_is_refused(meter_kind):
 
 
 @pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
+def test_a_kernel_registered_for_the_meters_key_during_the_step_is_refused(meter_kind):
+    """A kernel registered for the meter's key during a step, and removed before the step ends, ran in place of the
+    meter's fallback: the unit's checks before and after it saw nothing, and its op was neither counted nor guarded.
+    The callback that sees every op while the guard is entered refuses an op that such a kernel takes."""
+    from cemabench.protocol import hygiene
+
+    meter = ComputeMeter(guard=True)
+    a, b = torch.rand(4, 4), torch.rand(4, 4)
+    with torch.inference_mode(), meter:
+        a @ b
+        assert meter.refusals == 0 and meter.take() == 2 * 4 * 4 * 4
+        library = torch.library.Library("aten", "IMPL")
+        library.impl("mm", lambda x, y: torch.zeros(x.shape[0], y.shape[1]), "TESTING_ONLY_GenericMode")
+        try:
+            a @ b  # the plugin's kernel, not the meter, runs for the key
+        finally:
+            library._destroy()
+        a @ b
+    assert hygiene.kernels_for_the_meters_key() == []  # gone before the step ended
+    assert meter.refusals == 1 and "aten::mm ran through a kernel registered for the meter's dispatch key" in \
+        meter.refusal(0)
+
+
+@pytest.mark.parametrize("meter_kind", ["native"], indirect=True)
 @pytest.mark.parametrize("how", ["excluded", "switched off"])
 def test_taking_the_meters_key_off_the_steps_own_thread_is_refused(how, meter_kind):
     """Ops run with the meter's dispatch key excluded or switched off on the guarded step's own thread pass no meter

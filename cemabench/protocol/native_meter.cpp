@@ -28,6 +28,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -46,6 +47,7 @@ struct OpInfo {
   bool transparent = false;  // composite or outside aten: the ops inside stay visible
   std::vector<size_t> written;  // positions of the arguments it writes to
   size_t arguments = 0;
+  std::optional<c10::OperatorHandle> handle;  // the op in the dispatcher (whether a kernel of its own takes the key)
 };
 
 struct Meter {
@@ -98,6 +100,7 @@ const OpInfo& info(const c10::OperatorHandle& op) {
   i.backward = shrt.find("_backward") != std::string::npos;
   i.transparent = space != "aten" || op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
   i.arguments = schema.arguments().size();
+  i.handle = op;
   for (size_t a = 0; a < schema.arguments().size(); ++a) {
     const auto& argument = schema.arguments()[a];
     const auto& alias = argument.alias_info();
@@ -220,7 +223,10 @@ const OpInfo* event_info(const at::RecordFunction& fn) {
 // refuses there what the fallback refuses where it sees the op. Exceptions thrown from such a callback are dropped by
 // PyTorch, so the refusal is counted, and the meter's owner raises it when the step ends. It needs the op's inputs
 // (a write into an edge parameter, or into one that holds a gradient), so PyTorch boxes every op's inputs while it is
-// registered, the guarded thread's own included; that thread's ops return at once.
+// registered, the guarded thread's own included; that thread's ops return at once, unless the op has a kernel of its
+// own for the meter's key (a plugin's torch.library registration, made during the step and removed before it ends,
+// where the unit's checks before and after it would not see it): that kernel runs in place of the fallback, so the
+// op is neither counted nor guarded, and it is refused.
 //
 // On a thread that entered a meter, the key is off only where the fallback took it off to run an op below itself
 // (`below_depth`), or where Python code behind a dispatch mode or tensor subclass runs (the fallback marks those
@@ -242,9 +248,19 @@ struct Below {
 
 std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
   bool included = c10::impl::tls_is_dispatch_key_included(kKey);
-  if (included && !c10::impl::tls_is_dispatch_key_excluded(kKey)) return nullptr;
+  bool passes = included && !c10::impl::tls_is_dispatch_key_excluded(kKey);  // through the meter's key
   const OpInfo* i = event_info(fn);
   if (i == nullptr) return nullptr;
+  if (passes) {
+    if (entered_depth == 0 || !i->handle || !i->handle->hasKernelForDispatchKey(kKey)) return nullptr;
+    Active meters = active_meters();
+    MeterPtr guard = guarding(meters);
+    if (guard != nullptr)
+      remember(meters, i->name + " ran through a kernel registered for the meter's dispatch key on the thread of " +
+                           guard->phase + ", in place of the meter: neither counted nor guarded (a torch.library "
+                           "registration for TESTING_ONLY_GenericMode)");
+    return nullptr;
+  }
   Active meters = active_meters();
   MeterPtr guard = guarding(meters);
   if (guard == nullptr) return nullptr;
