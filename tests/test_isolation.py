@@ -4,6 +4,7 @@ cell; what a hostile plugin reached in-process (the scheduler, the other half) i
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -223,7 +224,9 @@ def _landlock(version: int) -> None:
 @pytest.mark.parametrize("how, version, words", [
     ("shared-memory", 1, "Permission denied"),  # no side channel to the other half or the next unit
     ("signal", 6, "Operation not permitted"),  # the zygote, the loop, any process outside the half
-    ("tcp", 4, "Permission denied"),  # a Ray head, a local service
+    ("tcp", 1, "Operation not permitted"),  # a Ray head, a local service (no socket; and Landlock ABI 4: no TCP)
+    ("unix-socket", 1, "Operation not permitted"),  # a service listening on a path (a Docker daemon's)
+    ("udp", 1, "Operation not permitted"),  # a datagram out
     ("terminal", 1, "Permission denied"),  # no device but null, zero, random and the GPU's (and no terminal)
     ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder
     ("read-cache", 1, "Permission denied"),  # the corrupted images, the training artefacts
@@ -235,9 +238,14 @@ def test_a_half_reaches_nothing_outside_itself(plugins, tmp_path, monkeypatch, h
     secret.parent.mkdir()
     secret.write_text("n01440764\n")
     monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret))
+    listening = socket.socket(socket.AF_UNIX)  # a local service on a path, which the half must not reach
+    listening.bind(str(tmp_path / "service.sock"))
+    listening.listen(1)
+    monkeypatch.setenv("CEMABENCH_TEST_SOCKET", str(tmp_path / "service.sock"))
     spec = Path(write_spec(tmp_path / "base.toml", []))
     spec.write_text(spec.read_text() + f'[[methods]]\nname = "escapes"\noptions = {{ how = "{how}" }}\n')
     main(["reproduce", str(spec), "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", "--isolate"])
+    listening.close()
     (cell,) = json.loads((tmp_path / "out" / "small.json").read_text())["cells"]
     assert cell["status"] == "error" and words in cell["message"]
 

@@ -148,3 +148,32 @@ def test_a_hidden_folder_is_empty_to_the_process_that_hid_it_and_only_to_it(tmp_
     assert secret.exists()  # this process, and the namespace it is in, are untouched
     with open("/proc/self/mountinfo") as mounts:
         assert str(tmp_path) not in mounts.read()
+
+
+def test_a_process_that_forbade_sockets_opens_none_and_keeps_what_it_had(tmp_path):
+    """Landlock confines TCP only: a half could send UDP, or connect by path to a Unix socket of this user's (a Ray
+    raylet's, a Docker daemon's). After :func:`sandbox.forbid_sockets` every new socket is refused, of every family,
+    while the line it already holds (a half's to the loop) still carries messages, and other processes keep theirs."""
+    import socket
+
+    held, other = socket.socketpair()
+
+    def try_sockets() -> dict:
+        out = {"filter": sandbox.forbid_sockets()}
+        for family, kind in (("unix", socket.AF_UNIX), ("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6),
+                             ("netlink", socket.AF_NETLINK)):
+            try:
+                socket.socket(kind, socket.SOCK_DGRAM if kind != socket.AF_NETLINK else socket.SOCK_RAW).close()
+                out[family] = "opened"
+            except OSError as error:
+                out[family] = error.strerror
+        held.sendall(b"still here")
+        return out
+
+    said = _in_a_child(try_sockets)
+    if said.get("filter", "").startswith("sockets open"):
+        pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
+    assert said == {"filter": "no new sockets", "unix": "Operation not permitted", "ipv4": "Operation not permitted",
+                    "ipv6": "Operation not permitted", "netlink": "Operation not permitted"}
+    assert other.recv(64) == b"still here"
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # this process is untouched

@@ -292,16 +292,24 @@ LAST_SANDBOX: list[str] = []  # what confined the halves of this process's last 
 
 
 def _say_once(sandboxed: str) -> None:
+    """Warn once per process for each part of the halves' confinement that this machine did not give."""
     if sandboxed in _SAID:
         return
     _SAID.add(sandboxed)
+    parts = sandboxed.split("; ")
     if sandboxed.startswith("none"):
-        print(f"cemabench: warning: --isolate: the halves are not confined: {sandboxed}; a half can read and write "
-              f"any file this user can (README: Method code apart from the harness)", file=sys.stderr, flush=True)
-    elif "names not hidden" in sandboxed:
-        print(f"cemabench: warning: --isolate: {sandboxed.partition('; ')[2]}: a half can tell which files exist "
-              f"under the data root, the results folder and the caches, though it reads none (README: Method code "
-              f"apart from the harness)", file=sys.stderr, flush=True)
+        _warn(f"the halves are not confined: {parts[0]}; a half can read and write any file this user can")
+    for part in parts:
+        if part.startswith("names not hidden"):
+            _warn(f"{part}: a half can tell which files exist under the data root, the results folder and the "
+                  f"caches, though it reads none")
+        elif part.startswith("sockets open"):
+            _warn(f"{part}: a half can open UDP and Unix sockets (a service listening on a path)")
+
+
+def _warn(words: str) -> None:
+    print(f"cemabench: warning: --isolate: {words} (README: Method code apart from the harness)", file=sys.stderr,
+          flush=True)
 
 
 def finish(halves: list) -> list[str]:

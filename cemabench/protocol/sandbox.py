@@ -6,8 +6,9 @@ results store, the training-artefact cache, the dataset caches. Landlock (Linux 
 process give up rights for itself and everything it starts: :func:`confine` forbids creating, writing, truncating,
 renaming, linking or removing any file but those it is given, reading any file or listing any folder but those beneath
 the folders it is given (:func:`readable`: the system's, Python's and the importable code's), TCP, and signals and
-abstract sockets beyond the process's own children. The rules are the kernel's; no code in the process can lift them
-afterwards.
+abstract sockets beyond the process's own children; and a seccomp filter (:func:`forbid_sockets`) refuses every new
+socket, which Landlock does not (UDP, a Unix socket connected by path). The rules are the kernel's; no code in the
+process can lift them afterwards.
 
 The syscalls are called through ctypes (numbers 444-446 on every architecture Linux gives them); the ruleset's
 fields are those of ``linux/landlock.h``.
@@ -260,3 +261,41 @@ def drop_capabilities() -> bool:
     if libc.syscall(capset, header, ctypes.create_string_buffer(24)) != 0:
         raise OSError(ctypes.get_errno(), "capset")
     return True
+
+
+# seccomp: the kernel's filter of system calls, a BPF program over (number, architecture, arguments)
+SECCOMP = {"x86_64": {"arch": 0xC000003E, "socket": 41, "io_uring_setup": 425, "seccomp": 317},
+           "aarch64": {"arch": 0xC00000B7, "socket": 198, "io_uring_setup": 425, "seccomp": 277}}
+X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
+SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+LOAD_WORD, JUMP_EQUAL, JUMP_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, RET|K
+ALLOW, REFUSE = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW; SECCOMP_RET_ERRNO with EPERM
+
+
+def forbid_sockets() -> str:
+    """Refuse this process (all its threads) and its children every new socket (``socket(2)`` fails with EPERM), and
+    io_uring (which opens sockets of its own): Landlock confines TCP, but not UDP, netlink, or a Unix socket that
+    connects by path to a service of this user's (a Ray raylet, a Docker daemon). A half needs none: its line to the
+    loop is open before it is confined. A system call from another architecture's table (32-bit x86's
+    ``socketcall``, x32's) is refused whatever it is. Returns what was applied, or ``sockets open (...)``."""
+    numbers = SECCOMP.get(platform.machine())
+    if numbers is None:
+        return f"sockets open (no seccomp filter for {platform.machine()})"
+    program = [(LOAD_WORD, 0, 0, 4),  # seccomp_data.arch
+               (JUMP_EQUAL, 1, 0, numbers["arch"]),
+               (RETURN, 0, 0, REFUSE),
+               (LOAD_WORD, 0, 0, 0),  # seccomp_data.nr
+               (JUMP_AT_LEAST, 2, 0, X32_BIT) if platform.machine() == "x86_64" else (JUMP_EQUAL, 2, 0, X32_BIT),
+               (JUMP_EQUAL, 1, 0, numbers["socket"]),
+               (JUMP_EQUAL, 0, 1, numbers["io_uring_setup"]),
+               (RETURN, 0, 0, REFUSE),
+               (RETURN, 0, 0, ALLOW)]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program))
+    prog = ctypes.create_string_buffer(struct.pack("@HP", len(program), ctypes.addressof(filters)))
+    libc = _libc()
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.syscall(numbers["seccomp"], SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, prog) != 0:
+        error = ctypes.get_errno()
+        return f"sockets open (seccomp refused: {os.strerror(error)})"
+    return "no new sockets"

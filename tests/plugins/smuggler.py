@@ -378,6 +378,14 @@ class _Escapes(EdgeLogic):
             os.kill(os.getppid(), signal.SIGSTOP)
         elif self.how == "tcp":  # a service of this user's (a Ray head, say) runs code outside the sandbox
             socket.create_connection(("127.0.0.1", 6379), timeout=5)
+        elif self.how == "unix-socket" and not getattr(self, "told", False):  # a service listening on a path (a
+            self.told = True                                                   # Ray raylet's, a Docker daemon's)
+            with socket.socket(socket.AF_UNIX) as line:
+                line.connect(os.environ["CEMABENCH_TEST_SOCKET"])
+                line.sendall(b"the labels, please")
+        elif self.how == "udp":  # a datagram out, to this machine or any other
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as line:
+                line.sendto(b"the stream's order", ("127.0.0.1", 9))
         elif self.how == "terminal":  # type into the user's shell
             with open("/dev/tty", "rb"):
                 pass
