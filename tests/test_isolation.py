@@ -567,3 +567,16 @@ def test_a_plugin_whose_folder_joins_the_import_path_after_the_zygote_started_ru
             if PLUGINS in Path(getattr(module, "__file__", None) or "/").parents:
                 del sys.modules[name]
     assert cell["status"] == "ok", cell["message"]
+
+
+def test_isolate_says_which_model_plugin_still_runs_in_the_loops_process(plugins, tmp_path, capsys):
+    """--isolate runs method plugins apart; the loop's process still imports the table's dataset and model plugins
+    (it reads the data and builds the models it sends the halves). A table on a model plugin says so in one line; a
+    table on cemabench's own data and models says nothing."""
+    spec = write_spec(tmp_path / "small.toml", ["source"])
+    main(["reproduce", spec, "--out", str(tmp_path / "own"), "--no-progress", "--jobs", "1", "--isolate"])
+    assert "runs method plugins apart" not in capsys.readouterr().err
+    main(["reproduce", spec, "--out", str(tmp_path / "plugin"), "--no-progress", "--jobs", "1", "--isolate",
+          "--edge", "plugin-zoo:edge"])
+    assert ("--isolate runs method plugins apart; the model plugin plugin-zoo (model_zoo:plugin_model) runs in this "
+            "process, beside the labels and the store") in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cemabench import registry
 from cemabench.config import with_link
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import MIXED, parse_setting, severities_needed
@@ -35,6 +36,19 @@ def store_for(out: Path, spec: TableSpec) -> ResultStore:
     return ResultStore(Path(out) / "cells" / spec.name)
 
 
+def unisolated_plugins(choice) -> list[str]:
+    """The table's dataset and model plugins that are not cemabench's own: the loop's process imports them, under
+    ``--isolate`` too (it reads the data and builds the models that it sends the halves)."""
+    found = []
+    for kind, name in (("datasets", choice.dataset), ("models", choice.edge.partition(":")[0]),
+                       ("models", choice.foundation.partition(":")[0])):
+        entry = registry.available(kind).get(name)
+        said = f"the {kind[:-1]} plugin {name} ({entry.value})" if entry is not None else ""
+        if said and not entry.module.startswith("cemabench.") and said not in found:
+            found.append(said)
+    return found
+
+
 def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
             models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
             weights: str | None = None, predictions: str | None = None, isolate: bool = False
@@ -47,6 +61,12 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
         raise UserError(f"the weights folder {weights} (--weights) is not a directory")
     recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate)
     context = context_for(recipe)
+    beside = unisolated_plugins(context.choice) if isolate else []
+    if beside:
+        verb = "runs" if len(beside) == 1 else "run"
+        print(f"cemabench: warning: --isolate runs method plugins apart; {' and '.join(beside)} {verb} in this "
+              f"process, beside the labels and the store (README: Method code apart from the harness)",
+              file=sys.stderr, flush=True)
     if predictions is not None and context.dataset.task != "detection":
         raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
                         f"{context.dataset.task} dataset")
