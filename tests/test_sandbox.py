@@ -150,16 +150,23 @@ def test_a_hidden_folder_is_empty_to_the_process_that_hid_it_and_only_to_it(tmp_
         assert str(tmp_path) not in mounts.read()
 
 
-def test_a_process_that_forbade_sockets_opens_none_and_keeps_what_it_had(tmp_path):
-    """Landlock confines TCP only: a half could send UDP, or connect by path to a Unix socket of this user's (a Ray
-    raylet's, a Docker daemon's). After :func:`sandbox.forbid_sockets` every new socket is refused, of every family,
-    while the line it already holds (a half's to the loop) still carries messages, and other processes keep theirs."""
+def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_path):
+    """Landlock confines TCP and files only: a half could send UDP, connect by path to a Unix socket of this user's (a
+    Ray raylet's, a Docker daemon's), or leave the batch in System V shared memory for the other half and the next
+    unit (a hostile review found both). After :func:`sandbox.forbid_channels` every new socket, System V object and
+    key is refused, while the line it already holds (a half's to the loop) still carries messages, and other
+    processes keep theirs."""
+    import ctypes
     import socket
 
     held, other = socket.socketpair()
+    libc = ctypes.CDLL(None, use_errno=True)
 
-    def try_sockets() -> dict:
-        out = {"filter": sandbox.forbid_sockets()}
+    def refused(result: int) -> str:
+        return "made" if result >= 0 else os.strerror(ctypes.get_errno())
+
+    def try_channels() -> dict:
+        out = {"filter": sandbox.forbid_channels()}
         for family, kind in (("unix", socket.AF_UNIX), ("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6),
                              ("netlink", socket.AF_NETLINK)):
             try:
@@ -167,13 +174,24 @@ def test_a_process_that_forbade_sockets_opens_none_and_keeps_what_it_had(tmp_pat
                 out[family] = "opened"
             except OSError as error:
                 out[family] = error.strerror
+        out["shared memory"] = refused(libc.shmget(0x68723137, 4096, 0o1000 | 0o600))  # IPC_CREAT
+        out["message queue"] = refused(libc.msgget(0x68723137, 0o1000 | 0o600))
+        out["semaphores"] = refused(libc.semget(0x68723137, 1, 0o1000 | 0o600))
+        out["key"] = refused(libc.syscall(sandbox.SYSCALLS[platform.machine()]["add_key"], b"user", b"cemabench",
+                                          b"secret", 6, -4))  # KEY_SPEC_USER_KEYRING
         held.sendall(b"still here")
         return out
 
-    said = _in_a_child(try_sockets)
-    if said.get("filter", "").startswith("sockets open"):
+    import platform
+
+    if platform.machine() not in sandbox.SYSCALLS:
+        pytest.skip(f"no seccomp filter for {platform.machine()}")
+    said = _in_a_child(try_channels)
+    if said.get("filter", "").startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
-    assert said == {"filter": "no new sockets", "unix": "Operation not permitted", "ipv4": "Operation not permitted",
-                    "ipv6": "Operation not permitted", "netlink": "Operation not permitted"}
+    denied = "Operation not permitted"
+    assert said == {"filter": "no socket, System V IPC or keyring", "unix": denied, "ipv4": denied, "ipv6": denied,
+                    "netlink": denied, "shared memory": denied, "message queue": denied, "semaphores": denied,
+                    "key": denied}
     assert other.recv(64) == b"still here"
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # this process is untouched

@@ -303,8 +303,9 @@ def _say_once(sandboxed: str) -> None:
         if part.startswith("names not hidden"):
             _warn(f"{part}: a half can tell which files exist under the data root, the results folder and the "
                   f"caches, though it reads none")
-        elif part.startswith("sockets open"):
-            _warn(f"{part}: a half can open UDP and Unix sockets (a service listening on a path)")
+        elif part.startswith("channels open"):
+            _warn(f"{part}: a half can open UDP and Unix sockets (a service listening on a path) and System V "
+                  f"shared memory")
 
 
 def _warn(words: str) -> None:

@@ -1,17 +1,17 @@
-"""A half's process (``--isolate``) confined with Linux Landlock: what it may read and change on disk, whom it may
-reach.
+"""A half's process (``--isolate``) confined with Linux Landlock and seccomp: what it may read and change on disk,
+whom it may reach.
 
-A process of the same OS user can read and write every file the harness can: the datasets and their labels, the
-results store, the training-artefact cache, the dataset caches. Landlock (Linux 5.13 and later, unprivileged) lets a
-process give up rights for itself and everything it starts: :func:`confine` forbids creating, writing, truncating,
-renaming, linking or removing any file but those it is given, reading any file or listing any folder but those beneath
-the folders it is given (:func:`readable`: the system's, Python's and the importable code's), TCP, and signals and
-abstract sockets beyond the process's own children; and a seccomp filter (:func:`forbid_sockets`) refuses every new
-socket, which Landlock does not (UDP, a Unix socket connected by path). The rules are the kernel's; no code in the
-process can lift them afterwards.
+A process of the same OS user can read and write every file the harness can: the datasets and their labels, the results
+store, the training-artefact cache, the dataset caches. Landlock (Linux 5.13 and later, unprivileged) lets a process
+give up rights for itself and everything it starts: :func:`confine` forbids creating, writing, truncating, renaming,
+linking or removing any file but those it is given, reading any file or listing any folder but those beneath the folders
+it is given (:func:`readable`: the system's, Python's and the importable code's), TCP, and signals and abstract sockets
+beyond the process's own children; and a seccomp filter (:func:`forbid_channels`) refuses what Landlock does not: every
+new socket (UDP, a Unix socket connected by path), System V IPC and the keyrings. The rules are the kernel's; no code in
+the process can lift them afterwards.
 
-The syscalls are called through ctypes (numbers 444-446 on every architecture Linux gives them); the ruleset's
-fields are those of ``linux/landlock.h``.
+The syscalls are called through ctypes (numbers 444-446 on every architecture Linux gives them); the ruleset's fields
+are those of ``linux/landlock.h``.
 """
 from __future__ import annotations
 
@@ -263,39 +263,51 @@ def drop_capabilities() -> bool:
     return True
 
 
-# seccomp: the kernel's filter of system calls, a BPF program over (number, architecture, arguments)
-SECCOMP = {"x86_64": {"arch": 0xC000003E, "socket": 41, "io_uring_setup": 425, "seccomp": 317},
-           "aarch64": {"arch": 0xC00000B7, "socket": 198, "io_uring_setup": 425, "seccomp": 277}}
+# seccomp: the kernel's filter of system calls, a BPF program over (number, architecture, arguments). The calls a
+# half never needs that open a channel Landlock does not confine: a socket of any family, io_uring (which opens
+# sockets of its own), System V shared memory, semaphores and message queues (the host's, shared by every process of
+# this user, whatever the mount namespace), and the kernel's keyrings.
+CHANNELS = ("socket", "io_uring_setup", "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
+            "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "add_key", "request_key", "keyctl")
+SYSCALLS = {"x86_64": dict(zip((*CHANNELS, "seccomp"), (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71,
+                                                         248, 249, 250, 317), strict=True)),
+            "aarch64": dict(zip((*CHANNELS, "seccomp"), (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189,
+                                                          188, 187, 217, 218, 219, 277), strict=True))}
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC = 1, 1
 LOAD_WORD, JUMP_EQUAL, JUMP_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, RET|K
 ALLOW, REFUSE = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW; SECCOMP_RET_ERRNO with EPERM
 
 
-def forbid_sockets() -> str:
-    """Refuse this process (all its threads) and its children every new socket (``socket(2)`` fails with EPERM), and
-    io_uring (which opens sockets of its own): Landlock confines TCP, but not UDP, netlink, or a Unix socket that
-    connects by path to a service of this user's (a Ray raylet, a Docker daemon). A half needs none: its line to the
-    loop is open before it is confined. A system call from another architecture's table (32-bit x86's
-    ``socketcall``, x32's) is refused whatever it is. Returns what was applied, or ``sockets open (...)``."""
-    numbers = SECCOMP.get(platform.machine())
-    if numbers is None:
-        return f"sockets open (no seccomp filter for {platform.machine()})"
-    program = [(LOAD_WORD, 0, 0, 4),  # seccomp_data.arch
-               (JUMP_EQUAL, 1, 0, numbers["arch"]),
-               (RETURN, 0, 0, REFUSE),
-               (LOAD_WORD, 0, 0, 0),  # seccomp_data.nr
-               (JUMP_AT_LEAST, 2, 0, X32_BIT) if platform.machine() == "x86_64" else (JUMP_EQUAL, 2, 0, X32_BIT),
-               (JUMP_EQUAL, 1, 0, numbers["socket"]),
-               (JUMP_EQUAL, 0, 1, numbers["io_uring_setup"]),
-               (RETURN, 0, 0, REFUSE),
-               (RETURN, 0, 0, ALLOW)]
+def _filter(machine: str) -> list[tuple[int, int, int, int]]:
+    """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
+    whatever it is; of the native table, :data:`CHANNELS`; anything else is allowed."""
+    numbers = SYSCALLS[machine]
+    refused = [numbers[name] for name in CHANNELS]
+    program = [(LOAD_WORD, 0, 0, 4), (JUMP_EQUAL, 1, 0, AUDIT_ARCH[machine]), (RETURN, 0, 0, REFUSE),  # .arch
+               (LOAD_WORD, 0, 0, 0)]  # .nr
+    checks = ([(JUMP_AT_LEAST, X32_BIT)] if machine == "x86_64" else []) + [(JUMP_EQUAL, n) for n in refused]
+    for index, (op, k) in enumerate(checks):
+        program.append((op, len(checks) - index, 0, k))  # to the refusal after the allowing return
+    return [*program, (RETURN, 0, 0, ALLOW), (RETURN, 0, 0, REFUSE)]
+
+
+def forbid_channels() -> str:
+    """Refuse this process (all its threads) and its children the system calls of :data:`CHANNELS` (they fail with
+    EPERM): Landlock confines TCP and files, not UDP, netlink, a Unix socket that connects by path to a service of
+    this user's (a Ray raylet, a Docker daemon), System V shared memory or message queues (which another half, or
+    the next unit, could read), or keyrings. A half needs none of them: its line to the loop is open before it is
+    confined. Returns what was applied, or ``channels open (...)``."""
+    machine = platform.machine()
+    if machine not in SYSCALLS:
+        return f"channels open (no seccomp filter for {machine})"
+    program = _filter(machine)
     filters = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program))
     prog = ctypes.create_string_buffer(struct.pack("@HP", len(program), ctypes.addressof(filters)))
     libc = _libc()
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    if libc.syscall(numbers["seccomp"], SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, prog) != 0:
-        error = ctypes.get_errno()
-        return f"sockets open (seccomp refused: {os.strerror(error)})"
-    return "no new sockets"
+    if libc.syscall(SYSCALLS[machine]["seccomp"], SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, prog) != 0:
+        return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
+    return "no socket, System V IPC or keyring"

@@ -162,8 +162,9 @@ def _die_with_parent() -> None:
 
 def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
-    hidden folders are empty, its working directory /, no capabilities, confined by Landlock, no new socket) before
-    any method code is imported, set up from the harness's requests, then answering its steps; never returns."""
+    hidden folders are empty, its working directory /, no capabilities, confined by Landlock, no new socket, System V
+    IPC or keyring) before any method code is imported, set up from the harness's requests, then answering its steps;
+    never returns."""
     global SANDBOX
     LINE[:] = [conn]
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
@@ -193,9 +194,9 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
     try:
-        SANDBOX += f"; {sandbox.forbid_sockets()}"
+        SANDBOX += f"; {sandbox.forbid_channels()}"
     except OSError as error:
-        SANDBOX += f"; sockets open ({error})"
+        SANDBOX += f"; channels open ({error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _die_with_parent()
     side = None

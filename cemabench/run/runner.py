@@ -44,7 +44,8 @@ def unisolated_plugins(choice) -> list[str]:
                        ("models", choice.foundation.partition(":")[0])):
         entry = registry.available(kind).get(name)
         said = f"the {kind[:-1]} plugin {name} ({entry.value})" if entry is not None else ""
-        if said and not entry.module.startswith("cemabench.") and said not in found:
+        ours = entry is not None and entry.dist is not None and entry.dist.name == "cemabench"  # (not a plugin's
+        if said and not ours and said not in found:                                           # module in our folder)
             found.append(said)
     return found
 
