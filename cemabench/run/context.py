@@ -227,15 +227,21 @@ class TableContext:
 
         return write
 
+    def facts(self, method: str, options: tuple, protocol):
+        """Isolated: what ``method`` is with ``options`` (sorted pairs) under ``protocol``, as its planner process says
+        (:class:`~cemabench.method.MethodFacts`), asked once per method, options and protocol (the models cross to it);
+        a unit's own copy, in which the loop sets the task and the artefacts."""
+        key = (method, json.dumps(options, default=str), json.dumps(dataclasses.asdict(protocol), default=str))
+        if key not in self._facts:
+            self._facts[key] = self.planner.facts(method, dict(options), protocol, self.dataset.task,
+                                                  self.prototypes["edge"], self.prototypes["foundation"],
+                                                  self.dataset.clean_missing())
+        return dataclasses.replace(self._facts[key])
+
     def run(self, unit: Unit) -> dict:
         p = with_link(self.spec.protocol, unit.link)  # the entry's own link fields, if any
         if self.isolate:  # the planner's plain facts: the halves build the method, this process never imports it
-            key = (unit.method, json.dumps(unit.options, default=str), json.dumps(dataclasses.asdict(p), default=str))
-            if key not in self._facts:  # asked once per method, options and protocol (the models cross to it)
-                self._facts[key] = self.planner.facts(unit.method, dict(unit.options), p, self.dataset.task,
-                                                      self.prototypes["edge"], self.prototypes["foundation"],
-                                                      self.dataset.clean_missing())
-            method = dataclasses.replace(self._facts[key])  # a unit's own copy: the loop sets task and artefacts
+            method = self.facts(unit.method, unit.options, p)
         else:
             method = registry.build_method(unit.method, dict(unit.options))
             check_clean(method, self.dataset.clean_missing())  # a derived entry's is checked here, with the hint

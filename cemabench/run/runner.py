@@ -3,6 +3,7 @@
 shares the store; a code change recomputes what it affects."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -254,6 +255,11 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
     tasks = plan(spec, context.choice, seeds)
     store = store_for(out, spec)
     zygote.hide(out)  # the results folder, from the halves, wherever it lies
+    if isolate:  # each unit's method asked of its planner here, once: the workers forked from here start no planner
+        for task in tasks:
+            if not task.needs:  # (options derived from other units are known when the unit runs)
+                with contextlib.suppress(UserError):  # the unit itself fails with it, as it would have
+                    context.facts(task.method, task.options, with_link(spec.protocol, task.link))
     desc = f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})"
     try:
         with make_executor(recipe, executor, min(jobs, len(tasks)), address, limits.over(spec.limits)) as pool, \
