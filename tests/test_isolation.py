@@ -227,6 +227,7 @@ def _landlock(version: int) -> None:
     ("tcp", 1, "Operation not permitted"),  # a Ray head, a local service (no socket; and Landlock ABI 4: no TCP)
     ("unix-socket", 1, "Operation not permitted"),  # a service listening on a path (a Docker daemon's)
     ("udp", 1, "Operation not permitted"),  # a datagram out
+    ("proc", 1, "Permission denied"),  # another process's /proc folder (a command line rewritten: a channel)
     ("sysv-shm", 1, "Operation not permitted"),  # a side channel to the other half, or the next unit (the host's IPC)
     ("terminal", 1, "Permission denied"),  # no device but null, zero, random and the GPU's (and no terminal)
     ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder

@@ -7,6 +7,7 @@ import importlib.machinery
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,10 @@ def _confined(code, hidden: str) -> dict:
                       ("a link named like metadata", lambda: os.listdir(code / "zz.dist-info")),
                       ("a link named like a module", lambda: (code / "zz_labels.py").read_text()),
                       ("a link named like a package", lambda: (code / "zz_pkg" / "secret.txt").read_text()),
-                      ("an archive beside the code", lambda: (code / "val_labels.zip").read_bytes())):
+                      ("an archive beside the code", lambda: (code / "val_labels.zip").read_bytes()),
+                      ("its own /proc", lambda: Path("/proc/self/status").read_text()),
+                      ("the kernel's /proc", lambda: Path("/proc/cpuinfo").read_text()),
+                      ("another process's /proc", lambda: Path(f"/proc/{os.getppid()}/cmdline").read_bytes())):
         try:
             act()
             out[name] = "read"
@@ -125,8 +129,9 @@ def test_a_confined_process_reads_the_code_and_nothing_beside_it_hidden_or_elsew
     assert said["import"] == 42 and said["import a module"] == 7  # the folder's listing was read before confining
     for name in ("notes", "results", "labels", "through a link", "out through a link", "list the root",
                  "list the data", "elsewhere", "a link named like metadata", "a link named like a module",
-                 "a link named like a package", "an archive beside the code"):
+                 "a link named like a package", "an archive beside the code", "another process's /proc"):
         assert said[name] == "PermissionError", (name, said)
+    assert said["its own /proc"] == said["the kernel's /proc"] == "read"
 
 
 def test_a_hidden_folder_is_empty_to_the_process_that_hid_it_and_only_to_it(tmp_path):

@@ -103,9 +103,21 @@ def confine(writable: list[str], readable: list[str] | None = None) -> str:
 
 
 # the system's programs, libraries, settings and kernel files: what torch, NumPy and a GPU's driver read at run time
-SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/proc", "/sys",
+SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/sys",
           "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",  # of /dev no disk (root could read one)
           "/dev/nvidia-caps")  # and a MIG GPU's capabilities (its device nodes are the halves' writable files)
+
+
+def _proc() -> list[str]:
+    """Of ``/proc``, the kernel's own files (``cpuinfo``, ``meminfo``, ``sys``, ...) and this process's folder
+    (``/proc/self`` leads there), not another process's: the loop's command line names its folders, and a half could
+    rewrite its own for the other half to read, a channel beside the link."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    return [f"/proc/{os.getpid()}", *(f"/proc/{n}" for n in names if not n.isdigit()
+                                     and not os.path.islink(f"/proc/{n}"))]
 
 
 def _beneath(path: str, folder: str) -> bool:
@@ -116,7 +128,8 @@ CODE = (".py", ".pyc", ".so", ".pyd")  # an import path folder's modules (an arc
 
 
 def readable(path: list[str], hidden: list[str]) -> list[str]:
-    """What a half may read, as real paths: the system's files (:data:`SYSTEM`) and Python's own folders whole (its
+    """What a half may read, as real paths: the system's files (:data:`SYSTEM`, and of ``/proc`` the kernel's and this
+    process's: :func:`_proc`) and Python's own folders whole (its
     library, the environment's site-packages); of the other import path entries (a project's source folder, a
     script's folder, the working directory under ``python -m``) only the code: modules, packages and distribution
     metadata (:func:`_code_in`), not the data or results beside it; the folders of the packages loaded (an editable
@@ -125,7 +138,7 @@ def readable(path: list[str], hidden: list[str]) -> list[str]:
     folder that holds one is replaced by its entries, recursively, links left out, so that it can no longer be listed
     either."""
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
-    whole, code = {*SYSTEM, *prefixes}, set()
+    whole, code = {*SYSTEM, *_proc(), *prefixes}, set()
     for entry in path:
         real = os.path.realpath(entry or os.getcwd())  # "" is the working directory to the import system
         if any(_beneath(real, p) for p in prefixes):

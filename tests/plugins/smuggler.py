@@ -389,6 +389,9 @@ class _Escapes(EdgeLogic):
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.shmget(0x63656D61, 1 << 20, 0o1000 | 0o600) < 0:  # IPC_CREAT
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        elif self.how == "proc":  # another process's command line: the loop's names its folders, and a half can
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:  # rewrite its own for the other half to read
+                f.read()
         elif self.how == "udp":  # a datagram out, to this machine or any other
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as line:
                 line.sendto(b"the stream's order", ("127.0.0.1", 9))
