@@ -577,8 +577,8 @@ def test_isolate_says_which_model_plugin_still_runs_in_the_loops_process(plugins
     table on cemabench's own data and models says nothing."""
     spec = write_spec(tmp_path / "small.toml", ["source"])
     main(["reproduce", spec, "--out", str(tmp_path / "own"), "--no-progress", "--jobs", "1", "--isolate"])
-    assert "runs method plugins apart" not in capsys.readouterr().err
+    assert "method plugins run apart" not in capsys.readouterr().err
     main(["reproduce", spec, "--out", str(tmp_path / "plugin"), "--no-progress", "--jobs", "1", "--isolate",
           "--edge", "plugin-zoo:edge"])
-    assert ("--isolate runs method plugins apart; the model plugin plugin-zoo (model_zoo:plugin_model) runs in this "
+    assert ("--isolate: method plugins run apart; the model plugin plugin-zoo (model_zoo:plugin_model) runs in this "
             "process, beside the labels and the store") in capsys.readouterr().err

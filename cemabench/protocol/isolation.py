@@ -298,17 +298,18 @@ def _say_once(sandboxed: str) -> None:
     _SAID.add(sandboxed)
     parts = sandboxed.split("; ")
     if sandboxed.startswith("none"):
-        _warn(f"the halves are not confined: {parts[0]}; a half can read and write any file this user can")
+        warn(f"the halves are not confined: {parts[0]}; a half can read and write any file this user can")
     for part in parts:
         if part.startswith("names not hidden"):
-            _warn(f"{part}: a half can tell which files exist under the data root, the results folder and the "
+            warn(f"{part}: a half can tell which files exist under the data root, the results folder and the "
                   f"caches, though it reads none")
         elif part.startswith("channels open"):
-            _warn(f"{part}: a half can open UDP and Unix sockets (a service listening on a path) and System V "
+            warn(f"{part}: a half can open UDP and Unix sockets (a service listening on a path) and System V "
                   f"shared memory")
 
 
-def _warn(words: str) -> None:
+def warn(words: str) -> None:
+    """One line on stderr about what ``--isolate`` does not do on this run."""
     print(f"cemabench: warning: --isolate: {words} (README: Method code apart from the harness)", file=sys.stderr,
           flush=True)
 

@@ -249,10 +249,11 @@ struct Below {
 std::unique_ptr<at::ObserverContext> on_any_thread(const at::RecordFunction& fn) {
   bool included = c10::impl::tls_is_dispatch_key_included(kKey);
   bool passes = included && !c10::impl::tls_is_dispatch_key_excluded(kKey);  // through the meter's key
+  if (passes && entered_depth == 0) return nullptr;
   const OpInfo* i = event_info(fn);
   if (i == nullptr) return nullptr;
   if (passes) {
-    if (entered_depth == 0 || !i->handle || !i->handle->hasKernelForDispatchKey(kKey)) return nullptr;
+    if (!i->handle || !i->handle->hasKernelForDispatchKey(kKey)) return nullptr;
     Active meters = active_meters();
     MeterPtr guard = guarding(meters);
     if (guard != nullptr)

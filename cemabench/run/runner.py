@@ -16,7 +16,7 @@ from cemabench.config import with_link
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import MIXED, parse_setting, severities_needed
 from cemabench.errors import UserError
-from cemabench.protocol import Execution, zygote
+from cemabench.protocol import Execution, isolation, zygote
 from cemabench.run.context import ContextSpec, TableContext, context_for, forget
 from cemabench.run.document import DOC_SCHEMA, cell
 from cemabench.run.executors import Executor, error_record, make_executor
@@ -65,10 +65,8 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context = context_for(recipe)
     beside = unisolated_plugins(context.choice) if isolate else []
     if beside:
-        verb = "runs" if len(beside) == 1 else "run"
-        print(f"cemabench: warning: --isolate runs method plugins apart; {' and '.join(beside)} {verb} in this "
-              f"process, beside the labels and the store (README: Method code apart from the harness)",
-              file=sys.stderr, flush=True)
+        isolation.warn(f"method plugins run apart; {' and '.join(beside)} {'runs' if len(beside) == 1 else 'run'} "
+                       f"in this process, beside the labels and the store")
     if predictions is not None and context.dataset.task != "detection":
         raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
                         f"{context.dataset.task} dataset")
