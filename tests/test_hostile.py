@@ -130,16 +130,18 @@ def test_the_time_limit_changes_no_number_and_a_timed_out_unit_is_recomputed(plu
     assert numbers({"cells": limited}) == numbers({"cells": inline})
 
 
-def test_a_unit_past_its_memory_limit_says_out_of_memory(plugins, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--isolate"]])
+def test_a_unit_past_its_memory_limit_says_out_of_memory(plugins, tmp_path, flags):
     """The limit bounds the worker's whole data memory, which starts as this process's (forked): 1 GiB more than
-    this process holds now leaves room for source and none for a plugin that holds 2 GiB more."""
+    this process holds now leaves room for source and none for a plugin that holds 2 GiB more. Isolated, each half
+    runs under the same limit (its zygote, forked for the worker, does)."""
     spec = write_spec(tmp_path / "small.toml", ["holds-too-much", "source"])
     warm = write_spec(tmp_path / "warm.toml", ["source"])
     assert main(["reproduce", warm, "--out", str(tmp_path / "warm"), "--no-progress", "--jobs", "1"]) == 0
     status = Path("/proc/self/status").read_text().splitlines()
     held = next(int(line.split()[1]) for line in status if line.startswith("VmData:")) / 2 ** 20
     assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1",
-                 "--unit-memory", f"{held + 1:.2f}G"]) == 3
+                 "--unit-memory", f"{held + 1:.2f}G", *flags]) == 3
     cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
     assert cells["holds-too-much"]["status"] == "out-of-memory" and "allocate" in cells["holds-too-much"]["message"]
     assert cells["source"]["status"] == "ok"

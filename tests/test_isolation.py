@@ -484,6 +484,46 @@ def test_status_isolated_imports_no_method_plugin_and_reads_records_as_reproduce
                                                           "computed in-process: --isolate computes it again")]
 
 
+def test_a_local_worker_adopts_a_zygote_forked_from_its_parents_under_its_memory_limit():
+    """A worker forked by the local executor (--jobs) gets a zygote forked from its parent's (which imported
+    everything already), not one it must start afresh (3-4 s before its first unit): its halves come from that one,
+    which runs under the worker's memory limit and ends when the worker does."""
+    import select
+
+    import torch
+
+    from cemabench.protocol import isolation, zygote
+
+    isolation.Half("planner", torch.device("cpu")).close()  # this process's zygote, as planning starts it
+    zygote.spare(1 << 40)
+    (spare,) = zygote._SPARE
+    for _ in range(100):  # (it sets the limit before it reads its first request, while this process goes on)
+        limits = Path(f"/proc/{spare[0].pid}/limits").read_text().splitlines()
+        if any(line.startswith("Max data size") and str(1 << 40) in line for line in limits):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the worker's zygote runs without its memory limit: {limits}")
+    watch = os.pidfd_open(spare[0].pid)
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            zygote.drop_inherited()
+            adopted = zygote._ZYGOTES.get(os.getpid())
+            half = isolation.Half("planner", torch.device("cpu"))
+            parent = int(Path(f"/proc/{half.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            half.close()
+            code = 0 if adopted is not None and adopted[0].pid == spare[0].pid == parent else 3
+        finally:
+            os._exit(code)
+    zygote.forked()
+    assert not zygote._SPARE
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert select.select([watch], [], [], 30)[0], "the worker's zygote outlived the worker"
+    os.close(watch)
+
+
 def test_the_zygote_preloads_harness_code_and_libraries_only():
     """What the zygote imports before it forks is in every half: torch, the zoo's libraries, SciPy's optimisers and
     cemabench's own modules, never a method's (cemabench_methods is a plugin distribution's door like any other)."""

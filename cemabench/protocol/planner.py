@@ -35,8 +35,8 @@ from cemabench.method import (
 )
 from cemabench.protocol import hygiene
 from cemabench.protocol.isolation import Half
-from cemabench.protocol.messages import rng_state, set_rng_state
-from cemabench.protocol.sides import SIDES
+from cemabench.protocol.messages import pack, rng_state, set_rng_state
+from cemabench.protocol.sides import SIDES, loaded
 from cemabench.protocol.training import trains
 from cemabench.provenance import code_digest
 
@@ -125,17 +125,18 @@ class _PlannerSide:
         return {}
 
     def check_models(self, name, options, task, edge, foundation, clean_missing) -> dict:
-        check_entry_models(name, options, task, edge, foundation, clean_missing)
+        check_entry_models(name, options, task, loaded(edge), loaded(foundation), clean_missing)
         return {}
 
     def derive(self, name, options, references) -> dict:
         return {"options": derive(name, options, references)}
 
     def about(self, name, dataset, models, zoos) -> dict:
-        return about(name, dataset, models, zoos)
+        return about(name, dataset, [loaded(m) for m in models], zoos)
 
     def facts(self, name, options, protocol, task, edge, foundation, clean_missing) -> dict:
-        return dataclasses.asdict(facts(name, options, Protocol(**protocol), task, edge, foundation, clean_missing))
+        return dataclasses.asdict(facts(name, options, Protocol(**protocol), task, loaded(edge), loaded(foundation),
+                                        clean_missing))
 
 
 SIDES["planner"] = _PlannerSide
@@ -151,6 +152,14 @@ class IsolatedPlanner:
     def __init__(self):
         self.halves: dict[str, Half] = {}
         self.pid = os.getpid()
+        self._packed: dict[int, tuple] = {}  # id -> (model, its torch.save bytes)
+
+    def _bytes(self, model: nn.Module) -> bytes:
+        """A model as the ``torch.save`` bytes that every planner is sent (pickled once per table, not once per
+        question and planner: a ResNet-101 is 170 MB), kept with the model (so that its id stays its own)."""
+        if id(model) not in self._packed:
+            self._packed[id(model)] = (model, pack(model))
+        return self._packed[id(model)][1]
 
     def _call(self, name: str, op: str, *args) -> dict:
         if self.pid != os.getpid():  # a forked worker (--jobs): its parent's planners are not its own to talk to
@@ -198,7 +207,8 @@ class IsolatedPlanner:
 
     def check_models(self, name: str, options: dict, task: str, edge: nn.Module, foundation: nn.Module,
                      clean_missing: str | None = None) -> None:
-        self._call(name, "check_models", name, options, task, edge, foundation, clean_missing)
+        self._call(name, "check_models", name, options, task, self._bytes(edge), self._bytes(foundation),
+                   clean_missing)
 
     def derive(self, name: str, options: dict, references: list[dict]) -> dict:
         options = self._call(name, "derive", name, options, references).get("options")
@@ -207,7 +217,7 @@ class IsolatedPlanner:
         return options
 
     def about(self, name: str, dataset: str, models: list[nn.Module], zoos: list[str]) -> dict:
-        answer = self._call(name, "about", name, dataset, models, zoos)
+        answer = self._call(name, "about", name, dataset, [self._bytes(m) for m in models], zoos)
         code = answer.get("code")
         if type(code) is not dict or not all(type(k) is str and type(v) is str for k, v in code.items()):
             raise UserError(f"method {name}'s planner sent a malformed code digest")
@@ -220,8 +230,8 @@ class IsolatedPlanner:
     def facts(self, name: str, options: dict, protocol: Protocol, task: str, edge: nn.Module, foundation: nn.Module,
               clean_missing: str | None = None) -> MethodFacts:
         try:
-            facts = MethodFacts.read(self._call(name, "facts", name, options, dataclasses.asdict(protocol), task, edge,
-                                                foundation, clean_missing))
+            facts = MethodFacts.read(self._call(name, "facts", name, options, dataclasses.asdict(protocol), task,
+                                                self._bytes(edge), self._bytes(foundation), clean_missing))
         except ValueError as error:
             raise UserError(f"method {name}: {error}") from None
         return dataclasses.replace(facts, entry=name)  # the halves build what was asked about, whatever it says
@@ -229,6 +239,7 @@ class IsolatedPlanner:
     def close(self) -> None:
         while self.halves:
             self.halves.popitem()[1].close()
+        self._packed.clear()
 
 
 def planner_for(isolate: bool) -> LocalPlanner | IsolatedPlanner:

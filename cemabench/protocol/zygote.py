@@ -12,6 +12,7 @@ import importlib.machinery
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -36,19 +37,23 @@ BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
         "from cemabench.protocol.zygote import zygote; zygote(int(sys.argv[2]))")
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
 # torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the planner's module and the built-in
-# models' (harness code, none a plugin's); and SciPy's optimisers, which ECCENTRIC's and Entropic Student's modules
-# import (0.2 s in each half of each of their units: a library, not a plugin). No dataset's: a half reads no data
-# (the cloud half asks the loop for the clean split's images, :class:`_AskedClean`)
+# models' (harness code, none a plugin's); SciPy's optimisers, which ECCENTRIC's and Entropic Student's modules
+# import (0.2 s in each half of each of their units: a library, not a plugin); and the built-in datasets' modules,
+# which each planner imports for the code digest of its method's units (80 ms a planner, SciPy's ndimage included).
+# Code only: a half reads no data (the cloud half asks the loop for the clean split's images, :class:`_AskedClean`)
 PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.protocol.planner",
-           *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")))
+           *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")),
+           *(f"cemabench.datasets.{d}" for d in ("miniature", "minidet", "imagenet", "cifar", "coco", "hf")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
 # what the halves forked from now on may not read, should it lie where they read (an import path folder, say): the
 # data roots and results folders this process uses (:func:`hide`); the cache root always
 HIDDEN: set[str] = set()
-# the pid that started it -> (process, connection, lock): a worker forked from that process starts its own
+# the pid that started it -> (process, connection, lock): a worker forked from that process adopts the zygote forked
+# for it (:func:`spare`) or starts its own
 _ZYGOTES: dict[int, tuple] = {}
+_SPARE: list[tuple] = []  # the zygote forked for the next local worker that this process forks (:func:`spare`)
 
 
 def hide(path) -> None:
@@ -59,10 +64,68 @@ def hide(path) -> None:
 
 def drop_inherited() -> None:
     """In a process forked from one that started a zygote (a local worker): close this copy of that zygote's line, so
-    that method code run here cannot write into it (and leave the zygote reading a message that never ends)."""
+    that method code run here cannot write into it (and leave the zygote reading a message that never ends); adopt
+    the zygote forked for this process (:func:`spare`), if there is one."""
     for pid in [p for p in _ZYGOTES if p != os.getpid()]:
         with contextlib.suppress(OSError):
             _ZYGOTES.pop(pid)[1].close()
+    if _SPARE:
+        _ZYGOTES[os.getpid()] = _SPARE.pop()
+
+
+class _Forked:
+    """A zygote forked from another (:func:`spare`): not a child of the process that uses it, so watched and ended
+    through a pidfd, as :class:`subprocess.Popen` watches and ends a child."""
+
+    def __init__(self, pid: int):
+        self.pid, self.pidfd = pid, os.pidfd_open(pid)  # (it waits for its first request: the pid is still its own)
+
+    def poll(self) -> int | None:
+        return 0 if select.select([self.pidfd], [], [], 0)[0] else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not select.select([self.pidfd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired("zygote", timeout)
+        return 0
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+def spare(memory: int | None) -> None:
+    """Before this process forks a local worker: where it has a zygote (it planned under ``--isolate``), a zygote
+    forked from that one, for the worker to adopt (:func:`drop_inherited`). It has imported what a zygote imports,
+    so the worker's first unit does not wait for a fresh zygote's imports (3-4 s here). It runs under the worker's
+    memory limit (``--unit-memory``), as the worker's own zygote would. Where none can be had, the worker starts its
+    own, as before."""
+    entry = _ZYGOTES.get(os.getpid())
+    if entry is None or entry[0].poll() is not None:
+        return
+    process, conn, lock = entry
+    with lock:
+        try:
+            conn.send(("zygote", memory))
+            if not conn.poll(HANDSHAKE_S):
+                raise OSError("no answer")
+            fd = reduction.recv_handle(conn)
+            forked = _Forked(conn.recv())
+        except (EOFError, OSError):  # this process's zygote is broken: replaced when next asked for a half
+            _stop_zygote()
+            return
+    _SPARE[:] = [(forked, Connection(fd), threading.Lock())]
+
+
+def forked() -> None:
+    """In this process, after it forked a local worker: its copy of the worker's zygote (:func:`spare`) closed."""
+    while _SPARE:
+        process, conn, _ = _SPARE.pop()
+        conn.close()
+        process.close()
 
 
 def _zygote_connection() -> tuple:
@@ -86,6 +149,8 @@ def _stop_zygote() -> None:
         conn.close()
     process.kill()
     process.wait()
+    if isinstance(process, _Forked):
+        process.close()
 
 
 def _limited() -> bool:
@@ -114,7 +179,8 @@ def fork_half() -> tuple[int, int]:
                 except subprocess.TimeoutExpired:
                     why = f"broke its line to this process ({error})"
                 else:
-                    ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    ended = (f"killed by {signal.Signals(-code).name}" if code < 0 else "ended" if
+                             isinstance(process, _Forked) else f"exit code {code}")
                     why = f"ended before it answered ({ended}; under --unit-memory it may have had too little memory)"
         _stop_zygote()
     raise HalfFailed(f"the zygote that forks the halves {why}, twice",
@@ -136,11 +202,15 @@ def zygote(fd: int) -> None:
     sandbox.readable(sys.path, [])  # what the modules loaded here make readable, known once to every half
     warm_allocator()  # for every half forked from here
 
-    conn = Connection(fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
+    _serve(Connection(fd))
+
+
+def _serve(conn: Connection) -> None:
+    """Fork a half for each request (or, asked by :func:`spare`, a zygote that serves its own line); never returns."""
     while True:
         try:
-            path, environ, hidden = conn.recv()
+            request = conn.recv()
         except (EOFError, OSError):
             os._exit(0)
         ours, theirs = socket.socketpair()
@@ -148,7 +218,12 @@ def zygote(fd: int) -> None:
         if pid == 0:
             conn.close()
             ours.close()
-            _half(Connection(theirs.detach()), path, environ, hidden)
+            if request[0] == "zygote":  # a zygote for a worker: ends with this one, and when the worker's line closes
+                _die_with_parent()
+                if request[1] is not None:
+                    resource.setrlimit(resource.RLIMIT_DATA, (request[1], request[1]))
+                _serve(Connection(theirs.detach()))
+            _half(Connection(theirs.detach()), *request)
         theirs.close()
         reduction.send_handle(conn, ours.fileno(), pid)
         conn.send(pid)

@@ -137,7 +137,11 @@ class _Worker:
         context = multiprocessing.get_context("fork")  # inherits this process's built context (data, models)
         self.conn, theirs = context.Pipe()
         self.process = context.Process(target=_serve, args=(theirs, recipe, threads, memory), daemon=True)
-        self.process.start()
+        zygote.spare(memory)  # under --isolate, a zygote ready for the worker's halves
+        try:
+            self.process.start()
+        finally:
+            zygote.forked()
         theirs.close()
         self.unit: Unit | None = None
         self.deadline = float("inf")
