@@ -189,7 +189,7 @@ def test_a_half_cannot_tell_which_files_exist_under_a_hidden_folder(plugins, tmp
         monkeypatch.chdir(tmp_path / "isolated" / "out")
         if os.getpid() in zygote._ZYGOTES:
             zygote._stop_zygote()
-    monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret.relative_to(tmp_path / "isolated" / "out"))
+    monkeypatch.setenv("CEMABENCH_TEST_PRIVY_PATH", str(secret.relative_to(tmp_path / "isolated" / "out"))
                        if path == "relative" else str(secret))
     cells = {}
     for mode, flags in (("isolated", ["--isolate"]), ("inline", [])):
@@ -239,7 +239,7 @@ def test_a_half_reaches_nothing_outside_itself(plugins, tmp_path, monkeypatch, h
     secret = tmp_path / "data" / "labels.txt"  # as a data root is: outside the code and Python's folders
     secret.parent.mkdir()
     secret.write_text("n01440764\n")
-    monkeypatch.setenv("CEMABENCH_TEST_SECRET", str(secret))
+    monkeypatch.setenv("CEMABENCH_TEST_PRIVY_PATH", str(secret))
     listening = socket.socket(socket.AF_UNIX)  # a local service on a path, which the half must not reach
     listening.bind(str(tmp_path / "service.sock"))
     listening.listen(1)
@@ -250,6 +250,26 @@ def test_a_half_reaches_nothing_outside_itself(plugins, tmp_path, monkeypatch, h
     listening.close()
     (cell,) = json.loads((tmp_path / "out" / "small.json").read_text())["cells"]
     assert cell["status"] == "error" and words in cell["message"]
+
+
+def test_a_half_gets_no_environment_variable_named_as_a_credential(plugins, tmp_path, monkeypatch, capsys):
+    """A half cannot send a secret anywhere, but its error message is printed in the table, which users publish: a
+    plugin printed the loop's HF_TOKEN there. The halves get the loop's environment less the variables whose names
+    say they hold credentials, and the run names them in one line before any compute."""
+    monkeypatch.setenv("HF_TOKEN", "hf_not-a-real-token")
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")
+    monkeypatch.setenv("CEMABENCH_TEST_KEYBOARD", "kept")
+    cells = {}
+    for mode, flags in (("isolated", ["--isolate"]), ("inline", [])):
+        (tmp_path / mode).mkdir()
+        spec = Path(write_spec(tmp_path / mode / "base.toml", []))
+        spec.write_text(spec.read_text() + '[[methods]]\nname = "escapes"\noptions = { how = "environment" }\n')
+        main(["reproduce", str(spec), "--out", str(tmp_path / mode / "out"), "--no-progress", "--jobs", "1", *flags])
+        (cells[mode],) = json.loads((tmp_path / mode / "out" / "small.json").read_text())["cells"]
+    assert cells["inline"]["status"] == "error" and "hf_not-a-real-token" in cells["inline"]["message"]
+    assert cells["isolated"]["status"] == "ok", cells["isolated"]["message"]
+    said = [line for line in capsys.readouterr().err.splitlines() if "environment variable" in line]
+    assert len(said) == 1 and "HF_TOKEN" in said[0] and "WANDB_API_KEY" in said[0] and "KEYBOARD" not in said[0]
 
 
 @pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["in-process", "isolated"])

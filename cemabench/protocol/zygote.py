@@ -11,6 +11,7 @@ import importlib
 import importlib.machinery
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -50,6 +51,11 @@ DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_
 # what the halves forked from now on may not read, should it lie where they read (an import path folder, say): the
 # data roots and results folders this process uses (:func:`hide`); the cache root always
 HIDDEN: set[str] = set()
+# the environment variables kept from the halves: those whose names say they hold a credential (a token, a key, a
+# password). A half cannot send one anywhere (no socket, no file written), but its error message is printed in the
+# table, which users publish
+CREDENTIAL = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH(?!OR)|COOKIE|APIKEY|ACCESS_?KEY"
+                        r"|(^|_)(API_?)?KEY(_|$)", re.IGNORECASE)
 # the pid that started it -> (process, connection, lock): a worker forked from that process adopts the zygote forked
 # for it (:func:`spare`) or starts its own
 _ZYGOTES: dict[int, tuple] = {}
@@ -60,6 +66,16 @@ def hide(path) -> None:
     """Keep ``path`` (a data root, a results folder) from every half forked from now on, wherever it lies."""
     if path is not None:
         HIDDEN.add(os.path.abspath(path))
+
+
+def half_environment() -> dict[str, str]:
+    """This process's environment variables, less those named as credentials (:data:`CREDENTIAL`): a half's."""
+    return {name: value for name, value in os.environ.items() if not CREDENTIAL.search(name)}
+
+
+def withheld() -> list[str]:
+    """The names of the environment variables that the halves do not get."""
+    return sorted(set(os.environ) - set(half_environment()))
 
 
 def drop_inherited() -> None:
@@ -169,7 +185,7 @@ def fork_half() -> tuple[int, int]:
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), dict(os.environ), sorted(HIDDEN)))
+                conn.send((list(sys.path), half_environment(), sorted(HIDDEN)))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"

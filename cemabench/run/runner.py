@@ -67,6 +67,10 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     if beside:
         isolation.warn(f"method plugins run apart; {' and '.join(beside)} {'runs' if len(beside) == 1 else 'run'} "
                        f"in this process, beside the labels and the store")
+    kept = zygote.withheld() if isolate else []
+    if kept:
+        isolation.warn(f"the halves do not get the environment variable{'s' if len(kept) > 1 else ''} "
+                       f"{', '.join(kept)}, whose names say they hold credentials")
     if predictions is not None and context.dataset.task != "detection":
         raise UserError(f"--save-predictions writes detections in COCO's results format; {context.dataset.name} is a "
                         f"{context.dataset.task} dataset")

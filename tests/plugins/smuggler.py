@@ -399,14 +399,16 @@ class _Escapes(EdgeLogic):
             with open("/dev/tty", "rb"):
                 pass
         elif self.how == "read-file":  # a dataset's labels, the results folder: any file of this user's
-            with open(os.environ["CEMABENCH_TEST_SECRET"], "rb") as f:
+            with open(os.environ["CEMABENCH_TEST_PRIVY_PATH"], "rb") as f:
                 f.read()
         elif self.how == "read-cache":  # the corrupted images and the training artefacts
             from cemabench.config.paths import cache_root
 
             os.listdir(cache_root())
-        elif self.how == "stat" and os.path.exists(os.environ["CEMABENCH_TEST_SECRET"]):  # which files exist: an
-            raise FileExistsError(f"found {os.environ['CEMABENCH_TEST_SECRET']}")  # ImageNet file's class folder
+        elif self.how == "environment" and os.environ.get("HF_TOKEN"):  # printed in the table the user publishes
+            raise PermissionError(f"found {os.environ['HF_TOKEN']}")
+        elif self.how == "stat" and os.path.exists(os.environ["CEMABENCH_TEST_PRIVY_PATH"]):  # which files exist: an
+            raise FileExistsError(f"found {os.environ['CEMABENCH_TEST_PRIVY_PATH']}")  # ImageNet file's class folder
         return EdgeDecision(logits=model(x))
 
 
