@@ -152,8 +152,10 @@ def _zygote_connection() -> tuple:
     if entry is not None:
         _stop_zygote()
     ours, theirs = socket.socketpair()
+    # (its environment is a half's from the start: a process's first environment stays in its memory, which a half
+    # forked from it can read, in /proc/self/environ say, whatever it is given later)
     process = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(sys.path), str(theirs.fileno())],
-                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=half_environment())
     theirs.close()
     entry = _ZYGOTES[os.getpid()] = (process, Connection(ours.detach()), threading.Lock())
     return entry

@@ -405,8 +405,12 @@ class _Escapes(EdgeLogic):
             from cemabench.config.paths import cache_root
 
             os.listdir(cache_root())
-        elif self.how == "environment" and os.environ.get("HF_TOKEN"):  # printed in the table the user publishes
-            raise PermissionError(f"found {os.environ['HF_TOKEN']}")
+        elif self.how == "environment":  # printed in the table the user publishes
+            with open("/proc/self/environ", "rb") as f:  # (the process's first environment, kept in its memory)
+                first = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            token = os.environ.get("HF_TOKEN") or first.get(b"HF_TOKEN", b"").decode()
+            if token:
+                raise PermissionError(f"found {token}")
         elif self.how == "stat" and os.path.exists(os.environ["CEMABENCH_TEST_PRIVY_PATH"]):  # which files exist: an
             raise FileExistsError(f"found {os.environ['CEMABENCH_TEST_PRIVY_PATH']}")  # ImageNet file's class folder
         return EdgeDecision(logits=model(x))
