@@ -48,7 +48,17 @@ from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import validate_decision
 from cemabench.protocol.execution import Execution
 from cemabench.protocol.halves import training_resources
-from cemabench.protocol.messages import ASK_CLEAN, MAX_MESSAGE, fields, pack, rng_state, send, set_rng_state, unpack
+from cemabench.protocol.messages import (
+    ASK_CLEAN,
+    MAX_MESSAGE,
+    fields,
+    pack,
+    receive,
+    rng_state,
+    send,
+    set_rng_state,
+    unpack,
+)
 from cemabench.protocol.plain import plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.training import run_training
@@ -114,10 +124,10 @@ class Half:
     def call(self, op: str, *args) -> dict:
         try:
             send(self.conn, (op, args, rng_state(self.device)))
-            reply = unpack(self.conn.recv_bytes(self.max_message), self.role)
+            reply = unpack(receive(self.conn, self.max_message), self.role)
             while isinstance(reply, dict) and ASK_CLEAN in reply:
                 send(self.conn, {"value": serve_clean(self.clean, reply, self.role)})
-                reply = unpack(self.conn.recv_bytes(self.max_message), self.role)
+                reply = unpack(receive(self.conn, self.max_message), self.role)
         except (EOFError, OSError, BrokenPipeError):
             raise HalfFailed(f"the {self.role} half's process ended while it ran (method code ended it, or it was "
                              f"killed)") from None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import random
+import struct
 import zipfile
 from multiprocessing.connection import Connection
 
@@ -36,10 +38,39 @@ def send(conn: Connection, value) -> None:
     """``value`` as a wire message where it is plain (a step's: :mod:`cemabench.protocol.wire`), else as
     ``torch.save`` bytes (set-up: the models, the method's recipe, a training stage's state)."""
     try:
-        data = wire.encode(value)
+        parts = wire.encode_parts(value)
     except NotPlain:
-        data = pack(value)
-    conn.send_bytes(data)
+        parts = [pack(value)]
+    views = [memoryview(part).cast("B") for part in parts]
+    size = sum(len(view) for view in views)  # framed as Connection.send_bytes frames a message
+    head = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+    fd = conn.fileno()
+    for view in (memoryview(head), *views):  # each part from where it is: no copy into one message first
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def receive(conn: Connection, maxsize: int | None = None) -> memoryview:
+    """A message sent by :func:`send` (or ``Connection.send_bytes``), read into a buffer of its own in one copy out
+    of the line (``Connection.recv_bytes`` copies a large message several times), whose memory is taken as the
+    bytes arrive. OSError for a message longer than ``maxsize``, EOFError where the line ends."""
+    fd = conn.fileno()
+    (size,) = struct.unpack("!i", _read(fd, memoryview(bytearray(4))))
+    if size == -1:
+        (size,) = struct.unpack("!Q", _read(fd, memoryview(bytearray(8))))
+    if size < 0 or (maxsize is not None and size > maxsize):
+        raise OSError("bad message length")
+    return _read(fd, memoryview(np.empty(size, dtype=np.uint8)))
+
+
+def _read(fd: int, buffer: memoryview) -> memoryview:
+    view = buffer
+    while view:
+        n = os.readv(fd, [view])
+        if n == 0:
+            raise EOFError
+        view = view[n:]
+    return buffer
 
 
 def unpack(data: bytes, role: str):

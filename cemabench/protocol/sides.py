@@ -23,7 +23,7 @@ from cemabench.protocol.checks import Checks
 from cemabench.protocol.edge import ForwardOnlyEdge
 from cemabench.protocol.execution import Execution, deterministic_threads
 from cemabench.protocol.halves import build_clouds, build_edges, training_resources
-from cemabench.protocol.messages import ASK_CLEAN, fields, send
+from cemabench.protocol.messages import ASK_CLEAN, fields, receive, send
 from cemabench.protocol.meter import ComputeMeter, SampleCounter, guard_process
 from cemabench.protocol.plain import plain_reply
 from cemabench.protocol.scoring import Diverged
@@ -223,7 +223,7 @@ class _AskedClean:
     @staticmethod
     def _ask(request: dict):
         send(LINE[0], request)
-        data = LINE[0].recv_bytes()
+        data = receive(LINE[0])
         return from_loop(data)["value"]
 
 

@@ -29,7 +29,7 @@ from cemabench.config.paths import cache_root
 from cemabench.errors import HalfFailed
 from cemabench.protocol import hygiene, sandbox
 from cemabench.protocol.execution import warm_allocator
-from cemabench.protocol.messages import pack, rng_state, send, set_rng_state
+from cemabench.protocol.messages import pack, receive, rng_state, send, set_rng_state
 from cemabench.protocol.plain import NotPlain
 from cemabench.protocol.sides import LINE, SIDES, error_reply, from_loop
 
@@ -295,7 +295,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     side = None
     while True:
         try:
-            data = conn.recv_bytes()
+            data = receive(conn)
             op, args, rng = from_loop(data)
         except (EOFError, OSError):
             os._exit(0)
