@@ -229,6 +229,7 @@ def _landlock(version: int) -> None:
     ("udp", 1, "Operation not permitted"),  # a datagram out
     ("proc", 1, "Permission denied"),  # another process's /proc folder (a command line rewritten: a channel)
     ("sysv-shm", 1, "Operation not permitted"),  # a side channel to the other half, or the next unit (the host's IPC)
+    ("prlimit", 1, "Operation not permitted"),  # the zygote's limits, or the loop's: a unit sabotaged the others
     ("terminal", 1, "Permission denied"),  # no device but null, zero, random and the GPU's (and no terminal)
     ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder
     ("read-cache", 1, "Permission denied"),  # the corrupted images, the training artefacts
@@ -263,7 +264,9 @@ def test_a_half_gets_no_environment_variable_named_as_a_credential(plugins, tmp_
         zygote._stop_zygote()
     monkeypatch.setenv("HF_TOKEN", "hf_not-a-real-token")
     monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")
+    monkeypatch.setenv("DATABASE_URL", "postgres://user:not-a-real-password@db/results")
     monkeypatch.setenv("CEMABENCH_TEST_KEYBOARD", "kept")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     cells = {}
     for mode, flags in (("isolated", ["--isolate"]), ("inline", [])):
         (tmp_path / mode).mkdir()
@@ -274,7 +277,8 @@ def test_a_half_gets_no_environment_variable_named_as_a_credential(plugins, tmp_
     assert cells["inline"]["status"] == "error" and "hf_not-a-real-token" in cells["inline"]["message"]
     assert cells["isolated"]["status"] == "ok", cells["isolated"]["message"]
     said = [line for line in capsys.readouterr().err.splitlines() if "environment variable" in line]
-    assert len(said) == 1 and "HF_TOKEN" in said[0] and "WANDB_API_KEY" in said[0] and "KEYBOARD" not in said[0]
+    assert len(said) == 1 and all(name in said[0] for name in ("HF_TOKEN", "WANDB_API_KEY", "DATABASE_URL"))
+    assert "KEYBOARD" not in said[0] and "TOKENIZERS" not in said[0]
 
 
 @pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["in-process", "isolated"])

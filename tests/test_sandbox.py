@@ -195,8 +195,55 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
     if said.get("filter", "").startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
     denied = "Operation not permitted"
-    assert said == {"filter": "no socket, System V IPC or keyring", "unix": denied, "ipv4": denied, "ipv6": denied,
+    assert said == {"filter": "no socket, System V IPC, keyring or reach into another process", "unix": denied,
+                    "ipv4": denied, "ipv6": denied,
                     "netlink": denied, "shared memory": denied, "message queue": denied, "semaphores": denied,
                     "key": denied}
     assert other.recv(64) == b"still here"
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # this process is untouched
+
+
+def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_processes():
+    """A hostile review: a half lowered the loop's file size limit (``prlimit``, which the same user may do to any
+    of its processes), which ended the run, and its zygote's memory limit, which failed every later unit of every
+    method. After :func:`sandbox.forbid_channels` a process sets and reads its own limits and no other process's, and
+    reads and writes no other process's memory, nor traces it."""
+    import ctypes
+    import platform
+    import resource
+
+    if platform.machine() not in sandbox.SYSCALLS:
+        pytest.skip(f"no seccomp filter for {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def reach() -> dict:
+        out = {"filter": sandbox.forbid_channels()}
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its own: setrlimit is prlimit64(0, ...)
+        out["own"] = resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) and resource.prlimit(0, resource.RLIMIT_CORE)
+        for what, call in (("parent's limit", lambda: resource.prlimit(parent, resource.RLIMIT_FSIZE, (0, 0))),
+                           ("parent's limit read", lambda: resource.prlimit(parent, resource.RLIMIT_FSIZE))):
+            try:
+                call()
+                out[what] = "done"
+            except OSError as error:
+                out[what] = error.strerror
+        local, remote = (ctypes.c_char * 8)(), (ctypes.c_char * 8)()
+        iov = ctypes.c_void_p * 2
+        out["parent's memory"] = "read" if libc.syscall(sandbox.SYSCALLS[platform.machine()]["process_vm_readv"],
+                                                       parent, iov(ctypes.addressof(local), 8), 1,
+                                                       iov(ctypes.addressof(remote), 8), 1, 0) >= 0 else \
+            os.strerror(ctypes.get_errno())
+        seize = 0x4206  # PTRACE_SEIZE: the parent is not stopped, were it allowed
+        out["trace"] = "attached" if libc.ptrace(seize, parent, None, None) >= 0 else os.strerror(ctypes.get_errno())
+        return out
+
+    said = _in_a_child(reach)
+    if said.get("filter", "").startswith("channels open"):
+        pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
+    denied = "Operation not permitted"
+    assert said["own"] == [0, 0], said
+    assert {k: said[k] for k in ("parent's limit", "parent's limit read", "parent's memory", "trace")} == {
+        "parent's limit": denied, "parent's limit read": denied, "parent's memory": denied, "trace": denied}
+    assert resource.getrlimit(resource.RLIMIT_FSIZE) == before

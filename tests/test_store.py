@@ -401,3 +401,24 @@ def test_the_weights_folder_is_a_parameter_of_the_context_with_the_environment_a
     assert len(context.ContextSpec(spec, weights=str(tmp_path / "mine")).build().prototypes) == 2
     assert len(context.ContextSpec(spec).build().prototypes) == 2
     assert seen == [tmp_path / "mine"] * 2 + [tmp_path] * 2
+
+
+def test_a_local_worker_ends_when_the_process_that_forked_it_is_killed(tmp_path):
+    """A hostile review: after the harness's process was killed (SIGTERM, SIGKILL), its --jobs workers waited for it
+    forever (each held a copy of its end of their line, so no end of file came). A worker now ends with it."""
+    code = ("import os, queue, signal; from cemabench.run.executors import _Worker; "
+            "w = _Worker(None, 1, None, queue.Queue()); print(w.process.pid, flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    with open(tmp_path / "pid", "w") as said:  # (a file: a pipe would stay open as long as the worker)
+        subprocess.run([sys.executable, "-c", code], stdout=said, timeout=120)
+    worker = int((tmp_path / "pid").read_text().split()[0])
+    for _ in range(300):
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # ended, not yet reaped by whoever took it over
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived the process that forked it by 30 s")

@@ -280,39 +280,49 @@ def drop_capabilities() -> bool:
 # seccomp: the kernel's filter of system calls, a BPF program over (number, architecture, arguments). The calls a
 # half never needs that open a channel Landlock does not confine: a socket of any family, io_uring (which opens
 # sockets of its own), System V shared memory, semaphores and message queues (the host's, shared by every process of
-# this user, whatever the mount namespace), and the kernel's keyrings.
+# this user, whatever the mount namespace), and the kernel's keyrings. And those that reach into another process of
+# this user's (:data:`REACH`): tracing it, reading or writing its memory; and ``prlimit64`` on any process but itself
+# (a half lowered the loop's file size limit, which ended the run, and its zygote's memory limit, which failed every
+# later unit of every method).
 CHANNELS = ("socket", "io_uring_setup", "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
             "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "add_key", "request_key", "keyctl")
-SYSCALLS = {"x86_64": dict(zip((*CHANNELS, "seccomp"), (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71,
-                                                         248, 249, 250, 317), strict=True)),
-            "aarch64": dict(zip((*CHANNELS, "seccomp"), (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189,
-                                                          188, 187, 217, 218, 219, 277), strict=True))}
+REACH = ("ptrace", "process_vm_readv", "process_vm_writev")
+_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp")
+SYSCALLS = {"x86_64": dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71, 248, 249, 250,
+                                        101, 310, 311, 302, 317), strict=True)),
+            "aarch64": dict(zip(_NAMES, (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187, 217,
+                                         218, 219, 117, 270, 271, 261, 277), strict=True))}
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 1, 4
 LOAD_WORD, JUMP_EQUAL, JUMP_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, RET|K
 ALLOW, REFUSE = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW; SECCOMP_RET_ERRNO with EPERM
+FIRST_ARGUMENT = 16  # offset of args[0] in struct seccomp_data (its low word, on these little-endian machines)
 
 
 def _filter(machine: str) -> list[tuple[int, int, int, int]]:
     """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
-    whatever it is; of the native table, :data:`CHANNELS`; anything else is allowed."""
+    whatever it is; of the native table, :data:`CHANNELS` and :data:`REACH`, and ``prlimit64`` unless its pid is 0
+    (the calling process: what ``setrlimit`` and ``getrlimit`` ask); anything else is allowed."""
     numbers = SYSCALLS[machine]
-    refused = [numbers[name] for name in CHANNELS]
+    refused = [numbers[name] for name in (*CHANNELS, *REACH)]
     program = [(LOAD_WORD, 0, 0, 4), (JUMP_EQUAL, 1, 0, AUDIT_ARCH[machine]), (RETURN, 0, 0, REFUSE),  # .arch
                (LOAD_WORD, 0, 0, 0)]  # .nr
     checks = ([(JUMP_AT_LEAST, X32_BIT)] if machine == "x86_64" else []) + [(JUMP_EQUAL, n) for n in refused]
+    tail = [(JUMP_EQUAL, 0, 2, numbers["prlimit64"]), (LOAD_WORD, 0, 0, FIRST_ARGUMENT),  # prlimit64: its pid
+            (JUMP_EQUAL, 0, 1, 0), (RETURN, 0, 0, ALLOW), (RETURN, 0, 0, REFUSE)]
     for index, (op, k) in enumerate(checks):
-        program.append((op, len(checks) - index, 0, k))  # to the refusal after the allowing return
-    return [*program, (RETURN, 0, 0, ALLOW), (RETURN, 0, 0, REFUSE)]
+        program.append((op, len(checks) - index + len(tail) - 2, 0, k))  # to the refusal at the end
+    return [*program, *tail]
 
 
 def forbid_channels() -> str:
     """Refuse this process (all its threads) and its children the system calls of :data:`CHANNELS` (they fail with
     EPERM): Landlock confines TCP and files, not UDP, netlink, a Unix socket that connects by path to a service of
     this user's (a Ray raylet, a Docker daemon), System V shared memory or message queues (which another half, or
-    the next unit, could read), or keyrings. A half needs none of them: its line to the loop is open before it is
-    confined. Returns what was applied, or ``channels open (...)``."""
+    the next unit, could read), or keyrings; nor the calls of :data:`REACH`, nor ``prlimit64`` on another process
+    (:func:`_filter`). A half needs none of them: its line to the loop is open before it is confined. Returns what was
+    applied, or ``channels open (...)``."""
     machine = platform.machine()
     if machine not in SYSCALLS:
         return f"channels open (no seccomp filter for {machine})"
@@ -334,4 +344,4 @@ def forbid_channels() -> str:
             return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
     else:
         return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
-    return "no socket, System V IPC or keyring"
+    return "no socket, System V IPC, keyring or reach into another process"

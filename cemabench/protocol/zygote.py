@@ -34,8 +34,10 @@ from cemabench.protocol.plain import NotPlain
 from cemabench.protocol.sides import LINE, SIDES, error_reply, from_loop
 
 # -- the zygote: a clean process that forks the halves ---------------------------------------------------------------
-BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-        "from cemabench.protocol.zygote import zygote; zygote(int(sys.argv[2]))")
+# (Ctrl-C is the harness's to handle: the zygotes end when their lines close, and each half runs in a session of its
+# own; a zygote interrupted printed a traceback of its own beside the harness's)
+BOOT = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys, json; "
+        "sys.path[:] = json.loads(sys.argv[1]); from cemabench.protocol.zygote import zygote; zygote(int(sys.argv[2]))")
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
 # torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the planner's module and the built-in
 # models' (harness code, none a plugin's); SciPy's optimisers, which ECCENTRIC's and Entropic Student's modules
@@ -52,10 +54,11 @@ DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_
 # data roots and results folders this process uses (:func:`hide`); the cache root always
 HIDDEN: set[str] = set()
 # the environment variables kept from the halves: those whose names say they hold a credential (a token, a key, a
-# password). A half cannot send one anywhere (no socket, no file written), but its error message is printed in the
-# table, which users publish
-CREDENTIAL = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH(?!OR)|COOKIE|APIKEY|ACCESS_?KEY"
-                        r"|(^|_)(API_?)?KEY(_|$)", re.IGNORECASE)
+# password, a URL, which may carry a user and password). A half cannot send one anywhere (no socket, no file written,
+# no network to use a URL on), but its error message is printed in the table, which users publish
+CREDENTIAL = re.compile(r"TOKEN(?!IZER)|SECRET|PASS|_PWD($|_)|CREDENTIAL|PRIVATE|AUTH(?!OR)|COOKIE|APIKEY|ACCESS_?KEY"
+                        r"|JWT|DSN|WEBHOOK|CONNECTION_?STRING|PROXY|(^|_)(API_?)?KEY(_|$)|(^|_)PAT(_|$)"
+                        r"|(^|_)UR[LI](_|$)", re.IGNORECASE)
 # the pid that started it -> (process, connection, lock): a worker forked from that process adopts the zygote forked
 # for it (:func:`spare`) or starts its own
 _ZYGOTES: dict[int, tuple] = {}
@@ -237,7 +240,7 @@ def _serve(conn: Connection) -> None:
             conn.close()
             ours.close()
             if request[0] == "zygote":  # a zygote for a worker: ends with this one, and when the worker's line closes
-                _die_with_parent()
+                die_with_parent()
                 if request[1] is not None:
                     resource.setrlimit(resource.RLIMIT_DATA, (request[1], request[1]))
                 _serve(Connection(theirs.detach()))
@@ -248,8 +251,10 @@ def _serve(conn: Connection) -> None:
         ours.close()
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):  # Linux: the half ends when the zygote does
+def die_with_parent() -> None:
+    """Linux: this process ends when the thread that forked it does (a half with its zygote, a worker with the
+    harness's process)."""
+    with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
@@ -261,6 +266,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     global SANDBOX
     LINE[:] = [conn]
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (the zygote's is ignored)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # the harness's stdout may be a results file (`cemabench run > table.md`)
         os.dup2(null, fd)
@@ -291,7 +297,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     except OSError as error:
         SANDBOX += f"; channels open ({error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
+    die_with_parent()
     side = None
     while True:
         try:

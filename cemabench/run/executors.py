@@ -96,10 +96,13 @@ class InlineExecutor(Executor):
         return len(self.queue)
 
 
-def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None) -> None:
+def _serve(conn, recipe: ContextSpec, threads: int, memory: int | None, parent: int) -> None:
     """A worker process, in a session (process group) of its own: run the units it is sent, one at a time, and send
     each record back. After a unit that left method code running (a thread, say), the worker ends: it is not clean."""
     os.setsid()  # the parent ends the whole group: processes that method code forks go with the worker
+    zygote.die_with_parent()  # and where the parent ends first (killed), the worker does not wait for it forever
+    if os.getppid() != parent:  # (it had ended already)
+        os._exit(0)
     zygote.drop_inherited()  # the parent's line to its zygote is not this worker's (nor its method code's)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     torch.set_num_threads(threads)
@@ -136,7 +139,8 @@ class _Worker:
     def __init__(self, recipe: ContextSpec, threads: int, memory: int | None, inbox: queue.Queue):
         context = multiprocessing.get_context("fork")  # inherits this process's built context (data, models)
         self.conn, theirs = context.Pipe()
-        self.process = context.Process(target=_serve, args=(theirs, recipe, threads, memory), daemon=True)
+        self.process = context.Process(target=_serve, args=(theirs, recipe, threads, memory, os.getpid()),
+                                       daemon=True)
         zygote.spare(memory)  # under --isolate, a zygote ready for the worker's halves
         try:
             self.process.start()

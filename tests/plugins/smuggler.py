@@ -392,6 +392,10 @@ class _Escapes(EdgeLogic):
         elif self.how == "proc":  # another process's command line: the loop's names its folders, and a half can
             with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:  # rewrite its own for the other half to read
                 f.read()
+        elif self.how == "prlimit":  # the zygote's memory limit lowered: every later unit of every method fails
+            import resource
+
+            resource.prlimit(os.getppid(), resource.RLIMIT_DATA, (64 << 20, 64 << 20))
         elif self.how == "udp":  # a datagram out, to this machine or any other
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as line:
                 line.sendto(b"the stream's order", ("127.0.0.1", 9))
