@@ -37,3 +37,59 @@ def test_a_tent_unit(benchmark, unit, isolate):
     (result,) = benchmark.pedantic(run, rounds=3, iterations=1)
     assert result.status == "ok", result.message
     assert result.seen == IMAGES and result.cloud_forward_samples_grad == IMAGES
+
+
+def _reader(kind: str):
+    """A forked process that reads each batch (as the harness's line does, or as multiprocessing's Connection does)
+    and answers with a small message; ended by closing its line."""
+    import os
+    import socket
+    from multiprocessing.connection import Connection
+
+    import torch
+
+    from cemabench.protocol import messages, wire
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the reader
+        ours.close()
+        line = Connection(theirs.detach())
+        while True:
+            try:
+                if kind == "line":
+                    wire.decode(messages.receive(line))
+                else:
+                    torch.frombuffer(bytearray(line.recv_bytes()), dtype=torch.uint8)
+            except EOFError:
+                os._exit(0)
+            messages.send(line, {"ok": 1})
+    theirs.close()
+    return pid, Connection(ours.detach())
+
+
+@pytest.mark.parametrize("kind", ["line", "connection"])
+def test_a_batch_of_imagenet_images_to_a_half(benchmark, kind):
+    """A step's batch at ImageNet size (64 x 3 x 224 x 224 float32, 38.5 MB) to another process and a small reply:
+    through the harness's line (written from where it lies, read in one copy, each tensor its span of the buffer),
+    against multiprocessing's Connection with the tensor's bytes (the bare way; copied into bytes and out in pieces)."""
+    import os
+
+    import torch
+
+    from cemabench.protocol import messages, wire
+
+    x = torch.randn(64, 3, 224, 224)
+    pid, line = _reader(kind)
+    try:
+        def send():
+            if kind == "line":
+                messages.send(line, ("step", (0, x), {}))
+            else:
+                line.send_bytes(x.numpy().tobytes())
+            return wire.decode(messages.receive(line))
+
+        assert benchmark.pedantic(send, rounds=10, iterations=1, warmup_rounds=1) == {"ok": 1}
+    finally:
+        line.close()
+        os.waitpid(pid, 0)
