@@ -147,6 +147,27 @@ def test_a_unit_past_its_memory_limit_says_out_of_memory(plugins, tmp_path, flag
     assert cells["source"]["status"] == "ok"
 
 
+def test_an_isolated_unit_takes_no_memory_outside_its_limit_and_its_planner_runs_under_it(plugins, tmp_path,
+                                                                                          capsys):
+    """A hostile review held 3 GiB under --unit-memory 2G in shared anonymous memory, which RLIMIT_DATA does not
+    count; so do a memfd, a mapping that grows down, a stack grown by mremap and a forked process (a limit of its
+    own). Isolated under a limit, a half gets none of them (it says which it got), and each method's planner runs
+    under the same limit (one allocated 2 GiB while the table was planned)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    held = next(int(line.split()[1]) for line in status if line.startswith("VmData:")) / 2 ** 20
+    limit = ["--unit-memory", f"{held + 1:.2f}G", "--isolate", "--no-progress", "--jobs", "1"]
+    spec = write_spec(tmp_path / "small.toml", ["holds-outside-its-limit", "source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), *limit]) == 3
+    cells = {c["method"]: c for c in json.loads((tmp_path / "out" / "small.json").read_text())["cells"]}
+    assert cells["holds-outside-its-limit"]["message"].startswith("RuntimeError: held outside the limit: nothing\n")
+    assert cells["source"]["status"] == "ok"
+    capsys.readouterr()
+    spec = write_spec(tmp_path / "planned.toml", ["plans-too-much"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), *limit]) == 2  # before any compute
+    assert "plans-too-much could not be planned in its own process (--isolate): it ran out of memory under a " \
+           "unit's limit" in capsys.readouterr().err
+
+
 def test_the_spec_sets_limits_and_the_command_line_overrides_them(plugins, tmp_path):
     spec = write_spec(tmp_path / "small.toml", ["sleeps-forever"])
     with open(spec, "a") as f:

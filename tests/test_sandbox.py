@@ -247,3 +247,78 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
     assert {k: said[k] for k in ("parent's limit", "parent's limit read", "parent's memory", "trace")} == {
         "parent's limit": denied, "parent's limit read": denied, "parent's memory": denied, "trace": denied}
     assert resource.getrlimit(resource.RLIMIT_FSIZE) == before
+
+
+BOUNDED = """
+import json, resource, sys, threading
+import torch
+from cemabench.protocol import sandbox
+from hostile import _uncounted
+bound = sys.argv[1] == "bound"
+resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
+if bound:
+    sandbox.bound_memory()
+out = {"filter": sandbox.forbid_channels(bound)}
+for name, take in _uncounted(16 << 20).items():
+    try:
+        take()
+        out[name] = "taken"
+    except OSError as error:
+        out[name] = error.strerror
+try:
+    resource.setrlimit(resource.RLIMIT_STACK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    out["stack limit"] = "raised"
+except ValueError:
+    out["stack limit"] = "kept"
+try:
+    bytearray(4 << 30)
+    out["past the limit"] = "taken"
+except MemoryError:
+    out["past the limit"] = "refused"
+done = []
+thread = threading.Thread(target=done.append, args=[1])
+thread.start()
+thread.join()
+grown = bytearray(1 << 20)
+for _ in range(6):
+    grown.extend(bytes(len(grown)))
+torch.set_num_threads(2)
+x = torch.rand(512, 512, dtype=torch.float64)
+out["works"] = [done == [1], len(grown) == 64 << 20, torch.equal(x @ x, torch.mm(x, x))]
+print(json.dumps(out))
+"""
+
+
+def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_no_process(plugins):
+    """Under a data-size limit (``RLIMIT_DATA``, --unit-memory) shared anonymous memory, a memfd, a mapping that grows
+    down, a stack grown by ``mremap`` and a forked process (a limit of its own) are not counted: a hostile review held
+    3 GiB under 2G. After :func:`sandbox.bound_memory` and a bounded filter each is refused, and the stack's limit
+    stays where it is; private memory up to the limit, threads (the C library starts them with ``clone`` once
+    ``clone3`` says ENOSYS), a buffer grown past a mapping (``realloc`` without ``mremap``) and torch's compute on two
+    threads work as before. The same calls without the bound get every one of them. (In a fresh process: a forked
+    one would hang in torch's thread pool, which fork leaves broken.)"""
+    import platform
+    import subprocess
+
+    if platform.machine() not in sandbox.SYSCALLS:
+        pytest.skip(f"no seccomp filter for {platform.machine()}")
+
+    def said(bound: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", BOUNDED, bound], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    bounded = said("bound")
+    if bounded["filter"].startswith("channels open"):
+        pytest.skip(f"this kernel gives no seccomp filter here: {bounded['filter']}")
+    denied = "Operation not permitted"
+    assert bounded == {"filter": "no socket, System V IPC, keyring or reach into another process; memory bounded (no "
+                                 "shared, memfd or growing mapping, no new process)",
+                       "shared memory": denied, "a memfd": denied, "a mapping that grows down": denied,
+                       "the stack grown": denied, "a new process": denied, "stack limit": "kept",
+                       "past the limit": "refused", "works": [True, True, True]}
+    unbounded = said("unbounded")
+    assert {k: v for k, v in unbounded.items() if k != "filter"} == {
+        "shared memory": "taken", "a memfd": "taken", "a mapping that grows down": "taken", "the stack grown": "taken",
+        "a new process": "taken", "stack limit": "raised", "past the limit": "refused", "works": [True, True, True]}

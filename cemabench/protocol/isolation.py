@@ -110,11 +110,12 @@ def serve_clean(clean, request: dict, role: str) -> torch.Tensor:
 class Half:
     """The loop's handle on one half's process."""
 
-    def __init__(self, role: str, device: torch.device, clean=None):
+    def __init__(self, role: str, device: torch.device, clean=None, memory: int | None = None):
+        """``memory``: the half's data-size limit, where it is not its zygote's (a planner's)."""
         self.role, self.device = role, device
         self.clean = clean  # the clean split, whose images and labels the half may ask for while it answers a call
         self.max_message = MAX_MESSAGE  # the longest reply read (a planner's answers are far shorter)
-        fd, self.pid = fork_half()
+        fd, self.pid = fork_half(memory)
         self.conn = Connection(fd)
         try:  # the half waits for this process's first message: its pid is still its own
             self.pidfd = os.pidfd_open(self.pid)

@@ -149,7 +149,8 @@ class IsolatedPlanner:
     first question and kept for the table, so that one plugin's import-time code reaches neither this process nor
     another method's answers; each answer is read back as plain data."""
 
-    def __init__(self):
+    def __init__(self, memory: int | None = None):
+        self.memory = memory  # each planner's data-size limit, as a unit's halves have (--unit-memory)
         self.halves: dict[str, Half] = {}
         self.pid = os.getpid()
         self._packed: dict[int, tuple] = {}  # id -> (model, its torch.save bytes)
@@ -170,7 +171,7 @@ class IsolatedPlanner:
         late = threading.Event()
         try:
             if name not in self.halves:
-                half = self.halves[name] = Half("planner", torch.device("cpu"))
+                half = self.halves[name] = Half("planner", torch.device("cpu"), memory=self.memory)
                 half.max_message = PLANNER_MESSAGE
                 self._ask(half, late, "planner")
             half = self.halves[name]
@@ -183,6 +184,9 @@ class IsolatedPlanner:
             first = (str(error).splitlines() or [""])[0]
             if late.is_set():
                 first = f"it did not answer within {PLANNER_S:g} s, and was stopped"
+            elif error.status == "out-of-memory" and self.memory is not None:
+                first = (f"it ran out of memory under a unit's limit ({self.memory / 2 ** 30:.3g} GiB, --unit-memory): "
+                         f"{first}")
             with contextlib.suppress(KeyError):  # a planner that failed once is asked nothing more
                 self.halves.pop(name).close()
             raise UserError(f"method {name} could not be planned in its own process (--isolate): {first}") from None
@@ -242,5 +246,6 @@ class IsolatedPlanner:
         self._packed.clear()
 
 
-def planner_for(isolate: bool) -> LocalPlanner | IsolatedPlanner:
-    return IsolatedPlanner() if isolate else LocalPlanner()
+def planner_for(isolate: bool, memory: int | None = None) -> LocalPlanner | IsolatedPlanner:
+    """``memory``: the planner processes' data-size limit (a unit's, ``--unit-memory``; isolated only)."""
+    return IsolatedPlanner(memory) if isolate else LocalPlanner()

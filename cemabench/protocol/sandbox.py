@@ -19,6 +19,7 @@ import ctypes
 import errno
 import os
 import platform
+import resource
 import struct
 import sys
 
@@ -287,46 +288,89 @@ def drop_capabilities() -> bool:
 CHANNELS = ("socket", "io_uring_setup", "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
             "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "add_key", "request_key", "keyctl")
 REACH = ("ptrace", "process_vm_readv", "process_vm_writev")
-_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp")
-SYSCALLS = {"x86_64": dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71, 248, 249, 250,
-                                        101, 310, 311, 302, 317), strict=True)),
+# under a memory limit (:func:`bound_memory`), the ways to memory that ``RLIMIT_DATA`` does not count (a hostile
+# review held 3 GiB under --unit-memory 2G): a memfd's pages, a secret memfd's, a mapping moved or grown by ``mremap``
+# (the stack's, grown to a GiB), BPF maps; ``mmap`` of shared anonymous memory or of a mapping that grows down (a
+# stack's kind); and a new process, which would get a limit of its own (``clone`` without CLONE_THREAD, ``fork``,
+# ``vfork``; ``clone3`` says ENOSYS, on which the C library starts threads with ``clone``)
+UNCOUNTED = ("memfd_create", "memfd_secret", "mremap", "bpf")
+FORKS = ("fork", "vfork")  # x86-64's own (aarch64 forks with clone only)
+_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp", *UNCOUNTED, "mmap", "clone", "clone3")
+SYSCALLS = {"x86_64": {**dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71, 248, 249, 250,
+                                           101, 310, 311, 302, 317, 319, 447, 25, 321, 9, 56, 435), strict=True)),
+                       "fork": 57, "vfork": 58},
             "aarch64": dict(zip(_NAMES, (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187, 217,
-                                         218, 219, 117, 270, 271, 261, 277), strict=True))}
+                                         218, 219, 117, 270, 271, 261, 277, 279, 447, 216, 280, 222, 220, 435),
+                                strict=True))}
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 1, 4
-LOAD_WORD, JUMP_EQUAL, JUMP_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, RET|K
-ALLOW, REFUSE = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW; SECCOMP_RET_ERRNO with EPERM
+# BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, BPF_ALU|AND|K, RET|K
+LOAD_WORD, JUMP_EQUAL, JUMP_AT_LEAST, AND, RETURN = 0x20, 0x15, 0x35, 0x54, 0x06
+ALLOW, REFUSE, NO_SUCH_CALL = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # RET_ALLOW; RET_ERRNO: EPERM, ENOSYS
 FIRST_ARGUMENT = 16  # offset of args[0] in struct seccomp_data (its low word, on these little-endian machines)
+MAP_SHARED_ANONYMOUS, MAP_GROWSDOWN, CLONE_THREAD = 0x21, 0x100, 0x10000
 
 
-def _filter(machine: str) -> list[tuple[int, int, int, int]]:
+def _assemble(program: list) -> list[tuple[int, int, int, int]]:
+    """BPF instructions from ``(op, k)``, ``(op, k, true label, false label)`` (a label: the next instruction when
+    None) and ``label`` strings, which name the instruction after them."""
+    at, position = {}, 0
+    for item in program:
+        if isinstance(item, str):
+            at[item] = position
+        else:
+            position += 1
+    out = []
+    for item in program:
+        if isinstance(item, str):
+            continue
+        op, k, *targets = item
+        jumps = [0 if t is None else at[t] - len(out) - 1 for t in targets] or [0, 0]
+        out.append((op, *jumps, k))
+    return out
+
+
+def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, int]]:
     """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
     whatever it is; of the native table, :data:`CHANNELS` and :data:`REACH`, and ``prlimit64`` unless its pid is 0
-    (the calling process: what ``setrlimit`` and ``getrlimit`` ask); anything else is allowed."""
+    (the calling process: what ``setrlimit`` and ``getrlimit`` ask); ``bounded``, also the memory and processes that
+    ``RLIMIT_DATA`` does not count (:data:`UNCOUNTED`); anything else is allowed."""
     numbers = SYSCALLS[machine]
-    refused = [numbers[name] for name in (*CHANNELS, *REACH)]
-    program = [(LOAD_WORD, 0, 0, 4), (JUMP_EQUAL, 1, 0, AUDIT_ARCH[machine]), (RETURN, 0, 0, REFUSE),  # .arch
-               (LOAD_WORD, 0, 0, 0)]  # .nr
-    checks = ([(JUMP_AT_LEAST, X32_BIT)] if machine == "x86_64" else []) + [(JUMP_EQUAL, n) for n in refused]
-    tail = [(JUMP_EQUAL, 0, 2, numbers["prlimit64"]), (LOAD_WORD, 0, 0, FIRST_ARGUMENT),  # prlimit64: its pid
-            (JUMP_EQUAL, 0, 1, 0), (RETURN, 0, 0, ALLOW), (RETURN, 0, 0, REFUSE)]
-    for index, (op, k) in enumerate(checks):
-        program.append((op, len(checks) - index + len(tail) - 2, 0, k))  # to the refusal at the end
-    return [*program, *tail]
+    refused = [*CHANNELS, *REACH, *((*UNCOUNTED, *(f for f in FORKS if f in numbers)) if bounded else ())]
+
+    def argument(n: int) -> tuple:
+        return LOAD_WORD, FIRST_ARGUMENT + 8 * n
+
+    program = [(LOAD_WORD, 4), (JUMP_EQUAL, AUDIT_ARCH[machine], None, "refuse"), (LOAD_WORD, 0),  # .arch, .nr
+               *([(JUMP_AT_LEAST, X32_BIT, "refuse", None)] if machine == "x86_64" else []),
+               *((JUMP_EQUAL, numbers[name], "refuse", None) for name in refused),
+               (JUMP_EQUAL, numbers["prlimit64"], "prlimit", None)]
+    if bounded:
+        program += [(JUMP_EQUAL, numbers["clone3"], "no such call", None),
+                    (JUMP_EQUAL, numbers["clone"], "clone", None), (JUMP_EQUAL, numbers["mmap"], "mmap", None)]
+    program += [(RETURN, ALLOW),
+                "prlimit", argument(0), (JUMP_EQUAL, 0, "allow", "refuse")]
+    if bounded:
+        program += ["clone", argument(0), (AND, CLONE_THREAD), (JUMP_EQUAL, 0, "refuse", "allow"),
+                    "mmap", argument(3), (AND, MAP_GROWSDOWN), (JUMP_EQUAL, 0, None, "refuse"),
+                    argument(3), (AND, MAP_SHARED_ANONYMOUS), (JUMP_EQUAL, MAP_SHARED_ANONYMOUS, "refuse", "allow"),
+                    "no such call", (RETURN, NO_SUCH_CALL)]
+    return _assemble([*program, "allow", (RETURN, ALLOW), "refuse", (RETURN, REFUSE)])
 
 
-def forbid_channels() -> str:
+def forbid_channels(bounded: bool = False) -> str:
     """Refuse this process (all its threads) and its children the system calls of :data:`CHANNELS` (they fail with
     EPERM): Landlock confines TCP and files, not UDP, netlink, a Unix socket that connects by path to a service of
     this user's (a Ray raylet, a Docker daemon), System V shared memory or message queues (which another half, or
     the next unit, could read), or keyrings; nor the calls of :data:`REACH`, nor ``prlimit64`` on another process
-    (:func:`_filter`). A half needs none of them: its line to the loop is open before it is confined. Returns what was
-    applied, or ``channels open (...)``."""
+    (:func:`_filter`). A half needs none of them: its line to the loop is open before it is confined. ``bounded``
+    (under a memory limit, with :func:`bound_memory`): nor memory that the limit does not count, nor a new process
+    (threads start as before). Returns what was applied, or ``channels open (...)``."""
     machine = platform.machine()
     if machine not in SYSCALLS:
         return f"channels open (no seccomp filter for {machine})"
-    program = _filter(machine)
+    program = _filter(machine, bounded)
     filters = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program))
     prog = ctypes.create_string_buffer(struct.pack("@HP", len(program), ctypes.addressof(filters)))
     libc = _libc()
@@ -344,4 +388,16 @@ def forbid_channels() -> str:
             return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
     else:
         return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
-    return "no socket, System V IPC, keyring or reach into another process"
+    return "no socket, System V IPC, keyring or reach into another process" + (
+        "; memory bounded (no shared, memfd or growing mapping, no new process)" if bounded else "")
+
+
+def bound_memory() -> None:
+    """Under a data-size limit (``RLIMIT_DATA``), before :func:`forbid_channels` with ``bounded``: the stack's and
+    the open files' limits fixed where they are (their hard limits lowered to their soft ones, which a process may
+    raise up to the hard): the main stack grows under ``RLIMIT_STACK``, not the data limit, and every descriptor
+    holds memory of the kernel's (a pipe's buffer). An unlimited stack is given 64 MiB."""
+    for limit, otherwise in ((resource.RLIMIT_STACK, 64 << 20), (resource.RLIMIT_NOFILE, 1 << 16)):
+        soft, _ = resource.getrlimit(limit)
+        soft = otherwise if soft == resource.RLIM_INFINITY else soft
+        resource.setrlimit(limit, (soft, soft))

@@ -182,15 +182,15 @@ def _limited() -> bool:
 HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
 
 
-def fork_half() -> tuple[int, int]:
+def fork_half(memory: int | None = None) -> tuple[int, int]:
     """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
-    replaced once."""
+    replaced once. ``memory``: the half's data-size limit, where it is not its zygote's (a planner's)."""
     why = ""
     for _ in range(2):
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), half_environment(), sorted(HIDDEN)))
+                conn.send((list(sys.path), half_environment(), sorted(HIDDEN), memory))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"
@@ -258,13 +258,19 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -> None:
+def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], memory: int | None) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
     hidden folders are empty, its working directory /, no capabilities, confined by Landlock, no new socket, System V
-    IPC or keyring) before any method code is imported, set up from the harness's requests, then answering its steps;
+    IPC or keyring; under a memory limit, ``memory`` or its zygote's, no memory that the limit does not count and no
+    new process) before any method code is imported, set up from the harness's requests, then answering its steps;
     never returns."""
     global SANDBOX
     LINE[:] = [conn]
+    if memory is not None:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+    bounded = _limited()
+    if bounded:
+        sandbox.bound_memory()
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (the zygote's is ignored)
     null = os.open(os.devnull, os.O_RDWR)
@@ -293,7 +299,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str]) -
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
     try:
-        SANDBOX += f"; {sandbox.forbid_channels()}"
+        SANDBOX += f"; {sandbox.forbid_channels(bounded)}"
     except OSError as error:
         SANDBOX += f"; channels open ({error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -58,6 +58,7 @@ class TableContext:
         self._datasets: dict[int, object] = {}
         self._ccc: dict[tuple, object] = {}  # the ccc setting's generated streams, by seed and stream fields
         self._calibration = None
+        self.memory: int | None = None  # the planners' data-size limit (a unit's, --unit-memory): set before they start
 
     @cached_property
     def dataset(self):
@@ -115,8 +116,8 @@ class TableContext:
     @cached_property
     def planner(self):
         """Who asks the methods' classes (:mod:`cemabench.protocol.planner`): this process, or under ``--isolate`` a
-        planner process of its own, so that this one imports no method plugin."""
-        return planner_for(self.isolate)
+        planner process of its own, so that this one imports no method plugin, under a unit's memory limit."""
+        return planner_for(self.isolate, self.memory)
 
     def about(self, method: str) -> dict:
         """A method's paper and reference point, and the digest of the code that computes its units here (once per

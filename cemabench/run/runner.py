@@ -53,9 +53,10 @@ def unisolated_plugins(choice) -> list[str]:
 
 def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
             models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
-            weights: str | None = None, predictions: str | None = None, isolate: bool = False
-            ) -> tuple[ContextSpec, TableContext]:
-    """The context recipe and this process's context, with data, models and options checked before any compute."""
+            weights: str | None = None, predictions: str | None = None, isolate: bool = False,
+            memory: int | None = None) -> tuple[ContextSpec, TableContext]:
+    """The context recipe and this process's context, with data, models and options checked before any compute;
+    ``memory``: a unit's data-size limit, which the planners run under too (isolated)."""
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root} is not a directory; point it at the folder that holds "
                         f"the dataset, or leave it out to run the embedded miniature")
@@ -63,6 +64,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
         raise UserError(f"the weights folder {weights} (--weights) is not a directory")
     recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate)
     context = context_for(recipe)
+    context.memory = memory
     beside = unisolated_plugins(context.choice) if isolate else []
     if beside:
         isolation.warn(f"method plugins run apart; {' and '.join(beside)} {'runs' if len(beside) == 1 else 'run'} "
@@ -253,7 +255,9 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
-    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate)
+    limits = limits.over(spec.limits)
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate,
+                              limits.unit_memory_bytes)
     seeds = tuple(seeds or spec.seeds)
     tasks = plan(spec, context.choice, seeds)
     store = store_for(out, spec)
@@ -265,7 +269,7 @@ def reproduce(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[in
                     context.facts(task.method, task.options, with_link(spec.protocol, task.link))
     desc = f"{spec.name} ({'miniature' if context.dataset.is_miniature else 'real data'})"
     try:
-        with make_executor(recipe, executor, min(jobs, len(tasks)), address, limits.over(spec.limits)) as pool, \
+        with make_executor(recipe, executor, min(jobs, len(tasks)), address, limits) as pool, \
                 tqdm(total=len(tasks), desc=desc, unit="cell", disable=not progress, file=sys.stderr) as bar:
             scheduler = Scheduler(context, store, pool, bar)
             records = scheduler.run(tasks)
@@ -285,7 +289,8 @@ def status(spec: TableSpec, data_root: str | None, out: Path, seeds: tuple[int, 
     """Each unit of a table in ``out``: done, running (claimed by a live owner), failed (with its error's first
     line) or missing; the keys are those ``reproduce`` with the same arguments would use. ``isolate``: the methods'
     classes are asked in planner processes, as ``reproduce --isolate`` asks them (this process imports none)."""
-    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, isolate=isolate)
+    recipe, context = prepare(spec, data_root, execution, models, dataset_options, pair, weights, isolate=isolate,
+                              memory=spec.limits.unit_memory_bytes)
     try:
         return _status_rows(spec, context, out, seeds)
     finally:

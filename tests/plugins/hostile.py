@@ -99,6 +99,80 @@ class HoldsTooMuch(Method):
         return _HoldsTooMuch()
 
 
+def _uncounted(size: int) -> dict:
+    """The ways to memory that a data-size limit (RLIMIT_DATA) does not count, each taking ``size`` bytes and
+    writing them (a hostile review held 3 GiB under --unit-memory 2G with the first)."""
+    import ctypes
+    import mmap
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = libc.mremap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+
+    def mapped(address, start: int = 0) -> None:
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        ctypes.memset(address + start, 1, size - start)
+
+    def shared() -> None:
+        mmap.mmap(-1, size).write(b"\1" * size)  # MAP_SHARED | MAP_ANONYMOUS: shared memory, not data
+
+    def memfd() -> None:
+        fd = os.memfd_create("held")
+        os.write(fd, b"\1" * size)  # pages of a file of its own, in no mapping
+
+    def grows_down() -> None:
+        mapped(libc.mmap(None, size, 3, 0x22 | 0x100, -1, 0))  # MAP_GROWSDOWN: counted as a stack
+
+    def stack_grown() -> None:
+        with open("/proc/self/maps") as maps:
+            start, end = next((int(a, 16), int(b, 16)) for a, b in (line.split()[0].split("-") for line in maps
+                                                                     if "[stack]" in line))
+        mapped(libc.mremap(start, end - start, size, 1, None), end - start)  # MREMAP_MAYMOVE
+
+    def forked() -> None:
+        pid = os.fork()  # a process of its own, with a limit of its own
+        if pid == 0:
+            bytearray(b"\1" * size)
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    return {"shared memory": shared, "a memfd": memfd, "a mapping that grows down": grows_down,
+            "the stack grown": stack_grown, "a new process": forked}
+
+
+class _HoldsOutsideItsLimit(EdgeLogic):
+    def step(self, model, x):
+        held = []
+        for name, take in _uncounted(64 << 20).items():
+            try:
+                take()
+                held.append(name)
+            except OSError:
+                pass
+        raise RuntimeError(f"held outside the limit: {', '.join(held) or 'nothing'}")
+
+
+class HoldsOutsideItsLimit(Method):
+    """Takes memory in each way that RLIMIT_DATA does not count, in its first edge step, and says which it got."""
+
+    def edge(self, num_classes):
+        return _HoldsOutsideItsLimit()
+
+
+class PlansTooMuch(Method):
+    """Allocates 2 GiB when asked whether it runs under a protocol (where it is planned)."""
+
+    @classmethod
+    def check_protocol(cls, protocol) -> None:
+        cls.held = torch.ones(2 ** 31, dtype=torch.uint8)
+
+    def edge(self, num_classes):
+        return _Predict()
+
+
 class _IgnoresAlarms(EdgeLogic):
     def step(self, model, x):
         import signal
