@@ -195,7 +195,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
     if said.get("filter", "").startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
     denied = "Operation not permitted"
-    assert said == {"filter": "no socket, System V IPC, keyring or reach into another process", "unix": denied,
+    assert said == {"filter": "no socket, System V IPC, keyring, signal or reach into another process", "unix": denied,
                     "ipv4": denied, "ipv6": denied,
                     "netlink": denied, "shared memory": denied, "message queue": denied, "semaphores": denied,
                     "key": denied}
@@ -206,11 +206,14 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
 def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_processes():
     """A hostile review: a half lowered the loop's file size limit (``prlimit``, which the same user may do to any
     of its processes), which ended the run, and its zygote's memory limit, which failed every later unit of every
-    method. After :func:`sandbox.forbid_channels` a process sets and reads its own limits and no other process's, and
-    reads and writes no other process's memory, nor traces it."""
+    method. After :func:`sandbox.forbid_channels` a process sets and reads its own limits and no other process's,
+    reads and writes no other process's memory, nor traces it, and signals itself (its threads, its process group)
+    and no other process, by pid or through a pidfd, whatever Landlock's version (ABI 6 scopes signals)."""
     import ctypes
     import platform
     import resource
+    import signal
+    import threading
 
     if platform.machine() not in sandbox.SYSCALLS:
         pytest.skip(f"no seccomp filter for {platform.machine()}")
@@ -219,6 +222,7 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
     before = resource.getrlimit(resource.RLIMIT_FSIZE)
 
     def reach() -> dict:
+        os.setsid()  # as a half: its process group its own
         out = {"filter": sandbox.forbid_channels()}
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its own: setrlimit is prlimit64(0, ...)
         out["own"] = resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) and resource.prlimit(0, resource.RLIMIT_CORE)
@@ -237,6 +241,20 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
             os.strerror(ctypes.get_errno())
         seize = 0x4206  # PTRACE_SEIZE: the parent is not stopped, were it allowed
         out["trace"] = "attached" if libc.ptrace(seize, parent, None, None) >= 0 else os.strerror(ctypes.get_errno())
+        own = []  # signals to itself, its threads and its process group still arrive
+        signal.signal(signal.SIGUSR1, lambda *_: own.append(1))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR1)
+        os.killpg(0, signal.SIGUSR1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        out["own signals"] = len(own)
+        for what, call in (("parent's signal", lambda: os.kill(parent, 0)),  # asks only whether it exists
+                           ("parent's queue", lambda: signal.pidfd_send_signal(os.pidfd_open(parent), 0))):
+            try:
+                call()
+                out[what] = "sent"
+            except OSError as error:
+                out[what] = error.strerror
         return out
 
     said = _in_a_child(reach)
@@ -244,8 +262,10 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
         pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
     denied = "Operation not permitted"
     assert said["own"] == [0, 0], said
-    assert {k: said[k] for k in ("parent's limit", "parent's limit read", "parent's memory", "trace")} == {
-        "parent's limit": denied, "parent's limit read": denied, "parent's memory": denied, "trace": denied}
+    assert {k: said[k] for k in ("parent's limit", "parent's limit read", "parent's memory", "trace", "parent's signal",
+                                 "parent's queue", "own signals")} == {
+        "parent's limit": denied, "parent's limit read": denied, "parent's memory": denied, "trace": denied,
+        "parent's signal": denied, "parent's queue": denied, "own signals": 4}
     assert resource.getrlimit(resource.RLIMIT_FSIZE) == before
 
 
@@ -313,7 +333,8 @@ def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_
     if bounded["filter"].startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {bounded['filter']}")
     denied = "Operation not permitted"
-    assert bounded == {"filter": "no socket, System V IPC, keyring or reach into another process; memory bounded (no "
+    assert bounded == {"filter": "no socket, System V IPC, keyring, signal or reach into another process; memory "
+                                 "bounded (no "
                                  "shared, memfd or growing mapping, no new process)",
                        "shared memory": denied, "a memfd": denied, "a mapping that grows down": denied,
                        "the stack grown": denied, "a new process": denied, "stack limit": "kept",

@@ -295,13 +295,21 @@ REACH = ("ptrace", "process_vm_readv", "process_vm_writev")
 # ``vfork``; ``clone3`` says ENOSYS, on which the C library starts threads with ``clone``)
 UNCOUNTED = ("memfd_create", "memfd_secret", "mremap", "bpf")
 FORKS = ("fork", "vfork")  # x86-64's own (aarch64 forks with clone only)
-_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp", *UNCOUNTED, "mmap", "clone", "clone3")
+# signals: to its own process only (its threads included), whatever Landlock's version (ABI 6 scopes signals:
+# Linux 6.12; before it a half could stop the zygote or the loop with SIGSTOP): the first argument of each call below
+# names the process (a thread group), which must be the half's own (kill also takes 0 and minus its pid: its process
+# group, which holds only it and its children where it leads the group, as a half does after setsid); ``tkill`` names a
+# thread, which must be its main one; a pidfd (which may stand for any process) is neither opened nor signalled through
+SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+PIDFD = ("pidfd_open", "pidfd_send_signal")
+_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp", *UNCOUNTED, "mmap", "clone", "clone3", *SIGNALS, *PIDFD)
 SYSCALLS = {"x86_64": {**dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71, 248, 249, 250,
-                                           101, 310, 311, 302, 317, 319, 447, 25, 321, 9, 56, 435), strict=True)),
+                                           101, 310, 311, 302, 317, 319, 447, 25, 321, 9, 56, 435,
+                                           62, 200, 234, 129, 297, 434, 424), strict=True)),
                        "fork": 57, "vfork": 58},
             "aarch64": dict(zip(_NAMES, (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187, 217,
-                                         218, 219, 117, 270, 271, 261, 277, 279, 447, 216, 280, 222, 220, 435),
-                                strict=True))}
+                                         218, 219, 117, 270, 271, 261, 277, 279, 447, 216, 280, 222, 220, 435,
+                                         129, 130, 131, 138, 240, 434, 424), strict=True))}
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 1, 4
@@ -331,13 +339,15 @@ def _assemble(program: list) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, int]]:
+def _filter(machine: str, bounded: bool = False, pid: int | None = None) -> list[tuple[int, int, int, int]]:
     """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
-    whatever it is; of the native table, :data:`CHANNELS` and :data:`REACH`, and ``prlimit64`` unless its pid is 0
-    (the calling process: what ``setrlimit`` and ``getrlimit`` ask); ``bounded``, also the memory and processes that
-    ``RLIMIT_DATA`` does not count (:data:`UNCOUNTED`); anything else is allowed."""
+    whatever it is; of the native table, :data:`CHANNELS`, :data:`REACH` and :data:`PIDFD`, ``prlimit64`` unless its
+    pid is 0 (the calling process: what ``setrlimit`` and ``getrlimit`` ask), and :data:`SIGNALS` to any process but
+    ``pid`` (this one's, by default); ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does not count
+    (:data:`UNCOUNTED`); anything else is allowed."""
     numbers = SYSCALLS[machine]
-    refused = [*CHANNELS, *REACH, *((*UNCOUNTED, *(f for f in FORKS if f in numbers)) if bounded else ())]
+    pid = os.getpid() if pid is None else pid
+    refused = [*CHANNELS, *REACH, *PIDFD, *((*UNCOUNTED, *(f for f in FORKS if f in numbers)) if bounded else ())]
 
     def argument(n: int) -> tuple:
         return LOAD_WORD, FIRST_ARGUMENT + 8 * n
@@ -345,12 +355,15 @@ def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, in
     program = [(LOAD_WORD, 4), (JUMP_EQUAL, AUDIT_ARCH[machine], None, "refuse"), (LOAD_WORD, 0),  # .arch, .nr
                *([(JUMP_AT_LEAST, X32_BIT, "refuse", None)] if machine == "x86_64" else []),
                *((JUMP_EQUAL, numbers[name], "refuse", None) for name in refused),
-               (JUMP_EQUAL, numbers["prlimit64"], "prlimit", None)]
+               (JUMP_EQUAL, numbers["prlimit64"], "prlimit", None), (JUMP_EQUAL, numbers["kill"], "kill", None),
+               *((JUMP_EQUAL, numbers[name], "own process", None) for name in SIGNALS if name != "kill")]
     if bounded:
         program += [(JUMP_EQUAL, numbers["clone3"], "no such call", None),
                     (JUMP_EQUAL, numbers["clone"], "clone", None), (JUMP_EQUAL, numbers["mmap"], "mmap", None)]
     program += [(RETURN, ALLOW),
-                "prlimit", argument(0), (JUMP_EQUAL, 0, "allow", "refuse")]
+                "prlimit", argument(0), (JUMP_EQUAL, 0, "allow", "refuse"),
+                "kill", argument(0), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, -pid & 0xFFFFFFFF, "allow", None),
+                "own process", argument(0), (JUMP_EQUAL, pid, "allow", "refuse")]
     if bounded:
         program += ["clone", argument(0), (AND, CLONE_THREAD), (JUMP_EQUAL, 0, "refuse", "allow"),
                     "mmap", argument(3), (AND, MAP_GROWSDOWN), (JUMP_EQUAL, 0, None, "refuse"),
@@ -364,7 +377,8 @@ def forbid_channels(bounded: bool = False) -> str:
     EPERM): Landlock confines TCP and files, not UDP, netlink, a Unix socket that connects by path to a service of
     this user's (a Ray raylet, a Docker daemon), System V shared memory or message queues (which another half, or
     the next unit, could read), or keyrings; nor the calls of :data:`REACH`, nor ``prlimit64`` on another process
-    (:func:`_filter`). A half needs none of them: its line to the loop is open before it is confined. ``bounded``
+    (:func:`_filter`), nor a signal to another process (:data:`SIGNALS`; call it where this process leads its process
+    group). A half needs none of them: its line to the loop is open before it is confined. ``bounded``
     (under a memory limit, with :func:`bound_memory`): nor memory that the limit does not count, nor a new process
     (threads start as before). Returns what was applied, or ``channels open (...)``."""
     machine = platform.machine()
@@ -388,7 +402,7 @@ def forbid_channels(bounded: bool = False) -> str:
             return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
     else:
         return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
-    return "no socket, System V IPC, keyring or reach into another process" + (
+    return "no socket, System V IPC, keyring, signal or reach into another process" + (
         "; memory bounded (no shared, memfd or growing mapping, no new process)" if bounded else "")
 
 

@@ -59,6 +59,14 @@ HIDDEN: set[str] = set()
 CREDENTIAL = re.compile(r"TOKEN(?!IZER)|SECRET|PASS|_PWD($|_)|CREDENTIAL|PRIVATE|AUTH(?!OR)|COOKIE|APIKEY|ACCESS_?KEY"
                         r"|JWT|DSN|WEBHOOK|CONNECTION_?STRING|PROXY|(^|_)(API_?)?KEY(_|$)|(^|_)PAT(_|$)"
                         r"|(^|_)UR[LI](_|$)", re.IGNORECASE)
+# and those whose values are a credential in a form its issuer gives it, whatever the variable's name (a token in
+# MY_HUB): Hugging Face, GitHub, GitLab, OpenAI-style, Slack, AWS and Google keys, npm and PyPI tokens, JWTs, PEM
+# private keys, and a URL that carries a user's password
+CREDENTIAL_VALUE = re.compile(
+    r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{40,}|glpat-[\w-]{20,}"
+    r"|sk-[\w-]{20,}|xox[abeprs]-[\w-]{10,}|(AKIA|ASIA)[0-9A-Z]{16}|AIza[\w-]{35}|ya29\.[\w-]{20,}"
+    r"|npm_[A-Za-z0-9]{36}|pypi-[\w-]{50,}|eyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]*)"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----|[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
 # the pid that started it -> (process, connection, lock): a worker forked from that process adopts the zygote forked
 # for it (:func:`spare`) or starts its own
 _ZYGOTES: dict[int, tuple] = {}
@@ -72,8 +80,10 @@ def hide(path) -> None:
 
 
 def half_environment() -> dict[str, str]:
-    """This process's environment variables, less those named as credentials (:data:`CREDENTIAL`): a half's."""
-    return {name: value for name, value in os.environ.items() if not CREDENTIAL.search(name)}
+    """This process's environment variables, less those named as credentials or holding one (:data:`CREDENTIAL`,
+    :data:`CREDENTIAL_VALUE`): a half's."""
+    return {name: value for name, value in os.environ.items()
+            if not CREDENTIAL.search(name) and not CREDENTIAL_VALUE.search(value)}
 
 
 def withheld() -> list[str]:

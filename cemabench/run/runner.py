@@ -71,7 +71,7 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
                        f"in this process, beside the labels and the store")
     kept = zygote.withheld() if isolate else []
     if kept:
-        names = "s say they hold credentials" if len(kept) > 1 else " says it holds a credential"
+        names = "s or values say they hold credentials" if len(kept) > 1 else " or value says it holds a credential"
         isolation.warn(f"the halves do not get the environment variable{'s' if len(kept) > 1 else ''} "
                        f"{', '.join(kept)}, whose name{names}")
     if predictions is not None and context.dataset.task != "detection":

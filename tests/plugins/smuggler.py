@@ -412,9 +412,10 @@ class _Escapes(EdgeLogic):
         elif self.how == "environment":  # printed in the table the user publishes
             with open("/proc/self/environ", "rb") as f:  # (the process's first environment, kept in its memory)
                 first = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            token = os.environ.get("HF_TOKEN") or first.get(b"HF_TOKEN", b"").decode()
-            if token:
-                raise PermissionError(f"found {token}")
+            found = sorted({v for v in (*os.environ.values(), *(v.decode() for v in first.values()))
+                            if "not-a-real" in v or "notareal" in v})
+            if found:
+                raise PermissionError(f"found {', '.join(found)}")
         elif self.how == "stat" and os.path.exists(os.environ["CEMABENCH_TEST_PRIVY_PATH"]):  # which files exist: an
             raise FileExistsError(f"found {os.environ['CEMABENCH_TEST_PRIVY_PATH']}")  # ImageNet file's class folder
         return EdgeDecision(logits=model(x))
