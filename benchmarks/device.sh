@@ -17,3 +17,9 @@ CEMABENCH_BENCH_DEVICE=cuda CEMABENCH_BENCH_IMAGES_PER_DOMAIN="${REAL_IMAGES:-30
     timeout 170 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/benchmarks/test_real_size.py \
     --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,rounds \
     --benchmark-json="$out/real_size.json" 2>&1 | tee "$out/real_size.log"
+# --isolate on the GPU: each half confined (Landlock, seccomp; with --unit-memory, no shared or growing mapping and no
+# new process), its numbers the in-process run's. Both lines should print the same accuracy, bytes and FLOPs
+for flags in "" "--isolate" "--isolate --unit-memory 24G"; do
+    timeout 120 python3 -m cemabench.cli run --method tent --table table2 --domains fog --device cuda --jobs 1 \
+        --out "$out/isolated-${flags// /_}.json" $flags 2>&1 | tail -4 | tee -a "$out/isolated.log"
+done

@@ -229,6 +229,9 @@ def _landlock(version: int) -> None:
     ("udp", 1, "Operation not permitted"),  # a datagram out
     ("proc", 1, "Permission denied"),  # another process's /proc folder (a command line rewritten: a channel)
     ("sysv-shm", 1, "Operation not permitted"),  # a side channel to the other half, or the next unit (the host's IPC)
+    ("posix-queue", 1, "Operation not permitted"),  # the same, through the host's POSIX message queues
+    ("file-lock", 1, "Operation not permitted"),  # the same, through locks on a file both halves read
+    ("sigio", 1, "Operation not permitted"),  # a signal to the zygote through a descriptor's owner
     ("prlimit", 1, "Operation not permitted"),  # the zygote's limits, or the loop's: a unit sabotaged the others
     ("terminal", 1, "Permission denied"),  # no device but null, zero, random and the GPU's (and no terminal)
     ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder

@@ -158,10 +158,14 @@ def test_a_hidden_folder_is_empty_to_the_process_that_hid_it_and_only_to_it(tmp_
 def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_path):
     """Landlock confines TCP and files only: a half could send UDP, connect by path to a Unix socket of this user's (a
     Ray raylet's, a Docker daemon's), or leave the batch in System V shared memory for the other half and the next
-    unit (a hostile review found both). After :func:`sandbox.forbid_channels` every new socket, System V object and
-    key is refused, while the line it already holds (a half's to the loop) still carries messages, and other
+    unit (a hostile review found both); or a POSIX message queue, or locks on a file both halves read (bits the other
+    half reads), or make another process the owner of a descriptor, whose I/O then signals it (SIGIO ends a process).
+    After :func:`sandbox.forbid_channels` every new socket, System V object, POSIX queue, file lock, owner but itself
+    and key is refused, while the line it already holds (a half's to the loop) still carries messages, and other
     processes keep theirs."""
     import ctypes
+    import ctypes.util
+    import fcntl
     import socket
 
     held, other = socket.socketpair()
@@ -184,6 +188,22 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
         out["semaphores"] = refused(libc.semget(0x68723137, 1, 0o1000 | 0o600))
         out["key"] = refused(libc.syscall(sandbox.SYSCALLS[platform.machine()]["add_key"], b"user", b"cemabench",
                                           b"secret", 6, -4))  # KEY_SPEC_USER_KEYRING
+        rt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+        queue = rt.mq_open(b"/cemabench-probe", os.O_CREAT | os.O_RDWR, 0o600, None)
+        out["posix queue"] = refused(queue)
+        if queue >= 0:
+            rt.mq_unlink(b"/cemabench-probe")
+        with open(sandbox.__file__, "rb") as readable:  # a file both halves may read
+            for what, call in (("flock", lambda: fcntl.flock(readable, fcntl.LOCK_SH | fcntl.LOCK_NB)),
+                               ("record lock", lambda: fcntl.lockf(readable, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 7)),
+                               ("lock read", lambda: fcntl.fcntl(readable, fcntl.F_GETLK, bytes(32))),
+                               ("owner", lambda: fcntl.fcntl(readable, fcntl.F_SETOWN, os.getppid())),
+                               ("own owner", lambda: fcntl.fcntl(readable, fcntl.F_SETOWN, os.getpid()))):
+                try:
+                    call()
+                    out[what] = "made"
+                except OSError as error:
+                    out[what] = error.strerror
         held.sendall(b"still here")
         return out
 
@@ -195,10 +215,12 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
     if said.get("filter", "").startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
     denied = "Operation not permitted"
-    assert said == {"filter": "no socket, System V IPC, keyring, signal or reach into another process", "unix": denied,
+    assert said == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another "
+                              "process", "unix": denied,
                     "ipv4": denied, "ipv6": denied,
                     "netlink": denied, "shared memory": denied, "message queue": denied, "semaphores": denied,
-                    "key": denied}
+                    "key": denied, "posix queue": denied, "flock": denied, "record lock": denied, "lock read": denied,
+                    "owner": denied, "own owner": "made"}
     assert other.recv(64) == b"still here"
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # this process is untouched
 
@@ -333,8 +355,8 @@ def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_
     if bounded["filter"].startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {bounded['filter']}")
     denied = "Operation not permitted"
-    assert bounded == {"filter": "no socket, System V IPC, keyring, signal or reach into another process; memory "
-                                 "bounded (no "
+    assert bounded == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another "
+                                 "process; memory bounded (no "
                                  "shared, memfd or growing mapping, no new process)",
                        "shared memory": denied, "a memfd": denied, "a mapping that grows down": denied,
                        "the stack grown": denied, "a new process": denied, "stack limit": "kept",

@@ -281,12 +281,20 @@ def drop_capabilities() -> bool:
 # seccomp: the kernel's filter of system calls, a BPF program over (number, architecture, arguments). The calls a
 # half never needs that open a channel Landlock does not confine: a socket of any family, io_uring (which opens
 # sockets of its own), System V shared memory, semaphores and message queues (the host's, shared by every process of
-# this user, whatever the mount namespace), and the kernel's keyrings. And those that reach into another process of
-# this user's (:data:`REACH`): tracing it, reading or writing its memory; and ``prlimit64`` on any process but itself
-# (a half lowered the loop's file size limit, which ended the run, and its zygote's memory limit, which failed every
-# later unit of every method).
+# this user, whatever the mount namespace), POSIX message queues (the same: a queue carried a batch from one half to
+# the other), file locks (a lock on a file both halves may read, or on a range of it, is a bit the other half reads:
+# ``flock``, and ``fcntl``'s record and open-file-description locks, :data:`LOCKS`), and the kernel's keyrings. And
+# those that reach into another process of this user's (:data:`REACH`): tracing it, reading or writing its memory; and
+# ``prlimit64`` on any process but itself (a half lowered the loop's file size limit, which ended the run, and its
+# zygote's memory limit, which failed every later unit of every method).
 CHANNELS = ("socket", "io_uring_setup", "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
-            "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "add_key", "request_key", "keyctl")
+            "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend",
+            "mq_timedreceive", "mq_notify", "mq_getsetattr", "flock", "add_key", "request_key", "keyctl")
+F_GETLK, F_SETLK, F_SETLKW, F_SETOWN, F_SETOWN_EX, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 5, 6, 7, 8, 15, 36, 37, 38
+LOCKS = (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+# a descriptor's owner, whom its I/O signals (SIGIO, whose default ends a process): set with fcntl F_SETOWN to the
+# half's own process only, never with F_SETOWN_EX (a pointer the filter cannot read) or ioctl FIOSETOWN/SIOCSPGRP
+OWNER_IOCTLS = (0x8901, 0x8902)
 REACH = ("ptrace", "process_vm_readv", "process_vm_writev")
 # under a memory limit (:func:`bound_memory`), the ways to memory that ``RLIMIT_DATA`` does not count (a hostile
 # review held 3 GiB under --unit-memory 2G): a memfd's pages, a secret memfd's, a mapping moved or grown by ``mremap``
@@ -302,14 +310,17 @@ FORKS = ("fork", "vfork")  # x86-64's own (aarch64 forks with clone only)
 # thread, which must be its main one; a pidfd (which may stand for any process) is neither opened nor signalled through
 SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 PIDFD = ("pidfd_open", "pidfd_send_signal")
-_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp", *UNCOUNTED, "mmap", "clone", "clone3", *SIGNALS, *PIDFD)
-SYSCALLS = {"x86_64": {**dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71, 248, 249, 250,
+_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp", *UNCOUNTED, "mmap", "clone", "clone3", *SIGNALS, *PIDFD,
+          "fcntl", "ioctl")
+SYSCALLS = {"x86_64": {**dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71,
+                                           240, 241, 242, 243, 244, 245, 73, 248, 249, 250,
                                            101, 310, 311, 302, 317, 319, 447, 25, 321, 9, 56, 435,
-                                           62, 200, 234, 129, 297, 434, 424), strict=True)),
+                                           62, 200, 234, 129, 297, 434, 424, 72, 16), strict=True)),
                        "fork": 57, "vfork": 58},
-            "aarch64": dict(zip(_NAMES, (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187, 217,
-                                         218, 219, 117, 270, 271, 261, 277, 279, 447, 216, 280, 222, 220, 435,
-                                         129, 130, 131, 138, 240, 434, 424), strict=True))}
+            "aarch64": dict(zip(_NAMES, (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187,
+                                         180, 181, 182, 183, 184, 185, 32, 217, 218, 219,
+                                         117, 270, 271, 261, 277, 279, 447, 216, 280, 222, 220, 435,
+                                         129, 130, 131, 138, 240, 434, 424, 25, 29), strict=True))}
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 1, 4
@@ -335,6 +346,7 @@ def _assemble(program: list) -> list[tuple[int, int, int, int]]:
             continue
         op, k, *targets = item
         jumps = [0 if t is None else at[t] - len(out) - 1 for t in targets] or [0, 0]
+        assert all(0 <= j < 256 for j in jumps), "a BPF jump goes forward by at most 255 instructions"
         out.append((op, *jumps, k))
     return out
 
@@ -342,9 +354,10 @@ def _assemble(program: list) -> list[tuple[int, int, int, int]]:
 def _filter(machine: str, bounded: bool = False, pid: int | None = None) -> list[tuple[int, int, int, int]]:
     """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
     whatever it is; of the native table, :data:`CHANNELS`, :data:`REACH` and :data:`PIDFD`, ``prlimit64`` unless its
-    pid is 0 (the calling process: what ``setrlimit`` and ``getrlimit`` ask), and :data:`SIGNALS` to any process but
-    ``pid`` (this one's, by default); ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does not count
-    (:data:`UNCOUNTED`); anything else is allowed."""
+    pid is 0 (the calling process: what ``setrlimit`` and ``getrlimit`` ask), :data:`SIGNALS` to any process but
+    ``pid`` (this one's, by default), ``fcntl``'s :data:`LOCKS` and an owner (F_SETOWN) other than ``pid``'s process
+    or group, and the ioctls that set an owner; ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does
+    not count (:data:`UNCOUNTED`); anything else is allowed."""
     numbers = SYSCALLS[machine]
     pid = os.getpid() if pid is None else pid
     refused = [*CHANNELS, *REACH, *PIDFD, *((*UNCOUNTED, *(f for f in FORKS if f in numbers)) if bounded else ())]
@@ -356,13 +369,19 @@ def _filter(machine: str, bounded: bool = False, pid: int | None = None) -> list
                *([(JUMP_AT_LEAST, X32_BIT, "refuse", None)] if machine == "x86_64" else []),
                *((JUMP_EQUAL, numbers[name], "refuse", None) for name in refused),
                (JUMP_EQUAL, numbers["prlimit64"], "prlimit", None), (JUMP_EQUAL, numbers["kill"], "kill", None),
-               *((JUMP_EQUAL, numbers[name], "own process", None) for name in SIGNALS if name != "kill")]
+               *((JUMP_EQUAL, numbers[name], "own process", None) for name in SIGNALS if name != "kill"),
+               (JUMP_EQUAL, numbers["fcntl"], "fcntl", None), (JUMP_EQUAL, numbers["ioctl"], "ioctl", None)]
     if bounded:
         program += [(JUMP_EQUAL, numbers["clone3"], "no such call", None),
                     (JUMP_EQUAL, numbers["clone"], "clone", None), (JUMP_EQUAL, numbers["mmap"], "mmap", None)]
     program += [(RETURN, ALLOW),
                 "prlimit", argument(0), (JUMP_EQUAL, 0, "allow", "refuse"),
-                "kill", argument(0), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, -pid & 0xFFFFFFFF, "allow", None),
+                "fcntl", argument(1), *((JUMP_EQUAL, command, "refuse", None) for command in (*LOCKS, F_SETOWN_EX)),
+                (JUMP_EQUAL, F_SETOWN, None, "allow"), argument(2), (JUMP_EQUAL, 0, "group", "group"),  # (always)
+                "ioctl", argument(1), *((JUMP_EQUAL, command, "refuse", None) for command in OWNER_IOCTLS),
+                (RETURN, ALLOW),
+                "kill", argument(0), "group", (JUMP_EQUAL, 0, "allow", None),
+                (JUMP_EQUAL, -pid & 0xFFFFFFFF, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse"),
                 "own process", argument(0), (JUMP_EQUAL, pid, "allow", "refuse")]
     if bounded:
         program += ["clone", argument(0), (AND, CLONE_THREAD), (JUMP_EQUAL, 0, "refuse", "allow"),
@@ -402,7 +421,7 @@ def forbid_channels(bounded: bool = False) -> str:
             return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
     else:
         return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
-    return "no socket, System V IPC, keyring, signal or reach into another process" + (
+    return "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another process" + (
         "; memory bounded (no shared, memfd or growing mapping, no new process)" if bounded else "")
 
 
