@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cemabench.protocol import sandbox
+from cemabench.protocol import sandbox, seccomp
 
 
 def _beneath(path: str, folder: str) -> bool:
@@ -160,7 +160,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
     Ray raylet's, a Docker daemon's), or leave the batch in System V shared memory for the other half and the next
     unit (a hostile review found both); or a POSIX message queue, or locks on a file both halves read (bits the other
     half reads), or make another process the owner of a descriptor, whose I/O then signals it (SIGIO ends a process).
-    After :func:`sandbox.forbid_channels` every new socket, System V object, POSIX queue, file lock, owner but itself
+    After :func:`seccomp.forbid_channels` every new socket, System V object, POSIX queue, file lock, owner but itself
     and key is refused, while the line it already holds (a half's to the loop) still carries messages, and other
     processes keep theirs."""
     import ctypes
@@ -175,7 +175,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
         return "made" if result >= 0 else os.strerror(ctypes.get_errno())
 
     def try_channels() -> dict:
-        out = {"filter": sandbox.forbid_channels()}
+        out = {"filter": seccomp.forbid_channels()}
         for family, kind in (("unix", socket.AF_UNIX), ("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6),
                              ("netlink", socket.AF_NETLINK)):
             try:
@@ -186,7 +186,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
         out["shared memory"] = refused(libc.shmget(0x68723137, 4096, 0o1000 | 0o600))  # IPC_CREAT
         out["message queue"] = refused(libc.msgget(0x68723137, 0o1000 | 0o600))
         out["semaphores"] = refused(libc.semget(0x68723137, 1, 0o1000 | 0o600))
-        out["key"] = refused(libc.syscall(sandbox.SYSCALLS[platform.machine()]["add_key"], b"user", b"cemabench",
+        out["key"] = refused(libc.syscall(seccomp.SYSCALLS[platform.machine()]["add_key"], b"user", b"cemabench",
                                           b"secret", 6, -4))  # KEY_SPEC_USER_KEYRING
         rt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
         queue = rt.mq_open(b"/cemabench-probe", os.O_CREAT | os.O_RDWR, 0o600, None)
@@ -209,7 +209,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
 
     import platform
 
-    if platform.machine() not in sandbox.SYSCALLS:
+    if platform.machine() not in seccomp.SYSCALLS:
         pytest.skip(f"no seccomp filter for {platform.machine()}")
     said = _in_a_child(try_channels)
     if said.get("filter", "").startswith("channels open"):
@@ -228,7 +228,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
 def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_processes():
     """A hostile review: a half lowered the loop's file size limit (``prlimit``, which the same user may do to any
     of its processes), which ended the run, and its zygote's memory limit, which failed every later unit of every
-    method. After :func:`sandbox.forbid_channels` a process sets and reads its own limits and no other process's,
+    method. After :func:`seccomp.forbid_channels` a process sets and reads its own limits and no other process's,
     reads and writes no other process's memory, nor traces it, and signals itself (its threads, its process group)
     and no other process, by pid or through a pidfd, whatever Landlock's version (ABI 6 scopes signals)."""
     import ctypes
@@ -237,7 +237,7 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
     import signal
     import threading
 
-    if platform.machine() not in sandbox.SYSCALLS:
+    if platform.machine() not in seccomp.SYSCALLS:
         pytest.skip(f"no seccomp filter for {platform.machine()}")
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
@@ -245,7 +245,7 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
 
     def reach() -> dict:
         os.setsid()  # as a half: its process group its own
-        out = {"filter": sandbox.forbid_channels()}
+        out = {"filter": seccomp.forbid_channels()}
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its own: setrlimit is prlimit64(0, ...)
         out["own"] = resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) and resource.prlimit(0, resource.RLIMIT_CORE)
         for what, call in (("parent's limit", lambda: resource.prlimit(parent, resource.RLIMIT_FSIZE, (0, 0))),
@@ -257,7 +257,7 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
                 out[what] = error.strerror
         local, remote = (ctypes.c_char * 8)(), (ctypes.c_char * 8)()
         iov = ctypes.c_void_p * 2
-        out["parent's memory"] = "read" if libc.syscall(sandbox.SYSCALLS[platform.machine()]["process_vm_readv"],
+        out["parent's memory"] = "read" if libc.syscall(seccomp.SYSCALLS[platform.machine()]["process_vm_readv"],
                                                        parent, iov(ctypes.addressof(local), 8), 1,
                                                        iov(ctypes.addressof(remote), 8), 1, 0) >= 0 else \
             os.strerror(ctypes.get_errno())
@@ -294,13 +294,13 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
 BOUNDED = """
 import json, resource, sys, threading
 import torch
-from cemabench.protocol import sandbox
+from cemabench.protocol import seccomp
 from hostile import _uncounted
 bound = sys.argv[1] == "bound"
 resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
 if bound:
-    sandbox.bound_memory()
-out = {"filter": sandbox.forbid_channels(bound)}
+    seccomp.bound_memory()
+out = {"filter": seccomp.forbid_channels(bound)}
 for name, take in _uncounted(16 << 20).items():
     try:
         take()
@@ -334,7 +334,7 @@ print(json.dumps(out))
 def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_no_process(plugins):
     """Under a data-size limit (``RLIMIT_DATA``, --unit-memory) shared anonymous memory, a memfd, a mapping that grows
     down, a stack grown by ``mremap`` and a forked process (a limit of its own) are not counted: a hostile review held
-    3 GiB under 2G. After :func:`sandbox.bound_memory` and a bounded filter each is refused, and the stack's limit
+    3 GiB under 2G. After :func:`seccomp.bound_memory` and a bounded filter each is refused, and the stack's limit
     stays where it is; private memory up to the limit, threads (the C library starts them with ``clone`` once
     ``clone3`` says ENOSYS), a buffer grown past a mapping (``realloc`` without ``mremap``) and torch's compute on two
     threads work as before. The same calls without the bound get every one of them. (In a fresh process: a forked
@@ -342,7 +342,7 @@ def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_
     import platform
     import subprocess
 
-    if platform.machine() not in sandbox.SYSCALLS:
+    if platform.machine() not in seccomp.SYSCALLS:
         pytest.skip(f"no seccomp filter for {platform.machine()}")
 
     def said(bound: str) -> dict:

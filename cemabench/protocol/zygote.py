@@ -27,7 +27,7 @@ from pathlib import Path
 from cemabench import provenance, registry
 from cemabench.config.paths import cache_root
 from cemabench.errors import HalfFailed
-from cemabench.protocol import hygiene, sandbox
+from cemabench.protocol import hygiene, sandbox, seccomp
 from cemabench.protocol.execution import warm_allocator
 from cemabench.protocol.messages import pack, receive, rng_state, send, set_rng_state
 from cemabench.protocol.plain import NotPlain
@@ -280,7 +280,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
         resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
     bounded = _limited()
     if bounded:
-        sandbox.bound_memory()
+        seccomp.bound_memory()
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (the zygote's is ignored)
     null = os.open(os.devnull, os.O_RDWR)
@@ -309,7 +309,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
     try:
-        SANDBOX += f"; {sandbox.forbid_channels(bounded)}"
+        SANDBOX += f"; {seccomp.forbid_channels(bounded)}"
     except OSError as error:
         SANDBOX += f"; channels open ({error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
