@@ -188,6 +188,18 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
         out["semaphores"] = refused(libc.semget(0x68723137, 1, 0o1000 | 0o600))
         out["key"] = refused(libc.syscall(seccomp.SYSCALLS[platform.machine()]["add_key"], b"user", b"cemabench",
                                           b"secret", 6, -4))  # KEY_SPEC_USER_KEYRING
+        try:
+            socket.socketpair()
+            out["pair"] = "made"
+        except OSError as error:
+            out["pair"] = error.strerror
+        out["inotify"] = refused(libc.inotify_init1(0))
+        out["fanotify"] = refused(libc.fanotify_init(0x200, 0))  # FAN_REPORT_FID, as a review's plugin asked
+        try:  # the line it holds cannot be bound to a name the other half lists in /proc/self/net/unix
+            held.bind(b"\0cemabench-probe")
+            out["bind"] = "made"
+        except OSError as error:
+            out["bind"] = error.strerror
         rt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
         queue = rt.mq_open(b"/cemabench-probe", os.O_CREAT | os.O_RDWR, 0o600, None)
         out["posix queue"] = refused(queue)
@@ -197,6 +209,9 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
             for what, call in (("flock", lambda: fcntl.flock(readable, fcntl.LOCK_SH | fcntl.LOCK_NB)),
                                ("record lock", lambda: fcntl.lockf(readable, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 7)),
                                ("lock read", lambda: fcntl.fcntl(readable, fcntl.F_GETLK, bytes(32))),
+                               ("lease", lambda: fcntl.fcntl(readable, fcntl.F_SETLEASE, fcntl.F_RDLCK)),
+                               ("notify", lambda: fcntl.fcntl(os.open("/", os.O_RDONLY), fcntl.F_NOTIFY,
+                                                              fcntl.DN_ACCESS)),
                                ("owner", lambda: fcntl.fcntl(readable, fcntl.F_SETOWN, os.getppid())),
                                ("own owner", lambda: fcntl.fcntl(readable, fcntl.F_SETOWN, os.getpid()))):
                 try:
@@ -220,7 +235,8 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
                     "ipv4": denied, "ipv6": denied,
                     "netlink": denied, "shared memory": denied, "message queue": denied, "semaphores": denied,
                     "key": denied, "posix queue": denied, "flock": denied, "record lock": denied, "lock read": denied,
-                    "owner": denied, "own owner": "made"}
+                    "lease": denied, "notify": denied, "owner": denied, "own owner": "made", "pair": denied,
+                    "inotify": denied, "fanotify": denied, "bind": denied}
     assert other.recv(64) == b"still here"
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # this process is untouched
 
@@ -270,6 +286,24 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
         os.killpg(0, signal.SIGUSR1)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
         out["own signals"] = len(own)
+        os.setpriority(os.PRIO_PROCESS, 0, 1)  # its own scheduling, as before
+        out["own scheduling"] = [os.getpriority(os.PRIO_PROCESS, os.getpid()), len(os.sched_getaffinity(0)) > 0,
+                                 os.sched_getscheduler(0) == os.SCHED_OTHER]
+        ioprio = seccomp.SYSCALLS[platform.machine()]["ioprio_get"]
+        out["own io priority"] = libc.syscall(ioprio, 1, 0) >= 0  # IOPRIO_WHO_PROCESS, itself
+        out["parent's io priority"] = "read" if libc.syscall(ioprio, 1, parent) >= 0 else os.strerror(
+            ctypes.get_errno())
+        for what, call in (("parent's nice", lambda: os.setpriority(os.PRIO_PROCESS, parent, 19)),
+                           ("parent's nice read", lambda: os.getpriority(os.PRIO_PROCESS, parent)),
+                           ("user's nice", lambda: os.getpriority(os.PRIO_USER, os.getuid())),
+                           ("parent's policy", lambda: os.sched_setscheduler(parent, os.SCHED_IDLE,
+                                                                             os.sched_param(0))),
+                           ("parent's CPUs read", lambda: os.sched_getaffinity(parent))):
+            try:
+                call()
+                out[what] = "done"
+            except OSError as error:
+                out[what] = error.strerror
         for what, call in (("parent's signal", lambda: os.kill(parent, 0)),  # asks only whether it exists
                            ("parent's queue", lambda: signal.pidfd_send_signal(os.pidfd_open(parent), 0))):
             try:
@@ -288,6 +322,12 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
                                  "parent's queue", "own signals")} == {
         "parent's limit": denied, "parent's limit read": denied, "parent's memory": denied, "trace": denied,
         "parent's signal": denied, "parent's queue": denied, "own signals": 4}
+    assert said["own scheduling"] == [1, True, True] and said["own io priority"] is True
+    assert {k: said[k] for k in ("parent's io priority", "parent's nice", "parent's nice read", "user's nice",
+                                 "parent's policy", "parent's CPUs read")} == {
+        "parent's io priority": denied, "parent's nice": denied, "parent's nice read": denied, "user's nice": denied,
+        "parent's policy": denied, "parent's CPUs read": denied}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0
     assert resource.getrlimit(resource.RLIMIT_FSIZE) == before
 
 
@@ -297,11 +337,25 @@ import torch
 from cemabench.protocol import seccomp
 from hostile import _uncounted
 bound = sys.argv[1] == "bound"
-resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
+with open("/proc/self/status") as status:
+    held = next(int(line.split()[1]) for line in status if line.startswith("VmData:")) << 10
+resource.setrlimit(resource.RLIMIT_DATA, (held + (160 << 20), held + (160 << 20)))  # 160 MiB more than it holds
+seccomp.RESERVED = 128 << 20  # (address space for reservations: less than a real run gets, so that the test is small)
 if bound:
     seccomp.bound_memory()
 out = {"filter": seccomp.forbid_channels(bound)}
-for name, take in _uncounted(16 << 20).items():
+done = []
+thread = threading.Thread(target=done.append, args=[1])
+thread.start()
+thread.join()
+grown = bytearray(1 << 20)
+for _ in range(6):
+    grown.extend(bytes(len(grown)))
+torch.set_num_threads(2)
+x = torch.rand(512, 512, dtype=torch.float64)
+out["works"] = [done == [1], len(grown) == 64 << 20, torch.equal(x @ x, torch.mm(x, x))]
+del grown, x
+for name, take in _uncounted(96 << 20).items():
     try:
         take()
         out[name] = "taken"
@@ -313,20 +367,10 @@ try:
 except ValueError:
     out["stack limit"] = "kept"
 try:
-    bytearray(4 << 30)
+    bytearray(1 << 30)
     out["past the limit"] = "taken"
 except MemoryError:
     out["past the limit"] = "refused"
-done = []
-thread = threading.Thread(target=done.append, args=[1])
-thread.start()
-thread.join()
-grown = bytearray(1 << 20)
-for _ in range(6):
-    grown.extend(bytes(len(grown)))
-torch.set_num_threads(2)
-x = torch.rand(512, 512, dtype=torch.float64)
-out["works"] = [done == [1], len(grown) == 64 << 20, torch.equal(x @ x, torch.mm(x, x))]
 print(json.dumps(out))
 """
 
@@ -354,14 +398,17 @@ def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_
     bounded = said("bound")
     if bounded["filter"].startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {bounded['filter']}")
-    denied = "Operation not permitted"
+    denied, full = "Operation not permitted", "Cannot allocate memory"
     assert bounded == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another "
                                  "process; memory bounded (no "
                                  "shared, memfd or growing mapping, no new process)",
                        "shared memory": denied, "a memfd": denied, "a mapping that grows down": denied,
-                       "the stack grown": denied, "a new process": denied, "stack limit": "kept",
-                       "past the limit": "refused", "works": [True, True, True]}
+                       "the stack grown": denied, "a new process": denied, "memory made read-only": full,
+                       "a mapping read only": full, "pages given to a pipe": denied,
+                       "stack limit": "kept", "past the limit": "refused", "works": [True, True, True]}
     unbounded = said("unbounded")
     assert {k: v for k, v in unbounded.items() if k != "filter"} == {
         "shared memory": "taken", "a memfd": "taken", "a mapping that grows down": "taken", "the stack grown": "taken",
-        "a new process": "taken", "stack limit": "raised", "past the limit": "refused", "works": [True, True, True]}
+        "a new process": "taken", "memory made read-only": "taken", "a mapping read only": "taken",
+        "pages given to a pipe": "taken", "stack limit": "raised", "past the limit": "refused",
+        "works": [True, True, True]}

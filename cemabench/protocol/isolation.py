@@ -115,7 +115,7 @@ class Half:
         self.role, self.device = role, device
         self.clean = clean  # the clean split, whose images and labels the half may ask for while it answers a call
         self.max_message = MAX_MESSAGE  # the longest reply read (a planner's answers are far shorter)
-        fd, self.pid = fork_half(memory)
+        fd, self.pid = fork_half(memory, device.type == "cpu")
         self.conn = Connection(fd)
         try:  # the half waits for this process's first message: its pid is still its own
             self.pidfd = os.pidfd_open(self.pid)

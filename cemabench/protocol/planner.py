@@ -38,6 +38,7 @@ from cemabench.protocol.isolation import Half
 from cemabench.protocol.messages import pack, rng_state, set_rng_state
 from cemabench.protocol.sides import SIDES, loaded
 from cemabench.protocol.training import trains
+from cemabench.protocol.zygote import zygote_data
 from cemabench.provenance import code_digest
 
 
@@ -184,9 +185,11 @@ class IsolatedPlanner:
             first = (str(error).splitlines() or [""])[0]
             if late.is_set():
                 first = f"it did not answer within {PLANNER_S:g} s, and was stopped"
-            elif error.status == "out-of-memory" and self.memory is not None:
-                first = (f"it ran out of memory under a unit's limit ({self.memory / 2 ** 30:.3g} GiB, --unit-memory): "
-                         f"{first}")
+            elif self.memory is not None and (error.status == "out-of-memory" or "process ended" in first):
+                held = zygote_data()
+                first = (f"it ran out of memory under a unit's limit ({self.memory / 2 ** 30:.3g} GiB, --unit-memory"
+                         + (f"; a planner holds {held / 2 ** 30:.2g} GiB before any method code runs, and a unit's "
+                            f"halves as much" if held else "") + f"): {first}")
             with contextlib.suppress(KeyError):  # a planner that failed once is asked nothing more
                 self.halves.pop(name).close()
             raise UserError(f"method {name} could not be planned in its own process (--isolate): {first}") from None

@@ -13,31 +13,57 @@ import struct
 
 from cemabench.protocol.sandbox import PR_SET_NO_NEW_PRIVS, c_library
 
-# seccomp: the kernel's filter of system calls, a BPF program over (number, architecture, arguments). The calls a
-# half never needs that open a channel Landlock does not confine: a socket of any family, io_uring (which opens
-# sockets of its own), System V shared memory, semaphores and message queues (the host's, shared by every process of
-# this user, whatever the mount namespace), POSIX message queues (the same: a queue carried a batch from one half to
-# the other), file locks (a lock on a file both halves may read, or on a range of it, is a bit the other half reads:
-# ``flock``, and ``fcntl``'s record and open-file-description locks, :data:`LOCKS`), and the kernel's keyrings. And
-# those that reach into another process of this user's (:data:`REACH`): tracing it, reading or writing its memory; and
-# ``prlimit64`` on any process but itself (a half lowered the loop's file size limit, which ended the run, and its
-# zygote's memory limit, which failed every later unit of every method).
-CHANNELS = ("socket", "io_uring_setup", "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
-            "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend",
-            "mq_timedreceive", "mq_notify", "mq_getsetattr", "flock", "add_key", "request_key", "keyctl")
+# The system calls the filter names, and their numbers: x86-64's, aarch64's ("-": none of that name there)
+_TABLE = """
+socket 41 198        socketpair 53 199   bind 49 200          listen 50 201        accept 43 202
+connect 42 203       accept4 288 242     io_uring_setup 425 425
+shmget 29 194        shmat 30 196        shmctl 31 195        shmdt 67 197         semget 64 190
+semop 65 193         semctl 66 191       semtimedop 220 192   msgget 68 186        msgsnd 69 189
+msgrcv 70 188        msgctl 71 187       mq_open 240 180      mq_unlink 241 181    mq_timedsend 242 182
+mq_timedreceive 243 183                  mq_notify 244 184    mq_getsetattr 245 185
+flock 73 32          inotify_init 253 -  inotify_init1 294 26 inotify_add_watch 254 27
+fanotify_init 300 262                    fanotify_mark 301 263
+add_key 248 217      request_key 249 218 keyctl 250 219
+ptrace 101 117       process_vm_readv 310 270                 process_vm_writev 311 271
+prlimit64 302 261    seccomp 317 277     fcntl 72 25          ioctl 16 29
+kill 62 129          tkill 200 130       tgkill 234 131       rt_sigqueueinfo 129 138
+rt_tgsigqueueinfo 297 240                pidfd_open 434 434   pidfd_send_signal 424 424
+sched_setparam 142 118                   sched_getparam 143 121                    sched_setscheduler 144 119
+sched_getscheduler 145 120               sched_setattr 314 274                     sched_getattr 315 275
+sched_getaffinity 204 123                setpriority 141 140  getpriority 140 141
+ioprio_set 251 30    ioprio_get 252 31
+memfd_create 319 279 memfd_secret 447 447 mremap 25 216       bpf 321 280          vmsplice 278 75
+mmap 9 222           clone 56 220        clone3 435 435       fork 57 -            vfork 58 -
+"""
+_WORDS = _TABLE.split()
+SYSCALLS = {machine: {name: int(numbers[column]) for name, *numbers in zip(_WORDS[::3], _WORDS[1::3], _WORDS[2::3])
+                      if numbers[column] != "-"}
+            for column, machine in enumerate(("x86_64", "aarch64"))}
+# The calls a half never needs that open a channel Landlock does not confine (a hostile review used each it does not
+# name in parentheses): a socket of any family, or a pair of them (bound to abstract names, which the other half listed
+# in /proc/self/net/unix: a batch in a step; or sending to a path), and binding, connecting, listening or accepting on
+# one it holds; io_uring (which opens sockets of its own); System V shared memory, semaphores and message queues, and
+# POSIX message queues (the host's, shared by every process of this user whatever the mount namespace: a batch from
+# one half to the other); file locks and leases (a lock on a file both halves may read, or on a range of it, is a bit
+# the other half reads, in /proc/locks or by testing it: ``flock`` and ``fcntl``'s :data:`LOCKS`); notifications
+# of another process's reads (inotify, fanotify, ``fcntl``'s F_NOTIFY: the edge read files named after a batch's
+# bytes, the cloud got their names, and answered back the same way: cloud-only's accuracy at 0 bytes); and the
+# kernel's keyrings
+CHANNELS = ("socket", "socketpair", "bind", "listen", "accept", "connect", "accept4", "io_uring_setup", "shmget",
+            "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
+            "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr", "flock",
+            "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark", "add_key",
+            "request_key", "keyctl")
 F_GETLK, F_SETLK, F_SETLKW, F_SETOWN, F_SETOWN_EX, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 5, 6, 7, 8, 15, 36, 37, 38
-LOCKS = (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+F_SETLEASE, F_GETLEASE, F_NOTIFY = 1024, 1025, 1026
+LOCKS = (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_GETLEASE, F_NOTIFY)
 # a descriptor's owner, whom its I/O signals (SIGIO, whose default ends a process): set with fcntl F_SETOWN to the
 # half's own process only, never with F_SETOWN_EX (a pointer the filter cannot read) or ioctl FIOSETOWN/SIOCSPGRP
 OWNER_IOCTLS = (0x8901, 0x8902)
+# those that reach into another process of this user's: tracing it, reading or writing its memory; ``prlimit64`` on any
+# process but itself (a half lowered the loop's file size limit, which ended the run, and its zygote's memory limit,
+# which failed every later unit of every method)
 REACH = ("ptrace", "process_vm_readv", "process_vm_writev")
-# under a memory limit (:func:`bound_memory`), the ways to memory that ``RLIMIT_DATA`` does not count (a hostile
-# review held 3 GiB under --unit-memory 2G): a memfd's pages, a secret memfd's, a mapping moved or grown by ``mremap``
-# (the stack's, grown to a GiB), BPF maps; ``mmap`` of shared anonymous memory or of a mapping that grows down (a
-# stack's kind); and a new process, which would get a limit of its own (``clone`` without CLONE_THREAD, ``fork``,
-# ``vfork``; ``clone3`` says ENOSYS, on which the C library starts threads with ``clone``)
-UNCOUNTED = ("memfd_create", "memfd_secret", "mremap", "bpf")
-FORKS = ("fork", "vfork")  # x86-64's own (aarch64 forks with clone only)
 # signals: to its own process only (its threads included), whatever Landlock's version (ABI 6 scopes signals:
 # Linux 6.12; before it a half could stop the zygote or the loop with SIGSTOP): the first argument of each call below
 # names the process (a thread group), which must be the half's own (kill also takes 0 and minus its pid: its process
@@ -45,17 +71,21 @@ FORKS = ("fork", "vfork")  # x86-64's own (aarch64 forks with clone only)
 # thread, which must be its main one; a pidfd (which may stand for any process) is neither opened nor signalled through
 SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 PIDFD = ("pidfd_open", "pidfd_send_signal")
-_NAMES = (*CHANNELS, *REACH, "prlimit64", "seccomp", *UNCOUNTED, "mmap", "clone", "clone3", *SIGNALS, *PIDFD,
-          "fcntl", "ioctl")
-SYSCALLS = {"x86_64": {**dict(zip(_NAMES, (41, 425, 29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71,
-                                           240, 241, 242, 243, 244, 245, 73, 248, 249, 250,
-                                           101, 310, 311, 302, 317, 319, 447, 25, 321, 9, 56, 435,
-                                           62, 200, 234, 129, 297, 434, 424, 72, 16), strict=True)),
-                       "fork": 57, "vfork": 58},
-            "aarch64": dict(zip(_NAMES, (198, 425, 194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187,
-                                         180, 181, 182, 183, 184, 185, 32, 217, 218, 219,
-                                         117, 270, 271, 261, 277, 279, 447, 216, 280, 222, 220, 435,
-                                         129, 130, 131, 138, 240, 434, 424, 25, 29), strict=True))}
+# scheduling, of its own process only (0 or its pid): a half set the zygote to nice 19, SCHED_IDLE and the idle I/O
+# class, which every later half inherited, and two halves read each other's nice values, I/O priorities and CPUs (bits
+# a step). Setting a thread's CPUs stays open (the C library does it by thread id where OpenMP binds its threads): the
+# zygote gives each half its own first CPUs back (:func:`cemabench.protocol.zygote.zygote`), and no half reads another's
+SCHEDULING = ("sched_setparam", "sched_getparam", "sched_setscheduler", "sched_getscheduler", "sched_setattr",
+              "sched_getattr", "sched_getaffinity")
+PRIORITY, IO_PRIORITY = ("setpriority", "getpriority"), ("ioprio_set", "ioprio_get")  # (which, who): the process's own
+PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
+# under a memory limit (:func:`bound_memory`), the ways to memory that ``RLIMIT_DATA`` does not count (a hostile
+# review held 3 GiB under --unit-memory 2G): a memfd's pages, a secret memfd's, a mapping moved or grown by ``mremap``
+# (the stack's, grown to a GiB), BPF maps, pages given to a pipe by ``vmsplice`` (each a whole 2 MiB huge page, kept
+# after the mapping is gone: 7 GiB under 1G); ``mmap`` of shared anonymous memory or of a mapping that grows down (a
+# stack's kind); and a new process, which would get a limit of its own (``clone`` without CLONE_THREAD, ``fork``,
+# ``vfork``; ``clone3`` says ENOSYS, on which the C library starts threads with ``clone``)
+UNCOUNTED = ("memfd_create", "memfd_secret", "mremap", "bpf", "vmsplice", "fork", "vfork")
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86-64's x32 system calls: another table of numbers, never Python's
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 1, 4
@@ -89,34 +119,40 @@ def _assemble(program: list) -> list[tuple[int, int, int, int]]:
 def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, int]]:
     """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
     whatever it is; of the native table, :data:`CHANNELS`, :data:`REACH` and :data:`PIDFD`, ``prlimit64`` unless its
-    pid is 0 (the calling process: what ``setrlimit`` and ``getrlimit`` ask), :data:`SIGNALS` to any process but this
-    one, ``fcntl``'s :data:`LOCKS` and an owner (F_SETOWN) other than this process or its group, and the ioctls that
-    set an owner; ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does
-    not count (:data:`UNCOUNTED`); anything else is allowed."""
+    pid is 0 (the calling process: what ``setrlimit`` and ``getrlimit`` ask), :data:`SIGNALS` and the scheduling calls
+    (:data:`SCHEDULING`, :data:`PRIORITY`, :data:`IO_PRIORITY`) on any process but this one, ``fcntl``'s
+    :data:`LOCKS` and an owner (F_SETOWN) other than this process or its group, and the ioctls that set an owner;
+    ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does not count (:data:`UNCOUNTED`); anything else
+    is allowed."""
     numbers, pid = SYSCALLS[machine], os.getpid()
-    refused = [*CHANNELS, *REACH, *PIDFD, *((*UNCOUNTED, *(f for f in FORKS if f in numbers)) if bounded else ())]
+    refused = [n for n in (*CHANNELS, *REACH, *PIDFD, *(UNCOUNTED if bounded else ())) if n in numbers]
 
     def argument(n: int) -> tuple:
         return LOAD_WORD, FIRST_ARGUMENT + 8 * n
 
+    def to(label: str, *names: str) -> list:
+        return [(JUMP_EQUAL, numbers[name], label, None) for name in names]
+
     program = [(LOAD_WORD, 4), (JUMP_EQUAL, AUDIT_ARCH[machine], None, "refuse"), (LOAD_WORD, 0),  # .arch, .nr
                *([(JUMP_AT_LEAST, X32_BIT, "refuse", None)] if machine == "x86_64" else []),
-               *((JUMP_EQUAL, numbers[name], "refuse", None) for name in refused),
-               (JUMP_EQUAL, numbers["prlimit64"], "prlimit", None), (JUMP_EQUAL, numbers["kill"], "kill", None),
-               *((JUMP_EQUAL, numbers[name], "own process", None) for name in SIGNALS if name != "kill"),
-               (JUMP_EQUAL, numbers["fcntl"], "fcntl", None), (JUMP_EQUAL, numbers["ioctl"], "ioctl", None)]
+               *to("refuse", *refused), *to("prlimit", "prlimit64"), *to("kill", "kill"),
+               *to("own process", *(n for n in SIGNALS if n != "kill"), *SCHEDULING),
+               *to("priority", *PRIORITY), *to("io priority", *IO_PRIORITY), *to("fcntl", "fcntl"),
+               *to("ioctl", "ioctl")]
     if bounded:
-        program += [(JUMP_EQUAL, numbers["clone3"], "no such call", None),
-                    (JUMP_EQUAL, numbers["clone"], "clone", None), (JUMP_EQUAL, numbers["mmap"], "mmap", None)]
+        program += [*to("no such call", "clone3"), *to("clone", "clone"), *to("mmap", "mmap")]
     program += [(RETURN, ALLOW),
                 "prlimit", argument(0), (JUMP_EQUAL, 0, "allow", "refuse"),
                 "fcntl", argument(1), *((JUMP_EQUAL, command, "refuse", None) for command in (*LOCKS, F_SETOWN_EX)),
                 (JUMP_EQUAL, F_SETOWN, None, "allow"), argument(2), (JUMP_EQUAL, 0, "group", "group"),  # (always)
                 "ioctl", argument(1), *((JUMP_EQUAL, command, "refuse", None) for command in OWNER_IOCTLS),
                 (RETURN, ALLOW),
-                "kill", argument(0), "group", (JUMP_EQUAL, 0, "allow", None),
-                (JUMP_EQUAL, -pid & 0xFFFFFFFF, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse"),
-                "own process", argument(0), (JUMP_EQUAL, pid, "allow", "refuse")]
+                "kill", argument(0), "group", (JUMP_EQUAL, -pid & 0xFFFFFFFF, "allow", None),
+                (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse"),
+                "priority", argument(0), (JUMP_EQUAL, PRIO_PROCESS, "who", "refuse"),
+                "io priority", argument(0), (JUMP_EQUAL, IOPRIO_WHO_PROCESS, None, "refuse"),
+                "who", argument(1), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse"),
+                "own process", argument(0), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse")]
     if bounded:
         program += ["clone", argument(0), (AND, CLONE_THREAD), (JUMP_EQUAL, 0, "refuse", "allow"),
                     "mmap", argument(3), (AND, MAP_GROWSDOWN), (JUMP_EQUAL, 0, None, "refuse"),
@@ -159,12 +195,29 @@ def forbid_channels(bounded: bool = False) -> str:
         "; memory bounded (no shared, memfd or growing mapping, no new process)" if bounded else "")
 
 
-def bound_memory() -> None:
+def bound_memory(cpu: bool = True) -> None:
     """Under a data-size limit (``RLIMIT_DATA``), before :func:`forbid_channels` with ``bounded``: the stack's and
     the open files' limits fixed where they are (their hard limits lowered to their soft ones, which a process may
     raise up to the hard): the main stack grows under ``RLIMIT_STACK``, not the data limit, and every descriptor
-    holds memory of the kernel's (a pipe's buffer). An unlimited stack is given 64 MiB."""
+    holds memory of the kernel's (a pipe's buffer). An unlimited stack is given 64 MiB.
+
+    ``cpu`` (a process that will not use a GPU): its address space bounded too (``RLIMIT_AS``), to what it maps now
+    beside its data, plus what the data limit leaves and :data:`RESERVED`. The data limit counts writable private
+    mappings only: a review's plugin wrote 1.5 GiB under 512 MiB by making each filled mapping read-only
+    (``mprotect``), and held 6 GiB of page tables under 1 GiB through a terabyte mapped read-only. CUDA reserves far
+    more address space than it uses, so a GPU half is left to the data limit."""
     for limit, otherwise in ((resource.RLIMIT_STACK, 64 << 20), (resource.RLIMIT_NOFILE, 1 << 16)):
         soft, _ = resource.getrlimit(limit)
         soft = otherwise if soft == resource.RLIM_INFINITY else soft
         resource.setrlimit(limit, (soft, soft))
+    data, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    if cpu and data != resource.RLIM_INFINITY:
+        with open("/proc/self/status") as status:
+            kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status)
+                   if k in ("VmSize", "VmData")}
+        mapped = (kib["VmSize"] - kib["VmData"]) << 10
+        space = mapped + max(data, kib["VmData"] << 10) + RESERVED
+        resource.setrlimit(resource.RLIMIT_AS, (space, space))
+
+
+RESERVED = 512 << 20  # address space a process reserves without using it (the C library's arenas, threads' guards)

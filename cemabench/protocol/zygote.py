@@ -48,24 +48,33 @@ PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.
            *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")),
            *(f"cemabench.datasets.{d}" for d in ("miniature", "minidet", "imagenet", "cifar", "coco", "hf")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
+CPUS: list[int] = []  # in a zygote: the CPUs it started on, which each process it forks gets back
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
 # what the halves forked from now on may not read, should it lie where they read (an import path folder, say): the
 # data roots and results folders this process uses (:func:`hide`); the cache root always
 HIDDEN: set[str] = set()
-# the environment variables kept from the halves: those whose names say they hold a credential (a token, a key, a
-# password, a URL, which may carry a user and password). A half cannot send one anywhere (no socket, no file written,
-# no network to use a URL on), but its error message is printed in the table, which users publish
-CREDENTIAL = re.compile(r"TOKEN(?!IZER)|SECRET|PASS|_PWD($|_)|CREDENTIAL|PRIVATE|AUTH(?!OR)|COOKIE|APIKEY|ACCESS_?KEY"
-                        r"|JWT|DSN|WEBHOOK|CONNECTION_?STRING|PROXY|(^|_)(API_?)?KEY(_|$)|(^|_)PAT(_|$)"
+# the environment variables a half gets: those that torch, CUDA, cuDNN, NCCL, Triton, OpenMP, the BLAS libraries, the C
+# library's allocator, Python, the locale and cemabench read, and the paths a process runs with; none other (a list of
+# names that hold credentials always misses some: a review's plugin printed DB_PW, DOCKER_CREDS, SLACK_HOOK and a
+# Stripe key from the loop's environment in its table). Of these, none that holds a credential either
+HALF_VARIABLES = re.compile(r"(CUDA|NVIDIA|CUBLAS|CUDNN|NCCL|TORCH|PYTORCH|TRITON|ATEN|OMP_|KMP_|GOMP_|MKL|OPENBLAS"
+                            r"|BLIS|ONEDNN|DNNL|MALLOC_|GLIBC_TUNABLES|PYTHON|LC_|CEMABENCH_)|(PATH|HOME|USER|LOGNAME"
+                            r"|LANG|LANGUAGE|TZ|TMPDIR|LD_LIBRARY_PATH|LD_PRELOAD|VIRTUAL_ENV|CONDA_PREFIX)$")
+# names that say a variable holds a credential (a token, a key, a password, a URL, which may carry a user and password).
+# A half cannot send a secret anywhere (no socket, no file written, no network to use a URL on), but its error message
+# is printed in the table, which users publish
+CREDENTIAL = re.compile(r"TOKEN(?!IZER)|SECRET|PASS|_PWD?($|_)|CRED|PRIVATE|AUTH(?!OR)|COOKIE|APIKEY|ACCESS_?KEY|JWT"
+                        r"|DSN|HOOK|NETRC|CONNECTION_?STRING|PROXY|(^|_)(API_?)?KEYS?(_|$)|(^|_)(PAT|SAS)(_|$)"
                         r"|(^|_)UR[LI](_|$)", re.IGNORECASE)
-# and those whose values are a credential in a form its issuer gives it, whatever the variable's name (a token in
-# MY_HUB): Hugging Face, GitHub, GitLab, OpenAI-style, Slack, AWS and Google keys, npm and PyPI tokens, JWTs, PEM
-# private keys, and a URL that carries a user's password
+# and values that are a credential in a form its issuer gives it, whatever the variable's name (a token in MY_HUB):
+# Hugging Face, GitHub, GitLab, OpenAI-style, Stripe, Slack, Telegram, AWS and Google keys, npm and PyPI tokens, JWTs,
+# Azure shared access signatures, PEM private keys, and a URL that carries a user's password
 CREDENTIAL_VALUE = re.compile(
     r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{40,}|glpat-[\w-]{20,}"
-    r"|sk-[\w-]{20,}|xox[abeprs]-[\w-]{10,}|(AKIA|ASIA)[0-9A-Z]{16}|AIza[\w-]{35}|ya29\.[\w-]{20,}"
-    r"|npm_[A-Za-z0-9]{36}|pypi-[\w-]{50,}|eyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]*)"
+    r"|sk-[\w-]{20,}|[rs]k_(live|test)_\w{20,}|xox[abeprs]-[\w-]{10,}|hooks\.slack\.com/\S+|\d{8,10}:AA[\w-]{30,}"
+    r"|(AKIA|ASIA)[0-9A-Z]{16}|AIza[\w-]{35}|ya29\.[\w-]{20,}|npm_[A-Za-z0-9]{36}|pypi-[\w-]{50,}"
+    r"|eyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]*|sig=[\w%+/=-]{20,})"
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----|[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
 # the pid that started it -> (process, connection, lock): a worker forked from that process adopts the zygote forked
 # for it (:func:`spare`) or starts its own
@@ -80,15 +89,21 @@ def hide(path) -> None:
 
 
 def half_environment() -> dict[str, str]:
-    """This process's environment variables, less those named as credentials or holding one (:data:`CREDENTIAL`,
-    :data:`CREDENTIAL_VALUE`): a half's."""
+    """This process's environment variables that a half gets (:data:`HALF_VARIABLES`), less those that hold a
+    credential (:func:`credential`)."""
     return {name: value for name, value in os.environ.items()
-            if not CREDENTIAL.search(name) and not CREDENTIAL_VALUE.search(value)}
+            if HALF_VARIABLES.match(name) and not credential(name, value)}
+
+
+def credential(name: str, value: str) -> bool:
+    """Whether a variable's name or value says it holds a credential (:data:`CREDENTIAL`, :data:`CREDENTIAL_VALUE`)."""
+    return bool(CREDENTIAL.search(name) or CREDENTIAL_VALUE.search(value))
 
 
 def withheld() -> list[str]:
-    """The names of the environment variables that the halves do not get."""
-    return sorted(set(os.environ) - set(half_environment()))
+    """The names of the environment variables that hold credentials, which the halves do not get (nor any variable
+    outside :data:`HALF_VARIABLES`)."""
+    return sorted(name for name, value in os.environ.items() if credential(name, value))
 
 
 def drop_inherited() -> None:
@@ -184,6 +199,16 @@ def _stop_zygote() -> None:
         process.close()
 
 
+def zygote_data() -> int | None:
+    """The data memory (bytes) that this process's zygote holds, which each half forked from it starts with."""
+    entry = _ZYGOTES.get(os.getpid())
+    try:
+        with open(f"/proc/{entry[0].pid}/status") as status:
+            return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmData:"))
+    except (TypeError, OSError, StopIteration):
+        return None
+
+
 def _limited() -> bool:
     """Whether this process runs under a data-size limit (``--unit-memory``)."""
     return resource.getrlimit(resource.RLIMIT_DATA)[0] != resource.RLIM_INFINITY
@@ -192,15 +217,16 @@ def _limited() -> bool:
 HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
 
 
-def fork_half(memory: int | None = None) -> tuple[int, int]:
+def fork_half(memory: int | None = None, cpu: bool = True) -> tuple[int, int]:
     """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
-    replaced once. ``memory``: the half's data-size limit, where it is not its zygote's (a planner's)."""
+    replaced once. ``memory``: the half's data-size limit, where it is not its zygote's (a planner's); ``cpu``: the
+    half computes on the CPU (:func:`cemabench.protocol.seccomp.bound_memory`)."""
     why = ""
     for _ in range(2):
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), half_environment(), sorted(HIDDEN), memory))
+                conn.send((list(sys.path), half_environment(), sorted(HIDDEN), memory, cpu))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"
@@ -234,6 +260,7 @@ def zygote(fd: int) -> None:
     warm_allocator()  # for every half forked from here
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
+    CPUS[:] = sorted(os.sched_getaffinity(0))
     _serve(Connection(fd))
 
 
@@ -249,6 +276,8 @@ def _serve(conn: Connection) -> None:
         if pid == 0:
             conn.close()
             ours.close()
+            with contextlib.suppress(OSError):  # a half may set another process's CPUs (:mod:`seccomp`): not its own
+                os.sched_setaffinity(0, CPUS)
             if request[0] == "zygote":  # a zygote for a worker: ends with this one, and when the worker's line closes
                 die_with_parent()
                 if request[1] is not None:
@@ -268,7 +297,8 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], memory: int | None) -> None:
+def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], memory: int | None,
+          cpu: bool) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
     hidden folders are empty, its working directory /, no capabilities, confined by Landlock, no new socket, System V
     IPC or keyring; under a memory limit, ``memory`` or its zygote's, no memory that the limit does not count and no
@@ -280,7 +310,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
         resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
     bounded = _limited()
     if bounded:
-        seccomp.bound_memory()
+        seccomp.bound_memory(cpu)
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (the zygote's is ignored)
     null = os.open(os.devnull, os.O_RDWR)

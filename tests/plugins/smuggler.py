@@ -401,6 +401,20 @@ class _Escapes(EdgeLogic):
 
             with open(torch.__file__, "rb") as readable:
                 fcntl.lockf(readable, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, int(x.flatten()[0] * 255))
+        elif self.how == "inotify":  # the cloud half told which files the edge read (a review's plugin: the batch)
+            import ctypes
+
+            if ctypes.CDLL(None, use_errno=True).inotify_init1(0) < 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        elif self.how == "socket-pair":  # bound to abstract names the other half lists in /proc/self/net/unix
+            socket.socketpair()
+        elif self.how == "lease":  # a lease on a file both halves read, shown in /proc/locks: a bit for the other
+            import fcntl
+
+            with open(torch.__file__, "rb") as readable:
+                fcntl.fcntl(readable, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        elif self.how == "nice":  # the zygote at nice 19: every later half inherits it
+            os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)
         elif self.how == "sigio":  # the zygote made the owner of a pipe, whose I/O then signals it (SIGIO ends it)
             import fcntl
 
