@@ -166,6 +166,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
     import ctypes
     import ctypes.util
     import fcntl
+    import mmap
     import socket
 
     held, other = socket.socketpair()
@@ -175,7 +176,7 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
         return "made" if result >= 0 else os.strerror(ctypes.get_errno())
 
     def try_channels() -> dict:
-        out = {"filter": seccomp.forbid_channels()}
+        out = {"filter": seccomp.forbid_channels(cpu=True)}
         for family, kind in (("unix", socket.AF_UNIX), ("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6),
                              ("netlink", socket.AF_NETLINK)):
             try:
@@ -194,6 +195,17 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
         except OSError as error:
             out["pair"] = error.strerror
         out["inotify"] = refused(libc.inotify_init1(0))
+        out["namespace"] = refused(libc.unshare(0x10000000))  # CLONE_NEWUSER: capabilities of its own, to show
+        out["capabilities"] = refused(libc.syscall(seccomp.SYSCALLS[platform.machine()]["capset"], None, None))
+        out["aio"] = refused(libc.syscall(seccomp.SYSCALLS[platform.machine()]["io_setup"], 1,
+                                          ctypes.byref(ctypes.c_ulong(0))))
+        with open(sandbox.__file__, "rb") as readable:  # a futex in a page both map is one futex to both
+            for what, flags in (("shared mapping", mmap.MAP_SHARED), ("private mapping", mmap.MAP_PRIVATE)):
+                try:
+                    mmap.mmap(readable.fileno(), 4096, flags, mmap.PROT_READ).close()
+                    out[what] = "made"
+                except OSError as error:
+                    out[what] = error.strerror
         out["fanotify"] = refused(libc.fanotify_init(0x200, 0))  # FAN_REPORT_FID, as a review's plugin asked
         try:  # the line it holds cannot be bound to a name the other half lists in /proc/self/net/unix
             held.bind(b"\0cemabench-probe")
@@ -230,13 +242,14 @@ def test_a_process_that_forbade_channels_opens_none_and_keeps_what_it_had(tmp_pa
     if said.get("filter", "").startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {said['filter']}")
     denied = "Operation not permitted"
-    assert said == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another "
-                              "process", "unix": denied,
+    assert said == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, namespace, signal or reach into "
+                              "another process; no shared mapping", "unix": denied,
                     "ipv4": denied, "ipv6": denied,
                     "netlink": denied, "shared memory": denied, "message queue": denied, "semaphores": denied,
                     "key": denied, "posix queue": denied, "flock": denied, "record lock": denied, "lock read": denied,
                     "lease": denied, "notify": denied, "owner": denied, "own owner": "made", "pair": denied,
-                    "inotify": denied, "fanotify": denied, "bind": denied}
+                    "inotify": denied, "fanotify": denied, "bind": denied, "namespace": denied,
+                    "capabilities": denied, "aio": denied, "shared mapping": denied, "private mapping": "made"}
     assert other.recv(64) == b"still here"
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # this process is untouched
 
@@ -298,7 +311,9 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
                            ("user's nice", lambda: os.getpriority(os.PRIO_USER, os.getuid())),
                            ("parent's policy", lambda: os.sched_setscheduler(parent, os.SCHED_IDLE,
                                                                              os.sched_param(0))),
-                           ("parent's CPUs read", lambda: os.sched_getaffinity(parent))):
+                           ("parent's CPUs read", lambda: os.sched_getaffinity(parent)),
+                           ("parent's CPUs", lambda: os.sched_setaffinity(parent, {0})),
+                           ("parent's time slice", lambda: os.sched_rr_get_interval(parent))):
             try:
                 call()
                 out[what] = "done"
@@ -324,9 +339,10 @@ def test_a_process_that_forbade_channels_sets_its_own_limits_and_no_other_proces
         "parent's signal": denied, "parent's queue": denied, "own signals": 4}
     assert said["own scheduling"] == [1, True, True] and said["own io priority"] is True
     assert {k: said[k] for k in ("parent's io priority", "parent's nice", "parent's nice read", "user's nice",
-                                 "parent's policy", "parent's CPUs read")} == {
+                                 "parent's policy", "parent's CPUs read", "parent's CPUs", "parent's time slice")} == {
         "parent's io priority": denied, "parent's nice": denied, "parent's nice read": denied, "user's nice": denied,
-        "parent's policy": denied, "parent's CPUs read": denied}
+        "parent's policy": denied, "parent's CPUs read": denied, "parent's CPUs": denied,
+        "parent's time slice": denied}
     assert os.getpriority(os.PRIO_PROCESS, 0) == 0
     assert resource.getrlimit(resource.RLIMIT_FSIZE) == before
 
@@ -399,8 +415,8 @@ def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_
     if bounded["filter"].startswith("channels open"):
         pytest.skip(f"this kernel gives no seccomp filter here: {bounded['filter']}")
     denied, full = "Operation not permitted", "Cannot allocate memory"
-    assert bounded == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another "
-                                 "process; memory bounded (no "
+    assert bounded == {"filter": "no socket, System V or POSIX IPC, file lock, keyring, namespace, signal or reach "
+                                 "into another process; memory bounded (no "
                                  "shared, memfd or growing mapping, no new process)",
                        "shared memory": denied, "a memfd": denied, "a mapping that grows down": denied,
                        "the stack grown": denied, "a new process": denied, "memory made read-only": full,

@@ -34,6 +34,9 @@ sched_getaffinity 204 123                setpriority 141 140  getpriority 140 14
 ioprio_set 251 30    ioprio_get 252 31
 memfd_create 319 279 memfd_secret 447 447 mremap 25 216       bpf 321 280          vmsplice 278 75
 mmap 9 222           clone 56 220        clone3 435 435       fork 57 -            vfork 58 -
+unshare 272 97       setns 308 268       capset 126 91        io_setup 206 0       futex_waitv 449 449
+futex_wake 454 454   futex_wait 455 455  futex_requeue 456 456                     sched_setaffinity 203 122
+sched_rr_get_interval 148 127
 """
 _WORDS = _TABLE.split()
 SYSCALLS = {machine: {name: int(numbers[column]) for name, *numbers in zip(_WORDS[::3], _WORDS[1::3], _WORDS[2::3])
@@ -47,12 +50,16 @@ SYSCALLS = {machine: {name: int(numbers[column]) for name, *numbers in zip(_WORD
 # one half to the other); file locks and leases (a lock on a file both halves may read, or on a range of it, is a bit
 # the other half reads, in /proc/locks or by testing it: ``flock`` and ``fcntl``'s :data:`LOCKS`); notifications
 # of another process's reads (inotify, fanotify, ``fcntl``'s F_NOTIFY: the edge read files named after a batch's
-# bytes, the cloud got their names, and answered back the same way: cloud-only's accuracy at 0 bytes); and the
-# kernel's keyrings
+# bytes, the cloud got their names, and answered back the same way: cloud-only's accuracy at 0 bytes); a namespace
+# of its own (in a user namespace a half holds capabilities, whose values the other half read with capget; a network
+# namespace holds 200 KiB of the kernel's memory: 2.4 GiB under --unit-memory 1G) and capabilities set; Linux AIO
+# contexts (a counter every process reads) and the futex2 calls, whose flags the filter cannot read (a wait on a
+# futex in a file both halves map is woken by the other half: :data:`MAP_SHARED`); and the kernel's keyrings
 CHANNELS = ("socket", "socketpair", "bind", "listen", "accept", "connect", "accept4", "io_uring_setup", "shmget",
             "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
             "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr", "flock",
-            "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark", "add_key",
+            "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark", "unshare", "setns",
+            "capset", "io_setup", "futex_waitv", "futex_wake", "futex_wait", "futex_requeue", "add_key",
             "request_key", "keyctl")
 F_GETLK, F_SETLK, F_SETLKW, F_SETOWN, F_SETOWN_EX, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 5, 6, 7, 8, 15, 36, 37, 38
 F_SETLEASE, F_GETLEASE, F_NOTIFY = 1024, 1025, 1026
@@ -72,11 +79,12 @@ REACH = ("ptrace", "process_vm_readv", "process_vm_writev")
 SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 PIDFD = ("pidfd_open", "pidfd_send_signal")
 # scheduling, of its own process only (0 or its pid): a half set the zygote to nice 19, SCHED_IDLE and the idle I/O
-# class, which every later half inherited, and two halves read each other's nice values, I/O priorities and CPUs (bits
-# a step). Setting a thread's CPUs stays open (the C library does it by thread id where OpenMP binds its threads): the
-# zygote gives each half its own first CPUs back (:func:`cemabench.protocol.zygote.zygote`), and no half reads another's
+# class, which every later half inherited; two halves read each other's nice values, I/O priorities, CPUs and time
+# slices, and one set the CPUs of the other's threads, which that one read as its own (bits a step). The C library sets
+# a thread's CPUs by its thread id where OpenMP binds its threads, so the halves get no OpenMP binding
+# (:data:`cemabench.protocol.zygote.HALF_VARIABLES`)
 SCHEDULING = ("sched_setparam", "sched_getparam", "sched_setscheduler", "sched_getscheduler", "sched_setattr",
-              "sched_getattr", "sched_getaffinity")
+              "sched_getattr", "sched_setaffinity", "sched_getaffinity", "sched_rr_get_interval")
 PRIORITY, IO_PRIORITY = ("setpriority", "getpriority"), ("ioprio_set", "ioprio_get")  # (which, who): the process's own
 PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 # under a memory limit (:func:`bound_memory`), the ways to memory that ``RLIMIT_DATA`` does not count (a hostile
@@ -94,6 +102,12 @@ LOAD_WORD, JUMP_EQUAL, JUMP_AT_LEAST, AND, RETURN = 0x20, 0x15, 0x35, 0x54, 0x06
 ALLOW, REFUSE, NO_SUCH_CALL = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # RET_ALLOW; RET_ERRNO: EPERM, ENOSYS
 FIRST_ARGUMENT = 16  # offset of args[0] in struct seccomp_data (its low word, on these little-endian machines)
 MAP_SHARED_ANONYMOUS, MAP_GROWSDOWN, CLONE_THREAD = 0x21, 0x100, 0x10000
+# in a half on the CPU, no shared mapping of any kind (MAP_SHARED and MAP_SHARED_VALIDATE have this bit; MAP_PRIVATE
+# does not): a futex in a page of a file that two processes map shared is one futex to both, which a review's edge
+# half woke for the cloud half's 64 waiting threads, a bit each. CUDA maps its device files shared, so a GPU half may
+# map shared (README: what a half can still do)
+MAP_SHARED = 0x1
+CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 
 
 def _assemble(program: list) -> list[tuple[int, int, int, int]]:
@@ -116,14 +130,15 @@ def _assemble(program: list) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, int]]:
+def _filter(machine: str, bounded: bool = False, cpu: bool = False) -> list[tuple[int, int, int, int]]:
     """The BPF program: a call from another architecture's table (32-bit x86's ``socketcall``, x32's) is refused
     whatever it is; of the native table, :data:`CHANNELS`, :data:`REACH` and :data:`PIDFD`, ``prlimit64`` unless its
     pid is 0 (the calling process: what ``setrlimit`` and ``getrlimit`` ask), :data:`SIGNALS` and the scheduling calls
     (:data:`SCHEDULING`, :data:`PRIORITY`, :data:`IO_PRIORITY`) on any process but this one, ``fcntl``'s
     :data:`LOCKS` and an owner (F_SETOWN) other than this process or its group, and the ioctls that set an owner;
-    ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does not count (:data:`UNCOUNTED`); anything else
-    is allowed."""
+    ``clone`` into a new namespace (:data:`CLONE_NAMESPACES`; ``clone3``, whose flags it cannot read, says ENOSYS, on
+    which the C library uses ``clone``); ``bounded``, also the memory and processes that ``RLIMIT_DATA`` does not count
+    (:data:`UNCOUNTED`); ``cpu``, a shared mapping (:data:`MAP_SHARED`); anything else is allowed."""
     numbers, pid = SYSCALLS[machine], os.getpid()
     refused = [n for n in (*CHANNELS, *REACH, *PIDFD, *(UNCOUNTED if bounded else ())) if n in numbers]
 
@@ -139,8 +154,7 @@ def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, in
                *to("own process", *(n for n in SIGNALS if n != "kill"), *SCHEDULING),
                *to("priority", *PRIORITY), *to("io priority", *IO_PRIORITY), *to("fcntl", "fcntl"),
                *to("ioctl", "ioctl")]
-    if bounded:
-        program += [*to("no such call", "clone3"), *to("clone", "clone"), *to("mmap", "mmap")]
+    program += [*to("no such call", "clone3"), *to("clone", "clone"), *(to("mmap", "mmap") if bounded or cpu else [])]
     program += [(RETURN, ALLOW),
                 "prlimit", argument(0), (JUMP_EQUAL, 0, "allow", "refuse"),
                 "fcntl", argument(1), *((JUMP_EQUAL, command, "refuse", None) for command in (*LOCKS, F_SETOWN_EX)),
@@ -152,16 +166,21 @@ def _filter(machine: str, bounded: bool = False) -> list[tuple[int, int, int, in
                 "priority", argument(0), (JUMP_EQUAL, PRIO_PROCESS, "who", "refuse"),
                 "io priority", argument(0), (JUMP_EQUAL, IOPRIO_WHO_PROCESS, None, "refuse"),
                 "who", argument(1), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse"),
-                "own process", argument(0), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse")]
-    if bounded:
-        program += ["clone", argument(0), (AND, CLONE_THREAD), (JUMP_EQUAL, 0, "refuse", "allow"),
-                    "mmap", argument(3), (AND, MAP_GROWSDOWN), (JUMP_EQUAL, 0, None, "refuse"),
-                    argument(3), (AND, MAP_SHARED_ANONYMOUS), (JUMP_EQUAL, MAP_SHARED_ANONYMOUS, "refuse", "allow"),
-                    "no such call", (RETURN, NO_SUCH_CALL)]
+                "own process", argument(0), (JUMP_EQUAL, 0, "allow", None), (JUMP_EQUAL, pid, "allow", "refuse"),
+                "clone", argument(0), (AND, CLONE_NAMESPACES), (JUMP_EQUAL, 0, None, "refuse"),
+                *([argument(0), (AND, CLONE_THREAD), (JUMP_EQUAL, 0, "refuse", None)] if bounded else []),
+                (RETURN, ALLOW)]
+    if bounded or cpu:
+        program += ["mmap", *([argument(3), (AND, MAP_SHARED), (JUMP_EQUAL, 0, None, "refuse")] if cpu else []),
+                    *([argument(3), (AND, MAP_GROWSDOWN), (JUMP_EQUAL, 0, None, "refuse"), argument(3),
+                       (AND, MAP_SHARED_ANONYMOUS), (JUMP_EQUAL, MAP_SHARED_ANONYMOUS, "refuse", None)]
+                      if bounded else []),
+                    (RETURN, ALLOW)]
+    program += ["no such call", (RETURN, NO_SUCH_CALL)]
     return _assemble([*program, "allow", (RETURN, ALLOW), "refuse", (RETURN, REFUSE)])
 
 
-def forbid_channels(bounded: bool = False) -> str:
+def forbid_channels(bounded: bool = False, cpu: bool = False) -> str:
     """Refuse this process (all its threads) and its children the system calls of :data:`CHANNELS` (they fail with
     EPERM): Landlock confines TCP and files, not UDP, netlink, a Unix socket that connects by path to a service of
     this user's (a Ray raylet, a Docker daemon), System V IPC, POSIX message queues or file locks (which another half,
@@ -169,11 +188,12 @@ def forbid_channels(bounded: bool = False) -> str:
     (:func:`_filter`), nor a signal to another process, directly or as a descriptor's owner (:data:`SIGNALS`; call it
     where this process leads its process group). A half needs none of them: its line to the loop is open before it is
     confined. ``bounded`` (under a memory limit, with :func:`bound_memory`): nor memory that the limit does not count,
-    nor a new process (threads start as before). Returns what was applied, or ``channels open (...)``."""
+    nor a new process (threads start as before); ``cpu`` (a process that will not use a GPU): nor a shared mapping.
+    Returns what was applied, or ``channels open (...)``."""
     machine = platform.machine()
     if machine not in SYSCALLS:
         return f"channels open (no seccomp filter for {machine})"
-    program = _filter(machine, bounded)
+    program = _filter(machine, bounded, cpu)
     filters = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program))
     prog = ctypes.create_string_buffer(struct.pack("@HP", len(program), ctypes.addressof(filters)))
     libc = c_library()
@@ -191,8 +211,9 @@ def forbid_channels(bounded: bool = False) -> str:
             return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
     else:
         return f"channels open (seccomp refused: {os.strerror(ctypes.get_errno())})"
-    return "no socket, System V or POSIX IPC, file lock, keyring, signal or reach into another process" + (
-        "; memory bounded (no shared, memfd or growing mapping, no new process)" if bounded else "")
+    return ("no socket, System V or POSIX IPC, file lock, keyring, namespace, signal or reach into another process"
+            + ("; no shared mapping" if cpu else "")
+            + ("; memory bounded (no shared, memfd or growing mapping, no new process)" if bounded else ""))
 
 
 def bound_memory(cpu: bool = True) -> None:

@@ -48,7 +48,6 @@ PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.
            *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")),
            *(f"cemabench.datasets.{d}" for d in ("miniature", "minidet", "imagenet", "cifar", "coco", "hf")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
-CPUS: list[int] = []  # in a zygote: the CPUs it started on, which each process it forks gets back
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
 # what the halves forked from now on may not read, should it lie where they read (an import path folder, say): the
@@ -57,8 +56,10 @@ HIDDEN: set[str] = set()
 # the environment variables a half gets: those that torch, CUDA, cuDNN, NCCL, Triton, OpenMP, the BLAS libraries, the C
 # library's allocator, Python, the locale and cemabench read, and the paths a process runs with; none other (a list of
 # names that hold credentials always misses some: a review's plugin printed DB_PW, DOCKER_CREDS, SLACK_HOOK and a
-# Stripe key from the loop's environment in its table). Of these, none that holds a credential either
-HALF_VARIABLES = re.compile(r"(CUDA|NVIDIA|CUBLAS|CUDNN|NCCL|TORCH|PYTORCH|TRITON|ATEN|OMP_|KMP_|GOMP_|MKL|OPENBLAS"
+# Stripe key from the loop's environment in its table). Of these, none that holds a credential either, and no OpenMP
+# binding of threads to CPUs (a half sets no other thread's CPUs: :data:`cemabench.protocol.seccomp.SCHEDULING`)
+HALF_VARIABLES = re.compile(r"(?!OMP_PROC_BIND|OMP_PLACES|GOMP_CPU_AFFINITY|KMP_AFFINITY)"
+                            r"(CUDA|NVIDIA|CUBLAS|CUDNN|NCCL|TORCH|PYTORCH|TRITON|ATEN|OMP_|KMP_|GOMP_|MKL|OPENBLAS"
                             r"|BLIS|ONEDNN|DNNL|MALLOC_|GLIBC_TUNABLES|PYTHON|LC_|CEMABENCH_)|(PATH|HOME|USER|LOGNAME"
                             r"|LANG|LANGUAGE|TZ|TMPDIR|LD_LIBRARY_PATH|LD_PRELOAD|VIRTUAL_ENV|CONDA_PREFIX)$")
 # names that say a variable holds a credential (a token, a key, a password, a URL, which may carry a user and password).
@@ -260,7 +261,6 @@ def zygote(fd: int) -> None:
     warm_allocator()  # for every half forked from here
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the halves
-    CPUS[:] = sorted(os.sched_getaffinity(0))
     _serve(Connection(fd))
 
 
@@ -276,8 +276,6 @@ def _serve(conn: Connection) -> None:
         if pid == 0:
             conn.close()
             ours.close()
-            with contextlib.suppress(OSError):  # a half may set another process's CPUs (:mod:`seccomp`): not its own
-                os.sched_setaffinity(0, CPUS)
             if request[0] == "zygote":  # a zygote for a worker: ends with this one, and when the worker's line closes
                 die_with_parent()
                 if request[1] is not None:
@@ -339,7 +337,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
     try:
-        SANDBOX += f"; {seccomp.forbid_channels(bounded)}"
+        SANDBOX += f"; {seccomp.forbid_channels(bounded, cpu)}"
     except OSError as error:
         SANDBOX += f"; channels open ({error})"
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

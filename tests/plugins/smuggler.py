@@ -413,6 +413,16 @@ class _Escapes(EdgeLogic):
 
             with open(torch.__file__, "rb") as readable:
                 fcntl.fcntl(readable, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        elif self.how == "shared-mapping":  # a futex in a page of a file both halves map: woken by the other half
+            import mmap
+
+            with open(torch.__file__, "rb") as readable:
+                mmap.mmap(readable.fileno(), 4096, mmap.MAP_SHARED, mmap.PROT_READ)
+        elif self.how == "namespace":  # capabilities of its own in a user namespace, which the other half reads
+            import ctypes
+
+            if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         elif self.how == "nice":  # the zygote at nice 19: every later half inherits it
             os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)
         elif self.how == "sigio":  # the zygote made the owner of a pipe, whose I/O then signals it (SIGIO ends it)
