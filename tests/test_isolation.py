@@ -238,6 +238,7 @@ def _landlock(version: int) -> None:
     ("nice", 1, "Operation not permitted"),  # the zygote's priority, which every later half inherits
     ("shared-mapping", 1, "Operation not permitted"),  # a futex both halves see: 64 bits a step in a review
     ("namespace", 1, "Operation not permitted"),  # capabilities set as bits; a network namespace's kernel memory
+    ("shared-page", 1, "Operation not permitted"),  # the C library's gconv cache, mapped shared by the zygote
     ("prlimit", 1, "Operation not permitted"),  # the zygote's limits, or the loop's: a unit sabotaged the others
     ("terminal", 1, "Permission denied"),  # no device but null, zero, random and the GPU's (and no terminal)
     ("read-file", 1, "Permission denied"),  # a dataset's labels, the results folder

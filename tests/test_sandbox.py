@@ -428,3 +428,24 @@ def test_a_bounded_process_takes_memory_its_limit_counts_and_starts_threads_but_
         "a new process": "taken", "memory made read-only": "taken", "a mapping read only": "taken",
         "pages given to a pipe": "taken", "stack limit": "raised", "past the limit": "refused",
         "works": [True, True, True]}
+
+
+def test_a_process_maps_no_page_shared_with_another_after_privatize_shared():
+    """A half inherits its zygote's read-only shared mappings (the C library's gconv cache), and so does the other
+    half: a futex in a shared page is one futex to both, a channel no call the filter refuses. Each is replaced by a
+    private copy of the same bytes, at the same address (a file's, or one deleted, such as shared memory)."""
+    import mmap
+
+    def privatized() -> dict:
+        with open(sandbox.__file__, "rb") as readable:
+            shared = mmap.mmap(readable.fileno(), 4096, mmap.MAP_SHARED, mmap.PROT_READ)
+        anonymous = mmap.mmap(-1, 4096)  # shared memory, as a deleted file's
+        anonymous[:5] = b"bytes"
+        before = shared[:64]
+        done = seccomp.privatize_shared()
+        with open("/proc/self/maps") as maps:
+            left = [line.split()[-1] for line in maps if line.split()[1][3] == "s"]
+        return {"privatized": sandbox.__file__ in done, "left": left,
+                "same bytes": [shared[:64] == before, anonymous[:5] == b"bytes"]}
+
+    assert _in_a_child(privatized) == {"privatized": True, "left": [], "same bytes": [True, True]}

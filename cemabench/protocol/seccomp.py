@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
 import resource
@@ -242,3 +243,36 @@ def bound_memory(cpu: bool = True) -> None:
 
 
 RESERVED = 512 << 20  # address space a process reserves without using it (the C library's arenas, threads' guards)
+
+
+def privatize_shared() -> list[str]:
+    """Replace each shared mapping this process holds by a private copy of its bytes, at the same address and with
+    the same protection; returns what they mapped. A half inherits such mappings from its zygote (the C library's
+    gconv cache), and so does the other half: a futex in a shared page is one futex to every process that maps it, a
+    channel that needs no call the filter refuses."""
+    libc = c_library()
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with open("/proc/self/maps") as maps:
+        entries = [line.split(maxsplit=5) for line in maps]
+    done = []
+    for address, perms, *rest in entries:
+        if perms[3] != "s":
+            continue
+        start, end = (int(x, 16) for x in address.split("-"))
+        data = ctypes.string_at(start, end - start) if perms[0] == "r" else b""
+        got = libc.mmap(start, end - start, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        if got != start:
+            raise OSError(ctypes.get_errno(), f"mapping {address} privately: {os.strerror(ctypes.get_errno())}")
+        ctypes.memmove(start, data, len(data))
+        prot = sum(flag for flag, letter in ((mmap.PROT_READ, "r"), (mmap.PROT_WRITE, "w"), (mmap.PROT_EXEC, "x"))
+                   if letter in perms)
+        if libc.mprotect(start, end - start, prot) != 0:
+            raise OSError(ctypes.get_errno(), f"protecting {address}: {os.strerror(ctypes.get_errno())}")
+        done.append(rest[-1].strip() if len(rest) == 4 else address)
+    return done
+
+
+MAP_FIXED = 0x10

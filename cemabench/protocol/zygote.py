@@ -309,6 +309,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     bounded = _limited()
     if bounded:
         seccomp.bound_memory(cpu)
+    seccomp.privatize_shared()  # no page shared with the other half (the C library's gconv cache, from the zygote)
     os.setsid()  # no controlling terminal (nothing to type into), and a process group of its own
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (the zygote's is ignored)
     null = os.open(os.devnull, os.O_RDWR)

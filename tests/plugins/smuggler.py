@@ -423,6 +423,12 @@ class _Escapes(EdgeLogic):
 
             if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        elif self.how == "shared-page":  # a page the other half maps too (from the zygote): a futex both see
+            with open("/proc/self/maps") as maps:
+                shared = [line.split()[-1] for line in maps if line.split()[1][3] == "s"]
+            if shared:
+                raise RuntimeError(f"shares {', '.join(shared)} with the other half")
+            raise PermissionError(1, "Operation not permitted: no page shared")  # (what the test reads)
         elif self.how == "nice":  # the zygote at nice 19: every later half inherits it
             os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)
         elif self.how == "sigio":  # the zygote made the owner of a pipe, whose I/O then signals it (SIGIO ends it)
