@@ -234,12 +234,16 @@ def bound_memory(cpu: bool = True) -> None:
         resource.setrlimit(limit, (soft, soft))
     data, _ = resource.getrlimit(resource.RLIMIT_DATA)
     if cpu and data != resource.RLIM_INFINITY:
-        with open("/proc/self/status") as status:
-            kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status)
-                   if k in ("VmSize", "VmData")}
-        mapped = (kib["VmSize"] - kib["VmData"]) << 10
-        space = mapped + max(data, kib["VmData"] << 10) + RESERVED
+        now = memory_of()
+        space = now["VmSize"] - now["VmData"] + max(data, now["VmData"]) + RESERVED
         resource.setrlimit(resource.RLIMIT_AS, (space, space))
+
+
+def memory_of(pid: int | str = "self") -> dict[str, int]:
+    """A process's address space and data (``VmSize``, ``VmData``), in bytes, as /proc says."""
+    with open(f"/proc/{pid}/status") as status:
+        return {k: int(v.split()[0]) << 10 for k, v in (line.split(":", 1) for line in status)
+                if k in ("VmSize", "VmData")}
 
 
 RESERVED = 512 << 20  # address space a process reserves without using it (the C library's arenas, threads' guards)

@@ -204,9 +204,8 @@ def zygote_data() -> int | None:
     """The data memory (bytes) that this process's zygote holds, which each half forked from it starts with."""
     entry = _ZYGOTES.get(os.getpid())
     try:
-        with open(f"/proc/{entry[0].pid}/status") as status:
-            return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmData:"))
-    except (TypeError, OSError, StopIteration):
+        return seccomp.memory_of(entry[0].pid)["VmData"]
+    except (TypeError, OSError, KeyError):
         return None
 
 
@@ -298,10 +297,10 @@ def die_with_parent() -> None:
 def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], memory: int | None,
           cpu: bool) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
-    hidden folders are empty, its working directory /, no capabilities, confined by Landlock, no new socket, System V
-    IPC or keyring; under a memory limit, ``memory`` or its zygote's, no memory that the limit does not count and no
-    new process) before any method code is imported, set up from the harness's requests, then answering its steps;
-    never returns."""
+    hidden folders are empty, its working directory /, no capabilities, no page shared with another process, confined
+    by Landlock and a seccomp filter (:mod:`cemabench.protocol.seccomp`); under a memory limit, ``memory`` or its
+    zygote's, no memory that the limit does not count and no new process) before any method code is imported, set up
+    from the harness's requests, then answering its steps; never returns."""
     global SANDBOX
     LINE[:] = [conn]
     if memory is not None:
