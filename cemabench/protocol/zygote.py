@@ -102,9 +102,10 @@ def credential(name: str, value: str) -> bool:
 
 
 def withheld() -> list[str]:
-    """The names of the environment variables that hold credentials, which the halves do not get (nor any variable
-    outside :data:`HALF_VARIABLES`)."""
-    return sorted(name for name, value in os.environ.items() if credential(name, value))
+    """The names of the environment variables that compute may read (:data:`HALF_VARIABLES`) but that hold a
+    credential, which the halves therefore do not get. A variable outside :data:`HALF_VARIABLES` is not named: no half
+    gets any, credential or not (a line naming the loop's every ``*_HOOK_PATH`` and ``*_URL`` is noise)."""
+    return sorted(name for name, value in os.environ.items() if HALF_VARIABLES.match(name) and credential(name, value))
 
 
 def drop_inherited() -> None:
