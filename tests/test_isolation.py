@@ -660,14 +660,75 @@ def test_a_plugin_whose_folder_joins_the_import_path_after_the_zygote_started_ru
     assert cell["status"] == "ok", cell["message"]
 
 
-def test_isolate_says_which_model_plugin_still_runs_in_the_loops_process(plugins, tmp_path, capsys):
-    """--isolate runs method plugins apart; the loop's process still imports the table's dataset and model plugins
-    (it reads the data and builds the models it sends the halves). A table on a model plugin says so in one line; a
-    table on cemabench's own data and models says nothing."""
+FRESH = ("miniature-digits-c", "plugin-zoo:fresh-edge", "plugin-zoo:fresh-foundation")
+
+
+def test_a_model_plugin_is_built_apart_and_gives_the_in_process_numbers(plugins, tmp_path):
+    """--isolate builds a model plugin's models in a builder process; the loop's process never imports it and holds
+    them as bytes. Its weights here are drawn from torch's random state (the random state is threaded through the
+    builder, as it is through the halves), Tent adapts them and ECC-I trains an artefact on them (its key takes the
+    fingerprints of the bytes): every number is the in-process run's. The table says nothing of model plugins."""
+    spec = _spec(tmp_path, ["tent", "ecc-independent"], dataset=FRESH)
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=1, progress=False, isolate=True)
+    assert "model_zoo" not in sys.modules  # never imported here
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+    assert all(c["status"] == "ok" for c in inline["cells"]), [c["message"] for c in inline["cells"]]
+    assert numbers(isolated) == numbers(inline)
+    for key in ("edge_flops", "cloud_flops"):
+        assert [c[key] for c in isolated["cells"]] == [c[key] for c in inline["cells"]]
+    plain = runner.reproduce(_spec(tmp_path / "own", ["tent"]), None, tmp_path / "own", jobs=1, progress=False)
+    assert numbers(plain)[0]["correct"] != numbers(inline)[0]["correct"]  # the noise moved the weights
+
+
+def test_the_ccc_setting_calibrates_a_model_plugin_in_its_builder(plugins, tmp_path):
+    """The ccc setting calibrates its stream on the source edge model's predictions: a model built apart predicts in
+    its builder, and the stream (so every number) is the in-process run's."""
+    spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), dataset=FRESH, images=None,
+                 protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=1, progress=False, isolate=True)
+    assert "model_zoo" not in sys.modules
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+    assert [c["seen"] for c in inline["cells"]] == [256] and numbers(isolated) == numbers(inline)
+
+
+def test_a_model_plugin_built_apart_reads_no_cached_data(plugins, tmp_path):
+    """A model plugin's loader ran in the loop's process under --isolate too, where the test images that cemabench
+    caches lie readable (a model could learn the test stream before it starts), and the store is written. Its builder
+    reads only code, the system's files, the weights and the zoos' caches: cemabench's cache is hidden from it, and
+    it writes nothing. Its model names what its loader read."""
+    peeking = ("miniature-digits-c", "peeking-zoo:edge", "mini:foundation")
+    isolated = runner.reproduce(_spec(tmp_path / "isolated", ["source"], dataset=peeking), None,
+                                tmp_path / "isolated", jobs=1, progress=False, isolate=True)
+    assert [c["status"] for c in isolated["cells"]] == ["ok"], [c["message"] for c in isolated["cells"]]
+    inline = runner.reproduce(_spec(tmp_path / "inline", ["source"], dataset=peeking), None, tmp_path / "inline",
+                              jobs=1, progress=False)
+    assert "cached data files" in inline["cells"][0]["message"]  # the hole, in the loop's process
+
+
+def test_a_model_plugins_failure_to_build_is_one_line_before_compute_isolated(plugins, tmp_path, capsys):
+    """A model that cannot be built in its builder is one line naming it, exit 2, before any compute, as
+    in-process."""
     spec = write_spec(tmp_path / "small.toml", ["source"])
-    main(["reproduce", spec, "--out", str(tmp_path / "own"), "--no-progress", "--jobs", "1", "--isolate"])
-    assert "method plugins run apart" not in capsys.readouterr().err
-    main(["reproduce", spec, "--out", str(tmp_path / "plugin"), "--no-progress", "--jobs", "1", "--isolate",
-          "--edge", "plugin-zoo:edge"])
-    assert ("--isolate: method plugins run apart; the model plugin plugin-zoo (model_zoo:plugin_model) runs in this "
-            "process, beside the labels and the store") in capsys.readouterr().err
+    said = []
+    for flags in (["--isolate"], []):
+        assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", *flags,
+                     "--edge", "plugin-zoo:no-such-net"]) == 2
+        said.append(capsys.readouterr().err.strip().splitlines())
+    assert said[0] == said[1] and len(said[0]) == 1 and "no-such-net" in said[0][0], said
+    assert not (tmp_path / "out").exists()
+
+
+def test_isolate_says_that_a_dataset_plugin_still_runs_in_the_loops_process(plugins, tmp_path, capsys):
+    """--isolate runs method and model plugins apart; the loop's process still imports the table's dataset plugin (it
+    reads the data it sends the halves). A table on one says so in one line; on cemabench's own data, or on a model
+    plugin, nothing."""
+    runner.reproduce(_spec(tmp_path / "own", ["source"], dataset=FRESH), None, tmp_path / "own", jobs=1,
+                     progress=False, isolate=True)
+    assert "plugins run apart" not in capsys.readouterr().err
+    plugin = ("plugin-digits", "mini:edge", "mini:foundation")
+    doc = runner.reproduce(_spec(tmp_path / "plugin", ["source"], dataset=plugin), None, tmp_path / "plugin", jobs=1,
+                           progress=False, isolate=True)
+    assert [c["status"] for c in doc["cells"]] == ["ok"]
+    assert ("--isolate: method and model plugins run apart; the dataset plugin plugin-digits "
+            "(cemabench.datasets.miniature:dataset) runs in this process, beside the labels and the store"
+            ) in capsys.readouterr().err

@@ -91,11 +91,13 @@ class Calibration:
         images, size = corruptor.images(), size or corruptor.calibration_images
         pick = np.random.default_rng(derive_seed("ccc-calibration")).permutation(len(images))[:size]
         self.images, self.labels = images[pick], np.asarray(corruptor.labels())[pick]
-        self.corrupt, self.model = corruptor.corrupt, model
+        # an nn.Module's predictions here; a stand-in's for a model built apart (--isolate), its own ``predict``
+        self.corrupt = corruptor.corrupt
+        self.predict = functools.partial(predict, model) if isinstance(model, nn.Module) else model.predict
         self.matrices: dict[tuple[str, str], np.ndarray] = {}
 
     def accuracy(self, images: np.ndarray) -> float:
-        return 100.0 * float((predict(self.model, images) == self.labels).mean())
+        return 100.0 * float((self.predict(images) == self.labels).mean())
 
     def matrix(self, first: str, second: str) -> np.ndarray:
         if (first, second) not in self.matrices:

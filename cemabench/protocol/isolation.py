@@ -110,12 +110,14 @@ def serve_clean(clean, request: dict, role: str) -> torch.Tensor:
 class Half:
     """The loop's handle on one half's process."""
 
-    def __init__(self, role: str, device: torch.device, clean=None, memory: int | None = None):
-        """``memory``: the half's data-size limit, where it is not its zygote's (a planner's)."""
+    def __init__(self, role: str, device: torch.device, clean=None, memory: int | None = None,
+                 reads: tuple[str, ...] = ()):
+        """``memory``: the half's data-size limit, where it is not its zygote's (a planner's); ``reads``: folders it
+        may read besides code and the system's files (a model builder's weights)."""
         self.role, self.device = role, device
         self.clean = clean  # the clean split, whose images and labels the half may ask for while it answers a call
         self.max_message = MAX_MESSAGE  # the longest reply read (a planner's answers are far shorter)
-        fd, self.pid = fork_half(memory, device.type == "cpu")
+        fd, self.pid = fork_half(memory, device.type == "cpu", reads)
         self.conn = Connection(fd)
         try:  # the half waits for this process's first message: its pid is still its own
             self.pidfd = os.pidfd_open(self.pid)
@@ -269,7 +271,8 @@ def start(method, models, num_classes: int, clean, seed: int, execution: Executi
     LAST_SANDBOX[:] = [str(confined.get("sandbox", ""))]
     _say_once(LAST_SANDBOX[0])
     resources = training_resources(models.edge, models.foundation, num_classes, clean, seed, device)
-    training = run_training(method, resources, train=lambda: cloud.call("train").get("state"))  # keyed, cached here
+    training = run_training(method, resources, train=lambda: cloud.call("train").get("state"),  # keyed, cached here
+                            fingerprints=models._fingerprints)
     cloud.call("adopt", method.artefacts)
     tables = _tables(cloud.call("tables").get("tables"))  # the method's entropy tables, computed in its half
     edge.call("edge", recipe, fields, edge_model if models._copies else pack(models.edge()), count, num_classes,

@@ -61,6 +61,9 @@ class Models:
     # the first unit (kept here by cemabench.protocol.isolation)
     _copies: bool = field(default=False, repr=False, compare=False)
     _pickled: dict = field(default_factory=dict, repr=False, compare=False)
+    # built apart (--isolate, a model plugin's: cemabench.models.builder): the models' fingerprints, which this process
+    # cannot compute from a model it never unpickles (the training stage's key takes them)
+    _fingerprints: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def copies_of(cls, edge: nn.Module, foundation: nn.Module) -> Models:

@@ -158,7 +158,10 @@ class IsolatedPlanner:
 
     def _bytes(self, model: nn.Module) -> bytes:
         """A model as the ``torch.save`` bytes that every planner is sent (pickled once per table, not once per
-        question and planner: a ResNet-101 is 170 MB), kept with the model (so that its id stays its own)."""
+        question and planner: a ResNet-101 is 170 MB), kept with the model (so that its id stays its own); a model
+        built apart (:class:`cemabench.models.builder.BuiltApart`) is its bytes already."""
+        if type(getattr(model, "pickled", None)) is bytes and not isinstance(model, nn.Module):
+            return model.pickled
         if id(model) not in self._packed:
             self._packed[id(model)] = (model, pack(model))
         return self._packed[id(model)][1]

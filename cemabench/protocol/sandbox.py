@@ -128,7 +128,7 @@ def _beneath(path: str, folder: str) -> bool:
 CODE = (".py", ".pyc", ".so", ".pyd")  # an import path folder's modules (an archive is code only as an entry itself)
 
 
-def readable(path: list[str], hidden: list[str]) -> list[str]:
+def readable(path: list[str], hidden: list[str], also: list[str] = ()) -> list[str]:
     """What a half may read, as real paths: the system's files (:data:`SYSTEM`, and of ``/proc`` the kernel's and this
     process's: :func:`_proc`) and Python's own folders whole (its
     library, the environment's site-packages); of the other import path entries (a project's source folder, a
@@ -137,9 +137,9 @@ def readable(path: list[str], hidden: list[str]) -> list[str]:
     install's, say), the files of the modules loaded on their own, and the folders a meta path finder maps. Less
     everything beneath ``hidden`` (a data root, the results folder, the caches, should one lie in such a folder): a
     folder that holds one is replaced by its entries, recursively, links left out, so that it can no longer be listed
-    either."""
+    either. ``also``: folders readable whole besides (a model builder's weights and caches), less the hidden too."""
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
-    whole, code = {*SYSTEM, *_proc(), *prefixes}, set()
+    whole, code = {*SYSTEM, *_proc(), *prefixes, *also}, set()
     for entry in path:
         real = os.path.realpath(entry or os.getcwd())  # "" is the working directory to the import system
         if any(_beneath(real, p) for p in prefixes):

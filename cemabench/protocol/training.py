@@ -47,16 +47,19 @@ def options_of(method: Method | MethodFacts) -> dict:
     return {k: v for k, v in options.items() if k not in method.online_options}
 
 
-def training_key(method: Method | MethodFacts, resources: TrainingResources) -> str:
-    """The key of a method's trained artefacts: method name and options, the source models' weights, the clean
-    split, the code that trains them (:func:`cemabench.provenance.code_digest`: the method's own code or its declared
-    version, and every harness module the computation imports), the seed, torch's version and the device."""
-    edge, foundation = resources.edge(), resources.foundation()
+def training_key(method: Method | MethodFacts, resources: TrainingResources,
+                 fingerprints: tuple[str, str] | None = None) -> str:
+    """The key of a method's trained artefacts: method name and options, the source models' weights (their
+    ``fingerprints`` where given: models built apart, never unpickled here), the clean split, the code that trains
+    them (:func:`cemabench.provenance.code_digest`: the method's own code or its declared version, and every harness
+    module the computation imports), the seed, torch's version and the device."""
+    if fingerprints is None or not isinstance(method, MethodFacts):
+        models = resources.edge(), resources.foundation()
+        fingerprints = fingerprints or (fingerprint(models[0]), fingerprint(models[1]))
     config = {"method": method.name, "options": options_of(method),
-              "edge": fingerprint(edge), "foundation": fingerprint(foundation),
+              "edge": fingerprints[0], "foundation": fingerprints[1],
               "data": data_fingerprint(resources.clean), "num_classes": resources.num_classes,
-              "code": method.training_code if isinstance(method, MethodFacts) else code_digest(type(method), edge,
-                                                                                                foundation),
+              "code": method.training_code if isinstance(method, MethodFacts) else code_digest(type(method), *models),
               "seed": resources.seed, "torch": torch.__version__, "device": resources.device.type,
               # CPU numbers depend on the intra-op threads (run_unit pins one): artefacts trained otherwise are stale
               "cpu_threads": torch.get_num_threads() if resources.device.type == "cpu" else None}
@@ -99,7 +102,7 @@ def train_here(method: Method, resources: TrainingResources) -> dict | None:
 
 
 def run_training(method: Method, resources: TrainingResources,
-                 train: Callable[[], dict | None] | None = None) -> dict:
+                 train: Callable[[], dict | None] | None = None, fingerprints: tuple[str, str] | None = None) -> dict:
     """Set ``method.artefacts`` (trained or loaded from the cache) and return the record of the stage:
     ``{"key", "seconds", "cached"}``, or an empty record for a method without a training stage. ``train`` computes
     the artefacts where they are not cached (default: :func:`train_here`; ``--isolate``: in the cloud half's process,
@@ -108,7 +111,7 @@ def run_training(method: Method, resources: TrainingResources,
     if not trains(method):
         return {}
     start = time.perf_counter()
-    key = training_key(method, resources)
+    key = training_key(method, resources, fingerprints)
     path = cache_root() / "artefacts" / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:

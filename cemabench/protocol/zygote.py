@@ -39,13 +39,14 @@ from cemabench.protocol.sides import LINE, SIDES, error_reply, from_loop
 BOOT = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys, json; "
         "sys.path[:] = json.loads(sys.argv[1]); from cemabench.protocol.zygote import zygote; zygote(int(sys.argv[2]))")
 # imported by the zygote, so that each half does not import them for itself: torch.optim's first optimizer imports
-# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the planner's module and the built-in
+# torch._dynamo (1.4 s here); torchvision and timm hold the zoo's model classes; the planner's and the model
+# builder's modules (:mod:`cemabench.models.builder`, whose side a half serves by name) and the built-in
 # models' (harness code, none a plugin's); SciPy's optimisers, which ECCENTRIC's and Entropic Student's modules
 # import (0.2 s in each half of each of their units: a library, not a plugin); and the built-in datasets' modules,
 # which each planner imports for the code digest of its method's units (80 ms a planner, SciPy's ndimage included).
 # Code only: a half reads no data (the cloud half asks the loop for the clean split's images, :class:`_AskedClean`)
 PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.protocol.planner",
-           *(f"cemabench.models.{m}" for m in ("mini", "minidet", "zoo", "cifar")),
+           *(f"cemabench.models.{m}" for m in ("builder", "mini", "minidet", "zoo", "cifar")),
            *(f"cemabench.datasets.{d}" for d in ("miniature", "minidet", "imagenet", "cifar", "coco", "hf")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
@@ -218,16 +219,17 @@ def _limited() -> bool:
 HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
 
 
-def fork_half(memory: int | None = None, cpu: bool = True) -> tuple[int, int]:
+def fork_half(memory: int | None = None, cpu: bool = True, reads: tuple[str, ...] = ()) -> tuple[int, int]:
     """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
     replaced once. ``memory``: the half's data-size limit, where it is not its zygote's (a planner's); ``cpu``: the
-    half computes on the CPU (:func:`cemabench.protocol.seccomp.bound_memory`)."""
+    half computes on the CPU (:func:`cemabench.protocol.seccomp.bound_memory`); ``reads``: folders it may read besides
+    code and the system's files (a model builder's weights), less the hidden ones."""
     why = ""
     for _ in range(2):
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), half_environment(), sorted(HIDDEN), memory, cpu))
+                conn.send((list(sys.path), half_environment(), sorted(HIDDEN), memory, cpu, list(reads)))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"
@@ -296,7 +298,7 @@ def die_with_parent() -> None:
 
 
 def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], memory: int | None,
-          cpu: bool) -> None:
+          cpu: bool, reads: list[str]) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
     hidden folders are empty, its working directory /, no capabilities, no page shared with another process, confined
     by Landlock and a seccomp filter (:mod:`cemabench.protocol.seccomp`); under a memory limit, ``memory`` or its
@@ -325,7 +327,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
     registry.entry_points_of_all()
     hidden = [str(cache_root()), *hidden]
-    readable = sandbox.readable(sys.path, hidden)
+    readable = sandbox.readable(sys.path, hidden, reads)
     try:  # (as root, before the capabilities go)
         names = sandbox.hide(hidden, readable)
     except OSError as error:

@@ -19,8 +19,7 @@ from cemabench.config import CCC, device_domains, parse_setting, with_link
 from cemabench.config.numerics import cpu_numerics
 from cemabench.errors import UserError
 from cemabench.method import check_clean
-from cemabench.models import zoo
-from cemabench.models.split import probing
+from cemabench.models.builder import Builder, BuiltApart, apart, build, look, own
 from cemabench.protocol import Execution, Models, ccc, native, run_unit, zygote
 from cemabench.protocol.codecs import library_versions, payload_versions
 from cemabench.protocol.planner import planner_for
@@ -82,14 +81,28 @@ class TableContext:
         return built
 
     @cached_property
-    def prototypes(self) -> dict[str, torch.nn.Module]:
-        with zoo.weights_folder(self.weights):
-            return {"edge": registry.build_model(self.choice.edge),
-                    "foundation": registry.build_model(self.choice.foundation)}
+    def prototypes(self) -> dict[str, torch.nn.Module | BuiltApart]:
+        """The source models, built in this process; under ``--isolate`` a model plugin's in a builder process
+        (:mod:`cemabench.models.builder`), which this process holds as bytes and never unpickles; each with its random
+        state seeded (:func:`cemabench.models.builder.build`)."""
+        built = {}
+        for role in ("edge", "foundation"):
+            name = getattr(self.choice, role)
+            built[role] = (self.builder.build(role, name, self.weights) if self.isolate and not own(name)
+                           else build(name, self.weights))
+        return built
+
+    @cached_property
+    def builder(self) -> Builder:
+        return Builder([getattr(self.choice, role) for role in ("edge", "foundation")
+                        if not own(getattr(self.choice, role))], self.weights, self.memory)
 
     @cached_property
     def models(self) -> Models:
-        return Models.copies_of(self.prototypes["edge"], self.prototypes["foundation"])
+        edge, foundation = self.prototypes["edge"], self.prototypes["foundation"]
+        if not isinstance(edge, BuiltApart) and not isinstance(foundation, BuiltApart):
+            return Models.copies_of(edge, foundation)
+        return apart(edge, foundation)
 
     @cached_property
     def provenance(self) -> dict:
@@ -100,7 +113,8 @@ class TableContext:
             "dataset": {**self.dataset.provenance, **({"task": self.dataset.task}
                                                       if self.dataset.task != "classification" else {})},
             "data_root": self.data_root,
-            "models": {k: {"name": getattr(self.choice, k), "fingerprint": fingerprint(m)}
+            "models": {k: {"name": getattr(self.choice, k),
+                           "fingerprint": m.fingerprint if isinstance(m, BuiltApart) else fingerprint(m)}
                        for k, m in self.prototypes.items()},
             "pair": self.pair,
             "protocol": asdict(spec.protocol),
@@ -178,10 +192,7 @@ class TableContext:
         except Exception:  # noqa: BLE001 - an unreadable image fails its cell, with its path, when the unit reads it
             return
         for role, model in self.prototypes.items():
-            reference = next(iter(model.parameters()), None)
-            with probing(model):
-                output = model(image.to(reference.device) if reference is not None else image)
-            detector = isinstance(output, list)
+            detector, outputs = model.look(image) if isinstance(model, BuiltApart) else look(model, image)
             if detector != (data.task == "detection"):
                 given = "a detector (boxes per image)" if detector else "a classifier (logits)"
                 raise UserError(f"the {role} model {getattr(self.choice, role)} is {given}, and the dataset "
@@ -189,7 +200,6 @@ class TableContext:
                                 f"{'detector' if data.task == 'detection' else 'classifier'} (--{role})")
             if detector:
                 continue
-            outputs = output.shape[-1]
             scored = data.scored_classes
             if (outputs > int(scored.max())) if scored is not None else outputs == data.num_classes:
                 continue
@@ -310,6 +320,8 @@ def forget(recipe: ContextSpec) -> None:
 
 
 def _close(context: TableContext) -> None:
-    """End a context's planner processes (``--isolate``), if it started any."""
+    """End a context's planner and builder processes (``--isolate``), if it started any."""
     if "planner" in context.__dict__:
         context.planner.close()
+    if "builder" in context.__dict__:
+        context.builder.close()

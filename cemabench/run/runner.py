@@ -38,17 +38,11 @@ def store_for(out: Path, spec: TableSpec) -> ResultStore:
 
 
 def unisolated_plugins(choice) -> list[str]:
-    """The table's dataset and model plugins that are not cemabench's own: the loop's process imports them, under
-    ``--isolate`` too (it reads the data and builds the models that it sends the halves)."""
-    found = []
-    for kind, name in (("datasets", choice.dataset), ("models", choice.edge.partition(":")[0]),
-                       ("models", choice.foundation.partition(":")[0])):
-        entry = registry.available(kind).get(name)
-        said = f"the {kind[:-1]} plugin {name} ({entry.value})" if entry is not None else ""
-        ours = entry is not None and entry.dist is not None and entry.dist.name == "cemabench"  # (not a plugin's
-        if said and not ours and said not in found:                                           # module in our folder)
-            found.append(said)
-    return found
+    """The table's dataset plugin, if it is not cemabench's own: the loop's process imports it under ``--isolate``
+    too (it reads the data it sends the halves). A model plugin is built apart (:mod:`cemabench.models.builder`)."""
+    entry = registry.available("datasets").get(choice.dataset)
+    ours = entry is not None and entry.dist is not None and entry.dist.name == "cemabench"  # (not a plugin's module
+    return [] if entry is None or ours else [f"the dataset plugin {choice.dataset} ({entry.value})"]  # in our folder)
 
 
 def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
@@ -67,8 +61,8 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     context.memory = memory
     beside = unisolated_plugins(context.choice) if isolate else []
     if beside:
-        isolation.warn(f"method plugins run apart; {' and '.join(beside)} {'runs' if len(beside) == 1 else 'run'} "
-                       f"in this process, beside the labels and the store")
+        isolation.warn(f"method and model plugins run apart; {beside[0]} runs in this process, beside the labels and "
+                       f"the store")
     kept = zygote.withheld() if isolate else []
     if kept:
         names = "s or values say they hold credentials" if len(kept) > 1 else " or value says it holds a credential"

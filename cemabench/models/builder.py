@@ -1,0 +1,205 @@
+"""Model plugins built apart from the harness (``--isolate``).
+
+Under ``--isolate`` the loop's process (labels, link, scoring, store, artefact cache) runs no method code; a model
+that is not cemabench's own is a plugin's code too: its loader, its module's import-time code and its ``forward``.
+Such a model is built in a *builder* process, forked from the zygote and confined as a planner is
+(:mod:`cemabench.protocol.isolation`), which may read, besides code and the system's files, the weights folder
+(``--weights``), the user's caches (torch's, Hugging Face's, ``~/.cache``) and the plugin's own folder, never a data
+root, a results folder or cemabench's cache (hidden). What comes back is plain data: the model as the ``torch.save``
+bytes that the halves and planners unpickle (the loop never does), the names of its state entries, and, when asked,
+what the model answers to images (its outputs' shape, for the check of its classes; its class predictions, for the
+ccc setting's calibration). The loop keys the model by the sha256 of those bytes (a fingerprint no builder can
+forge). Every model is built with the random state seeded (:func:`build`), so a model plugin's random
+initialisation gives the same weights in both modes and every run.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cemabench import registry
+from cemabench.errors import HalfFailed, UserError
+from cemabench.models import zoo
+from cemabench.models.split import probing
+from cemabench.protocol import Models, ccc, hygiene
+from cemabench.protocol.isolation import Half
+from cemabench.protocol.messages import pack
+from cemabench.protocol.sides import SIDES
+from cemabench.provenance import fingerprint
+
+MAX_NAMES = 100_000  # state entries of a model (a ViT-H has about 400)
+
+
+def own(name: str) -> bool:
+    """Whether the model ``prefix:name`` is cemabench's own (its prefix's entry point is cemabench's distribution),
+    read from the entry points' metadata: nothing is imported."""
+    entry = registry.available("models").get(name.partition(":")[0])
+    return entry is None or (entry.dist is not None and entry.dist.name == "cemabench")
+
+
+def _package_folder(name: str) -> list[str]:
+    """The folder of the package that provides the model ``prefix:name`` (its weights may lie beside its code),
+    found without importing it."""
+    entry = registry.available("models").get(name.partition(":")[0])
+    if entry is None:
+        return []
+    try:
+        spec = importlib.util.find_spec(entry.module.partition(".")[0])
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [str(p) for p in spec.submodule_search_locations]
+    return [str(Path(spec.origin).parent)] if spec.origin else []
+
+
+def reads(name: str, weights: str | None) -> tuple[str, ...]:
+    """What a builder of ``name`` may read besides code and the system's files: the weights folder, the user's
+    caches and the plugin's folder (the hidden folders stay hidden: :func:`cemabench.protocol.zygote.hide`)."""
+    caches = [os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), os.environ.get("TORCH_HOME"),
+              os.environ.get("HF_HOME"), str(Path(torch.hub.get_dir()).parent)]
+    found = [weights, os.environ.get("CEMABENCH_WEIGHTS"), *caches, *_package_folder(name)]
+    return tuple(sorted({os.path.realpath(p) for p in found if p and os.path.isdir(p)}))
+
+
+class _BuilderSide:
+    """The builder process's side: the models built here, each the way the loop builds its own
+    (:func:`cemabench.registry.build_model` within :func:`cemabench.models.zoo.weights_folder`)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.replaced = hygiene.replaced_harness_code()
+        self.models: dict[str, torch.nn.Module] = {}
+
+    def build(self, role: str, name: str, weights: str | None) -> dict:
+        model = self.models[role] = build(name, weights)
+        if not isinstance(model, torch.nn.Module):
+            raise UserError(f"model {name!r} is a {type(model).__name__}, not a torch.nn.Module")
+        return {"pickled": pack(model), "state": list(model.state_dict())}
+
+    def look(self, role: str, image: torch.Tensor) -> dict:
+        detector, outputs = look(self.models[role], image)
+        return {"detector": detector, "outputs": outputs}
+
+    def predict(self, role: str, images: torch.Tensor) -> dict:
+        return {"predictions": torch.from_numpy(ccc.predict(self.models[role], images.numpy()))}
+
+
+SIDES["builder"] = _BuilderSide
+
+
+def build(name: str, weights: str | None) -> torch.nn.Module:
+    """The model ``prefix:name`` as every table builds it, in the loop's process or a builder: loaders look in the
+    weights folder first, and Python's, NumPy's and torch's random states are seeded to 0, the caller's left as they
+    were, so that a random initialisation (a plugin's model without a checkpoint) gives the same weights in every
+    process and run, whatever ran before (cemabench's zoos seed their own random builds likewise:
+    :func:`cemabench.models.zoo.seeded`)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with zoo.weights_folder(weights), torch.random.fork_rng(devices=[]):
+            random.seed(0)
+            np.random.seed(0)
+            torch.manual_seed(0)
+            return registry.build_model(name)
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
+def look(model: torch.nn.Module, image: torch.Tensor) -> tuple[bool, int | None]:
+    """(whether ``model`` is a detector, its outputs per image) for one image, in eval mode without autograd, its
+    modes put back (:func:`cemabench.models.split.probing`)."""
+    reference = next(iter(model.parameters()), None)
+    with probing(model):
+        output = model(image.to(reference.device) if reference is not None else image)
+    detector = isinstance(output, list)
+    return detector, None if detector else int(output.shape[-1])
+
+
+def apart(edge: torch.nn.Module | BuiltApart, foundation: torch.nn.Module | BuiltApart) -> Models:
+    """The source models of a table where one or both were built apart: what an isolated unit's halves get (their
+    bytes), the edge's state names (the link's vocabulary) and the fingerprints (the training stage's key); this
+    process builds no copy (a model built here is pickled once, as :func:`cemabench.protocol.isolation._set_up`
+    does)."""
+    def refused():
+        raise RuntimeError("a model built apart (--isolate) is never unpickled in the loop's process")
+
+    pickled = {role: m.pickled if isinstance(m, BuiltApart) else pack(m)
+               for role, m in (("edge", edge), ("foundation", foundation))}
+    return Models(edge=refused, foundation=refused, _copies=True, _pickled=pickled,
+                  _state=edge.state if isinstance(edge, BuiltApart) else tuple(edge.state_dict()),
+                  _fingerprints=tuple(m.fingerprint if isinstance(m, BuiltApart) else fingerprint(m)
+                                      for m in (edge, foundation)))
+
+
+@dataclass(frozen=True)
+class BuiltApart:
+    """The loop's stand-in for a model built in a builder process: its ``torch.save`` bytes, their fingerprint, the
+    names of its state entries, and the builder that still holds it (for :meth:`look` and :meth:`predict`)."""
+
+    role: str
+    name: str
+    pickled: bytes
+    state: tuple[str, ...]
+    builder: Builder
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.pickled).hexdigest()[:16]
+
+    def look(self, image: torch.Tensor) -> tuple[bool, int | None]:
+        """(whether it is a detector, its outputs per image) for one image, in eval mode without autograd."""
+        answer = self.builder.call("look", self.role, image)
+        detector, outputs = answer.get("detector"), answer.get("outputs")
+        if type(detector) is not bool or not (detector or type(outputs) is int):
+            raise UserError(f"the {self.role} model {self.name}'s builder sent a malformed answer")
+        return detector, outputs
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Its class predictions on uint8 images (:func:`cemabench.protocol.ccc.predict`, in the builder)."""
+        answer = self.builder.call("predict", self.role, torch.from_numpy(np.ascontiguousarray(images)))
+        predictions = answer.get("predictions")
+        if (type(predictions) is not torch.Tensor or predictions.shape != (len(images),)
+                or predictions.is_floating_point()):
+            raise UserError(f"the {self.role} model {self.name}'s builder sent malformed predictions")
+        return predictions.numpy()
+
+
+class Builder:
+    """A builder process for the models ``names``, started on the first one built and kept for the table."""
+
+    def __init__(self, names: list[str], weights: str | None, memory: int | None = None):
+        self.reads = tuple(sorted({p for name in names for p in reads(name, weights)}))
+        self.memory, self.half = memory, None
+
+    def build(self, role: str, name: str, weights: str | None) -> BuiltApart:
+        if self.half is None:
+            self.half = Half("builder", torch.device("cpu"), memory=self.memory, reads=self.reads)
+            self.call("builder")
+        answer = self.call("build", role, name, weights)
+        pickled, state = answer.get("pickled"), answer.get("state")
+        if type(pickled) is not bytes or type(state) is not list or len(state) > MAX_NAMES or not all(
+                type(s) is str and len(s) <= 1024 for s in state):
+            raise UserError(f"the {role} model {name}'s builder sent a malformed model")
+        return BuiltApart(role, name, pickled, tuple(state), self)
+
+    def call(self, op: str, *args) -> dict:
+        try:
+            return self.half.call(op, *args)
+        except HalfFailed as error:
+            first = (str(error).splitlines() or [""])[0]
+            raise UserError(f"a model could not be built in its own process (--isolate): {first}") from None
+
+    def close(self) -> None:
+        if self.half is not None:
+            self.half.close()
+            self.half = None
