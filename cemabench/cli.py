@@ -134,10 +134,10 @@ def _dataset_option(text: str) -> tuple[str, object]:
 def _run_spec(args):
     """The one-table spec that ``run`` goes through: a table's settings (``--table``) or the flags alone; flags given
     explicitly override the table's."""
-    import inspect
     from dataclasses import replace
 
     from cemabench.config import Protocol
+    from cemabench.datasets import reader
     from cemabench.tables.spec import DataChoice, MethodEntry, TableSpec, load_table
 
     options = dict(_parse_option(o) for o in args.option)
@@ -173,7 +173,8 @@ def _run_spec(args):
         if not args.isolate:  # isolated, the runner asks the method's class in a planner process (never here)
             registry.build_method(args.method, options)
         dataset = args.dataset or MINIATURE
-        registry.load("datasets", dataset)  # an unknown dataset is named first
+        if dataset not in registry.available("datasets"):
+            registry.load("datasets", dataset)  # an unknown dataset is named first (a plugin's is not imported here)
         if dataset != MINIATURE and args.data_root and Path(args.data_root).is_dir() and not (args.edge and
                                                                                           args.foundation):
             raise UserError(f"--dataset {dataset} needs --edge and --foundation: the default models (mini:edge, "
@@ -182,13 +183,9 @@ def _run_spec(args):
         edge, foundation = DEFAULT_MODELS.get(dataset, DEFAULT_MODELS[MINIATURE])
         choice = DataChoice(dataset, args.edge or edge, args.foundation or foundation)
         protocol = Protocol()
-        default_domains = inspect.signature(registry.load("datasets", dataset)).parameters.get("domains")
-        domains = tuple(args.domains or (default_domains.default if default_domains else ()) or ())
-        if not domains:
-            factory = registry.dataset_factory(dataset, [o.partition("=")[0] for o in args.dataset_option])
-            built = factory(data_root=args.data_root, severity=5 if args.severity is None else args.severity,
-                            **dict(_dataset_option(o) for o in args.dataset_option))
-            domains = tuple(d.name for d in built.domains)
+        domains = tuple(args.domains or reader.domains_of(dataset, dict(_dataset_option(o) for o in
+                                                                      args.dataset_option), args.data_root,
+                                                          5 if args.severity is None else args.severity, args.isolate))
         label = args.method
         spec = TableSpec(name=f"run-{args.method}", title=f"{args.method} on {dataset}", source="",
                          protocol=protocol, seeds=(0,), severity=5, domains=domains, recorded={}, real=choice,

@@ -685,7 +685,7 @@ def test_the_ccc_setting_calibrates_a_model_plugin_in_its_builder(plugins, tmp_p
     its builder, and the stream (so every number) is the in-process run's."""
     spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), dataset=FRESH, images=None,
                  protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
-    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=1, progress=False, isolate=True)
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=2, progress=False, isolate=True)
     assert "model_zoo" not in sys.modules
     inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
     assert [c["seen"] for c in inline["cells"]] == [256] and numbers(isolated) == numbers(inline)
@@ -718,17 +718,80 @@ def test_a_model_plugins_failure_to_build_is_one_line_before_compute_isolated(pl
     assert not (tmp_path / "out").exists()
 
 
-def test_isolate_says_that_a_dataset_plugin_still_runs_in_the_loops_process(plugins, tmp_path, capsys):
-    """--isolate runs method and model plugins apart; the loop's process still imports the table's dataset plugin (it
-    reads the data it sends the halves). A table on one says so in one line; on cemabench's own data, or on a model
-    plugin, nothing."""
-    runner.reproduce(_spec(tmp_path / "own", ["source"], dataset=FRESH), None, tmp_path / "own", jobs=1,
-                     progress=False, isolate=True)
-    assert "plugins run apart" not in capsys.readouterr().err
-    plugin = ("plugin-digits", "mini:edge", "mini:foundation")
-    doc = runner.reproduce(_spec(tmp_path / "plugin", ["source"], dataset=plugin), None, tmp_path / "plugin", jobs=1,
-                           progress=False, isolate=True)
-    assert [c["status"] for c in doc["cells"]] == ["ok"]
-    assert ("--isolate: method and model plugins run apart; the dataset plugin plugin-digits "
-            "(cemabench.datasets.miniature:dataset) runs in this process, beside the labels and the store"
-            ) in capsys.readouterr().err
+DIGITS = ("plugin-digits", "mini:edge", "mini:foundation")
+
+
+def test_a_dataset_plugin_is_read_apart_and_gives_the_in_process_numbers(plugins, tmp_path):
+    """--isolate builds and reads a dataset plugin in a reader process; the loop's process never imports it and
+    holds plain facts and stand-ins for its domains. The stream, every batch, the clean split a cloud trains on (ECC-I)
+    and every label are the in-process run's, also from local workers forked from this process."""
+    spec = _spec(tmp_path, ["tent", "ecc-independent"], dataset=DIGITS)
+    # (two local workers, forked from this process: each starts a reader of its own and builds the dataset there)
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=2, progress=False, isolate=True)
+    assert "dataset_zoo" not in sys.modules  # never imported here
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+    assert all(c["status"] == "ok" for c in inline["cells"]), [c["message"] for c in inline["cells"]]
+    assert numbers(isolated) == numbers(inline)
+
+
+def test_the_ccc_setting_generates_its_stream_in_a_dataset_plugins_reader(plugins, tmp_path):
+    """The ccc setting corrupts the dataset's clean test images with its own generator, from a seeded generator: a
+    dataset read apart corrupts in its reader, the generator's state threaded through, and the stream is the
+    in-process run's."""
+    spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), dataset=DIGITS, images=None,
+                 protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=2, progress=False, isolate=True)
+    assert "dataset_zoo" not in sys.modules
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+    assert [c["seen"] for c in inline["cells"]] == [256] and numbers(isolated) == numbers(inline)
+
+
+def test_a_detection_dataset_plugin_read_apart_scores_as_in_process(plugins, tmp_path):
+    boxes = _spec(tmp_path, ["cloud-only"], batch_size=16, images=None,
+                  dataset=("plugin-boxes", "minidet:edge", "minidet:cloud"))
+    inline, isolated = _both(boxes, tmp_path)
+    assert "dataset_zoo" in sys.modules  # (the in-process run's)
+    assert all(c["status"] == "ok" for c in inline["cells"])
+    assert [(c["map"], c["map50"]) for c in isolated["cells"]] == [(c["map"], c["map50"]) for c in inline["cells"]]
+
+
+def test_a_dataset_plugin_read_apart_writes_nowhere_but_its_own_cache(plugins, tmp_path):
+    """In the loop's process a dataset plugin's factory could write where cemabench keeps its trained artefacts
+    (finding 7: a poisoned artefact). Its reader writes only a cache of its own."""
+    from dataset_zoo import MARK
+
+    from cemabench.config.paths import cache_root
+
+    mark = cache_root() / "artefacts" / MARK
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    spec = _spec(tmp_path, ["source"], dataset=("writing-digits", "mini:edge", "mini:foundation"))
+    sys.modules.pop("dataset_zoo")
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=1, progress=False, isolate=True)
+    assert [c["status"] for c in isolated["cells"]] == ["ok"] and not mark.exists()
+    try:
+        runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+        assert mark.exists()  # the hole, in the loop's process
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def test_a_dataset_plugins_failure_is_one_line_before_compute_isolated(plugins, tmp_path, capsys):
+    """A dataset option its factory does not take is one line naming the valid ones, exit 2, as in-process."""
+    spec = _spec(tmp_path, ["source"], dataset=DIGITS, images=None)
+    said = []
+    for flags in (["--isolate"], []):
+        assert main(["reproduce", str(tmp_path / "iso.toml"), "--out", str(tmp_path / "out"), "--no-progress",
+                     "--jobs", "1", *flags, "--dataset-option", "n_examples=0"]) == 2
+        said.append(capsys.readouterr().err.strip().splitlines())
+    assert said[0] == said[1] and len(said[0]) == 1 and "n_examples" in said[0][0], said
+    assert spec.name == "iso" and not (tmp_path / "out").exists()
+
+
+def test_run_on_a_dataset_plugin_takes_its_domains_from_its_reader_isolated(plugins, capsys):
+    """`cemabench run --dataset D` reads D's default domains from its factory (or a build of it): under --isolate a
+    plugin's are asked in a reader process, and the loop's process never imports it."""
+    assert main(["run", "--method", "source", "--dataset", "plugin-digits", "--isolate",
+                 "--dataset-option", "n_examples=64"]) == 0
+    assert "dataset_zoo" not in sys.modules
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("gaussian_noise", "fog", "jpeg_compression")), out

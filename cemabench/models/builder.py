@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from cemabench import registry
-from cemabench.errors import HalfFailed, UserError
+from cemabench.errors import UserError
 from cemabench.models import zoo
 from cemabench.models.split import probing
 from cemabench.protocol import Models, ccc, hygiene
-from cemabench.protocol.isolation import Half
+from cemabench.protocol.isolation import Served
 from cemabench.protocol.messages import pack
 from cemabench.protocol.sides import SIDES
+from cemabench.protocol.zygote import Access
 from cemabench.provenance import fingerprint
 
 MAX_NAMES = 100_000  # state entries of a model (a ViT-H has about 400)
@@ -174,32 +175,22 @@ class BuiltApart:
         return predictions.numpy()
 
 
-class Builder:
+class Builder(Served):
     """A builder process for the models ``names``, started on the first one built and kept for the table."""
 
+    role, what = "builder", "a model could not be built in its own process"
+
     def __init__(self, names: list[str], weights: str | None, memory: int | None = None):
+        super().__init__(memory)
         self.reads = tuple(sorted({p for name in names for p in reads(name, weights)}))
-        self.memory, self.half = memory, None
+
+    def access(self) -> Access:
+        return Access(reads=self.reads)
 
     def build(self, role: str, name: str, weights: str | None) -> BuiltApart:
-        if self.half is None:
-            self.half = Half("builder", torch.device("cpu"), memory=self.memory, reads=self.reads)
-            self.call("builder")
-        answer = self.call("build", role, name, weights)
+        answer = self.keep("build", role, name, weights)
         pickled, state = answer.get("pickled"), answer.get("state")
         if type(pickled) is not bytes or type(state) is not list or len(state) > MAX_NAMES or not all(
                 type(s) is str and len(s) <= 1024 for s in state):
             raise UserError(f"the {role} model {name}'s builder sent a malformed model")
         return BuiltApart(role, name, pickled, tuple(state), self)
-
-    def call(self, op: str, *args) -> dict:
-        try:
-            return self.half.call(op, *args)
-        except HalfFailed as error:
-            first = (str(error).splitlines() or [""])[0]
-            raise UserError(f"a model could not be built in its own process (--isolate): {first}") from None
-
-    def close(self) -> None:
-        if self.half is not None:
-            self.half.close()
-            self.half = None

@@ -62,7 +62,7 @@ from cemabench.protocol.messages import (
 from cemabench.protocol.plain import plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.training import run_training
-from cemabench.protocol.zygote import fork_half
+from cemabench.protocol.zygote import METHOD_HALF, Access, fork_half
 
 
 def _set_up(models, clean) -> tuple:
@@ -111,13 +111,14 @@ class Half:
     """The loop's handle on one half's process."""
 
     def __init__(self, role: str, device: torch.device, clean=None, memory: int | None = None,
-                 reads: tuple[str, ...] = ()):
-        """``memory``: the half's data-size limit, where it is not its zygote's (a planner's); ``reads``: folders it
-        may read besides code and the system's files (a model builder's weights)."""
+                 access: Access = METHOD_HALF):
+        """``memory``: the half's data-size limit, where it is not its zygote's (a planner's); ``access``: what it
+        may reach beyond a method half (:class:`~cemabench.protocol.zygote.Access`: a model builder, a dataset
+        reader)."""
         self.role, self.device = role, device
         self.clean = clean  # the clean split, whose images and labels the half may ask for while it answers a call
         self.max_message = MAX_MESSAGE  # the longest reply read (a planner's answers are far shorter)
-        fd, self.pid = fork_half(memory, device.type == "cpu", reads)
+        fd, self.pid = fork_half(memory, device.type == "cpu", access)
         self.conn = Connection(fd)
         try:  # the half waits for this process's first message: its pid is still its own
             self.pidfd = os.pidfd_open(self.pid)
@@ -154,6 +155,16 @@ class Half:
         with contextlib.suppress(OSError):
             self.conn.close()
         self.kill()
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = None
+
+    def disown(self) -> None:
+        """In a process forked from this handle's: close this process's copies of the line and the pidfd, leaving
+        the half (the parent's) running."""
+        with contextlib.suppress(OSError):
+            self.conn.close()
         if self.pidfd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)
@@ -335,6 +346,50 @@ def finish(halves: list) -> list[str]:
         left = half.call("finish").get("left")
         problems += [str(x) for x in left] if type(left) is list else [f"the {half.role} half's reply is malformed"]
     return problems
+
+
+class Served:
+    """A process of the harness's own that answers this process's calls (a model builder, a dataset reader), forked
+    from the zygote on the first call and kept: ``role`` names its side (:data:`~cemabench.protocol.sides.SIDES`),
+    ``access`` what it may reach. A process forked from this one (a ``--jobs`` worker) inherits the handle but not the
+    process: it starts one of its own on its first call, leaving this one's line alone, and replays there the calls
+    that built its state (:meth:`keep`). A failure is one line, ``what`` naming what was asked."""
+
+    role = ""
+    what = ""
+
+    def __init__(self, memory: int | None = None):
+        self.memory, self.half, self.kept, self.owner = memory, None, [], os.getpid()
+
+    def access(self) -> Access:
+        return METHOD_HALF
+
+    def keep(self, op: str, *args) -> dict:
+        """A call that builds the process's state, made again in a process of this one's forked worker."""
+        answer = self.call(op, *args)
+        self.kept.append((op, args))
+        return answer
+
+    def call(self, op: str, *args) -> dict:
+        try:
+            if self.owner != os.getpid():  # inherited (a forked worker): the process is the parent's
+                if self.half is not None:
+                    self.half.disown()
+                self.half, self.owner = None, os.getpid()
+            if self.half is None:
+                self.half = Half(self.role, torch.device("cpu"), memory=self.memory, access=self.access())
+                self.half.call(self.role)
+                for kept, given in self.kept:
+                    self.half.call(kept, *given)
+            return self.half.call(op, *args)
+        except HalfFailed as error:
+            first = (str(error).splitlines() or [""])[0]
+            raise UserError(f"{self.what} (--isolate): {first}") from None
+
+    def close(self) -> None:
+        if self.half is not None and self.owner == os.getpid():
+            self.half.close()
+        self.half = None
 
 
 def close(halves: list) -> None:

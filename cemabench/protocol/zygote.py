@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import importlib.machinery
 import json
@@ -47,7 +48,7 @@ BOOT = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys
 # Code only: a half reads no data (the cloud half asks the loop for the clean split's images, :class:`_AskedClean`)
 PRELOAD = ("torch._dynamo", "torchvision", "timm", "scipy.optimize", "cemabench.protocol.planner",
            *(f"cemabench.models.{m}" for m in ("builder", "mini", "minidet", "zoo", "cifar")),
-           *(f"cemabench.datasets.{d}" for d in ("miniature", "minidet", "imagenet", "cifar", "coco", "hf")))
+           *(f"cemabench.datasets.{d}" for d in ("reader", "miniature", "minidet", "imagenet", "cifar", "coco", "hf")))
 SANDBOX = ""  # in a half: what confines it (cemabench.protocol.sandbox)
 # the device files a half may open for writing and use ioctls on: /dev/null, and NVIDIA's GPU nodes where there are
 DEVICES = tuple(sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
@@ -219,17 +220,35 @@ def _limited() -> bool:
 HANDSHAKE_S = 120.0  # how long a zygote may take to fork a half (the first request waits for its imports)
 
 
-def fork_half(memory: int | None = None, cpu: bool = True, reads: tuple[str, ...] = ()) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """What a harness process forked as a half may reach beyond a method half (a model builder, a dataset reader):
+    ``reads``, folders it may read besides code and the system's files (less the hidden ones); ``writes``, folders it
+    may write (a dataset reader's own cache); ``shown``, hidden folders it is shown (a dataset reader's data root);
+    ``environ``, variables set for it."""
+
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    shown: tuple[str, ...] = ()
+    environ: tuple[tuple[str, str], ...] = ()
+
+
+METHOD_HALF = Access()  # a method half's: nothing beyond code and the system's files
+
+
+def fork_half(memory: int | None = None, cpu: bool = True, access: Access = METHOD_HALF) -> tuple[int, int]:
     """A new half's socket and pid, from this process's zygote; a zygote that does not answer (stuck, stopped) is
     replaced once. ``memory``: the half's data-size limit, where it is not its zygote's (a planner's); ``cpu``: the
-    half computes on the CPU (:func:`cemabench.protocol.seccomp.bound_memory`); ``reads``: folders it may read besides
-    code and the system's files (a model builder's weights), less the hidden ones."""
+    half computes on the CPU (:func:`cemabench.protocol.seccomp.bound_memory`); ``access``: what it may reach beyond
+    a method half. Every half is kept from cemabench's cache (this process's) and the hidden folders."""
+    hidden = sorted({str(cache_root()), *HIDDEN} - {os.path.abspath(p) for p in access.shown})
     why = ""
     for _ in range(2):
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), half_environment(), sorted(HIDDEN), memory, cpu, list(reads)))
+                conn.send((list(sys.path), {**half_environment(), **dict(access.environ)}, hidden, memory, cpu,
+                           list(access.reads), list(access.writes)))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"
@@ -298,7 +317,7 @@ def die_with_parent() -> None:
 
 
 def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], memory: int | None,
-          cpu: bool, reads: list[str]) -> None:
+          cpu: bool, reads: list[str], writes: list[str]) -> None:
     """A half's process: cut off (its own session, no terminal, its output discarded, a mount namespace where the
     hidden folders are empty, its working directory /, no capabilities, no page shared with another process, confined
     by Landlock and a seccomp filter (:mod:`cemabench.protocol.seccomp`); under a memory limit, ``memory`` or its
@@ -326,8 +345,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     # caches, kept while the folder is unchanged): of a folder that is not Python's own only the code stays readable
     importlib.machinery.PathFinder.find_spec("cemabench-lists-the-import-path")
     registry.entry_points_of_all()
-    hidden = [str(cache_root()), *hidden]
-    readable = sandbox.readable(sys.path, hidden, reads)
+    readable = sandbox.readable(sys.path, hidden, [*reads, *writes])
     try:  # (as root, before the capabilities go)
         names = sandbox.hide(hidden, readable)
     except OSError as error:
@@ -336,7 +354,7 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
         sandbox.drop_capabilities()
     try:
-        SANDBOX = f"{sandbox.confine([os.devnull, *DEVICES], readable)}; {names}"
+        SANDBOX = f"{sandbox.confine([os.devnull, *DEVICES, *writes], readable)}; {names}"
     except OSError as error:
         SANDBOX = f"none (refused: {error})"
     try:

@@ -17,6 +17,8 @@ import torch
 from cemabench import registry
 from cemabench.config import CCC, device_domains, parse_setting, with_link
 from cemabench.config.numerics import cpu_numerics
+from cemabench.datasets.reader import Reader
+from cemabench.datasets.reader import own as own_dataset
 from cemabench.errors import UserError
 from cemabench.method import check_clean
 from cemabench.models.builder import Builder, BuiltApart, apart, build, look, own
@@ -72,13 +74,21 @@ class TableContext:
                             f"given, and no installed plugin provides it (available: "
                             f"{', '.join(sorted(registry.available('datasets')))}); install one, or leave out "
                             f"--data-root to run the embedded miniature")
-        factory = registry.dataset_factory(self.choice.dataset, self.choice.options)
-        built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains, **self.choice.options)
+        if self.isolate and not own_dataset(self.choice.dataset):  # a plugin's: built and read in its own process
+            built = self.reader.build(self.choice.options, severity, self.spec.domains)
+        else:
+            factory = registry.dataset_factory(self.choice.dataset, self.choice.options)
+            built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains,
+                            **self.choice.options)
         if severity != self.spec.severity and built.provenance.get("severity") != severity:
             raise UserError(f"setting {self.spec.protocol.setting} runs every domain at severities 1 to 5, and the "
                             f"dataset {self.choice.dataset} has no severities; choose another setting")
         self._datasets[severity] = built
         return built
+
+    @cached_property
+    def reader(self) -> Reader:
+        return Reader(self.choice.dataset, self.data_root)  # (no unit's memory limit: the loop's work, done apart)
 
     @cached_property
     def prototypes(self) -> dict[str, torch.nn.Module | BuiltApart]:
@@ -95,7 +105,7 @@ class TableContext:
     @cached_property
     def builder(self) -> Builder:
         return Builder([getattr(self.choice, role) for role in ("edge", "foundation")
-                        if not own(getattr(self.choice, role))], self.weights, self.memory)
+                        if not own(getattr(self.choice, role))], self.weights)  # (as the reader: no limit)
 
     @cached_property
     def models(self) -> Models:
@@ -320,8 +330,9 @@ def forget(recipe: ContextSpec) -> None:
 
 
 def _close(context: TableContext) -> None:
-    """End a context's planner and builder processes (``--isolate``), if it started any."""
+    """End a context's planner, model builder and dataset reader processes (``--isolate``), if it started any."""
     if "planner" in context.__dict__:
         context.planner.close()
-    if "builder" in context.__dict__:
-        context.builder.close()
+    for started in ("builder", "reader"):
+        if started in context.__dict__:
+            context.__dict__[started].close()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cemabench import registry
 from cemabench.config import with_link
 from cemabench.config.limits import NO_LIMITS, Limits
 from cemabench.config.settings import MIXED, parse_setting, severities_needed
@@ -37,14 +36,6 @@ def store_for(out: Path, spec: TableSpec) -> ResultStore:
     return ResultStore(Path(out) / "cells" / spec.name)
 
 
-def unisolated_plugins(choice) -> list[str]:
-    """The table's dataset plugin, if it is not cemabench's own: the loop's process imports it under ``--isolate``
-    too (it reads the data it sends the halves). A model plugin is built apart (:mod:`cemabench.models.builder`)."""
-    entry = registry.available("datasets").get(choice.dataset)
-    ours = entry is not None and entry.dist is not None and entry.dist.name == "cemabench"  # (not a plugin's module
-    return [] if entry is None or ours else [f"the dataset plugin {choice.dataset} ({entry.value})"]  # in our folder)
-
-
 def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execution(),
             models: dict[str, str] | None = None, dataset_options: dict | None = None, pair: str | None = None,
             weights: str | None = None, predictions: str | None = None, isolate: bool = False,
@@ -59,10 +50,6 @@ def prepare(spec: TableSpec, data_root: str | None, execution: Execution = Execu
     recipe = ContextSpec(spec, data_root, execution, models, dataset_options, pair, weights, predictions, isolate)
     context = context_for(recipe)
     context.memory = memory
-    beside = unisolated_plugins(context.choice) if isolate else []
-    if beside:
-        isolation.warn(f"method and model plugins run apart; {beside[0]} runs in this process, beside the labels and "
-                       f"the store")
     kept = zygote.withheld() if isolate else []
     if kept:
         names = "s or values say they hold credentials" if len(kept) > 1 else " or value says it holds a credential"
