@@ -9,6 +9,7 @@ A plugin that fails to import is reported, with its error, by the commands that 
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import sys
@@ -74,6 +75,24 @@ def one_line(error: BaseException) -> str:
 
 def _origin(entry: EntryPoint) -> str:
     return f" from {entry.dist.name} {entry.dist.version}" if entry.dist else ""
+
+
+def own(kind: str, name: str) -> bool:
+    """Whether the entry point ``name`` of ``kind`` names cemabench's own code: a module of the cemabench package,
+    found in this package's folder, whatever the distribution that declares it says it is (any can call itself
+    cemabench); nothing outside cemabench is imported. An unknown name is own: it is refused, naming the valid ones,
+    where it is loaded."""
+    entry = available(kind).get(name)
+    if entry is None:
+        return True
+    if entry.module.partition(".")[0] != __package__:
+        return False
+    try:
+        spec = importlib.util.find_spec(entry.module)
+    except (ImportError, ValueError):
+        return False
+    folder = os.path.dirname(os.path.realpath(__file__))
+    return spec is not None and spec.origin is not None and os.path.realpath(spec.origin).startswith(folder + os.sep)
 
 
 def load(kind: str, name: str):

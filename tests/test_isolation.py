@@ -680,13 +680,17 @@ def test_a_model_plugin_is_built_apart_and_gives_the_in_process_numbers(plugins,
     assert numbers(plain)[0]["correct"] != numbers(inline)[0]["correct"]  # the noise moved the weights
 
 
-def test_the_ccc_setting_calibrates_a_model_plugin_in_its_builder(plugins, tmp_path):
-    """The ccc setting calibrates its stream on the source edge model's predictions: a model built apart predicts in
-    its builder, and the stream (so every number) is the in-process run's."""
-    spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), dataset=FRESH, images=None,
+@pytest.mark.parametrize("dataset, plugin", [(("miniature-digits-c", *FRESH[1:]), "model_zoo"),
+                                             (("plugin-digits", "mini:edge", "mini:foundation"), "dataset_zoo")])
+def test_the_ccc_setting_calibrates_and_generates_apart_as_in_process(plugins, tmp_path, dataset, plugin):
+    """The ccc setting calibrates its stream on the source edge model's predictions and corrupts the dataset's clean
+    test images with its own generator, from a seeded generator: a model built apart predicts in its builder, a
+    dataset read apart corrupts in its reader (the generator's state threaded through), also from a local worker
+    forked from this process, and the stream (so every number) is the in-process run's."""
+    spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), dataset=dataset, images=None,
                  protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
     isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=2, progress=False, isolate=True)
-    assert "model_zoo" not in sys.modules
+    assert plugin not in sys.modules
     inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
     assert [c["seen"] for c in inline["cells"]] == [256] and numbers(isolated) == numbers(inline)
 
@@ -732,18 +736,6 @@ def test_a_dataset_plugin_is_read_apart_and_gives_the_in_process_numbers(plugins
     inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
     assert all(c["status"] == "ok" for c in inline["cells"]), [c["message"] for c in inline["cells"]]
     assert numbers(isolated) == numbers(inline)
-
-
-def test_the_ccc_setting_generates_its_stream_in_a_dataset_plugins_reader(plugins, tmp_path):
-    """The ccc setting corrupts the dataset's clean test images with its own generator, from a seeded generator: a
-    dataset read apart corrupts in its reader, the generator's state threaded through, and the stream is the
-    in-process run's."""
-    spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), dataset=DIGITS, images=None,
-                 protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
-    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=2, progress=False, isolate=True)
-    assert "dataset_zoo" not in sys.modules
-    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
-    assert [c["seen"] for c in inline["cells"]] == [256] and numbers(isolated) == numbers(inline)
 
 
 def test_a_detection_dataset_plugin_read_apart_scores_as_in_process(plugins, tmp_path):
@@ -795,3 +787,68 @@ def test_run_on_a_dataset_plugin_takes_its_domains_from_its_reader_isolated(plug
     assert "dataset_zoo" not in sys.modules
     out = capsys.readouterr().out
     assert all(name in out for name in ("gaussian_noise", "fog", "jpeg_compression")), out
+
+
+def test_a_distribution_that_calls_itself_cemabench_is_still_built_apart(plugins, tmp_path, monkeypatch):
+    """Whether a model or dataset is cemabench's own is read from where its code lies, not from its distribution's
+    name, which any can claim (helper-37: a plugin whose METADATA said Name: cemabench was built in the loop's process,
+    where its loader read the cached data)."""
+    from cemabench import registry
+
+    folder = tmp_path / "spoof"
+    (folder / "spoof-0.0.0.dist-info").mkdir(parents=True)
+    (folder / "spoof-0.0.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: cemabench\nVersion: 9.9.9\n")
+    (folder / "spoof-0.0.0.dist-info" / "entry_points.txt").write_text(
+        "[cemabench.models]\nspoofed-zoo = model_zoo:peeking_model\n")
+    monkeypatch.syspath_prepend(str(folder))
+    assert registry.available("models")["spoofed-zoo"].dist.name == "cemabench"
+    assert not registry.own("models", "spoofed-zoo") and registry.own("models", "mini")
+    doc = runner.reproduce(_spec(tmp_path, ["source"], dataset=("miniature-digits-c", "spoofed-zoo:edge",
+                                                                "mini:foundation")), None, tmp_path / "out", jobs=1,
+                           progress=False, isolate=True)
+    assert [c["status"] for c in doc["cells"]] == ["ok"], [c["message"] for c in doc["cells"]]  # it read nothing
+    assert "model_zoo" not in sys.modules
+
+
+def test_a_model_plugins_fingerprint_is_the_same_in_every_run_isolated(plugins, tmp_path):
+    """The loop keys a model built apart by the sha256 of its bytes: a module pickles the names of its unsaved
+    buffers as a set, in the hash seed's order, so each zygote (a fresh hash seed) gave other bytes, and its training
+    artefacts were never reused (helper-37). The zygote runs with one hash seed."""
+    from cemabench.protocol import zygote
+
+    spec = _spec(tmp_path, ["ecc-independent"], dataset=("miniature-digits-c", "buffered-zoo:edge", "mini:foundation"))
+    docs = []
+    for run in ("first", "second"):
+        if os.getpid() in zygote._ZYGOTES:
+            zygote._stop_zygote()  # a new zygote, as a new run starts
+        docs.append(runner.reproduce(spec, None, tmp_path / run, jobs=1, progress=False, isolate=True))
+    prints = [doc["provenance"]["models"]["edge"]["fingerprint"] for doc in docs]
+    assert prints[0] == prints[1]
+    assert [c["training"]["cached"] for c in docs[1]["cells"]] == [True]
+
+
+@pytest.mark.parametrize("name, words", [("error-int", "malformed error"), ("error-kind", "could not be built"),
+                                         ("sleeping", "did not answer within 2 s")])
+def test_a_builder_that_forges_its_reply_or_never_answers_is_one_line(plugins, tmp_path, monkeypatch, capsys, name,
+                                                                      words):
+    """A builder's forged reply (an error that is not an error record, one without its message) was a traceback in
+    the loop, and a builder that never answered hung the run (helper-37): each is one line, exit 2, before any
+    compute; a call is bounded as a planner's question is."""
+    from cemabench.protocol import isolation
+
+    monkeypatch.setattr(isolation, "SERVED_S", 2.0)
+    edge = "sleeping-zoo:edge" if name == "sleeping" else f"forging-zoo:{name}"
+    spec = write_spec(tmp_path / "small.toml", ["source"])
+    assert main(["reproduce", spec, "--out", str(tmp_path / "out"), "--no-progress", "--jobs", "1", "--isolate",
+                 "--edge", edge]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+
+
+def test_a_builders_sparse_predictions_fail_the_ccc_cell_naming_them(plugins, tmp_path):
+    spec = _spec(tmp_path, ["source"], domains=("fog", "contrast"), images=None,
+                 dataset=("miniature-digits-c", "forging-zoo:sparse-edge", "mini:foundation"),
+                 protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
+    doc = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    assert "sent malformed predictions" in doc["cells"][0]["message"], doc["cells"][0]["message"]

@@ -4,7 +4,8 @@ Under ``--isolate`` the loop's process (the link, scoring, the store, the artefa
 dataset that is not cemabench's own is a plugin's code too: its factory, its domains' ``images`` and ``labels``, its
 corruption generator. Such a dataset is built and read in a *reader* process, forked from the zygote and confined as
 a planner is (:mod:`cemabench.protocol.isolation`), which may read, besides code and the system's files, the data
-root (shown to it alone) and the user's caches, and write only a cache folder of its own
+root (shown to it alone), the zoos' weight caches and Hugging Face's datasets cache, and write only a cache folder of
+its own
 (``CACHE/datasets/NAME``, its ``CEMABENCH_CACHE``): never the results folder, cemabench's cache or the artefacts.
 
 The loop holds a :class:`~cemabench.data.DatasetSource` of plain facts whose domains, clean split and corruption
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from cemabench import registry
-from cemabench.config.paths import cache_root
+from cemabench.config.paths import cache_root, dataset_caches, weight_caches
 from cemabench.data import Corruptor, DatasetSource, sequential_batches
 from cemabench.errors import UserError
 from cemabench.protocol import hygiene
@@ -37,10 +38,8 @@ CLEAN = -1  # the clean split's place where a domain's index goes
 
 
 def own(name: str) -> bool:
-    """Whether the dataset ``name`` is cemabench's own (its entry point is cemabench's distribution), read from the
-    entry points' metadata: nothing is imported."""
-    entry = registry.available("datasets").get(name)
-    return entry is None or (entry.dist is not None and entry.dist.name == "cemabench")
+    """Whether the dataset ``name`` is cemabench's own code (:func:`cemabench.registry.own`)."""
+    return registry.own("datasets", name)
 
 
 def default_domains(name: str, options: dict, data_root: str | None, severity: int) -> list[str]:
@@ -131,6 +130,7 @@ class Reader(Served):
     """A reader process for the dataset ``name``, started on its first call and kept for the table."""
 
     role = "reader"
+    threads_random_state = True  # (a dataset's reads draw from the loop's random state in-process)
 
     def __init__(self, name: str, data_root: str | None, memory: int | None = None):
         super().__init__(memory)
@@ -140,8 +140,7 @@ class Reader(Served):
     def access(self) -> Access:
         own_cache = cache_root() / "datasets" / self.name
         own_cache.mkdir(parents=True, exist_ok=True)
-        caches = [os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), os.environ.get("HF_HOME")]
-        reads = [self.data_root, *caches]
+        reads = [self.data_root, *weight_caches(), *dataset_caches()]
         return Access(reads=tuple(sorted({os.path.realpath(p) for p in reads if p and os.path.isdir(p)})),
                       writes=(str(own_cache),), shown=(self.data_root,) if self.data_root else (),
                       environ=(("CEMABENCH_CACHE", str(own_cache)),))

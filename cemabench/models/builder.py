@@ -4,13 +4,16 @@ Under ``--isolate`` the loop's process (labels, link, scoring, store, artefact c
 that is not cemabench's own is a plugin's code too: its loader, its module's import-time code and its ``forward``.
 Such a model is built in a *builder* process, forked from the zygote and confined as a planner is
 (:mod:`cemabench.protocol.isolation`), which may read, besides code and the system's files, the weights folder
-(``--weights``), the user's caches (torch's, Hugging Face's, ``~/.cache``) and the plugin's own folder, never a data
-root, a results folder or cemabench's cache (hidden). What comes back is plain data: the model as the ``torch.save``
+(``--weights``), the zoos' weight caches (torch hub's checkpoints, Hugging Face's hub: not its token) and the plugin's
+package folder, never a data root, a results folder or cemabench's cache (hidden), and writes nothing. Whether a
+model is cemabench's own is read from where its code lies (:func:`cemabench.registry.own`), not from a
+distribution's name. What comes back is plain data: the model as the ``torch.save``
 bytes that the halves and planners unpickle (the loop never does), the names of its state entries, and, when asked,
 what the model answers to images (its outputs' shape, for the check of its classes; its class predictions, for the
 ccc setting's calibration). The loop keys the model by the sha256 of those bytes (a fingerprint no builder can
-forge). Every model is built with the random state seeded (:func:`build`), so a model plugin's random
-initialisation gives the same weights in both modes and every run.
+forge; the zygote's one hash seed makes them the same in every run). Every model is built with the random state
+seeded (:func:`build`), so a model plugin's random initialisation gives the same weights in both modes and every run.
+Each call is bounded (:data:`cemabench.protocol.isolation.SERVED_S`) and its failure is one line.
 """
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ import importlib.util
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cemabench import registry
+from cemabench.config.paths import weight_caches
 from cemabench.errors import UserError
 from cemabench.models import zoo
 from cemabench.models.split import probing
@@ -35,14 +38,13 @@ from cemabench.protocol.sides import SIDES
 from cemabench.protocol.zygote import Access
 from cemabench.provenance import fingerprint
 
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # class predictions
 MAX_NAMES = 100_000  # state entries of a model (a ViT-H has about 400)
 
 
 def own(name: str) -> bool:
-    """Whether the model ``prefix:name`` is cemabench's own (its prefix's entry point is cemabench's distribution),
-    read from the entry points' metadata: nothing is imported."""
-    entry = registry.available("models").get(name.partition(":")[0])
-    return entry is None or (entry.dist is not None and entry.dist.name == "cemabench")
+    """Whether the model ``prefix:name`` is cemabench's own code (:func:`cemabench.registry.own`)."""
+    return registry.own("models", name.partition(":")[0])
 
 
 def _package_folder(name: str) -> list[str]:
@@ -57,17 +59,16 @@ def _package_folder(name: str) -> list[str]:
         return []
     if spec is None:
         return []
-    if spec.submodule_search_locations:
-        return [str(p) for p in spec.submodule_search_locations]
-    return [str(Path(spec.origin).parent)] if spec.origin else []
+    # a package's folders (not a module's on its own: its folder is an import path entry, a project's, say, whose
+    # data and results lie beside it)
+    return [str(p) for p in spec.submodule_search_locations or ()]
 
 
 def reads(name: str, weights: str | None) -> tuple[str, ...]:
-    """What a builder of ``name`` may read besides code and the system's files: the weights folder, the user's
-    caches and the plugin's folder (the hidden folders stay hidden: :func:`cemabench.protocol.zygote.hide`)."""
-    caches = [os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), os.environ.get("TORCH_HOME"),
-              os.environ.get("HF_HOME"), str(Path(torch.hub.get_dir()).parent)]
-    found = [weights, os.environ.get("CEMABENCH_WEIGHTS"), *caches, *_package_folder(name)]
+    """What a builder of ``name`` may read besides code and the system's files: the weights folder, the zoos'
+    weight caches (:func:`cemabench.config.paths.weight_caches`) and the plugin's package folder; the hidden folders
+    stay hidden (:func:`cemabench.protocol.zygote.hide`)."""
+    found = [weights, os.environ.get("CEMABENCH_WEIGHTS"), *weight_caches(), *_package_folder(name)]
     return tuple(sorted({os.path.realpath(p) for p in found if p and os.path.isdir(p)}))
 
 
@@ -169,8 +170,8 @@ class BuiltApart:
         """Its class predictions on uint8 images (:func:`cemabench.protocol.ccc.predict`, in the builder)."""
         answer = self.builder.call("predict", self.role, torch.from_numpy(np.ascontiguousarray(images)))
         predictions = answer.get("predictions")
-        if (type(predictions) is not torch.Tensor or predictions.shape != (len(images),)
-                or predictions.is_floating_point()):
+        if (type(predictions) is not torch.Tensor or predictions.layout is not torch.strided
+                or predictions.shape != (len(images),) or predictions.dtype not in INTEGERS):
             raise UserError(f"the {self.role} model {self.name}'s builder sent malformed predictions")
         return predictions.numpy()
 
@@ -178,7 +179,10 @@ class BuiltApart:
 class Builder(Served):
     """A builder process for the models ``names``, started on the first one built and kept for the table."""
 
-    role, what = "builder", "a model could not be built in its own process"
+    role = "builder"
+    what = ("a model could not be built in its own process, which reads the weights folder and the zoos' weight "
+            "caches and writes nothing (fetch its weights first: run it once without --isolate, or put them in "
+            "--weights)")
 
     def __init__(self, names: list[str], weights: str | None, memory: int | None = None):
         super().__init__(memory)

@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 
@@ -139,8 +140,10 @@ class Half:
             raise HalfFailed(f"NotPlain: the {self.role} half sent {type(reply).__name__}, not its reply")
         if "error" in reply:
             error = reply["error"]
+            if type(error) is not dict:
+                raise HalfFailed(f"NotPlain: the {self.role} half sent a malformed error")
             kinds = {"ForwardOnlyViolation": ForwardOnlyViolation, "Diverged": Diverged, "UserError": UserError}
-            if error.get("kind") in kinds:
+            if error.get("kind") in kinds and type(error.get("message")) is str:
                 raise kinds[error["kind"]](error["message"])
             raise HalfFailed(str(error.get("described")), str(error.get("status")), str(error.get("tail", "")))
         if "rng" in reply:
@@ -348,15 +351,37 @@ def finish(halves: list) -> list[str]:
     return problems
 
 
+def ask(half: Half, late: threading.Event, limit: float, op: str, *args) -> dict:
+    """One call, the half's process stopped (and ``late`` set) when it takes longer than ``limit`` seconds."""
+    def stop():
+        late.set()
+        half.kill()
+
+    timer = threading.Timer(limit, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return half.call(op, *args)
+    finally:
+        timer.cancel()
+
+
+SERVED_S = 600.0  # how long one call of a model builder or a dataset reader may take (a build included)
+
+
 class Served:
     """A process of the harness's own that answers this process's calls (a model builder, a dataset reader), forked
     from the zygote on the first call and kept: ``role`` names its side (:data:`~cemabench.protocol.sides.SIDES`),
     ``access`` what it may reach. A process forked from this one (a ``--jobs`` worker) inherits the handle but not the
     process: it starts one of its own on its first call, leaving this one's line alone, and replays there the calls
-    that built its state (:meth:`keep`). A failure is one line, ``what`` naming what was asked."""
+    that built its state (:meth:`keep`). A failure is one line, ``what`` naming what was asked; a call is bounded
+    (:data:`SERVED_S`). ``threads_random_state``: each call runs on this process's random state and leaves it as the
+    call left it (a dataset's reads, as in-process); otherwise this process keeps its own (a model builder's, whose
+    builds are seeded)."""
 
     role = ""
     what = ""
+    threads_random_state = False
 
     def __init__(self, memory: int | None = None):
         self.memory, self.half, self.kept, self.owner = memory, None, [], os.getpid()
@@ -371,6 +396,8 @@ class Served:
         return answer
 
     def call(self, op: str, *args) -> dict:
+        late = threading.Event()
+        state = None if self.threads_random_state else rng_state(torch.device("cpu"))
         try:
             if self.owner != os.getpid():  # inherited (a forked worker): the process is the parent's
                 if self.half is not None:
@@ -378,13 +405,19 @@ class Served:
                 self.half, self.owner = None, os.getpid()
             if self.half is None:
                 self.half = Half(self.role, torch.device("cpu"), memory=self.memory, access=self.access())
-                self.half.call(self.role)
+                ask(self.half, late, SERVED_S, self.role)
                 for kept, given in self.kept:
-                    self.half.call(kept, *given)
-            return self.half.call(op, *args)
-        except HalfFailed as error:
+                    ask(self.half, late, SERVED_S, kept, *given)
+            return ask(self.half, late, SERVED_S, op, *args)
+        except (HalfFailed, ForwardOnlyViolation, Diverged) as error:  # (UserError: the plugin's own line)
             first = (str(error).splitlines() or [""])[0]
+            if late.is_set():
+                first = f"it did not answer within {SERVED_S:g} s, and was stopped"
+            self.close()
             raise UserError(f"{self.what} (--isolate): {first}") from None
+        finally:
+            if state is not None:
+                set_rng_state(state, torch.device("cpu"))
 
     def close(self) -> None:
         if self.half is not None and self.owner == os.getpid():

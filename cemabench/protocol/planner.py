@@ -34,7 +34,7 @@ from cemabench.method import (
     parse_options,
 )
 from cemabench.protocol import hygiene
-from cemabench.protocol.isolation import Half
+from cemabench.protocol.isolation import Half, ask
 from cemabench.protocol.messages import pack, rng_state, set_rng_state
 from cemabench.protocol.sides import SIDES, loaded
 from cemabench.protocol.training import trains
@@ -177,11 +177,11 @@ class IsolatedPlanner:
             if name not in self.halves:
                 half = self.halves[name] = Half("planner", torch.device("cpu"), memory=self.memory)
                 half.max_message = PLANNER_MESSAGE
-                self._ask(half, late, "planner")
+                ask(half, late, PLANNER_S, "planner")
             half = self.halves[name]
             state = rng_state(half.device)  # an answer carries the planner's random state: the loop keeps its own
             try:
-                return self._ask(half, late, op, *args)
+                return ask(half, late, PLANNER_S, op, *args)
             finally:
                 set_rng_state(state, half.device)
         except HalfFailed as error:  # a plugin that cannot be asked (it replaced the harness's code at import, say)
@@ -196,21 +196,6 @@ class IsolatedPlanner:
             with contextlib.suppress(KeyError):  # a planner that failed once is asked nothing more
                 self.halves.pop(name).close()
             raise UserError(f"method {name} could not be planned in its own process (--isolate): {first}") from None
-
-    @staticmethod
-    def _ask(half: Half, late: threading.Event, op: str, *args) -> dict:
-        """One question, the planner stopped (and ``late`` set) when it takes longer than :data:`PLANNER_S`."""
-        def stop():
-            late.set()
-            half.kill()
-
-        timer = threading.Timer(PLANNER_S, stop)
-        timer.daemon = True
-        timer.start()
-        try:
-            return half.call(op, *args)
-        finally:
-            timer.cancel()
 
     def check(self, name: str, options: dict, protocol: Protocol, task: str | None, derived: bool) -> None:
         self._call(name, "check", name, options, dataclasses.asdict(protocol), task, derived)

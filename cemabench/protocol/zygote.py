@@ -185,9 +185,11 @@ def _zygote_connection() -> tuple:
         _stop_zygote()
     ours, theirs = socket.socketpair()
     # (its environment is a half's from the start: a process's first environment stays in its memory, which a half
-    # forked from it can read, in /proc/self/environ say, whatever it is given later)
+    # forked from it can read, in /proc/self/environ say, whatever it is given later; one hash seed, so that what a
+    # half pickles is the same bytes in every run: a set's order, a model builder's fingerprint)
     process = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(sys.path), str(theirs.fileno())],
-                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=half_environment())
+                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                               env={**half_environment(), "PYTHONHASHSEED": "0"})
     theirs.close()
     entry = _ZYGOTES[os.getpid()] = (process, Connection(ours.detach()), threading.Lock())
     return entry

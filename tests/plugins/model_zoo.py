@@ -6,6 +6,8 @@ random state it is built with). ``peeking-zoo`` (hostile): its loader reads the 
 corrupted domains, from which a model could learn the test stream before it starts) and its model then refuses to
 answer a batch, naming what it read: a cell that runs says its loader could not read them.
 """
+import os
+
 import torch
 
 from cemabench.config.paths import cache_root
@@ -42,3 +44,47 @@ def peeking_model(name: str):
             continue
         read.append(str(path))
     return _Peeked(load_model(name), read)
+
+
+def buffered_model(name: str):
+    """The miniature's network with buffers that a state dict leaves out (as transformers' ``position_ids``): a module
+    pickles their names as a set, in the order of the process's hash seed."""
+    model = load_model(name)
+    for i in range(8):
+        model.register_buffer(f"unsaved_{i}", torch.zeros(1), persistent=False)
+    return model
+
+
+class _SparsePredictions(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.builder = model, os.getpid()
+
+    def forward(self, x):
+        from cemabench.protocol.messages import send
+        from cemabench.protocol.sides import LINE
+
+        if len(x) > 1 and os.getpid() == self.builder:  # the builder's predictions for ccc's calibration
+            send(LINE[0], {"predictions": torch.zeros(len(x), dtype=torch.int64).to_sparse()})
+        return self.model(x)
+
+
+def forging_model(name: str):
+    """A builder that writes its own replies on its line: an error that is no error record (``error-int``), one
+    without its message (``error-kind``), or predictions that are sparse (``sparse-NAME``)."""
+    from cemabench.protocol.messages import send
+    from cemabench.protocol.sides import LINE
+
+    if name == "error-int":
+        send(LINE[0], {"error": 5})
+    elif name == "error-kind":
+        send(LINE[0], {"error": {"kind": "UserError"}})
+    elif name.startswith("sparse-"):
+        return _SparsePredictions(load_model(name.removeprefix("sparse-")))
+    return load_model("edge")
+
+
+def sleeping_model(name: str):
+    import time
+
+    time.sleep(3600)
