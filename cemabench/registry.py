@@ -9,11 +9,16 @@ A plugin that fails to import is reported, with its error, by the commands that 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
+import random
 import sys
 from importlib.metadata import EntryPoint, entry_points
+
+import numpy as np
+import torch
 
 from cemabench.errors import UserError
 from cemabench.method import Method
@@ -75,6 +80,23 @@ def one_line(error: BaseException) -> str:
 
 def _origin(entry: EntryPoint) -> str:
     return f" from {entry.dist.name} {entry.dist.version}" if entry.dist else ""
+
+
+@contextlib.contextmanager
+def seeded():
+    """Python's, NumPy's and torch's (CPU) random states seeded to 0 within, the caller's put back after: what a
+    plugin's model or dataset draws while it is built is the same in every process and run, whatever ran before (a
+    factory that took a random half of each domain gave other numbers in each run, and in each worker)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(0)
+            np.random.seed(0)
+            torch.manual_seed(0)
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def own(kind: str, name: str) -> bool:

@@ -852,3 +852,101 @@ def test_a_builders_sparse_predictions_fail_the_ccc_cell_naming_them(plugins, tm
                  protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
     doc = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
     assert "sent malformed predictions" in doc["cells"][0]["message"], doc["cells"][0]["message"]
+
+
+def _dataset_spec(folder, dataset, options="", methods=("source",), protocol=""):
+    """``_spec`` on a dataset plugin with ``options`` (TOML inline-table fields) for its factory."""
+    spec = _spec(folder, list(methods), dataset=(dataset, "mini:edge", "mini:foundation"), images=None,
+                 protocol=protocol)
+    path = folder / "iso.toml"
+    if options:
+        path.write_text(path.read_text().replace(f'dataset = "{dataset}"', f'dataset = "{dataset}"\noptions = '
+                                                                            f'{{ {options} }}'))
+        spec = load_table(str(path))
+    return spec
+
+
+@pytest.mark.parametrize("name", ["..", "x/../../artefacts"])
+def test_a_dataset_named_as_a_path_writes_nowhere_but_its_own_cache(plugins, tmp_path, monkeypatch, name):
+    """The reader's own cache is CACHE/datasets/NAME: a plugin named ``..`` or ``x/../../artefacts`` had the cache's
+    parent or the artefacts as its writable folder (the first with its confinement refused, and so none: it wrote
+    cemabench's source), helper-38. The name is made one safe path component."""
+    from dataset_zoo import MARK
+
+    from cemabench.config.paths import cache_root
+
+    folder = tmp_path / "named"
+    (folder / "named-0.0.0.dist-info").mkdir(parents=True)
+    (folder / "named-0.0.0.dist-info" / "entry_points.txt").write_text(
+        f"[cemabench.datasets]\n{name} = dataset_zoo:writing_digits\n")
+    monkeypatch.syspath_prepend(str(folder))
+    mark = cache_root() / "artefacts" / MARK
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    spec = _spec(tmp_path, ["source"], dataset=(name, "mini:edge", "mini:foundation"))
+    doc = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    assert [c["status"] for c in doc["cells"]] == ["ok"] and not mark.exists()
+    assert not (cache_root() / "artefacts" / "artefacts").exists()
+
+
+def test_a_half_whose_confinement_is_refused_runs_no_plugin_code(tmp_path):
+    """Where the kernel has Landlock and refuses a half's rules (a writable folder that is not there), the half runs
+    nothing: before, it went on unconfined (helper-38's reader wrote cemabench's source that way)."""
+    from cemabench.protocol import sandbox
+    from cemabench.protocol.isolation import Half
+    from cemabench.protocol.zygote import Access
+
+    if not sandbox.abi():
+        pytest.skip("this kernel has no Landlock")
+    half = Half("reader", torch.device("cpu"), access=Access(writes=(str(tmp_path / "missing"),)))
+    try:
+        with pytest.raises(HalfFailed, match="confinement could not be applied"):
+            half.call("reader")
+    finally:
+        half.close()
+
+
+@pytest.mark.parametrize("how, words", [("huge-images", "images of domain fog, from its reader, is malformed"),
+                                        ("huge-labels", "labels of domain fog, from its reader, is malformed")])
+def test_a_readers_view_that_stands_for_gigabytes_is_refused(plugins, tmp_path, how, words):
+    """A reader's reply of a few bytes that stands for gigabytes (one value expanded) made the loop allocate 5.7 GB
+    (helper-38), and a label array of 2**36 recorded the cell as ok with nothing seen: the loop takes only tensors
+    that own exactly their bytes, of the size the domain says."""
+    spec = _dataset_spec(tmp_path, "forging-digits", f'how = "{how}", n_examples = 128')
+    doc = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
+    (cell,) = doc["cells"]
+    assert cell["status"] == "error" and words in cell["message"], cell["message"]
+    # in-process the plugin's labels fail otherwise (it has no line to forge on): a score that fails fails its cell,
+    # which was an empty "ok" (nothing seen) that the report then divided by
+    (cell,) = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)["cells"]
+    assert cell["status"] == "error" and (how == "huge-images" or "IndexError" in cell["message"]), cell["message"]
+
+
+def test_a_readers_provenance_nested_past_the_parser_is_one_line(plugins, tmp_path, capsys):
+    _dataset_spec(tmp_path, "forging-digits", 'how = "deep-provenance"')
+    assert main(["reproduce", str(tmp_path / "iso.toml"), "--out", str(tmp_path / "out"), "--no-progress", "--jobs",
+                 "1", "--isolate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "provenance, from its reader, is malformed" in err[0], err
+
+
+def test_a_dataset_drawn_at_random_while_built_gives_the_same_numbers_every_run(plugins, tmp_path):
+    """A factory that draws from NumPy's global generator while it is built took other images each run and in each
+    worker (helper-38): every dataset is built under one seed, in the loop's process or its reader."""
+    import numpy as np
+
+    spec = _dataset_spec(tmp_path, "random-digits")
+    inline = runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False)
+    np.random.rand(7)  # whatever ran before
+    again = runner.reproduce(spec, None, tmp_path / "again", jobs=1, progress=False)
+    isolated = runner.reproduce(spec, None, tmp_path / "isolated", jobs=2, progress=False, isolate=True)
+    assert numbers(inline) == numbers(again) == numbers(isolated)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_dataset_plugin_whose_provenance_leaves_out_its_name_renders(plugins, tmp_path, isolate):
+    """The table's header names the dataset from its provenance, which a plugin may leave out: a KeyError traceback
+    in the report (helper-38). It takes the dataset's name."""
+    doc = runner.reproduce(_dataset_spec(tmp_path, "unnamed-digits", "n_examples = 64"), None, tmp_path / "out",
+                           jobs=1, progress=False, isolate=isolate)
+    assert doc["provenance"]["dataset"]["dataset"] == "miniature-digits-c"
+    assert "miniature-digits-c" in render(doc)

@@ -5,8 +5,8 @@ dataset that is not cemabench's own is a plugin's code too: its factory, its dom
 corruption generator. Such a dataset is built and read in a *reader* process, forked from the zygote and confined as
 a planner is (:mod:`cemabench.protocol.isolation`), which may read, besides code and the system's files, the data
 root (shown to it alone), the zoos' weight caches and Hugging Face's datasets cache, and write only a cache folder of
-its own
-(``CACHE/datasets/NAME``, its ``CEMABENCH_CACHE``): never the results folder, cemabench's cache or the artefacts.
+its own (``CACHE/datasets/NAME-HASH``, its ``CEMABENCH_CACHE``: :func:`own_cache_of`): never the results folder,
+cemabench's cache or the artefacts.
 
 The loop holds a :class:`~cemabench.data.DatasetSource` of plain facts whose domains, clean split and corruption
 generator are stand-ins (:class:`DomainApart`): each ``images``, ``labels``, ``ground_truth`` and ``corrupt`` is a call
@@ -17,10 +17,13 @@ store, the scheduler, the other cells' records or the methods' halves.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +51,8 @@ def default_domains(name: str, options: dict, data_root: str | None, severity: i
     default = inspect.signature(registry.load("datasets", name)).parameters.get("domains")
     if default is not None and default.default is not inspect.Parameter.empty and default.default:
         return [str(d) for d in default.default]
-    built = registry.dataset_factory(name, list(options))(data_root=data_root, severity=severity, **options)
+    with registry.seeded():
+        built = registry.dataset_factory(name, list(options))(data_root=data_root, severity=severity, **options)
     return [str(d.name) for d in built.domains]
 
 
@@ -77,8 +81,9 @@ class _ReaderSide:
         self.built: dict[int, DatasetSource] = {}
 
     def build(self, name: str, options: dict, data_root: str | None, severity: int, domains: list[str]) -> dict:
-        source = registry.dataset_factory(name, options)(data_root=data_root, severity=severity,
-                                                         domains=tuple(domains), **options)
+        with registry.seeded():  # as the loop builds its own
+            source = registry.dataset_factory(name, options)(data_root=data_root, severity=severity,
+                                                             domains=tuple(domains), **options)
         if not isinstance(source, DatasetSource):
             raise UserError(f"dataset {name!r}'s factory returned {type(source).__name__}, not a DatasetSource")
         self.built[severity] = source
@@ -101,29 +106,48 @@ class _ReaderSide:
         return source.clean if which == CLEAN else source.domains[which]
 
     def images(self, severity: int, which: int, indices: torch.Tensor) -> dict:
-        return {"images": self._domain(severity, which).images(indices.numpy())}
+        return {"images": _copy(self._domain(severity, which).images(indices.numpy()))}
 
     def labels(self, severity: int, which: int) -> dict:
-        return {"labels": torch.as_tensor(np.asarray(self._domain(severity, which).labels()))}
+        return {"labels": _copy(np.asarray(self._domain(severity, which).labels()))}
 
     def ground_truth(self, severity: int, which: int) -> dict:
         return {"json": json.dumps(self._domain(severity, which).ground_truth())}
 
     def generator_images(self, severity: int, indices: torch.Tensor) -> dict:
-        return {"images": torch.from_numpy(np.ascontiguousarray(self.built[severity].corruptor.images()[
-            indices.numpy()]))}
+        return {"images": _copy(self.built[severity].corruptor.images()[indices.numpy()])}
 
     def generator_labels(self, severity: int) -> dict:
-        return {"labels": torch.as_tensor(np.asarray(self.built[severity].corruptor.labels()))}
+        return {"labels": _copy(np.asarray(self.built[severity].corruptor.labels()))}
 
     def corrupt(self, severity: int, images: torch.Tensor, corruption: str, level: float, state: str) -> dict:
         rng = np.random.Generator(getattr(np.random, json.loads(state)["bit_generator"])())
         rng.bit_generator.state = json.loads(state)
         out = self.built[severity].corruptor.corrupt(images.numpy(), corruption, level, rng)
-        return {"images": torch.from_numpy(np.ascontiguousarray(out)), "state": json.dumps(rng.bit_generator.state)}
+        return {"images": _copy(out), "state": json.dumps(rng.bit_generator.state)}
 
 
 SIDES["reader"] = _ReaderSide
+
+
+def _copy(value) -> torch.Tensor:
+    """A tensor (or array) as a contiguous copy that owns exactly its bytes, which the loop accepts (a dataset's
+    images may be a view of a larger batch, its labels a slice of a larger array)."""
+    return torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value).detach().clone(
+        memory_format=torch.contiguous_format)
+
+
+def own_cache_of(name: str) -> Path:
+    """The reader's own cache folder, ``CACHE/datasets/NAME-HASH``, made here: the entry point's name made one safe
+    path component (a name is any string: ``..`` or ``x/../../artefacts`` named the cache's parent and the artefacts,
+    which the reader could then write; helper-38), never a link."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:40]
+    parent = cache_root() / "datasets"
+    folder = parent / f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink() or os.path.realpath(folder) != os.path.join(os.path.realpath(parent), folder.name):
+        raise UserError(f"dataset {name}'s own cache {folder} is not a folder of {parent}")
+    return folder
 
 
 class Reader(Served):
@@ -138,8 +162,7 @@ class Reader(Served):
         self.what = f"dataset {name} could not be read in its own process"
 
     def access(self) -> Access:
-        own_cache = cache_root() / "datasets" / self.name
-        own_cache.mkdir(parents=True, exist_ok=True)
+        own_cache = own_cache_of(self.name)
         reads = [self.data_root, *weight_caches(), *dataset_caches()]
         return Access(reads=tuple(sorted({os.path.realpath(p) for p in reads if p and os.path.isdir(p)})),
                       writes=(str(own_cache),), shown=(self.data_root,) if self.data_root else (),
@@ -160,6 +183,39 @@ class Reader(Served):
             raise UserError(f"dataset {self.name}'s reader sent malformed facts ({error})") from None
 
 
+MAX_JSON = 1 << 26  # the longest JSON text read from a reader (a COCO ground truth of 5,000 images is ~20 MB)
+
+
+def _json(text, what: str):
+    """A reader's JSON text, read: a string of at most :data:`MAX_JSON` characters that parses (no depth that ends
+    the parser), else the one line naming ``what``."""
+    try:
+        if type(text) is not str or len(text) > MAX_JSON:
+            raise ValueError
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise UserError(f"{what} is malformed") from None
+
+
+def _owned(value, what: str, shape: tuple | None = None, numel: int | None = None, integers: bool = False,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor a reader sent, checked before anything is made of it: plain, dense and strided, owning exactly its
+    bytes (a view of a few bytes made to look huge, expanded or strided, would be materialised here), of the shape or
+    size expected, of integers (labels) or floats (images) or exactly ``dtype``; else the one line naming ``what``."""
+    ok = (type(value) is torch.Tensor and value.layout is torch.strided and not value.is_quantized
+          and value.is_contiguous() and value.storage_offset() == 0
+          and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+          and (shape is None or tuple(value.shape) == tuple(shape)) and (numel is None or value.numel() == numel)
+          and (value.dtype == dtype if dtype is not None else value.dtype in INTEGERS if integers
+               else value.dtype.is_floating_point))
+    if not ok:
+        raise UserError(f"{what} is malformed")
+    return value
+
+
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _source(reader: Reader, severity: int, facts: dict) -> DatasetSource:
     def domain(which: int, fields) -> DomainApart:
         name, length, nbytes = fields
@@ -168,9 +224,9 @@ def _source(reader: Reader, severity: int, facts: dict) -> DatasetSource:
         return DomainApart(name, length, nbytes, reader, severity, which)
 
     scored = facts["scored_classes"]
-    if scored is not None and (type(scored) is not torch.Tensor or scored.is_floating_point()):
-        raise ValueError("scored_classes")
-    provenance = json.loads(facts["provenance"])
+    if scored is not None:
+        scored = _owned(scored, f"dataset {reader.name}'s scored classes, from its reader,", integers=True)
+    provenance = _json(facts["provenance"], f"dataset {reader.name}'s provenance, from its reader,")
     if type(provenance) is not dict:
         raise ValueError("provenance")
     generator = facts["corruptor"]
@@ -197,20 +253,23 @@ class DomainApart:
         return self.length
 
     def images(self, indices: np.ndarray) -> torch.Tensor:
+        """The images at ``indices``: floats, ``sample_nbytes`` values each (C x H x W)."""
         indices = np.asarray(indices, dtype=np.int64)
         images = self.reader.call("images", self.severity, self.which, torch.from_numpy(indices)).get("images")
-        if type(images) is not torch.Tensor or images.dim() != 4 or len(images) != len(indices):
-            raise UserError(f"dataset {self.reader.name}'s reader sent malformed images for domain {self.name}")
+        what = f"dataset {self.reader.name}'s images of domain {self.name}, from its reader,"
+        _owned(images, what, numel=len(indices) * self.sample_nbytes)
+        if images.dim() != 4 or len(images) != len(indices):
+            raise UserError(f"{what} is malformed")
         return images
 
     def labels(self) -> np.ndarray:
-        labels = self.reader.call("labels", self.severity, self.which).get("labels")
-        if type(labels) is not torch.Tensor or labels.is_floating_point() or labels.dim() != 1:
-            raise UserError(f"dataset {self.reader.name}'s reader sent malformed labels for domain {self.name}")
-        return labels.numpy()
+        return _owned(self.reader.call("labels", self.severity, self.which).get("labels"),
+                      f"dataset {self.reader.name}'s labels of domain {self.name}, from its reader,",
+                      shape=(self.length,), integers=True).numpy()
 
     def ground_truth(self) -> dict:
-        document = json.loads(self.reader.call("ground_truth", self.severity, self.which).get("json", "null"))
+        document = _json(self.reader.call("ground_truth", self.severity, self.which).get("json"),
+                         f"dataset {self.reader.name}'s ground truth of {self.name}, from its reader,")
         if type(document) is not dict:
             raise UserError(f"dataset {self.reader.name}'s reader sent a malformed ground truth for {self.name}")
         return document
@@ -232,27 +291,28 @@ class _GeneratorImages:
     def __getitem__(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         images = self.reader.call("generator_images", self.severity, torch.from_numpy(indices)).get("images")
-        if type(images) is not torch.Tensor or tuple(images.shape) != (*indices.shape, *self.shape[1:]):
-            raise UserError(f"dataset {self.reader.name}'s reader sent malformed generator images")
-        return images.numpy()
+        return _owned(images, f"dataset {self.reader.name}'s generator images, from its reader,",
+                      shape=(*indices.shape, *self.shape[1:]), dtype=torch.uint8).numpy()
 
 
 def _corruptor(reader: Reader, severity: int, facts: dict) -> Corruptor:
     images = _GeneratorImages(reader, severity, tuple(int(n) for n in facts["shape"]))
 
     def labels() -> np.ndarray:
-        found = reader.call("generator_labels", severity).get("labels")
-        if type(found) is not torch.Tensor or found.is_floating_point() or found.dim() != 1:
-            raise UserError(f"dataset {reader.name}'s reader sent malformed generator labels")
-        return found.numpy()
+        return _owned(reader.call("generator_labels", severity).get("labels"),
+                      f"dataset {reader.name}'s generator labels, from its reader,", shape=(images.shape[0],),
+                      integers=True).numpy()
 
     def corrupt(pixels: np.ndarray, corruption: str, level: float, rng: np.random.Generator) -> np.ndarray:
         answer = reader.call("corrupt", severity, torch.from_numpy(np.ascontiguousarray(pixels)), str(corruption),
                              float(level), json.dumps(rng.bit_generator.state))
-        out = answer.get("images")
-        if type(out) is not torch.Tensor or tuple(out.shape) != pixels.shape:
-            raise UserError(f"dataset {reader.name}'s reader sent malformed corrupted images")
-        rng.bit_generator.state = json.loads(answer["state"])
+        what = f"dataset {reader.name}'s corrupted images, from its reader,"
+        out = _owned(answer.get("images"), what, shape=pixels.shape, dtype=torch.uint8)
+        state = _json(answer.get("state"), f"dataset {reader.name}'s generator state, from its reader,")
+        try:
+            rng.bit_generator.state = state
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"dataset {reader.name}'s generator state, from its reader, is malformed") from None
         return out.numpy()
 
     return Corruptor(images=lambda: images, labels=labels, corrupt=corrupt, lazy=bool(facts["lazy"]),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,20 +100,11 @@ SIDES["builder"] = _BuilderSide
 
 def build(name: str, weights: str | None) -> torch.nn.Module:
     """The model ``prefix:name`` as every table builds it, in the loop's process or a builder: loaders look in the
-    weights folder first, and Python's, NumPy's and torch's random states are seeded to 0, the caller's left as they
-    were, so that a random initialisation (a plugin's model without a checkpoint) gives the same weights in every
-    process and run, whatever ran before (cemabench's zoos seed their own random builds likewise:
-    :func:`cemabench.models.zoo.seeded`)."""
-    python, numpy = random.getstate(), np.random.get_state()
-    try:
-        with zoo.weights_folder(weights), torch.random.fork_rng(devices=[]):
-            random.seed(0)
-            np.random.seed(0)
-            torch.manual_seed(0)
-            return registry.build_model(name)
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy)
+    weights folder first, under :func:`cemabench.registry.seeded` random state, so that a random initialisation (a
+    plugin's model without a checkpoint) gives the same weights in every process and run, whatever ran before
+    (cemabench's zoos seed their own random builds likewise: :func:`cemabench.models.zoo.seeded`)."""
+    with zoo.weights_folder(weights), registry.seeded():
+        return registry.build_model(name)
 
 
 def look(model: torch.nn.Module, image: torch.Tensor) -> tuple[bool, int | None]:

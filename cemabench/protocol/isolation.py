@@ -405,7 +405,7 @@ class Served:
                 self.half, self.owner = None, os.getpid()
             if self.half is None:
                 self.half = Half(self.role, torch.device("cpu"), memory=self.memory, access=self.access())
-                ask(self.half, late, SERVED_S, self.role)
+                _say_once(str(ask(self.half, late, SERVED_S, self.role).get("sandbox", "")))
                 for kept, given in self.kept:
                     ask(self.half, late, SERVED_S, kept, *given)
             return ask(self.half, late, SERVED_S, op, *args)

@@ -400,17 +400,22 @@ class _EdgeDevice:
     def finish(self, results: dict, check: bool = True) -> None:
         """Score the current block and count it toward its result. The checks of its last batch's cloud reply are
         read first (``check``; a failure leaves the block current, for the caller to mark and finish); after a
-        failure they are dropped."""
+        failure they are dropped, and a score that fails again is left out (a dataset's labels that cannot be read:
+        the block counts, failed, toward its result, which was an empty "ok" before)."""
         if self.block is None:
             return
         if check:
             self.checks.read()
         self.checks = Checks()
         block, result = self.block, self.result
-        self.block = None
         result.edge_seconds += self.edge_time.take()
         result.cloud_seconds += self.cloud_time.take()
-        self.task.score(result, block, self.predicted)
+        try:
+            self.task.score(result, block, self.predicted)
+        except Exception:
+            if check:  # the block stays current: the caller marks its result failed, then finishes it unchecked
+                raise
+        self.block = None
         result.link, result.input_sizes, result.latencies = self.link.next_domain()
         result.edge_forward_samples = self.edge.forwards.with_grad + self.edge.forwards.without_grad - self.edge_before
         result.peak_memory_bytes = peak_memory(self.device)

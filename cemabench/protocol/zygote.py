@@ -355,10 +355,11 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
     os.chdir("/")  # a working directory inside a hidden folder would still show its names (relative to it)
     with contextlib.suppress(OSError):  # a failure here must not skip the confinement below
         sandbox.drop_capabilities()
+    refused = ""
     try:
         SANDBOX = f"{sandbox.confine([os.devnull, *DEVICES, *writes], readable)}; {names}"
-    except OSError as error:
-        SANDBOX = f"none (refused: {error})"
+    except OSError as error:  # the kernel has Landlock and refused these rules: no plugin code runs unconfined
+        SANDBOX, refused = f"none (refused: {error})", str(error)
     try:
         SANDBOX += f"; {seccomp.forbid_channels(bounded, cpu)}"
     except OSError as error:
@@ -374,6 +375,9 @@ def _half(conn: Connection, path: list[str], environ: dict, hidden: list[str], m
             os._exit(0)
         try:
             if op in SIDES:  # set-up: the method's module is imported here (no random state crosses back)
+                if refused:
+                    raise RuntimeError(f"its confinement could not be applied ({refused}); no plugin code runs "
+                                       f"unconfined where the kernel confines")
                 side = SIDES[op](*args)
                 if side.replaced:
                     raise RuntimeError(f"cemabench's own code was replaced in this process (by a plugin, at "

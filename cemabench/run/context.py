@@ -78,11 +78,14 @@ class TableContext:
             built = self.reader.build(self.choice.options, severity, self.spec.domains)
         else:
             factory = registry.dataset_factory(self.choice.dataset, self.choice.options)
-            built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains,
-                            **self.choice.options)
+            with registry.seeded():
+                built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains,
+                                **self.choice.options)
         if severity != self.spec.severity and built.provenance.get("severity") != severity:
             raise UserError(f"setting {self.spec.protocol.setting} runs every domain at severities 1 to 5, and the "
                             f"dataset {self.choice.dataset} has no severities; choose another setting")
+        if "dataset" not in built.provenance:  # (what the table's header names; a plugin may leave it out)
+            built = replace(built, provenance={"dataset": built.name, **built.provenance})
         self._datasets[severity] = built
         return built
 
