@@ -93,3 +93,37 @@ def test_a_batch_of_imagenet_images_to_a_half(benchmark, kind):
     finally:
         line.close()
         os.waitpid(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def read_apart():
+    """The miniature's fog domain as cemabench's own dataset (read here) and as a plugin's (``plugin-digits`` of the
+    test distribution, the same data: read in a reader process under ``--isolate``)."""
+    import sys
+
+    from cemabench.datasets.reader import Reader
+    from conftest import PLUGINS
+
+    sys.path.insert(0, str(PLUGINS))
+    reader = Reader("plugin-digits", None)
+    try:
+        apart = reader.build({}, 5, ("fog",)).domains[0]
+        here = dataset_factory("miniature-digits-c", {})(data_root=None, severity=5, domains=("fog",)).domains[0]
+        yield {"here": here, "reader": apart}
+    finally:
+        reader.close()
+        sys.path.remove(str(PLUGINS))
+
+
+@pytest.mark.parametrize("where", ["here", "reader"])
+def test_a_batch_of_a_dataset_plugin(benchmark, read_apart, where):
+    """What a dataset plugin's batch costs under --isolate (64 images of 3 x 32 x 32, read in its reader and sent
+    back as bytes), against the same batch read in this process: a run's batches cross twice (reader to loop, loop to
+    the edge half)."""
+    import numpy as np
+    import torch
+
+    domain = read_apart[where]
+    order = np.arange(64)
+    images = benchmark.pedantic(lambda: domain.images(order), rounds=30, iterations=1, warmup_rounds=2)
+    assert torch.equal(images, read_apart["here"].images(order))
