@@ -99,6 +99,20 @@ def seeded():
         np.random.set_state(numpy)
 
 
+@contextlib.contextmanager
+def plugin_errors(kind: str, name: str):
+    """A plugin's failure while it builds a model or a dataset, as one line naming it (its own ``UserError`` as it
+    is); cemabench's own code keeps its traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        if own(kind, name):
+            raise
+        raise UserError(f"the {kind[:-1]} plugin {name!r} failed: {one_line(error)}") from error
+
+
 def own(kind: str, name: str) -> bool:
     """Whether the entry point ``name`` of ``kind`` names cemabench's own code: a module of the cemabench package,
     found in this package's folder, whatever the distribution that declares it says it is (any can call itself

@@ -181,6 +181,13 @@ def test_a_name_is_a_dotted_identifier_of_at_most_200_characters(name):
         plain_map({name: torch.zeros(1)}, "the download")
 
 
+def test_an_index_may_come_first_as_in_a_sequential_models_state():
+    """An nn.Sequential's state names start with an index ("1.weight"): a name an edge model gives, refused before
+    (a README example's Tent on a Sequential model failed its cell)."""
+    assert list(plain_map({"1.weight": torch.zeros(1), "0.running_mean": torch.zeros(1)}, "the download")) == [
+        "0.running_mean", "1.weight"]
+
+
 def test_entries_cross_in_the_order_of_their_names_and_with_at_most_8_dimensions():
     crossed = plain_map({"b": torch.zeros(1), "a": torch.zeros(1), "a.c": torch.zeros(1)}, "EdgeDecision.tensors")
     assert list(crossed) == ["a", "a.c", "b"]

@@ -811,10 +811,11 @@ def test_a_distribution_that_calls_itself_cemabench_is_still_built_apart(plugins
     assert "model_zoo" not in sys.modules
 
 
-def test_a_model_plugins_fingerprint_is_the_same_in_every_run_isolated(plugins, tmp_path):
-    """The loop keys a model built apart by the sha256 of its bytes: a module pickles the names of its unsaved
-    buffers as a set, in the hash seed's order, so each zygote (a fresh hash seed) gave other bytes, and its training
-    artefacts were never reused (helper-37). The zygote runs with one hash seed."""
+def test_a_model_plugins_fingerprint_is_the_same_in_every_run_and_mode(plugins, tmp_path):
+    """A model built apart was keyed by the sha256 of its bytes: a module pickles the names of its unsaved buffers as
+    a set, in the hash seed's order, so each zygote (a fresh hash seed) gave other bytes, and its training artefacts
+    were never reused (helper-37); nor did its units key as in-process (helper-39). Its builder takes the fingerprint
+    of its state, as the loop does of a model built in-process."""
     from cemabench.protocol import zygote
 
     spec = _spec(tmp_path, ["ecc-independent"], dataset=("miniature-digits-c", "buffered-zoo:edge", "mini:foundation"))
@@ -823,9 +824,10 @@ def test_a_model_plugins_fingerprint_is_the_same_in_every_run_isolated(plugins, 
         if os.getpid() in zygote._ZYGOTES:
             zygote._stop_zygote()  # a new zygote, as a new run starts
         docs.append(runner.reproduce(spec, None, tmp_path / run, jobs=1, progress=False, isolate=True))
+    docs.append(runner.reproduce(spec, None, tmp_path / "inline", jobs=1, progress=False))
     prints = [doc["provenance"]["models"]["edge"]["fingerprint"] for doc in docs]
-    assert prints[0] == prints[1]
-    assert [c["training"]["cached"] for c in docs[1]["cells"]] == [True]
+    assert prints[0] == prints[1] == prints[2]
+    assert [c["training"]["cached"] for doc in docs[1:] for c in doc["cells"]] == [True, True]
 
 
 @pytest.mark.parametrize("name, words", [("error-int", "malformed error"), ("error-kind", "could not be built"),
@@ -851,7 +853,7 @@ def test_a_builders_sparse_predictions_fail_the_ccc_cell_naming_them(plugins, tm
                  dataset=("miniature-digits-c", "forging-zoo:sparse-edge", "mini:foundation"),
                  protocol='setting = "ccc"\nccc_difficulty = 40.0\nccc_speed = 50\nccc_length = 256')
     doc = runner.reproduce(spec, None, tmp_path / "out", jobs=1, progress=False, isolate=True)
-    assert "sent malformed predictions" in doc["cells"][0]["message"], doc["cells"][0]["message"]
+    assert "predictions, from its builder, is malformed" in doc["cells"][0]["message"], doc["cells"][0]["message"]
 
 
 def _dataset_spec(folder, dataset, options="", methods=("source",), protocol=""):
@@ -950,3 +952,20 @@ def test_a_dataset_plugin_whose_provenance_leaves_out_its_name_renders(plugins, 
                            jobs=1, progress=False, isolate=isolate)
     assert doc["provenance"]["dataset"]["dataset"] == "miniature-digits-c"
     assert "miniature-digits-c" in render(doc)
+
+
+@pytest.mark.parametrize("dataset, words", [
+    (("failing-digits", "mini:edge", "mini:foundation"),
+     "the dataset plugin 'failing-digits' failed: ValueError: failing-digits reads its files from --data-root DIR"),
+    (("miniature-digits-c", "failing-zoo:edge", "mini:foundation"),
+     "the model plugin 'failing-zoo' failed: RuntimeError: failing-zoo has no weights for edge here")])
+def test_a_plugin_that_fails_to_build_is_the_same_one_line_in_both_modes(plugins, tmp_path, capsys, dataset, words):
+    """A dataset factory's or a model loader's own exception was a traceback in-process and one line isolated
+    (helper-39): it is the same one line naming the plugin in both, exit 2, before any compute."""
+    _spec(tmp_path, ["source"], dataset=dataset)
+    said = []
+    for flags in ([], ["--isolate"]):
+        assert main(["reproduce", str(tmp_path / "iso.toml"), "--out", str(tmp_path / "out"), "--no-progress",
+                     "--jobs", "1", *flags]) == 2
+        said.append(capsys.readouterr().err.strip().splitlines())
+    assert said[0] == said[1] == [f"cemabench: error: {words}"], said

@@ -157,3 +157,52 @@ def test_every_readme_command_parses_and_each_that_fits_here_runs(tmp_path, caps
         ran.append(line)
     capsys.readouterr()
     assert len(ran) >= 3, ran  # distinct plans: reproduce table2 (its variants plan alike), run cema, run tent
+
+
+def test_the_model_and_dataset_plugin_example_runs_as_written_in_both_modes(tmp_path, monkeypatch):
+    """The README's model and dataset plugin, its files and entry points taken from the README as written, installed
+    as a distribution (a folder on the import path with its metadata), on a data root in its layout: a table runs,
+    in-process and with --isolate (where the loop imports neither plugin), to the same numbers."""
+    import sys
+    import tomllib
+
+    import numpy as np
+
+    from cemabench.run import runner
+    from cemabench.tables.spec import load_table
+    from conftest import numbers
+
+    blocks = _code_blocks(README)
+    package = tmp_path / "dist" / "my_package"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("models", "data"):
+        (body,) = [b for lang, b in blocks if lang == "python" and b.startswith(f"# my_package/{name}.py")]
+        (package / f"{name}.py").write_text(body)
+    (points,) = [b for lang, b in blocks if lang == "toml" and '"cemabench.models"' in b and "my-zoo" in b]
+    groups = tomllib.loads(points)["project"]["entry-points"]
+    info = tmp_path / "dist" / "my_package-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-package\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in items.items())
+                                                   for group, items in groups.items()))
+    rng = np.random.default_rng(0)
+    for domain in ("noise", "blur"):
+        folder = tmp_path / "data" / "my-shapes" / domain
+        folder.mkdir(parents=True)
+        np.save(folder / "images.npy", rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8))
+        np.save(folder / "labels.npy", rng.integers(0, 4, 96))
+    monkeypatch.syspath_prepend(str(tmp_path / "dist"))
+    spec = tmp_path / "shapes.toml"
+    spec.write_text('name = "shapes"\ntitle = "shapes"\n[protocol]\nbatch_size = 32\nsetting = "continual"\n[data]\n'
+                    'severity = 5\ndomains = ["noise", "blur"]\n[data.real]\ndataset = "my-shapes"\n'
+                    'edge = "my-zoo:small"\nfoundation = "my-zoo:large"\n[data.miniature]\n'
+                    'dataset = "miniature-digits-c"\nedge = "mini:edge"\nfoundation = "mini:foundation"\n'
+                    '[[methods]]\nname = "source"\n[[methods]]\nname = "tent"\n')
+    table = load_table(str(spec))
+    isolated = runner.reproduce(table, str(tmp_path / "data"), tmp_path / "isolated", jobs=1, progress=False,
+                                isolate=True)
+    assert "my_package" not in sys.modules
+    inline = runner.reproduce(table, str(tmp_path / "data"), tmp_path / "inline", jobs=1, progress=False)
+    assert all(c["status"] == "ok" for c in inline["cells"]), [c["message"] for c in inline["cells"]]
+    assert numbers(isolated) == numbers(inline) and {c["seen"] for c in inline["cells"]} == {96}

@@ -34,6 +34,7 @@ from cemabench.data import Corruptor, DatasetSource, sequential_batches
 from cemabench.errors import UserError
 from cemabench.protocol import hygiene
 from cemabench.protocol.isolation import Served
+from cemabench.protocol.plain import owned
 from cemabench.protocol.sides import SIDES
 from cemabench.protocol.zygote import Access
 
@@ -51,7 +52,7 @@ def default_domains(name: str, options: dict, data_root: str | None, severity: i
     default = inspect.signature(registry.load("datasets", name)).parameters.get("domains")
     if default is not None and default.default is not inspect.Parameter.empty and default.default:
         return [str(d) for d in default.default]
-    with registry.seeded():
+    with registry.seeded(), registry.plugin_errors("datasets", name):
         built = registry.dataset_factory(name, list(options))(data_root=data_root, severity=severity, **options)
     return [str(d.name) for d in built.domains]
 
@@ -81,7 +82,7 @@ class _ReaderSide:
         self.built: dict[int, DatasetSource] = {}
 
     def build(self, name: str, options: dict, data_root: str | None, severity: int, domains: list[str]) -> dict:
-        with registry.seeded():  # as the loop builds its own
+        with registry.seeded(), registry.plugin_errors("datasets", name):  # as the loop builds its own
             source = registry.dataset_factory(name, options)(data_root=data_root, severity=severity,
                                                              domains=tuple(domains), **options)
         if not isinstance(source, DatasetSource):
@@ -90,8 +91,8 @@ class _ReaderSide:
         corruptor = source.corruptor
         return {"name": str(source.name), "num_classes": int(source.num_classes), "task": str(source.task),
                 "is_miniature": bool(source.is_miniature), "clean_hint": str(source.clean_hint),
-                "provenance": json.dumps(source.provenance, sort_keys=True),
-                "scored_classes": None if source.scored_classes is None else torch.as_tensor(source.scored_classes),
+                "provenance": json.dumps(source.provenance, sort_keys=True, default=str),  # (as a key reads it)
+                "scored_classes": None if source.scored_classes is None else _copy(source.scored_classes),
                 "domains": [_domain_facts(d) for d in source.domains],
                 "clean": None if source.clean is None else _domain_facts(source.clean),
                 "corruptor": None if corruptor is None else {
@@ -112,7 +113,7 @@ class _ReaderSide:
         return {"labels": _copy(np.asarray(self._domain(severity, which).labels()))}
 
     def ground_truth(self, severity: int, which: int) -> dict:
-        return {"json": json.dumps(self._domain(severity, which).ground_truth())}
+        return {"json": json.dumps(self._domain(severity, which).ground_truth(), default=str)}
 
     def generator_images(self, severity: int, indices: torch.Tensor) -> dict:
         return {"images": _copy(self.built[severity].corruptor.images()[indices.numpy()])}
@@ -166,7 +167,7 @@ class Reader(Served):
         reads = [self.data_root, *weight_caches(), *dataset_caches()]
         return Access(reads=tuple(sorted({os.path.realpath(p) for p in reads if p and os.path.isdir(p)})),
                       writes=(str(own_cache),), shown=(self.data_root,) if self.data_root else (),
-                      environ=(("CEMABENCH_CACHE", str(own_cache)),))
+                      environ=(("CEMABENCH_CACHE", str(own_cache)),), maps_shared=True)
 
     def domains(self, options: dict, severity: int) -> list:
         """The dataset's default domains (:func:`default_domains`), asked once, the reader then ended."""
@@ -197,25 +198,6 @@ def _json(text, what: str):
         raise UserError(f"{what} is malformed") from None
 
 
-def _owned(value, what: str, shape: tuple | None = None, numel: int | None = None, integers: bool = False,
-           dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor a reader sent, checked before anything is made of it: plain, dense and strided, owning exactly its
-    bytes (a view of a few bytes made to look huge, expanded or strided, would be materialised here), of the shape or
-    size expected, of integers (labels) or floats (images) or exactly ``dtype``; else the one line naming ``what``."""
-    ok = (type(value) is torch.Tensor and value.layout is torch.strided and not value.is_quantized
-          and value.is_contiguous() and value.storage_offset() == 0
-          and value.untyped_storage().nbytes() == value.numel() * value.element_size()
-          and (shape is None or tuple(value.shape) == tuple(shape)) and (numel is None or value.numel() == numel)
-          and (value.dtype == dtype if dtype is not None else value.dtype in INTEGERS if integers
-               else value.dtype.is_floating_point))
-    if not ok:
-        raise UserError(f"{what} is malformed")
-    return value
-
-
-INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
 def _source(reader: Reader, severity: int, facts: dict) -> DatasetSource:
     def domain(which: int, fields) -> DomainApart:
         name, length, nbytes = fields
@@ -225,7 +207,7 @@ def _source(reader: Reader, severity: int, facts: dict) -> DatasetSource:
 
     scored = facts["scored_classes"]
     if scored is not None:
-        scored = _owned(scored, f"dataset {reader.name}'s scored classes, from its reader,", integers=True)
+        scored = owned(scored, f"dataset {reader.name}'s scored classes, from its reader,", integers=True)
     provenance = _json(facts["provenance"], f"dataset {reader.name}'s provenance, from its reader,")
     if type(provenance) is not dict:
         raise ValueError("provenance")
@@ -257,13 +239,13 @@ class DomainApart:
         indices = np.asarray(indices, dtype=np.int64)
         images = self.reader.call("images", self.severity, self.which, torch.from_numpy(indices)).get("images")
         what = f"dataset {self.reader.name}'s images of domain {self.name}, from its reader,"
-        _owned(images, what, numel=len(indices) * self.sample_nbytes)
+        owned(images, what, numel=len(indices) * self.sample_nbytes)
         if images.dim() != 4 or len(images) != len(indices):
             raise UserError(f"{what} is malformed")
         return images
 
     def labels(self) -> np.ndarray:
-        return _owned(self.reader.call("labels", self.severity, self.which).get("labels"),
+        return owned(self.reader.call("labels", self.severity, self.which).get("labels"),
                       f"dataset {self.reader.name}'s labels of domain {self.name}, from its reader,",
                       shape=(self.length,), integers=True).numpy()
 
@@ -291,7 +273,7 @@ class _GeneratorImages:
     def __getitem__(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         images = self.reader.call("generator_images", self.severity, torch.from_numpy(indices)).get("images")
-        return _owned(images, f"dataset {self.reader.name}'s generator images, from its reader,",
+        return owned(images, f"dataset {self.reader.name}'s generator images, from its reader,",
                       shape=(*indices.shape, *self.shape[1:]), dtype=torch.uint8).numpy()
 
 
@@ -299,7 +281,7 @@ def _corruptor(reader: Reader, severity: int, facts: dict) -> Corruptor:
     images = _GeneratorImages(reader, severity, tuple(int(n) for n in facts["shape"]))
 
     def labels() -> np.ndarray:
-        return _owned(reader.call("generator_labels", severity).get("labels"),
+        return owned(reader.call("generator_labels", severity).get("labels"),
                       f"dataset {reader.name}'s generator labels, from its reader,", shape=(images.shape[0],),
                       integers=True).numpy()
 
@@ -307,7 +289,7 @@ def _corruptor(reader: Reader, severity: int, facts: dict) -> Corruptor:
         answer = reader.call("corrupt", severity, torch.from_numpy(np.ascontiguousarray(pixels)), str(corruption),
                              float(level), json.dumps(rng.bit_generator.state))
         what = f"dataset {reader.name}'s corrupted images, from its reader,"
-        out = _owned(answer.get("images"), what, shape=pixels.shape, dtype=torch.uint8)
+        out = owned(answer.get("images"), what, shape=pixels.shape, dtype=torch.uint8)
         state = _json(answer.get("state"), f"dataset {reader.name}'s generator state, from its reader,")
         try:
             rng.bit_generator.state = state

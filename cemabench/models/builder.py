@@ -10,16 +10,17 @@ model is cemabench's own is read from where its code lies (:func:`cemabench.regi
 distribution's name. What comes back is plain data: the model as the ``torch.save``
 bytes that the halves and planners unpickle (the loop never does), the names of its state entries, and, when asked,
 what the model answers to images (its outputs' shape, for the check of its classes; its class predictions, for the
-ccc setting's calibration). The loop keys the model by the sha256 of those bytes (a fingerprint no builder can
-forge; the zygote's one hash seed makes them the same in every run). Every model is built with the random state
+ccc setting's calibration), and its fingerprint (:func:`cemabench.provenance.fingerprint` of its state, as the loop
+takes of a model built in-process, so that a unit keys alike in both modes; the builder's word, as every fact of a
+plugin's model is: only plugin code can look inside it). Every model is built with the random state
 seeded (:func:`build`), so a model plugin's random initialisation gives the same weights in both modes and every run.
 Each call is bounded (:data:`cemabench.protocol.isolation.SERVED_S`) and its failure is one line.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,11 +34,11 @@ from cemabench.models.split import probing
 from cemabench.protocol import Models, ccc, hygiene
 from cemabench.protocol.isolation import Served
 from cemabench.protocol.messages import pack
+from cemabench.protocol.plain import owned
 from cemabench.protocol.sides import SIDES
 from cemabench.protocol.zygote import Access
 from cemabench.provenance import fingerprint
 
-INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # class predictions
 MAX_NAMES = 100_000  # state entries of a model (a ViT-H has about 400)
 
 
@@ -85,7 +86,7 @@ class _BuilderSide:
         model = self.models[role] = build(name, weights)
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"model {name!r} is a {type(model).__name__}, not a torch.nn.Module")
-        return {"pickled": pack(model), "state": list(model.state_dict())}
+        return {"pickled": pack(model), "state": list(model.state_dict()), "fingerprint": fingerprint(model)}
 
     def look(self, role: str, image: torch.Tensor) -> dict:
         detector, outputs = look(self.models[role], image)
@@ -103,7 +104,7 @@ def build(name: str, weights: str | None) -> torch.nn.Module:
     weights folder first, under :func:`cemabench.registry.seeded` random state, so that a random initialisation (a
     plugin's model without a checkpoint) gives the same weights in every process and run, whatever ran before
     (cemabench's zoos seed their own random builds likewise: :func:`cemabench.models.zoo.seeded`)."""
-    with zoo.weights_folder(weights), registry.seeded():
+    with zoo.weights_folder(weights), registry.seeded(), registry.plugin_errors("models", name.partition(":")[0]):
         return registry.build_model(name)
 
 
@@ -142,11 +143,8 @@ class BuiltApart:
     name: str
     pickled: bytes
     state: tuple[str, ...]
+    fingerprint: str
     builder: Builder
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.pickled).hexdigest()[:16]
 
     def look(self, image: torch.Tensor) -> tuple[bool, int | None]:
         """(whether it is a detector, its outputs per image) for one image, in eval mode without autograd."""
@@ -159,11 +157,8 @@ class BuiltApart:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Its class predictions on uint8 images (:func:`cemabench.protocol.ccc.predict`, in the builder)."""
         answer = self.builder.call("predict", self.role, torch.from_numpy(np.ascontiguousarray(images)))
-        predictions = answer.get("predictions")
-        if (type(predictions) is not torch.Tensor or predictions.layout is not torch.strided
-                or predictions.shape != (len(images),) or predictions.dtype not in INTEGERS):
-            raise UserError(f"the {self.role} model {self.name}'s builder sent malformed predictions")
-        return predictions.numpy()
+        return owned(answer.get("predictions"), f"the {self.role} model {self.name}'s predictions, from its builder,",
+                     shape=(len(images),), integers=True).numpy()
 
 
 class Builder(Served):
@@ -179,12 +174,13 @@ class Builder(Served):
         self.reads = tuple(sorted({p for name in names for p in reads(name, weights)}))
 
     def access(self) -> Access:
-        return Access(reads=self.reads)
+        return Access(reads=self.reads, maps_shared=True)
 
     def build(self, role: str, name: str, weights: str | None) -> BuiltApart:
         answer = self.keep("build", role, name, weights)
-        pickled, state = answer.get("pickled"), answer.get("state")
+        pickled, state, print_ = answer.get("pickled"), answer.get("state"), answer.get("fingerprint")
         if type(pickled) is not bytes or type(state) is not list or len(state) > MAX_NAMES or not all(
-                type(s) is str and len(s) <= 1024 for s in state):
+                type(s) is str and len(s) <= 1024 for s in state) or not (
+                type(print_) is str and re.fullmatch(r"[0-9a-f]{16}", print_)):
             raise UserError(f"the {role} model {name}'s builder sent a malformed model")
-        return BuiltApart(role, name, pickled, tuple(state), self)
+        return BuiltApart(role, name, pickled, tuple(state), print_, self)

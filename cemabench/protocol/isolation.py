@@ -60,7 +60,7 @@ from cemabench.protocol.messages import (
     set_rng_state,
     unpack,
 )
-from cemabench.protocol.plain import plain_decision, plain_reply
+from cemabench.protocol.plain import NotPlain, owned, plain_decision, plain_reply
 from cemabench.protocol.scoring import Diverged
 from cemabench.protocol.training import run_training
 from cemabench.protocol.zygote import METHOD_HALF, Access, fork_half
@@ -95,9 +95,11 @@ def serve_clean(clean, request: dict, role: str) -> torch.Tensor:
     if kind == "labels" and set(request) == {ASK_CLEAN}:
         return torch.as_tensor(np.asarray(clean.labels()))
     indices = request.get("indices")
-    if kind == "images" and set(request) == {ASK_CLEAN, "indices"} and type(indices) is torch.Tensor and (
-            indices.dtype == torch.int64 and indices.dim() == 1 and indices.is_contiguous()
-            and indices.storage_offset() == 0 and indices.untyped_storage().nbytes() == 8 * len(indices)):
+    try:
+        indices = owned(indices, "indices", dtype=torch.int64) if kind == "images" else None
+    except NotPlain:
+        indices = None
+    if set(request) == {ASK_CLEAN, "indices"} and indices is not None and indices.dim() == 1:
         most = max(1, CLEAN_REQUEST_BYTES // (4 * max(1, clean.sample_nbytes)))
         if len(indices) > most:
             raise HalfFailed(f"the {role} half asked for {len(indices)} images of the clean split at once; at most "
@@ -420,8 +422,9 @@ class Served:
                 set_rng_state(state, torch.device("cpu"))
 
     def close(self) -> None:
-        if self.half is not None and self.owner == os.getpid():
-            self.half.close()
+        """End the process (in a forked worker, only this process's copy of the parent's line)."""
+        if self.half is not None:
+            self.half.close() if self.owner == os.getpid() else self.half.disown()
         self.half = None
 
 

@@ -30,8 +30,10 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int
 PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # exactly these: a subclass may answer len() and shape as it likes
 MAPS = (dict, OrderedDict)  # a state_dict() is an OrderedDict
 MAX_KEY = 200  # characters of a tensor's name (a parameter's, say)
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # a state_dict name: dotted identifiers and indices
+# a state_dict name: dotted identifiers and indices, an index first too (an nn.Sequential's "1.weight")
+NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*|[0-9]+)(\.[A-Za-z0-9_]+)*")
 MAX_DIMS = 8  # dimensions of a tensor in a map that crosses (a shape of ones would carry its length uncharged)
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # class labels and predictions
 
 
 class NotPlain(TypeError):
@@ -55,6 +57,23 @@ def check_plain(t, what: str) -> None:
     if t.dtype not in DTYPES:
         raise NotPlain(f"{what} has dtype {t.dtype}; what crosses the link is one of "
                        f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
+
+
+def owned(value, what: str, shape: tuple | None = None, numel: int | None = None, integers: bool = False,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor a harness process of its own sent (a model builder, a dataset reader), checked before anything is
+    made of it: exact, dense and strided, owning exactly its bytes (a view of a few bytes made to stand for gigabytes,
+    one value expanded, would be materialised here), of the shape or size expected, of integers (:data:`INTEGERS`),
+    exactly ``dtype``, or else floats; :class:`NotPlain` naming ``what`` otherwise."""
+    ok = (type(value) is torch.Tensor and value.layout is torch.strided and not value.is_quantized
+          and value.is_contiguous() and value.storage_offset() == 0
+          and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+          and (shape is None or tuple(value.shape) == tuple(shape)) and (numel is None or value.numel() == numel)
+          and (value.dtype == dtype if dtype is not None else value.dtype in INTEGERS if integers
+               else value.dtype.is_floating_point))
+    if not ok:
+        raise NotPlain(f"{what} is malformed")
+    return value
 
 
 def plain_map(tensors, what: str) -> dict[str, torch.Tensor]:

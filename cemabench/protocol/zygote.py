@@ -227,12 +227,15 @@ class Access:
     """What a harness process forked as a half may reach beyond a method half (a model builder, a dataset reader):
     ``reads``, folders it may read besides code and the system's files (less the hidden ones); ``writes``, folders it
     may write (a dataset reader's own cache); ``shown``, hidden folders it is shown (a dataset reader's data root);
-    ``environ``, variables set for it."""
+    ``environ``, variables set for it; ``maps_shared``, it may map files shared (a reader's memory-mapped arrays, a
+    builder's safetensors: a method half on the CPU may not, since a futex in a page two halves map is a channel
+    between them, and no method half maps what these read)."""
 
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     shown: tuple[str, ...] = ()
     environ: tuple[tuple[str, str], ...] = ()
+    maps_shared: bool = False
 
 
 METHOD_HALF = Access()  # a method half's: nothing beyond code and the system's files
@@ -249,8 +252,8 @@ def fork_half(memory: int | None = None, cpu: bool = True, access: Access = METH
         process, conn, lock = _zygote_connection()
         with lock:
             try:
-                conn.send((list(sys.path), {**half_environment(), **dict(access.environ)}, hidden, memory, cpu,
-                           list(access.reads), list(access.writes)))
+                conn.send((list(sys.path), {**half_environment(), **dict(access.environ)}, hidden, memory,
+                           cpu and not access.maps_shared, list(access.reads), list(access.writes)))
                 if conn.poll(HANDSHAKE_S):
                     return reduction.recv_handle(conn), conn.recv()
                 why = f"did not answer within {HANDSHAKE_S:g} s"

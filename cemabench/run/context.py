@@ -78,7 +78,7 @@ class TableContext:
             built = self.reader.build(self.choice.options, severity, self.spec.domains)
         else:
             factory = registry.dataset_factory(self.choice.dataset, self.choice.options)
-            with registry.seeded():
+            with registry.seeded(), registry.plugin_errors("datasets", self.choice.dataset):
                 built = factory(data_root=self.data_root, severity=severity, domains=self.spec.domains,
                                 **self.choice.options)
         if severity != self.spec.severity and built.provenance.get("severity") != severity:

@@ -97,3 +97,7 @@ def unnamed_digits(data_root=None, severity=5, domains=corruptions.HENDRYCKS_ORD
     source = plugin_digits(data_root, severity, domains, **options)
     source.provenance = {k: v for k, v in source.provenance.items() if k != "dataset"}
     return source
+
+
+def failing_digits(data_root=None, severity=5, domains=corruptions.HENDRYCKS_ORDER, **options):
+    raise ValueError("failing-digits reads its files from --data-root DIR")

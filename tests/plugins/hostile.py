@@ -301,11 +301,13 @@ class _TrainsBetweenSteps(EdgeLogic):
         self.batches = queue.Queue()
 
         def train():
+            wait = 60.0  # for the first batch, however long the unit's set-up takes on a loaded machine
             while True:
-                try:  # ends once no batch came for a second: within the grace a unit's threads get to finish
-                    x = self.batches.get(timeout=1.0)
+                try:  # then ends once no batch came for a second: within the grace a unit's threads get to finish
+                    x = self.batches.get(timeout=wait)
                 except queue.Empty:
                     return
+                wait = 1.0
                 time.sleep(0.05)  # once the step has returned
                 with torch.inference_mode(False), torch.enable_grad():
                     optimizer.zero_grad()

@@ -88,3 +88,7 @@ def sleeping_model(name: str):
     import time
 
     time.sleep(3600)
+
+
+def failing_model(name: str):
+    raise RuntimeError(f"failing-zoo has no weights for {name} here")
