@@ -26,6 +26,10 @@ that alternate them:
 Medians over the rounds:
 
     python benchmarks/guard_floor.py [--rounds 3] [--reps 200]
+
+It prints a Markdown table (the README's, *The guard's floor on the miniature*). The variants' builds stay in the
+extensions folder beside the shipped meter's (native.py says where), as ``cemabench_meter_<digest>.so`` files (about
+0.4 MB each) with their ``.lock`` files, reused by later runs; delete them when done.
 """
 from __future__ import annotations
 
@@ -151,18 +155,19 @@ def main() -> None:
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as scratch:
         folders = {v: package(v, Path(scratch) / v) for v in VARIANTS}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for variant, folder in folders.items():
+                print(f"guard_floor: round {round_ + 1} of {args.rounds}, {variant}", file=sys.stderr, flush=True)
                 environ = dict(os.environ, PYTHONPATH=str(folder), GUARD_FLOOR_PACKAGE=str(folder))
                 out = subprocess.run([sys.executable, __file__, "--child", "--reps", str(args.reps)], env=environ,
                                      check=True, capture_output=True, text=True).stdout
                 results[variant].append(json.loads(out.splitlines()[-1]))
-    print(f"{'variant':26s} {'guard, us an op':>16s} {'guard, ms a unit':>17s} {'of the forward':>15s} "
-          f"{'unit / bare loop':>17s}")
+    print("| variant | guard, us an op (ResNet-18) | guard, ms a miniature unit | of the bare forward "
+          "| `source` unit / bare loop |\n|---|---:|---:|---:|---:|")
     for variant, rounds in results.items():
         median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-        print(f"{variant:26s} {median['per_op']:16.1f} {median['forward']:17.1f} "
-              f"{median['forward'] / median['bare']:15.1%} {median['unit']:16.3f}x")
+        print(f"| {variant} | {median['per_op']:.1f} | {median['forward']:.1f} | "
+              f"{median['forward'] / median['bare']:.1%} | {median['unit']:.3f}x |".replace("%", " %"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import shutil
 import sys
 import textwrap
 import tomllib
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -217,6 +218,10 @@ def _writable(path: str | Path, flag: str, folder: bool) -> Path:
     path = Path(path)
     where = path if folder else path.parent
     missing = [p for p in (where, *where.parents) if not p.exists()]
+    blocking = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir would say only "File exists" or "Not a directory"
+        raise UserError(f"{flag} {path} cannot be written: {blocking} is a file, not a folder; choose a folder you "
+                        f"can write to")
     try:
         where.mkdir(parents=True, exist_ok=True)
         _CREATED.extend(missing)  # removed again, while still empty, when the command ends in a user error
@@ -594,6 +599,9 @@ def check_meter(computes: bool) -> None:
 
 
 def main(argv=None) -> int:
+    # timm's import runs torch.jit.interface, which torch 2.14 deprecates in two lines on stderr: before a user
+    # error's one line, they read as part of it (a new user's trial). A library's notice, not the user's to act on
+    warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0), or a flag argparse refused (2, one line on stderr)

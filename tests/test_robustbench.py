@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18
 
-from cemabench import robustbench_zoo
 from cemabench.cli import main
 from cemabench.errors import UserError
+from cemabench.models import robustbench as robustbench_zoo
 from cemabench.models.layers import Normalized
 from cemabench.models.zoo import IMAGENET_MEAN, IMAGENET_STD
 from cemabench.registry import build_model

@@ -1,6 +1,8 @@
 """User mistakes with data roots, devices and unreadable images: one line that names the problem, exit 2, before
 any compute (an unreadable image fails its cell, with the file's path first)."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +79,42 @@ def test_an_unwritable_output_is_one_line_before_any_compute(command, capsys, mo
     assert main(command) == 2
     err = capsys.readouterr().err
     assert err.startswith("cemabench: error: --") and "cannot be written" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["reproduce", "table2", "--out", "{file}/out"],
+                                     ["reproduce", "table2", "--out", "{file}"],
+                                     ["run", "--method", "source", "--domains", "fog", "--out", "{file}/x.json"],
+                                     ["run", "--method", "source", "--domains", "fog", "--out", "{file}/a/x.json"]])
+def test_an_output_under_a_file_names_that_file(command, tmp_path, capsys, monkeypatch):
+    """A new user's trial: under a file, ``run --out`` said only "(File exists)", and ``reproduce`` "(Not a
+    directory)"; the line now names the file that is in the way."""
+    from cemabench.run import runner
+
+    monkeypatch.setattr(runner, "reproduce", lambda *a, **k: pytest.fail("computed before checking the output"))
+    file = tmp_path / "a-file"
+    file.write_text("")
+    assert main([part.format(file=file) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot be written: {file} is a file, not a folder" in err
+
+
+@pytest.mark.slow  # a fresh process (timm's first import warns once per process): about 8 s
+def test_a_data_root_error_is_one_line_in_a_fresh_process(tmp_path):
+    """A new user's trial: torch's two-line FutureWarning from timm's import (torch.jit.interface) came before the
+    error's one line."""
+    done = subprocess.run([sys.executable, "-m", "cemabench.cli", "reproduce", "table2", "--out", str(tmp_path / "o"),
+                           "--data-root", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("cemabench: error: ") \
+        and "imagenet-c/gaussian_noise/5 does not exist" in done.stderr
+
+
+def test_a_pair_unknown_on_the_miniature_names_the_real_datas_pairs(tmp_path, capsys):
+    """A new user's trial: ``--pair`` on the miniature answered "pairs: (none)", naming no valid pair."""
+    assert main(["reproduce", "table2", "--pair", "r18-r1O1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "on the embedded miniature; pairs: (none); with --data-root: r18-r101," in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_run_out_naming_a_folder_is_one_line(tmp_path, capsys):

@@ -49,8 +49,12 @@ class TableContext:
             raise UserError(f"table {spec.name} has no embedded-miniature version; pass --data-root")
         if pair is not None and pair not in choice.pairs:
             data = "the real data" if data_root else "the embedded miniature"
+            other = spec.miniature if data_root else spec.real
+            elsewhere = (f"; with {'the embedded miniature (no --data-root)' if data_root else '--data-root'}: "
+                         f"{', '.join(other.pairs)}") if other is not None and other.pairs else ""
             raise UserError(f"table {spec.name} has no model pair {pair!r} on {data}; pairs: "
-                            f"{', '.join(choice.pairs) or '(none)'} (or name models with --edge/--foundation)")
+                            f"{', '.join(choice.pairs) or '(none)'}{elsewhere} (or name models with --edge/"
+                            f"--foundation)")
         self.pair = pair
         overrides = {**choice.pairs.get(pair, {}), **{k: v for k, v in (models or {}).items() if v}}
         self.choice: DataChoice = replace(choice, **overrides, options={**choice.options, **(dataset_options or {})})
